@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (once), then run the whole suite.
+# Used as-is by .ci/run; the README's second set-up command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+  echo "== installing Debian chromium (browser tests)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+echo "== installing Python requirements"
+python3 -m pip install -q -r requirements-test.txt
+python3 -m pip install -q --no-deps -e .
+
+echo "== running the test suite"
+set +e
+python3 -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: treating that as a failure" >&2
+  exit 1
+fi
+exit "$rc"
