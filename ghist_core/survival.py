@@ -1,0 +1,683 @@
+"""Survival statistics for cohorts: Kaplan–Meier, log-rank, Cox, RMST (lifelines underneath).
+
+Why a module of its own: the page and the checks need one place where survival numbers
+are computed, validated and turned into figures, so what the researcher sees is what
+the tests check. Every function validates its input and raises
+:class:`~ghist_core.errors.SurvivalAnalysisError` with a plain-language message instead
+of letting lifelines fail deep inside.
+
+Conventions: ``table`` is a pandas DataFrame with one row per patient; durations are
+non-negative numbers in one time unit (say which with ``time_unit``); events are 0/1
+(1 = the event happened, 0 = censored).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ghist_core.errors import SurvivalAnalysisError
+
+__all__ = [
+    "OKABE_ITO",
+    "PLOTLY_EXPORT_CONFIG",
+    "GroupComparison",
+    "CoxResult",
+    "compare_groups",
+    "fit_cox",
+    "rmst",
+    "holm",
+    "group_colours",
+]
+
+#: Okabe & Ito (2008) colour-blind-safe palette, fixed order; groups take colours in order.
+OKABE_ITO: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#E69F00",  # orange
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+
+#: Pass as ``st.plotly_chart(fig, config=PLOTLY_EXPORT_CONFIG)``: the camera button in the
+#: plot's toolbar then saves an SVG (vector, for papers); PNG at 3x scale is the
+#: ``PLOTLY_EXPORT_CONFIG_PNG`` variant. Both are rendered by the browser (no kaleido).
+PLOTLY_EXPORT_CONFIG: dict = {
+    "displaylogo": False,
+    "toImageButtonOptions": {"format": "svg", "filename": "ghist_figure", "scale": 1},
+}
+PLOTLY_EXPORT_CONFIG_PNG: dict = {
+    "displaylogo": False,
+    "toImageButtonOptions": {"format": "png", "filename": "ghist_figure", "scale": 3},
+}
+
+
+def group_colours(groups: Sequence) -> dict:
+    """Fixed Okabe–Ito colour per group, in the order given (cycles after 8 groups)."""
+    return {g: OKABE_ITO[i % len(OKABE_ITO)] for i, g in enumerate(groups)}
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values (controls the family-wise error rate)."""
+    p = np.asarray(p_values, dtype=float)
+    m = p.size
+    if m == 0:
+        return p
+    order = np.argsort(p)
+    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+# --------------------------------------------------------------------------- input checks
+def _clean_survival(
+    table: pd.DataFrame, duration_col: str, event_col: str, extra_cols: Sequence[str] = ()
+) -> tuple[pd.DataFrame, list[str]]:
+    """Check durations/events and drop rows missing any needed column, saying how many."""
+    if not isinstance(table, pd.DataFrame):
+        raise SurvivalAnalysisError("The survival table must be a table (pandas DataFrame).")
+    needed = [duration_col, event_col, *extra_cols]
+    missing = [c for c in dict.fromkeys(needed) if c not in table.columns]
+    if missing:
+        raise SurvivalAnalysisError(
+            f"Column(s) {', '.join(map(repr, missing))} are not in the table. "
+            f"Available columns: {', '.join(map(str, table.columns[:30]))}."
+        )
+    df = table[list(dict.fromkeys(needed))].copy()
+    notes: list[str] = []
+    t = pd.to_numeric(df[duration_col], errors="coerce")
+    bad_t = df[duration_col].notna() & t.isna()
+    if bad_t.any():
+        examples = ", ".join(map(repr, df.loc[bad_t, duration_col].astype(str).unique()[:3]))
+        raise SurvivalAnalysisError(
+            f"The time column {duration_col!r} has {int(bad_t.sum())} value(s) that are not "
+            f"numbers (e.g. {examples}). Clean the clinical table first (the Cohort page "
+            "does this for you when you import it)."
+        )
+    e = pd.to_numeric(df[event_col], errors="coerce")
+    bad_e = (df[event_col].notna() & e.isna()) | (e.notna() & ~e.isin([0, 1]))
+    if bad_e.any():
+        examples = ", ".join(map(repr, df.loc[bad_e, event_col].astype(str).unique()[:3]))
+        raise SurvivalAnalysisError(
+            f"The event column {event_col!r} must be 0 (censored) or 1 (event); found "
+            f"{examples}. Map it when importing the clinical table."
+        )
+    if (t < 0).any():
+        raise SurvivalAnalysisError(
+            f"The time column {duration_col!r} has {int((t < 0).sum())} negative time(s); "
+            "survival times must be zero or more."
+        )
+    df[duration_col] = t.astype(float)
+    df[event_col] = e
+    na = df.isna().any(axis=1)
+    if na.any():
+        parts = []
+        for c in dict.fromkeys(needed):
+            k = int(df[c].isna().sum())
+            if k:
+                parts.append(f"{k} without {c!r}")
+        notes.append(
+            f"{int(na.sum())} of {len(df)} patients left out because a value is missing "
+            f"({'; '.join(parts)})."
+        )
+        df = df.loc[~na]
+    df[event_col] = df[event_col].astype(int)
+    if df.empty:
+        raise SurvivalAnalysisError("No patient has both a time and an event value to analyse.")
+    return df, notes
+
+
+# --------------------------------------------------------------------------- KM helpers
+def _km_curve(t: np.ndarray, e: np.ndarray, alpha: float) -> pd.DataFrame:
+    """KM estimate with log(-log) CI (as lifelines), one row per distinct time incl. 0."""
+    from lifelines import KaplanMeierFitter
+
+    kmf = KaplanMeierFitter(alpha=alpha).fit(t, e)
+    sf = kmf.survival_function_.iloc[:, 0]
+    ci = kmf.confidence_interval_
+    et = kmf.event_table
+    return pd.DataFrame(
+        {
+            "time": sf.index.to_numpy(dtype=float),
+            "at_risk": et["at_risk"].to_numpy(),
+            "events": et["observed"].to_numpy(),
+            "censored": et["censored"].to_numpy(),
+            "survival": sf.to_numpy(),
+            "ci_lower": ci.iloc[:, 0].to_numpy(),
+            "ci_upper": ci.iloc[:, 1].to_numpy(),
+        }
+    )
+
+
+def _median_from_curve(times: np.ndarray, s: np.ndarray) -> float:
+    """First time the curve reaches 0.5 or below (lifelines' definition); inf if never."""
+    hit = np.flatnonzero(s <= 0.5)
+    return float(times[hit[0]]) if hit.size else float("inf")
+
+
+def _rmst_from_curve(
+    times: np.ndarray, s: np.ndarray, at_risk: np.ndarray, events: np.ndarray, horizon: float
+) -> tuple[float, float]:
+    """Exact area under the KM step function up to ``horizon`` and its Greenwood variance.
+
+    Var = Σ_{t_j ≤ τ} A_j² d_j / (n_j (n_j − d_j)), A_j = ∫_{t_j}^{τ} S(u) du
+    (Klein & Moeschberger, eq. 4.5.2). Exact sums, no numerical integration.
+    """
+    keep = times <= horizon
+    tt, ss = times[keep], s[keep]
+    edges = np.append(tt, horizon)
+    pieces = ss * np.diff(edges)  # S is constant on [t_i, t_{i+1})
+    area = float(pieces.sum())
+    tail = np.cumsum(pieces[::-1])[::-1]  # ∫_{t_i}^{τ} S
+    # A_j for an event at t_j uses the area from t_j onward, with S after the drop
+    a = tail
+    d = events[keep].astype(float)
+    n = at_risk[keep].astype(float)
+    ok = (d > 0) & (n > d)
+    var = float(np.sum(a[ok] ** 2 * d[ok] / (n[ok] * (n[ok] - d[ok]))))
+    return area, var
+
+
+def rmst(
+    table: pd.DataFrame,
+    duration_col: str,
+    event_col: str,
+    horizon: float,
+    *,
+    group_col: str | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Restricted mean survival time up to ``horizon`` (per group if ``group_col``).
+
+    RMST is the average event-free time within the first ``horizon`` time units: it
+    stays defined when the median is not reached. Returns columns ``group``, ``rmst``,
+    ``se``, ``ci_lower``, ``ci_upper`` (normal approximation), ``horizon``.
+    """
+    from scipy.stats import norm
+
+    if not np.isfinite(horizon) or horizon <= 0:
+        raise SurvivalAnalysisError("The RMST horizon must be a positive time.")
+    extra = [group_col] if group_col else []
+    df, _ = _clean_survival(table, duration_col, event_col, extra)
+    z = norm.ppf(1 - alpha / 2)
+    rows = []
+    groups = [None] if group_col is None else _ordered_levels(df[group_col])
+    for g in groups:
+        sub = df if g is None else df[df[group_col] == g]
+        c = _km_curve(sub[duration_col].to_numpy(), sub[event_col].to_numpy(), alpha)
+        area, var = _rmst_from_curve(
+            c["time"].to_numpy(), c["survival"].to_numpy(), c["at_risk"].to_numpy(),
+            c["events"].to_numpy(), horizon,
+        )
+        se = float(np.sqrt(var))
+        rows.append({"group": "all" if g is None else g, "rmst": area, "se": se,
+                     "ci_lower": area - z * se, "ci_upper": area + z * se, "horizon": horizon})
+    return pd.DataFrame(rows)
+
+
+def _ordered_levels(s: pd.Series) -> list:
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        present = set(s.dropna().unique())
+        return [c for c in s.cat.categories if c in present]
+    vals = s.dropna().unique().tolist()
+    try:
+        return sorted(vals)
+    except TypeError:
+        return sorted(vals, key=str)
+
+
+# --------------------------------------------------------------------------- group comparison
+@dataclass
+class GroupComparison:
+    """Result of :func:`compare_groups` (lifelines-style: a result object, not a tuple).
+
+    Attributes
+    ----------
+    test_statistic, p_value, degrees_freedom
+        Multi-group log-rank test (for two groups: the ordinary log-rank test).
+    groups
+        One row per group: ``n``, ``events``, ``censored``, ``median`` and its CI
+        (``median_lower``, ``median_upper``; inf = not reached), and ``rmst``,
+        ``rmst_se`` when a horizon was given.
+    pairwise
+        Pairwise log-rank tests: ``group_a``, ``group_b``, ``test_statistic``, ``p_value``,
+        ``p_holm`` (Holm-corrected over all pairs).
+    curves
+        Long KM table (see :meth:`km_table`).
+    warnings
+        Plain-language caveats (e.g. a group without events); also shown on the page.
+    notes
+        What was left out and why (patients with a missing value).
+    """
+
+    duration_col: str
+    event_col: str
+    group_col: str
+    alpha: float
+    test_statistic: float
+    p_value: float
+    degrees_freedom: int
+    groups: pd.DataFrame
+    pairwise: pd.DataFrame
+    curves: pd.DataFrame
+    durations_by_group: dict = field(repr=False, default_factory=dict)
+    horizon: float | None = None
+    time_unit: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    title: str | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.groups["n"].sum())
+
+    @property
+    def events(self) -> int:
+        return int(self.groups["events"].sum())
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"test_statistic": [self.test_statistic], "p": [self.p_value],
+             "degrees_freedom": [self.degrees_freedom], "n": [self.n], "events": [self.events]},
+            index=[f"log-rank ({self.group_col})"],
+        )
+
+    def __repr__(self) -> str:
+        return (f"<GroupComparison {self.group_col!r}: {len(self.groups)} groups, n={self.n}, "
+                f"events={self.events}, chi2={self.test_statistic:.3g}, p={self.p_value:.3g}>")
+
+    def km_table(self) -> pd.DataFrame:
+        """The KM curves as one long table (group, time, at_risk, events, censored,
+        survival, ci_lower, ci_upper) for CSV export beside the figure."""
+        return self.curves.copy()
+
+    def at_risk_table(self, times: Sequence[float] | None = None) -> pd.DataFrame:
+        """Numbers still at risk (time ≥ t) per group at the given times."""
+        times = np.asarray(self._risk_times() if times is None else times, dtype=float)
+        data = {}
+        for g, t in self.durations_by_group.items():
+            data[str(g)] = (t[:, None] >= times[None, :]).sum(axis=0)
+        return pd.DataFrame(data, index=pd.Index(times, name="time")).T
+
+    def _risk_times(self) -> np.ndarray:
+        tmax = max(float(t.max()) for t in self.durations_by_group.values())
+        step = _nice_step(tmax / 6)
+        return np.arange(0, tmax + 1e-9, step)
+
+    def plot(self, *, show_ci: bool = True, show_censors: bool = True) -> go.Figure:
+        """KM curve per group with CI bands, censor ticks and numbers at risk beneath."""
+        colours = group_colours(list(self.durations_by_group))
+        risk_times = self._risk_times()
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.76, 0.24],
+                            vertical_spacing=0.06)
+        unit = f" ({self.time_unit})" if self.time_unit else ""
+        n_groups = len(self.durations_by_group)
+        for i, g in enumerate(self.durations_by_group):
+            c = self.curves[self.curves["group"] == g]
+            col = colours[g]
+            label = f"{g} (n={int(self.groups.loc[self.groups['group'] == g, 'n'].iloc[0])})"
+            if show_ci:
+                fig.add_trace(go.Scatter(x=c["time"], y=c["ci_upper"], mode="lines",
+                                         line={"width": 0, "shape": "hv", "color": col},
+                                         showlegend=False, hoverinfo="skip",
+                                         legendgroup=str(g)), row=1, col=1)
+                fig.add_trace(go.Scatter(x=c["time"], y=c["ci_lower"], mode="lines",
+                                         line={"width": 0, "shape": "hv", "color": col},
+                                         fill="tonexty", fillcolor=_rgba(col, 0.18),
+                                         showlegend=False, hoverinfo="skip",
+                                         legendgroup=str(g)), row=1, col=1)
+            fig.add_trace(go.Scatter(
+                x=c["time"], y=c["survival"], mode="lines", name=label, legendgroup=str(g),
+                line={"shape": "hv", "color": col, "width": 2},
+                customdata=np.c_[c["at_risk"], c["ci_lower"], c["ci_upper"]],
+                hovertemplate=(f"{g}<br>t=%{{x:.4g}}{unit}<br>S=%{{y:.3f}} "
+                               "(%{customdata[1]:.3f}–%{customdata[2]:.3f})"
+                               "<br>at risk %{customdata[0]}<extra></extra>"),
+            ), row=1, col=1)
+            if show_censors:
+                cc = c[c["censored"] > 0]
+                fig.add_trace(go.Scatter(
+                    x=cc["time"], y=cc["survival"], mode="markers", showlegend=False,
+                    legendgroup=str(g), marker={"symbol": "line-ns-open", "size": 7, "color": col},
+                    hoverinfo="skip"), row=1, col=1)
+            # numbers at risk row: one text trace per group
+            t = self.durations_by_group[g]
+            counts = (t[:, None] >= risk_times[None, :]).sum(axis=0)
+            fig.add_trace(go.Scatter(
+                x=risk_times, y=[n_groups - 1 - i] * len(risk_times), mode="text",
+                text=[str(int(k)) for k in counts], textfont={"color": col, "size": 11},
+                showlegend=False, hoverinfo="skip", name=f"at risk: {g}"), row=2, col=1)
+        p_txt = f"p = {self.p_value:.2g}" if self.p_value >= 1e-4 else f"p = {self.p_value:.1e}"
+        fig.add_annotation(
+            text=f"log-rank χ² = {self.test_statistic:.2f} (df {self.degrees_freedom}), {p_txt}",
+            xref="x domain", yref="y domain", x=0.02, y=0.04, showarrow=False,
+            xanchor="left", yanchor="bottom", font={"size": 12}, row=1, col=1)
+        fig.update_yaxes(title_text="survival probability", range=[0, 1.02], row=1, col=1)
+        fig.update_yaxes(tickmode="array", tickvals=list(range(n_groups)),
+                         ticktext=[str(g) for g in reversed(list(self.durations_by_group))],
+                         range=[-0.6, n_groups - 0.4], showgrid=False, zeroline=False,
+                         title_text="at risk", row=2, col=1)
+        fig.update_xaxes(title_text=f"time{unit}", row=2, col=1)
+        fig.update_xaxes(showticklabels=True, row=1, col=1)
+        fig.update_layout(
+            title=self.title or f"Kaplan–Meier by {self.group_col}",
+            template="simple_white", legend={"title": self.group_col},
+            margin={"l": 60, "r": 20, "t": 60, "b": 50}, height=560,
+        )
+        return fig
+
+
+def _nice_step(x: float) -> float:
+    if x <= 0 or not np.isfinite(x):
+        return 1.0
+    mag = 10 ** np.floor(np.log10(x))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * mag >= x:
+            return float(m * mag)
+    return float(10 * mag)
+
+
+def compare_groups(
+    table: pd.DataFrame,
+    duration_col: str,
+    event_col: str,
+    group_col: str,
+    *,
+    alpha: float = 0.05,
+    horizon: float | None = None,
+    time_unit: str | None = None,
+    min_group_size: int = 1,
+    title: str | None = None,
+) -> GroupComparison:
+    """Kaplan–Meier per group, multi-group log-rank, pairwise log-rank (Holm), medians, RMST.
+
+    Patients with a missing time, event or group are left out and counted in ``.notes``.
+    A group without events is kept (its curve stays at 1) and named in ``.warnings``.
+
+    Raises
+    ------
+    SurvivalAnalysisError
+        fewer than two groups, no events at all, unusable times/events.
+    """
+    from lifelines.statistics import logrank_test, multivariate_logrank_test
+
+    df, notes = _clean_survival(table, duration_col, event_col, [group_col])
+    levels = _ordered_levels(df[group_col])
+    sizes = df[group_col].value_counts()
+    small = [g for g in levels if sizes.get(g, 0) < min_group_size]
+    if small:
+        notes.append(f"Groups with fewer than {min_group_size} patients left out: "
+                     + ", ".join(f"{g} (n={sizes[g]})" for g in small) + ".")
+        df = df[~df[group_col].isin(small)]
+        levels = [g for g in levels if g not in small]
+    if len(levels) < 2:
+        only = f" (only {levels[0]!r})" if levels else ""
+        raise SurvivalAnalysisError(
+            f"Grouping by {group_col!r} gives fewer than two groups{only} among the "
+            f"{len(df)} usable patients; a comparison needs at least two groups."
+        )
+    if int(df[event_col].sum()) == 0:
+        raise SurvivalAnalysisError(
+            f"All {len(df)} patients are censored (no {event_col!r} events), so survival "
+            "cannot be compared. Pick another endpoint or check the event coding."
+        )
+    warn: list[str] = []
+    t_all = df[duration_col].to_numpy()
+    e_all = df[event_col].to_numpy()
+    g_all = df[group_col].to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = multivariate_logrank_test(t_all, g_all, e_all)
+    rows, curves, by_group = [], [], {}
+    from lifelines.utils import median_survival_times  # noqa: F401  (definition reference)
+    for g in levels:
+        m = g_all == g
+        t, e = t_all[m], e_all[m]
+        by_group[g] = t
+        c = _km_curve(t, e, alpha)
+        c.insert(0, "group", g)
+        curves.append(c)
+        ev = int(e.sum())
+        if ev == 0:
+            warn.append(f"Group {g!r} has no events among {int(m.sum())} patients: its curve "
+                        "stays at 1 and its median is not reached; the test still includes it.")
+        times, s = c["time"].to_numpy(), c["survival"].to_numpy()
+        row = {"group": g, "n": int(m.sum()), "events": ev, "censored": int(m.sum()) - ev,
+               "median": _median_from_curve(times, s),
+               # CI of the median: where the CI band crosses 0.5 (Brookmeyer–Crowley style,
+               # the same rule as lifelines.utils.median_survival_times)
+               "median_lower": _median_from_curve(times, c["ci_lower"].to_numpy()),
+               "median_upper": _median_from_curve(times, c["ci_upper"].to_numpy())}
+        if horizon is not None:
+            area, var = _rmst_from_curve(times, s, c["at_risk"].to_numpy(),
+                                         c["events"].to_numpy(), float(horizon))
+            row["rmst"] = area
+            row["rmst_se"] = float(np.sqrt(var))
+        rows.append(row)
+    groups = pd.DataFrame(rows)
+    pw = []
+    for i, a in enumerate(levels):
+        for b in levels[i + 1 :]:
+            ma, mb = g_all == a, g_all == b
+            if e_all[ma | mb].sum() == 0:
+                pw.append({"group_a": a, "group_b": b, "test_statistic": 0.0, "p_value": 1.0})
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = logrank_test(t_all[ma], t_all[mb], e_all[ma], e_all[mb])
+            pw.append({"group_a": a, "group_b": b, "test_statistic": float(r.test_statistic),
+                       "p_value": float(r.p_value)})
+    pairwise = pd.DataFrame(pw)
+    pairwise["p_holm"] = holm(pairwise["p_value"].to_numpy())
+    return GroupComparison(
+        duration_col=duration_col, event_col=event_col, group_col=group_col, alpha=alpha,
+        test_statistic=float(res.test_statistic), p_value=float(res.p_value),
+        degrees_freedom=int(res.degrees_of_freedom), groups=groups, pairwise=pairwise,
+        curves=pd.concat(curves, ignore_index=True), durations_by_group=by_group,
+        horizon=horizon, time_unit=time_unit, warnings=warn, notes=notes, title=title,
+    )
+
+
+# --------------------------------------------------------------------------- Cox
+@dataclass
+class CoxResult:
+    """Result of :func:`fit_cox`.
+
+    Attributes
+    ----------
+    summary
+        One row per model term: ``covariate``, ``HR``, ``HR_lower``, ``HR_upper``
+        (95% CI unless ``alpha`` said otherwise), ``p``, ``coef``, ``se``, and ``model``
+        (``"multivariate"`` or the covariate's name for univariate fits).
+    ph_check
+        Proportional-hazards test per term (lifelines ``proportional_hazard_test``,
+        rank-transformed time; Grambsch–Therneau): ``covariate``, ``test_statistic``,
+        ``p``, ``model``. A small p means the hazard ratio changes over time.
+    n, events, concordance
+        Patients and events used, Harrell's C (per model: a dict for univariate fits).
+    reference_levels
+        For categorical covariates: the reference level the HRs are relative to.
+    notes, warnings
+        What was left out and why; caveats.
+    """
+
+    summary: pd.DataFrame
+    ph_check: pd.DataFrame
+    n: int
+    events: int
+    concordance: float | dict
+    univariate: bool
+    reference_levels: dict
+    alpha: float = 0.05
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    strata: list[str] | None = None
+
+    def __repr__(self) -> str:
+        kind = "univariate" if self.univariate else "multivariate"
+        return f"<CoxResult {kind}: {len(self.summary)} terms, n={self.n}, events={self.events}>"
+
+    def plot(self) -> go.Figure:
+        """Forest plot: HR (log scale) with CI per term, reference line at HR = 1."""
+        s = self.summary.iloc[::-1]
+        labels = list(s["covariate"])
+        text = [f"{h:.2f} ({lo:.2f}–{hi:.2f}), p={p:.2g}"
+                for h, lo, hi, p in zip(s["HR"], s["HR_lower"], s["HR_upper"], s["p"])]
+        colour = np.where(s["p"] < self.alpha, OKABE_ITO[1], OKABE_ITO[0])
+        fig = go.Figure(go.Scatter(
+            x=s["HR"], y=labels, mode="markers",
+            marker={"symbol": "square", "size": 10, "color": colour},
+            error_x={"type": "data", "symmetric": False, "array": s["HR_upper"] - s["HR"],
+                     "arrayminus": s["HR"] - s["HR_lower"], "color": "#444", "thickness": 1.5},
+            text=text, hovertemplate="%{y}: HR %{text}<extra></extra>", name="HR"))
+        fig.add_vline(x=1.0, line_dash="dash", line_color="#888")
+        for y, t in zip(labels, text):
+            fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y, text=t,
+                               showarrow=False, font={"size": 11})
+        kind = "univariate Cox models" if self.univariate else "multivariate Cox model"
+        fig.update_xaxes(type="log", title_text=f"hazard ratio ({int(round((1 - self.alpha) * 100))}% CI, log scale)")
+        fig.update_layout(template="simple_white", showlegend=False,
+                          title=f"Hazard ratios, {kind} (n={self.n}, events={self.events})",
+                          height=max(260, 60 + 34 * len(s)),
+                          margin={"l": 160, "r": 230, "t": 60, "b": 50})
+        return fig
+
+
+def _design(df: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Numeric covariates as they are; others one-hot with the first level as reference."""
+    parts, refs, terms = [], {}, []
+    for c in covariates:
+        s = df[c]
+        if not isinstance(s.dtype, pd.CategoricalDtype):
+            num = pd.to_numeric(s, errors="coerce")
+            if num.notna().sum() == s.notna().sum():
+                parts.append(num.rename(c).astype(float))
+                terms.append(c)
+                continue
+        levels = _ordered_levels(s)
+        if len(levels) < 2:
+            raise SurvivalAnalysisError(
+                f"Covariate {c!r} has a single value ({levels[0] if levels else 'none'}) "
+                "among the patients used, so it cannot have a hazard ratio.")
+        refs[c] = levels[0]
+        for lv in levels[1:]:
+            name = f"{c}={lv}"
+            parts.append((s == lv).astype(float).rename(name))
+            terms.append(name)
+    return pd.concat(parts, axis=1), refs, terms
+
+
+def _fit_one(df: pd.DataFrame, duration_col: str, event_col: str, covariates: Sequence[str],
+             strata: list[str] | None, alpha: float, penalizer: float, label: str):
+    from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
+    from lifelines.statistics import proportional_hazard_test
+
+    X, refs, terms = _design(df, covariates)
+    for t in terms:
+        if X[t].nunique() < 2:
+            raise SurvivalAnalysisError(f"Term {t!r} is constant among the patients used.")
+    data = pd.concat([df[[duration_col, event_col]].reset_index(drop=True),
+                      X.reset_index(drop=True)], axis=1)
+    if strata:
+        data = pd.concat([data, df[strata].reset_index(drop=True)], axis=1)
+    cph = CoxPHFitter(alpha=alpha, penalizer=penalizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cph.fit(data, duration_col=duration_col, event_col=event_col, strata=strata)
+    except (ConvergenceError, np.linalg.LinAlgError, ValueError) as exc:
+        raise SurvivalAnalysisError(
+            f"The Cox model ({label}) did not converge: usually a covariate separates events "
+            "perfectly, a group has no events, or there are too few events for the number "
+            f"of covariates. Try fewer covariates or a small penalizer. ({exc.__class__.__name__})"
+        ) from None
+    s = cph.summary
+    lo_col = [c for c in s.columns if c.startswith("exp(coef) lower")][0]
+    hi_col = [c for c in s.columns if c.startswith("exp(coef) upper")][0]
+    summ = pd.DataFrame({
+        "covariate": s.index.astype(str), "HR": s["exp(coef)"].to_numpy(),
+        "HR_lower": s[lo_col].to_numpy(), "HR_upper": s[hi_col].to_numpy(),
+        "p": s["p"].to_numpy(), "coef": s["coef"].to_numpy(), "se": s["se(coef)"].to_numpy(),
+        "model": label,
+    })
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ph = proportional_hazard_test(cph, data, time_transform="rank").summary
+        ph_df = pd.DataFrame({"covariate": ph.index.astype(str),
+                              "test_statistic": ph["test_statistic"].to_numpy(),
+                              "p": ph["p"].to_numpy(), "model": label})
+    except Exception as exc:  # PH test is a diagnostic: report, do not fail the fit
+        ph_df = pd.DataFrame({"covariate": terms, "test_statistic": np.nan, "p": np.nan,
+                              "model": label})
+        ph_df.attrs["error"] = str(exc)
+    return summ, ph_df, refs, float(cph.concordance_index_)
+
+
+def fit_cox(
+    table: pd.DataFrame,
+    duration_col: str,
+    event_col: str,
+    covariates: Sequence[str],
+    *,
+    strata: Sequence[str] | None = None,
+    univariate: bool = False,
+    alpha: float = 0.05,
+    penalizer: float = 0.0,
+) -> CoxResult:
+    """Cox proportional-hazards model(s) with hazard ratios, CIs and the PH check.
+
+    ``univariate=False`` fits one model with all covariates (each HR adjusted for the
+    others); ``univariate=True`` fits one model per covariate. Text covariates are one-hot
+    coded against their first level (sorted order, or category order). Patients missing
+    any covariate are left out and counted in ``.notes`` (for univariate fits the same
+    complete-case set is used, so the models are comparable).
+    """
+    covariates = list(dict.fromkeys(covariates))
+    if not covariates:
+        raise SurvivalAnalysisError("Choose at least one covariate for the Cox model.")
+    strata = list(strata) if strata else None
+    df, notes = _clean_survival(table, duration_col, event_col, [*covariates, *(strata or [])])
+    ev = int(df[event_col].sum())
+    if ev == 0:
+        raise SurvivalAnalysisError(
+            f"All {len(df)} patients are censored; a Cox model needs events.")
+    warn = []
+    if ev < 10 * len(covariates) and not univariate:
+        warn.append(f"Only {ev} events for {len(covariates)} covariate(s): fewer than ~10 events "
+                    "per covariate makes hazard ratios unstable.")
+    if univariate:
+        res = [_fit_one(df, duration_col, event_col, [c], strata, alpha, penalizer, c)
+               for c in covariates]
+        summ = pd.concat([r[0] for r in res], ignore_index=True)
+        ph = pd.concat([r[1] for r in res], ignore_index=True)
+        refs = {k: v for r in res for k, v in r[2].items()}
+        conc: float | dict = {c: r[3] for c, r in zip(covariates, res)}
+    else:
+        summ, ph, refs, conc = _fit_one(df, duration_col, event_col, covariates, strata,
+                                        alpha, penalizer, "multivariate")
+    bad_ph = ph.loc[ph["p"] < 0.05, "covariate"].tolist()
+    if bad_ph:
+        warn.append("Proportional-hazards assumption questionable (p < 0.05) for: "
+                    + ", ".join(bad_ph) + ". Consider stratifying on it or reporting RMST.")
+    return CoxResult(summary=summ, ph_check=ph, n=len(df), events=ev, concordance=conc,
+                     univariate=univariate, reference_levels=refs, alpha=alpha, notes=notes,
+                     warnings=warn, strata=strata)
