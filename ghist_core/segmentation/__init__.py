@@ -1,0 +1,29 @@
+"""Nucleus segmentation and classification.
+
+``load_segmenter()`` gives the learned HoVer-Net-style model trained on CoNSeP + MoNuSeg
+(bundled weights); ``load_segmenter(kind="classical")`` the QuPath-style baseline. Both offer
+``segment_tile(rgb, mpp) -> (instances, cells)`` and ``segment_slide(slide, ...) -> cells``.
+"""
+
+from __future__ import annotations
+
+from .classical import ClassicalConfig, ClassicalSegmenter
+from .tiling import ArraySlide, MppWarning
+
+__all__ = ["load_segmenter", "ClassicalSegmenter", "ClassicalConfig", "ArraySlide", "MppWarning"]
+
+
+def load_segmenter(model_id: str | None = None, device: str = "auto", kind: str = "learned"):
+    """The segmenter to use: ``kind="learned"`` (bundled or given weights) or ``"classical"``.
+
+    ``model_id`` may be a path to a ``.safetensors`` file (its JSON card beside it) or a
+    weights name in the bundled ``weights/`` folder; ``None`` means ``nuclei-seg``.
+    Raises ``WeightsNotFoundError`` when no learned weights can be found.
+    """
+    if kind == "classical":
+        return ClassicalSegmenter()
+    if kind != "learned":
+        raise ValueError(f"kind must be 'learned' or 'classical', got {kind!r}")
+    from .model import load_learned_segmenter
+
+    return load_learned_segmenter(model_id, device=device)

@@ -1,0 +1,230 @@
+"""Input checks, resampling and the tiled whole-slide loop shared by every segmenter.
+
+Seams: tiles overlap by ``overlap_px`` on every side; a nucleus is kept only from the tile
+whose *core* (the tile minus its overlap margins) contains its centroid. Each centroid lies
+in exactly one core, so there are no duplicates, and as long as a nucleus is smaller than
+the overlap it lies wholly inside that tile, so there are no cut halves.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidMppError, ModelInputError
+
+ProgressFn = Callable[[float, str], None]
+
+
+class MppWarning(UserWarning):
+    """The input's µm/px is far (more than 2x) from the resolution the segmenter works at."""
+
+
+def check_mpp(mpp: float) -> float:
+    """A finite positive µm/px, or a typed error."""
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMppError(f"µm per pixel must be a number, got {mpp!r}.") from exc
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidMppError(f"µm per pixel must be a positive number, got {mpp!r}.")
+    if value < 0.05 or value > 20:
+        raise InvalidMppError(f"µm per pixel {value} is outside the plausible range 0.05–20 for H&E images.")
+    return value
+
+
+def check_rgb(rgb: object) -> np.ndarray:
+    """An H x W x 3 uint8 array (RGBA drops alpha), or a ModelInputError that says what is wrong."""
+    if not isinstance(rgb, np.ndarray):
+        raise ModelInputError(f"The tile must be a numpy array, got {type(rgb).__name__}.")
+    if rgb.ndim == 3 and rgb.shape[2] == 4:
+        rgb = rgb[..., :3]
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ModelInputError(f"The tile must be an RGB image of shape H x W x 3, got shape {rgb.shape}.")
+    if rgb.dtype != np.uint8:
+        raise ModelInputError(f"The tile must be 8-bit (uint8) RGB, got {rgb.dtype}; convert it first "
+                              "(e.g. scale 16-bit images to 0-255).")
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ModelInputError(f"The tile is empty (shape {rgb.shape}).")
+    return np.ascontiguousarray(rgb)
+
+
+def warn_if_far(mpp: float, work_mpp: float, name: str) -> None:
+    ratio = mpp / work_mpp
+    if ratio > 2.0 or ratio < 0.5:
+        warnings.warn(f"{name} works at {work_mpp} µm/px; this image is {mpp:.3g} µm/px "
+                      f"({ratio:.2g}x), so it is resampled and results may be less accurate.",
+                      MppWarning, stacklevel=3)
+
+
+def resample_rgb(rgb: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of a uint8 RGB image (torch on CPU: fast, no extra deps)."""
+    if rgb.shape[:2] == tuple(out_hw):
+        return rgb
+    t = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None]
+    out = F.interpolate(t, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def resample_labels(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (pixel centres mapped, no new ids)."""
+    h, w = labels.shape
+    oh, ow = out_hw
+    if (h, w) == (oh, ow):
+        return labels
+    rows = np.minimum(((np.arange(oh) + 0.5) * h / oh).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(ow) + 0.5) * w / ow).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def working_shape(hw: tuple[int, int], mpp: float, work_mpp: float) -> tuple[int, int]:
+    s = mpp / work_mpp
+    return max(1, int(round(hw[0] * s))), max(1, int(round(hw[1] * s)))
+
+
+def is_background(rgb: np.ndarray, *, white: int = 215, min_fraction: float = 0.01) -> bool:
+    """True when (almost) no pixel is darker than near-white in any channel: glass or blank."""
+    dark = rgb.min(axis=2) < white
+    return float(dark.mean()) < min_fraction
+
+
+class SlideLike(Protocol):
+    """What ``segment_slide`` needs from a slide (``ghist_core.slide.Slide`` provides it)."""
+
+    dimensions: tuple[int, int]
+    mpp: float
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+
+
+@dataclass
+class ArraySlide:
+    """An in-memory RGB image behaving like a slide (for tests, benchmarks and big tiles)."""
+
+    rgb: np.ndarray
+    mpp: float
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return int(self.rgb.shape[1]), int(self.rgb.shape[0])
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        x, y = location
+        w, h = size
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        H, W = self.rgb.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self.rgb[y0:y1, x0:x1, :3]
+        return out
+
+
+@dataclass
+class TileSpec:
+    """One tile in working-resolution pixels: read box (with margins) and kept core."""
+
+    x0: int  # top-left of the read box (may be negative)
+    y0: int
+    size: int
+    core_x0: int
+    core_y0: int
+    core_x1: int
+    core_y1: int
+
+
+def tile_grid(width: int, height: int, tile_px: int, overlap_px: int) -> list[TileSpec]:
+    """Tiles of ``tile_px`` whose cores (``tile_px - 2*overlap``) partition the image exactly."""
+    core = tile_px - 2 * overlap_px
+    if core < 16:
+        raise ModelInputError(f"tile_px ({tile_px}) must exceed twice the overlap ({overlap_px}) by at least 16.")
+    specs = []
+    for cy in range(0, height, core):
+        for cx in range(0, width, core):
+            specs.append(TileSpec(cx - overlap_px, cy - overlap_px, tile_px,
+                                  cx, cy, min(cx + core, width), min(cy + core, height)))
+    return specs
+
+
+def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.ndarray:
+    """Read one tile at the working resolution (outside the slide reads as white)."""
+    scale = work_mpp / float(slide.mpp)  # level-0 px per working px
+    if hasattr(slide, "read_region_mpp") and not isinstance(slide, ArraySlide):
+        try:
+            loc = (int(round(spec.x0 * scale)), int(round(spec.y0 * scale)))
+            return check_rgb(np.asarray(slide.read_region_mpp(loc, (spec.size, spec.size), work_mpp)))
+        except (TypeError, NotImplementedError):
+            pass
+    x0 = int(math.floor(spec.x0 * scale))
+    y0 = int(math.floor(spec.y0 * scale))
+    n0 = int(math.ceil(spec.size * scale))
+    W, H = slide.dimensions
+    # clip the request to the slide and pad with white: readers differ outside bounds
+    rx0, ry0 = max(x0, 0), max(y0, 0)
+    rx1, ry1 = min(x0 + n0, W), min(y0 + n0, H)
+    region = np.full((n0, n0, 3), 255, dtype=np.uint8)
+    if rx1 > rx0 and ry1 > ry0:
+        part = np.asarray(slide.read_region((rx0, ry0), 0, (rx1 - rx0, ry1 - ry0)))[..., :3]
+        region[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0] = part
+    return resample_rgb(region, (spec.size, spec.size))
+
+
+def run_tiled(slide: SlideLike, work_mpp: float, segment_batch: Callable[[list[np.ndarray]], list[pd.DataFrame]],
+              *, tile_px: int, overlap_px: int, batch_size: int, progress: ProgressFn | None = None,
+              skip_background: bool = True) -> pd.DataFrame:
+    """The whole-slide loop: read tiles, segment in batches, keep core nuclei, map to µm.
+
+    ``segment_batch`` takes working-resolution tiles and returns per-tile tables (pixel
+    centroids ``x_px``/``y_px``, other measurements already in µm). Only one batch of tiles
+    is in memory at a time.
+    """
+    mpp = check_mpp(getattr(slide, "mpp", None))
+    W, H = slide.dimensions
+    ww, wh = working_shape((H, W), mpp, work_mpp)[::-1]
+    specs = tile_grid(ww, wh, tile_px, overlap_px)
+    frames: list[pd.DataFrame] = []
+    batch: list[tuple[TileSpec, np.ndarray]] = []
+    done = 0
+
+    def flush() -> None:
+        if not batch:
+            return
+        tables = segment_batch([rgb for _, rgb in batch])
+        for (spec, _), table in zip(batch, tables):
+            gx = table["x_px"].to_numpy() + spec.x0
+            gy = table["y_px"].to_numpy() + spec.y0
+            keep = (gx >= spec.core_x0) & (gx < spec.core_x1) & (gy >= spec.core_y0) & (gy < spec.core_y1)
+            t = table.loc[keep].copy()
+            t["x_um"] = gx[keep] * work_mpp
+            t["y_um"] = gy[keep] * work_mpp
+            frames.append(t)
+        batch.clear()
+
+    for spec in specs:
+        rgb = read_working_tile(slide, spec, work_mpp)
+        done += 1
+        if not (skip_background and is_background(rgb)):
+            batch.append((spec, rgb))
+        if len(batch) >= batch_size:
+            flush()
+            if progress is not None:
+                progress(done / len(specs), f"segmented {done} of {len(specs)} tiles")
+    flush()
+    if progress is not None:
+        progress(1.0, f"segmented {len(specs)} of {len(specs)} tiles")
+    if frames:
+        cells = pd.concat(frames, ignore_index=True)
+    else:
+        cells = segment_batch([np.full((tile_px, tile_px, 3), 255, np.uint8)])[0].iloc[:0].copy()
+        cells["x_um"] = np.zeros(0)
+        cells["y_um"] = np.zeros(0)
+    cells = cells.drop(columns=[c for c in ("id", "x_px", "y_px", "cell_id") if c in cells.columns])
+    cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
+    front = ["cell_id", "x_um", "y_um"]
+    return cells[front + [c for c in cells.columns if c not in front]].reset_index(drop=True)
