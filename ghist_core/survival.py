@@ -446,7 +446,6 @@ def compare_groups(
         warnings.simplefilter("ignore")
         res = multivariate_logrank_test(t_all, g_all, e_all)
     rows, curves, by_group = [], [], {}
-    from lifelines.utils import median_survival_times  # noqa: F401  (definition reference)
     for g in levels:
         m = g_all == g
         t, e = t_all[m], e_all[m]
@@ -478,6 +477,10 @@ def compare_groups(
             ma, mb = g_all == a, g_all == b
             if e_all[ma | mb].sum() == 0:
                 pw.append({"group_a": a, "group_b": b, "test_statistic": 0.0, "p_value": 1.0})
+                continue
+            if len(levels) == 2:  # the global test is this pair's test
+                pw.append({"group_a": a, "group_b": b, "test_statistic": float(res.test_statistic),
+                           "p_value": float(res.p_value)})
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
