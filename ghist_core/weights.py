@@ -563,7 +563,10 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
         wanted.append("README.md")
     try:
         for i, fname in enumerate(wanted, 1):
-            _hub_download(repo_id, fname, commit, s)
+            # The first file goes by the revision name so the cache records the ref (branch/tag -> commit).
+            got = _hub_download(repo_id, fname, revision if i == 1 else commit, s)
+            if i == 1 and _commit_of(got) not in (None, commit):
+                raise WeightsNotFoundError(f"'{shown_id}' changed on the Hub during the pull; run it again.")
             if progress is not None:
                 progress(fname, i, len(wanted))
     except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
