@@ -1,0 +1,255 @@
+"""H&E stain tools: colour deconvolution, Macenko and Reinhard normalisation, HED jitter.
+
+Why: slides from different labs and scanners differ in colour. Models trained on one
+hospital's stain see another's as out of distribution. Normalising every tile to a
+reference stain (fit once on a reference image, apply tile by tile) or jittering the
+stain during training makes them robust. All maths is vectorised numpy on whole tiles.
+
+Optical density (OD) convention used throughout: ``OD = -ln((I + 1) / 256)`` for 8-bit
+intensities ``I`` (so white 255 -> 0, black 0 -> ln 256), and back
+``I = 256 * exp(-OD) - 1``. The +1 keeps black pixels finite and makes the pair an
+exact inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "RGB_FROM_HED",
+    "HED_FROM_RGB",
+    "rgb_to_od",
+    "od_to_rgb",
+    "hed_deconvolve",
+    "hed_reconstruct",
+    "hed_jitter",
+    "MacenkoNormalizer",
+    "ReinhardNormalizer",
+]
+
+#: Ruifrok & Johnston (2001) stain OD vectors (rows: haematoxylin, eosin, DAB),
+#: normalised to unit length; the same matrix as scikit-image's ``rgb_from_hed``.
+RGB_FROM_HED = np.array(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
+)
+RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+
+def _as_float_image(rgb: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(float64 image in 0..255, was_uint8). Accepts uint8 or float in [0, 1]."""
+    a = np.asarray(rgb)
+    if a.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image with 3 channels last, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float64), True
+    if np.issubdtype(a.dtype, np.floating):
+        return np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0, False
+    raise ValueError(f"expected uint8 (0..255) or float (0..1) RGB, got dtype {a.dtype}")
+
+
+def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
+    """Optical density ``-ln((I + 1) / 256)`` of an RGB image (uint8 or float 0..1)."""
+    f, _ = _as_float_image(rgb)
+    return -np.log((f + 1.0) / 256.0)
+
+
+def od_to_rgb(od: np.ndarray) -> np.ndarray:
+    """uint8 RGB from optical density (inverse of :func:`rgb_to_od`, clipped to 0..255)."""
+    return np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+
+
+def hed_deconvolve(rgb: np.ndarray) -> np.ndarray:
+    """Haematoxylin, eosin, DAB concentrations (H x W x 3 float64) by colour deconvolution.
+
+    Not clipped at zero, so :func:`hed_reconstruct` inverts it exactly (up to uint8 rounding).
+    """
+    return rgb_to_od(rgb) @ HED_FROM_RGB
+
+
+def hed_reconstruct(hed: np.ndarray) -> np.ndarray:
+    """uint8 RGB from HED concentrations (inverse of :func:`hed_deconvolve`)."""
+    return od_to_rgb(np.asarray(hed, dtype=np.float64) @ RGB_FROM_HED)
+
+
+def hed_jitter(
+    rgb: np.ndarray,
+    sigma: float = 0.05,
+    bias: float = 0.05,
+    rng: np.random.Generator | int | None = None,
+) -> np.ndarray:
+    """Random stain augmentation in HED space (Tellez et al., 2018).
+
+    Each stain channel ``c`` becomes ``c * a + b`` with ``a ~ U(1 - sigma, 1 + sigma)``
+    and ``b ~ U(-bias, bias)``, drawn once per image. ``rgb`` is one image (H x W x 3)
+    or a batch (N x H x W x 3, one draw per image); uint8 in -> uint8 out, float (0..1)
+    in -> float32 (0..1) out. ``sigma = bias = 0`` returns the input unchanged.
+    """
+    rng = np.random.default_rng(rng)
+    a = np.asarray(rgb)
+    if sigma == 0 and bias == 0:
+        return a.copy()
+    single = a.ndim == 3
+    batch = a[None] if single else a
+    if batch.ndim != 4:
+        raise ValueError(f"expected H x W x 3 or N x H x W x 3, got shape {a.shape}")
+    n = batch.shape[0]
+    alpha = rng.uniform(1.0 - sigma, 1.0 + sigma, size=(n, 1, 1, 3))
+    beta = rng.uniform(-bias, bias, size=(n, 1, 1, 3))
+    out = hed_reconstruct(hed_deconvolve(batch) * alpha + beta)
+    if a.dtype != np.uint8:
+        out = out.astype(np.float32) / 255.0
+    return out[0] if single else out
+
+
+# --------------------------------------------------------------------------- Macenko
+def _tissue_od(rgb: np.ndarray, od_threshold: float) -> np.ndarray:
+    """N x 3 OD of pixels whose every channel has OD >= threshold (i.e. not glass)."""
+    od = rgb_to_od(rgb).reshape(-1, 3)
+    return od[np.all(od >= od_threshold, axis=1)]
+
+
+@dataclass
+class _MacenkoFit:
+    stain_matrix: np.ndarray  # 2 x 3, rows H and E, unit OD vectors
+    max_concentrations: np.ndarray  # (2,)
+
+
+def _macenko_fit(od: np.ndarray, alpha: float) -> _MacenkoFit:
+    """Macenko et al. (2009): stain vectors from the extreme angles in the OD plane."""
+    cov = np.cov(od, rowvar=False)
+    _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues
+    plane = vecs[:, [2, 1]]  # two largest
+    plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # point into positive OD
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100.0 - alpha])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    # haematoxylin absorbs more red than eosin does (it looks blue/purple)
+    h, e = (v1, v2) if v1[0] > v2[0] else (v2, v1)
+    stains = np.stack([h, e])
+    stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
+    conc = od @ np.linalg.pinv(stains)  # N x 2 least squares
+    max_c = np.percentile(conc, 99, axis=0)
+    return _MacenkoFit(stains, np.maximum(max_c, 1e-6))
+
+
+class MacenkoNormalizer:
+    """Macenko stain normalisation: fit on a reference image, transform tiles.
+
+    Parameters
+    ----------
+    od_threshold
+        Pixels with OD below this in any channel count as glass and are ignored.
+    alpha
+        Percentile of the angle distribution taken as the extreme stain directions.
+    min_pixels
+        A tile with fewer tissue pixels than this is returned unchanged (it is glass).
+
+    Attributes
+    ----------
+    stain_matrix_ : (2, 3) unit OD vectors of haematoxylin (row 0) and eosin (row 1).
+    max_concentrations_ : (2,) 99th-percentile stain concentrations of the reference.
+    """
+
+    def __init__(self, od_threshold: float = 0.15, alpha: float = 1.0, min_pixels: int = 100) -> None:
+        self.od_threshold = od_threshold
+        self.alpha = alpha
+        self.min_pixels = min_pixels
+
+    def __repr__(self) -> str:
+        state = "fitted" if hasattr(self, "stain_matrix_") else "not fitted"
+        return f"<MacenkoNormalizer {state}, od_threshold={self.od_threshold}, alpha={self.alpha}>"
+
+    def _fit_image(self, rgb: np.ndarray) -> _MacenkoFit | None:
+        od = _tissue_od(rgb, self.od_threshold)
+        if od.shape[0] < self.min_pixels:
+            return None
+        return _macenko_fit(od, self.alpha)
+
+    def fit(self, reference_rgb: np.ndarray) -> "MacenkoNormalizer":
+        """Learn the reference's stain vectors and concentration scale; returns self."""
+        got = self._fit_image(reference_rgb)
+        if got is None:
+            raise ValueError("The reference image has too little stained tissue to fit stain vectors.")
+        self.stain_matrix_ = got.stain_matrix
+        self.max_concentrations_ = got.max_concentrations
+        return self
+
+    def concentrations(self, rgb: np.ndarray) -> np.ndarray:
+        """H x W x 2 haematoxylin/eosin concentrations of ``rgb`` under its own stain vectors."""
+        got = self._fit_image(rgb)
+        stains = got.stain_matrix if got is not None else self.stain_matrix_
+        od = rgb_to_od(rgb)
+        return od.reshape(-1, 3).__matmul__(np.linalg.pinv(stains)).reshape(*od.shape[:-1], 2)
+
+    def transform(self, tile: np.ndarray) -> np.ndarray:
+        """``tile`` (uint8 H x W x 3) recoloured to the reference stain; uint8 out."""
+        if not hasattr(self, "stain_matrix_"):
+            raise RuntimeError("MacenkoNormalizer.transform called before fit()")
+        got = self._fit_image(tile)
+        a = np.asarray(tile)
+        if got is None:
+            return a.astype(np.uint8, copy=True)
+        od = rgb_to_od(a).reshape(-1, 3)
+        conc = od @ np.linalg.pinv(got.stain_matrix)
+        conc *= self.max_concentrations_ / got.max_concentrations
+        return od_to_rgb(conc @ self.stain_matrix_).reshape(a.shape)
+
+
+# --------------------------------------------------------------------------- Reinhard
+# Reinhard et al. (2001) l-alpha-beta colour space: decorrelated channels where matching
+# the mean and spread per channel transfers the colour "feel" of one image to another.
+_RGB2LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
+_LMS2LAB = np.diag([1 / np.sqrt(3), 1 / np.sqrt(6), 1 / np.sqrt(2)]) @ np.array(
+    [[1, 1, 1], [1, 1, -2], [1, -1, 0]], dtype=np.float64
+)
+_LAB2LMS = np.linalg.inv(_LMS2LAB)
+_LMS2RGB = np.linalg.inv(_RGB2LMS)
+
+
+def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    f, _ = _as_float_image(rgb)
+    lms = np.log10(np.maximum(f @ _RGB2LMS.T, 1.0))  # 1.0 floor: log of black stays finite
+    return lms @ _LMS2LAB.T
+
+
+def _lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    lms = 10.0 ** (lab @ _LAB2LMS.T)
+    return np.clip(np.rint(lms @ _LMS2RGB.T), 0, 255).astype(np.uint8)
+
+
+class ReinhardNormalizer:
+    """Reinhard colour transfer: match per-channel mean and std in l-alpha-beta space.
+
+    Attributes
+    ----------
+    target_means_ : (3,) mean of the reference's l, alpha, beta channels.
+    target_stds_ : (3,) standard deviation of the same.
+    """
+
+    def __repr__(self) -> str:
+        state = "fitted" if hasattr(self, "target_means_") else "not fitted"
+        return f"<ReinhardNormalizer {state}>"
+
+    @staticmethod
+    def _stats(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lab = _rgb_to_lab(rgb).reshape(-1, 3)
+        return lab.mean(axis=0), np.maximum(lab.std(axis=0), 1e-6)
+
+    def fit(self, reference_rgb: np.ndarray) -> "ReinhardNormalizer":
+        """Learn the reference's l-alpha-beta means and stds; returns self."""
+        self.target_means_, self.target_stds_ = self._stats(reference_rgb)
+        return self
+
+    def transform(self, tile: np.ndarray) -> np.ndarray:
+        """``tile`` recoloured so its l-alpha-beta statistics match the reference; uint8 out."""
+        if not hasattr(self, "target_means_"):
+            raise RuntimeError("ReinhardNormalizer.transform called before fit()")
+        lab = _rgb_to_lab(tile)
+        mu = lab.reshape(-1, 3).mean(axis=0)
+        sd = np.maximum(lab.reshape(-1, 3).std(axis=0), 1e-6)
+        return _lab_to_rgb((lab - mu) / sd * self.target_stds_ + self.target_means_)
