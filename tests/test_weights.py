@@ -317,3 +317,44 @@ def test_token_is_sent_but_never_stored(tmp_path: Path) -> None:
     for p in (tmp_path / "hf_home").rglob("*"):
         if p.is_file() and not p.is_symlink():
             assert TOKEN.encode() not in p.read_bytes(), p
+
+
+# ------------------------------------------------------------------------------------------
+# scripts/publish_weights.py (dry run: the folder that would be uploaded)
+# ------------------------------------------------------------------------------------------
+def _publish(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(paths.REPO_DIR / "scripts" / "publish_weights.py"), *args],
+        env=env, capture_output=True, text=True, timeout=60, cwd=paths.REPO_DIR,
+    )
+
+
+def test_publish_dry_run_writes_verified_files_and_card(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    src = tmp_path / "weights"
+    g = torch.Generator().manual_seed(0)
+    save_weights({"w": torch.randn(4, 4, generator=g)}, src, "ghist-her2st",
+                 {"kind": "ghist", "license": "cc-by-4.0", "metrics": {"pearson": 0.31},
+                  "training": {"datasets": ["her2st"], "epochs": 2}})
+    save_weights({"w": torch.randn(2, generator=g)}, src, "nuclei-seg",
+                 {"kind": "segmentation", "license": "cc-by-4.0", "metrics": {"aji": 0.55},
+                  "training": {"datasets": ["consep", "monuseg"]}})
+    out = tmp_path / "staged"
+    proc = _publish(["--weights-dir", str(src), "--dry-run", str(out), "--repo", REPO], _env(tmp_path, None))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "ghist-her2st.json", "ghist-her2st.safetensors", "nuclei-seg.json", "nuclei-seg.safetensors"
+    ]
+    meta = ModelCard.load(out / "README.md").data.to_dict()
+    assert meta["license"] == "cc-by-4.0"
+    assert meta["datasets"] == ["consep", "her2st", "monuseg"]
+    assert meta["metrics"] == ["aji", "pearson"] and "safetensors" in meta["tags"]
+    # the staged folder is itself a valid weights folder
+    assert [r["status"] for r in verify(str(out))] == ["ok", "ok"]
+
+    # a damaged file is never published
+    (src / "nuclei-seg.safetensors").write_bytes(b"\0" * 8)
+    proc = _publish(["--weights-dir", str(src), "--dry-run", str(tmp_path / "staged2")], _env(tmp_path, None))
+    assert proc.returncode == 2 and "refusing to publish" in proc.stderr
+    assert not (tmp_path / "staged2").exists()
