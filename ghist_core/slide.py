@@ -24,6 +24,7 @@ Rules kept here:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -612,10 +613,14 @@ class TiffSlide(Slide):
         import tifffile
 
         try:
-            self._tif = tifffile.TiffFile(str(path))
-            series = self._pick_series(self._tif)
-            levels = list(series.levels) if series.levels else [series]
-            axes = series.axes
+            with _TifffileComplaints() as complaints:
+                self._tif = tifffile.TiffFile(str(path))
+                series = self._pick_series(self._tif, path)
+                levels = list(series.levels) if series.levels else [series]
+                axes = series.axes
+            if complaints.messages:
+                raise CorruptSlideError(_corrupt_message(path, RuntimeError(complaints.messages[0])))
+            _check_data_within_file(path, levels)
         except SlideError:
             self._close_tif()
             raise
@@ -649,12 +654,15 @@ class TiffSlide(Slide):
         self._finish_init()
 
     @staticmethod
-    def _pick_series(tif: Any) -> Any:
+    def _pick_series(tif: Any, path: Path) -> Any:
         skip = {"label", "macro", "thumbnail", "overview"}
         for s in tif.series:
             if (s.name or "").strip().lower() not in skip:
                 return s
-        raise CorruptSlideError("The TIFF file contains no main image.")
+        raise CorruptSlideError(
+            f"'{path.name}' looks like a TIFF slide but no readable image was found in it: it is "
+            "probably damaged or incompletely uploaded/copied. Please copy the original file again."
+        )
 
     def _vendor(self) -> str:
         t = self._tif
@@ -745,6 +753,49 @@ class TiffSlide(Slide):
     def _close(self) -> None:
         self._stores = {}
         self._close_tif()
+
+
+class _TifffileComplaints(logging.Handler):
+    """Collects what tifffile logs while parsing: it logs (not raises) on damaged files."""
+
+    _PATTERN = re.compile(r"invalid|missing|corrupt|truncat|raised|out of range|beyond", re.I)
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("tifffile")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if self._PATTERN.search(msg):
+            self.messages.append(msg)
+
+    def __enter__(self) -> "_TifffileComplaints":
+        self._old_propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False  # keep tifffile's noise off the console
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._old_propagate
+
+
+def _check_data_within_file(path: Path, levels: list[Any]) -> None:
+    """Raise CorruptSlideError when any level's tile/strip data lies past the end of the file."""
+    size = path.stat().st_size
+    for lv in levels:
+        for page in lv.pages:
+            if page is None:
+                continue
+            offs = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if offs.size and int((offs + counts).max()) > size:
+                raise CorruptSlideError(
+                    f"'{path.name}' is cut short: the image data it announces goes beyond the end of "
+                    f"the file ({size:,} bytes). The upload or copy was probably interrupted; "
+                    "please copy the original file again."
+                )
 
 
 # --------------------------------------------------------------------------- Pillow
