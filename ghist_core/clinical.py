@@ -176,6 +176,12 @@ def read_clinical_table(path_or_bytes: str | os.PathLike | bytes, filename: str 
                 f"{name!r} could not be split into columns with delimiter {delim!r}: "
                 f"{str(exc).splitlines()[0]}. Check that every row has the same number of "
                 "fields (quotes around values that contain the delimiter).") from None
+        header = next(csv.reader([text.lstrip("\ufeff").splitlines()[0]], delimiter=delim))
+        header = [h.strip() for h in header]
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise ClinicalTableError(f"Column name(s) used twice: {', '.join(map(repr, dup))}. "
+                                     "Rename them so each column has one name.")
         if delim == ";":  # European spreadsheets: 1,5 means 1.5
             for c in df.columns:
                 s = df[c].dropna()
