@@ -1,27 +1,60 @@
-"""Session-state keys and small helpers shared by every page (UI only, no analysis)."""
+"""Session-state keys and small helpers shared by every page (UI only, no analysis).
+
+The helpers here open the project, stage an upload into it, and cache what pages read
+(``st.cache_resource`` for predictions and models, ``st.cache_data`` for tables), so each
+page stays a thin layer of widgets over one ``ghist_core`` call.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-from ghist_core.paths import default_project_dir
+from ghist_core.errors import GhistError
+from ghist_core.paths import DEMO_DIR, default_project_dir
 
 # Session keys, set once; every page uses these names.
 PROJECT_DIR = "project_dir"
 SELECTED_SLIDE = "selected_slide_id"
 DEVICE = "device"
 MODEL_ID = "model_id"
+SELECTED_GENES = "selected_genes"
+WATCHED_RUNS = "watched_run_ids"
+
+#: File types the uploader accepts (``ome.tif`` is covered by ``tif``).
+UPLOAD_TYPES = ["svs", "ndpi", "tif", "tiff", "png", "jpg", "jpeg"]
+DEMO_PATIENT = "DEMO-01"
+DEMO_SLIDE = DEMO_DIR / "CMU-1-Small-Region.svs"
+RUN_ACTIVE = ("queued", "running")
+RUN_RESUMABLE = ("failed", "interrupted", "cancelled")
+#: How often live progress is polled from the store (seconds).
+POLL_S = 1.0
+
+
+def demo_project_dir() -> Path:
+    return default_project_dir() / "demo"
 
 
 def init_session() -> None:
     """Fill missing session keys with their defaults (safe to call on every rerun)."""
     defaults = {
-        PROJECT_DIR: str(default_project_dir() / "demo"),
+        PROJECT_DIR: str(demo_project_dir()),
         SELECTED_SLIDE: None,
         DEVICE: "auto",
         MODEL_ID: None,
+        SELECTED_GENES: None,
+        WATCHED_RUNS: [],
     }
     for key, value in defaults.items():
         if key not in st.session_state:
@@ -31,3 +64,211 @@ def init_session() -> None:
 def project_dir() -> Path:
     init_session()
     return Path(st.session_state[PROJECT_DIR])
+
+
+def open_project(folder: str | os.PathLike | None = None):
+    """The current project (created if the folder is new). Cheap: one SQLite open per rerun."""
+    from ghist_core.store import Project
+
+    return Project.open_or_create(Path(folder) if folder else project_dir())
+
+
+@st.cache_resource(show_spinner=False)
+def ensure_demo_project(folder: str) -> str:
+    """Create the bundled demo project (demo slide, patient DEMO-01) once per folder."""
+    from ghist_core.store import Project
+
+    project = Project.open_or_create(Path(folder), name="Demo (CMU-1 small region)")
+    if len(project.list_slides()) == 0 and DEMO_SLIDE.exists():
+        project.add_slide(DEMO_SLIDE, patient_id=DEMO_PATIENT, original_name=DEMO_SLIDE.name)
+    return folder
+
+
+def ensure_demo_on_first_start() -> None:
+    """On the first start the demo project exists, whatever page the user lands on."""
+    init_session()
+    if Path(st.session_state[PROJECT_DIR]) == demo_project_dir():
+        ensure_demo_project(str(demo_project_dir()))
+
+
+# --- uploads ---------------------------------------------------------------------------
+
+@dataclass
+class StagedUpload:
+    """An uploaded file written to a staging folder outside the project until it is added."""
+
+    name: str
+    path: Path
+    size_bytes: int
+
+
+def stage_upload(name: str, data: BinaryIO | bytes, staging_dir: Path) -> StagedUpload:
+    """Copy an upload to ``staging_dir`` in chunks (constant memory), keeping its extension."""
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(Path(name).suffixes[-2:]) if name.lower().endswith(".ome.tif") else Path(name).suffix
+    fd, tmp = tempfile.mkstemp(prefix="upload_", suffix=suffix, dir=staging_dir)
+    with os.fdopen(fd, "wb") as out:
+        if isinstance(data, (bytes, bytearray)):
+            out.write(data)
+        else:
+            if hasattr(data, "seek"):
+                data.seek(0)
+            shutil.copyfileobj(data, out, length=1 << 22)
+    p = Path(tmp)
+    return StagedUpload(name, p, p.stat().st_size)
+
+
+def inspect_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
+    """Open a staged slide: its info dict plus a small thumbnail (raises SlideError subclasses)."""
+    from ghist_core.slide import open_slide
+
+    with open_slide(path, mpp=mpp) as slide:
+        info = dict(slide.info)
+        info["thumbnail"] = slide.thumbnail(384)
+    return info
+
+
+def add_uploaded_slide(project, staged: StagedUpload, *, patient_id: str | None, mpp: float | None = None):
+    """Validate and add a staged upload to the project; the staged copy is removed either way.
+
+    The store validates, sanitises the name and copies atomically, so a bad file raises a typed
+    error and leaves the project as it was.
+    """
+    try:
+        return project.add_slide(staged.path, patient_id=(patient_id or None), original_name=staged.name, mpp=mpp)
+    finally:
+        staged.path.unlink(missing_ok=True)
+
+
+def upload_and_add(project, name: str, data: BinaryIO | bytes, *, patient_id: str | None,
+                   mpp: float | None = None):
+    """The page's whole upload path in one call (used by tests as well as the page)."""
+    staged = stage_upload(name, data, staging_dir(project))
+    return add_uploaded_slide(project, staged, patient_id=patient_id, mpp=mpp)
+
+
+def staging_dir(project) -> Path:
+    return Path(tempfile.gettempdir()) / "ghist-uploads" / str(abs(hash(str(project.folder))))
+
+
+# --- cached reads ------------------------------------------------------------------------
+
+@st.cache_resource(show_spinner="Loading prediction…", max_entries=4)
+def cached_prediction(folder: str, slide_id: int, run_id: int):
+    """The slide's AnnData, shared (read-only) across reruns and sessions; keyed by run."""
+    from ghist_core.pipeline import load_prediction
+
+    return load_prediction(open_project(folder), slide_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cached_grid(folder: str, slide_id: int, run_id: int):
+    from ghist_core.pipeline import load_grid
+
+    try:
+        return load_grid(open_project(folder), slide_id)
+    except (GhistError, OSError, KeyError):
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_overview(folder: str, slide_id: int, max_px: int = 1536) -> tuple[np.ndarray, tuple[float, ...]]:
+    from ghist_core.pipeline import slide_overview_image
+
+    return slide_overview_image(open_project(folder), slide_id, max_px)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def thumbnail_data_url(path: str, mtime: float, max_px: int = 96) -> str | None:
+    """Small JPEG thumbnail as a data URL for table image columns (None if unreadable)."""
+    from PIL import Image
+
+    try:
+        info = inspect_slide(Path(path))
+    except GhistError:
+        try:
+            from ghist_core.slide import open_slide
+
+            with open_slide(Path(path), mpp=1.0) as s:
+                thumb = s.thumbnail(max_px)
+        except Exception:
+            return None
+    else:
+        thumb = info["thumbnail"]
+    im = Image.fromarray(thumb)
+    im.thumbnail((max_px, max_px))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@st.cache_data(show_spinner=False)
+def cached_clinical(path: str, mtime: float) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+@st.cache_resource(show_spinner=False)
+def cached_models() -> list[dict]:
+    from ghist_core import weights
+
+    return weights.list_models()
+
+
+# --- runs --------------------------------------------------------------------------------
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def run_field(run: Any, name: str, default: Any = None) -> Any:
+    """Read a field of a run record (dataclass, row or dict) without caring which."""
+    return _get(run, name, default)
+
+
+def eta_seconds(run: Any, now: float | None = None) -> float | None:
+    """Time left from elapsed time and overall progress (None until there is enough progress)."""
+    progress = float(run_field(run, "progress", 0.0) or 0.0)
+    started = run_field(run, "started_at") or run_field(run, "created_at")
+    if started is None or progress < 0.03 or progress >= 1.0:
+        return None
+    t0 = _as_epoch(started)
+    if t0 is None:
+        return None
+    elapsed = (now or time.time()) - t0
+    return max(0.0, elapsed * (1.0 - progress) / progress)
+
+
+def _as_epoch(value: Any) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        ts = pd.Timestamp(value)
+        if ts.tzinfo is None:
+            ts = ts.tz_localize("UTC")
+        return ts.timestamp()
+    except (ValueError, TypeError):
+        return None
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "estimating…"
+    s = int(round(s))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def finished_slides(project) -> pd.DataFrame:
+    """Slides that have a finished prediction (for pickers on the analysis pages)."""
+    slides = project.list_slides()
+    if len(slides) == 0:
+        return slides
+    status_col = "status" if "status" in slides.columns else "latest_status"
+    return slides[slides[status_col] == "finished"].reset_index(drop=True)
+
+
+def slide_label(row: Any) -> str:
+    name = _get(row, "original_name") or _get(row, "name") or f"slide {_get(row, 'slide_id')}"
+    patient = _get(row, "patient_id")
+    return f"{name} · {patient}" if patient else str(name)

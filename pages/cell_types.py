@@ -1,0 +1,153 @@
+"""Cell types & patients: compositions, neighbourhoods, morphology, differential expression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ghist_core import figures
+from ghist_core.differential import differential_expression, pseudobulk
+from ghist_core.errors import GhistError
+from pages import common as c
+
+c.init_session()
+c.ensure_demo_on_first_start()
+
+st.title("Cell types & patients")
+try:
+    project = c.open_project()
+except GhistError as exc:
+    st.error(str(exc))
+    st.stop()
+
+done = c.finished_slides(project)
+if len(done) == 0:
+    st.info("No slide has a finished prediction yet. Run one on the Upload & predict page.")
+    st.page_link("pages/upload.py", label="Upload & predict", icon=":material/upload_file:")
+    st.stop()
+
+folder = str(project.folder)
+run_of = {int(r["slide_id"]): int(c.run_field(project.latest_run(int(r["slide_id"]), status="finished"), "run_id"))
+          for _, r in done.iterrows()}
+patient_of = {int(r["slide_id"]): (str(r["patient_id"]) if pd.notna(r.get("patient_id")) else f"slide {r['slide_id']}")
+              for _, r in done.iterrows()}
+label_of = {int(r["slide_id"]): c.slide_label(r) for _, r in done.iterrows()}
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def slide_counts(folder: str, slide_id: int, run_id: int) -> pd.Series:
+    a = c.cached_prediction(folder, slide_id, run_id)
+    return a.obs["cell_type"].astype(str).value_counts()
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def slide_means(folder: str, slide_id: int, run_id: int) -> pd.DataFrame:
+    """Mean predicted expression per gene for one slide (one row), via the shared pseudobulk."""
+    a = c.cached_prediction(folder, slide_id, run_id)
+    return pseudobulk(a.X, np.zeros(a.n_obs, dtype=int), list(map(str, a.var_names)))
+
+
+tab_comp, tab_nbhd, tab_morph, tab_de = st.tabs(
+    ["Composition", "Neighbourhoods", "Morphology", "Differential expression"])
+
+# --- composition -----------------------------------------------------------------------------
+with tab_comp:
+    counts = pd.DataFrame({sid: slide_counts(folder, sid, run_of[sid]) for sid in run_of}).T.fillna(0).astype(int)
+    counts.index = pd.MultiIndex.from_tuples([(patient_of[s], label_of[s].split(" · ")[0]) for s in counts.index],
+                                             names=["patient", "slide"])
+    counts = counts[figures.palette.ordered_types(counts.columns)]
+    percent = st.toggle("Show percentages", value=True, key="ct_percent")
+    st.plotly_chart(figures.composition_bars(counts, percent=percent, title="Cell-type composition per slide"),
+                    key="ct_comp_slides")
+    by_patient = counts.groupby(level="patient").sum()
+    by_patient.index.name = "patient"
+    patients_sel = st.multiselect("Compare patients side by side", list(by_patient.index),
+                                  default=list(by_patient.index)[:6], key="ct_patients")
+    if patients_sel:
+        st.plotly_chart(figures.composition_bars(by_patient.loc[patients_sel], percent=percent,
+                                                 title="Cell-type composition per patient (all slides pooled)"),
+                        key="ct_comp_patients")
+    st.dataframe(counts.reset_index(), hide_index=True, key="ct_counts_table")
+
+# --- neighbourhoods and morphology (one slide) ------------------------------------------------
+ids = list(run_of)
+with tab_nbhd:
+    sid = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_nbhd_slide")
+    a = c.cached_prediction(folder, sid, run_of[sid])
+    try:
+        m = figures.neighbourhood_matrix(a.obs)
+    except ValueError as exc:
+        st.info(str(exc))
+    else:
+        st.plotly_chart(figures.neighbourhood_heatmap(m), key="ct_nbhd")
+        st.caption("Each row: for cells of that type, the mean share of each cell type among their neighbours (%).")
+
+with tab_morph:
+    sid_m = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_morph_slide")
+    a = c.cached_prediction(folder, sid_m, run_of[sid_m])
+    feats = [f for f in figures.MORPHOLOGY_UNITS if f in a.obs.columns]
+    if not feats:
+        st.info("This prediction has no morphology columns.")
+    else:
+        feat = st.selectbox("Feature", feats, key="ct_feature",
+                            format_func=lambda f: f"{figures.MORPHOLOGY_LABELS[f]} ({figures.MORPHOLOGY_UNITS[f]})")
+        st.plotly_chart(figures.morphology_violins(a.obs, feat), key="ct_morph")
+        st.caption("Violins show up to 5,000 randomly chosen nuclei per cell type; the box marks the quartiles.")
+
+# --- differential expression between patient groups ---------------------------------------------
+with tab_de:
+    st.markdown("Compare predicted expression between two groups of patients defined by a clinical table. "
+                "Cells are averaged per patient first; genes are tested with a two-sided Mann–Whitney U or "
+                "Welch's t-test and corrected for multiple testing (Benjamini–Hochberg).")
+    up = st.file_uploader("Clinical table (CSV, TSV or XLSX); the bundled TCGA BRCA table is used otherwise",
+                          type=["csv", "tsv", "txt", "xlsx"], key="ct_clinical")
+    try:
+        from ghist_core import clinical
+
+        table = clinical.read_clinical_table(up.getvalue(), filename=up.name) if up else clinical.load_demo_clinical()
+    except GhistError as exc:
+        st.error(str(exc))
+        st.stop()
+    cols = list(table.columns)
+    guess_id = next((col for col in cols if col.lower() in ("patient_id", "bcr_patient_barcode", "patient")), cols[0])
+    cc = st.columns(3)
+    id_col = cc[0].selectbox("Patient id column", cols, index=cols.index(guess_id), key="ct_id_col")
+    cat_cols = [col for col in cols if col != id_col and 2 <= table[col].nunique() <= 12]
+    guess_grp = "er_status" if "er_status" in cat_cols else (cat_cols[0] if cat_cols else None)
+    if guess_grp is None:
+        st.info("The table has no column with 2–12 distinct values to form groups.")
+        st.stop()
+    grp_col = cc[1].selectbox("Group by", cat_cols, index=cat_cols.index(guess_grp), key="ct_group_col")
+    method = cc[2].radio("Test", ["mannwhitney", "welch"], key="ct_method",
+                         format_func=lambda m: {"mannwhitney": "Mann–Whitney U", "welch": "Welch t"}[m])
+    levels = sorted(table[grp_col].dropna().astype(str).unique())
+    gc = st.columns(2)
+    ga = gc[0].selectbox("Group A", levels, index=levels.index("Positive") if "Positive" in levels else 0, key="ct_ga")
+    gb = gc[1].selectbox("Group B", levels,
+                         index=levels.index("Negative") if "Negative" in levels else min(1, len(levels) - 1), key="ct_gb")
+    means = pd.concat([slide_means(folder, s, run_of[s]).set_axis([s]) for s in ids])
+    means["patient"] = [patient_of[s] for s in ids]
+    per_patient = means.groupby("patient").mean()
+    labels = table.drop_duplicates(id_col).set_index(table.drop_duplicates(id_col)[id_col].astype(str))[grp_col]
+    matched = per_patient.index.intersection(labels.index)
+    st.caption(f"{len(per_patient)} patients with predictions, {len(matched)} of them in the clinical table.")
+    try:
+        res = differential_expression(per_patient.loc[matched], labels.loc[matched].astype(str), group_a=ga,
+                                      group_b=gb, method=method)
+    except GhistError as exc:
+        st.warning(str(exc))
+    else:
+        fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
+        st.plotly_chart(figures.volcano_plot(res.table_, min_abs_log2fc=fc, group_a=ga, group_b=gb), key="ct_volcano")
+        st.markdown(f"**{len(res.significant(0.05, fc))}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "
+                    f"({ga}: {res.n_a} patients, {gb}: {res.n_b} patients).")
+        st.dataframe(res.table_, hide_index=True, key="ct_de_table", column_config={
+            "mean_a": st.column_config.NumberColumn(f"mean {ga}", format="%.3f"),
+            "mean_b": st.column_config.NumberColumn(f"mean {gb}", format="%.3f"),
+            "log2fc": st.column_config.NumberColumn("log2 FC", format="%.2f"),
+            "p_value": st.column_config.NumberColumn("p", format="%.2e"),
+            "q_value": st.column_config.NumberColumn("q (BH)", format="%.2e"),
+        })
+        st.download_button("Results (CSV)", data=res.table_.to_csv(index=False).encode(), file_name="differential.csv",
+                           mime="text/csv", key="ct_de_csv", on_click="ignore")

@@ -1,0 +1,119 @@
+"""Home: the current project, its patients and slides; one click runs the bundled demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from ghist_core.errors import GhistError
+from pages import common as c
+
+c.init_session()
+c.ensure_demo_on_first_start()
+
+st.title("GHIST Studio")
+st.caption("Single-cell gene expression, cell types and neighbourhoods predicted from H&E slides "
+           "(GHIST, Fu et al., Nature Methods 2025).")
+
+# --- project chooser ------------------------------------------------------------------
+with st.sidebar:
+    st.subheader("Project")
+    folder_in = st.text_input("Project folder", value=st.session_state[c.PROJECT_DIR], key="home_project_folder",
+                              help="A folder on this computer. A new folder becomes a new, empty project.")
+    cols = st.columns(2)
+    if cols[0].button("Open / create", key="home_open_project", width="stretch"):
+        try:
+            c.open_project(folder_in)
+        except (GhistError, OSError) as exc:
+            st.error(str(exc))
+        else:
+            st.session_state[c.PROJECT_DIR] = str(Path(folder_in).expanduser())
+            st.session_state[c.SELECTED_SLIDE] = None
+            st.rerun()
+    if cols[1].button("Demo project", key="home_demo_project", width="stretch"):
+        st.session_state[c.PROJECT_DIR] = str(c.demo_project_dir())
+        c.ensure_demo_project(str(c.demo_project_dir()))
+        st.rerun()
+
+try:
+    project = c.open_project()
+except GhistError as exc:
+    st.error(str(exc))
+    st.stop()
+
+st.markdown(f"**Project folder:** `{project.folder}`")
+slides = project.list_slides()
+patients = project.list_patients()
+
+m = st.columns(4)
+m[0].metric("Patients", len(patients))
+m[1].metric("Slides", len(slides))
+status_col = "status" if "status" in slides.columns else "latest_status"
+n_done = int((slides[status_col] == "finished").sum()) if len(slides) else 0
+m[2].metric("Slides predicted", n_done)
+n_cells = int(pd.to_numeric(slides.get("n_cells", pd.Series(dtype=float)), errors="coerce").fillna(0).sum()) if len(slides) else 0
+m[3].metric("Cells predicted", f"{n_cells:,}")
+
+# --- demo: one click to run, one click to the map -----------------------------------------
+is_demo = Path(project.folder).resolve() == c.demo_project_dir().resolve()
+if is_demo and len(slides):
+    demo = slides.iloc[0]
+    demo_status = demo[status_col]
+    box = st.container(border=True)
+    box.markdown("**Demo slide** — CMU-1 small region (Aperio SVS, 2220 × 2967 px, 0.499 µm/px), patient DEMO-01.")
+    if demo_status == "finished":
+        st.session_state[c.SELECTED_SLIDE] = int(demo["slide_id"])
+        if box.button("Open the demo gene map", type="primary", key="home_open_demo_map", icon=":material/map:"):
+            st.switch_page("pages/gene_maps.py")
+    elif demo_status in c.RUN_ACTIVE:
+        box.info("The demo is running.")
+        if box.button("Watch progress", key="home_watch_demo"):
+            st.switch_page("pages/upload.py")
+    else:
+        if box.button("Run the demo", type="primary", key="home_run_demo", icon=":material/play_arrow:"):
+            from ghist_core import jobs
+
+            try:
+                run_id = jobs.submit_run(project.folder, int(demo["slide_id"]), model_id=st.session_state[c.MODEL_ID],
+                                         device=st.session_state[c.DEVICE])
+            except GhistError as exc:
+                box.error(str(exc))
+            else:
+                st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], run_id})
+                st.session_state[c.SELECTED_SLIDE] = int(demo["slide_id"])
+                st.switch_page("pages/upload.py")
+
+# --- slides and patients -----------------------------------------------------------------
+st.subheader("Slides")
+if len(slides) == 0:
+    st.info("This project has no slides yet. Add one on the Upload & predict page.")
+    st.page_link("pages/upload.py", label="Upload a slide", icon=":material/upload_file:")
+else:
+    view = slides.copy()
+    paths = [project.folder / p if not Path(p).is_absolute() else Path(p) for p in view["path"].astype(str)]
+    view.insert(0, "thumbnail", [c.thumbnail_data_url(str(p), p.stat().st_mtime if p.exists() else 0.0) for p in paths])
+    shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width_px", "height_px", "mpp",
+                             status_col, "n_cells", "added_at"] if col in view.columns]
+    st.dataframe(
+        view[shown], hide_index=True, width="stretch", key="home_slides",
+        column_config={
+            "thumbnail": st.column_config.ImageColumn("Slide", width="small"),
+            "slide_id": st.column_config.NumberColumn("ID", format="%d"),
+            "patient_id": "Patient",
+            "original_name": "File",
+            "width_px": st.column_config.NumberColumn("Width (px)", format="%d"),
+            "height_px": st.column_config.NumberColumn("Height (px)", format="%d"),
+            "mpp": st.column_config.NumberColumn("µm per px", format="%.3f"),
+            status_col: "Prediction",
+            "n_cells": st.column_config.NumberColumn("Cells", format="%d"),
+            "added_at": "Added",
+        },
+    )
+
+st.subheader("Patients")
+if len(patients):
+    st.dataframe(patients, hide_index=True, width="stretch", key="home_patients")
+else:
+    st.caption("No patients yet.")

@@ -1,0 +1,180 @@
+"""Upload & predict: add slides to the project, run them, watch the runs live.
+
+Runs execute in a worker process recorded in the project store (``ghist_core.jobs``), so
+this page only submits and polls: a browser refresh or a rerun loses nothing, and a
+rerun never restarts a finished run (runs start only from a button).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from ghist_core.errors import GhistError, MissingMppError, SlideError
+from pages import common as c
+
+c.init_session()
+c.ensure_demo_on_first_start()
+
+st.title("Upload & predict")
+try:
+    project = c.open_project()
+except GhistError as exc:
+    st.error(str(exc))
+    st.stop()
+st.caption(f"Project: `{project.folder}`")
+
+# --- model and device -----------------------------------------------------------------
+with st.expander("Model and device", expanded=False):
+    models = c.cached_models()
+    names = ["bundled default"] + [f"{m['model_id']}" if m["source"] != "bundled" else m["name"] for m in models
+                                   if m.get("kind") in (None, "ghist")]
+    choice = st.selectbox("Model", names, key="upload_model", help="The GHIST model that predicts expression.")
+    st.session_state[c.MODEL_ID] = None if choice == "bundled default" else choice
+    from ghist_core.device import device_summary
+
+    dev = device_summary()
+    options = ["auto", "cpu"] + (["cuda"] if dev.get("cuda_available") else [])
+    current = st.session_state[c.DEVICE] if st.session_state[c.DEVICE] in options else "auto"
+    st.session_state[c.DEVICE] = st.radio("Device", options, index=options.index(current), horizontal=True,
+                                          key="upload_device",
+                                          help="auto picks a CUDA GPU when there is one, else the CPU.")
+    st.caption("CUDA GPU: " + (dev.get("cuda_device", "available") if dev.get("cuda_available") else "not available"))
+
+# --- upload ------------------------------------------------------------------------------
+st.subheader("1 · Add slides")
+files = st.file_uploader(
+    "Whole-slide images or H&E images (SVS, NDPI, TIFF, OME-TIFF, PNG, JPEG)",
+    type=c.UPLOAD_TYPES, accept_multiple_files=True, key="upload_files",
+)
+staged: dict = st.session_state.setdefault("upload_staged", {})
+for f in files or []:
+    fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
+    if fid not in staged:
+        try:
+            staged[fid] = c.stage_upload(f.name, f, c.staging_dir(project))
+        except OSError as exc:
+            st.error(f"Could not read {f.name}: {exc}")
+            continue
+    s = staged[fid]
+    with st.container(border=True):
+        st.markdown(f"**{f.name}** · {s.size_bytes / 1e6:,.1f} MB")
+        mpp_given = None
+        try:
+            info = c.inspect_slide(s.path)
+        except MissingMppError as exc:
+            st.warning(str(exc))
+            mpp_given = st.number_input("µm per pixel at full resolution", min_value=0.01, max_value=50.0, value=None,
+                                        step=0.01, format="%.4f", key=f"mpp_{fid}",
+                                        help="Typically 0.25 (40× objective) or 0.5 (20×).")
+            info = None
+            if mpp_given:
+                try:
+                    info = c.inspect_slide(s.path, mpp=mpp_given)
+                except SlideError as exc2:
+                    st.error(str(exc2))
+        except SlideError as exc:
+            st.error(str(exc))
+            continue
+        if info is None:
+            continue
+        cols = st.columns([1, 2])
+        cols[0].image(info["thumbnail"], caption="thumbnail", width="stretch")
+        cols[1].markdown(
+            f"- **Size:** {info['width_px']:,} × {info['height_px']:,} px "
+            f"({info['width_um'] / 1000:.2f} × {info['height_um'] / 1000:.2f} mm)\n"
+            f"- **Resolution:** {info['mpp']:.4f} µm per px ({info.get('mpp_source') or 'given'})\n"
+            f"- **Format:** {info['format']} {info.get('vendor') or ''}"
+        )
+        patient = cols[1].text_input("Patient id", value=Path(f.name).stem.split(".")[0][:32], key=f"patient_{fid}",
+                                     help="Slides with the same patient id are grouped in cohort analyses.")
+        run_now = cols[1].checkbox("Run the prediction right away", value=True, key=f"runnow_{fid}")
+        if cols[1].button("Add to project", type="primary", key=f"add_{fid}"):
+            try:
+                record = c.add_uploaded_slide(project, s, patient_id=patient.strip() or None, mpp=mpp_given)
+            except GhistError as exc:
+                st.error(str(exc))
+            else:
+                staged.pop(fid, None)
+                st.session_state[c.SELECTED_SLIDE] = int(record.slide_id)
+                st.success(f"Added {f.name} as slide {record.slide_id} (patient {patient or '—'}).")
+                if run_now:
+                    from ghist_core import jobs
+
+                    try:
+                        run_id = jobs.submit_run(project.folder, int(record.slide_id),
+                                                 model_id=st.session_state[c.MODEL_ID],
+                                                 device=st.session_state[c.DEVICE])
+                        st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], run_id})
+                    except GhistError as exc:
+                        st.error(str(exc))
+
+# --- slides waiting for a run -------------------------------------------------------------
+slides = project.list_slides()
+status_col = "status" if "status" in slides.columns else "latest_status"
+st.subheader("2 · Runs")
+if len(slides) == 0:
+    st.info("No slides in this project yet.")
+not_run = slides[slides[status_col].isna() | (slides[status_col] == "") | (slides[status_col] == "none")] if len(slides) else slides
+for _, row in not_run.iterrows():
+    cols = st.columns([3, 1])
+    cols[0].markdown(f"{c.slide_label(row)} — not run yet")
+    if cols[1].button("Run", key=f"run_{row['slide_id']}"):
+        from ghist_core import jobs
+
+        try:
+            rid = jobs.submit_run(project.folder, int(row["slide_id"]), model_id=st.session_state[c.MODEL_ID],
+                                  device=st.session_state[c.DEVICE])
+            st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], rid})
+        except GhistError as exc:
+            st.error(str(exc))
+
+
+@st.fragment(run_every=c.POLL_S)
+def live_runs() -> None:
+    """Poll the store for every run of this project; only this fragment reruns."""
+    from ghist_core import jobs
+
+    proj = c.open_project()
+    runs = proj.list_runs()
+    if len(runs) == 0:
+        st.caption("No runs yet.")
+        return
+    names = {int(r["slide_id"]): c.slide_label(r) for _, r in proj.list_slides().iterrows()}
+    latest = runs.sort_values("run_id").groupby("slide_id").tail(1).sort_values("run_id", ascending=False)
+    for _, run in latest.iterrows():
+        rid, status = int(run["run_id"]), str(run["status"])
+        label = names.get(int(run["slide_id"]), f"slide {run['slide_id']}")
+        with st.container(border=True, key=f"runbox_{rid}"):
+            st.markdown(f"**{label}** · run {rid} · **{status}**")
+            if status in c.RUN_ACTIVE:
+                progress = float(run.get("progress") or 0.0)
+                stage = run.get("stage") or "queued"
+                eta = c.eta_seconds(run)
+                st.progress(min(1.0, progress), text=f"{stage}: {progress:.0%} · time left {c.fmt_seconds(eta)}")
+                if run.get("message"):
+                    st.caption(str(run["message"]))
+                if st.button("Cancel", key=f"cancel_{rid}", icon=":material/stop:"):
+                    jobs.cancel_run(proj.folder, rid)
+                    st.toast(f"Cancelling run {rid}: finished blocks are kept.")
+            elif status == "finished":
+                n = run.get("n_cells")
+                st.progress(1.0, text=f"finished · {int(n):,} cells" if n == n and n is not None else "finished")
+                if st.button("Open gene map", key=f"open_{rid}", icon=":material/map:"):
+                    st.session_state[c.SELECTED_SLIDE] = int(run["slide_id"])
+                    st.switch_page("pages/gene_maps.py")
+            else:
+                if run.get("message"):
+                    (st.error if status == "failed" else st.warning)(str(run["message"]))
+                if st.button("Resume", key=f"resume_{rid}", icon=":material/replay:",
+                             help="Continue from the last finished block."):
+                    try:
+                        jobs.resume_run(proj.folder, rid, device=st.session_state[c.DEVICE])
+                    except GhistError as exc:
+                        st.error(str(exc))
+                    else:
+                        st.rerun(scope="fragment")
+
+
+live_runs()

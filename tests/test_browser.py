@@ -1,0 +1,175 @@
+"""End to end in a real browser: upload the SVS, wait for the run, draw gene maps.
+
+Starts ``streamlit run app.py`` on 127.0.0.1 (free port, temporary project folder) and
+drives Debian's Chromium through Playwright. Screenshots go to the test's tmp folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StreamlitServer:
+    """``streamlit run app.py`` on 127.0.0.1 with its own project folder; stopped on exit."""
+
+    def __init__(self, projects_dir: Path, log_path: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "GHIST_PROJECTS_DIR": str(projects_dir), "PYTHONPATH": str(REPO)}
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(self.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        import urllib.request
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("streamlit did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+    def __enter__(self) -> "StreamlitServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def launch_browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def wait_app_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit has finished the current script run."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout_ms)
+
+
+def canvas_image(page, index: int = 0) -> np.ndarray:
+    """Screenshot of the n-th deck.gl map (the element, as the user sees it)."""
+    el = page.locator('[data-testid="stDeckGlJsonChart"]').nth(index)
+    el.scroll_into_view_if_needed()
+    png = el.screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def choose_gene(page, gene: str) -> None:
+    """Replace the gene selection in the sidebar multiselect with ``gene``."""
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first
+    clear = box.locator('[data-testid="stMultiSelectClearAll"], [aria-label="Clear all"], svg[title="Clear all"]')
+    if clear.count():
+        clear.first.click()
+    else:  # remove the chips one by one
+        for _ in range(4):
+            x = box.locator('[data-testid="stMultiSelectTag"] [role="presentation"], span[role="button"]')
+            if not x.count():
+                break
+            x.first.click()
+    box.locator("input").first.fill(gene)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+
+
+@pytest.mark.timeout(600)
+def test_upload_run_and_gene_map(tmp_path, svs_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (see scripts/run_tests.sh)")
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url, wait_until="domcontentloaded")
+        expect(page.get_by_text("GHIST Studio").first).to_be_visible(timeout=60_000)
+        wait_app_idle(page)
+        page.screenshot(path=str(shots / "01_home.png"), full_page=True)
+
+        # upload the real SVS through the file input
+        page.get_by_role("link", name="Upload & predict").click()
+        wait_app_idle(page)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(svs_path))
+        expect(page.get_by_text("2,220 × 2,967 px")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("0.4990 µm per px")).to_be_visible()
+        page.get_by_label("Patient id").fill("PT-001")
+        page.keyboard.press("Tab")
+        page.get_by_role("button", name="Add to project").click()
+        expect(page.get_by_text("as slide")).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(shots / "02_uploaded.png"), full_page=True)
+
+        # wait for the worker to finish (the page polls the store)
+        open_btn = page.get_by_role("button", name="Open gene map")
+        expect(open_btn.first).to_be_visible(timeout=400_000)
+        page.screenshot(path=str(shots / "03_finished.png"), full_page=True)
+        open_btn.first.click()
+
+        # gene maps: the deck.gl canvas draws tissue + cells
+        page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=60_000)
+        wait_app_idle(page)
+        page.wait_for_timeout(2500)
+        page.screenshot(path=str(shots / "04_gene_map.png"), full_page=True)
+        img1 = canvas_image(page)
+        Image.fromarray(img1).save(shots / "04_canvas.png")
+        h, w = img1.shape[:2]
+        centre = img1[h // 4: 3 * h // 4, w // 4: 3 * w // 4].astype(int)
+        background = np.array([255, 255, 255])
+        non_bg = np.abs(centre - background).sum(axis=2) > 30
+        assert non_bg.mean() > 0.2, f"the map's tissue area is mostly blank ({non_bg.mean():.1%} drawn)"
+
+        first_gene = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first.inner_text()
+        other = "CD3E" if "CD3E" not in first_gene else "EPCAM"
+        choose_gene(page, other)
+        wait_app_idle(page)
+        page.wait_for_timeout(2500)
+        img2 = canvas_image(page)
+        Image.fromarray(img2).save(shots / "05_canvas_other_gene.png")
+        page.screenshot(path=str(shots / "05_gene_map_other.png"), full_page=True)
+        assert img2.shape == img1.shape
+        changed = np.abs(img2.astype(int) - img1.astype(int)).sum(axis=2) > 30
+        assert changed.mean() > 0.01, "changing the gene did not change the map"
+        if os.environ.get("GHIST_SAVE_SCREENSHOT"):
+            shutil.copy(shots / "04_gene_map.png", REPO / "docs" / "screenshot.png")
+        browser.close()
