@@ -515,28 +515,41 @@ def compare_features(table: pd.DataFrame, group_col: str, features: Sequence[str
 
 # --------------------------------------------------------------------------- project store glue
 def predicted_slides_from_project(project) -> tuple[list[tuple[str, Path]], list[str]]:
-    """(patient_id, .h5ad path) for every slide of a ``ghist_core.store.Project`` that has a
+    """(patient_id, .h5ad path) for every slide of a ``ghist_core.store.Project`` with a
     finished run, plus notes on slides that could not be used (no patient id, no run).
 
-    Duck-typed on the store's records so a store without slides simply gives ``[]``."""
+    Reads the store through its public calls (``list_slides``, ``latest_run``,
+    ``result_files``) and accepts records as DataFrame rows, dicts or objects."""
+    slides = project.list_slides()
+    records = slides.to_dict("records") if isinstance(slides, pd.DataFrame) else list(slides or [])
     pairs: list[tuple[str, Path]] = []
     notes: list[str] = []
-    for rec in project.list_slides():
-        get = (lambda k: rec.get(k)) if isinstance(rec, Mapping) else (lambda k: getattr(rec, k, None))
-        sid, pid, name = get("slide_id"), get("patient_id"), get("name") or get("path")
+
+    def get(rec, k):
+        v = rec.get(k) if isinstance(rec, Mapping) else getattr(rec, k, None)
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+    for rec in records:
+        sid = get(rec, "slide_id")
+        pid = get(rec, "patient_id")
+        name = get(rec, "original_name") or get(rec, "name") or f"slide {sid}"
         if not pid:
-            notes.append(f"Slide {name or sid} has no patient id; set one to use it here.")
+            notes.append(f"Slide {name} has no patient id; set one to use it here.")
             continue
-        run = project.latest_run(sid) if hasattr(project, "latest_run") else None
-        status = getattr(run, "status", None) if run is not None else None
-        if run is None or status not in (None, "finished"):
-            notes.append(f"Slide {name or sid} (patient {pid}) has no finished prediction.")
+        try:
+            run = project.latest_run(sid, status="finished")
+        except TypeError:
+            run = project.latest_run(sid)
+        if run is None or (get(run, "status") or "finished") != "finished":
+            notes.append(f"Slide {name} (patient {pid}) has no finished prediction.")
             continue
-        files = project.result_files(getattr(run, "run_id", None))
-        paths = list(files.values()) if isinstance(files, Mapping) else list(files or [])
-        h5 = [Path(p) for p in paths if str(p).endswith(".h5ad")]
-        if not h5:
-            notes.append(f"Slide {name or sid} (patient {pid}) has no .h5ad result.")
+        files = project.result_files(get(run, "run_id"))
+        if isinstance(files, Mapping):
+            h5 = [Path(files["h5ad"])] if "h5ad" in files else []
+        else:
+            h5 = [Path(p) for p in (files or []) if str(p).endswith(".h5ad")]
+        if not h5 or not h5[0].is_file():
+            notes.append(f"Slide {name} (patient {pid}) has no .h5ad result file.")
             continue
         pairs.append((str(pid), h5[0]))
     return pairs, notes
