@@ -1,0 +1,139 @@
+"""The ``ghist`` command: predict slides, run a cohort on Dask, manage weights.
+
+Exit codes a scripter can rely on:
+0 all done; 1 some slides failed (the rest finished); 2 bad command line;
+3 bad input (slide, manifest, weights: the message says which); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import GhistError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _tqdm_progress(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", file=sys.stderr)
+
+    def callback(event) -> None:
+        bar.n = round(event.overall * 100, 1)
+        eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
+        bar.set_postfix_str(f"{event.stage}: {event.message}{eta}"[:80])
+        bar.refresh()
+
+    return bar, callback
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .pipeline import predict_slide
+    from .store import Project
+
+    project = Project.open_or_create(args.project)
+    failed = 0
+    for slide_path in args.slides:
+        try:
+            record = project.add_slide(slide_path, patient_id=args.patient, mpp=args.mpp)
+            bar, callback = _tqdm_progress(Path(slide_path).name)
+            try:
+                result = predict_slide(record.slide_id, project, model_id=args.model, device=args.device, progress=callback)
+            finally:
+                bar.close()
+            print(json.dumps({"slide": str(slide_path), "slide_id": record.slide_id, "run_id": result.run_id,
+                              "n_cells": result.n_cells, "h5ad": str(result.h5ad_path)}))
+        except GhistError as exc:
+            failed += 1
+            print(f"error: {slide_path}: {exc}", file=sys.stderr)
+    if failed == len(args.slides):
+        return EXIT_INPUT
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def cmd_cohort(args: argparse.Namespace) -> int:
+    from .cohort_runner import read_manifest, run_cohort
+
+    manifest = read_manifest(args.manifest)
+    summary = run_cohort(
+        manifest,
+        args.project,
+        scheduler=args.scheduler,
+        n_workers=args.workers,
+        model_id=args.model,
+        device=args.device,
+        echo=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps(summary, indent=1))
+    if summary["failed"] and not summary["finished"]:
+        return EXIT_INPUT
+    return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from . import weights
+
+    if args.action == "list":
+        for model in weights.list_models():
+            print(json.dumps(model))
+        return EXIT_OK
+    if args.action == "pull":
+        for resolved in weights.pull(args.model_id):
+            print(json.dumps({"name": resolved.name, "path": str(resolved.weights_path), "sha256": resolved.sha256}))
+        return EXIT_OK
+    reports = weights.verify(args.model_id)
+    for report in reports:
+        print(json.dumps(report))
+    return EXIT_OK if all(r.get("ok") for r in reports) else EXIT_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ghist", description="GHIST Studio: gene expression and cell types from H&E slides.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="segment nuclei and predict expression for one or more slides")
+    p.add_argument("slides", nargs="+", help="slide files (SVS, NDPI, MRXS, TIFF, OME-TIFF, PNG, JPEG)")
+    p.add_argument("--project", required=True, help="project folder (created if missing)")
+    p.add_argument("--model", default=None, help="model id owner/repo@revision or a local folder (default: bundled)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel, required when the file does not say")
+    p.add_argument("--patient", default=None, help="patient id to attach the slides to")
+    p.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("cohort", help="predict every slide of a manifest on a Dask cluster")
+    c.add_argument("manifest", help="CSV with columns slide_path, patient_id and optionally mpp")
+    c.add_argument("--project", required=True)
+    c.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (default: a local cluster)")
+    c.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
+    c.add_argument("--model", default=None)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    c.set_defaults(func=cmd_cohort)
+
+    w = sub.add_parser("weights", help="list, pull or verify model weights")
+    w.add_argument("action", choices=["list", "pull", "verify"])
+    w.add_argument("model_id", nargs="?", default=None, help="owner/repo@revision (pull/verify)")
+    w.set_defaults(func=cmd_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "weights" and args.action == "pull" and not args.model_id:
+        parser.error("ghist weights pull needs a model id, e.g. ghist weights pull owner/repo@main")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except GhistError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
