@@ -59,6 +59,7 @@ __all__ = [
     "TileSpec",
     "open_slide",
     "check_mpp",
+    "check_tiff_integrity",
     "sniff_format",
 ]
 
@@ -620,7 +621,7 @@ class TiffSlide(Slide):
                 axes = series.axes
             if complaints.messages:
                 raise CorruptSlideError(_corrupt_message(path, RuntimeError(complaints.messages[0])))
-            _check_data_within_file(path, levels)
+            _check_data_within_file(path, [pg for lv in levels for pg in lv.pages])
         except SlideError:
             self._close_tif()
             raise
@@ -781,21 +782,46 @@ class _TifffileComplaints(logging.Handler):
         self._logger.propagate = self._old_propagate
 
 
-def _check_data_within_file(path: Path, levels: list[Any]) -> None:
-    """Raise CorruptSlideError when any level's tile/strip data lies past the end of the file."""
-    size = path.stat().st_size
-    for lv in levels:
-        for page in lv.pages:
-            if page is None:
-                continue
-            offs = np.asarray(page.dataoffsets, dtype=np.int64)
-            counts = np.asarray(page.databytecounts, dtype=np.int64)
-            if offs.size and int((offs + counts).max()) > size:
+def check_tiff_integrity(path: str | os.PathLike) -> None:
+    """Raise CorruptSlideError if a TIFF's directories or image data are damaged or cut short.
+
+    Parses every directory (not the pixels): cheap even for large slides, and catches
+    interrupted uploads before OpenSlide or tifffile would half-read them.
+    """
+    import tifffile
+
+    path = Path(path)
+    try:
+        with _TifffileComplaints() as complaints, tifffile.TiffFile(str(path)) as tif:
+            pages = [pg for pg in tif.pages if pg is not None]
+            if not pages:
                 raise CorruptSlideError(
-                    f"'{path.name}' is cut short: the image data it announces goes beyond the end of "
-                    f"the file ({size:,} bytes). The upload or copy was probably interrupted; "
-                    "please copy the original file again."
+                    f"'{path.name}' looks like a TIFF slide but no readable image was found in it: it "
+                    "is probably damaged or incompletely uploaded/copied. Please copy the original file again."
                 )
+            _check_data_within_file(path, pages)
+    except SlideError:
+        raise
+    except Exception as e:
+        raise CorruptSlideError(_corrupt_message(path, e)) from None
+    if complaints.messages:
+        raise CorruptSlideError(_corrupt_message(path, RuntimeError(complaints.messages[0])))
+
+
+def _check_data_within_file(path: Path, pages: list[Any]) -> None:
+    """Raise CorruptSlideError when any page's tile/strip data lies past the end of the file."""
+    size = path.stat().st_size
+    for page in pages:
+        if page is None or not hasattr(page, "dataoffsets"):
+            continue
+        offs = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offs.size and int((offs + counts).max()) > size:
+            raise CorruptSlideError(
+                f"'{path.name}' is cut short: the image data it announces goes beyond the end of "
+                f"the file ({size:,} bytes). The upload or copy was probably interrupted; "
+                "please copy the original file again."
+            )
 
 
 # --------------------------------------------------------------------------- Pillow
@@ -947,6 +973,8 @@ def open_slide(
     kind = sniff_format(p)
     if backend is None:
         backend = _choose_backend(p, kind)
+    if kind == "tiff" and backend in ("openslide", "tifffile"):
+        check_tiff_integrity(p)
     if backend == "openslide":
         return OpenSlideSlide(p, mpp_given=mpp_given)
     if backend == "tifffile":
