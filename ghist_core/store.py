@@ -396,8 +396,8 @@ class Project:
             self.folder.mkdir(parents=True, exist_ok=True)
         for sub in ("slides", "clinical", "runs", "results"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
         try:
+            conn = self._conn()
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"The project database at {self.db_path} cannot use write-ahead logging ({mode}).")
