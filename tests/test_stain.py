@@ -129,10 +129,9 @@ def test_macenko_moves_tile_towards_target(svs_tile: np.ndarray, macenko: stain.
 
 
 def test_macenko_undoes_stain_jitter(target: np.ndarray, macenko: stain.MacenkoNormalizer) -> None:
-    crop = target[:500, :500]
-    jittered = stain.hed_jitter(crop, sigma=0.3, bias=0.1, rng=3)
-    before = np.abs(jittered.astype(int) - crop).mean()
-    after = np.abs(macenko.transform(jittered).astype(int) - crop).mean()
+    jittered = stain.hed_jitter(target, sigma=0.3, bias=0.1, rng=3)
+    before = np.abs(jittered.astype(int) - target).mean()
+    after = np.abs(macenko.transform(jittered).astype(int) - target).mean()
     assert after < before / 2
 
 
