@@ -731,14 +731,19 @@ class Project:
             )
             return int(cur.lastrowid)
 
-    def _set_run(self, run_id: int, sql: str, args: tuple, *, allowed: tuple[str, ...] | None = None) -> None:
+    def _set_run(self, run_id: int, sql: str, args: tuple, *, allowed: tuple[str, ...] | None = None,
+                 ignore: tuple[str, ...] = ()) -> bool:
+        """Update one run if its status is ``allowed``; statuses in ``ignore`` are left as they are (False)."""
         with self._tx() as c:
             row = c.execute("SELECT status FROM runs WHERE run_id = ?", (int(run_id),)).fetchone()
             if row is None:
                 raise StoreError(f"There is no run {run_id} in this project.")
+            if row[0] in ignore:
+                return False
             if allowed is not None and row[0] not in allowed:
                 raise StoreError(f"Run {run_id} is {row[0]}; it cannot be changed that way now.")
             c.execute(f"UPDATE runs SET {sql} WHERE run_id = ?", (*args, int(run_id)))
+            return True
 
     def update_run(self, run_id: int, *, stage: str | None = None, progress: float | None = None,
                    message: str | None = None) -> None:
@@ -786,14 +791,20 @@ class Project:
             allowed=("running", "queued"),
         )
 
-    def fail_run(self, run_id: int, error: str) -> None:
-        """Mark a run failed with a message for the user (the run can be resumed later)."""
-        self._set_run(run_id, "status = 'failed', error = ?, finished_at = ?",
-                      (str(error)[:_MAX_ERROR], utc_now()), allowed=("running", "queued", "interrupted"))
+    def fail_run(self, run_id: int, error: str) -> bool:
+        """Mark a run failed with a message for the user (the run can be resumed later).
 
-    def cancel_run(self, run_id: int) -> None:
-        self._set_run(run_id, "status = 'cancelled', finished_at = ?", (utc_now(),),
-                      allowed=("running", "queued", "interrupted", "cancelled"))
+        A run that already finished or was cancelled is left alone (returns False): this is called from
+        error handlers, which must not raise a second error.
+        """
+        return self._set_run(run_id, "status = 'failed', error = ?, finished_at = ?",
+                             (str(error)[:_MAX_ERROR], utc_now()), allowed=("running", "queued", "interrupted", "failed"),
+                             ignore=("finished", "cancelled"))
+
+    def cancel_run(self, run_id: int) -> bool:
+        """Mark a run cancelled; a finished run stays finished (returns False)."""
+        return self._set_run(run_id, "status = 'cancelled', finished_at = ?", (utc_now(),),
+                             allowed=("running", "queued", "interrupted", "failed"), ignore=("finished", "cancelled"))
 
     def mark_interrupted_runs(self, *, stale_after_s: float = STALE_HEARTBEAT_S) -> list[int]:
         """Turn ``running`` runs whose worker is gone into ``interrupted`` (resumable); return their ids.

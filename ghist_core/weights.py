@@ -482,8 +482,8 @@ def _summary(name: str, card_path: Path, source: str, model_id: str, commit: str
         "source": source,
         "model_id": model_id,
         "commit": commit,
-        "path": weights_path,
-        "card_path": card_path,
+        "path": str(weights_path),
+        "card_path": str(card_path),
         "sha256": card.get("sha256"),
         "size": weights_path.stat().st_size if weights_path.exists() else None,
         "card": card,
@@ -512,7 +512,8 @@ def _cached_snapshots(repo_filter: str | None = None) -> list[tuple[str, str, li
 def list_models(*, weights_dir: str | os.PathLike | None = None) -> list[dict]:
     """Bundled and cached models with their cards (no network), for the Models page and `ghist weights list`.
 
-    Each entry: ``name, kind, source ("bundled"|"cache"), model_id, commit, path, card_path, sha256, size, card``.
+    Each entry (JSON-serialisable): ``name, kind, source ("bundled"|"cache"), model_id, commit, path,
+    card_path, sha256, size, card``.
     """
     bundled = bundled_weights_dir(weights_dir)
     out = [_summary(n, p, "bundled", str(bundled)) for n, p in _cards_in(bundled)]

@@ -249,8 +249,10 @@ def test_run_lifecycle_and_result_files(project: Project, tmp_path: Path) -> Non
     project.finish_run(rid, n_cells=1234, timings={"segment_s": np.float64(1.5)})
     r = project.get_run(rid)
     assert (r.status, r.n_cells, r.timings, r.progress) == ("finished", 1234, {"segment_s": 1.5}, 1.0)
+    assert project.fail_run(rid, "too late") is False and project.get_run(rid).status == "finished"
+    assert project.cancel_run(rid) is False and project.get_run(rid).error is None
     with pytest.raises(StoreError, match="is finished"):
-        project.fail_run(rid, "too late")
+        project.requeue_run(rid)
     df = project.list_slides()
     assert (df.loc[0, "status"], df.loc[0, "n_cells"], df.loc[0, "run_id"]) == ("finished", 1234, rid)
 

@@ -20,6 +20,7 @@ from ghist_core import paths
 from ghist_core.errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
 from ghist_core.hubserver import HubServer
 from ghist_core.weights import (
+    list_models,
     load_state_dict,
     parse_model_id,
     resolve_weights,
@@ -121,8 +122,13 @@ def test_bundled_dir_override_and_tampering(tmp_path: Path, monkeypatch: pytest.
     bundled = tmp_path / "bundled"
     shas = _make_models(bundled, 4)
     monkeypatch.setenv("GHIST_WEIGHTS_DIR", str(bundled))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     r = resolve_weights(name="tiny-seg")
     assert (r.source, r.sha256, r.model_id) == ("bundled", shas["tiny-seg"], str(bundled))
+    listed = json.loads(json.dumps(list_models()))  # plain JSON for `ghist weights list`
+    assert [(m["name"], m["kind"], m["source"]) for m in listed] == [
+        ("tiny-ghist", "ghist", "bundled"), ("tiny-seg", "segmentation", "bundled")
+    ]
     # one flipped byte: refused, with a message saying what to do
     data = bytearray(r.weights_path.read_bytes())
     data[-1] ^= 0x01
