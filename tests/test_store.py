@@ -6,26 +6,31 @@ import hashlib
 import os
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from ghist_core import paths, store
 from ghist_core.errors import (
     EmptyFileError,
+    ImageTooLargeError,
     InvalidFileNameError,
     InvalidMppError,
     MissingMppError,
     ProjectNotFoundError,
     SlideError,
     StoreError,
+    UnsupportedPixelFormatError,
     UnsupportedSlideError,
 )
 from ghist_core.store import SCHEMA_VERSION, Project, sanitize_filename
@@ -186,6 +191,10 @@ def test_add_real_svs_dedupes_and_keeps_original_name(project: Project, svs_path
     assert list(project.list_patients()["patient_id"]) == ["TCGA-A1"]
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def _bad_inputs(tmp: Path, svs: Path) -> list[tuple[str, Path, dict, type]]:
     empty = tmp / "empty.svs"
     empty.write_bytes(b"")
@@ -194,7 +203,16 @@ def _bad_inputs(tmp: Path, svs: Path) -> list[tuple[str, Path, dict, type]]:
     truncated = tmp / "truncated.svs"
     truncated.write_bytes(svs.read_bytes()[: 300_000])
     png = _png(tmp / "region.png")
+    bomb = tmp / "bomb.png"  # a 4e10-pixel PNG header in a few hundred bytes
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 200_000, 200_000, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + _chunk(b"IEND", b"")
+    )
+    u16 = tmp / "u16.tif"
+    tifffile.imwrite(u16, np.full((32, 32, 3), 40000, dtype=np.uint16))
     return [
+        ("decompression bomb", bomb, {"mpp": 0.5}, ImageTooLargeError),
+        ("16-bit tiff", u16, {"mpp": 0.5}, UnsupportedPixelFormatError),
         ("zero-byte", empty, {}, EmptyFileError),
         ("text renamed .svs", text, {}, UnsupportedSlideError),
         ("truncated svs", truncated, {}, SlideError),
