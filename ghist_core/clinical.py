@@ -184,9 +184,11 @@ def read_clinical_table(path_or_bytes: str | os.PathLike | bytes, filename: str 
                                      "Rename them so each column has one name.")
         if delim == ";":  # European spreadsheets: 1,5 means 1.5
             for c in df.columns:
-                s = df[c].dropna()
-                if not s.empty and s.str.fullmatch(r"-?\d+,\d+|-?\d+").all():
-                    df[c] = df[c].str.replace(",", ".", regex=False)
+                s = df[c].dropna().str.strip()
+                dec = s.str.fullmatch(r"-?\d+,\d+|-?\d+")
+                if not s.empty and dec.mean() >= 0.8 and s.str.contains(",").any():
+                    is_dec = df[c].str.strip().str.fullmatch(r"-?\d+,\d+").fillna(False)
+                    df.loc[is_dec, c] = df.loc[is_dec, c].str.replace(",", ".", regex=False)
         attrs.update(encoding=enc, delimiter=delim)
     df.columns = [str(c).strip() for c in df.columns]
     if df.shape[1] < 2:
@@ -275,13 +277,21 @@ def guess_mapping(df: pd.DataFrame) -> ColumnMapping:
         time = next((c for c in cols if c != pid and _TIME_PAT.search(c)
                      and pd.api.types.is_numeric_dtype(df[c])), None)
         event = None
-        for c in cols:
-            if c in (pid, time) or not _EVENT_PAT.search(c):
-                continue
-            vals = set(df[c].dropna().astype(str).str.strip().str.lower())
-            if vals and vals <= (EVENT_TRUE | EVENT_FALSE):
-                event = c
-                break
+        codes = EVENT_TRUE | EVENT_FALSE
+        for by_name in (True, False):  # a named event column first, then any 0/1-like one
+            for c in cols:
+                if event or c in (pid, time) or (by_name and not _EVENT_PAT.search(c)):
+                    continue
+                vals = set(df[c].dropna().astype(str).str.strip().str.lower())
+                if vals and vals <= codes:
+                    event = c
+        if time is None:  # first mostly-numeric, non-negative column not the id or event
+            for c in cols:
+                num = pd.to_numeric(df[c], errors="coerce")
+                if c not in (pid, event) and num.notna().mean() >= 0.8 \
+                        and (num.dropna() >= 0).all() and num.nunique() > 2:
+                    time = c
+                    break
     used = {pid, time, event, *(v for p in eps.values() for v in p)}
     groups = []
     for c in cols:

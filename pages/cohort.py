@@ -1,0 +1,322 @@
+"""Cohort & survival: clinical table → risk groups → Kaplan–Meier, log-rank, Cox, export.
+
+Thin page: widgets here, every number from ``ghist_core.cohort`` (which uses
+``ghist_core.clinical`` and ``ghist_core.survival``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from ghist_core import cohort as co
+from ghist_core.clinical import TIME_UNITS, find_endpoints
+from ghist_core.errors import GhistError
+from pages import common as c
+
+# Session keys of this page (set once).
+UPLOAD = "cohort_upload"  # (file name, bytes) of an uploaded clinical table
+SALT = "cohort_pseudonym_salt"  # per-session secret for pseudonymised exports; never written
+SOURCE_DEMO = "Demo: TCGA breast cancer (clinical only, no slides)"
+SOURCE_UPLOAD = "My clinical table"
+GROUP_CLINICAL = "Clinical variable"
+GROUP_SPLIT = "Predicted feature: split"
+GROUP_KMEANS = "Predicted features: k-means clusters"
+
+c.init_session()
+for key, default in ((UPLOAD, None), (SALT, secrets.token_hex(16))):
+    if key not in st.session_state:
+        st.session_state[key] = default
+
+st.title("Cohort & survival")
+st.caption("Kaplan–Meier curves, log-rank tests and Cox models across patients, with groups from "
+           "clinical variables or from what GHIST predicts on each patient's slides.")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def load_table(data: bytes | None, name: str) -> pd.DataFrame:
+    """Demo table when ``data`` is None, else the uploaded bytes (keyed by their content)."""
+    return co.load_demo_clinical() if data is None else co.read_clinical_table(data, name)
+
+
+@st.cache_data(show_spinner="Reading predicted slides…", max_entries=4)
+def load_features(pairs: tuple[tuple[str, str], ...], genes: tuple[str, ...]) -> pd.DataFrame:
+    return co.patient_features([(p, Path(f)) for p, f in pairs], genes=list(genes))
+
+
+def csv_button(label: str, df: pd.DataFrame, file_name: str, key: str) -> None:
+    st.download_button(label, co.safe_csv_bytes(df), file_name=file_name, mime="text/csv",
+                       key=key, icon=":material/download:")
+
+
+def show_figure(fig, key: str) -> None:
+    fmt = st.session_state.get("cohort_image_format", "svg")
+    cfg = dict(co.PLOTLY_EXPORT_CONFIG if fmt == "svg" else co.PLOTLY_EXPORT_CONFIG_PNG)
+    cfg["toImageButtonOptions"] = {**cfg["toImageButtonOptions"], "filename": key}
+    st.plotly_chart(fig, config=cfg, key=key)
+
+
+def project_slides() -> tuple[list[tuple[str, str]], list[str]]:
+    """Predicted slides of the current project; never fails the page."""
+    try:
+        project = c.open_project()
+        pairs, notes = co.predicted_slides_from_project(project)
+        return [(p, str(f)) for p, f in pairs], notes
+    except (ImportError, AttributeError, GhistError, OSError, KeyError, TypeError) as exc:
+        return [], [f"The project's predicted slides could not be read ({exc})."]
+
+
+# --- 1. clinical table ---------------------------------------------------------------------
+with st.sidebar:
+    st.subheader("Cohort")
+    source = st.radio("Clinical data", [SOURCE_DEMO, SOURCE_UPLOAD], key="cohort_source")
+    st.radio("Figure download format (camera button on each plot)", ["svg", "png"],
+             key="cohort_image_format", horizontal=True,
+             help="Plots are saved by your browser from the camera icon in their toolbar.")
+    pseudo = st.toggle("Pseudonymise patient ids in downloads", key="cohort_pseudonymise",
+                       help="Replaces ids by keyed hashes (P-…); the key lives only in this "
+                            "browser session.")
+
+if source == SOURCE_UPLOAD:
+    up = st.file_uploader("Clinical table (CSV, TSV or XLSX; one row per patient)",
+                          type=["csv", "tsv", "txt", "xlsx"], key="cohort_uploader")
+    if up is not None:
+        st.session_state[UPLOAD] = (up.name, up.getvalue())
+    if st.session_state[UPLOAD] is None:
+        st.info("Upload a table with a patient id, a follow-up time and an event column "
+                "(any encoding; comma, semicolon or tab separated). The file itself is kept "
+                "unchanged.")
+        st.stop()
+    name, data = st.session_state[UPLOAD]
+else:
+    name, data = "tcga_brca_clinical.csv", None
+    st.info(
+        "**Demo cohort: TCGA breast cancer (BRCA), 1,097 patients.** It has survival endpoints "
+        "(OS, DSS, DFI, PFI, in days) and receptor status (ER, PR, HER2) but **no slides here**, "
+        "so groups from predicted compositions need your own predicted slides with patient ids. "
+        "Source: TCGA Pan-Cancer Clinical Data Resource (Liu et al., Cell 2018) and TCGA Biotab "
+        "receptor status; TCGA open-access data.", icon=":material/info:")
+
+try:
+    raw = load_table(data, name)
+except GhistError as exc:
+    st.error(str(exc))
+    st.stop()
+st.caption(f"{name}: {len(raw)} rows × {raw.shape[1]} columns"
+           + (f" · encoding {raw.attrs.get('encoding')}, delimiter {raw.attrs.get('delimiter')!r}"
+              if raw.attrs.get("delimiter") else ""))
+
+# --- 2. column mapping ---------------------------------------------------------------------
+guess = co.guess_mapping(raw)
+endpoints = find_endpoints(raw)
+cols = list(raw.columns)
+with st.expander("Columns and endpoint", expanded=source == SOURCE_UPLOAD):
+    a, b, d = st.columns(3)
+    pid_col = a.selectbox("Patient id", cols, index=cols.index(guess.patient_id)
+                          if guess.patient_id in cols else 0, key="cohort_pid")
+    if endpoints:
+        ep = b.selectbox("Endpoint", list(endpoints), key="cohort_endpoint",
+                         help="OS overall survival, DSS disease-specific, PFI progression-free "
+                              "interval, DFI disease-free interval. TCGA-CDR recommends PFI and OS.")
+        time_col, event_col = endpoints[ep]
+        b.caption(f"time `{time_col}`, event `{event_col}`")
+    else:
+        time_col = b.selectbox("Time", cols, index=cols.index(guess.time) if guess.time in cols
+                               else 0, key="cohort_time")
+        event_col = b.selectbox("Event (1/0, Dead/Alive, yes/no, True/False)", cols,
+                                index=cols.index(guess.event) if guess.event in cols else 0,
+                                key="cohort_event")
+        ep = event_col
+    units = list(TIME_UNITS)
+    unit_in = d.selectbox("Time unit in the file", units, index=units.index(guess.time_unit),
+                          key="cohort_unit_in")
+    unit_out = d.selectbox("Show times in", units, index=units.index("months"),
+                           key="cohort_unit_out")
+    st.caption("Event rule: 1, dead, deceased, died, yes, true = event; 0, alive, living, "
+               "censored, no, false = censored; anything else is listed and left out.")
+
+slides, slide_notes = project_slides()
+try:
+    checked = co.validate_survival(
+        raw, co.ColumnMapping(pid_col, time_col, event_col, time_unit=unit_in), unit_in,
+        out_unit=unit_out, slide_patient_ids=[p for p, _ in slides] if slides else None)
+except GhistError as exc:
+    st.error(str(exc))
+    st.stop()
+table = checked.table
+st.write(f"**{checked.n} patients usable, {checked.events} events** ({ep}; times in {unit_out}).")
+if checked.problems:
+    with st.expander(f"Checks on the table ({len(checked.problems)})",
+                     expanded=source == SOURCE_UPLOAD):
+        for p in checked.problems:
+            st.markdown(f"- {p}")
+        if len(checked.dropped):
+            st.dataframe(checked.dropped, hide_index=True, height=200)
+            dropped = checked.dropped.copy()
+            if pseudo:
+                dropped["patient_id"] = co.pseudonymise_ids(dropped["patient_id"],
+                                                             st.session_state[SALT])
+            csv_button("Left-out rows (CSV)", dropped, "left_out_rows.csv", "cohort_dl_dropped")
+if source == SOURCE_UPLOAD:
+    if st.button("Save table and mapping to the project", key="cohort_save"):
+        try:
+            project = c.open_project()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(name).name
+                path.write_bytes(data)
+                project.add_clinical_table(path, name=Path(name).name,
+                                           mapping=checked.mapping.to_dict())
+            st.success("Saved: the original file is kept unchanged in the project.")
+        except (ImportError, AttributeError, GhistError, OSError) as exc:
+            st.warning(f"Could not save to the project: {exc}")
+
+# --- 3. predicted features ------------------------------------------------------------------
+features = None
+if slides:
+    try:
+        feats = load_features(tuple(slides), ())
+        joined = co.join_clinical(feats, table, "patient_id")
+        for m in joined.messages:
+            st.caption(m)
+        if joined.n:
+            features = co.feature_columns(feats)
+            table = joined.table
+    except GhistError as exc:
+        st.warning(str(exc))
+for n in slide_notes[:5]:
+    st.caption(n)
+
+# --- 4. groups ------------------------------------------------------------------------------
+st.subheader("Risk groups")
+modes = [GROUP_CLINICAL, GROUP_SPLIT, GROUP_KMEANS]
+mode = st.radio("Group patients by", modes, key="cohort_group_mode", horizontal=True)
+if mode != GROUP_CLINICAL and not features:
+    st.info("Groups from predicted features need predicted slides whose patient ids match this "
+            "table. " + ("The demo has no slides. " if source == SOURCE_DEMO else "")
+            + "Predict slides on the Upload & predict page (set each slide's patient id), then "
+            "come back. " + co.POOLING_RULE)
+    st.stop()
+if mode == GROUP_CLINICAL:
+    candidates = [g for g in guess.groups if g in table.columns] or \
+        [c_ for c_ in table.columns if c_ not in ("patient_id", "time", "event")]
+    default = "her2_status" if "her2_status" in candidates else candidates[0]
+    var = st.selectbox("Variable", candidates, index=candidates.index(default),
+                       key="cohort_group_var")
+    counts = table[var].dropna().astype(str).value_counts()
+    levels = sorted(counts.index)
+    a, b = st.columns([3, 1])
+    keep = a.multiselect("Groups to compare", levels, default=levels, key="cohort_levels")
+    ref = b.selectbox("Reference group", keep or levels, key="cohort_reference",
+                      index=(keep or levels).index(counts.loc[keep or levels].idxmax()),
+                      help="Listed first; Cox hazard ratios are relative to it. Default: the "
+                           "largest group.")
+    table = table.assign(**{var: table[var].astype("string")})
+    rule = co.ByVariable(var, tuple([ref] + [g for g in (keep or levels) if g != ref]))
+elif mode == GROUP_SPLIT:
+    a, b = st.columns(2)
+    feat = a.selectbox("Feature", features, key="cohort_feature")
+    how = b.selectbox("Split", ["median", "tertiles", "threshold"], key="cohort_split")
+    if how == "threshold":
+        thr = st.number_input("Threshold", value=float(table[feat].median()),
+                              key="cohort_threshold", format="%.4g")
+        rule = co.Threshold(feat, thr)
+    else:
+        rule = co.SplitAtQuantiles(feat, how)
+    st.caption(co.POOLING_RULE)
+else:
+    a, b, d = st.columns([3, 1, 1])
+    feats_k = a.multiselect("Features", features, default=[f for f in features
+                            if f.startswith("prop_")] or features[:3], key="cohort_km_feats")
+    k = b.number_input("k", 2, 8, 2, key="cohort_k")
+    seed = d.number_input("seed", 0, 10_000, 0, key="cohort_seed")
+    rule = co.KMeansClusters(int(k), tuple(feats_k), int(seed))
+    st.caption(co.POOLING_RULE)
+
+try:
+    group_col = (rule.column if isinstance(rule, co.ByVariable) else
+                 "cluster" if isinstance(rule, co.KMeansClusters) else f"{rule.column} group")
+    groups = co.make_risk_groups(table, rule, key_added=group_col)
+    horizon = st.number_input(f"RMST horizon ({unit_out})", min_value=0.1,
+                              value=float(round(5 * TIME_UNITS["years"] / TIME_UNITS[unit_out], 1)),
+                              key="cohort_horizon")
+    res = co.compare_groups(groups.table, "time", "event", groups.column, horizon=horizon,
+                            time_unit=unit_out, title=f"{ep} by {groups.description}")
+except GhistError as exc:
+    st.error(str(exc))
+    st.stop()
+
+st.caption(f"Rule: {groups.description}")
+for w in res.warnings:
+    st.warning(w)
+for n in res.notes:  # covers patients without a group and without survival data
+    st.caption(n)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Patients", res.n)
+m2.metric("Events", res.events)
+m3.metric("Log-rank χ²", f"{res.test_statistic:.2f}", help=f"{res.degrees_freedom} df")
+m4.metric("p-value", f"{res.p_value:.3g}")
+show_figure(res.plot(), "cohort_km")
+csv_button("KM table (CSV)", res.km_table(), "km_curves.csv", "cohort_dl_km")
+
+st.markdown("**Per group** (median survival with 95% CI; inf = not reached; RMST = mean "
+            f"event-free time in the first {horizon:g} {unit_out})")
+st.dataframe(res.groups, hide_index=True)
+csv_button("Group table (CSV)", res.groups, "groups.csv", "cohort_dl_groups")
+if len(res.pairwise) > 1:
+    st.markdown("**Pairwise log-rank** (Holm-corrected p in `p_holm`)")
+    st.dataframe(res.pairwise, hide_index=True)
+    csv_button("Pairwise tests (CSV)", res.pairwise, "pairwise_logrank.csv", "cohort_dl_pairwise")
+assign = groups.table[["patient_id", groups.column]].dropna()
+if pseudo:
+    assign = assign.assign(patient_id=co.pseudonymise_ids(assign["patient_id"],
+                                                          st.session_state[SALT]).to_numpy())
+csv_button("Patient groups (CSV)", assign, "patient_groups.csv", "cohort_dl_assign")
+
+# --- 5. Cox ---------------------------------------------------------------------------------
+st.subheader("Cox proportional hazards")
+cov_options = [groups.column] + [c_ for c_ in table.columns
+                                 if c_ not in ("patient_id", "time", "event", groups.column)]
+a, b = st.columns([3, 1])
+covs = a.multiselect("Covariates", cov_options, default=[groups.column], key="cohort_cox_covs")
+uni = b.toggle("One model per covariate (univariate)", key="cohort_cox_uni")
+if covs:
+    try:
+        cox = co.fit_cox(groups.table, "time", "event", covs, univariate=uni)
+    except GhistError as exc:
+        st.error(str(exc))
+    else:
+        for w in cox.warnings:
+            st.warning(w)
+        for n in cox.notes:
+            st.caption(n)
+        if cox.reference_levels:
+            st.caption("Reference levels: " + ", ".join(f"{k} = {v}"
+                                                          for k, v in cox.reference_levels.items()))
+        show_figure(cox.plot(), "cohort_forest")
+        st.dataframe(cox.summary, hide_index=True)
+        csv_button("Hazard ratios (CSV)", cox.summary, "cox_hazard_ratios.csv", "cohort_dl_cox")
+        st.markdown("**Proportional-hazards check** (Grambsch–Therneau test on rank time; "
+                    "p < 0.05: the hazard ratio changes over time)")
+        st.dataframe(cox.ph_check, hide_index=True)
+        csv_button("PH check (CSV)", cox.ph_check, "cox_ph_check.csv", "cohort_dl_ph")
+
+# --- 6. patient comparison ------------------------------------------------------------------
+if features:
+    st.subheader("Predicted features between groups")
+    try:
+        fc = co.compare_features(groups.table, groups.column, features)
+    except GhistError as exc:
+        st.info(str(exc))
+    else:
+        st.caption("Mann–Whitney U (2 groups) or Kruskal–Wallis (more), Benjamini–Hochberg "
+                   "FDR over features.")
+        show_figure(fc.plot(), "cohort_features")
+        st.dataframe(fc.table, hide_index=True)
+        csv_button("Feature tests (CSV)", fc.table, "feature_tests.csv", "cohort_dl_feats")
+
+st.caption("Figures: use the camera icon on each plot (format chosen in the sidebar). Tables: the "
+           "CSV buttons (cells that a spreadsheet could run as formulas are quoted).")
