@@ -193,8 +193,13 @@ def parse_model_id(model_id: str) -> tuple[str, str]:
 
 
 def _is_local_path(model_id: str) -> bool:
-    p = Path(model_id).expanduser()
-    return p.is_dir() or model_id.startswith((".", "/", "~")) or os.sep in model_id.replace("/", "", 1)
+    """A folder if it exists, or looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``)."""
+    if Path(model_id).expanduser().is_dir():
+        return True
+    if model_id.startswith((".", "/", "~")) or "\\" in model_id or re.match(r"^[A-Za-z]:", model_id):
+        return True
+    repo_part = model_id.partition("@")[0]  # a revision may contain '/' (refs/pr/1)
+    return repo_part.count("/") > 1
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,8 @@ def _resolve_hub(model_id: str, name: str, kind: str | None) -> ResolvedWeights:
     try:  # 1) the cache, with no network at all
         card_path, weights_path, commit = fetch(True)
         source = "cache"
+    except ValueError as exc:  # huggingface_hub's HFValidationError: a malformed id or revision
+        raise WeightsNotFoundError(f"'{shown_id}' is not a valid Hub model id ({exc}).") from None
     except (LocalEntryNotFoundError, EntryNotFoundError) as cache_miss:
         if s.offline:
             raise _translate_hub_error(cache_miss, shown_id, name, s) from None

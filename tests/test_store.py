@@ -361,6 +361,19 @@ def test_sigkill_mid_run_leaves_store_consistent_and_run_resumable(project: Proj
     assert project.get_run(rid).status == "finished" and project.mark_interrupted_runs() == []
 
 
+def test_workers_on_other_machines_are_judged_by_heartbeat(project: Project, tmp_path: Path) -> None:
+    sid = project.add_slide(_png(tmp_path / "a.png"), mpp=0.5).slide_id
+    fresh, stale, mine = (project.start_run(sid, model_id="m", weights_sha256="s", device="cpu") for _ in range(3))
+    old = "2020-01-01T00:00:00.000+00:00"
+    c = project._conn()
+    c.execute("UPDATE runs SET worker_host = 'gpu-node-7', worker_pid = 1 WHERE run_id IN (?, ?)", (fresh, stale))
+    c.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ?", (old, stale))
+    assert project.mark_interrupted_runs() == [stale]  # pid 1 means nothing on another host; its heartbeat does
+    assert [project.get_run(r).status for r in (fresh, stale, mine)] == ["running", "interrupted", "running"]
+    project.heartbeat(fresh)  # taken over by this process
+    assert project.get_run(fresh).worker_pid == os.getpid() and project.mark_interrupted_runs() == []
+
+
 def test_concurrent_writers_threads_and_processes(project: Project, tmp_path: Path) -> None:
     sid = project.add_slide(_png(tmp_path / "a.png"), mpp=0.5).slide_id
     n = 25

@@ -6,6 +6,7 @@ scenario runs in a fresh Python subprocess with its environment set; the server 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -82,7 +83,7 @@ def hub(tmp_path: Path):
     old, new = tmp_path / "repo_v1", tmp_path / "repo_v2"
     sha_old, sha_new = _make_models(old, 1), _make_models(new, 2)
     with HubServer() as server:
-        c_old = server.add_repo(REPO, old, revision="v1")
+        c_old = server.add_repo(REPO, old, revision=["v1", "refs/pr/1"])
         c_new = server.add_repo(REPO, new, revision="main")
         server.meta = {"old": sha_old, "new": sha_new, "c_old": c_old, "c_new": c_new}  # type: ignore[attr-defined]
         yield server
@@ -155,8 +156,6 @@ def test_card_without_sha_and_non_safetensors_are_refused(tmp_path: Path) -> Non
     # a pickle-style file dressed as safetensors, with a matching sha256 in its card: never unpickled
     bogus = b"\x80\x04\x95" + b"not safetensors" * 10
     (folder / "evil.safetensors").write_bytes(bogus)
-    import hashlib
-
     (folder / "evil.json").write_text(json.dumps({"name": "evil", "kind": "ghist", "sha256": hashlib.sha256(bogus).hexdigest()}))
     r = resolve_weights(str(folder), name="evil")
     with pytest.raises(WeightsFormatError, match="not a valid safetensors"):
@@ -200,12 +199,12 @@ def test_revision_pinning(tmp_path: Path, hub: HubServer) -> None:
     out = _run(
         f"""
         emit({{rev: rw(W.resolve_weights("{REPO}@" + rev, name="tiny-seg"))
-               for rev in ("main", "v1", "{m['c_old']}")}})
+               for rev in ("main", "v1", "refs/pr/1", "{m['c_old']}")}})
         """,
         _env(tmp_path, hub),
     )
     assert out["main"]["sha256"] == m["new"]["tiny-seg"]
-    assert out["v1"]["sha256"] == m["old"]["tiny-seg"] != m["new"]["tiny-seg"]
+    assert out["v1"]["sha256"] == out["refs/pr/1"]["sha256"] == m["old"]["tiny-seg"] != m["new"]["tiny-seg"]
     assert out[m["c_old"]]["sha256"] == m["old"]["tiny-seg"] and out[m["c_old"]]["commit"] == m["c_old"]
     bad = _run(f'emit(attempt(lambda: W.resolve_weights("{REPO}@nope", name="tiny-seg")))', _env(tmp_path, hub))
     assert bad["error"] == "WeightsNotFoundError" and "revision" in bad["message"]
@@ -364,3 +363,42 @@ def test_publish_dry_run_writes_verified_files_and_card(tmp_path: Path) -> None:
     proc = _publish(["--weights-dir", str(src), "--dry-run", str(tmp_path / "staged2")], _env(tmp_path, None))
     assert proc.returncode == 2 and "refusing to publish" in proc.stderr
     assert not (tmp_path / "staged2").exists()
+
+
+def test_hubserver_speaks_the_hub_protocol(tmp_path: Path) -> None:
+    """Headers huggingface_hub depends on, Range requests and the Hub's error codes, checked directly."""
+    import urllib.error
+    import urllib.request
+
+    folder = tmp_path / "repo"
+    shas = _make_models(folder, 7)
+    (folder / "notes.txt").write_text("small file, not LFS\n")
+    with HubServer() as server:
+        commit = server.add_repo(REPO, folder)
+
+        def call(path: str, method: str = "GET", **headers: str):
+            req = urllib.request.Request(server.url + path, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req) as resp:
+                    return resp.status, dict(resp.headers), resp.read()
+            except urllib.error.HTTPError as err:
+                return err.code, dict(err.headers), err.read()
+
+        status, h, body = call(f"/{REPO}/resolve/main/tiny-seg.safetensors", "HEAD")
+        size = (folder / "tiny-seg.safetensors").stat().st_size
+        assert status == 200 and body == b"" and h["X-Repo-Commit"] == commit
+        assert h["X-Linked-Etag"] == f'"{shas["tiny-seg"]}"' and int(h["X-Linked-Size"]) == int(h["Content-Length"]) == size
+        status, h, _ = call(f"/{REPO}/resolve/{commit}/notes.txt", "HEAD")
+        blob = (folder / "notes.txt").read_bytes()
+        assert status == 200 and "X-Linked-Etag" not in h
+        assert h["ETag"] == '"' + hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() + '"'  # git blob id
+        status, h, body = call(f"/{REPO}/resolve/main/notes.txt", Range="bytes=6-9")
+        assert status == 206 and body == blob[6:10] and h["Content-Range"] == f"bytes 6-9/{len(blob)}"
+        assert call(f"/{REPO}/resolve/main/absent.bin", "HEAD")[1]["X-Error-Code"] == "EntryNotFound"
+        assert call(f"/{REPO}/resolve/nope/notes.txt", "HEAD")[1]["X-Error-Code"] == "RevisionNotFound"
+        assert call("/someone/else/resolve/main/x", "HEAD")[1]["X-Error-Code"] == "RepoNotFound"
+        status, _, body = call(f"/api/models/{REPO}/tree/main")
+        assert status == 200 and {e["path"] for e in json.loads(body)} == {
+            "notes.txt", "tiny-ghist.json", "tiny-ghist.safetensors", "tiny-seg.json", "tiny-seg.safetensors"
+        }
+        assert server.count("HEAD") == 5 and server.count("GET", "/tree/") == 1
