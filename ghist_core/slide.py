@@ -28,8 +28,10 @@ import logging
 import math
 import os
 import re
+import threading
 import warnings
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -608,6 +610,8 @@ class TiffSlide(Slide):
     """
 
     format: Backend = "tifffile"
+    #: Decoded TIFF tiles kept for reuse by neighbouring / overlapping reads.
+    tile_cache_bytes: int = 32 * 1024 * 1024
 
     def __init__(self, path: Path, *, mpp_given: float | None) -> None:
         super().__init__(path, mpp_given=mpp_given)
@@ -649,6 +653,10 @@ class TiffSlide(Slide):
         self.level_dimensions = tuple(dims)
         self._levels = levels
         self._stores: dict[int, Any] = {}
+        self._tiled_pages: dict[int, Any] = {}
+        self._tile_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
         self.properties = self._collect_properties()
         self.vendor = self._vendor()
         self._file_mpp_xy = self._find_mpp()
@@ -732,7 +740,79 @@ class TiffSlide(Slide):
                 self._stores[level] = self._levels[level].asarray()
         return self._stores[level]
 
+    def _tiled_page(self, level: int) -> Any | None:
+        """The level's single tiled, interleaved TiffPage, or None (then zarr is used)."""
+        if level not in self._tiled_pages:
+            page = None
+            lv = self._levels[level]
+            pages = getattr(lv, "pages", None)
+            if pages is not None and len(pages) == 1:
+                pg = pages[0]
+                if (
+                    pg is not None and hasattr(pg, "tilewidth") and pg.is_tiled
+                    and pg.imagedepth == 1 and pg.tiledepth == 1
+                    and (pg.planarconfig == 1 or pg.samplesperpixel == 1)
+                    and not self._channel_first
+                ):
+                    page = pg
+            self._tiled_pages[level] = page
+        return self._tiled_pages[level]
+
+    def _decoded_tile(self, level: int, page: Any, index: int) -> np.ndarray:
+        """One decoded TIFF tile (th x tw x samples), from a small LRU cache."""
+        key = (level, index)
+        with self._cache_lock:
+            hit = self._tile_cache.get(key)
+            if hit is not None:
+                self._tile_cache.move_to_end(key)
+                return hit
+        th, tw, spp = page.tilelength, page.tilewidth, page.samplesperpixel
+        offset, nbytes = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if nbytes == 0:  # sparse tile: nothing scanned there
+            tile = np.full((th, tw, spp), 255, dtype=np.uint8)
+        else:
+            fh = self._tif.filehandle
+            with fh.lock:
+                fh.seek(offset)
+                data = fh.read(nbytes)
+            if len(data) != nbytes:
+                raise CorruptSlideError(_corrupt_message(self.path, EOFError("tile data cut short")))
+            arr, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            if arr is None:
+                raise CorruptSlideError(_corrupt_message(self.path, ValueError("tile could not be decoded")))
+            tile = np.asarray(arr).reshape(th, tw, spp)
+        with self._cache_lock:
+            self._tile_cache[key] = tile
+            self._cache_bytes += tile.nbytes
+            while self._cache_bytes > self.tile_cache_bytes and len(self._tile_cache) > 1:
+                _, old = self._tile_cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+        return tile
+
+    def _read_tiled(self, level: int, page: Any, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region from the tiles that overlap it only (loop over tiles, not pixels)."""
+        th, tw = page.tilelength, page.tilewidth
+        across = -(-page.imagewidth // tw)
+        out = np.empty((h, w, page.samplesperpixel), dtype=np.uint8)
+        for r in range(y // th, (y + h - 1) // th + 1):
+            for c in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._decoded_tile(level, page, r * across + c)
+                ty0, tx0 = r * th, c * tw
+                sy0, sx0 = max(y, ty0), max(x, tx0)
+                sy1, sx1 = min(y + h, ty0 + th), min(x + w, tx0 + tw)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
+        return out
+
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page = self._tiled_page(level)
+        if page is not None:
+            try:
+                arr = self._read_tiled(level, page, x, y, w, h)
+            except SlideError:
+                raise
+            except Exception as e:
+                raise CorruptSlideError(_corrupt_message(self.path, e)) from None
+            return _to_rgb8(arr, f"'{self.path.name}'")
         z = self._store(level)
         try:
             if self._channel_first:
@@ -753,6 +833,7 @@ class TiffSlide(Slide):
 
     def _close(self) -> None:
         self._stores = {}
+        self._tile_cache = OrderedDict()
         self._close_tif()
 
 

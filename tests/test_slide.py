@@ -276,3 +276,36 @@ def test_blank_slide_has_no_tissue(tmp_path: Path) -> None:
         with pytest.raises(NoTissueError, match="No tissue"):
             list(s.iter_tiles(128, 0, 0.5, tissue_only=True))
         assert len(list(s.iter_tiles(128, 0, 0.5, tissue_only=False))) == 25
+
+
+def test_planar_ome_tiff_reads_as_rgb(tmp_path: Path) -> None:
+    """OME-TIFF stored as separate colour planes (axes CYX) reads the same as interleaved."""
+    import tifffile
+
+    rgb = gradient_rgb((300, 200))
+    p = tmp_path / "planar.ome.tif"
+    tifffile.imwrite(
+        p, np.moveaxis(rgb, -1, 0), ome=True, photometric="rgb", planarconfig="separate",
+        metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+    )
+    with open_slide(p) as s:
+        assert s.dimensions == (300, 200) and s.mpp == 0.5
+        assert np.array_equal(s.read_region((0, 0), 0, (300, 200)), rgb)
+
+
+def test_tiled_reads_match_whole_level_and_cache_is_bounded(tmp_path: Path) -> None:
+    rgb = gradient_rgb((900, 700))
+    p = write_pyramid_tiff(tmp_path / "t.tif", rgb, mpp=0.5, levels=1, tile=128)
+    with open_slide(p) as s:
+        s.tile_cache_bytes = 5 * 128 * 128 * 3  # five tiles
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            x, y = int(rng.integers(-50, 900)), int(rng.integers(-50, 700))
+            w, h = int(rng.integers(1, 400)), int(rng.integers(1, 400))
+            got = s.read_region((x, y), 0, (w, h))
+            want = np.full((h, w, 3), 255, np.uint8)
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, 900), min(y + h, 700)
+            if x1 > x0 and y1 > y0:
+                want[y0 - y : y1 - y, x0 - x : x1 - x] = rgb[y0:y1, x0:x1]
+            assert np.array_equal(got, want)
+            assert s._cache_bytes <= max(s.tile_cache_bytes, 128 * 128 * 3)
