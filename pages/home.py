@@ -94,7 +94,7 @@ else:
     view = slides.copy()
     paths = [project.folder / p if not Path(p).is_absolute() else Path(p) for p in view["path"].astype(str)]
     view.insert(0, "thumbnail", [c.thumbnail_data_url(str(p), p.stat().st_mtime if p.exists() else 0.0) for p in paths])
-    shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width_px", "height_px", "mpp",
+    shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width", "height", "mpp",
                              status_col, "n_cells", "added_at"] if col in view.columns]
     st.dataframe(
         view[shown], hide_index=True, width="stretch", key="home_slides",
@@ -103,8 +103,8 @@ else:
             "slide_id": st.column_config.NumberColumn("ID", format="%d"),
             "patient_id": "Patient",
             "original_name": "File",
-            "width_px": st.column_config.NumberColumn("Width (px)", format="%d"),
-            "height_px": st.column_config.NumberColumn("Height (px)", format="%d"),
+            "width": st.column_config.NumberColumn("Width (px)", format="%d"),
+            "height": st.column_config.NumberColumn("Height (px)", format="%d"),
             "mpp": st.column_config.NumberColumn("µm per px", format="%.3f"),
             status_col: "Prediction",
             "n_cells": st.column_config.NumberColumn("Cells", format="%d"),

@@ -78,13 +78,16 @@ if st.button("Verify all installed models", key="models_verify", icon=":material
 rows = st.session_state.get("models_verify_rows")
 if rows is not None:
     if not rows:
-        st.info("Nothing to verify.")
-    elif all(r["ok"] for r in rows):
-        st.success(f"All {len(rows)} files match the sha256 in their model cards.")
+        st.info("Nothing to verify: no models are installed.")
     else:
-        bad = [r for r in rows if not r["ok"]]
-        st.error(f"{len(bad)} of {len(rows)} files do not match their model card: " + "; ".join(r["message"] for r in bad))
-    st.dataframe(pd.DataFrame(rows)[["name", "source", "file", "status"]], hide_index=True, key="models_verify_table")
+        if all(r["ok"] for r in rows):
+            st.success(f"All {len(rows)} files match the sha256 in their model cards.")
+        else:
+            bad = [r for r in rows if not r["ok"]]
+            st.error(f"{len(bad)} of {len(rows)} files do not match their model card: "
+                     + "; ".join(r["message"] for r in bad))
+        st.dataframe(pd.DataFrame(rows)[["name", "source", "file", "status"]], hide_index=True,
+                     key="models_verify_table")
 
 # --- pull ----------------------------------------------------------------------------------------
 st.subheader("Pull from the Hugging Face Hub")

@@ -91,14 +91,20 @@ for f in files or []:
                                      help="Slides with the same patient id are grouped in cohort analyses.")
         run_now = cols[1].checkbox("Run the prediction right away", value=True, key=f"runnow_{fid}")
         if cols[1].button("Add to project", type="primary", key=f"add_{fid}"):
+            n_before = len(project.list_slides())
             try:
                 record = c.add_uploaded_slide(project, s, patient_id=patient.strip() or None, mpp=mpp_given)
             except GhistError as exc:
+                staged.pop(fid, None)
                 st.error(str(exc))
             else:
                 staged.pop(fid, None)
                 st.session_state[c.SELECTED_SLIDE] = int(record.slide_id)
-                st.success(f"Added {f.name} as slide {record.slide_id} (patient {patient or '—'}).")
+                if len(project.list_slides()) > n_before:
+                    st.success(f"Added {f.name} as slide {record.slide_id} (patient {record.patient_id or '—'}).")
+                else:
+                    st.info(f"This file is already in the project as slide {record.slide_id} "
+                            f"(patient {record.patient_id or '—'}); nothing was copied.")
                 if run_now:
                     from ghist_core import jobs
 
@@ -137,6 +143,7 @@ def live_runs() -> None:
     from ghist_core import jobs
 
     proj = c.open_project()
+    proj.mark_interrupted_runs()  # a worker that died shows up as resumable
     runs = proj.list_runs()
     if len(runs) == 0:
         st.caption("No runs yet.")
@@ -165,8 +172,9 @@ def live_runs() -> None:
                     st.session_state[c.SELECTED_SLIDE] = int(run["slide_id"])
                     st.switch_page("pages/gene_maps.py")
             else:
-                if run.get("message"):
-                    (st.error if status == "failed" else st.warning)(str(run["message"]))
+                why = run.get("error") or run.get("message")
+                if why:
+                    (st.error if status == "failed" else st.warning)(str(why))
                 if st.button("Resume", key=f"resume_{rid}", icon=":material/replay:",
                              help="Continue from the last finished block."):
                     try:
