@@ -20,7 +20,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from ghist_core.errors import SurvivalAnalysisError
 
@@ -145,24 +144,63 @@ def _clean_survival(
 
 # --------------------------------------------------------------------------- KM helpers
 def _km_curve(t: np.ndarray, e: np.ndarray, alpha: float) -> pd.DataFrame:
-    """KM estimate with log(-log) CI (as lifelines), one row per distinct time incl. 0."""
-    from lifelines import KaplanMeierFitter
+    """KM estimate with the log(-log) ("exponential Greenwood") CI, one row per distinct
+    time with 0 first — the same table and formulas as lifelines' KaplanMeierFitter
+    (checked against it in the tests), vectorised so the page stays fast."""
+    from scipy.stats import norm
 
-    kmf = KaplanMeierFitter(alpha=alpha).fit(t, e)
-    sf = kmf.survival_function_.iloc[:, 0]
-    ci = kmf.confidence_interval_
-    et = kmf.event_table
-    return pd.DataFrame(
-        {
-            "time": sf.index.to_numpy(dtype=float),
-            "at_risk": et["at_risk"].to_numpy(),
-            "events": et["observed"].to_numpy(),
-            "censored": et["censored"].to_numpy(),
-            "survival": sf.to_numpy(),
-            "ci_lower": ci.iloc[:, 0].to_numpy(),
-            "ci_upper": ci.iloc[:, 1].to_numpy(),
-        }
-    )
+    t = np.asarray(t, dtype=float)
+    e = np.asarray(e, dtype=int)
+    times, inv = np.unique(np.r_[0.0, t], return_inverse=True)
+    inv = inv[1:]
+    removed = np.bincount(inv, minlength=times.size)
+    events = np.bincount(inv, weights=e, minlength=times.size).astype(int)
+    at_risk = t.size - np.r_[0, np.cumsum(removed)[:-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        surv = np.cumprod(1.0 - np.where(at_risk > 0, events / at_risk, 0.0))
+        var = events / (at_risk * (at_risk - events))
+        var = np.cumsum(np.where(np.isfinite(var), var, 0.0))
+        z = norm.ppf(1 - alpha / 2)
+        v = np.log(surv)
+        lower = np.exp(-np.exp(np.log(-v) - z * np.sqrt(var) / v))
+        upper = np.exp(-np.exp(np.log(-v) + z * np.sqrt(var) / v))
+    return pd.DataFrame({"time": times, "at_risk": at_risk, "events": events,
+                         "censored": removed - events, "survival": surv,
+                         "ci_lower": np.nan_to_num(lower, nan=1.0),
+                         "ci_upper": np.nan_to_num(upper, nan=1.0)})
+
+
+def _logrank(t: np.ndarray, e: np.ndarray, g: np.ndarray, levels: Sequence
+             ) -> tuple[float, float, int]:
+    """Multi-group log-rank test (χ², p, df) over all distinct event times (Peto & Peto;
+    the same statistic as lifelines.statistics.multivariate_logrank_test)."""
+    from scipy.stats import chi2
+
+    ev_times = np.unique(t[e == 1])
+    k = len(levels)
+    if ev_times.size == 0:
+        return 0.0, 1.0, k - 1
+    n_jt = np.empty((k, ev_times.size))
+    d_jt = np.empty((k, ev_times.size))
+    for j, lv in enumerate(levels):  # loop over groups (a handful), not over patients
+        tj = np.sort(t[g == lv])
+        n_jt[j] = tj.size - np.searchsorted(tj, ev_times, side="left")
+        dj = np.sort(t[(g == lv) & (e == 1)])
+        d_jt[j] = np.searchsorted(dj, ev_times, side="right") - np.searchsorted(
+            dj, ev_times, side="left")
+    n_t, d_t = n_jt.sum(0), d_jt.sum(0)
+    exp_ = (n_jt * d_t / n_t).sum(1)
+    obs = d_jt.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(n_t > 1, d_t * (n_t - d_t) / (n_t ** 2 * (n_t - 1)), 0.0)
+    V = np.diag((w * n_jt * n_t).sum(1)) - (w * n_jt) @ n_jt.T
+    diff = (obs - exp_)[:-1]
+    Vr = V[:-1, :-1]
+    try:
+        stat = float(diff @ np.linalg.solve(Vr, diff))
+    except np.linalg.LinAlgError:
+        stat = float(diff @ np.linalg.pinv(Vr) @ diff)
+    return stat, float(chi2.sf(stat, k - 1)), k - 1
 
 
 def _median_from_curve(times: np.ndarray, s: np.ndarray) -> float:
@@ -322,66 +360,71 @@ class GroupComparison:
         return np.arange(0, tmax + 1e-9, step)
 
     def plot(self, *, show_ci: bool = True, show_censors: bool = True) -> go.Figure:
-        """KM curve per group with CI bands, censor ticks and numbers at risk beneath."""
-        colours = group_colours(list(self.durations_by_group))
+        """KM curve per group with CI bands, censor ticks and numbers at risk beneath.
+
+        The at-risk table is a second, shared-x panel (one text row per group, counts at
+        the tick times) so it exports with the figure as one SVG/PNG."""
+        groups = list(self.durations_by_group)
+        colours = group_colours(groups)
         risk_times = self._risk_times()
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.76, 0.24],
-                            vertical_spacing=0.06)
         unit = f" ({self.time_unit})" if self.time_unit else ""
-        n_groups = len(self.durations_by_group)
-        for i, g in enumerate(self.durations_by_group):
+        n_groups = len(groups)
+        n_of = dict(zip(self.groups["group"], self.groups["n"]))
+        top, bottom = {"xaxis": "x", "yaxis": "y"}, {"xaxis": "x2", "yaxis": "y2"}
+        traces = []
+        for i, g in enumerate(groups):
             c = self.curves[self.curves["group"] == g]
+            x = c["time"].to_numpy()
             col = colours[g]
-            label = f"{g} (n={int(self.groups.loc[self.groups['group'] == g, 'n'].iloc[0])})"
             if show_ci:
-                fig.add_trace(go.Scatter(x=c["time"], y=c["ci_upper"], mode="lines",
+                traces.append(go.Scatter(x=x, y=c["ci_upper"].to_numpy(), mode="lines",
                                          line={"width": 0, "shape": "hv", "color": col},
                                          showlegend=False, hoverinfo="skip",
-                                         legendgroup=str(g)), row=1, col=1)
-                fig.add_trace(go.Scatter(x=c["time"], y=c["ci_lower"], mode="lines",
+                                         legendgroup=str(g), **top))
+                traces.append(go.Scatter(x=x, y=c["ci_lower"].to_numpy(), mode="lines",
                                          line={"width": 0, "shape": "hv", "color": col},
                                          fill="tonexty", fillcolor=_rgba(col, 0.18),
                                          showlegend=False, hoverinfo="skip",
-                                         legendgroup=str(g)), row=1, col=1)
-            fig.add_trace(go.Scatter(
-                x=c["time"], y=c["survival"], mode="lines", name=label, legendgroup=str(g),
-                line={"shape": "hv", "color": col, "width": 2},
+                                         legendgroup=str(g), **top))
+            traces.append(go.Scatter(
+                x=x, y=c["survival"].to_numpy(), mode="lines", name=f"{g} (n={int(n_of[g])})",
+                legendgroup=str(g), line={"shape": "hv", "color": col, "width": 2},
                 customdata=np.c_[c["at_risk"], c["ci_lower"], c["ci_upper"]],
                 hovertemplate=(f"{g}<br>t=%{{x:.4g}}{unit}<br>S=%{{y:.3f}} "
                                "(%{customdata[1]:.3f}–%{customdata[2]:.3f})"
-                               "<br>at risk %{customdata[0]}<extra></extra>"),
-            ), row=1, col=1)
+                               "<br>at risk %{customdata[0]}<extra></extra>"), **top))
             if show_censors:
                 cc = c[c["censored"] > 0]
-                fig.add_trace(go.Scatter(
-                    x=cc["time"], y=cc["survival"], mode="markers", showlegend=False,
-                    legendgroup=str(g), marker={"symbol": "line-ns-open", "size": 7, "color": col},
-                    hoverinfo="skip"), row=1, col=1)
-            # numbers at risk row: one text trace per group
+                traces.append(go.Scatter(
+                    x=cc["time"].to_numpy(), y=cc["survival"].to_numpy(), mode="markers",
+                    showlegend=False, legendgroup=str(g), hoverinfo="skip",
+                    marker={"symbol": "line-ns-open", "size": 7, "color": col}, **top))
             t = self.durations_by_group[g]
             counts = (t[:, None] >= risk_times[None, :]).sum(axis=0)
-            fig.add_trace(go.Scatter(
+            traces.append(go.Scatter(
                 x=risk_times, y=[n_groups - 1 - i] * len(risk_times), mode="text",
                 text=[str(int(k)) for k in counts], textfont={"color": col, "size": 11},
-                showlegend=False, hoverinfo="skip", name=f"at risk: {g}"), row=2, col=1)
+                showlegend=False, hoverinfo="skip", name=f"at risk: {g}", **bottom))
         p_txt = f"p = {self.p_value:.2g}" if self.p_value >= 1e-4 else f"p = {self.p_value:.1e}"
-        fig.add_annotation(
-            text=f"log-rank χ² = {self.test_statistic:.2f} (df {self.degrees_freedom}), {p_txt}",
-            xref="x domain", yref="y domain", x=0.02, y=0.04, showarrow=False,
-            xanchor="left", yanchor="bottom", font={"size": 12}, row=1, col=1)
-        fig.update_yaxes(title_text="survival probability", range=[0, 1.02], row=1, col=1)
-        fig.update_yaxes(tickmode="array", tickvals=list(range(n_groups)),
-                         ticktext=[str(g) for g in reversed(list(self.durations_by_group))],
-                         range=[-0.6, n_groups - 0.4], showgrid=False, zeroline=False,
-                         title_text="at risk", row=2, col=1)
-        fig.update_xaxes(title_text=f"time{unit}", row=2, col=1)
-        fig.update_xaxes(showticklabels=True, row=1, col=1)
-        fig.update_layout(
+        layout = go.Layout(
             title=self.title or f"Kaplan–Meier by {self.group_col}",
-            template="simple_white", legend={"title": self.group_col},
-            margin={"l": 60, "r": 20, "t": 60, "b": 50}, height=560,
+            template="simple_white", legend={"title": {"text": self.group_col}},
+            margin={"l": 60, "r": 20, "t": 60, "b": 50},
+            height=520 + 18 * max(0, n_groups - 2),
+            xaxis={"anchor": "y", "domain": [0, 1], "matches": "x2", "showticklabels": True},
+            yaxis={"domain": [0.3, 1], "range": [0, 1.02], "title": {"text": "survival probability"}},
+            xaxis2={"anchor": "y2", "domain": [0, 1], "title": {"text": f"time{unit}"}},
+            yaxis2={"domain": [0, 0.22], "tickmode": "array", "tickvals": list(range(n_groups)),
+                    "ticktext": [str(g) for g in reversed(groups)],
+                    "range": [-0.6, n_groups - 0.4], "showgrid": False, "zeroline": False,
+                    "title": {"text": "at risk"}},
+            annotations=[{"text": f"log-rank χ² = {self.test_statistic:.2f} "
+                                  f"(df {self.degrees_freedom}), {p_txt}",
+                          "xref": "x domain", "yref": "y domain", "x": 0.02, "y": 0.04,
+                          "showarrow": False, "xanchor": "left", "yanchor": "bottom",
+                          "font": {"size": 12}}],
         )
-        return fig
+        return go.Figure(data=traces, layout=layout)
 
 
 def _nice_step(x: float) -> float:
@@ -416,8 +459,6 @@ def compare_groups(
     SurvivalAnalysisError
         fewer than two groups, no events at all, unusable times/events.
     """
-    from lifelines.statistics import logrank_test, multivariate_logrank_test
-
     df, notes = _clean_survival(table, duration_col, event_col, [group_col])
     levels = _ordered_levels(df[group_col])
     sizes = df[group_col].value_counts()
@@ -442,9 +483,7 @@ def compare_groups(
     t_all = df[duration_col].to_numpy()
     e_all = df[event_col].to_numpy()
     g_all = df[group_col].to_numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = multivariate_logrank_test(t_all, g_all, e_all)
+    stat, pval, dof = _logrank(t_all, e_all, g_all, levels)
     rows, curves, by_group = [], [], {}
     for g in levels:
         m = g_all == g
@@ -479,20 +518,16 @@ def compare_groups(
                 pw.append({"group_a": a, "group_b": b, "test_statistic": 0.0, "p_value": 1.0})
                 continue
             if len(levels) == 2:  # the global test is this pair's test
-                pw.append({"group_a": a, "group_b": b, "test_statistic": float(res.test_statistic),
-                           "p_value": float(res.p_value)})
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                r = logrank_test(t_all[ma], t_all[mb], e_all[ma], e_all[mb])
-            pw.append({"group_a": a, "group_b": b, "test_statistic": float(r.test_statistic),
-                       "p_value": float(r.p_value)})
+                st_ab, p_ab = stat, pval
+            else:
+                mab = ma | mb
+                st_ab, p_ab, _ = _logrank(t_all[mab], e_all[mab], g_all[mab], [a, b])
+            pw.append({"group_a": a, "group_b": b, "test_statistic": st_ab, "p_value": p_ab})
     pairwise = pd.DataFrame(pw)
     pairwise["p_holm"] = holm(pairwise["p_value"].to_numpy())
     return GroupComparison(
         duration_col=duration_col, event_col=event_col, group_col=group_col, alpha=alpha,
-        test_statistic=float(res.test_statistic), p_value=float(res.p_value),
-        degrees_freedom=int(res.degrees_of_freedom), groups=groups, pairwise=pairwise,
+        test_statistic=stat, p_value=pval, degrees_freedom=dof, groups=groups, pairwise=pairwise,
         curves=pd.concat(curves, ignore_index=True), durations_by_group=by_group,
         horizon=horizon, time_unit=time_unit, warnings=warn, notes=notes, title=title,
     )

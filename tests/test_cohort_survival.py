@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from lifelines import CoxPHFitter, KaplanMeierFitter
-from lifelines.statistics import multivariate_logrank_test
+from lifelines.statistics import multivariate_logrank_test, pairwise_logrank_test
 
 from ghist_core.clinical import guess_mapping, load_demo_clinical, validate_survival
 from ghist_core.cohort import (
@@ -104,13 +104,25 @@ def test_tcga_stage_logrank_and_counts(tcga):
     mine = km[km["group"] == "Stage II"].set_index("time")["survival"]
     theirs = kmf.survival_function_.iloc[:, 0]
     assert np.allclose(mine.loc[theirs.index].to_numpy(), theirs.to_numpy())
-    lo = kmf.confidence_interval_.iloc[:, 0]
-    assert np.allclose(km[km["group"] == "Stage II"]["ci_lower"].to_numpy(), lo.to_numpy())
+    mine_ci = km.loc[km["group"] == "Stage II", ["ci_lower", "ci_upper"]].to_numpy()
+    assert np.allclose(mine_ci, kmf.confidence_interval_.to_numpy())
+    assert np.array_equal(km.loc[km["group"] == "Stage II", "at_risk"].to_numpy(),
+                          kmf.event_table["at_risk"].to_numpy())
+    ref_pw = pairwise_logrank_test(sub["time"], sub["stage_group"], sub["event"]).summary
+    assert np.allclose(res.pairwise["test_statistic"], ref_pw["test_statistic"])
+    assert np.allclose(res.pairwise["p_value"], ref_pw["p"])
     assert g.loc["Stage II", "median"] == kmf.median_survival_time_
     # pairwise Holm: Stage IV differs from Stage I after correction
     pw = res.pairwise.set_index(["group_a", "group_b"])
     assert pw.loc[("Stage I", "Stage IV"), "p_holm"] < 1e-3
     assert (res.pairwise["p_holm"] >= res.pairwise["p_value"]).all()
+
+
+def test_tcga_raw_substages_match_readme(tcga):
+    # README sanity table: 12 raw AJCC sub-stages incl. X: n 1,080, 147 deaths, χ² 111.9 (11)
+    res = compare_groups(tcga, "time", "event", "ajcc_pathologic_tumor_stage")
+    assert (res.n, res.events, res.degrees_freedom) == (1080, 147, 11)
+    assert res.test_statistic == pytest.approx(111.9, abs=0.05)
 
 
 def test_tcga_her2_and_figure(tcga):
