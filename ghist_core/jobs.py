@@ -23,25 +23,30 @@ from .store import Project
 CANCEL_FILE = "CANCEL"
 
 
-def _spawn(project_folder: Path, run_id: int, slide_id: int, model_id: str | None, device: str) -> int:
+def _spawn(project_folder: Path, run_id: int, slide_id: int, model_id: str | None, device: str,
+           segmenter_id: str | None = None) -> int:
     cmd = [sys.executable, "-m", "ghist_core.jobs", str(project_folder), str(slide_id), str(run_id), "--device", device]
     if model_id:
         cmd += ["--model", model_id]
+    if segmenter_id:
+        cmd += ["--segmenter", segmenter_id]
     log = Project.open(project_folder).run_dir(run_id) / "worker.log"
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return proc.pid
 
 
-def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: str | None = None, device: str = "auto") -> int:
+def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: str | None = None, device: str = "auto",
+               segmenter_id: str | None = None) -> int:
     """Record a new run for ``slide_id`` and start its worker; returns the run id."""
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
     running = project.latest_run(slide.slide_id)
     if running is not None and running.status in ("queued", "running"):
         return running.run_id  # never start a second run of a slide already running
-    run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256="", device=device, params={"model_id": model_id}, status="queued")
-    _spawn(Path(project_folder), run_id, slide_id, model_id, device)
+    run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
+                               params={"model_id": model_id, "segmenter_id": segmenter_id}, status="queued")
+    _spawn(Path(project_folder), run_id, slide_id, model_id, device, segmenter_id)
     return run_id
 
 
@@ -53,7 +58,8 @@ def resume_run(project_folder: str | os.PathLike, run_id: int, *, device: str = 
         return run_id
     (project.run_dir(run_id) / CANCEL_FILE).unlink(missing_ok=True)
     project.requeue_run(run_id)
-    _spawn(Path(project_folder), run_id, run.slide_id, run.model_id if run.model_id != "bundled" else None, device)
+    _spawn(Path(project_folder), run_id, run.slide_id, run.model_id if run.model_id != "bundled" else None, device,
+           run.params.get("segmenter_id"))
     return run_id
 
 
@@ -79,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_id", type=int)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--segmenter", default=None, help="segmenter weights id, or 'classical'")
     args = parser.parse_args(argv)
     project = Project.open(args.project)
     cancel = threading.Event()
     watcher = threading.Thread(target=_watch_cancel, args=(project.run_dir(args.run_id), cancel), daemon=True)
     watcher.start()
     try:
-        predict_slide(args.slide_id, project, model_id=args.model, device=args.device, run_id=args.run_id, cancel=cancel)
+        predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter, device=args.device,
+                      run_id=args.run_id, cancel=cancel)
     except GhistError as exc:
         print(f"run {args.run_id} stopped: {exc}", file=sys.stderr)
         return 1

@@ -45,6 +45,13 @@ class PipelineConfig:
     grid_sizes_um: tuple[float, ...] = DEFAULT_GRID_SIZES_UM
     batch_size: int = 16
 
+    @classmethod
+    def from_params(cls, params: dict | None) -> "PipelineConfig":
+        known = {k: v for k, v in (params or {}).items() if k in cls.__dataclass_fields__}
+        if "grid_sizes_um" in known:
+            known["grid_sizes_um"] = tuple(float(v) for v in known["grid_sizes_um"])
+        return cls(**known)
+
 
 @dataclass
 class ProgressEvent:
@@ -240,6 +247,8 @@ def predict_slide(
     """
     from .device import pick_device
 
+    if config is None and run_id is not None:  # a resumed run keeps the settings it started with
+        config = PipelineConfig.from_params(project.get_run(run_id).params.get("pipeline"))
     config = config or PipelineConfig()
     record = project.get_slide(slide_id)
     dev = pick_device(device)
@@ -250,13 +259,18 @@ def predict_slide(
         from .segmentation import load_segmenter
 
         model = model or load_ghist(model_id, device=str(dev))
-        segmenter = segmenter or load_segmenter(segmenter_id, device=str(dev))
+        if segmenter is None:
+            if segmenter_id == "classical":  # the fast QuPath-style baseline, no weights needed
+                segmenter = load_segmenter(kind="classical")
+            else:
+                segmenter = load_segmenter(segmenter_id, device=str(dev))
     weights_sha = getattr(model, "weights_sha256", "") or ""
     params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id, "segmenter_id": segmenter_id}
     if run_id is None:
         run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256=weights_sha, device=str(dev), params=params)
     else:
         project.resume_run(run_id)
+        params = {**project.get_run(run_id).params, **params}
     report = _Reporter(project, run_id, progress)
     try:
         report("open", 0.0, "opening slide")

@@ -34,3 +34,50 @@ def target_png(shared_data: Path) -> Path:
 def demo_slide() -> Path:
     """The bundled demo slide, shipped inside the project."""
     return DEMO_DIR / "CMU-1-Small-Region.svs"
+
+
+def make_tiny_ghist(folder: Path, seed: int = 0) -> Path:
+    """A small, randomly initialised but real GHIST model saved as safetensors + card.
+
+    Used where the bundled weights would make a test slow; predictions are
+    meaningless but every code path (pooling, heads, writing) is the real one.
+    """
+    import torch
+
+    from ghist_core.model import GhistConfig, GhistNet
+    from ghist_core.model.predict import save_ghist
+
+    torch.manual_seed(seed)
+    cfg = GhistConfig(
+        genes=["ERBB2", "ESR1", "CD3E", "KRT5", "MKI67"],
+        cell_types=["Malignant", "T", "Fibroblast"],
+        widths=(8, 16, 32, 64),
+        fpn_dim=16,
+        embed_dim=16,
+        patch_px=128,
+        use_reference=False,
+    )
+    net = GhistNet(cfg)
+    return save_ghist(net, folder, {"training": {"data": "none: random weights for tests"}})
+
+
+@pytest.fixture(scope="session")
+def tiny_ghist(tmp_path_factory) -> Path:
+    """Folder holding a tiny GHIST model (``ghist-her2st.safetensors`` + ``.json``)."""
+    folder = tmp_path_factory.mktemp("tiny_ghist")
+    make_tiny_ghist(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_slide_png(tmp_path_factory, demo_slide: Path) -> Path:
+    """A 700 x 700 px crop (≈ 350 µm square, 0.499 µm/px) of the demo slide, as PNG."""
+    from PIL import Image
+
+    from ghist_core.slide import open_slide
+
+    out = tmp_path_factory.mktemp("small_slide") / "crop.png"
+    with open_slide(demo_slide) as s:
+        rgb = s.read_region((600, 1200), 0, (700, 700))
+    Image.fromarray(rgb).save(out)
+    return out
