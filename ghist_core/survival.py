@@ -585,7 +585,17 @@ class CoxResult:
             error_x={"type": "data", "symmetric": False, "array": s["HR_upper"] - s["HR"],
                      "arrayminus": s["HR"] - s["HR_lower"], "color": "#444", "thickness": 1.5},
             text=text, hovertemplate="%{y}: HR %{text}<extra></extra>", name="HR"))
-        fig.add_vline(x=1.0, line_dash="dash", line_color="#888")
+        fig.add_trace(go.Scatter(x=[1.0, 1.0], y=[labels[0], labels[-1]], mode="lines",
+                                 line={"dash": "dash", "color": "#888", "width": 1},
+                                 hoverinfo="skip", showlegend=False, name="HR = 1"))
+        lo = float(np.nanmin(np.r_[s["HR_lower"].to_numpy(), 1.0]))
+        hi = float(np.nanmax(np.r_[s["HR_upper"].to_numpy(), 1.0]))
+        lo = lo if np.isfinite(lo) and lo > 0 else 0.1
+        hi = hi if np.isfinite(hi) and hi > 0 else 10.0
+        ticks = [2.0 ** k for k in range(int(np.floor(np.log2(lo))), int(np.ceil(np.log2(hi))) + 1)]
+        if len(ticks) > 9:
+            ticks = ticks[:: int(np.ceil(len(ticks) / 9))]
+        fig.update_xaxes(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
         for y, t in zip(labels, text):
             fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y, text=t,
                                showarrow=False, font={"size": 11})

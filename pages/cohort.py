@@ -244,7 +244,7 @@ try:
                               value=float(round(5 * TIME_UNITS["years"] / TIME_UNITS[unit_out], 1)),
                               key="cohort_horizon")
     res = co.compare_groups(groups.table, "time", "event", groups.column, horizon=horizon,
-                            time_unit=unit_out, title=f"{ep} by {groups.description}")
+                            time_unit=unit_out, title=f"{ep} by {group_col}")
 except GhistError as exc:
     st.error(str(exc))
     st.stop()
@@ -264,7 +264,7 @@ csv_button("KM table (CSV)", res.km_table(), "km_curves.csv", "cohort_dl_km")
 
 st.markdown("**Per group** (median survival with 95% CI; inf = not reached; RMST = mean "
             f"event-free time in the first {horizon:g} {unit_out})")
-st.dataframe(res.groups, hide_index=True)
+st.dataframe(res.groups.round(3), hide_index=True)
 csv_button("Group table (CSV)", res.groups, "groups.csv", "cohort_dl_groups")
 if len(res.pairwise) > 1:
     st.markdown("**Pairwise log-rank** (Holm-corrected p in `p_holm`)")
@@ -297,7 +297,7 @@ if covs:
             st.caption("Reference levels: " + ", ".join(f"{k} = {v}"
                                                           for k, v in cox.reference_levels.items()))
         show_figure(cox.plot(), "cohort_forest")
-        st.dataframe(cox.summary, hide_index=True)
+        st.dataframe(cox.summary.round(4), hide_index=True)
         csv_button("Hazard ratios (CSV)", cox.summary, "cox_hazard_ratios.csv", "cohort_dl_cox")
         st.markdown("**Proportional-hazards check** (Grambsch–Therneau test on rank time; "
                     "p < 0.05: the hazard ratio changes over time)")
