@@ -60,6 +60,7 @@ __all__ = [
     "Tile",
     "TileSpec",
     "open_slide",
+    "read_image_array",
     "check_mpp",
     "check_tiff_integrity",
     "sniff_format",
@@ -229,8 +230,8 @@ class Slide:
         self.path = Path(path)
         self._mpp_given = mpp_given
         self._closed = False
-        self._tissue_cache: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
-        # set by backends in _open()
+        self._tissue_cache: dict[tuple[int, Any], tuple[np.ndarray, tuple[float, float]]] = {}
+        # set by each backend's __init__ before _finish_init()
         self.vendor: str = "unknown"
         self.level_dimensions: tuple[tuple[int, int], ...] = ()
         self.properties: dict[str, str] = {}
@@ -451,7 +452,13 @@ class Slide:
         ow, oh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
         sx, sy = w0 / ow, h0 / oh
         level = self.best_level_for_downsample((sx, sy))
-        lw = self.level_dimensions[level][0]
+        lw, lh = self.level_dimensions[level]
+        if lw * lh > MAX_PLAIN_IMAGE_PIXELS:  # no overview level: every pixel would be decoded
+            raise ImageTooLargeError(
+                f"'{self.path.name}' has no reduced-resolution (pyramid) levels and is too large to "
+                f"preview ({lw:,} x {lh:,} pixels; limit {MAX_PLAIN_IMAGE_PIXELS:,} without a pyramid). "
+                "Save it as a tiled pyramidal TIFF or in the scanner's own format (e.g. .svs)."
+            )
         # rows of output per band so that a band's source is ~ 32 Mpx at most
         src_rows_per_out = sy / self._ds_xy[level][1]
         band = max(1, int(32_000_000 / max(1.0, lw * src_rows_per_out)))
@@ -471,8 +478,49 @@ class Slide:
             thumb = self.thumbnail(max_px)
             mask = _tissue.tissue_mask(thumb, config)
             ds = (self.dimensions[0] / mask.shape[1], self.dimensions[1] / mask.shape[0])
-            self._tissue_cache[key] = (mask, ds)  # type: ignore[index]
-        return self._tissue_cache[key]  # type: ignore[index]
+            self._tissue_cache[key] = (mask, ds)
+        return self._tissue_cache[key]
+
+    def _grid(
+        self, tile_px: int, overlap_px: int, target_mpp: float | None, tissue_only: bool, thumbnail_px: int
+    ) -> tuple[int, float, np.ndarray, np.ndarray, np.ndarray]:
+        """(tile_px, mpp, cols, rows, boxes N x 4) of the tile grid, as compact arrays."""
+        tile_px, overlap_px = int(tile_px), int(overlap_px)
+        if tile_px <= 0:
+            raise ValueError(f"tile_px must be positive, got {tile_px}")
+        if not 0 <= overlap_px < tile_px:
+            raise ValueError(f"overlap_px must be in 0..tile_px-1, got {overlap_px}")
+        t = self.mpp if target_mpp is None else check_mpp(target_mpp, "target µm per pixel")
+        stride = tile_px - overlap_px
+        w_um, h_um = self.size_um
+        w_t, h_t = w_um / t, h_um / t  # slide size in target pixels
+        n_cols = max(1, math.ceil((w_t - overlap_px) / stride - 1e-9))
+        n_rows = max(1, math.ceil((h_t - overlap_px) / stride - 1e-9))
+        cols, rows = np.meshgrid(np.arange(n_cols), np.arange(n_rows))
+        cols, rows = cols.ravel(), rows.ravel()
+        mx, my = self.mpp_xy
+        x_um, y_um = cols * (stride * t), rows * (stride * t)
+        boxes = np.stack(
+            [x_um / mx, y_um / my, np.full(x_um.shape, tile_px * t / mx), np.full(y_um.shape, tile_px * t / my)],
+            axis=1,
+        )
+        if tissue_only:
+            mask, ds = self.tissue_mask(thumbnail_px)
+            keep = _tissue.boxes_in_tissue(mask, boxes, ds)
+            if not keep.any():
+                raise NoTissueError(
+                    f"No tissue was found on '{self.path.name}'. Check that it is a brightfield "
+                    "H&E slide and not an empty or overexposed scan."
+                )
+            cols, rows, boxes = cols[keep], rows[keep], boxes[keep]
+        return tile_px, t, cols, rows, boxes
+
+    @staticmethod
+    def _spec(i: int, tile_px: int, t: float, stride: int, c: int, r: int, box: np.ndarray) -> TileSpec:
+        return TileSpec(
+            index=i, col=int(c), row=int(r), x_um=float(c * (stride * t)), y_um=float(r * (stride * t)),
+            mpp=float(t), size_px=tile_px, box_level0=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+        )
 
     def tile_grid(
         self,
@@ -490,42 +538,16 @@ class Slide:
         ``tissue_only`` tiles whose footprint touches no tissue on the thumbnail mask
         are skipped, and a slide with no tissue at all raises ``NoTissueError``.
         """
-        tile_px, overlap_px = int(tile_px), int(overlap_px)
-        if tile_px <= 0:
-            raise ValueError(f"tile_px must be positive, got {tile_px}")
-        if not 0 <= overlap_px < tile_px:
-            raise ValueError(f"overlap_px must be in 0..tile_px-1, got {overlap_px}")
-        t = self.mpp if target_mpp is None else check_mpp(target_mpp, "target µm per pixel")
-        stride = tile_px - overlap_px
-        w_um, h_um = self.size_um
-        w_t, h_t = w_um / t, h_um / t  # slide size in target pixels
-        n_cols = max(1, math.ceil((w_t - overlap_px) / stride - 1e-9))
-        n_rows = max(1, math.ceil((h_t - overlap_px) / stride - 1e-9))
-        cols, rows = np.meshgrid(np.arange(n_cols), np.arange(n_rows))
-        cols, rows = cols.ravel(), rows.ravel()
-        x_um = cols * stride * t
-        y_um = rows * stride * t
-        mx, my = self.mpp_xy
-        boxes = np.stack(
-            [x_um / mx, y_um / my, np.full_like(x_um, tile_px * t / mx), np.full_like(y_um, tile_px * t / my)],
-            axis=1,
-        )
-        if tissue_only:
-            mask, ds = self.tissue_mask(thumbnail_px)
-            keep = _tissue.boxes_in_tissue(mask, boxes, ds)
-            if not keep.any():
-                raise NoTissueError(
-                    f"No tissue was found on '{self.path.name}'. Check that it is a brightfield "
-                    "H&E slide and not an empty or overexposed scan."
-                )
-            cols, rows, x_um, y_um, boxes = cols[keep], rows[keep], x_um[keep], y_um[keep], boxes[keep]
-        return [
-            TileSpec(
-                index=i, col=int(c), row=int(r), x_um=float(xu), y_um=float(yu), mpp=float(t),
-                size_px=tile_px, box_level0=tuple(float(v) for v in b),  # type: ignore[arg-type]
-            )
-            for i, (c, r, xu, yu, b) in enumerate(zip(cols, rows, x_um, y_um, boxes))
-        ]
+        tile_px, t, cols, rows, boxes = self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)
+        stride = tile_px - int(overlap_px)
+        return [self._spec(i, tile_px, t, stride, c, r, b) for i, (c, r, b) in enumerate(zip(cols, rows, boxes))]
+
+    def n_tiles(
+        self, tile_px: int = 512, overlap_px: int = 0, target_mpp: float | None = None, tissue_only: bool = True,
+        *, thumbnail_px: int = 1024,
+    ) -> int:
+        """How many tiles ``iter_tiles`` with the same arguments yields."""
+        return int(len(self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)[2]))
 
     def read_tile(self, spec: TileSpec) -> Tile:
         """Read the pixels of one ``TileSpec``."""
@@ -547,11 +569,13 @@ class Slide:
     ) -> Iterator[Tile]:
         """Stream ``Tile`` s (``tile_px`` square at ``target_mpp``), one at a time.
 
-        Only one tile (plus the decoded source tiles of the TIFF/OpenSlide cache) is in
-        memory at once, so peak memory does not grow with the slide. See ``tile_grid``.
+        Only the current tile (plus a bounded cache of decoded source tiles) is in
+        memory, so peak memory does not grow with the slide. See ``tile_grid``.
         """
-        for spec in self.tile_grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px=thumbnail_px):
-            yield self.read_tile(spec)
+        tile_px, t, cols, rows, boxes = self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)
+        stride = tile_px - int(overlap_px)
+        for i in range(len(cols)):
+            yield self.read_tile(self._spec(i, tile_px, t, stride, cols[i], rows[i], boxes[i]))
 
 
 # --------------------------------------------------------------------------- OpenSlide
@@ -874,7 +898,8 @@ def check_tiff_integrity(path: str | os.PathLike) -> None:
     path = Path(path)
     try:
         with _TifffileComplaints() as complaints, tifffile.TiffFile(str(path)) as tif:
-            pages = [pg for pg in tif.pages if pg is not None]
+            n_pages = len(tif.pages)  # len() stops at circular IFD chains; iterating would loop forever
+            pages = [pg for pg in (tif.pages[i] for i in range(n_pages)) if pg is not None]
             if not pages:
                 raise CorruptSlideError(
                     f"'{path.name}' looks like a TIFF slide but no readable image was found in it: it "
@@ -897,12 +922,41 @@ def _check_data_within_file(path: Path, pages: list[Any]) -> None:
             continue
         offs = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
+        _check_page_layout(path, page, counts)
         if offs.size and int((offs + counts).max()) > size:
             raise CorruptSlideError(
                 f"'{path.name}' is cut short: the image data it announces goes beyond the end of "
                 f"the file ({size:,} bytes). The upload or copy was probably interrupted; "
                 "please copy the original file again."
             )
+
+
+def _check_page_layout(path: Path, page: Any, counts: np.ndarray) -> None:
+    """Raise CorruptSlideError when a page's header contradicts itself (a file that lies).
+
+    Empty dimensions or tiles, fewer tiles/strips than the image needs, or uncompressed
+    data smaller than the declared image: such files would otherwise divide by zero or
+    make a reader allocate the (huge) declared size from a few bytes.
+    """
+    shape = tuple(int(v) for v in (getattr(page, "shape", None) or ()))
+    bad = None
+    if not shape or min(shape) <= 0:
+        bad = f"it declares an empty image ({shape})"
+    elif getattr(page, "is_tiled", False) and (int(page.tilewidth) <= 0 or int(page.tilelength) <= 0):
+        bad = f"it declares tiles of {page.tilewidth} x {page.tilelength} pixels"
+    else:
+        try:
+            needed = int(np.prod(page.chunked))
+        except Exception:  # tifffile cannot even lay the chunks out
+            needed = -1
+        if needed < 0 or counts.size < needed:
+            bad = f"it lists {counts.size} tiles/strips where its size needs {needed}"
+        elif int(getattr(page, "compression", 0)) == 1 and counts.size and counts.all():
+            need_bytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(page.dtype).itemsize
+            if int(counts.sum()) < need_bytes:
+                bad = f"its uncompressed pixel data ({int(counts.sum()):,} bytes) is smaller than the image it declares"
+    if bad is not None:
+        raise CorruptSlideError(_corrupt_message(path, ValueError(bad)))
 
 
 # --------------------------------------------------------------------------- Pillow
@@ -1067,6 +1121,23 @@ def open_slide(
             raise UnsupportedSlideError(f"'{p.name}' is not a PNG or JPEG image. {_SUPPORTED_TEXT}")
         return PillowSlide(p, mpp_given=mpp_given)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def read_image_array(path: str | os.PathLike, max_pixels: int = MAX_PLAIN_IMAGE_PIXELS) -> np.ndarray:
+    """A whole (small) image as uint8 H x W x 3 RGB, with the same safety rules as slides.
+
+    For reference images (stain targets), thumbnails and other plain pictures where no
+    µm/px is needed. Refuses images over ``max_pixels`` (``ImageTooLargeError``), empty,
+    damaged or non-image files, and 16-bit/float pixels; greyscale becomes RGB and
+    transparency is composited on white. Use ``open_slide`` for anything slide-sized.
+    """
+    # The scale is irrelevant here; a placeholder lets every backend's checks run.
+    with open_slide(path, mpp=1.0) as s:
+        w, h = s.dimensions
+        if w * h > max_pixels:
+            raise ImageTooLargeError(_too_large_message(s.path, (w, h)).replace(
+                f"{MAX_PLAIN_IMAGE_PIXELS:,}", f"{max_pixels:,}"))
+        return s.read_region((0, 0), 0, (w, h))
 
 
 def _choose_backend(p: Path, kind: str) -> Backend:

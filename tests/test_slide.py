@@ -118,6 +118,8 @@ def test_svs_tissue_tiles_cover_all_tissue(svs: Slide) -> None:
     all_specs = svs.tile_grid(256, 0, 0.5, tissue_only=False)
     specs = svs.tile_grid(256, 0, 0.5, tissue_only=True)
     assert 0 < len(specs) < len(all_specs)  # glass is skipped
+    assert svs.n_tiles(256, 0, 0.5, tissue_only=True) == len(specs)
+    assert svs.n_tiles(256, 0, 0.5, tissue_only=False) == len(all_specs)
     covered = np.zeros_like(mask)
     for s in specs:
         x, y, w, h = s.box_level0

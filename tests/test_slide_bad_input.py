@@ -25,8 +25,8 @@ from ghist_core.errors import (
     UnsupportedPixelFormatError,
     UnsupportedSlideError,
 )
-from ghist_core.slide import MAX_PLAIN_IMAGE_PIXELS, open_slide
-from slide_factory import gradient_rgb, synthetic_he, write_flat_tiff, write_png, write_pyramid_tiff
+from ghist_core.slide import MAX_PLAIN_IMAGE_PIXELS, open_slide, read_image_array
+from slide_factory import gradient_rgb, synthetic_he, write_flat_tiff, write_png
 
 
 def _plain_message(err: BaseException, name: str) -> None:
@@ -137,8 +137,24 @@ def test_png_decompression_bomb(tmp_path: Path, side: int) -> None:
     t0 = time.perf_counter()
     with pytest.raises(ImageTooLargeError, match="too large") as e:
         open_slide(p, mpp=0.5)
+    with pytest.raises(ImageTooLargeError):
+        read_image_array(p)
     assert time.perf_counter() - t0 < 30  # refused from the header; nothing decoded
     _plain_message(e.value, "bomb.png")
+
+
+def test_read_image_array_limit_and_rules(tmp_path: Path, target_png: Path) -> None:
+    ref = read_image_array(target_png)
+    assert ref.shape == (1000, 1000, 3) and ref.dtype == np.uint8
+    assert np.array_equal(ref, np.asarray(Image.open(target_png).convert("RGB")))
+    with pytest.raises(ImageTooLargeError, match="999,999"):
+        read_image_array(target_png, max_pixels=999_999)
+    grey = write_png(tmp_path / "g.png", np.full((10, 12), 7, np.uint8))
+    assert read_image_array(grey).shape == (10, 12, 3)
+    empty = tmp_path / "e.png"
+    empty.write_bytes(b"")
+    with pytest.raises(EmptyFileError):
+        read_image_array(empty)
 
 
 # --------------------------------------------------------------------------- pixel formats
