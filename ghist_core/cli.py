@@ -42,7 +42,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             record = project.add_slide(slide_path, patient_id=args.patient, mpp=args.mpp)
             bar, callback = _tqdm_progress(Path(slide_path).name)
             try:
-                result = predict_slide(record.slide_id, project, model_id=args.model, device=args.device, progress=callback)
+                result = predict_slide(record.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
+                                       device=args.device, progress=callback)
             finally:
                 bar.close()
             print(json.dumps({"slide": str(slide_path), "slide_id": record.slide_id, "run_id": result.run_id,
@@ -65,6 +66,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         n_workers=args.workers,
         model_id=args.model,
+        segmenter_id=args.segmenter,
         device=args.device,
         echo=lambda line: print(line, file=sys.stderr),
     )
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", required=True, help="project folder (created if missing)")
     p.add_argument("--model", default=None, help="model id owner/repo@revision or a local folder (default: bundled)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--segmenter", default=None, help="nucleus segmenter: weights id (default: bundled) or 'classical'")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel, required when the file does not say")
     p.add_argument("--patient", default=None, help="patient id to attach the slides to")
     p.set_defaults(func=cmd_predict)
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
     c.add_argument("--model", default=None)
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    c.add_argument("--segmenter", default=None, help="nucleus segmenter: weights id (default: bundled) or 'classical'")
     c.set_defaults(func=cmd_cohort)
 
     w = sub.add_parser("weights", help="list, pull or verify model weights")

@@ -46,7 +46,8 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     return rows
 
 
-def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str) -> dict:
+def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
+                segmenter_id: str | None = None) -> dict:
     """One slide, start to finish (runs on a Dask worker)."""
     from .pipeline import predict_slide
     from .store import Project
@@ -58,7 +59,8 @@ def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, dev
     if latest is not None and latest.status == "finished":
         return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": latest.run_id, "n_cells": latest.n_cells, "status": "finished"}
     resume = latest.run_id if latest is not None and latest.status in ("interrupted", "failed", "queued") else None
-    result = predict_slide(record.slide_id, project, model_id=model_id, device=device, run_id=resume)
+    result = predict_slide(record.slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
+                           run_id=resume)
     return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": result.run_id, "n_cells": result.n_cells, "status": "finished"}
 
 
@@ -69,6 +71,7 @@ def run_cohort(
     scheduler: str | None = None,
     n_workers: int = 2,
     model_id: str | None = None,
+    segmenter_id: str | None = None,
     device: str = "auto",
     retries: int = 2,
     echo: Callable[[str], None] = print,
@@ -89,7 +92,7 @@ def run_cohort(
     results: list[dict] = []
     try:
         futures = {
-            client.submit(predict_one, str(project_folder), row, model_id, device, retries=retries, pure=False,
+            client.submit(predict_one, str(project_folder), row, model_id, device, segmenter_id, retries=retries, pure=False,
                           key=f"ghist-slide-{i}-{Path(row.slide_path).name}"): row
             for i, row in enumerate(rows)
         }
