@@ -1,0 +1,310 @@
+"""HER2ST benchmark: GHIST vs an ST-Net-style patch CNN vs ridge on colour/texture, same splits.
+
+    # on the GPU machine (all folds + the bundled model, ~7 min on one H100):
+    python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --out OUTDIR --budget-s 300
+    # anywhere, from the saved predictions: metrics JSON + spatial maps
+    python bench/her2st.py report --preds OUTDIR/her2st_preds.npz --out bench/results
+
+Splits over the six imaged sections (B4; C2–C6): leave-one-section-out (``loso``, 6 folds)
+and leave-one-patient-out (``lopo``: train C → test B4; train B4 → test C2–C6). Per held-out
+section/patient: Pearson r per gene over its spots (log1p CP10k, predicted vs measured;
+a gene constant in the held-out spots counts as r = 0), mean over the 250 HVGs, mean of the
+50 best, number with r > 0.3. ``mean_pcc`` of a split = average over held-out units.
+All three methods see the same training spots of each fold; both CNNs use the same encoder,
+augmentation, epochs budget and 8-view test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
+
+
+def folds(section: np.ndarray, patient: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``name -> (train_idx, test_idx)`` for every LOSO and LOPO fold, plus ``final`` (all spots)."""
+    out = {}
+    for s in SECTIONS:
+        te = np.flatnonzero(section == s)
+        if len(te):
+            out[f"loso_{s}"] = (np.flatnonzero(section != s), te)
+    for p in sorted(set(patient.tolist())):
+        out[f"lopo_{p}"] = (np.flatnonzero(patient != p), np.flatnonzero(patient == p))
+    out["final"] = (np.arange(len(section)), np.arange(0))
+    return out
+
+
+def pcc_per_gene(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r per column; 0 where either side is constant."""
+    p = pred - pred.mean(0)
+    t = y - y.mean(0)
+    den = np.sqrt((p**2).sum(0) * (t**2).sum(0))
+    return np.where(den > 1e-12, (p * t).sum(0) / np.where(den > 1e-12, den, 1), 0.0)
+
+
+def summarise(r: np.ndarray) -> dict:
+    top = np.sort(r)[::-1][:50]
+    return {"mean_pcc": float(r.mean()), "top50_pcc": float(top.mean()), "n_genes_r_gt_0.3": int((r > 0.3).sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# one training job (a subprocess, so that many share the GPU)
+# --------------------------------------------------------------------------------------------
+def job(args: argparse.Namespace) -> None:
+    import torch
+
+    from ghist_core.model.her2st import SpotPack
+    from ghist_core.model.train import PatchData, TrainConfig, fit_her2st, predict_spots
+
+    torch.set_num_threads(1)
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pack = SpotPack.load(args.pack)
+    images = pack.images()
+    tr, te = folds(pack.section, pack.patient)[args.fold]
+    if args.max_train:
+        tr = tr[:: max(1, len(tr) // args.max_train)]
+        te = te[: args.max_train]
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, time_budget_s=args.budget_s,
+                       seed=args.seed, log_path=None)
+    net_kw = json.loads(args.net) if args.net else {}
+    log = lambda m: print(f"[{args.fold}/{args.kind}] {m}", flush=True)  # noqa: E731
+    t0 = time.time()
+    res = fit_her2st(pack, images, tr, kind=args.kind, tcfg=tcfg, net_kw=net_kw, device=dev, log=log)
+    out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"fold": args.fold, "kind": args.kind, "train_s": time.time() - t0, "epochs_done": len(res.history),
+            "history": res.history, "config": res.config, "train_config": res.train_config,
+            "n_train_spots": res.n_train_spots, "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
+    if len(te):
+        mm = np.asarray(res.config.get("morph_mean", [0.0, 0.0, 0.0]), np.float32)
+        ms = np.asarray(res.config.get("morph_std", [1.0, 1.0, 1.0]), np.float32)
+        data = PatchData.from_pack(pack, te, images, mm, ms).to(dev)
+        pred = predict_spots(res.model, data, batch_size=32, tta=True)
+        np.save(out / f"{args.fold}__{args.kind}.npy", pred.astype(np.float32))
+    if args.fold == "final":
+        state = {k: v.detach().float().cpu().contiguous() for k, v in res.model.state_dict().items()
+                 if not k.endswith("num_batches_tracked")}
+        try:
+            from safetensors.torch import save_file
+
+            save_file(state, str(out / "final.safetensors"))
+        except ImportError:  # the plain state dict reads back with torch.load(weights_only=True)
+            torch.save(state, out / "final.pt")
+    (out / f"{args.fold}__{args.kind}.json").write_text(json.dumps(meta))
+    log(f"done in {time.time() - t0:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# orchestration
+# --------------------------------------------------------------------------------------------
+def ridge_predictions(features: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+    """Ridge (alpha by generalised CV on the training spots) on standardised patch features."""
+    from sklearn.linear_model import RidgeCV
+
+    mu, sd = features[tr].mean(0), features[tr].std(0) + 1e-8
+    m = RidgeCV(alphas=np.logspace(-1, 5, 25)).fit((features[tr] - mu) / sd, y[tr])
+    return m.predict((features[te] - mu) / sd)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ghist_core.model.her2st import SpotPack
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    pack = SpotPack.load(args.pack)
+    fl = folds(pack.section, pack.patient)
+    jobs = [(f, k) for f in fl for k in ("ghist", "stnet") if not (f == "final" and k == "stnet")]
+    if args.only:
+        jobs = [j for j in jobs if j[0] in args.only.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    procs = []
+    logf = open(out / "her2st_log.txt", "a")
+    for f, k in jobs:
+        cmd = [sys.executable, __file__, "job", "--pack", args.pack, "--work", str(work), "--fold", f, "--kind", k,
+               "--epochs", str(args.epochs), "--budget-s", str(args.budget_s), "--batch-size", str(args.batch_size),
+               "--lr", str(args.lr), "--max-train", str(args.max_train), "--net", args.net or ""]
+        procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)))
+    codes = [p.wait() for p in procs]
+    logf.flush()
+    print(f"{len(jobs)} jobs finished in {time.time() - t0:.0f} s, exit codes {codes}", flush=True)
+
+    y = pack.targets()
+    preds: dict[str, np.ndarray] = {}
+    for f, (tr, te) in fl.items():
+        if f == "final":
+            continue
+        if args.max_train:
+            tr = tr[:: max(1, len(tr) // args.max_train)]
+            te = te[: args.max_train]
+        preds[f"{f}__ridge"] = ridge_predictions(pack.features, y, tr, te).astype(np.float32)
+        preds[f"{f}__index"] = te
+        for k in ("ghist", "stnet"):
+            p = work / f"{f}__{k}.npy"
+            if p.exists():
+                preds[f"{f}__{k}"] = np.load(p)
+    metas = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+    np.savez_compressed(out / "her2st_preds.npz", **preds)
+    (out / "her2st_jobs.json").write_text(json.dumps(metas))
+    for name in ("final.safetensors", "final.pt"):
+        if (work / name).exists():
+            (out / f"ghist-her2st-{name}").write_bytes((work / name).read_bytes())
+    report_from(preds, pack, out, metas)
+
+
+def report_from(preds: dict, pack, out: Path, metas: dict | None = None) -> dict:
+    """Metrics JSON in the issue's format + spatial maps PNG."""
+    y = pack.targets()
+    n_hvg = int(pack.n_hvg)
+    genes = [str(g) for g in pack.genes[:n_hvg]]
+    kinds = {"model": "ghist", "stnet_like": "stnet", "ridge_features": "ridge"}
+    res: dict = {"genes": genes}
+    per_gene: dict = {}
+    for split, unit_key in (("loso", "per_section"), ("lopo", "per_patient")):
+        block: dict = {"model": None, "baselines": {}}
+        for label, kind in kinds.items():
+            units = {}
+            for key in sorted(k for k in preds if k.startswith(f"{split}_") and k.endswith(f"__{kind}")):
+                fold = key.split("__")[0]
+                te = preds[f"{fold}__index"]
+                r = pcc_per_gene(preds[key][:, :n_hvg].astype(np.float64), y[te][:, :n_hvg].astype(np.float64))
+                units[fold.split("_", 1)[1]] = summarise(r)
+                per_gene[f"{fold}__{kind}"] = r
+            entry = {"mean_pcc": float(np.mean([u["mean_pcc"] for u in units.values()])) if units else None,
+                     "top50_pcc": float(np.mean([u["top50_pcc"] for u in units.values()])) if units else None,
+                     unit_key: units}
+            if label == "model":
+                block["model"] = entry
+            else:
+                block["baselines"][label] = entry
+        res[split] = block
+    res["protocol"] = {
+        "target": "log1p(1e4 * counts / spot total over all genes)",
+        "genes_rule": "250 HVGs: genes in all 36 HER2ST count matrices, detected in >=10% of spots of the 30 "
+                      "sections without image, top variance of log1p(CP10k) over those spots (imaged sections unused)",
+        "pcc": "Pearson r per gene over the held-out spots (LOPO C: all 5 sections pooled); constant gene = 0",
+        "model_spot_prediction": "log1p(sum of predicted per-cell expression of nuclei with centre within 50 um of the spot centre)",
+        "patch": "256 px at 0.5 um/px (128 um) centred on the spot",
+        "tta": "8 dihedral views averaged (both CNNs)",
+        "ridge": "RidgeCV (GCV over 25 alphas 0.1..1e5) on 60 standardised colour/texture features",
+        "sections": list(SECTIONS),
+    }
+    if metas:
+        dev = sorted({m.get("device", "?") for m in metas.values()})
+        res["protocol"]["device"] = dev
+        res["protocol"]["train_seconds"] = {k: round(m["train_s"], 1) for k, m in metas.items()}
+        res["protocol"]["epochs_done"] = {k: m["epochs_done"] for k, m in metas.items()}
+    from ghist_core.atomic import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "her2st.json", json.dumps(res, indent=1) + "\n")
+    try:
+        maps_png(preds, pack, out / "her2st_maps.png", per_gene)
+    except Exception as exc:  # the figure is a bonus; metrics must not be lost for it
+        print(f"maps not drawn: {exc}", flush=True)
+    for split in ("loso", "lopo"):
+        b = res[split]
+        print(f"{split}: GHIST {b['model']['mean_pcc']:.3f} | ST-Net-like {b['baselines']['stnet_like']['mean_pcc']} "
+              f"| ridge {b['baselines']['ridge_features']['mean_pcc']:.3f}", flush=True)
+    return res
+
+
+def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3") -> None:
+    """Measured vs predicted spatial maps of four genes for one held-out section (LOSO)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fold = f"loso_{section}"
+    if f"{fold}__ghist" not in preds:
+        return
+    te = preds[f"{fold}__index"]
+    y = pack.targets()[te]
+    genes = [str(g) for g in pack.genes]
+    r = per_gene[f"{fold}__ghist"]
+    chosen = [g for g in ("ERBB2", "GRB7") if g in genes[: len(r)]]
+    for i in np.argsort(-r):
+        if len(chosen) >= 4:
+            break
+        if genes[i] not in chosen:
+            chosen.append(genes[i])
+    xy = pack.array_xy[te]
+    rows = [("measured", y), ("GHIST", preds[f"{fold}__ghist"])]
+    if f"{fold}__stnet" in preds:
+        rows.append(("ST-Net-like", preds[f"{fold}__stnet"]))
+    fig, axes = plt.subplots(len(rows), len(chosen), figsize=(3.2 * len(chosen), 3.0 * len(rows)), squeeze=False)
+    for j, g in enumerate(chosen):
+        gi = genes.index(g)
+        for i, (name, v) in enumerate(rows):
+            ax = axes[i, j]
+            col = v[:, gi]
+            ax.scatter(xy[:, 0], -xy[:, 1], c=col, s=28, cmap="viridis", marker="h")
+            ttl = f"{g} {name}"
+            if name != "measured":
+                ttl += f"\nr = {pcc_per_gene(col[:, None], y[:, gi:gi + 1])[0]:.2f}"
+            ax.set_title(ttl, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+    fig.suptitle(f"HER2ST section {section}, held out (leave-one-section-out); log1p CP10k", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace) -> None:
+    from ghist_core.model.her2st import SpotPack
+
+    pack = SpotPack.load(args.pack)
+    with np.load(args.preds, allow_pickle=False) as z:
+        preds = {k: z[k] for k in z.files}
+    metas = json.loads(Path(args.jobs).read_text()) if args.jobs and Path(args.jobs).exists() else None
+    report_from(preds, pack, Path(args.out), metas)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="HER2ST benchmark for GHIST")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "job"):
+        p = sub.add_parser(name)
+        p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+        p.add_argument("--work", default="/tmp/ghist_her2st_jobs")
+        p.add_argument("--epochs", type=int, default=60)
+        p.add_argument("--budget-s", type=float, default=300.0)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--lr", type=float, default=2e-3)
+        p.add_argument("--max-train", type=int, default=0, help="subsample spots (smoke tests)")
+        p.add_argument("--net", default="", help="JSON overrides of GhistConfig / encoder widths")
+        if name == "run":
+            p.add_argument("--out", default="bench/results")
+            p.add_argument("--only", default="", help="comma-separated folds")
+        else:
+            p.add_argument("--fold", required=True)
+            p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
+            p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("report")
+    p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+    p.add_argument("--preds", required=True)
+    p.add_argument("--jobs", default="")
+    p.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    {"run": run, "job": job, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The GHIST network in plain torch: CNN encoder → nucleus pooling → context → multi-task heads.
+
+Idea (Fu et al., Nature Methods 2025, re-implemented from the paper's description only):
+a cell's expression is read from the histology inside and around its nucleus; a
+single-cell reference anchors it (expression = cell-type mixture of reference profiles +
+a learned non-negative residual); cell type, neighbourhood composition and morphology are
+predicted jointly so the small amount of supervision is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .pooling import pool_cells, radius_neighbour_mean, relabel_batch
+
+__all__ = ["GhistConfig", "GhistNet", "PatchRegressor", "Encoder", "MORPH_FEATURES"]
+
+#: Morphology targets of the morphology head (from the segmentation table).
+MORPH_FEATURES: tuple[str, ...] = ("log_area_um2", "eccentricity", "solidity")
+
+
+@dataclass
+class GhistConfig:
+    """Architecture and data contract of one GHIST model (saved in its JSON card)."""
+
+    genes: list[str] = field(default_factory=list)
+    cell_types: list[str] = field(default_factory=list)
+    mpp: float = 0.5  # µm per pixel of the encoder's input
+    patch_px: int = 256  # 128 µm at 0.5 µm/px: one 100 µm HER2ST spot fits inside
+    widths: tuple[int, ...] = (32, 64, 128, 256)  # encoder stages at strides 4, 8, 16, 32
+    fpn_dim: int = 96  # merged feature map (stride 4) that nuclei are pooled from
+    embed_dim: int = 128
+    context_radius_um: float = 40.0  # neighbourhood context: mean embedding of cells this close
+    nbhd_radius_um: float = 50.0  # neighbourhood composition head: fractions within this radius
+    spot_radius_um: float = 50.0  # weak supervision: cell centres within this of a spot centre
+    dropout: float = 0.1
+    norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # on 0..1 RGB
+    norm_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    morph_features: tuple[str, ...] = MORPH_FEATURES
+    use_reference: bool = True
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_types(self) -> int:
+        return len(self.cell_types)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GhistConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: (tuple(v) if isinstance(v, list) and k not in ("genes", "cell_types") else v)
+              for k, v in d.items() if k in known}
+        return cls(**kw)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Block(nn.Module):
+    """Residual basic block (two 3×3 convs)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if (stride != 1 or cin != cout) else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.c1(x)), inplace=True)
+        y = self.b2(self.c2(y))
+        return F.relu(y + self.skip(x), inplace=True)
+
+
+class Encoder(nn.Module):
+    """Small ResNet; returns the stage outputs at strides 4, 8, 16, 32."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        w0 = widths[0]
+        self.stem = nn.Sequential(_conv_bn(3, w0 // 2, 2), _conv_bn(w0 // 2, w0, 1), nn.MaxPool2d(2))
+        stages = []
+        cin = w0
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(_Block(cin, w, stride), _Block(w, w, 1)))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outs = []
+        for s in self.stages:
+            x = s(x)
+            outs.append(x)
+        return outs
+
+
+class PatchRegressor(nn.Module):
+    """ST-Net-style baseline: the same encoder, global pooling, linear regression of spot expression."""
+
+    def __init__(self, n_genes: int, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = Encoder(widths)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(widths[-1], n_genes)
+        self.register_buffer("norm_mean", torch.full((1, 3, 1, 1), 0.5))
+        self.register_buffer("norm_std", torch.full((1, 3, 1, 1), 0.25))
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Patches (uint8 or 0..1 float RGB) → standardised expression of every gene."""
+        x = rgb.float() / 255.0 if rgb.dtype == torch.uint8 else rgb.float()
+        x = (x - self.norm_mean) / self.norm_std
+        f = self.encoder(x)[-1].mean((2, 3))
+        return self.head(self.drop(f))
+
+
+class GhistNet(nn.Module):
+    """Per-cell multi-task GHIST network.
+
+    ``reference`` (K × G, non-negative, expression per cell) is a buffer saved with the
+    weights; with ``use_reference`` the expression is
+    ``exp(ref_scale_g) * (p @ reference)_g + softplus(residual_g)`` with ``p`` the cell's
+    type probabilities, so the type head and the reference shape every gene.
+    """
+
+    def __init__(self, cfg: GhistConfig, reference: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k, g, d = cfg.n_types, cfg.n_genes, cfg.embed_dim
+        self.encoder = Encoder(cfg.widths)
+        self.lateral = nn.ModuleList(nn.Conv2d(w, cfg.fpn_dim, 1) for w in cfg.widths)
+        self.smooth = _conv_bn(cfg.fpn_dim, cfg.fpn_dim)
+        self.cell_mlp = nn.Sequential(
+            nn.Linear(cfg.fpn_dim * 2 + 1, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
+        )
+        self.ctx_mlp = nn.Sequential(nn.Linear(d + 1, d), nn.GELU())
+        self.trunk = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(2 * d, d), nn.LayerNorm(d), nn.GELU())
+        self.type_head = nn.Linear(d, k)
+        self.nbhd_head = nn.Linear(d, k)
+        self.morph_head = nn.Linear(d, len(cfg.morph_features))
+        self.resid_head = nn.Linear(d, g)
+        ref = torch.zeros(k, g) if reference is None else reference.detach().float().clone()
+        self.register_buffer("reference", ref)
+        self.ref_scale = nn.Parameter(torch.zeros(g))
+        self.register_buffer("norm_mean", torch.tensor(cfg.norm_mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("norm_std", torch.tensor(cfg.norm_std, dtype=torch.float32).view(1, 3, 1, 1))
+        with torch.no_grad():  # start the residual small so the reference dominates early
+            self.resid_head.bias.fill_(-4.0 if cfg.use_reference else 0.0)
+
+    # ---- image side -----------------------------------------------------------------
+    def normalise(self, rgb: torch.Tensor) -> torch.Tensor:
+        """RGB (B,3,H,W), uint8 or float in 0..1 → standardised float."""
+        x = rgb.float() / 255.0 if rgb.dtype == torch.uint8 else rgb.float()
+        return (x - self.norm_mean) / self.norm_std
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-scale features merged at stride 4 (B, fpn_dim, H/4, W/4)."""
+        feats = self.encoder(x)
+        top = self.lateral[-1](feats[-1])
+        for i in range(len(feats) - 2, -1, -1):
+            top = F.interpolate(top, size=feats[i].shape[-2:], mode="nearest") + self.lateral[i](feats[i])
+        return self.smooth(top)
+
+    def cell_embeddings(self, x: torch.Tensor, instances: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pool the feature map inside every nucleus of a batch of patches.
+
+        Returns ``emb`` (N, D), ``cell_batch``, ``cell_label``, ``centroid_px`` (N, 2: x, y).
+        """
+        fmap = self.feature_map(x).float()  # pool in fp32 even under autocast
+        gmap, cell_batch, cell_label = relabel_batch(instances)
+        n = int(cell_batch.numel())
+        mean, n_pix = pool_cells(fmap, gmap, n, reduce="mean")
+        mx, _ = pool_cells(fmap, gmap, n, reduce="max")
+        # centroids from the masks themselves (x, y in patch pixels)
+        bsz, hh, ww = gmap.shape
+        ys = torch.arange(hh, device=x.device, dtype=torch.float32).view(1, hh, 1, 1).expand(bsz, hh, ww, 1)
+        xs = torch.arange(ww, device=x.device, dtype=torch.float32).view(1, 1, ww, 1).expand(bsz, hh, ww, 1)
+        coords = torch.cat([xs, ys], -1).permute(0, 3, 1, 2)
+        cen, _ = pool_cells(coords, gmap, n, reduce="mean")
+        area = (n_pix * self.cfg.mpp**2).clamp(min=1e-3).log().unsqueeze(1) / 4.0
+        emb = self.cell_mlp(torch.cat([mean.float(), mx.float(), area], 1))
+        return {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen}
+
+    # ---- cell side ------------------------------------------------------------------
+    def heads(self, emb: torch.Tensor, ctx: torch.Tensor, ctx_count: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All per-cell outputs from a cell's embedding and its neighbourhood context."""
+        c = self.ctx_mlp(torch.cat([ctx, torch.log1p(ctx_count).unsqueeze(1) / 3.0], 1))
+        h = self.trunk(torch.cat([emb, c], 1))
+        type_logits = self.type_head(h)
+        p = type_logits.float().softmax(1)
+        resid = F.softplus(self.resid_head(h).float())
+        if self.cfg.use_reference:
+            expr = (p @ self.reference) * self.ref_scale.exp() + resid
+        else:
+            expr = resid
+        return {
+            "type_logits": type_logits.float(),
+            "type_prob": p,
+            "nbhd_logits": self.nbhd_head(h).float(),
+            "morph": self.morph_head(h).float(),
+            "expr": expr,
+        }
+
+    def context(self, emb: torch.Tensor, xy_um: torch.Tensor, group: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean embedding of the cells within ``context_radius_um`` (same group only)."""
+        return radius_neighbour_mean(xy_um, emb, self.cfg.context_radius_um, group=group)
+
+    def forward(self, rgb: torch.Tensor, instances: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Patches (uint8 or 0..1 float RGB) and their nucleus maps → per-cell outputs."""
+        x = self.normalise(rgb)
+        out = self.cell_embeddings(x, instances)
+        emb = out["emb"].float()
+        xy_um = out["centroid_px"].float() * self.cfg.mpp
+        ctx, cnt = self.context(emb, xy_um, out["cell_batch"])
+        out.update(self.heads(emb, ctx, cnt))
+        return out
+
+
+def count_parameters(m: nn.Module) -> int:
+    return int(sum(p.numel() for p in m.parameters()))

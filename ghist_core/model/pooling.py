@@ -1,0 +1,227 @@
+"""Per-cell pooling, star-contour rasterisation, spot sums and neighbourhoods, all vectorised.
+
+GHIST's unit of prediction is the cell: encoder feature maps are averaged inside each
+nucleus mask. Doing that with one ``index_add_`` over the foreground pixels of a whole
+batch (instead of a Python loop over cells) is what makes slide-scale inference fast;
+``bench/pooling.py`` measures the gap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "relabel_batch",
+    "pool_cells",
+    "segment_sum",
+    "segment_mean",
+    "radius_neighbour_mean",
+    "rasterise_stars",
+    "N_RAYS",
+]
+
+#: Number of rays in the segmentation contract's star-convex contours (``ray_00`` .. ``ray_15``).
+N_RAYS = 16
+
+
+def relabel_batch(instances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give every nucleus in a batch of instance maps one global id (1-based, 0 = background).
+
+    Parameters
+    ----------
+    instances
+        ``(B, H, W)`` integer maps, 0 = background, any positive labels per image.
+
+    Returns
+    -------
+    global_map
+        ``(B, H, W)`` int64 with ids ``1..N`` unique across the batch (0 = background).
+    cell_batch
+        ``(N,)`` int64, the image each cell belongs to.
+    cell_label
+        ``(N,)`` int64, each cell's original label within its image.
+    """
+    inst = instances.long()
+    b = inst.shape[0]
+    # key = image * (max_label + 1) + label is unique per (image, label); unique() sorts it,
+    # so global ids follow image order, then label order.
+    stride = int(inst.max().item()) + 1 if inst.numel() else 1
+    key = inst + torch.arange(b, device=inst.device).view(b, 1, 1) * stride
+    fg = inst > 0
+    uniq, inverse = torch.unique(key[fg], return_inverse=True)
+    global_map = torch.zeros_like(inst)
+    global_map[fg] = inverse + 1
+    return global_map, uniq // stride, uniq % stride
+
+
+def pool_cells(
+    features: torch.Tensor,
+    global_map: torch.Tensor,
+    n_cells: int,
+    *,
+    reduce: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average (or max) feature vectors over every nucleus mask, in one scatter.
+
+    Parameters
+    ----------
+    features
+        ``(B, C, h, w)`` feature maps; they may be coarser than the masks (nearest lookup).
+    global_map
+        ``(B, H, W)`` global cell ids from :func:`relabel_batch` (0 = background).
+    n_cells
+        Number of cells ``N`` (ids run 1..N).
+    reduce
+        ``"mean"`` or ``"max"``.
+
+    Returns
+    -------
+    pooled
+        ``(N, C)``; a cell with no pixel gets zeros.
+    n_pixels
+        ``(N,)`` mask pixels per cell (at mask resolution).
+    """
+    bsz, c, h, w = features.shape
+    _, hh, ww = global_map.shape
+    fg = global_map > 0
+    bi, yy, xx = torch.nonzero(fg, as_tuple=True)
+    ids = global_map[bi, yy, xx] - 1
+    fy = torch.div(yy * h, hh, rounding_mode="floor")
+    fx = torch.div(xx * w, ww, rounding_mode="floor")
+    flat = features.permute(0, 2, 3, 1).reshape(bsz * h * w, c)
+    vals = flat[bi * (h * w) + fy * w + fx]
+    n_pix = torch.bincount(ids, minlength=n_cells).to(features.dtype)
+    if reduce == "mean":
+        out = torch.zeros(n_cells, c, dtype=features.dtype, device=features.device)
+        out.index_add_(0, ids, vals)
+        out = out / n_pix.clamp(min=1).unsqueeze(1)
+    elif reduce == "max":
+        out = torch.full((n_cells, c), float("-inf"), dtype=features.dtype, device=features.device)
+        out = out.scatter_reduce(0, ids.unsqueeze(1).expand(-1, c), vals, reduce="amax")
+        out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+    else:
+        raise ValueError(f"reduce must be 'mean' or 'max', not {reduce!r}")
+    return out, n_pix
+
+
+def segment_sum(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Sum rows of ``values`` into ``n_segments`` groups; rows with ``segment < 0`` are dropped.
+
+    This is the spot aggregation of weak supervision: the predicted expression of the
+    cells inside a spot is summed into that spot.
+    """
+    keep = segment >= 0
+    out = torch.zeros((n_segments,) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
+    out.index_add_(0, segment[keep], values[keep])
+    return out
+
+
+def segment_mean(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Mean of rows per group (empty groups give zeros)."""
+    s = segment_sum(values, segment, n_segments)
+    keep = segment >= 0
+    n = torch.bincount(segment[keep], minlength=n_segments).to(values.dtype)
+    return s / n.clamp(min=1).view(-1, *([1] * (values.dim() - 1)))
+
+
+def radius_neighbour_mean(
+    xy: torch.Tensor,
+    values: torch.Tensor,
+    radius: float,
+    *,
+    group: torch.Tensor | None = None,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` over the cells within ``radius`` of each cell (itself included).
+
+    Cells in different ``group`` s (e.g. different training patches) are never neighbours.
+    Memory is bounded by ``chunk × N``; for a whole slide use cells sorted into tiles
+    (``predict`` calls it on the cells of a tile plus a border).
+
+    Returns
+    -------
+    mean
+        ``(N, C)`` neighbourhood means.
+    count
+        ``(N,)`` number of neighbours (itself included).
+    """
+    n = xy.shape[0]
+    out = torch.zeros_like(values)
+    cnt = torch.zeros(n, dtype=values.dtype, device=values.device)
+    r2 = float(radius) ** 2
+    for s in range(0, n, chunk):  # chunks of cells, not single cells: bounded memory
+        d2 = torch.cdist(xy[s : s + chunk].float(), xy.float()).pow(2)
+        adj = d2 <= r2
+        if group is not None:
+            adj &= group[s : s + chunk].unsqueeze(1) == group.unsqueeze(0)
+        a = adj.to(values.dtype)
+        cnt[s : s + chunk] = a.sum(1)
+        out[s : s + chunk] = a @ values
+    return out / cnt.clamp(min=1).unsqueeze(1), cnt
+
+
+def rasterise_stars(
+    centres_px: np.ndarray,
+    rays_px: np.ndarray,
+    shape: tuple[int, int],
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Draw star-convex nuclei (the segmentation table's ``ray_00..ray_15``) into a label image.
+
+    Every cell is evaluated on one shared local grid, so the work is a few array operations
+    whatever the number of cells. Where two stars overlap the pixel goes to the cell whose
+    contour it lies deeper inside (smallest distance / ray length).
+
+    Parameters
+    ----------
+    centres_px
+        ``(N, 2)`` centroids ``(x, y)`` in pixels of the output image.
+    rays_px
+        ``(N, 16)`` ray lengths in pixels at angles ``2πk/16`` from +x towards +y.
+    shape
+        ``(H, W)`` of the output.
+    labels
+        ``(N,)`` positive labels to draw (default ``1..N``).
+    """
+    h, w = shape
+    out = np.zeros((h, w), dtype=np.int32)
+    n = len(centres_px)
+    if n == 0:
+        return out
+    centres_px = np.asarray(centres_px, dtype=np.float64)
+    rays = np.clip(np.asarray(rays_px, dtype=np.float64), 0.0, None)
+    labels = np.arange(1, n + 1, dtype=np.int32) if labels is None else np.asarray(labels, dtype=np.int32)
+    k = rays.shape[1]
+    r = int(np.ceil(rays.max())) + 1 if rays.size else 1
+    r = max(1, min(r, max(h, w)))
+    off = np.arange(-r, r + 1)
+    oy, ox = np.meshgrid(off, off, indexing="ij")
+    cx = np.round(centres_px[:, 0]).astype(np.int64)
+    cy = np.round(centres_px[:, 1]).astype(np.int64)
+    # pixel centres relative to the (sub-pixel) centroid
+    dx = (cx[:, None, None] + ox[None]) - centres_px[:, 0, None, None]
+    dy = (cy[:, None, None] + oy[None]) - centres_px[:, 1, None, None]
+    dist = np.hypot(dx, dy)
+    ang = np.mod(np.arctan2(dy, dx), 2 * np.pi) * (k / (2 * np.pi))
+    i0 = np.floor(ang).astype(np.int64) % k
+    i1 = (i0 + 1) % k
+    f = ang - np.floor(ang)
+    rows = np.arange(n)[:, None, None]
+    rad = rays[rows, i0] * (1 - f) + rays[rows, i1] * f
+    depth = dist / np.maximum(rad, 1e-6)
+    inside = (depth <= 1.0) | (dist <= 0.75)  # the centroid pixel always belongs to its cell
+    yy = cy[:, None, None] + oy[None]
+    xx = cx[:, None, None] + ox[None]
+    inside &= (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    sel = np.nonzero(inside)
+    pix = yy[sel] * w + xx[sel]
+    d = depth[sel]
+    lab = labels[sel[0]]
+    # deepest cell wins: sort by depth descending so the smallest depth is written last
+    order = np.lexsort((-d, pix))
+    pix, lab, d = pix[order], lab[order], d[order]
+    last = np.r_[pix[1:] != pix[:-1], True]
+    flat = out.reshape(-1)
+    flat[pix[last]] = lab[last]
+    return out

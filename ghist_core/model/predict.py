@@ -1,0 +1,411 @@
+"""Slide-level GHIST inference: tiles at the model's µm/px → per-cell AnnData.
+
+Cells (the segmentation table, centroids and star contours in µm) are grouped into tiles
+whose *cores* partition the slide; each tile is read with a margin so that nuclei on a core
+edge are whole. Nuclei are drawn back from their star contours, encoder features pooled
+inside them, batched on the device, then the neighbourhood context (mean embedding of the
+cells within ``context_radius_um``, over the whole input, on the CPU with a k-d tree) and
+the heads run in fixed-size chunks. Memory is bounded by the batch size and chunk size,
+not by the slide. Inference runs in float32 without TF32 so CPU and CUDA agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError, WeightsIntegrityError
+
+from .network import GhistConfig, GhistNet
+from .pooling import N_RAYS, rasterise_stars
+
+__all__ = ["GhistModel", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS"]
+
+MODEL_NAME = "ghist-her2st"
+EXPRESSION_UNITS = (
+    "per-cell expression on the CP10k scale of a HER2ST spot: the sum over the cells of a 100 µm spot "
+    "approximates the spot's counts per 10,000 (log1p of that sum ≈ log1p CP10k); non-negative"
+)
+RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
+MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
+ProgressFn = Callable[[float, str], None]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _exact_float32() -> Iterable[None]:
+    """Turn TF32 off for the duration (CUDA convolutions/matmuls otherwise round to 10 bits)."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _read_tile(slide: Any, x0_um: float, y0_um: float, size: int, mpp: float) -> np.ndarray:
+    """``size``² RGB at ``mpp`` whose top-left is ``(x0_um, y0_um)`` on the slide (white outside)."""
+    smpp = float(slide.mpp)
+    loc = (x0_um / smpp, y0_um / smpp)
+    if hasattr(slide, "read_region_mpp") and type(slide).__name__ != "ArraySlide":
+        rgb = np.asarray(slide.read_region_mpp(loc, (size, size), mpp))
+    else:  # minimal slide-like objects: level-0 read, then resample
+        from PIL import Image
+
+        n0 = int(np.ceil(size * mpp / smpp))
+        x, y = int(np.floor(loc[0])), int(np.floor(loc[1]))
+        raw = np.asarray(slide.read_region((x, y), 0, (n0, n0)))[..., :3]
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(raw)).resize((size, size), Image.Resampling.BILINEAR))
+    if rgb.shape[:2] != (size, size):
+        raise ModelInputError(f"The slide returned a {rgb.shape[1]}×{rgb.shape[0]} region where {size}×{size} was asked for.")
+    return np.ascontiguousarray(rgb[..., :3])
+
+
+class GhistModel:
+    """A loaded GHIST network with its card; ``predict(slide, cells)`` → AnnData.
+
+    Attributes
+    ----------
+    net : GhistNet (eval mode, on ``device``)
+    card : dict, the JSON model card
+    weights_sha256 : str
+    genes, cell_types : list[str]
+    mpp, patch_px : the encoder's input scale and tile size
+    """
+
+    def __init__(self, net: GhistNet, card: Mapping[str, Any], weights_sha256: str = "", device: str | torch.device = "cpu") -> None:
+        self.net = net.eval()
+        self.card = dict(card)
+        self.weights_sha256 = weights_sha256
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        cfg = net.cfg
+        self.genes = list(cfg.genes)
+        self.cell_types = list(cfg.cell_types)
+        self.mpp = float(cfg.mpp)
+        self.patch_px = int(cfg.patch_px)
+        c = self.card.get("config", {})
+        self._morph_mean = np.asarray(c.get("morph_mean", [0.0] * len(cfg.morph_features)), np.float32)
+        self._morph_std = np.asarray(c.get("morph_std", [1.0] * len(cfg.morph_features)), np.float32)
+
+    def __repr__(self) -> str:
+        return (f"<GhistModel {self.card.get('name', MODEL_NAME)}: {len(self.genes)} genes, {len(self.cell_types)} cell types, "
+                f"{self.mpp} µm/px, device={self.device}>")
+
+    def to(self, device: str | torch.device) -> "GhistModel":
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------------------------
+    def _check_genes(self, genes: Iterable[str] | None) -> list[int]:
+        if genes is None:
+            return list(range(len(self.genes)))
+        genes = list(genes)
+        missing = [g for g in genes if g not in self.genes]
+        if missing:
+            raise UnknownGeneError(
+                f"This model does not predict {', '.join(missing[:10])}"
+                f"{' …' if len(missing) > 10 else ''}. It predicts {len(self.genes)} genes, e.g. "
+                f"{', '.join(self.genes[:8])}; see model.genes for the full list."
+            )
+        return [self.genes.index(g) for g in genes]
+
+    def _empty(self, gene_idx: list[int], params: dict) -> "Any":
+        import anndata as ad
+
+        obs = pd.DataFrame({"cell_id": pd.Series([], dtype=np.int64), "cell_type": pd.Categorical([], categories=self.cell_types)})
+        for t in self.cell_types:
+            obs[f"prob_{t}"] = np.zeros(0, np.float32)
+        for t in self.cell_types:
+            obs[f"nbhd_{t}"] = np.zeros(0, np.float32)
+        a = ad.AnnData(X=np.zeros((0, len(gene_idx)), np.float32), obs=obs,
+                       var=pd.DataFrame(index=[self.genes[i] for i in gene_idx]))
+        a.obsm["spatial"] = np.zeros((0, 2), np.float64)
+        a.uns["ghist"] = self._uns(params, {}, None)
+        return a
+
+    def _uns(self, params: dict, timings: dict, slide: Any) -> dict:
+        slide_sha = ""
+        if slide is not None and hasattr(slide, "sha256"):
+            try:
+                slide_sha = str(slide.sha256())
+            except Exception:  # an in-memory slide has no file to hash
+                slide_sha = ""
+        return {"model_card": json.loads(json.dumps(self.card)), "weights_sha256": self.weights_sha256,
+                "slide_sha256": slide_sha, "params": params, "timings": timings,
+                "expression_units": EXPRESSION_UNITS}
+
+    # ------------------------------------------------------------------------------------
+    def predict(
+        self,
+        slide: Any,
+        cells: pd.DataFrame,
+        progress: ProgressFn | None = None,
+        batch_size: int = 16,
+        *,
+        genes: Iterable[str] | None = None,
+        margin_px: int = 32,
+        on_outside: str = "error",
+        chunk_cells: int = 65536,
+    ):
+        """Per-cell expression, type, neighbourhood and morphology for ``cells`` of ``slide``.
+
+        Parameters
+        ----------
+        slide
+            A ``ghist_core.slide.Slide`` (or anything with ``mpp``, ``dimensions`` and
+            ``read_region_mpp`` / ``read_region``).
+        cells
+            The segmentation table: ``x_um``, ``y_um`` and ``ray_00..ray_15`` (µm); without rays
+            a disc of ``area_um2`` (else 3 µm radius) is used. ``cell_id`` kept when present.
+        progress
+            ``progress(fraction, message)`` after each batch of tiles.
+        batch_size
+            Tiles per forward pass (device memory).
+        genes
+            Subset of ``model.genes`` to return (``UnknownGeneError`` for others).
+        on_outside
+            ``"error"`` (default: ``ModelInputError``) or ``"drop"`` (warn and skip) for cells
+            whose centre lies outside the slide.
+
+        Returns
+        -------
+        AnnData (cells × genes): ``X`` float32 ≥ 0 (see ``uns['ghist']['expression_units']``),
+        ``obs``: ``cell_id``, ``cell_type``, ``prob_<type>``, ``nbhd_<type>`` (composition within
+        ``nbhd_radius_um``), the segmentation's morphology columns and ``pred_<morph>``;
+        ``obsm['spatial']`` (x_um, y_um); ``uns['ghist']``: ``model_card``, ``weights_sha256``,
+        ``slide_sha256``, ``params``, ``timings``, ``expression_units``.
+        """
+        import anndata as ad
+
+        t_start = time.perf_counter()
+        gene_idx = self._check_genes(genes)
+        if on_outside not in ("error", "drop"):
+            raise ValueError("on_outside must be 'error' or 'drop'")
+        cfg = self.net.cfg
+        params = {"batch_size": int(batch_size), "margin_px": int(margin_px), "mpp": self.mpp, "patch_px": self.patch_px,
+                  "context_radius_um": cfg.context_radius_um, "nbhd_radius_um": cfg.nbhd_radius_um,
+                  "device": str(self.device), "n_cells_input": int(len(cells)) if cells is not None else 0}
+        if cells is None or len(cells) == 0:
+            return self._empty(gene_idx, params)
+        if not isinstance(cells, pd.DataFrame) or not {"x_um", "y_um"} <= set(cells.columns):
+            raise ModelInputError("The cell table needs x_um and y_um columns (the segmentation table).")
+        smpp = float(slide.mpp)
+        if not np.isfinite(smpp) or smpp <= 0:
+            raise ModelInputError(f"The slide's µm per pixel ({smpp}) is not usable.")
+        ratio = self.mpp / smpp
+        if ratio > 2.0 or ratio < 0.5:
+            from ghist_core.segmentation.tiling import MppWarning
+
+            warnings.warn(
+                f"The slide is at {smpp:.3g} µm/px but the model reads tissue at {self.mpp:.3g} µm/px; "
+                f"regions are resampled by {ratio:.2g}×, which can make predictions less reliable.",
+                MppWarning, stacklevel=2)
+        xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
+        w_um, h_um = slide.dimensions[0] * smpp, slide.dimensions[1] * smpp
+        bad = ~np.isfinite(xy).all(1) | (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w_um) | (xy[:, 1] >= h_um)
+        if bad.any():
+            msg = (f"{int(bad.sum())} of {len(cells)} cells lie outside the slide ({w_um:.0f} × {h_um:.0f} µm); "
+                   "were they segmented on another slide or at another µm per pixel?")
+            if on_outside == "error":
+                raise ModelInputError(msg + " Pass on_outside='drop' to skip them.")
+            warnings.warn(msg + " They were skipped.", UserWarning, stacklevel=2)
+            cells = cells.loc[~bad].reset_index(drop=True)
+            xy = xy[~bad]
+            params["n_cells_outside_dropped"] = int(bad.sum())
+            if len(cells) == 0:
+                return self._empty(gene_idx, params)
+        n = len(cells)
+        if all(c in cells.columns for c in RAY_COLUMNS):
+            rays_um = cells[RAY_COLUMNS].to_numpy(np.float64)
+        else:
+            r = np.sqrt(cells["area_um2"].to_numpy(np.float64) / np.pi) if "area_um2" in cells else np.full(n, 3.0)
+            rays_um = np.repeat(r[:, None], N_RAYS, 1)
+        rays_um = np.nan_to_num(np.clip(rays_um, 0.0, 40.0))
+        # tiles whose cores partition the plane
+        core_px = self.patch_px - 2 * margin_px
+        if core_px < 32:
+            raise ModelInputError(f"margin_px={margin_px} leaves no core in a {self.patch_px} px tile.")
+        core_um = core_px * self.mpp
+        tx = np.floor(xy[:, 0] / core_um).astype(np.int64)
+        ty = np.floor(xy[:, 1] / core_um).astype(np.int64)
+        keys, tile_of = np.unique(np.stack([ty, tx], 1), axis=0, return_inverse=True)
+        tile_of = tile_of.ravel()
+        order = np.argsort(tile_of, kind="stable")
+        bounds = np.searchsorted(tile_of[order], np.arange(len(keys) + 1))
+        emb = torch.zeros(n, cfg.embed_dim, dtype=torch.float32)
+        pooled = np.zeros(n, bool)
+        t_enc = time.perf_counter()
+        with torch.no_grad(), _exact_float32():
+            for b0 in range(0, len(keys), batch_size):  # batches of tiles
+                tiles = range(b0, min(b0 + batch_size, len(keys)))
+                imgs, insts, rows = [], [], []
+                for t in tiles:
+                    ix = order[bounds[t]:bounds[t + 1]]
+                    x0 = keys[t, 1] * core_um - margin_px * self.mpp
+                    y0 = keys[t, 0] * core_um - margin_px * self.mpp
+                    imgs.append(_read_tile(slide, x0, y0, self.patch_px, self.mpp))
+                    cen = np.stack([(xy[ix, 0] - x0) / self.mpp, (xy[ix, 1] - y0) / self.mpp], 1)
+                    insts.append(rasterise_stars(cen, rays_um[ix] / self.mpp, (self.patch_px, self.patch_px)))
+                    rows.append(ix)
+                img = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).to(self.device)
+                inst = torch.from_numpy(np.stack(insts)).to(self.device)
+                out = self.net.cell_embeddings(self.net.normalise(img), inst)
+                cb = out["cell_batch"].cpu().numpy()
+                cl = out["cell_label"].cpu().numpy()
+                starts = np.cumsum([0] + [len(r) for r in rows])
+                gidx = np.concatenate(rows)[starts[cb] + cl - 1]
+                emb[torch.from_numpy(gidx)] = out["emb"].float().cpu()
+                pooled[gidx] = True
+                if progress is not None:
+                    progress(min(1.0, (b0 + len(tiles)) / len(keys)), f"{b0 + len(tiles)} of {len(keys)} tiles")
+        t_heads = time.perf_counter()
+        ctx, cnt = _neighbour_mean(xy, emb.numpy(), cfg.context_radius_um)
+        res: dict[str, list[np.ndarray]] = {"expr": [], "type_prob": [], "nbhd": [], "morph": []}
+        with torch.no_grad(), _exact_float32():
+            for s in range(0, n, chunk_cells):
+                o = self.net.heads(emb[s:s + chunk_cells].to(self.device), torch.from_numpy(ctx[s:s + chunk_cells]).to(self.device),
+                                   torch.from_numpy(cnt[s:s + chunk_cells]).to(self.device))
+                res["expr"].append(o["expr"][:, gene_idx].clamp(min=0).float().cpu().numpy())
+                res["type_prob"].append(o["type_prob"].float().cpu().numpy())
+                res["nbhd"].append(o["nbhd_logits"].softmax(1).float().cpu().numpy())
+                res["morph"].append(o["morph"].float().cpu().numpy())
+        expr = np.concatenate(res["expr"]).astype(np.float32)
+        prob = np.concatenate(res["type_prob"])
+        nbhd = np.concatenate(res["nbhd"])
+        morph = np.concatenate(res["morph"]) * self._morph_std + self._morph_mean
+        obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
+        obs["cell_id"] = (cells["cell_id"].to_numpy(np.int64) if "cell_id" in cells else np.arange(n, dtype=np.int64))
+        obs["cell_type"] = pd.Categorical(np.asarray(self.cell_types)[prob.argmax(1)], categories=self.cell_types)
+        for j, t in enumerate(self.cell_types):
+            obs[f"prob_{t}"] = prob[:, j].astype(np.float32)
+        for j, t in enumerate(self.cell_types):
+            obs[f"nbhd_{t}"] = nbhd[:, j].astype(np.float32)
+        for c in MORPH_COLUMNS:
+            if c in cells.columns:
+                obs[c] = cells[c].to_numpy(np.float64)
+        for j, name in enumerate(cfg.morph_features):
+            v = morph[:, j]
+            if name == "log_area_um2":
+                obs["pred_area_um2"] = np.exp(v).astype(np.float32)
+            else:
+                obs[f"pred_{name}"] = v.astype(np.float32)
+        obs["n_context_cells"] = cnt.astype(np.int32)
+        obs.index = [f"cell_{i}" for i in obs["cell_id"]]
+        if not obs.index.is_unique:
+            obs.index = pd.RangeIndex(n).astype(str)
+        a = ad.AnnData(X=expr, obs=obs, var=pd.DataFrame(index=[self.genes[i] for i in gene_idx]))
+        a.obsm["spatial"] = xy.astype(np.float64)
+        params["n_tiles"] = int(len(keys))
+        params["n_cells_without_mask"] = int((~pooled).sum())
+        timings = {"encode_s": t_heads - t_enc, "heads_s": time.perf_counter() - t_heads, "total_s": time.perf_counter() - t_start}
+        a.uns["ghist"] = self._uns(params, timings, slide)
+        return a
+
+
+def _neighbour_mean(xy: np.ndarray, emb: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean embedding of all cells within ``radius`` µm (self included), via a sparse k-d-tree graph."""
+    from scipy.sparse import csr_matrix, identity
+    from scipy.spatial import cKDTree
+
+    n = len(xy)
+    tree = cKDTree(xy)
+    pairs = tree.query_pairs(radius, output_type="ndarray")
+    i = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    j = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    a = csr_matrix((np.ones(len(i), np.float32), (i, j)), shape=(n, n)) + identity(n, dtype=np.float32, format="csr")
+    cnt = np.asarray(a.sum(1)).ravel().astype(np.float32)
+    ctx = (a @ emb) / cnt[:, None]
+    return ctx.astype(np.float32), cnt
+
+
+# --------------------------------------------------------------------------------------------
+# loading and saving
+# --------------------------------------------------------------------------------------------
+def _net_from(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> GhistNet:
+    if "config" not in card:
+        raise WeightsFormatError("The model card has no 'config' section; these are not GHIST weights.")
+    cfg = GhistConfig.from_dict(dict(card["config"]))
+    net = GhistNet(cfg)
+    state = dict(state)
+    for k, v in net.state_dict().items():  # BatchNorm step counters are not saved
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros_like(v)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsFormatError(f"The weights do not fit the GHIST network described by their card: {str(exc)[:300]}") from exc
+    return net.eval()
+
+
+def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str | Path | None = None) -> GhistModel:
+    """Load GHIST weights (safetensors + JSON card, sha256-checked) ready to ``predict``.
+
+    ``path`` points at a ``.safetensors`` file with its card beside it; otherwise
+    ``model_id`` is resolved by :func:`ghist_core.weights.resolve_weights` (``None`` =
+    the bundled ``ghist-her2st``, then the project's Hub repo).
+    """
+    from safetensors.torch import load_file
+
+    from ghist_core.device import pick_device
+
+    dev = pick_device(device)
+    if path is not None:
+        wp = Path(path)
+        cp = wp.with_suffix(".json")
+        if not wp.exists() or not cp.exists():
+            from ghist_core.errors import WeightsNotFoundError
+
+            raise WeightsNotFoundError(f"GHIST weights need {wp.name} and {cp.name} side by side in {wp.parent}.")
+        card = json.loads(cp.read_text())
+        sha = _sha256(wp)
+        if card.get("sha256") and card["sha256"] != sha:
+            raise WeightsIntegrityError(f"{wp.name} does not match the sha256 in its card; the file is damaged or replaced.")
+    else:
+        from ghist_core.weights import resolve_weights
+
+        r = resolve_weights(model_id, name=MODEL_NAME, kind="ghist")
+        wp, card, sha = r.weights_path, r.card, r.sha256
+    state = load_file(str(wp))
+    return GhistModel(_net_from(state, card), card, sha, dev)
+
+
+def save_ghist(net: GhistNet, folder: str | Path, card: Mapping[str, Any], name: str = MODEL_NAME) -> Path:
+    """Write ``<name>.safetensors`` + ``<name>.json`` (card with config and sha256); returns the weights path."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    full = {"kind": "ghist", "name": name, **dict(card)}
+    full["config"] = {**net.cfg.to_dict(), **dict(card.get("config", {}))}
+    try:
+        from ghist_core.weights import save_weights
+
+        return save_weights(state, folder, name, full).weights_path
+    except ImportError:  # pragma: no cover - weights module absent
+        from safetensors.torch import save_file
+
+        from ghist_core.atomic import atomic_path, atomic_write_text
+
+        folder = Path(folder)
+        wp = folder / f"{name}.safetensors"
+        with atomic_path(wp) as tmp:
+            save_file(state, str(tmp))
+        full["sha256"] = _sha256(wp)
+        atomic_write_text(folder / f"{name}.json", json.dumps(full, indent=2) + "\n")
+        return wp

@@ -1,0 +1,177 @@
+"""Train GHIST and write bundled weights (safetensors + JSON card).
+
+    # spot-level (weak) training on the HER2ST pack, with checkpoints and resume
+    python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --out weights --budget-s 300 \
+        --checkpoint-dir runs/ghist --resume
+    # package the final model of a bench run (bench/her2st.py run) with its measured metrics
+    python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --from-run RUN_DIR --out weights
+    # cell-level mode on generated data (per-cell targets), a quick demonstration
+    python scripts/train_ghist.py --synthetic-cells --epochs 30
+
+The card records genes, cell types, µm/px, patch size, normalisation, the reference,
+training data and command, LOSO/LOPO metrics (when a bench run is given) and sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ghist_core.model.network import GhistConfig, GhistNet  # noqa: E402
+
+HER2ST_CITATION = ("Andersson A. et al. Spatial deconvolution of HER2-positive breast cancer delineates tumor-associated "
+                   "cell type interactions. Nat Commun 12, 6012 (2021); data almaan/her2st @85df741 (no licence stated)")
+
+
+def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict | None, extra: dict | None = None) -> dict:
+    """The model card: everything a user needs to know what the weights are."""
+    hvg = [str(g) for g in pack.genes[: int(pack.n_hvg)]]
+    card = {
+        "kind": "ghist",
+        "name": "ghist-her2st",
+        "description": "GHIST-style per-cell expression, cell type, neighbourhood and morphology from H&E; "
+                       "trained weakly on HER2ST spots (sum of predicted cells per spot).",
+        "genes": [str(g) for g in pack.genes],
+        "evaluated_genes": hvg,
+        "marker_genes": [str(g) for g in pack.genes[int(pack.n_hvg):]],
+        "cell_types": [str(c) for c in pack.cell_types],
+        "mpp": float(pack.mpp),
+        "patch_px": int(pack.instances.shape[-1]),
+        "normalisation": {
+            "pixels": "RGB/255, minus norm_mean, divided by norm_std (per channel, from the training patches)",
+            "norm_mean": config.get("norm_mean"), "norm_std": config.get("norm_std"),
+            "expression_target": "spot: log1p(1e4 * counts / total counts of the spot); per cell: linear, "
+                                 "summed over the cells whose centre is within 50 um of a spot centre",
+            "morphology": "log area (um^2), eccentricity, solidity standardised by morph_mean/morph_std",
+        },
+        "reference": {
+            "source": "GHIST demo Xenium breast cells (SydneyBioX/GHIST data_demo, GPL-3 data; no code copied), "
+                      "5,508 cells x 280 genes, 9 labelled types",
+            "spot_fractions": "NNLS of library-normalised, per-gene-mean-scaled spot counts on the type profiles (shared genes)",
+            "profiles": "tensor 'reference' (types x genes) in the safetensors: NNLS fit of training-spot CP10k on the "
+                        "spot fractions, divided by the mean number of nuclei per spot",
+        },
+        "training": {
+            "data": f"HER2ST sections {sorted(set(pack.section.tolist()))} ({pack.n_spots} spots with H&E); {HER2ST_CITATION}",
+            "nuclei": "ghist_core.segmentation.ClassicalSegmenter on each 256 px patch at 0.5 um/px, star contours",
+            "config": train_config,
+            "command": command,
+        },
+        "config": config,
+        "expression_units": "per-cell share of spot CP10k (sum over a spot's cells ~ spot CP10k)",
+        "licence_note": "Weights trained on HER2ST (no licence stated by the authors; research use) and on reference "
+                        "profiles from GPL-3 data files.",
+    }
+    if metrics:
+        card["metrics"] = metrics
+    if extra:
+        card.update(extra)
+    return card
+
+
+def metrics_from_bench(res: dict) -> dict:
+    """LOSO/LOPO summary of a bench/her2st.json for the card."""
+    out = {}
+    for split in ("loso", "lopo"):
+        if split in res:
+            b = res[split]
+            out[split] = {"ghist_mean_pcc": b["model"]["mean_pcc"], "ghist_top50_pcc": b["model"]["top50_pcc"],
+                          "stnet_like_mean_pcc": b["baselines"]["stnet_like"]["mean_pcc"],
+                          "ridge_mean_pcc": b["baselines"]["ridge_features"]["mean_pcc"],
+                          "per_unit": b["model"].get("per_section") or b["model"].get("per_patient")}
+    out["protocol"] = "bench/her2st.py; genes: 250 HVGs (see evaluated_genes); Pearson r per gene over held-out spots"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pack", type=Path, default=Path(".gpu_data/her2st/pack.npz"))
+    ap.add_argument("--out", type=Path, default=Path("weights"))
+    ap.add_argument("--from-run", type=Path, default=None, help="folder of a bench/her2st.py run with the final model")
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--budget-s", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt if present")
+    ap.add_argument("--log", default=None, help="JSON-lines log of every epoch")
+    ap.add_argument("--synthetic-cells", action="store_true", help="cell-level mode on generated data")
+    args = ap.parse_args(argv)
+    command = "python scripts/train_ghist.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    import torch
+
+    from ghist_core.device import pick_device
+    from ghist_core.model.predict import save_ghist
+    from ghist_core.model.train import Trainer, TrainConfig, fit_her2st, make_synthetic_cells, pearson_per_gene
+
+    dev = pick_device(args.device)
+    if args.synthetic_cells:
+        data, _ = make_synthetic_cells(n_patches=32, size=64)
+        cfg = GhistConfig(genes=[f"gene{i}" for i in range(6)], cell_types=["t0", "t1", "t2"], patch_px=64,
+                          widths=(8, 16, 32, 32), fpn_dim=16, embed_dim=32, use_reference=False, dropout=0.0)
+        net = GhistNet(cfg)
+        tr = Trainer(TrainConfig(mode="cell", epochs=args.epochs, batch_size=8, lr=3e-3, augment=False,
+                                 checkpoint_dir=args.checkpoint_dir, log_path=args.log), device=dev)
+        tr.fit(net, data)
+        with torch.no_grad():
+            o = net.to(dev)(data.images.to(dev), data.instances.to(dev))
+        tgt = data.lut_expr.to(dev)[o["cell_batch"], o["cell_label"]]
+        print(f"cell-level Pearson r (log1p): {pearson_per_gene(torch.log1p(o['expr']), torch.log1p(tgt)).mean():.3f}")
+        return 0
+
+    from ghist_core.model.her2st import SpotPack
+
+    pack = SpotPack.load(args.pack)
+    if args.from_run:
+        run = args.from_run
+        from safetensors.torch import load_file
+
+        wf = run / "ghist-her2st-final.safetensors"
+        state = load_file(str(wf)) if wf.exists() else torch.load(run / "ghist-her2st-final.pt", weights_only=True)
+        jobs = json.loads((run / "her2st_jobs.json").read_text())
+        meta = jobs["final__ghist"]
+        config = meta["config"]
+        cfg = GhistConfig.from_dict(config)
+        net = GhistNet(cfg)
+        missing = {k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")}
+        net.load_state_dict({**missing, **state}, strict=True)
+        bench = json.loads((run / "her2st.json").read_text()) if (run / "her2st.json").exists() else None
+        extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),
+                                  "epochs": meta["epochs_done"], "final_loss": meta["history"][-1] if meta["history"] else None,
+                                  "command": "python bench/her2st.py run (fold 'final')"}}
+        card = card_for(pack, config, meta["train_config"], command, metrics_from_bench(bench) if bench else None, extra)
+    else:
+        from ghist_core.model.train import TrainConfig as TC
+
+        ckpt = args.checkpoint_dir
+        if ckpt and not args.resume and (Path(ckpt) / "last.pt").exists():
+            (Path(ckpt) / "last.pt").unlink()  # a fresh run unless --resume
+        tcfg = TC(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, time_budget_s=args.budget_s,
+                  checkpoint_dir=ckpt, log_path=args.log)
+        if ckpt:
+            Path(ckpt).mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        res = fit_her2st(pack, pack.images(), np.arange(pack.n_spots), kind="ghist", tcfg=tcfg, device=dev)
+        net = res.model
+        config = res.config
+        bench_path = Path("bench/results/her2st.json")
+        bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+        card = card_for(pack, config, res.train_config, command, metrics_from_bench(bench) if bench else None,
+                        {"training_run": {"device": str(dev), "seconds": round(time.time() - t0, 1), "epochs": len(res.history)}})
+    path = save_ghist(net.cpu(), args.out, card)
+    print(f"wrote {path} and its card")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
