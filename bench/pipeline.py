@@ -1,0 +1,134 @@
+"""End-to-end pipeline benchmark: seconds, cells/s, Mpx/s, peak RSS, split by stage.
+
+Each scenario runs in a fresh subprocess (so peak RSS is its own). The baseline in
+the same run is the pipeline with the classical (QuPath-style) segmenter; the
+cohort scenario compares 1 and 2 Dask workers on 8 slides.
+
+    python bench/pipeline.py [--device cpu|cuda] [--slide PATH] [--skip-cohort]
+
+Writes bench/results/pipeline.json (or pipeline_<device>.json for a GPU run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _one_run(slide: str, device: str, segmenter: str | None, mpp: float | None) -> dict:
+    """Child: one whole pipeline run in a temp project; prints a JSON line."""
+    from ghist_core.pipeline import predict_slide
+    from ghist_core.slide import open_slide
+    from ghist_core.store import Project
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Project.create(Path(tmp) / "p")
+        t = time.perf_counter()
+        record = project.add_slide(slide, patient_id="BENCH", mpp=mpp)
+        add_s = time.perf_counter() - t
+        t = time.perf_counter()
+        result = predict_slide(record.slide_id, project, device=device, segmenter_id=segmenter)
+        wall = time.perf_counter() - t
+        with open_slide(project.slide_path(record.slide_id), mpp=record.mpp) as s:
+            mpx = s.dimensions[0] * s.dimensions[1] / 1e6
+        timings = result.timings
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {
+        "slide": Path(slide).name,
+        "segmenter": segmenter or "learned (bundled)",
+        "device": device,
+        "megapixels": round(mpx, 3),
+        "n_cells": result.n_cells,
+        "seconds": round(wall, 2),
+        "import_and_add_slide_s": round(add_s, 2),
+        "cells_per_s": round(result.n_cells / wall, 1),
+        "mpx_per_s": round(mpx / wall, 3),
+        "peak_rss_mib": round(peak, 1),
+        "stages_s": {k: round(float(v), 2) for k, v in timings.items()},
+    }
+
+
+def _child(args: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cohort(device: str, segmenter: str | None, n_slides: int = 8) -> dict:
+    from PIL import Image
+
+    from ghist_core.cohort_runner import ManifestRow, run_cohort
+    from ghist_core.slide import open_slide
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        with open_slide(REPO / "demo" / "CMU-1-Small-Region.svs") as s:
+            for i in range(n_slides):
+                x, y = 200 + (i % 4) * 450, 300 + (i // 4) * 1100
+                p = Path(tmp) / f"slide{i}.png"
+                Image.fromarray(s.read_region((x, y), 0, (512, 512))).save(p)
+                rows.append(ManifestRow(str(p), f"P{i}", 0.499))
+        for workers in (1, 2):
+            t = time.perf_counter()
+            summary = run_cohort(rows, Path(tmp) / f"project_{workers}", n_workers=workers, device=device,
+                                 segmenter_id=segmenter, echo=lambda _l: None)
+            out[f"workers_{workers}_s"] = round(time.perf_counter() - t, 2)
+            out[f"workers_{workers}_finished"] = summary["finished"]
+    out["slides"] = n_slides
+    out["speedup_2_vs_1"] = round(out["workers_1_s"] / out["workers_2_s"], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", nargs=4, metavar=("SLIDE", "DEVICE", "SEGMENTER", "MPP"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--slide", default=str(REPO / "demo" / "CMU-1-Small-Region.svs"))
+    parser.add_argument("--skip-cohort", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.child:
+        slide, device, seg, mpp = args.child
+        print(json.dumps(_one_run(slide, device, None if seg == "-" else seg, None if mpp == "-" else float(mpp))))
+        return
+
+    from ghist_core.weights import list_models
+
+    learned_seg = any(m.get("name") == "nuclei-seg" for m in list_models())
+    results: dict = {"device": args.device, "machine": platform.processor() or platform.machine(), "slides": {}}
+    if args.device == "cuda":
+        import torch
+
+        results["card"] = torch.cuda.get_device_name(0)
+    for label, seg in (("classical_baseline", "classical"), ("ghist_studio", None if learned_seg else "classical")):
+        r = _child([args.slide, args.device, seg or "-", "-"])
+        results["slides"][label] = r
+        print(f"{label:20s} {r['seconds']:8.1f} s  {r['n_cells']:7d} cells  {r['mpx_per_s']:.3f} Mpx/s  "
+              f"peak {r['peak_rss_mib']:.0f} MiB  stages {r['stages_s']}")
+    base, ours = results["slides"]["classical_baseline"], results["slides"]["ghist_studio"]
+    results["ratio_seconds_ours_vs_classical"] = round(ours["seconds"] / base["seconds"], 2)
+    print(f"ratio (ours / classical baseline, seconds): {results['ratio_seconds_ours_vs_classical']}")
+    if not args.skip_cohort:
+        results["cohort"] = _cohort(args.device, None if learned_seg else "classical")
+        print(f"cohort: {results['cohort']}")
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / ("pipeline.json" if args.device == "cpu" else f"pipeline_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
