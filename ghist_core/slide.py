@@ -644,6 +644,7 @@ class TiffSlide(Slide):
         try:
             with _TifffileComplaints() as complaints:
                 self._tif = tifffile.TiffFile(str(path))
+                self._tif.filehandle.set_lock(True)  # tiles may be read from several threads
                 series = self._pick_series(self._tif, path)
                 levels = list(series.levels) if series.levels else [series]
                 axes = series.axes
