@@ -23,6 +23,7 @@ UPLOAD = "cohort_upload"  # (file name, bytes) of an uploaded clinical table
 SALT = "cohort_pseudonym_salt"  # per-session secret for pseudonymised exports; never written
 SOURCE_DEMO = "Demo: TCGA breast cancer (clinical only, no slides)"
 SOURCE_UPLOAD = "My clinical table"
+SOURCE_SAVED = "Saved in this project"
 GROUP_CLINICAL = "Clinical variable"
 GROUP_SPLIT = "Predicted feature: split"
 GROUP_KMEANS = "Predicted features: k-means clusters"
@@ -60,6 +61,16 @@ def show_figure(fig, key: str) -> None:
     st.plotly_chart(fig, config=cfg, key=key)
 
 
+def saved_tables() -> pd.DataFrame | None:
+    """Clinical tables kept in the project store (None when there is no store or none)."""
+    try:
+        tables = c.open_project().list_clinical_tables()
+    except (ImportError, AttributeError, GhistError, OSError) as exc:  # page works without a store
+        st.caption(f"Project clinical tables unavailable ({exc}).")
+        return None
+    return tables if len(tables) else None
+
+
 def project_slides() -> tuple[list[tuple[str, str]], list[str]]:
     """Predicted slides of the current project; never fails the page."""
     try:
@@ -73,7 +84,9 @@ def project_slides() -> tuple[list[tuple[str, str]], list[str]]:
 # --- 1. clinical table ---------------------------------------------------------------------
 with st.sidebar:
     st.subheader("Cohort")
-    source = st.radio("Clinical data", [SOURCE_DEMO, SOURCE_UPLOAD], key="cohort_source")
+    saved = saved_tables()
+    sources = [SOURCE_DEMO, SOURCE_UPLOAD] + ([SOURCE_SAVED] if saved is not None else [])
+    source = st.radio("Clinical data", sources, key="cohort_source")
     st.radio("Figure download format (camera button on each plot)", ["svg", "png"],
              key="cohort_image_format", horizontal=True,
              help="Plots are saved by your browser from the camera icon in their toolbar.")
@@ -81,6 +94,7 @@ with st.sidebar:
                        help="Replaces ids by keyed hashes (P-…); the key lives only in this "
                             "browser session.")
 
+saved_mapping: dict = {}
 if source == SOURCE_UPLOAD:
     up = st.file_uploader("Clinical table (CSV, TSV or XLSX; one row per patient)",
                           type=["csv", "tsv", "txt", "xlsx"], key="cohort_uploader")
@@ -92,6 +106,15 @@ if source == SOURCE_UPLOAD:
                 "unchanged.")
         st.stop()
     name, data = st.session_state[UPLOAD]
+elif source == SOURCE_SAVED:
+    labels = {f"{r.name} (#{r.table_id})": int(r.table_id) for r in saved.itertuples()}
+    pick = st.selectbox("Saved clinical table", list(labels), key="cohort_saved_table")
+    try:
+        path, saved_mapping = c.open_project().get_clinical_table(labels[pick])
+        name, data = path.name, path.read_bytes()
+    except (GhistError, OSError) as exc:
+        st.error(str(exc))
+        st.stop()
 else:
     name, data = "tcga_brca_clinical.csv", None
     st.info(
@@ -112,6 +135,9 @@ st.caption(f"{name}: {len(raw)} rows × {raw.shape[1]} columns"
 
 # --- 2. column mapping ---------------------------------------------------------------------
 guess = co.guess_mapping(raw)
+if source == SOURCE_SAVED and saved_mapping:  # the mapping saved with the table wins
+    guess = co.ColumnMapping(**{**guess.to_dict(), **{k: v for k, v in saved_mapping.items()
+                                                      if k in guess.to_dict() and v}})
 endpoints = find_endpoints(raw)
 cols = list(raw.columns)
 with st.expander("Columns and endpoint", expanded=source == SOURCE_UPLOAD):
@@ -119,7 +145,10 @@ with st.expander("Columns and endpoint", expanded=source == SOURCE_UPLOAD):
     pid_col = a.selectbox("Patient id", cols, index=cols.index(guess.patient_id)
                           if guess.patient_id in cols else 0, key="cohort_pid")
     if endpoints:
+        pairs = list(endpoints.values())
         ep = b.selectbox("Endpoint", list(endpoints), key="cohort_endpoint",
+                         index=pairs.index((guess.time, guess.event))
+                         if (guess.time, guess.event) in pairs else 0,
                          help="OS overall survival, DSS disease-specific, PFI progression-free "
                               "interval, DFI disease-free interval. TCGA-CDR recommends PFI and OS.")
         time_col, event_col = endpoints[ep]
@@ -168,7 +197,7 @@ if source == SOURCE_UPLOAD:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / Path(name).name
                 path.write_bytes(data)
-                project.add_clinical_table(path, name=Path(name).name,
+                project.add_clinical_table(path, name=Path(name).stem, original_name=name,
                                            mapping=checked.mapping.to_dict())
             st.success("Saved: the original file is kept unchanged in the project.")
         except (ImportError, AttributeError, GhistError, OSError) as exc:
@@ -201,8 +230,13 @@ if mode != GROUP_CLINICAL and not features:
             "come back. " + co.POOLING_RULE)
     st.stop()
 if mode == GROUP_CLINICAL:
-    candidates = [g for g in guess.groups if g in table.columns] or \
-        [c_ for c_ in table.columns if c_ not in ("patient_id", "time", "event")]
+    candidates = [g for g in guess.groups if g in table.columns] or [
+        c_ for c_ in raw.columns if c_ in table.columns
+        and c_ not in (pid_col, time_col, event_col) and 2 <= table[c_].nunique() <= 20]
+    if not candidates:
+        st.info("This table has no column to group patients by (a column with 2–20 values). "
+                "Choose a grouping from predicted features above, or add a clinical variable.")
+        st.stop()
     default = "her2_status" if "her2_status" in candidates else candidates[0]
     var = st.selectbox("Variable", candidates, index=candidates.index(default),
                        key="cohort_group_var")

@@ -129,3 +129,81 @@ def test_feature_groups_need_slides(app):
     assert not at.exception
     assert any("need predicted slides" in i.value and "demo has no slides" in i.value
                for i in at.info)
+
+
+# --------------------------------------------------------------------------- with a real store
+def _predicted_project(folder, n_patients: int, rng) -> dict[str, float]:
+    """A real project store with one small slide per patient and a finished run whose
+    .h5ad holds predicted cells (tumour share differs by patient). Returns the shares."""
+    import anndata as ad
+    import pandas as pd
+    from PIL import Image
+
+    from ghist_core.store import Project
+
+    project = Project.open_or_create(folder)
+    shares = {}
+    for i in range(n_patients):
+        pid = f"PT-{i:03d}"
+        png = folder.parent / f"slide_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(png)
+        rec = project.add_slide(png, patient_id=pid, mpp=0.5)
+        run = project.start_run(rec.slide_id, model_id="test", weights_sha256=None, device="cpu")
+        share = float(rng.uniform(0.1, 0.7))
+        n = 120
+        types = np.where(rng.random(n) < share, "tumour", "stroma")
+        adata = ad.AnnData(X=rng.random((n, 2)).astype(np.float32),
+                           obs=pd.DataFrame({"cell_type": types, "nbhd_tumour": rng.random(n)},
+                                            index=np.arange(n).astype(str)),
+                           var=pd.DataFrame(index=["ERBB2", "ESR1"]))
+        out = project.run_dir(run) / "cells.h5ad"
+        adata.write_h5ad(out)
+        project.add_result_file(run, "h5ad", out)
+        project.finish_run(run, n_cells=n)
+        shares[pid] = float((types == "tumour").mean())
+    return shares
+
+
+def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    projects = tmp_path / "projects"
+    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(projects))
+    shares = _predicted_project(projects / "demo", 36, rng)  # the page's default project
+    # survival depends on the predicted tumour share; 4 clinical patients have no slide
+    ids = list(shares) + [f"PT-9{i:02d}" for i in range(4)]
+    x = np.array([shares.get(p, 0.4) for p in ids])
+    t = rng.exponential(1 / (0.02 * np.exp(6 * x)))
+    c_ = rng.uniform(20, 80, len(ids))
+    csv = "patient,months,dead\n" + "".join(
+        f"{p},{min(a, b):.2f},{int(a <= b)}\n" for p, a, b in zip(ids, t, c_))
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["cohort_upload"] = ("cohort.csv", csv.encode())
+    at.run()
+    at.radio(key="cohort_source").set_value("My clinical table").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    text = " ".join(m.value for m in at.markdown) + " ".join(cp.value for cp in at.caption)
+    assert "4 of 40 patients have no predicted slide" in text
+    assert "36 patients have both clinical data and predicted slides" in text
+    at.radio(key="cohort_group_mode").set_value("Predicted feature: split").run()
+    at.selectbox(key="cohort_feature").set_value("prop_tumour").run()
+    assert not at.exception and not at.error
+    m = _metrics(at)
+    assert m["Patients"] == "36"
+    fig = _figure(at)
+    names = sorted(tr["name"] for tr in fig["data"] if "(n=" in tr.get("name", ""))
+    v = np.array(list(shares.values()))
+    n_low = int((v <= np.median(v)).sum())  # median split, ties go low (stated in the rule)
+    assert names == [f"high (n={36 - n_low})", f"low (n={n_low})"]
+    # the feature comparison section: tumour share differs between the median-split groups
+    tests = [df.value for df in at.dataframe if "q_bh" in df.value.columns][0]
+    row = tests.set_index("feature").loc["prop_tumour"]
+    assert row["test"] == "Mann–Whitney U" and row["p"] < 1e-3
+    # the table can be kept in the project, unchanged
+    at.button(key="cohort_save").click().run()
+    assert any("Saved" in s.value for s in at.success)
+    from ghist_core.store import Project
+
+    saved = Project.open(projects / "demo").list_clinical_tables()
+    assert len(saved) == 1 and saved.loc[0, "mapping"]["time"] == "months"
+    path, _ = Project.open(projects / "demo").get_clinical_table(int(saved.loc[0, "table_id"]))
+    assert path.read_bytes() == csv.encode()
