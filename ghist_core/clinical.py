@@ -18,6 +18,7 @@ Event coding rule (case-insensitive, surrounding spaces ignored), used by
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import hashlib
 import io
 import os
@@ -61,6 +62,9 @@ EVENT_FALSE = frozenset({"0", "0.0", "alive", "living", "censored", "no", "n", "
 TIME_UNITS: dict[str, float] = {"days": 1.0, "weeks": 7.0, "months": 365.25 / 12, "years": 365.25}
 
 _MAX_BYTES = 50 * 1024 * 1024
+#: A one-row-per-patient table has tens to hundreds of columns; far more means it is
+#: something else (e.g. an expression matrix), and parsing it would tie the app up.
+_MAX_COLUMNS = 1000
 _DELIMS = [",", ";", "\t", "|"]
 _ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
 
@@ -167,6 +171,11 @@ def read_clinical_table(path_or_bytes: str | os.PathLike | bytes, filename: str 
                 f"{name!r} does not look like a text table (it contains binary data). Upload a "
                 "CSV, TSV or XLSX file.")
         text, enc = _decode(data)
+        first = text.lstrip("\ufeff").split("\n", 1)[0]
+        if max(first.count(d) for d in _DELIMS) >= _MAX_COLUMNS:
+            raise ClinicalTableError(
+                f"{name!r} has more than {_MAX_COLUMNS:,} columns in its header; a clinical table has one "
+                "row per patient and one column per variable. Upload the clinical table itself.")
         delim = "\t" if ext in (".tsv", ".tab") else _sniff_delimiter(text)
         try:
             df = pd.read_csv(io.StringIO(text), sep=delim, dtype=str, skipinitialspace=True,
@@ -178,7 +187,7 @@ def read_clinical_table(path_or_bytes: str | os.PathLike | bytes, filename: str 
                 "fields (quotes around values that contain the delimiter).") from None
         header = next(csv.reader([text.lstrip("\ufeff").splitlines()[0]], delimiter=delim))
         header = [h.strip() for h in header]
-        dup = sorted({h for h in header if header.count(h) > 1})
+        dup = sorted(h for h, k in Counter(header).items() if k > 1)
         if dup:
             raise ClinicalTableError(f"Column name(s) used twice: {', '.join(map(repr, dup))}. "
                                      "Rename them so each column has one name.")
@@ -425,6 +434,10 @@ def validate_survival(
         problems.append(f"{int(neg.sum())} patient(s) have a negative time in {m.time!r}; "
                         "left out (check the date arithmetic in the source).")
     mark(neg, f"negative time ({m.time})")
+    infinite = pd.Series(np.isinf(t.to_numpy(dtype=float)), index=t.index) & ~neg
+    if infinite.any():
+        problems.append(f"{int(infinite.sum())} patient(s) have an infinite time in {m.time!r}; left out.")
+    mark(infinite, f"time is infinite ({m.time})")
 
     ev, bad_ev = coerce_events(df[m.event])
     if bad_ev.any():

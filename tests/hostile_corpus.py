@@ -73,6 +73,7 @@ class Case:
     ref: str | None = None  # .npy of the expected level-0 RGB region (0, 0, 64, 64)
     dims: tuple[int, int] | None = None  # expected (width, height) at level 0
     rows: int | None = None  # expected data rows of a clinical table
+    mapping: dict | None = None  # clinical column mapping to validate with (else guessed)
     note: str = ""
 
 
@@ -335,9 +336,14 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     slide("tiff_absurd_tile_size", "absurd_tile.tif", "error")
     put("zero_tile.tif", _tiff_ifd_file(256, 256, data=small, tile=(0, 0), n_chunks=1))
     slide("tiff_zero_tile_size", "zero_tile.tif", "error")
-    tiles_1x1 = _tiff_ifd_file(65536, 65536, data=small, tile=(16, 16), n_chunks=(65536 // 16) ** 2, chunk_bytes=48)
+    tiles_1x1 = _tiff_ifd_file(16384, 16384, data=small, tile=(16, 16), n_chunks=(16384 // 16) ** 2, chunk_bytes=48)
     put("many_tiny_tiles.tif", tiles_1x1)
-    slide("tiff_16M_tiles_declared", "many_tiny_tiles.tif", "either", note="4096 x 4096 tiles, all aliasing 48 bytes")
+    slide("tiff_1M_tiny_tiles_declared", "many_tiny_tiles.tif", "error", note="1024 x 1024 tiles, all aliasing 48 bytes")
+    # a real decompression bomb: 100k x 100k zlib tiles that all point at one 256 x 256 white tile
+    white = zlib.compress(np.full((256, 256, 3), 255, np.uint8).tobytes(), 9)
+    n_t = (100_000 // 256 + 1) ** 2
+    put("zlib_bomb.tif", _tiff_ifd_file(100_000, 100_000, data=white, tile=(256, 256), n_chunks=n_t, compression=8))
+    slide("tiff_zlib_bomb_10gpx_no_pyramid", "zlib_bomb.tif", "error", note=f"{n_t} tiles aliasing {len(white)} bytes")
     put("zero_dims.tif", _tiff_ifd_file(0, 0, data=small))
     slide("tiff_zero_dims", "zero_dims.tif", "error")
     put("ifd_loop.tif", _tiff_ifd_file(4, 4, data=bytes(48), next_ifd=8))
@@ -410,8 +416,9 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     clin("csv_semicolon_decimal_comma", put("clin_semi.csv", table(rows, ";").replace("100", "100,5").encode()), "ok", rows=30)
     inj = [rows[0]] + [r for r in rows[1:6]]
     inj += [("=cmd|' /C calc'!A0", "200", "dead", "=1+1"), ("+SUM(A1:A9)", "300", "alive", "@SUM(1)"),
-            ("-2+3+cmd|' /C calc'!A0", "400", "dead", "\t=HYPERLINK(\"http://x\")"), ("@foo", "500", "alive", "\r=2")]
+            ("-2+3+cmd|' /C calc'!A0", "400", "dead", "\t=HYPERLINK(\"http://x\")"), ("@foo", "500", "alive", "-A1")]
     clin("csv_formula_injection", put("clin_inject.csv", table(inj).encode()), "ok", rows=9)
+    clin("csv_formula_after_cr", put("clin_inject_cr.csv", table(inj + [("P9", "9", "dead", "\r=2")]).encode()), "either")
     clin("csv_formula_in_header", put("clin_inject_hdr.csv", table([("=cmd|' /C calc'!A0", "os_days", "vital_status")]
                                                                    + [(f"P{i}", "10", "dead") for i in range(5)]).encode()), "ok", rows=5)
     wide = ",".join(f"c{i}" for i in range(100_000)) + "\n" + ",".join("1" for _ in range(100_000)) + "\n"
@@ -429,8 +436,10 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     clin("csv_ragged_rows", put("clin_ragged.csv", b"patient_id,os_days,vital_status\nP1,10\nP2,20,alive,extra,more\nP3,5,dead\n"), "either")
     clin("csv_duplicate_headers", put("clin_duphdr.csv", b"id,id,time\n1,2,3\n4,5,6\n"), "error")
     bad_vals = [rows[0]] + [("P1", "nan", "dead", "1"), ("P2", "-5", "alive", "2"), ("P3", "inf", "dead", "1"),
-                            ("P4", "1e400", "maybe", "3"), ("P5", "12", "dead", "1"), ("P6", "30", "alive", "2")]
-    clin("csv_nan_negative_inf_times", put("clin_badvals.csv", table(bad_vals).encode()), "either")
+                            ("P4", "1e400", "alive", "3"), ("P5", "12", "dead", "1"), ("P6", "30", "alive", "2"),
+                            ("P7", "-inf", "dead", "1"), ("P8", "40", "maybe", "2")]
+    clin("csv_nan_negative_inf_times", put("clin_badvals.csv", table(bad_vals).encode()), "ok", rows=8,
+         mapping={"patient_id": "patient_id", "time": "os_days", "event": "vital_status"})
     clin("csv_10mb_cell", put("clin_bigcell.csv", b"patient_id,os_days,vital_status\nP1,10," + b"x" * 10_000_000 + b"\nP2,5,dead\n"), "either")
     clin("csv_over_50mb", put("clin_huge.csv", b"a,b\n" + b"1,2\n" * 13_200_000), "error")
     clin("csv_null_bytes", put("clin_nul.csv", good.encode().replace(b"P003", b"P\x00\x003")), "error")
@@ -516,7 +525,7 @@ def _is_formula(cell: str) -> bool:
 
 
 def _run_clinical_case(case: Case, root: Path, work: Path) -> list[str]:
-    from ghist_core.clinical import guess_mapping, read_clinical_table, safe_csv_bytes, validate_survival
+    from ghist_core.clinical import ColumnMapping, guess_mapping, read_clinical_table, safe_csv_bytes, validate_survival
     from ghist_core.errors import GhistError
     from ghist_core.store import Project
 
@@ -532,7 +541,7 @@ def _run_clinical_case(case: Case, root: Path, work: Path) -> list[str]:
         out = safe_csv_bytes(df).decode("utf-8")
         bad = [c for r in csv.reader(io.StringIO(out)) for c in r if _is_formula(c)]
         _check(not bad, f"export keeps formula cells: {bad[:3]}")
-        m = guess_mapping(df)
+        m = ColumnMapping(**case.mapping) if case.mapping else guess_mapping(df)
         if m.patient_id and m.time and m.event:
             st = validate_survival(df, m)
             _check(len(st.table) + len(st.dropped) >= 1, "validation lost every row silently")
