@@ -180,11 +180,11 @@ class MacenkoNormalizer:
         return self
 
     def concentrations(self, rgb: np.ndarray) -> np.ndarray:
-        """H x W x 2 haematoxylin/eosin concentrations of ``rgb`` under its own stain vectors."""
-        got = self._fit_image(rgb)
-        stains = got.stain_matrix if got is not None else self.stain_matrix_
+        """H x W x 2 haematoxylin/eosin concentrations of ``rgb`` under the fitted stain vectors."""
+        if not hasattr(self, "stain_matrix_"):
+            raise RuntimeError("MacenkoNormalizer.concentrations called before fit()")
         od = rgb_to_od(rgb)
-        return od.reshape(-1, 3).__matmul__(np.linalg.pinv(stains)).reshape(*od.shape[:-1], 2)
+        return od @ np.linalg.pinv(self.stain_matrix_)
 
     def transform(self, tile: np.ndarray) -> np.ndarray:
         """``tile`` (uint8 H x W x 3) recoloured to the reference stain; uint8 out."""

@@ -311,3 +311,24 @@ def test_tiled_reads_match_whole_level_and_cache_is_bounded(tmp_path: Path) -> N
                 want[y0 - y : y1 - y, x0 - x : x1 - x] = rgb[y0:y1, x0:x1]
             assert np.array_equal(got, want)
             assert s._cache_bytes <= max(s.tile_cache_bytes, 128 * 128 * 3)
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_concurrent_reads_are_correct(tmp_path: Path, backend: str) -> None:
+    """Readers in several threads (e.g. a data loader) get the right pixels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rgb = gradient_rgb((1024, 768))
+    p = write_pyramid_tiff(tmp_path / "c.tif", rgb, mpp=0.5, levels=2, tile=128, layout="pages")
+    rng = np.random.default_rng(1)
+    boxes = [(int(rng.integers(0, 900)), int(rng.integers(0, 650)), int(rng.integers(8, 120)), int(rng.integers(8, 110)))
+             for _ in range(200)]
+    with open_slide(p, backend=backend) as s:
+        s.tile_cache_bytes = 8 * 128 * 128 * 3  # small cache: lots of eviction under contention
+
+        def check(box: tuple[int, int, int, int]) -> bool:
+            x, y, w, h = box
+            return bool(np.array_equal(s.read_region((x, y), 0, (w, h)), rgb[y : y + h, x : x + w]))
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(check, boxes))

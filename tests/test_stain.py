@@ -92,7 +92,7 @@ def test_hed_jitter_batch_and_float(target: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- Macenko
-def test_macenko_stain_vectors(macenko: stain.MacenkoNormalizer) -> None:
+def test_macenko_stain_vectors(macenko: stain.MacenkoNormalizer, target: np.ndarray) -> None:
     sm = macenko.stain_matrix_
     assert sm.shape == (2, 3)
     assert np.allclose(np.linalg.norm(sm, axis=1), 1.0)
@@ -107,6 +107,10 @@ def test_macenko_stain_vectors(macenko: stain.MacenkoNormalizer) -> None:
     assert _angle_deg(h, stain.RGB_FROM_HED[0]) < 20
     assert _angle_deg(e, stain.RGB_FROM_HED[1]) < 30
     assert macenko.max_concentrations_.shape == (2,) and (macenko.max_concentrations_ > 0).all()
+    conc = macenko.concentrations(target)
+    assert conc.shape == (1000, 1000, 2)
+    assert np.allclose(np.percentile(conc.reshape(-1, 2)[stain.rgb_to_od(target).reshape(-1, 3).min(1) >= 0.15], 99, axis=0),
+                       macenko.max_concentrations_, rtol=1e-6)
 
 
 def test_macenko_target_to_itself_is_identity(target: np.ndarray, macenko: stain.MacenkoNormalizer) -> None:
