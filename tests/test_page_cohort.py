@@ -207,3 +207,83 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
     assert len(saved) == 1 and saved.loc[0, "mapping"]["time"] == "months"
     path, _ = Project.open(projects / "demo").get_clinical_table(int(saved.loc[0, "table_id"]))
     assert path.read_bytes() == csv.encode()
+
+
+# --------------------------------------------------------------------------- real browser
+@pytest.mark.browser
+@pytest.mark.slow
+def test_browser_upload_group_and_plot(tmp_path):
+    """streamlit run app.py on 127.0.0.1 + Chromium: upload a CSV through the real file
+    input, pick a grouping, see the KM plot and the numbers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from ghist_core.paths import REPO_DIR
+
+    rng = np.random.default_rng(5)
+    n = 60
+    grade = np.where(np.arange(n) % 2, "G3", "G1")
+    t = rng.exponential(np.where(grade == "G3", 20.0, 60.0))
+    c_ = rng.uniform(10, 90, n)
+    csv_path = tmp_path / "my_cohort.csv"
+    csv_path.write_text("patient_id;time_months;status;grade\n" + "".join(
+        f"P{i:03d};{min(a, b):.1f};{'Dead' if a <= b else 'Alive'};{g}\n".replace(".", ",")
+        for i, (a, b, g) in enumerate(zip(t, c_, grade))), encoding="cp1252")
+    events = int((t <= c_).sum())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GHIST_PROJECTS_DIR": str(tmp_path / "projects"),
+           "PYTHONPATH": str(REPO_DIR)}
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=REPO_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=["--headless", "--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+            page.goto(url + "/cohort")
+            page.wait_for_selector('[data-testid="stMetric"]', timeout=90_000)
+            page.get_by_text("My clinical table").click()
+            page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+                str(csv_path))
+            page.wait_for_selector("text=patients usable", timeout=60_000)
+            page.wait_for_selector(idle, timeout=60_000)
+            body = page.locator("body").inner_text()
+            assert f"{n} patients usable, {events} events" in body
+            metrics = page.locator('[data-testid="stMetric"]')
+            page.wait_for_selector('.js-plotly-plot .scatterlayer', timeout=60_000)
+            text = [" ".join(m.split()) for m in metrics.all_inner_texts()]
+            assert f"Patients {n}" in text and f"Events {events}" in text, text
+            legend = page.locator(".js-plotly-plot").first.locator(".legendtext").evaluate_all(
+                "els => els.map(e => e.textContent)")
+            assert sorted(legend) == ["G1 (n=30)", "G3 (n=30)"]
+            page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
