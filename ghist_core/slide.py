@@ -408,9 +408,10 @@ class Slide:
             and abs(lx - ix0) < 1e-6 and abs(ly - iy0) < 1e-6
         ):
             return self._read_level_padded(level, ix0, iy0, ow, oh)
-        # one pixel of margin on each side so the filter sees real neighbours at tile edges
-        rx0, ry0 = ix0 - 1, iy0 - 1
-        rx1, ry1 = math.ceil(lx + lw) + 1, math.ceil(ly + lh) + 1
+        # margin as wide as the filter's reach, so neighbouring tiles join without seams
+        m = math.ceil(max(lw / ow, lh / oh, 1.0)) + 1
+        rx0, ry0 = ix0 - m, iy0 - m
+        rx1, ry1 = math.ceil(lx + lw) + m, math.ceil(ly + lh) + m
         region = self._read_level_padded(level, rx0, ry0, rx1 - rx0, ry1 - ry0)
         img = Image.fromarray(region)
         box = (lx - rx0, ly - ry0, lx - rx0 + lw, ly - ry0 + lh)
@@ -866,9 +867,14 @@ class _TifffileComplaints(logging.Handler):
     """Collects what tifffile logs while parsing: it logs (not raises) on damaged files."""
 
     _PATTERN = re.compile(r"invalid|missing|corrupt|truncat|raised|out of range|beyond", re.I)
+    #: Only damage to the file's structure (offsets past the end): used before OpenSlide,
+    #: which reads vendor TIFFs that tifffile may find unusual but that are not damaged.
+    STRUCTURAL = re.compile(r"offset|truncat|corrupt|beyond|end of file", re.I)
 
-    def __init__(self) -> None:
+    def __init__(self, pattern: re.Pattern[str] | None = None) -> None:
         super().__init__(level=logging.WARNING)
+        if pattern is not None:
+            self._PATTERN = pattern
         self.messages: list[str] = []
         self._logger = logging.getLogger("tifffile")
 
@@ -888,17 +894,20 @@ class _TifffileComplaints(logging.Handler):
         self._logger.propagate = self._old_propagate
 
 
-def check_tiff_integrity(path: str | os.PathLike) -> None:
+def check_tiff_integrity(path: str | os.PathLike, *, strict: bool = True) -> None:
     """Raise CorruptSlideError if a TIFF's directories or image data are damaged or cut short.
 
     Parses every directory (not the pixels): cheap even for large slides, and catches
-    interrupted uploads before OpenSlide or tifffile would half-read them.
+    interrupted uploads before OpenSlide or tifffile would half-read them. ``strict=False``
+    only counts structural damage (offsets past the end of the file), not tags tifffile
+    finds unusual, so vendor formats OpenSlide understands are not refused.
     """
     import tifffile
 
     path = Path(path)
     try:
-        with _TifffileComplaints() as complaints, tifffile.TiffFile(str(path)) as tif:
+        pattern = None if strict else _TifffileComplaints.STRUCTURAL
+        with _TifffileComplaints(pattern) as complaints, tifffile.TiffFile(str(path)) as tif:
             n_pages = len(tif.pages)  # len() stops at circular IFD chains; iterating would loop forever
             pages = [pg for pg in (tif.pages[i] for i in range(n_pages)) if pg is not None]
             if not pages:
@@ -1110,7 +1119,7 @@ def open_slide(
     if backend is None:
         backend = _choose_backend(p, kind)
     if kind == "tiff" and backend in ("openslide", "tifffile"):
-        check_tiff_integrity(p)
+        check_tiff_integrity(p, strict=backend == "tifffile")
     if backend == "openslide":
         return OpenSlideSlide(p, mpp_given=mpp_given)
     if backend == "tifffile":

@@ -332,3 +332,18 @@ def test_concurrent_reads_are_correct(tmp_path: Path, backend: str) -> None:
 
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(check, boxes))
+
+
+@pytest.mark.parametrize("target_mpp", [0.3, 1.0, 2.0])
+def test_tiles_join_without_seams(svs: Slide, target_mpp: float) -> None:
+    """4 x 4 small reads at a target µm/px stitch into the same image as one big read."""
+    big = svs.read_region_mpp((400.0, 800.0), (256, 256), target_mpp)
+    f = target_mpp / svs.mpp
+    stitched = np.zeros_like(big)
+    for r in range(4):
+        for c in range(4):
+            stitched[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64] = svs.read_region_mpp(
+                (400.0 + c * 64 * f, 800.0 + r * 64 * f), (64, 64), target_mpp
+            )
+    diff = np.abs(stitched.astype(int) - big)
+    assert diff.max() <= 1 and diff.mean() < 0.01
