@@ -46,8 +46,9 @@ def pseudobulk(X: np.ndarray | sparse.spmatrix, groups: Sequence, genes: Sequenc
     labels = pd.Index(pd.Series(np.asarray(groups)).astype(str))
     codes, uniques = pd.factorize(labels, sort=True)
     n = len(codes)
-    ind = sparse.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(len(uniques), n))
-    sums = ind @ X
+    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+    ind = sparse.csr_matrix((np.ones(n, dtype=dtype), (codes, np.arange(n))), shape=(len(uniques), n))
+    sums = ind @ X  # float32 stays float32: no 2× copy of a large matrix
     sums = np.asarray(sums.todense() if sparse.issparse(sums) else sums, dtype=float)
     counts = np.bincount(codes, minlength=len(uniques)).astype(float)
     return pd.DataFrame(sums / counts[:, None], index=pd.Index(uniques, name="group"), columns=list(genes))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
@@ -24,12 +25,17 @@ import pandas as pd
 import plotly.graph_objects as go
 import pydeck as pdk
 from PIL import Image, ImageDraw
+from pydeck.bindings.json_tools import default_serialize
 
 from . import palette
 from .errors import UnknownGeneError
 
-#: Most objects (points or squares) one map sends to the browser.
+#: Most objects (points or squares) one map ever sends to the browser.
 MAX_BROWSER_POINTS = 200_000
+#: In "auto" mode, draw each cell up to this many and the grid summary beyond: deck.gl's JSON
+#: path costs the browser about 0.2 ms per object on a CPU-only machine, so 50k keeps a map
+#: interactive within seconds; "cells" can still be forced up to MAX_BROWSER_POINTS.
+AUTO_CELL_LIMIT = 50_000
 #: Units of morphology columns (shown on axes).
 MORPHOLOGY_UNITS: dict[str, str] = {
     "area_um2": "µm²",
@@ -64,19 +70,20 @@ def gene_values(adata, gene: str) -> np.ndarray:
     return np.asarray(col, dtype=np.float32).reshape(-1)
 
 
-def image_data_url(rgb: np.ndarray, fmt: str = "PNG") -> str:
-    """An RGB array as a ``data:`` URL, so the BitmapLayer needs no file server."""
+def image_data_url(rgb: np.ndarray, fmt: str = "JPEG") -> str:
+    """An RGB array as a ``data:`` URL, so the BitmapLayer needs no file server (JPEG: ~10× smaller)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format=fmt, optimize=False)
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format=fmt, quality=88)
     mime = "png" if fmt.upper() == "PNG" else "jpeg"
     return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def choose_mode(n_cells: int, requested: Mode = "auto", limit: int = MAX_BROWSER_POINTS) -> str:
-    """``"cells"`` up to ``limit`` cells, else ``"grid"``; an explicit request wins unless it would exceed the limit."""
+def choose_mode(n_cells: int, requested: Mode = "auto", limit: int = MAX_BROWSER_POINTS,
+                auto_limit: int = AUTO_CELL_LIMIT) -> str:
+    """``"cells"`` up to ``auto_limit`` cells in auto mode (``limit`` when cells are asked for), else ``"grid"``."""
     if requested == "grid":
         return "grid"
-    if n_cells > limit:
+    if n_cells > (limit if requested == "cells" else min(limit, auto_limit)):
         return "grid"
     return "cells"
 
@@ -97,6 +104,37 @@ def initial_view(bounds_um: Sequence[float], width_px: int = 700, height_px: int
     w, h = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
     zoom = math.log2(min(width_px / w, height_px / h) * 0.95)
     return pdk.ViewState(target=[(x0 + x1) / 2, (y0 + y1) / 2, 0], zoom=zoom, min_zoom=zoom - 2, max_zoom=6)
+
+
+def _default(o):
+    out = default_serialize(o)
+    if isinstance(out, dict):
+        for k in [k for k in out if k.startswith("_ghfast")]:
+            del out[k]
+    return out
+
+
+class FastDeck(pdk.Deck):
+    """A Deck whose JSON is compact and built once.
+
+    pydeck pretty-prints with ``indent=2``, which forces Python's slow pure-Python JSON encoder
+    (seconds for 200k points). Here layer data stay DataFrames until ``to_json``, which writes
+    them with pandas' C encoder into a compact spec and keeps the string (Streamlit calls
+    ``to_json`` on every rerun; cached decks then cost nothing).
+    """
+
+    def __init__(self, *args, frames: Mapping[str, pd.DataFrame] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ghfast_frames = dict(frames or {})
+        self._ghfast_json: str | None = None
+
+    def to_json(self) -> str:  # noqa: D102
+        if self._ghfast_json is None:
+            text = json.dumps(self, default=_default, sort_keys=True, separators=(",", ":"))
+            for token, frame in self._ghfast_frames.items():
+                text = text.replace(json.dumps(token), frame.to_json(orient="records", double_precision=4), 1)
+            self._ghfast_json = text
+        return self._ghfast_json
 
 
 @dataclass
@@ -195,7 +233,7 @@ def gene_map(
     ``cell_types`` keeps only those types; ``colour_by="cell_type"`` colours by the fixed palette.
     """
     n = int(adata.n_obs)
-    resolved = choose_mode(n, mode, limit)
+    resolved = choose_mode(n, mode, limit, min(limit, AUTO_CELL_LIMIT))
     if resolved == "grid" and not grids:
         if n > limit:
             raise ValueError(f"{n:,} cells are too many to draw one by one and no grid summary exists.")
@@ -204,7 +242,7 @@ def gene_map(
     if resolved == "cells":
         table = _cells_table(adata, gene, cell_types)
     else:
-        grid_size = pick_grid_size(grids, limit)
+        grid_size = pick_grid_size(grids, min(limit, AUTO_CELL_LIMIT) if mode == "auto" else limit)
         table = _grid_table(grids[grid_size], gene, cell_types)
 
     units = expression_units(adata)
@@ -228,26 +266,31 @@ def gene_map(
             bounds=[x0, y1, x1, y0],  # left, bottom, right, top (y grows downwards)
             opacity=1.0, pickable=False,
         ))
-    tip_value = f"{gene}: {{value}} {units}"
+    frames: dict[str, pd.DataFrame] = {}
     if resolved == "cells":
+        frames["@@ghfast:cells"] = data[["cell_id", "x_um", "y_um", "cell_type", "value", "r", "g", "b"]].rename(
+            columns={"cell_id": "i", "x_um": "x", "y_um": "y", "cell_type": "t", "value": "v"})
         layers.append(pdk.Layer(
-            "ScatterplotLayer", id="cells", data=data[["cell_id", "x_um", "y_um", "cell_type", "value", "r", "g", "b"]],
-            get_position="[x_um, y_um]", get_fill_color=f"[r, g, b, {alpha}]", get_radius=point_radius_um,
+            "ScatterplotLayer", id="cells", data="@@ghfast:cells",
+            get_position="[x, y]", get_fill_color=f"[r, g, b, {alpha}]", get_radius=point_radius_um,
             radius_units="common", radius_min_pixels=1, stroked=False, pickable=True,
         ))
-        tooltip = {"html": f"<b>cell {{cell_id}}</b> · {{cell_type}}<br/>{tip_value}<br/>x {{x_um}} µm, y {{y_um}} µm"}
+        tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{gene}: {{v}} {units}<br/>x {{x}} µm, y {{y}} µm"}
     else:
         half = grid_size / 2.0
         data["x0"] = data["x_um"] - half
         data["y0"] = data["y_um"] - half
+        frames["@@ghfast:grid"] = data[["x0", "y0", "x_um", "y_um", "n_cells", "cell_type", "value", "r", "g", "b"]].rename(
+            columns={"x_um": "x", "y_um": "y", "n_cells": "n", "cell_type": "t", "value": "v"})
         layers.append(pdk.Layer(
-            "GridCellLayer", id="grid", data=data[["x0", "y0", "x_um", "y_um", "n_cells", "cell_type", "value", "r", "g", "b"]],
+            "GridCellLayer", id="grid", data="@@ghfast:grid",
             get_position="[x0, y0]", cell_size=grid_size, extruded=False, coverage=1.0,
             get_fill_color=f"[r, g, b, {alpha}]", pickable=True,
         ))
-        tooltip = {"html": (f"<b>{grid_size:g} µm square</b> at x {{x_um}} µm, y {{y_um}} µm<br/>"
-                            f"{{n_cells}} cells, mostly {{cell_type}}<br/>mean {tip_value}")}
-    deck = pdk.Deck(
+        tooltip = {"html": (f"<b>{grid_size:g} µm square</b> at x {{x}} µm, y {{y}} µm<br/>"
+                            f"{{n}} cells, mostly {{t}}<br/>mean {gene}: {{v}} {units}")}
+    deck = FastDeck(
+        frames=frames,
         layers=layers,
         views=[pdk.View(type="OrthographicView", controller=True)],
         initial_view_state=view or initial_view(bounds, height_px=height_px),
@@ -268,7 +311,7 @@ def colour_bar(gm: GeneMap, *, height: int = 90) -> go.Figure:
         zmin=gm.vmin, zmax=gm.vmax, showscale=False, hoverinfo="x",
     ))
     fig.update_layout(
-        height=height, margin=dict(l=10, r=10, t=5, b=40),
+        height=height, margin=dict(l=10, r=10, t=5, b=50),
         xaxis=dict(title=f"{gm.gene} predicted expression ({gm.units})", range=[gm.vmin, gm.vmax]),
         yaxis=dict(showticklabels=False),
     )
@@ -362,8 +405,8 @@ def composition_bars(counts: pd.DataFrame, *, percent: bool = True, title: str |
             hovertemplate=f"{t}: %{{y:.1f}}{' %' if percent else ''} (%{{customdata}} cells)<extra></extra>",
         )
     fig.update_layout(
-        barmode="stack", title=title, legend_title_text="cell type", height=420,
-        xaxis_title=xtitle, yaxis_title="cells (% of slide)" if percent else "cells (count)",
+        barmode="stack", title=title, legend_title_text="cell type", height=420, legend_traceorder="normal",
+        xaxis_title=xtitle, yaxis_title="cells (% of all cells)" if percent else "cells (count)",
         margin=dict(l=10, r=10, t=40 if title else 10, b=10),
     )
     return fig
@@ -400,20 +443,20 @@ def morphology_violins(obs: pd.DataFrame, feature: str, *, type_key: str = "cell
     if feature not in obs.columns:
         raise ValueError(f"This prediction has no {feature!r} column.")
     rng = np.random.default_rng(seed)
-    types = obs[type_key].astype(str).to_numpy()
+    cat = pd.Categorical(obs[type_key].astype(str))
+    codes = cat.codes.astype(np.int64)
     vals = obs[feature].to_numpy(float)
     # random subsample of at most max_per_type per type, vectorised: rank random keys within type
-    key = rng.random(len(vals))
-    order = np.lexsort((key, types))
-    sorted_types = types[order]
-    first = np.r_[0, np.flatnonzero(sorted_types[1:] != sorted_types[:-1]) + 1]
-    starts = np.repeat(first, np.diff(np.r_[first, len(order)]))
+    order = np.lexsort((rng.random(len(vals)), codes))
+    counts = np.bincount(codes, minlength=len(cat.categories))
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
     keep = order[(np.arange(len(order)) - starts) < max_per_type]
+    kept_codes = codes[keep]
     unit = MORPHOLOGY_UNITS.get(feature, "")
     label = MORPHOLOGY_LABELS.get(feature, feature)
     fig = go.Figure()
-    for t in palette.ordered_types(np.unique(types)):
-        sel = keep[types[keep] == t]
+    for t in palette.ordered_types(cat.categories):
+        sel = keep[kept_codes == cat.categories.get_loc(t)]
         fig.add_trace(go.Violin(
             x=np.full(len(sel), t), y=vals[sel], name=t, line_color=palette.cell_type_colour(t),
             box_visible=True, meanline_visible=True, points=False, spanmode="hard",

@@ -48,6 +48,20 @@ def slide_means(folder: str, slide_id: int, run_id: int) -> pd.DataFrame:
     return pseudobulk(a.X, np.zeros(a.n_obs, dtype=int), list(map(str, a.var_names)))
 
 
+@st.cache_resource(show_spinner=False, max_entries=64)
+def nbhd_figure(folder: str, slide_id: int, run_id: int):
+    """Neighbourhood heatmap (or the reason there is none), built once per run."""
+    try:
+        return figures.neighbourhood_heatmap(figures.neighbourhood_matrix(c.cached_prediction(folder, slide_id, run_id).obs))
+    except ValueError as exc:
+        return str(exc)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def morph_figure(folder: str, slide_id: int, run_id: int, feature: str):
+    return figures.morphology_violins(c.cached_prediction(folder, slide_id, run_id).obs, feature, max_per_type=2000)
+
+
 tab_comp, tab_nbhd, tab_morph, tab_de = st.tabs(
     ["Composition", "Neighbourhoods", "Morphology", "Differential expression"])
 
@@ -74,13 +88,11 @@ with tab_comp:
 ids = list(run_of)
 with tab_nbhd:
     sid = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_nbhd_slide")
-    a = c.cached_prediction(folder, sid, run_of[sid])
-    try:
-        m = figures.neighbourhood_matrix(a.obs)
-    except ValueError as exc:
-        st.info(str(exc))
+    fig = nbhd_figure(folder, sid, run_of[sid])
+    if isinstance(fig, str):
+        st.info(fig)
     else:
-        st.plotly_chart(figures.neighbourhood_heatmap(m), key="ct_nbhd")
+        st.plotly_chart(fig, key="ct_nbhd")
         st.caption("Each row: for cells of that type, the mean share of each cell type among their neighbours (%).")
 
 with tab_morph:
@@ -92,8 +104,8 @@ with tab_morph:
     else:
         feat = st.selectbox("Feature", feats, key="ct_feature",
                             format_func=lambda f: f"{figures.MORPHOLOGY_LABELS[f]} ({figures.MORPHOLOGY_UNITS[f]})")
-        st.plotly_chart(figures.morphology_violins(a.obs, feat), key="ct_morph")
-        st.caption("Violins show up to 5,000 randomly chosen nuclei per cell type; the box marks the quartiles.")
+        st.plotly_chart(morph_figure(folder, sid_m, run_of[sid_m], feat), key="ct_morph")
+        st.caption("Violins show up to 2,000 randomly chosen nuclei per cell type; the box marks the quartiles.")
 
 # --- differential expression between patient groups ---------------------------------------------
 with tab_de:

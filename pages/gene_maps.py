@@ -46,7 +46,8 @@ with st.sidebar:
                             help=f"{len(genes)} genes predicted by the model. Pick up to 4 to compare side by side.")
     auto_grid = adata.n_obs > figures.MAX_BROWSER_POINTS
     mode_label = st.radio("Show", ["Auto", "Each cell", "Grid summary"], index=0, key="gm_mode", horizontal=True,
-                          help=f"Auto draws each cell up to {figures.MAX_BROWSER_POINTS:,} cells, a grid of squares beyond.")
+                          help=f"Auto draws each cell up to {figures.AUTO_CELL_LIMIT:,} cells and a grid of squares beyond; "
+                               f"'Each cell' draws up to {figures.MAX_BROWSER_POINTS:,}.")
     colour_by = st.radio("Colour by", ["Expression", "Cell type"], key="gm_colour_by", horizontal=True)
     cmap = st.selectbox("Colour map", list(palette.EXPRESSION_MAPS), key="gm_cmap",
                         help="viridis and cividis stay readable with colour-vision deficiency and in greyscale.")
@@ -56,7 +57,8 @@ with st.sidebar:
 st.session_state[c.SELECTED_GENES] = chosen
 mode = {"Auto": "auto", "Each cell": "cells", "Grid summary": "grid"}[mode_label]
 if mode == "cells" and auto_grid:
-    st.warning(f"{adata.n_obs:,} cells are more than a browser draws smoothly; showing the grid summary instead.")
+    st.warning(f"{adata.n_obs:,} cells are more than a browser draws smoothly "
+               f"(limit {figures.MAX_BROWSER_POINTS:,}); showing the grid summary instead.")
 
 if not chosen:
     st.info("Pick at least one gene in the sidebar.")

@@ -256,9 +256,9 @@ def test_gene_maps_page(predicted_project):
     at.radio(key="gm_mode").set_value("Each cell").run()
     at.radio(key="gm_colour_by").set_value("Cell type").run()
     row = deck_specs(at)[0]["layers"][-1]["data"][0]
-    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[row["cell_type"]])
+    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[row["t"]])
     at.multiselect(key="gm_types").set_value(["T"]).run()
-    assert {d["cell_type"] for d in deck_specs(at)[0]["layers"][-1]["data"]} == {"T"}
+    assert {d["t"] for d in deck_specs(at)[0]["layers"][-1]["data"]} == {"T"}
     assert len(at.get("download_button")) == 4
 
 

@@ -61,7 +61,7 @@ def test_gene_map_cells_layers_and_units():
     types = [layer["@@type"] for layer in spec["layers"]]
     assert types == ["BitmapLayer", "ScatterplotLayer"]
     assert spec["layers"][0]["bounds"] == [0.0, 800.0, 1000.0, 0.0]
-    assert spec["layers"][0]["image"].startswith("data:image/png;base64,")
+    assert spec["layers"][0]["image"].startswith("data:image/jpeg;base64,")
     assert len(spec["layers"][1]["data"]) == a.n_obs
     assert "log1p counts" in gm.deck._tooltip["html"]  # streamlit reads _tooltip
     # colour follows value: the right half is brighter (viridis yellow has higher R+G)
@@ -106,7 +106,7 @@ def test_gene_map_cell_type_filter_and_unknown_gene():
     assert set(gm.table["cell_type"]) == {"T", "B"}
     spec = json.loads(gm.deck.to_json())
     row = spec["layers"][-1]["data"][0]
-    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[row["cell_type"]])
+    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[row["t"]])
     legend = figures.colour_bar(gm)
     assert list(legend.data[0].y) == ["B", "T"]
     with pytest.raises(UnknownGeneError):
@@ -146,3 +146,11 @@ def test_volcano_from_differential():
     up = [tr for tr in fig.data if tr.name == "higher in pos"][0]
     assert "G0" in list(up.text)
     assert "q" in fig.layout.yaxis.title.text and "log2" in fig.layout.xaxis.title.text
+
+
+def test_mode_limits():
+    assert figures.choose_mode(10_000) == "cells"
+    assert figures.choose_mode(figures.AUTO_CELL_LIMIT + 1) == "grid"
+    assert figures.choose_mode(figures.AUTO_CELL_LIMIT + 1, "cells") == "cells"
+    assert figures.choose_mode(figures.MAX_BROWSER_POINTS + 1, "cells") == "grid"
+    assert figures.choose_mode(10, "grid") == "grid"

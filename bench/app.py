@@ -1,0 +1,169 @@
+"""App timings in a real browser (Playwright + Debian Chromium) → bench/results/app.json.
+
+1. Page switch with a 200,000-cell slide loaded: click a sidebar link, time until the new page's
+   script has finished and its title is shown. Baseline: the same switches in an empty project,
+   measured in the same process; the ratio says what a big slide costs.
+2. Clicks to a gene map on the bundled demo: fresh project, "Run the demo" (real prediction in a
+   worker process), "Open gene map", until the deck.gl map is drawn. Counts clicks and seconds.
+
+Run: ``python bench/app.py`` (about 2–4 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from ghist_core import palette  # noqa: E402
+from ghist_core.grid import build_grid_pyramid, write_grid  # noqa: E402
+from ghist_core.paths import DEMO_DIR  # noqa: E402
+from test_browser import CHROMIUM, StreamlitServer, launch_browser, wait_app_idle  # noqa: E402
+
+N_CELLS = 200_000
+PAGES = [("Cell types & patients", "Cell types & patients"), ("Home", "GHIST Studio"),
+         ("Models", "Models"), ("Upload & predict", "Upload & predict")]
+REPEATS = 3
+
+
+def synthetic_slide_prediction(n: int, w_um: float, h_um: float, n_genes: int = 280, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, [w_um, h_um], size=(n, 2))
+    genes = (REPO.parent / "shared" / "data" / "ghist_demo" / "genes.txt")
+    names = genes.read_text().split()[:n_genes] if genes.exists() else [f"G{i}" for i in range(n_genes)]
+    X = rng.gamma(1.5, 0.6, size=(n, len(names))).astype(np.float32)
+    obs = pd.DataFrame({"cell_id": np.arange(n, dtype=np.int64),
+                        "cell_type": pd.Categorical(np.array(palette.CELL_TYPES)[rng.integers(0, 9, n)]),
+                        "area_um2": rng.uniform(10, 80, n), "perimeter_um": rng.uniform(10, 40, n),
+                        "eccentricity": rng.uniform(0, 1, n), "solidity": rng.uniform(0.7, 1, n)})
+    nb = rng.dirichlet(np.ones(9), n)
+    for j, t in enumerate(palette.CELL_TYPES):
+        obs[f"nbhd_{t}"] = nb[:, j]
+    obs.index = [f"cell_{i}" for i in range(n)]
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=names))
+    a.obsm["spatial"] = xy
+    a.uns["ghist"] = {"expression_units": "log1p counts (synthetic)"}
+    return a
+
+
+def make_big_demo_project(projects: Path) -> None:
+    """The demo project, with a registered 200k-cell prediction on the demo slide."""
+    from ghist_core.pipeline import results_dir
+    from ghist_core.store import Project
+
+    project = Project.open_or_create(projects / "demo", name="bench")
+    rec = project.add_slide(DEMO_DIR / "CMU-1-Small-Region.svs", patient_id="DEMO-01")
+    a = synthetic_slide_prediction(N_CELLS, rec.width * rec.mpp, rec.height * rec.mpp)
+    run_id = project.start_run(rec.slide_id, model_id="synthetic", weights_sha256="", device="cpu", params={})
+    out = results_dir(project, rec.slide_id)
+    out.mkdir(parents=True, exist_ok=True)
+    a.write_h5ad(out / f"run_{run_id}.h5ad")
+    write_grid(out / f"run_{run_id}.grid.h5", build_grid_pyramid(a))
+    project.add_result_file(run_id, "h5ad", out / f"run_{run_id}.h5ad")
+    project.add_result_file(run_id, "grid", out / f"run_{run_id}.grid.h5")
+    project.finish_run(run_id, n_cells=N_CELLS, timings={})
+
+
+def time_switch(page, link: str, title: str, timeout_ms: int = 120_000) -> float:
+    t0 = time.perf_counter()
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(link, exact=True).click()
+    page.get_by_role("heading", name=title).first.wait_for(timeout=timeout_ms)
+    wait_app_idle(page, timeout_ms)
+    return time.perf_counter() - t0
+
+
+def page_switches(projects: Path, log: Path, *, with_map: bool) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    out: dict = {}
+    with StreamlitServer(projects, log) as server, sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url)
+        page.get_by_role("heading", name="GHIST Studio").first.wait_for(timeout=120_000)
+        wait_app_idle(page, 120_000)
+        if with_map:  # load the 200k-cell slide once (first load reads the h5ad)
+            out["first_gene_map_s"] = time_switch(page, "Gene maps", "Gene maps", 300_000)
+            page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=300_000)
+        for _ in range(REPEATS):
+            for link, title in PAGES:
+                out.setdefault(link, []).append(time_switch(page, link, title))
+        if with_map:
+            out["Gene maps (200k cells, revisit)"] = [time_switch(page, "Gene maps", "Gene maps", 300_000)
+                                                      for _ in range(2)]
+        browser.close()
+    return out
+
+
+def clicks_to_gene_map(projects: Path, log: Path) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    with StreamlitServer(projects, log) as server, sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        t0 = time.perf_counter()
+        page.goto(server.url)
+        clicks = 0
+        page.get_by_role("button", name="Run the demo").click(timeout=120_000)
+        clicks += 1
+        t_run = time.perf_counter()
+        page.get_by_role("button", name="Open gene map").first.click(timeout=600_000)
+        clicks += 1
+        t_done = time.perf_counter()
+        page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)
+        wait_app_idle(page)
+        t_map = time.perf_counter()
+        page.screenshot(path=str(projects.parent / "gene_map.png"), full_page=True)
+        browser.close()
+    return {"clicks": clicks, "seconds_total": t_map - t0, "seconds_open_to_run_click": t_run - t0,
+            "seconds_run": t_done - t_run, "seconds_map_render": t_map - t_done}
+
+
+def main() -> None:
+    if not Path(CHROMIUM).exists():
+        raise SystemExit(f"Chromium not found at {CHROMIUM}")
+    results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                 "platform": platform.platform()}, "n_cells": N_CELLS}
+    with tempfile.TemporaryDirectory(prefix="ghist-bench-app-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "empty").mkdir()
+        make_big_demo_project(tmp / "big")
+        base = page_switches(tmp / "empty", tmp / "empty.log", with_map=False)
+        big = page_switches(tmp / "big", tmp / "big.log", with_map=True)
+        switch = {}
+        for link, _ in PAGES:
+            b, g = statistics.median(base[link]), statistics.median(big[link])
+            switch[link] = {"baseline_empty_s": round(b, 3), "with_200k_s": round(g, 3), "ratio": round(g / b, 2)}
+            print(f"switch to {link:24s} empty {b:6.3f} s  200k-cell slide {g:6.3f} s  ratio {g / b:5.2f}")
+        results["page_switch"] = switch
+        results["page_switch_max_s"] = max(v["with_200k_s"] for v in switch.values())
+        results["gene_map_200k"] = {"first_load_s": round(big["first_gene_map_s"], 3),
+                                    "revisit_s": [round(v, 3) for v in big["Gene maps (200k cells, revisit)"]]}
+        print(f"gene map with 200k cells: first {big['first_gene_map_s']:.2f} s, "
+              f"revisit {big['Gene maps (200k cells, revisit)']}")
+        try:
+            demo = clicks_to_gene_map(tmp / "demo_run", tmp / "demo.log")
+        except Exception as exc:  # report, do not hide: the JSON says why it is missing
+            demo = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        results["clicks_to_gene_map_demo"] = demo
+        print("demo:", demo)
+    out = REPO / "bench" / "results" / "app.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
