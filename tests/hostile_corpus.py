@@ -623,20 +623,26 @@ class _Child:
             self.proc.stdin.flush()
         except BrokenPipeError:
             return Result(case.name, "crash", [], f"runner died (exit {self.proc.poll()})")
+        return self._wait_for(case.name, timeout_s, t0)
+
+    def _wait_for(self, name: str, timeout_s: float, t0: float | None = None) -> Result:
+        """The child's answer for case ``name``; a hang after ``timeout_s`` (the child is killed)."""
+        assert self.proc.stdout is not None
+        t0 = time.perf_counter() if t0 is None else t0
         deadline = t0 + timeout_s
         fd = self.proc.stdout.fileno()
         while True:
             left = deadline - time.perf_counter()
             if left <= 0:
                 self.kill()
-                return Result(case.name, "hang", [], f"no answer within {timeout_s:.0f} s", time.perf_counter() - t0)
+                return Result(name, "hang", [], f"no answer within {timeout_s:.0f} s", time.perf_counter() - t0)
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 continue
             line = self.proc.stdout.readline()
             if not line:  # EOF: the process died (signal, abort, out of memory kill)
                 rc = self.proc.wait()
-                return Result(case.name, "crash", [], f"runner died (exit {rc})", time.perf_counter() - t0)
+                return Result(name, "crash", [], f"runner died (exit {rc})", time.perf_counter() - t0)
             if line.startswith(_MARK):
                 return Result(**json.loads(line[len(_MARK):]))
 
