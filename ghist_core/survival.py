@@ -504,6 +504,10 @@ def compare_groups(
                "median_lower": _median_from_curve(times, c["ci_lower"].to_numpy()),
                "median_upper": _median_from_curve(times, c["ci_upper"].to_numpy())}
         if horizon is not None:
+            if horizon > t.max():
+                warn.append(f"RMST horizon {horizon:g} is past the last follow-up in group {g!r} "
+                            f"({t.max():g}); its RMST carries the last survival level forward. "
+                            "Choose a horizon every group reaches.")
             area, var = _rmst_from_curve(times, s, c["at_risk"].to_numpy(),
                                          c["events"].to_numpy(), float(horizon))
             row["rmst"] = area
@@ -575,6 +579,10 @@ class CoxResult:
     def plot(self) -> go.Figure:
         """Forest plot: HR (log scale) with CI per term, reference line at HR = 1."""
         s = self.summary.iloc[::-1]
+        if "estimable" in s:
+            s = s[s["estimable"]]
+        if s.empty:
+            return go.Figure(layout={"title": "No estimable hazard ratio"})
         labels = list(s["covariate"])
         text = [f"{h:.2f} ({lo:.2f}–{hi:.2f}), p={p:.2g}"
                 for h, lo, hi, p in zip(s["HR"], s["HR_lower"], s["HR_upper"], s["p"])]
@@ -606,6 +614,11 @@ class CoxResult:
                           height=max(260, 60 + 34 * len(s)),
                           margin={"l": 160, "r": 230, "t": 60, "b": 50})
         return fig
+
+
+#: A Cox coefficient with a larger standard error (log-HR units) is not estimable: it
+#: comes from a group without events or perfect separation (HR → 0 or ∞).
+_MAX_SE = 5.0
 
 
 def _design(df: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, dict, list[str]]:
@@ -722,6 +735,11 @@ def fit_cox(
     else:
         summ, ph, refs, conc = _fit_one(df, duration_col, event_col, covariates, strata,
                                         alpha, penalizer, "multivariate")
+    summ["estimable"] = (summ["se"] < _MAX_SE) & np.isfinite(summ["HR_upper"])
+    if not summ["estimable"].all():
+        warn.append("No usable hazard ratio for: " + ", ".join(summ.loc[~summ["estimable"],
+                    "covariate"]) + " (a group without events, or a covariate that separates "
+                    "events perfectly); it is left off the forest plot.")
     bad_ph = ph.loc[ph["p"] < 0.05, "covariate"].tolist()
     if bad_ph:
         warn.append("Proportional-hazards assumption questionable (p < 0.05) for: "

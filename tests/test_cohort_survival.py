@@ -177,6 +177,19 @@ def test_rmst_matches_lifelines_mean(tcga):
     assert out["ci_lower"] < out["rmst"] < out["ci_upper"]
 
 
+def test_rmst_standard_error_without_censoring():
+    """No censoring: RMST is the mean of min(T, τ) and its SE the usual SE of a mean."""
+    rng = np.random.default_rng(2)
+    t = rng.exponential(10, 400)
+    d = pd.DataFrame({"t": t, "e": 1})
+    out = rmst(d, "t", "e", 15.0).iloc[0]
+    m = np.minimum(t, 15.0)
+    assert out["rmst"] == pytest.approx(m.mean(), rel=1e-9)
+    assert out["se"] == pytest.approx(m.std(ddof=0) / np.sqrt(len(m)), rel=1e-6)
+    res = compare_groups(d.assign(g=np.arange(400) % 2), "t", "e", "g", horizon=1e3)
+    assert any("past the last follow-up" in w for w in res.warnings)
+
+
 # --------------------------------------------------------------------------- generated cohort
 def _slide(rng, n_cells: int, p_tumour: float) -> ad.AnnData:
     types = np.where(rng.random(n_cells) < p_tumour, "tumour", "stroma")
@@ -245,5 +258,9 @@ def test_one_group_all_censored_and_no_event_group():
         compare_groups(HAND.assign(e=2), "t", "e", "g")
     with pytest.raises(SurvivalAnalysisError, match="not in the table"):
         compare_groups(HAND, "t", "e", "nope")
+    cox = fit_cox(d.assign(x=[2.0, 3, 1, 1, 4, 2, 3, 1]), "t", "e", ["g", "x"])
+    assert not cox.summary.set_index("covariate").loc["g=B", "estimable"]
+    assert any("No usable hazard ratio for: g=B" in w for w in cox.warnings)
+    assert list(cox.plot().data[0].y) == ["x"]
     with pytest.raises(SurvivalAnalysisError, match="single value"):
         fit_cox(HAND.assign(c=1.0).assign(c="x"), "t", "e", ["c"])
