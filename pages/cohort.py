@@ -45,8 +45,14 @@ def load_table(data: bytes | None, name: str) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner="Reading predicted slides…", max_entries=4)
-def load_features(pairs: tuple[tuple[str, str], ...], genes: tuple[str, ...]) -> pd.DataFrame:
-    return co.patient_features([(p, Path(f)) for p, f in pairs], genes=list(genes))
+def load_features(pairs: tuple[tuple[str, str], ...], genes: tuple[str, ...],
+                  signature: tuple[str, ...]) -> pd.DataFrame:
+    return co.patient_features([(p, Path(f)) for p, f in pairs], genes=list(genes),
+                               signatures={"signature": list(signature)} if signature else None)
+
+
+def gene_list(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(g.strip() for g in text.replace(";", ",").split(",") if g.strip()))
 
 
 def csv_button(label: str, df: pd.DataFrame, file_name: str, key: str) -> None:
@@ -206,8 +212,14 @@ if source == SOURCE_UPLOAD:
 # --- 3. predicted features ------------------------------------------------------------------
 features = None
 if slides:
+    st.caption(f"{len(slides)} predicted slide(s) in this project. {co.POOLING_RULE}")
+    a, b = st.columns(2)
+    genes = gene_list(a.text_input("Genes for mean predicted expression (comma-separated)",
+                                   key="cohort_genes", placeholder="e.g. ERBB2, ESR1"))
+    signature = gene_list(b.text_input("Signature: genes averaged into sig_signature",
+                                       key="cohort_signature", placeholder="e.g. KRT8, KRT18"))
     try:
-        feats = load_features(tuple(slides), ())
+        feats = load_features(tuple(slides), genes, signature)
         joined = co.join_clinical(feats, table, "patient_id")
         for m in joined.messages:
             st.caption(m)

@@ -198,6 +198,25 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
     tests = [df.value for df in at.dataframe if "q_bh" in df.value.columns][0]
     row = tests.set_index("feature").loc["prop_tumour"]
     assert row["test"] == "Mann–Whitney U" and row["p"] < 1e-3
+    # expression features, a threshold split and k-means clusters on predicted features
+    at.text_input(key="cohort_genes").set_value("ERBB2").run()
+    assert "expr_ERBB2" in at.selectbox(key="cohort_feature").options
+    at.text_input(key="cohort_genes").set_value("NOTAGENE").run()
+    assert any("NOTAGENE" in w.value for w in at.warning)  # clear message, page still up
+    at.text_input(key="cohort_genes").set_value("").run()
+    at.selectbox(key="cohort_feature").set_value("prop_tumour").run()
+    at.selectbox(key="cohort_split").set_value("threshold").run()
+    at.number_input(key="cohort_threshold").set_value(0.4).run()
+    assert _metrics(at)["Patients"] == "36"
+    names = sorted(tr["name"] for tr in _figure(at)["data"] if "(n=" in tr.get("name", ""))
+    n_le = int((v <= 0.4).sum())
+    assert names == [f"> 0.4 (n={36 - n_le})", f"≤ 0.4 (n={n_le})"]
+    at.radio(key="cohort_group_mode").set_value("Predicted features: k-means clusters").run()
+    at.multiselect(key="cohort_km_feats").set_value(["prop_tumour"]).run()
+    assert not at.exception and not at.error
+    names = sorted(tr["name"] for tr in _figure(at)["data"] if "(n=" in tr.get("name", ""))
+    assert [n_.split(" (")[0] for n_ in names] == ["cluster 1", "cluster 2"]
+    assert any("k-means (k=2, seed=0" in cp.value for cp in at.caption)
     # the table can be kept in the project, unchanged
     at.button(key="cohort_save").click().run()
     assert any("Saved" in s.value for s in at.success)
