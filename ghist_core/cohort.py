@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,21 @@ from ghist_core.survival import (  # noqa: F401  (re-exported)
     group_colours,
     rmst,
 )
+
+__all__ = [
+    # patient features and joining
+    "POOLING_RULE", "patient_features", "feature_columns", "join_clinical", "JoinResult",
+    "tcga_patient_id", "predicted_slides_from_project",
+    # risk groups and comparisons
+    "ByVariable", "SplitAtQuantiles", "Threshold", "KMeansClusters", "make_risk_groups",
+    "RiskGroups", "compare_features", "FeatureComparison",
+    # re-exported from ghist_core.survival
+    "compare_groups", "GroupComparison", "fit_cox", "CoxResult", "rmst", "group_colours",
+    "OKABE_ITO", "PLOTLY_EXPORT_CONFIG", "PLOTLY_EXPORT_CONFIG_PNG",
+    # re-exported from ghist_core.clinical
+    "read_clinical_table", "guess_mapping", "validate_survival", "ColumnMapping",
+    "SurvivalTable", "load_demo_clinical", "safe_csv_bytes", "pseudonymise_ids",
+]
 
 #: Rule used to combine several slides of one patient (shown in the UI).
 POOLING_RULE = (

@@ -608,7 +608,8 @@ class CoxResult:
             fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y, text=t,
                                showarrow=False, font={"size": 11})
         kind = "univariate Cox models" if self.univariate else "multivariate Cox model"
-        fig.update_xaxes(type="log", title_text=f"hazard ratio ({int(round((1 - self.alpha) * 100))}% CI, log scale)")
+        level = int(round((1 - self.alpha) * 100))
+        fig.update_xaxes(type="log", title_text=f"hazard ratio ({level}% CI, log scale)")
         fig.update_layout(template="simple_white", showlegend=False,
                           title=f"Hazard ratios, {kind} (n={self.n}, events={self.events})",
                           height=max(260, 60 + 34 * len(s)),
