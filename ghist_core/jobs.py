@@ -96,10 +96,23 @@ def main(argv: list[str] | None = None) -> int:
                       run_id=args.run_id, cancel=cancel)
     except GhistError as exc:
         print(f"run {args.run_id} stopped: {exc}", file=sys.stderr)
+        _fail_if_pending(project, args.run_id, str(exc))
         return 1
+    except Exception as exc:  # e.g. a model that fails to load: never leave a run 'queued' with no worker
+        _fail_if_pending(project, args.run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
+        raise
     finally:
         cancel.set()
     return 0
+
+
+def _fail_if_pending(project: Project, run_id: int, message: str) -> None:
+    """Errors before the pipeline takes the run over (loading weights) would leave it 'queued' forever."""
+    try:
+        if project.get_run(run_id).status in ("queued", "running"):
+            project.fail_run(run_id, message)
+    except GhistError:
+        pass
 
 
 if __name__ == "__main__":
