@@ -377,14 +377,20 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
             raise WeightsNotFoundError(f"GHIST weights need {wp.name} and {cp.name} side by side in {wp.parent}.")
         card = json.loads(cp.read_text())
         sha = _sha256(wp)
-        if card.get("sha256") and card["sha256"] != sha:
+        if not card.get("sha256"):  # unverifiable weights are never loaded
+            raise WeightsIntegrityError(f"The card {cp.name} has no sha256 for {wp.name}, so the weights cannot be checked.")
+        if card["sha256"] != sha:
             raise WeightsIntegrityError(f"{wp.name} does not match the sha256 in its card; the file is damaged or replaced.")
     else:
         from ghist_core.weights import resolve_weights
 
         r = resolve_weights(model_id, name=MODEL_NAME, kind="ghist")
         wp, card, sha = r.weights_path, r.card, r.sha256
-    state = load_file(str(wp))
+    try:
+        state = load_file(str(wp))
+    except Exception as exc:  # SafetensorError, OSError: not loadable as safetensors (e.g. a pickle)
+        raise WeightsFormatError(f"{Path(wp).name} is not a valid safetensors file ({exc}). "
+                                 "Only safetensors weights are accepted.") from None
     return GhistModel(_net_from(state, card), card, sha, dev)
 
 
