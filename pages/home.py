@@ -92,6 +92,7 @@ if len(slides) == 0:
     st.page_link("pages/upload.py", label="Upload a slide", icon=":material/upload_file:")
 else:
     view = slides.copy()
+    view["added_at"] = pd.to_datetime(view["added_at"], errors="coerce", utc=True)
     paths = [project.folder / p if not Path(p).is_absolute() else Path(p) for p in view["path"].astype(str)]
     view.insert(0, "thumbnail", [c.thumbnail_data_url(str(p), p.stat().st_mtime if p.exists() else 0.0) for p in paths])
     shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width", "height", "mpp",
@@ -107,13 +108,19 @@ else:
             "height": st.column_config.NumberColumn("Height (px)", format="%d"),
             "mpp": st.column_config.NumberColumn("µm per px", format="%.3f"),
             status_col: "Prediction",
-            "n_cells": st.column_config.NumberColumn("Cells", format="%d"),
-            "added_at": "Added",
+            "n_cells": st.column_config.NumberColumn("Cells", format="localized"),
+            "added_at": st.column_config.DatetimeColumn("Added (UTC)", format="YYYY-MM-DD HH:mm"),
         },
     )
 
 st.subheader("Patients")
 if len(patients):
-    st.dataframe(patients, hide_index=True, width="stretch", key="home_patients")
+    pview = patients.copy()
+    if "created_at" in pview:
+        pview["created_at"] = pd.to_datetime(pview["created_at"], errors="coerce", utc=True)
+    st.dataframe(pview, hide_index=True, width="stretch", key="home_patients", column_config={
+        "patient_id": "Patient", "n_slides": st.column_config.NumberColumn("Slides", format="%d"),
+        "created_at": st.column_config.DatetimeColumn("Added (UTC)", format="YYYY-MM-DD HH:mm"),
+    })
 else:
     st.caption("No patients yet.")

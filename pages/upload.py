@@ -49,8 +49,18 @@ files = st.file_uploader(
     type=c.UPLOAD_TYPES, accept_multiple_files=True, key="upload_files",
 )
 staged: dict = st.session_state.setdefault("upload_staged", {})
+added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, new?)
+current = {getattr(f, "file_id", None) or f"{f.name}:{f.size}" for f in files or []}
+for fid in [k for k in staged if k not in current]:  # removed from the uploader: drop its staged copy
+    staged.pop(fid).path.unlink(missing_ok=True)
 for f in files or []:
     fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
+    if fid in added:
+        sid, pid, new = added[fid]
+        (st.success if new else st.info)(
+            f"{f.name}: {'added' if new else 'already in the project'} as slide {sid} (patient {pid or '—'}).",
+            icon=":material/check_circle:")
+        continue
     if fid not in staged:
         try:
             staged[fid] = c.stage_upload(f.name, f, c.staging_dir(project))
@@ -100,7 +110,9 @@ for f in files or []:
             else:
                 staged.pop(fid, None)
                 st.session_state[c.SELECTED_SLIDE] = int(record.slide_id)
-                if len(project.list_slides()) > n_before:
+                is_new = len(project.list_slides()) > n_before
+                added[fid] = (int(record.slide_id), record.patient_id, is_new)
+                if is_new:
                     st.success(f"Added {f.name} as slide {record.slide_id} (patient {record.patient_id or '—'}).")
                 else:
                     st.info(f"This file is already in the project as slide {record.slide_id} "
@@ -115,6 +127,8 @@ for f in files or []:
                         st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], run_id})
                     except GhistError as exc:
                         st.error(str(exc))
+                        st.stop()
+                st.rerun()  # redraw: the card becomes a one-line confirmation
 
 # --- slides waiting for a run -------------------------------------------------------------
 slides = project.list_slides()

@@ -140,6 +140,8 @@ def test_upload_real_svs_through_the_page(projects, svs_path, tmp_path):
     # a rerun of the page does not add it again or start anything
     at.run()
     assert len(project.list_slides()) == 1 and len(project.list_runs()) == 0
+    assert not [b for b in at.button if b.label == "Add to project"]
+    assert any("added as slide" in s.value for s in at.success)
 
 
 @pytest.mark.parametrize("name,data", [
@@ -353,3 +355,89 @@ def test_cohort_page_in_navigation(projects):
     if (REPO / "pages" / "cohort.py").exists():
         at.switch_page("pages/cohort.py").run()
         assert not at.exception, [e.value for e in at.exception]
+
+
+# --- the real thing: the demo slide through the worker, a crash, a resume, the maps ---------------
+
+def _wait_run(project, run_id: int, until, timeout_s: float = 400.0):
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        run = project.get_run(run_id)
+        if until(run):
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} stuck at {project.get_run(run_id)}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_prediction_crash_resume_and_maps(projects):
+    """One click runs the demo in a worker; a killed worker is resumed from the page; maps show it."""
+    import os
+    import signal
+
+    from ghist_core.store import Project
+
+    at = open_page("pages/home.py")
+    at.button(key="home_run_demo").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    project = Project.open(projects / "demo")
+    runs = project.list_runs()
+    assert len(runs) == 1
+    run_id = int(runs.iloc[0]["run_id"])
+    # the click switched to the Upload & predict page, which shows the live run
+    assert any(f"run {run_id}" in m.value for m in at.markdown)
+
+    # crash: kill the worker once it has made progress (checkpoints exist)
+    run = _wait_run(project, run_id, lambda r: r.status != "queued" and (r.progress > 0.05 or r.status != "running"))
+    if run.status == "running":
+        os.kill(int(run.worker_pid), signal.SIGKILL)
+        _wait_run(project, run_id, lambda r: not _alive(r.worker_pid), 30)
+        at.run()  # the page notices the dead worker and offers to resume
+        assert project.get_run(run_id).status == "interrupted"
+        at.button(key=f"resume_{run_id}").click().run()
+        assert not at.exception
+    run = _wait_run(project, run_id, lambda r: r.status not in ("queued", "running"))
+    assert run.status == "finished", run.error
+    assert run.n_cells > 100
+
+    # reruns never restart a finished run; the page offers the map instead
+    at.run()
+    at.switch_page("pages/home.py").run()
+    assert len(project.list_runs()) == 1
+    assert [b for b in at.button if b.label == "Open the demo gene map"]
+    assert not [b for b in at.button if b.label == "Run the demo"]
+
+    at.switch_page("pages/gene_maps.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    spec = deck_specs(at)[0]
+    cells = spec["layers"][-1]
+    assert cells["@@type"] == "ScatterplotLayer" and len(cells["data"]) == run.n_cells
+    xs = np.array([d["x"] for d in cells["data"]])
+    assert 0 <= xs.min() and xs.max() <= 2220 * 0.4991  # µm, inside the slide
+    at.switch_page("pages/cell_types.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    comp = plotly_specs(at)[0]
+    total_cells = sum(arr(t["customdata"]).sum() for t in comp["data"])
+    assert total_cells == run.n_cells
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); check its state
+    try:
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -128,22 +128,34 @@ def test_upload_run_and_gene_map(tmp_path, svs_path):
         wait_app_idle(page)
         page.screenshot(path=str(shots / "01_home.png"), full_page=True)
 
-        # upload the real SVS through the file input
+        # a new project, then upload the real SVS through the file input
+        folder = page.get_by_role("textbox", name="Project folder")
+        folder.fill(str(tmp_path / "projects" / "browser-study"))
+        folder.press("Enter")
+        wait_app_idle(page)
+        page.get_by_role("button", name="Open / create").click()
+        expect(page.get_by_text("browser-study").first).to_be_visible(timeout=30_000)
+        wait_app_idle(page)
         page.get_by_role("link", name="Upload & predict").click()
         wait_app_idle(page)
         page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(svs_path))
         expect(page.get_by_text("2,220 × 2,967 px")).to_be_visible(timeout=60_000)
         expect(page.get_by_text("0.4990 µm per px")).to_be_visible()
-        page.get_by_label("Patient id").fill("PT-001")
+        page.get_by_role("textbox", name="Patient id").fill("PT-001")
         page.keyboard.press("Tab")
         page.get_by_role("button", name="Add to project").click()
-        expect(page.get_by_text("as slide")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Added CMU-1-Small-Region.svs as slide 1 (patient PT-001)")).to_be_visible(
+            timeout=60_000)
         page.screenshot(path=str(shots / "02_uploaded.png"), full_page=True)
 
         # wait for the worker to finish (the page polls the store)
         open_btn = page.get_by_role("button", name="Open gene map")
-        expect(open_btn.first).to_be_visible(timeout=400_000)
+        ended = open_btn.or_(page.get_by_role("button", name="Resume"))
+        expect(ended.first).to_be_visible(timeout=400_000)
         page.screenshot(path=str(shots / "03_finished.png"), full_page=True)
+        if not open_btn.count():
+            errors = page.locator('[data-testid="stAlertContentError"], [data-testid="stAlertContentWarning"]')
+            pytest.fail("the run did not finish: " + " | ".join(errors.all_inner_texts()))
         open_btn.first.click()
 
         # gene maps: the deck.gl canvas draws tissue + cells
