@@ -1,0 +1,341 @@
+"""The learned nucleus segmenter: a compact residual U-Net with HoVer-Net's three heads.
+
+Heads (at full working resolution): nuclear pixel (NP, 1 logit), horizontal/vertical
+distance maps (HV, 2 values in -1..1) and nucleus type (TP, background + CoNSeP's 4 types).
+One shared decoder keeps it fast enough for whole slides; post-processing is the marker
+watershed of ``postprocess.py``. Plain PyTorch, trained from random initialisation here
+(``scripts/train_segmentation.py``); weights load from safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..device import autocast_for, pick_device
+from ..errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
+from ..paths import BUNDLED_WEIGHTS_DIR
+from .data import CONSEP_TYPES
+from .features import measure_instances, relabel_sequential
+from .postprocess import PostProcessConfig, hv_watershed
+from .tiling import (ProgressFn, SlideLike, check_mpp, check_rgb, resample_labels, resample_rgb, run_tiled,
+                     warn_if_far, working_shape)
+
+DEFAULT_WEIGHTS = "nuclei-seg"
+
+
+@dataclass
+class SegNetConfig:
+    """Architecture; saved in the weights card so the loader rebuilds the same network."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    blocks: tuple[int, ...] = (1, 1, 2, 3, 2)
+    head_width: int = 16
+    n_types: int = 5  # background + types
+    mpp: float = 0.5
+    type_names: tuple[str, ...] = CONSEP_TYPES
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegNetConfig":
+        d = dict(d)
+        for k in ("widths", "blocks", "type_names"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x), inplace=True)
+
+
+class SegNet(nn.Module):
+    """Residual U-Net encoder/decoder; ``forward`` returns NP logit, HV and TP logits."""
+
+    def __init__(self, cfg: SegNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.widths
+        self.register_buffer("mean", torch.tensor([0.70, 0.55, 0.70]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.18, 0.20, 0.15]).view(1, 3, 1, 1), persistent=False)
+        self.stem = _conv_bn(3, w[0])
+        self.down = nn.ModuleList()
+        self.enc = nn.ModuleList()
+        for i, c in enumerate(w):
+            self.down.append(nn.Identity() if i == 0 else _conv_bn(w[i - 1], c, stride=2))
+            self.enc.append(nn.Sequential(*[ResBlock(c) for _ in range(cfg.blocks[i])]))
+        self.fuse = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in range(len(w) - 1, 0, -1):
+            self.fuse.append(_conv_bn(w[i] + w[i - 1], w[i - 1]))
+            self.dec.append(ResBlock(w[i - 1]))
+        hw = cfg.head_width
+
+        def head(cout: int) -> nn.Sequential:
+            return nn.Sequential(_conv_bn(w[0], hw), nn.Conv2d(hw, cout, 1))
+
+        self.np_head = head(1)
+        self.hv_head = head(2)
+        self.tp_head = head(cfg.n_types)
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.cfg.widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x``: B x 3 x H x W in 0..1 (H, W multiples of ``stride``)."""
+        x = (x - self.mean) / self.std
+        x = self.stem(x)
+        skips = []
+        for down, enc in zip(self.down, self.enc):
+            x = enc(down(x))
+            skips.append(x)
+        x = skips.pop()
+        for fuse, dec in zip(self.fuse, self.dec):
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dec(fuse(torch.cat([x, skip], dim=1)))
+        return self.np_head(x), self.hv_head(x), self.tp_head(x)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LearnedSegmenter:
+    """HoVer-Net-style nucleus segmentation and typing with the common segmenter API.
+
+    Attributes
+    ----------
+    cfg : SegNetConfig        architecture, working µm/px and type names
+    post : PostProcessConfig  watershed thresholds (tuned on the validation split)
+    card : dict               the weights' JSON card (data, metrics, sha256)
+    """
+
+    def __init__(self, model: SegNet, post: PostProcessConfig | None = None, *, device: str = "auto",
+                 card: dict | None = None, tile_px: int = 512, workers: int | None = None) -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.cfg = model.cfg
+        self.post = post or PostProcessConfig()
+        self.card = card or {}
+        self.tile_px = tile_px
+        self.workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 1) // 2))
+        self._pool: ThreadPoolExecutor | None = None
+        self.name = self.card.get("name", "learned")
+
+    @property
+    def mpp(self) -> float:
+        return self.cfg.mpp
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        return self.cfg.type_names
+
+    def __repr__(self) -> str:
+        return f"<LearnedSegmenter {self.name!r} at {self.mpp} µm/px on {self.device}>"
+
+    # --- network maps -------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_batch(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Maps for a batch of same-size working tiles (B x H x W x 3 uint8).
+
+        Returns NP probability (B x H x W), HV (B x 2 x H x W) and type probabilities
+        (B x C x H x W), float32 numpy.
+        """
+        b, h, w, _ = tiles.shape
+        s = self.model.stride
+        ph, pw = (-h) % s, (-w) % s
+        x = torch.from_numpy(np.array(tiles, dtype=np.uint8, copy=True)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if ph or pw:
+            mode = "reflect" if (ph < h and pw < w) else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.device):
+            np_logit, hv, tp = self.model(x)
+        np_prob = torch.sigmoid(np_logit.float())[:, 0, :h, :w]
+        hv = hv.float()[:, :, :h, :w].clamp_(-1, 1)
+        tp = torch.softmax(tp.float(), dim=1)[:, :, :h, :w]
+        return np_prob.cpu().numpy(), hv.cpu().numpy(), tp.cpu().numpy()
+
+    def predict_maps(self, rgb_work: np.ndarray, *, margin: int = 32, batch_size: int = 8
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Maps of one working-resolution image of any size (tiled with ``margin`` px of context)."""
+        h, w = rgb_work.shape[:2]
+        t = self.tile_px
+        if h <= t and w <= t:
+            pad_h, pad_w = max(0, 32 - h), max(0, 32 - w)  # smaller than the field: pad with glass
+            img = np.pad(rgb_work, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255) if (pad_h or pad_w) else rgb_work
+            npp, hv, tp = self.predict_batch(img[None])
+            return npp[0, :h, :w], hv[0, :, :h, :w], tp[0, :, :h, :w]
+        core = t - 2 * margin
+        ny, nx = math.ceil(h / core), math.ceil(w / core)
+        padded = np.pad(rgb_work, ((margin, ny * core - h + margin), (margin, nx * core - w + margin), (0, 0)),
+                        mode="reflect")
+        np_out = np.zeros((ny * core, nx * core), np.float32)
+        hv_out = np.zeros((2, ny * core, nx * core), np.float32)
+        tp_out = np.zeros((self.cfg.n_types, ny * core, nx * core), np.float32)
+        boxes = [(iy * core, ix * core) for iy in range(ny) for ix in range(nx)]
+        for i in range(0, len(boxes), batch_size):
+            chunk = boxes[i:i + batch_size]
+            batch = np.stack([padded[y:y + t, x:x + t] for y, x in chunk])
+            npp, hv, tp = self.predict_batch(batch)
+            for k, (y, x) in enumerate(chunk):
+                sl = (slice(y, y + core), slice(x, x + core))
+                np_out[sl] = npp[k, margin:margin + core, margin:margin + core]
+                hv_out[(slice(None),) + sl] = hv[k, :, margin:margin + core, margin:margin + core]
+                tp_out[(slice(None),) + sl] = tp[k, :, margin:margin + core, margin:margin + core]
+        return np_out[:h, :w], hv_out[:, :h, :w], tp_out[:, :h, :w]
+
+    # --- public API -----------------------------------------------------------------------
+    def segment_tile(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, pd.DataFrame]:
+        """Instances (int32, same H x W as ``rgb``) and one row per nucleus.
+
+        The image is resampled to the model's µm/px (a warning beyond 2x). When the input is
+        finer than the model, the maps are upsampled before the watershed, so boundaries keep
+        the input's detail.
+        """
+        rgb = check_rgb(rgb)
+        mpp = check_mpp(mpp)
+        warn_if_far(mpp, self.mpp, "The nucleus model")
+        hw = rgb.shape[:2]
+        work_hw = working_shape(hw, mpp, self.mpp)
+        if min(work_hw) < 4:
+            inst = np.zeros(hw, np.int32)
+            return inst, self._finish(measure_instances(inst, mpp, type_names=self.type_names), mpp, empty=True)
+        npp, hv, tp = self.predict_maps(resample_rgb(rgb, work_hw))
+        if work_hw != hw and mpp < self.mpp:
+            up = lambda a: F.interpolate(torch.from_numpy(a)[None], size=hw, mode="bilinear",
+                                         align_corners=False)[0].numpy()
+            npp, hv, tp = up(npp[None])[0], up(hv), up(tp)
+            inst = hv_watershed(npp, hv, mpp, self._post_at(mpp))
+            cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names)
+        else:
+            inst_w = hv_watershed(npp, hv, self.mpp, self.post)
+            if work_hw == hw:
+                inst = inst_w
+                cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names)
+            else:  # coarser input: measure at the input's scale, types from the working map
+                work_cells = measure_instances(inst_w, self.mpp, type_probs=tp, type_names=self.type_names)
+                inst = resample_labels(inst_w, hw)
+                kept = np.unique(inst)[1:]
+                inst = relabel_sequential(inst)
+                cells = measure_instances(inst, mpp, type_names=())
+                prob_cols = [f"prob_{n}" for n in self.type_names]
+                lookup = work_cells.set_index("id").loc[kept]
+                cells["type"] = lookup["type"].to_numpy()
+                for c in prob_cols:
+                    cells[c] = lookup[c].to_numpy()
+        return inst, self._finish(cells, mpp)
+
+    def _post_at(self, mpp: float) -> PostProcessConfig:
+        """Thresholds for maps upsampled to ``mpp``: gradients shrink with the scale, sigma grows."""
+        f = self.mpp / mpp
+        p = self.post
+        return PostProcessConfig(p.np_threshold, p.marker_threshold / f, p.sigma_px * f, p.min_area_um2, p.min_marker_um2)
+
+    def _finish(self, cells: pd.DataFrame, mpp: float, empty: bool = False) -> pd.DataFrame:
+        cells.insert(1, "cell_id", cells["id"].to_numpy())
+        cells["x_um"] = cells["x_px"] * mpp
+        cells["y_um"] = cells["y_px"] * mpp
+        for name in self.type_names:
+            if f"prob_{name}" not in cells:
+                cells[f"prob_{name}"] = np.zeros(len(cells))
+        return cells
+
+    def _post_one(self, maps: tuple[np.ndarray, np.ndarray, np.ndarray]) -> pd.DataFrame:
+        npp, hv, tp = maps
+        inst = hv_watershed(npp, hv, self.mpp, self.post)
+        return measure_instances(inst, self.mpp, type_probs=tp, type_names=self.type_names)
+
+    def _segment_batch(self, tiles: list[np.ndarray]) -> list[pd.DataFrame]:
+        npp, hv, tp = self.predict_batch(np.stack(tiles))
+        items = [(npp[k], hv[k], tp[k]) for k in range(len(tiles))]
+        if self.workers > 1 and len(items) > 1:  # scipy / skimage release the GIL in their C loops
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers)
+            return list(self._pool.map(self._post_one, items))
+        return [self._post_one(it) for it in items]
+
+    def segment_slide(self, slide: SlideLike, *, progress: ProgressFn | None = None, tile_px: int = 1024,
+                      overlap_px: int = 48, batch_size: int = 8, device: str | None = None) -> pd.DataFrame:
+        """Cell table of a whole slide, centroids in µm (tiles batched on the device, AMP on CUDA).
+
+        ``overlap_px`` (working px; 48 px = 24 µm at 0.5 µm/px) must exceed the largest
+        nucleus diameter for seams to be exact; see ``tiling.py``.
+        """
+        if device is not None and device != "auto" and pick_device(device) != self.device:
+            self.device = pick_device(device)
+            self.model = self.model.to(self.device)
+        s = self.model.stride
+        tile_px = max(s * 4, int(math.ceil(tile_px / s) * s))
+        return run_tiled(slide, self.mpp, self._segment_batch, tile_px=tile_px, overlap_px=overlap_px,
+                         batch_size=batch_size, progress=progress)
+
+
+def _resolve(model_id: str | None) -> Path:
+    if model_id is None:
+        return BUNDLED_WEIGHTS_DIR / f"{DEFAULT_WEIGHTS}.safetensors"
+    p = Path(model_id)
+    if p.suffix == ".safetensors" or p.exists():
+        return p
+    return BUNDLED_WEIGHTS_DIR / f"{model_id}.safetensors"
+
+
+def load_learned_segmenter(model_id: str | None = None, device: str = "auto", *, verify: bool = True
+                           ) -> LearnedSegmenter:
+    """Build the model from ``<name>.safetensors`` + ``<name>.json`` (card with config and sha256)."""
+    path = _resolve(model_id)
+    card_path = path.with_suffix(".json")
+    if not path.exists() or not card_path.exists():
+        raise WeightsNotFoundError(
+            f"No nucleus-segmentation weights at {path} (and its card {card_path.name}). Train them with "
+            "scripts/train_segmentation.py, or use load_segmenter(kind='classical') for the classical detector.")
+    card = json.loads(card_path.read_text())
+    if verify and card.get("sha256") and sha256_file(path) != card["sha256"]:
+        raise WeightsIntegrityError(f"{path.name} does not match the sha256 in its card; the file is damaged or "
+                                    "was replaced. Restore it from the repository.")
+    from safetensors.torch import load_file
+
+    cfg = SegNetConfig.from_dict(card.get("architecture", {}))
+    model = SegNet(cfg)
+    state = load_file(str(path))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsFormatError(f"{path.name} does not fit the architecture in its card: {exc}") from exc
+    post_keys = PostProcessConfig.__dataclass_fields__
+    post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
+    return LearnedSegmenter(model, post, device=device, card=card)

@@ -1,0 +1,405 @@
+"""Train the HoVer-Net-style nucleus model on the CoNSeP + MoNuSeg *train* splits.
+
+The validation part is held out of train by source tile; test splits are never read here.
+Checkpoints every epoch (``last.safetensors`` + ``last.json`` with step, epoch, best score
+and log; no optimizer pickles, so a resume restarts the optimizer from the saved weights),
+``best.safetensors`` by validation AJI, a JSON-lines log of losses and validation scores.
+After training, the watershed thresholds are tuned on the validation split.
+
+    python scripts/train_segmentation.py --out runs/seg --mpp 0.5 --time-budget 480
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ghist_core.atomic import atomic_write_text  # noqa: E402
+from ghist_core.device import autocast_for, pick_device  # noqa: E402
+from ghist_core.paths import shared_data_dir  # noqa: E402
+from ghist_core.segmentation.data import (DATA_MPP, load_split, split_by_tile, hv_targets)  # noqa: E402
+from ghist_core.segmentation.metrics import SegCounts, seg_counts  # noqa: E402
+from ghist_core.segmentation.model import LearnedSegmenter, SegNet, SegNetConfig  # noqa: E402
+from ghist_core.segmentation.postprocess import PostProcessConfig  # noqa: E402
+
+IGNORE = 255
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved with every checkpoint)."""
+
+    data_root: str = str(shared_data_dir() / "nuclei")
+    out: str = "runs/seg"
+    mpp: float = 0.5
+    crop_um: float = 64.0          # 256 px at 0.25 µm/px = one CoNSeP patch
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    steps_per_epoch: int = 250
+    max_epochs: int = 200
+    max_steps: int = 0             # 0 = no limit (smoke runs set a few)
+    time_budget_s: float = 0.0     # wall-clock budget for the training loop; 0 = none
+    val_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    tune_postprocess: bool = True
+    workers: int = 4
+    arch: dict = field(default_factory=dict)
+    init: str = ""                 # start from these weights (safetensors), e.g. an earlier run
+
+
+# --- data on the device ---------------------------------------------------------------
+class DeviceData:
+    """All training images at the working µm/px as device tensors; batches are cropped there."""
+
+    def __init__(self, samples, cfg: TrainConfig, device: torch.device) -> None:
+        self.crop = int(round(cfg.crop_um / cfg.mpp))
+        self.device = device
+        self.groups = []  # (rgb uint8 N3HW, inst int32 NHW, type uint8 NHW, pixel weight)
+        by_size: dict[tuple, list] = {}
+        for s in samples:
+            by_size.setdefault((s.dataset,) + s.inst.shape, []).append(s)
+        for (dataset, h, w), group in by_size.items():
+            rgb = torch.from_numpy(np.stack([g.rgb for g in group])).permute(0, 3, 1, 2).contiguous()
+            inst = torch.from_numpy(np.stack([g.inst for g in group]).astype(np.int32))
+            tmap = np.stack([g.type_map if g.types is not None else np.full(g.inst.shape, IGNORE) for g in group])
+            self.groups.append((rgb.to(device), inst.to(device), torch.from_numpy(tmap.astype(np.uint8)).to(device),
+                                float(len(group) * max(h, self.crop) * max(w, self.crop))))
+        weights = np.array([g[3] for g in self.groups])
+        self.p = weights / weights.sum()
+
+    def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` random crops; gathers and the 8 flips/rotations run per group, not per sample."""
+        c = self.crop
+        imgs, insts, types = [], [], []
+        counts = np.bincount(rng.choice(len(self.groups), size=n, p=self.p), minlength=len(self.groups))
+        for g, k in enumerate(counts):
+            if k == 0:
+                continue
+            rgb, inst, tmap, _ = self.groups[g]
+            h, w = inst.shape[-2:]
+            idx = torch.from_numpy(rng.integers(len(rgb), size=k)).to(self.device)
+            if h <= c and w <= c:  # whole patches: one gather, pad if smaller than the crop
+                im, la, ty = rgb[idx], inst[idx], tmap[idx]
+                ph, pw = c - h, c - w
+                if ph or pw:
+                    im = F.pad(im, (0, pw, 0, ph), value=255)
+                    la = F.pad(la, (0, pw, 0, ph), value=0)
+                    ty = F.pad(ty, (0, pw, 0, ph), value=0)
+            else:  # random windows of big tiles: gather with an index grid
+                ys = torch.from_numpy(rng.integers(0, h - c + 1, size=k)).to(self.device)
+                xs = torch.from_numpy(rng.integers(0, w - c + 1, size=k)).to(self.device)
+                ar = torch.arange(c, device=self.device)
+                rows = (ys[:, None] + ar[None, :])[:, :, None]
+                cols = (xs[:, None] + ar[None, :])[:, None, :]
+                b = idx[:, None, None]
+                la = inst[b, rows, cols]
+                ty = tmap[b, rows, cols]
+                im = rgb.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)
+            imgs.append(im)
+            insts.append(la)
+            types.append(ty)
+        im, la, ty = torch.cat(imgs), torch.cat(insts), torch.cat(types)
+        perm = torch.from_numpy(rng.permutation(n)).to(self.device)
+        im, la, ty = im[perm], la[perm], ty[perm]
+        # the 8 symmetries of the square, each on one slice of the batch
+        parts = np.array_split(np.arange(n), 8)
+        out = [[], [], []]
+        for t, sl in enumerate(parts):
+            if len(sl) == 0:
+                continue
+            a, b_, d = im[sl[0]:sl[-1] + 1], la[sl[0]:sl[-1] + 1], ty[sl[0]:sl[-1] + 1]
+            a, b_, d = (torch.rot90(x, t % 4, dims=(-2, -1)) for x in (a, b_, d))
+            if t >= 4:
+                a, b_, d = (torch.flip(x, dims=(-1,)) for x in (a, b_, d))
+            for lst, x in zip(out, (a, b_, d)):
+                lst.append(x)
+        x = torch.cat(out[0]).float() / 255.0
+        return hed_jitter(x, rng), torch.cat(out[1]).contiguous(), torch.cat(out[2]).long()
+
+
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+
+
+def hed_jitter(x: torch.Tensor, rng: np.random.Generator, sigma: float = 0.08, bias: float = 0.02) -> torch.Tensor:
+    """Stain augmentation (Tellez et al. 2018): scale/shift each HED channel, then brightness/contrast."""
+    b = x.shape[0]
+    m = (_RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)).to(x.device)
+    minv = torch.linalg.inv(m)
+    od = -torch.log(x.clamp_min(1 / 255.0))
+    hed = torch.einsum("bchw,cd->bdhw", od, minv)
+    alpha = torch.from_numpy(rng.uniform(1 - sigma, 1 + sigma, (b, 3, 1, 1))).float().to(x.device)
+    beta = torch.from_numpy(rng.uniform(-bias, bias, (b, 3, 1, 1))).float().to(x.device)
+    od = torch.einsum("bdhw,dc->bchw", hed * alpha + beta, m)
+    y = torch.exp(-od)
+    contrast = torch.from_numpy(rng.uniform(0.9, 1.1, (b, 1, 1, 1))).float().to(x.device)
+    bright = torch.from_numpy(rng.uniform(-0.04, 0.04, (b, 1, 1, 1))).float().to(x.device)
+    return ((y - 0.5) * contrast + 0.5 + bright).clamp(0, 1)
+
+
+# --- losses ---------------------------------------------------------------------------
+def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 4.0
+    gx = F.conv2d(x, k.view(1, 1, 3, 3), padding=1)
+    gy = F.conv2d(x, k.t().contiguous().view(1, 1, 3, 3), padding=1)
+    return gx, gy
+
+
+def losses(out, inst: torch.Tensor, types: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HoVer-Net losses: NP (BCE + Dice), HV (MSE + 2 x gradient MSE in nuclei), TP (CE + Dice)."""
+    np_logit, hv, tp = (o.float() for o in out)
+    fg = (inst > 0).float()[:, None]
+    hv_t = hv_targets(inst)
+    p = torch.sigmoid(np_logit)
+    l_bce = F.binary_cross_entropy_with_logits(np_logit, fg)
+    l_dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
+    l_mse = F.mse_loss(hv, hv_t)
+    gxp, _ = _sobel(hv[:, :1])
+    _, gyp = _sobel(hv[:, 1:])
+    gxt, _ = _sobel(hv_t[:, :1])
+    _, gyt = _sobel(hv_t[:, 1:])
+    l_msge = (((gxp - gxt) ** 2 + (gyp - gyt) ** 2) * fg).sum() / fg.sum().clamp_min(1)
+    valid = types != IGNORE
+    l_ce = F.cross_entropy(tp, torch.where(valid, types, 0), reduction="none")
+    l_ce = (l_ce * valid).sum() / valid.sum().clamp_min(1)
+    prob = torch.softmax(tp, dim=1)
+    onehot = F.one_hot(torch.where(valid, types, 0), tp.shape[1]).permute(0, 3, 1, 2).float() * valid[:, None]
+    prob = prob * valid[:, None]
+    inter = (prob * onehot).sum(dim=(0, 2, 3))
+    l_tdice = (1 - (2 * inter + 1) / (prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1)).mean()
+    total = l_bce + l_dice + l_mse + 2 * l_msge + l_ce + l_tdice
+    return {"total": total, "np_bce": l_bce, "np_dice": l_dice, "hv_mse": l_mse, "hv_msge": l_msge,
+            "tp_ce": l_ce, "tp_dice": l_tdice}
+
+
+# --- validation -----------------------------------------------------------------------
+def _post_counts(args) -> SegCounts:
+    from ghist_core.segmentation.postprocess import hv_watershed
+
+    npp, hv, gt, mpp, post = args
+    return seg_counts(gt, hv_watershed(npp, hv, mpp, post))
+
+
+def val_maps(seg: LearnedSegmenter, val) -> list[tuple]:
+    """Network maps of each validation image at its native 0.25 µm/px (as ``segment_tile`` uses them)."""
+    out = []
+    for s in val:
+        h, w = s.inst.shape
+        work_hw = (int(round(h * DATA_MPP / seg.mpp)), int(round(w * DATA_MPP / seg.mpp)))
+        from ghist_core.segmentation.tiling import resample_rgb
+
+        npp, hv, _ = seg.predict_maps(resample_rgb(s.rgb, work_hw))
+        if work_hw != (h, w):
+            up = lambda a: F.interpolate(torch.from_numpy(a)[None], size=(h, w), mode="bilinear",
+                                         align_corners=False)[0].numpy()
+            npp, hv = up(npp[None])[0], up(hv)
+        out.append((npp, hv, s.inst))
+    return out
+
+
+def evaluate(maps, seg: LearnedSegmenter, post: PostProcessConfig, pool) -> dict:
+    seg.post = post
+    post_native = seg._post_at(DATA_MPP)
+    jobs = [(npp, hv, gt, DATA_MPP, post_native) for npp, hv, gt in maps]
+    counts = list(pool.map(_post_counts, jobs)) if pool else [_post_counts(j) for j in jobs]
+    pooled = sum(counts, SegCounts())
+    return {"aji": pooled.aji, "pq": pooled.pq, "dice": pooled.dice,
+            "aji_mean": float(np.mean([c.aji for c in counts]))}
+
+
+# --- checkpoints ----------------------------------------------------------------------
+def save_state(model: SegNet, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+
+
+def load_state(model: SegNet, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+
+
+def write_final(model: SegNet, out: Path, result: dict) -> Path:
+    """``final.safetensors`` (fp16, small enough to ship) + ``final.json`` card the loader reads."""
+    from safetensors.torch import save_file
+
+    from ghist_core.segmentation.model import sha256_file
+
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    path = out / "final.safetensors"
+    save_file(state, str(path))
+    card = {"name": "nuclei-seg", "architecture": result["architecture"], "postprocess": result["postprocess"],
+            "mpp": result["architecture"]["mpp"], "type_names": result["architecture"]["type_names"],
+            "validation": result["best_val"], "train_config": result["train_config"],
+            "val_tiles": result["val_tiles"], "trained_on": result["device"], "sha256": sha256_file(path)}
+    atomic_write_text(out / "final.json", json.dumps(card, indent=1))
+    return path
+
+
+def train(cfg: TrainConfig) -> dict:
+    t_start = time.time()
+    # fork the post-processing workers before CUDA starts (they only run numpy/scipy)
+    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    arch = SegNetConfig.from_dict({**cfg.arch, "mpp": cfg.mpp})
+    model = SegNet(arch).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    train_s, val_s, val_native = [], [], []
+    for ds, frac in (("consep", cfg.val_fraction), ("monuseg", cfg.val_fraction)):
+        native = load_split(cfg.data_root, ds, "train")
+        tr, va = split_by_tile(native, frac, cfg.seed)
+        val_native += va
+        names = {s.name for s in tr}
+        train_s += [s for s in load_split(cfg.data_root, ds, "train", mpp=cfg.mpp) if s.name in names]
+    data = DeviceData(train_s, cfg, device)
+    print(f"train images {len(train_s)}, validation images {len(val_native)} "
+          f"({sorted({s.source_tile for s in val_native})}), crop {data.crop}px at {cfg.mpp} µm/px", flush=True)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "step": 0, "best_aji": -1.0, "elapsed_s": 0.0, "log": []}
+    if cfg.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(cfg.init).items()})
+        print(f"initialised from {cfg.init}", flush=True)
+    last = out / "last.safetensors"
+    if last.exists():  # resume
+        load_state(model, last)
+        state = json.loads(last.with_suffix(".json").read_text())["state"]
+        print(f"resumed at epoch {state['epoch']} step {state['step']}", flush=True)
+    seg = LearnedSegmenter(model, device=str(device))
+    log_path = out / "log.jsonl"
+    budget = cfg.time_budget_s or float("inf")
+    elapsed0 = state["elapsed_s"]
+    t0 = time.time()
+    stop = False
+    while state["epoch"] < cfg.max_epochs and not stop:
+        model.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(cfg.steps_per_epoch):
+            el = elapsed0 + time.time() - t0
+            frac = min(1.0, el / budget) if math.isfinite(budget) else state["epoch"] / cfg.max_epochs
+            warm = min(1.0, (state["step"] + 1) / 200)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+            x, inst, types = data.batch(cfg.batch_size, rng)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
+                outs = model(x)
+            ls = losses(outs, inst, types)
+            opt.zero_grad(set_to_none=True)
+            ls["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            state["step"] += 1
+            n += 1
+            for k, v in ls.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if (cfg.max_steps and state["step"] >= cfg.max_steps) or elapsed0 + time.time() - t0 >= budget:
+                stop = True
+                break
+        state["epoch"] += 1
+        model.eval()
+        maps = val_maps(seg, val_native)
+        scores = evaluate(maps, seg, PostProcessConfig(), pool)
+        state["elapsed_s"] = elapsed0 + time.time() - t0
+        rec = {"epoch": state["epoch"], "step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
+               **{k: round(v / max(n, 1), 5) for k, v in sums.items()}, **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
+        state["log"].append(rec)
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+        meta = {"state": state, "train_config": asdict(cfg), "architecture": arch.to_dict()}
+        if scores["aji"] > state["best_aji"]:
+            state["best_aji"] = scores["aji"]
+            save_state(model, out / "best.safetensors", meta)
+        save_state(model, last, meta)
+
+    # tune the watershed on the validation split with the best weights
+    load_state(model, out / "best.safetensors")
+    model.eval()
+    maps = val_maps(seg, val_native)
+    best_post, best_scores, grid = PostProcessConfig(), None, []
+    if cfg.tune_postprocess:
+        for npt in (0.4, 0.5, 0.6):
+            for mt in (0.0, 0.02, 0.04, 0.06):
+                post = PostProcessConfig(np_threshold=npt, marker_threshold=mt)
+                sc = evaluate(maps, seg, post, pool)
+                grid.append({"np_threshold": npt, "marker_threshold": mt, **{k: round(v, 4) for k, v in sc.items()}})
+                print("post", grid[-1], flush=True)
+                if best_scores is None or sc["aji"] > best_scores["aji"]:
+                    best_post, best_scores = post, sc
+    else:
+        best_scores = evaluate(maps, seg, best_post, pool)
+    if pool:
+        pool.shutdown()
+    result = {"best_val": best_scores, "postprocess": best_post.to_dict(), "grid": grid, "state": state,
+              "train_config": asdict(cfg), "architecture": arch.to_dict(),
+              "val_tiles": sorted({s.source_tile for s in val_native}),
+              "wall_s": round(time.time() - t_start, 1), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    write_final(model, out, result)
+    print("result", json.dumps({k: result[k] for k in ("best_val", "postprocess", "wall_s")}), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = TrainConfig()
+    ap.add_argument("--data-root", default=d.data_root)
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--mpp", type=float, default=d.mpp)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
+    ap.add_argument("--max-epochs", type=int, default=d.max_epochs)
+    ap.add_argument("--max-steps", type=int, default=d.max_steps)
+    ap.add_argument("--time-budget", type=float, default=d.time_budget_s)
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--workers", type=int, default=d.workers)
+    ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--init", default="", help="start from these weights (safetensors)")
+    ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
+                      steps_per_epoch=a.steps_per_epoch, max_epochs=a.max_epochs, max_steps=a.max_steps,
+                      time_budget_s=a.time_budget, device=a.device, workers=a.workers,
+                      tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
