@@ -62,6 +62,24 @@ def morph_figure(folder: str, slide_id: int, run_id: int, feature: str):
     return figures.morphology_violins(c.cached_prediction(folder, slide_id, run_id).obs, feature, max_per_type=2000)
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def clinical_table(data: bytes | None, name: str | None) -> pd.DataFrame:
+    """The uploaded clinical table, or the bundled TCGA BRCA one (parsed once)."""
+    from ghist_core import clinical
+
+    return clinical.read_clinical_table(data, filename=name) if data is not None else clinical.load_demo_clinical()
+
+
+@st.cache_data(show_spinner="Testing every gene…", max_entries=32)
+def de_result(values: pd.DataFrame, labels: pd.Series, ga: str, gb: str, method: str):
+    return differential_expression(values, labels, group_a=ga, group_b=gb, method=method)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def composition_figure(counts: pd.DataFrame, percent: bool, title: str):
+    return figures.composition_bars(counts, percent=percent, title=title)
+
+
 tab_comp, tab_nbhd, tab_morph, tab_de = st.tabs(
     ["Composition", "Neighbourhoods", "Morphology", "Differential expression"])
 
@@ -72,15 +90,14 @@ with tab_comp:
                                              names=["patient", "slide"])
     counts = counts[figures.palette.ordered_types(counts.columns)]
     percent = st.toggle("Show percentages", value=True, key="ct_percent")
-    st.plotly_chart(figures.composition_bars(counts, percent=percent, title="Cell-type composition per slide"),
-                    key="ct_comp_slides")
+    st.plotly_chart(composition_figure(counts, percent, "Cell-type composition per slide"), key="ct_comp_slides")
     by_patient = counts.groupby(level="patient").sum()
     by_patient.index.name = "patient"
     patients_sel = st.multiselect("Compare patients side by side", list(by_patient.index),
                                   default=list(by_patient.index)[:6], key="ct_patients")
     if patients_sel:
-        st.plotly_chart(figures.composition_bars(by_patient.loc[patients_sel], percent=percent,
-                                                 title="Cell-type composition per patient (all slides pooled)"),
+        st.plotly_chart(composition_figure(by_patient.loc[patients_sel], percent,
+                                           "Cell-type composition per patient (all slides pooled)"),
                         key="ct_comp_patients")
     st.dataframe(counts.reset_index(), hide_index=True, key="ct_counts_table")
 
@@ -115,9 +132,7 @@ with tab_de:
     up = st.file_uploader("Clinical table (CSV, TSV or XLSX); the bundled TCGA BRCA table is used otherwise",
                           type=["csv", "tsv", "txt", "xlsx"], key="ct_clinical")
     try:
-        from ghist_core import clinical
-
-        table = clinical.read_clinical_table(up.getvalue(), filename=up.name) if up else clinical.load_demo_clinical()
+        table = clinical_table(up.getvalue() if up else None, up.name if up else None)
     except GhistError as exc:
         st.error(str(exc))
         st.stop()
@@ -145,8 +160,7 @@ with tab_de:
     matched = per_patient.index.intersection(labels.index)
     st.caption(f"{len(per_patient)} patients with predictions, {len(matched)} of them in the clinical table.")
     try:
-        res = differential_expression(per_patient.loc[matched], labels.loc[matched].astype(str), group_a=ga,
-                                      group_b=gb, method=method)
+        res = de_result(per_patient.loc[matched], labels.loc[matched].astype(str), ga, gb, method)
     except GhistError as exc:
         st.warning(str(exc))
     else:

@@ -63,6 +63,9 @@ if mode == "cells" and auto_grid:
 if not chosen:
     st.info("Pick at least one gene in the sidebar.")
     st.stop()
+if present and not keep_types:
+    st.info("Pick at least one cell type to show in the sidebar.")
+    st.stop()
 
 grids = c.cached_grid(str(project.folder), slide_id, run_id)
 image, bounds = c.cached_overview(str(project.folder), slide_id) if show_he else (None, None)
