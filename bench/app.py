@@ -119,7 +119,12 @@ def clicks_to_gene_map(projects: Path, log: Path) -> dict:
         page.get_by_role("button", name="Run the demo").click(timeout=120_000)
         clicks += 1
         t_run = time.perf_counter()
-        page.get_by_role("button", name="Open gene map").first.click(timeout=600_000)
+        open_btn = page.get_by_role("button", name="Open gene map")
+        open_btn.or_(page.get_by_role("button", name="Resume")).first.wait_for(timeout=600_000)
+        if not open_btn.count():
+            err = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
+            raise RuntimeError("demo run failed: " + " | ".join(err))
+        open_btn.first.click()
         clicks += 1
         t_done = time.perf_counter()
         page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)

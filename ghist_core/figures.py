@@ -54,10 +54,22 @@ Mode = Literal["auto", "cells", "grid"]
 
 
 def expression_units(adata) -> str:
-    """Units of ``adata.X`` from ``uns["ghist"]["expression_units"]`` (a plain fallback otherwise)."""
+    """Units of ``adata.X``: ``uns["ghist"]["expression_units"]`` (or the model card's), else a plain fallback."""
     g = adata.uns.get("ghist", {}) if hasattr(adata, "uns") else {}
-    units = g.get("expression_units") if isinstance(g, Mapping) else None
+    units = None
+    if isinstance(g, Mapping):
+        card = g.get("model_card") if isinstance(g.get("model_card"), Mapping) else {}
+        units = g.get("expression_units") or card.get("expression_units")
     return str(units) if units else "model output units"
+
+
+def units_label(units: str) -> str:
+    """A short form of the units for axes and colour bars (the full sentence goes in captions)."""
+    if len(units) <= 32:
+        return units
+    if "CP10k" in units:
+        return "CP10k scale"
+    return units[:29].rstrip() + "…"
 
 
 def gene_values(adata, gene: str) -> np.ndarray:
@@ -245,7 +257,7 @@ def gene_map(
         grid_size = pick_grid_size(grids, min(limit, AUTO_CELL_LIMIT) if mode == "auto" else limit)
         table = _grid_table(grids[grid_size], gene, cell_types)
 
-    units = expression_units(adata)
+    units = units_label(expression_units(adata))
     vmin, vmax = vrange if vrange is not None else palette.value_range(table["value"].to_numpy())
     if colour_by == "cell_type":
         rgb = palette.cell_type_rgb(table["cell_type"].to_numpy())

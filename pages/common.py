@@ -158,7 +158,16 @@ def cached_prediction(folder: str, slide_id: int, run_id: int):
     """The slide's AnnData, shared (read-only) across reruns and sessions; keyed by run."""
     from ghist_core.pipeline import load_prediction
 
-    return load_prediction(open_project(folder), slide_id)
+    adata = load_prediction(open_project(folder), slide_id)
+    g = adata.uns.setdefault("ghist", {})
+    if isinstance(g, dict) and not g.get("expression_units"):
+        try:  # older runs did not record the units; they are the model's
+            from ghist_core.model.predict import EXPRESSION_UNITS
+
+            g["expression_units"] = EXPRESSION_UNITS
+        except ImportError:
+            pass
+    return adata
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

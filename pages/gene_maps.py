@@ -122,6 +122,6 @@ for row in rows:
                                  file_name=f"slide{slide_id}_{gene}_{gm.mode}.csv", mime="text/csv",
                                  key=f"gm_csv_{gene}", icon=":material/table:", on_click="ignore")
 st.caption(
-    f"Coordinates in µm on the slide (x right, y down). Expression: {units}. Colour limits: 1st–99th percentile "
-    "of the values shown. Scroll to zoom, drag to pan; hover a cell for its values."
+    f"Coordinates in µm on the slide (x right, y down). Expression units: {units}. Colour limits: 1st–99th "
+    "percentile of the values shown. Scroll to zoom, drag to pan; hover a cell for its values."
 )

@@ -154,3 +154,14 @@ def test_mode_limits():
     assert figures.choose_mode(figures.AUTO_CELL_LIMIT + 1, "cells") == "cells"
     assert figures.choose_mode(figures.MAX_BROWSER_POINTS + 1, "cells") == "grid"
     assert figures.choose_mode(10, "grid") == "grid"
+
+
+def test_units_label_short_on_axes():
+    long = ("per-cell expression on the CP10k scale of a HER2ST spot: the sum over the cells of a 100 µm spot "
+            "approximates the spot's counts per 10,000")
+    a = synthetic_prediction(n=200)
+    a.uns["ghist"] = {"model_card": {"expression_units": long}}
+    assert figures.expression_units(a) == long
+    gm = figures.gene_map(a, "ERBB2")
+    assert gm.units == "CP10k scale"
+    assert figures.colour_bar(gm).layout.xaxis.title.text == "ERBB2 predicted expression (CP10k scale)"
