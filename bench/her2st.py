@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     pack = SpotPack.load(args.pack)
     fl = folds(pack.section, pack.patient)
-    jobs = [(f, k) for f in fl for k in ("ghist", "stnet") if not (f == "final" and k == "stnet")]
+    kinds = args.kinds.split(",")
+    jobs = [(f, k) for f in fl for k in kinds if not (f == "final" and k == "stnet")]
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -166,7 +167,8 @@ def run(args: argparse.Namespace) -> None:
     report_from(preds, pack, out, metas)
 
 
-def report_from(preds: dict, pack, out: Path, metas: dict | None = None) -> dict:
+def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier: dict | None = None,
+                note: str = "") -> dict:
     """Metrics JSON in the issue's format + spatial maps PNG."""
     y = pack.targets()
     n_hvg = int(pack.n_hvg)
@@ -208,6 +210,18 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None) -> dict
         res["protocol"]["device"] = dev
         res["protocol"]["train_seconds"] = {k: round(m["train_s"], 1) for k, m in metas.items()}
         res["protocol"]["epochs_done"] = {k: m["epochs_done"] for k, m in metas.items()}
+    if earlier:
+        runs = {}
+        for split in ("loso", "lopo"):
+            units = {}
+            for key in sorted(k for k in earlier if k.startswith(f"{split}_")):
+                fold = key.split("__")[0]
+                r = pcc_per_gene(earlier[key][:, :n_hvg].astype(np.float64), y[preds[f"{fold}__index"]][:, :n_hvg].astype(np.float64))
+                units[fold.split("_", 1)[1]] = summarise(r)
+            runs[split] = {"mean_pcc": float(np.mean([u["mean_pcc"] for u in units.values()])), "per_unit": units}
+        res["earlier_ghist_variant"] = runs
+    if note:
+        res["protocol"]["note"] = note
     from ghist_core.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -216,10 +230,11 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None) -> dict
         maps_png(preds, pack, out / "her2st_maps.png", per_gene)
     except Exception as exc:  # the figure is a bonus; metrics must not be lost for it
         print(f"maps not drawn: {exc}", flush=True)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for split in ("loso", "lopo"):
         b = res[split]
-        print(f"{split}: GHIST {b['model']['mean_pcc']:.3f} | ST-Net-like {b['baselines']['stnet_like']['mean_pcc']} "
-              f"| ridge {b['baselines']['ridge_features']['mean_pcc']:.3f}", flush=True)
+        print(f"{split}: GHIST {fmt(b['model']['mean_pcc'])} | ST-Net-like {fmt(b['baselines']['stnet_like']['mean_pcc'])} "
+              f"| ridge {fmt(b['baselines']['ridge_features']['mean_pcc'])}", flush=True)
     return res
 
 
@@ -274,7 +289,22 @@ def report(args: argparse.Namespace) -> None:
     with np.load(args.preds, allow_pickle=False) as z:
         preds = {k: z[k] for k in z.files}
     metas = json.loads(Path(args.jobs).read_text()) if args.jobs and Path(args.jobs).exists() else None
-    report_from(preds, pack, Path(args.out), metas)
+    earlier = None
+    if args.baselines_from:
+        # the ST-Net-like baseline (and the earlier GHIST variant) of another run on the same pack and folds
+        with np.load(args.baselines_from, allow_pickle=False) as z:
+            other = {k: z[k] for k in z.files}
+        for k, v in other.items():
+            if k.endswith("__stnet"):
+                fold = k.split("__")[0]
+                assert np.array_equal(other[f"{fold}__index"], preds[f"{fold}__index"]), "different folds"
+                preds[k] = v
+        earlier = {k.replace("__ghist", "__ghist_earlier"): v for k, v in other.items() if k.endswith("__ghist")}
+        if args.baselines_jobs and Path(args.baselines_jobs).exists():
+            m2 = json.loads(Path(args.baselines_jobs).read_text())
+            metas = {**(metas or {}), **{k: v for k, v in m2.items() if k.endswith("__stnet")},
+                     **{k.replace("__ghist", "__ghist_earlier"): v for k, v in m2.items() if k.endswith("__ghist")}}
+    report_from(preds, pack, Path(args.out), metas, earlier=earlier, note=args.note)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "run":
             p.add_argument("--out", default="bench/results")
             p.add_argument("--only", default="", help="comma-separated folds")
+            p.add_argument("--kinds", default="ghist,stnet", help="which CNNs to train (ridge always runs)")
         else:
             p.add_argument("--fold", required=True)
             p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
@@ -301,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
     p.add_argument("--preds", required=True)
     p.add_argument("--jobs", default="")
+    p.add_argument("--baselines-from", default="", help="take the ST-Net-like predictions from this preds npz")
+    p.add_argument("--baselines-jobs", default="", help="its jobs json")
+    p.add_argument("--note", default="")
     p.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     {"run": run, "job": job, "report": report}[args.cmd](args)

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", type=Path, default=Path(".gpu_data/her2st/pack.npz"))
     ap.add_argument("--out", type=Path, default=Path("weights"))
     ap.add_argument("--from-run", type=Path, default=None, help="folder of a bench/her2st.py run with the final model")
+    ap.add_argument("--bench", type=Path, default=Path("bench/results/her2st.json"), help="metrics for the card")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--budget-s", type=float, default=0.0)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -145,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         net = GhistNet(cfg)
         missing = {k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")}
         net.load_state_dict({**missing, **state}, strict=True)
-        bench = json.loads((run / "her2st.json").read_text()) if (run / "her2st.json").exists() else None
+        bench_file = args.bench if args.bench.exists() else run / "her2st.json"
+        bench = json.loads(bench_file.read_text()) if bench_file.exists() else None
         extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),
                                   "epochs": meta["epochs_done"], "final_loss": meta["history"][-1] if meta["history"] else None,
-                                  "command": "python bench/her2st.py run (fold 'final')"}}
+                                  "command": ("python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --kinds ghist "
+                                              f"--epochs {meta['train_config']['epochs']} --batch-size {meta['train_config']['batch_size']} "
+                                              f"--budget-s {meta['train_config']['time_budget_s']:.0f}  (fold 'final': all 1193 spots)")}}
         card = card_for(pack, config, meta["train_config"], command, metrics_from_bench(bench) if bench else None, extra)
     else:
         from ghist_core.model.train import TrainConfig as TC

@@ -9,6 +9,7 @@ predicted jointly so the small amount of supervision is shared.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -142,7 +143,8 @@ class GhistNet(nn.Module):
     type probabilities, so the type head and the reference shape every gene.
     """
 
-    def __init__(self, cfg: GhistConfig, reference: torch.Tensor | None = None) -> None:
+    def __init__(self, cfg: GhistConfig, reference: torch.Tensor | None = None,
+                 gene_init: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         k, g, d = cfg.n_types, cfg.n_genes, cfg.embed_dim
@@ -153,18 +155,23 @@ class GhistNet(nn.Module):
             nn.Linear(cfg.fpn_dim * 2 + 1, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
         )
         self.ctx_mlp = nn.Sequential(nn.Linear(d + 1, d), nn.GELU())
-        self.trunk = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(2 * d, d), nn.LayerNorm(d), nn.GELU())
+        self.patch_mlp = nn.Sequential(nn.Linear(cfg.widths[-1], d), nn.GELU())
+        self.trunk = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(3 * d, d), nn.LayerNorm(d), nn.GELU())
         self.type_head = nn.Linear(d, k)
         self.nbhd_head = nn.Linear(d, k)
         self.morph_head = nn.Linear(d, len(cfg.morph_features))
         self.resid_head = nn.Linear(d, g)
         ref = torch.zeros(k, g) if reference is None else reference.detach().float().clone()
         self.register_buffer("reference", ref)
-        self.ref_scale = nn.Parameter(torch.zeros(g))
+        self.ref_scale = nn.Parameter(torch.full((g,), math.log(0.5) if gene_init is not None else 0.0))
         self.register_buffer("norm_mean", torch.tensor(cfg.norm_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("norm_std", torch.tensor(cfg.norm_std, dtype=torch.float32).view(1, 3, 1, 1))
-        with torch.no_grad():  # start the residual small so the reference dominates early
-            self.resid_head.bias.fill_(-4.0 if cfg.use_reference else 0.0)
+        with torch.no_grad():  # start at the training mean: half reference mixture, half residual
+            self.resid_head.weight.mul_(0.1)
+            if gene_init is not None:
+                self.resid_head.bias.copy_(torch.log(0.5 * gene_init.float().clamp(min=1e-4)))
+            else:
+                self.resid_head.bias.fill_(-2.0)
 
     # ---- image side -----------------------------------------------------------------
     def normalise(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -172,42 +179,40 @@ class GhistNet(nn.Module):
         x = rgb.float() / 255.0 if rgb.dtype == torch.uint8 else rgb.float()
         return (x - self.norm_mean) / self.norm_std
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-scale features merged at stride 4 (B, fpn_dim, H/4, W/4)."""
+    def feature_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-scale features merged at stride 4 (B, fpn_dim, H/4, W/4) and the patch's global feature."""
         feats = self.encoder(x)
         top = self.lateral[-1](feats[-1])
         for i in range(len(feats) - 2, -1, -1):
             top = F.interpolate(top, size=feats[i].shape[-2:], mode="nearest") + self.lateral[i](feats[i])
-        return self.smooth(top)
+        return self.smooth(top), feats[-1].float().mean((2, 3))
 
     def cell_embeddings(self, x: torch.Tensor, instances: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pool the feature map inside every nucleus of a batch of patches.
 
         Returns ``emb`` (N, D), ``cell_batch``, ``cell_label``, ``centroid_px`` (N, 2: x, y).
         """
-        fmap = self.feature_map(x).float()  # pool in fp32 even under autocast
+        fmap, patch_feat = self.feature_map(x)
+        fmap = fmap.float()  # pool in fp32 even under autocast
         gmap, cell_batch, cell_label = relabel_batch(instances)
         n = int(cell_batch.numel())
-        mean, n_pix = pool_cells(fmap, gmap, n, reduce="mean")
-        mx, _ = pool_cells(fmap, gmap, n, reduce="max")
-        # centroids from the masks themselves (x, y in patch pixels)
-        bsz, hh, ww = gmap.shape
-        ys = torch.arange(hh, device=x.device, dtype=torch.float32).view(1, hh, 1, 1).expand(bsz, hh, ww, 1)
-        xs = torch.arange(ww, device=x.device, dtype=torch.float32).view(1, 1, ww, 1).expand(bsz, hh, ww, 1)
-        coords = torch.cat([xs, ys], -1).permute(0, 3, 1, 2)
-        cen, _ = pool_cells(coords, gmap, n, reduce="mean")
+        # one pass over the nucleus pixels: features (mean and max) and mask centroids
+        both, n_pix, cen = pool_cells(fmap, gmap, n, reduce="mean+max", centroids=True)
+        c = fmap.shape[1]
+        mean, mx = both[:, :c], both[:, c:]
         area = (n_pix * self.cfg.mpp**2).clamp(min=1e-3).log().unsqueeze(1) / 4.0
         emb = self.cell_mlp(torch.cat([mean.float(), mx.float(), area], 1))
-        return {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen}
+        return {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen,
+                "patch_feat": patch_feat}
 
     # ---- cell side ------------------------------------------------------------------
-    def heads(self, emb: torch.Tensor, ctx: torch.Tensor, ctx_count: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All per-cell outputs from a cell's embedding and its neighbourhood context."""
+    def heads(self, emb: torch.Tensor, ctx: torch.Tensor, ctx_count: torch.Tensor, patch_feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All per-cell outputs from a cell's embedding, its neighbourhood and its patch (one row per cell)."""
         c = self.ctx_mlp(torch.cat([ctx, torch.log1p(ctx_count).unsqueeze(1) / 3.0], 1))
-        h = self.trunk(torch.cat([emb, c], 1))
+        h = self.trunk(torch.cat([emb, c, self.patch_mlp(patch_feat.float())], 1))
         type_logits = self.type_head(h)
         p = type_logits.float().softmax(1)
-        resid = F.softplus(self.resid_head(h).float())
+        resid = torch.exp(self.resid_head(h).float().clamp(-15.0, 10.0))  # log-linear per cell
         if self.cfg.use_reference:
             expr = (p @ self.reference) * self.ref_scale.exp() + resid
         else:
@@ -231,7 +236,7 @@ class GhistNet(nn.Module):
         emb = out["emb"].float()
         xy_um = out["centroid_px"].float() * self.cfg.mpp
         ctx, cnt = self.context(emb, xy_um, out["cell_batch"])
-        out.update(self.heads(emb, ctx, cnt))
+        out.update(self.heads(emb, ctx, cnt, out["patch_feat"][out["cell_batch"]]))
         return out
 
 

@@ -44,14 +44,15 @@ def relabel_batch(instances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """
     inst = instances.long()
     b = inst.shape[0]
-    # key = image * (max_label + 1) + label is unique per (image, label); unique() sorts it,
-    # so global ids follow image order, then label order.
     stride = int(inst.max().item()) + 1 if inst.numel() else 1
-    key = inst + torch.arange(b, device=inst.device).view(b, 1, 1) * stride
-    fg = inst > 0
-    uniq, inverse = torch.unique(key[fg], return_inverse=True)
-    global_map = torch.zeros_like(inst)
-    global_map[fg] = inverse + 1
+    # key = image * stride + label is unique per (image, label); a bincount marks the keys
+    # present and a cumulative sum numbers them in image, then label order (no sort).
+    key = (inst + torch.arange(b, device=inst.device).view(b, 1, 1) * stride).reshape(-1)
+    present = torch.bincount(key, minlength=b * stride) > 0
+    present[::stride] = False  # label 0 = background
+    gid = torch.cumsum(present, 0)
+    global_map = torch.where(inst.reshape(-1) > 0, gid[key], torch.zeros_like(key)).view_as(inst)
+    uniq = torch.nonzero(present).flatten()
     return global_map, uniq // stride, uniq % stride
 
 
@@ -61,8 +62,9 @@ def pool_cells(
     n_cells: int,
     *,
     reduce: str = "mean",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average (or max) feature vectors over every nucleus mask, in one scatter.
+    centroids: bool = False,
+):
+    """Average (or max, or both) feature vectors over every nucleus mask, in one scatter.
 
     Parameters
     ----------
@@ -73,36 +75,44 @@ def pool_cells(
     n_cells
         Number of cells ``N`` (ids run 1..N).
     reduce
-        ``"mean"`` or ``"max"``.
+        ``"mean"``, ``"max"`` or ``"mean+max"`` (``(N, 2C)``, both from one pass over the pixels).
 
     Returns
     -------
     pooled
-        ``(N, C)``; a cell with no pixel gets zeros.
+        ``(N, C)`` (``(N, 2C)`` for ``"mean+max"``); a cell with no pixel gets zeros.
     n_pixels
         ``(N,)`` mask pixels per cell (at mask resolution).
+    centroid
+        ``(N, 2)`` mean pixel ``(x, y)`` of each mask (only when ``centroids=True``).
     """
+    if reduce not in ("mean", "max", "mean+max"):
+        raise ValueError(f"reduce must be 'mean', 'max' or 'mean+max', not {reduce!r}")
     bsz, c, h, w = features.shape
     _, hh, ww = global_map.shape
-    fg = global_map > 0
-    bi, yy, xx = torch.nonzero(fg, as_tuple=True)
+    bi, yy, xx = torch.nonzero(global_map > 0, as_tuple=True)
     ids = global_map[bi, yy, xx] - 1
     fy = torch.div(yy * h, hh, rounding_mode="floor")
     fx = torch.div(xx * w, ww, rounding_mode="floor")
     flat = features.permute(0, 2, 3, 1).reshape(bsz * h * w, c)
     vals = flat[bi * (h * w) + fy * w + fx]
-    n_pix = torch.bincount(ids, minlength=n_cells).to(features.dtype)
-    if reduce == "mean":
+    n_pix = torch.zeros(n_cells, dtype=features.dtype, device=features.device)
+    n_pix.index_add_(0, ids, torch.ones_like(ids, dtype=features.dtype))
+    outs = []
+    if reduce in ("mean", "mean+max"):
         out = torch.zeros(n_cells, c, dtype=features.dtype, device=features.device)
         out.index_add_(0, ids, vals)
-        out = out / n_pix.clamp(min=1).unsqueeze(1)
-    elif reduce == "max":
-        out = torch.full((n_cells, c), float("-inf"), dtype=features.dtype, device=features.device)
-        out = out.scatter_reduce(0, ids.unsqueeze(1).expand(-1, c), vals, reduce="amax")
-        out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
-    else:
-        raise ValueError(f"reduce must be 'mean' or 'max', not {reduce!r}")
-    return out, n_pix
+        outs.append(out / n_pix.clamp(min=1).unsqueeze(1))
+    if reduce in ("max", "mean+max"):
+        mx = torch.full((n_cells, c), float("-inf"), dtype=features.dtype, device=features.device)
+        mx = mx.scatter_reduce(0, ids.unsqueeze(1).expand(-1, c), vals, reduce="amax")
+        outs.append(torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
+    pooled = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    if not centroids:
+        return pooled, n_pix
+    cen = torch.zeros(n_cells, 2, dtype=features.dtype, device=features.device)
+    cen.index_add_(0, ids, torch.stack([xx, yy], 1).to(features.dtype))
+    return pooled, n_pix, cen / n_pix.clamp(min=1).unsqueeze(1)
 
 
 def segment_sum(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-2
     warmup_frac: float = 0.05
     time_budget_s: float = 0.0  # 0 = no wall-clock limit; else the schedule follows the clock
     amp: bool = True  # bf16 autocast on CUDA only
@@ -430,7 +430,8 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
         cfg = GhistConfig(genes=[str(g) for g in pack.genes], cell_types=[str(c) for c in pack.cell_types],
                           mpp=float(pack.mpp), patch_px=int(pack.instances.shape[-1]),
                           norm_mean=tuple(mean), norm_std=tuple(std), **net_kw)
-        model = GhistNet(cfg, torch.tensor(ref, dtype=torch.float32))
+        gene_init = lin.mean(0) / max(n_per_spot, 1.0)  # mean CP10k per cell: the residual's starting point
+        model = GhistNet(cfg, torch.tensor(ref, dtype=torch.float32), torch.tensor(gene_init, dtype=torch.float32))
         cfg_dict = cfg.to_dict()
         cfg_dict["morph_mean"] = mm.tolist()
         cfg_dict["morph_std"] = ms.tolist()

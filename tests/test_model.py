@@ -1,0 +1,217 @@
+"""GHIST model: training on generated data, the reference, weights round trip, slide prediction."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsIntegrityError
+from ghist_core.model import GhistConfig, GhistNet, load_ghist
+from ghist_core.model.predict import GhistModel, save_ghist
+from ghist_core.model.reference import CELL_TYPES, ReferenceProfiles, fit_gene_profiles, load_reference, nnls_deconvolve
+from ghist_core.model.train import (
+    PatchData, Trainer, TrainConfig, make_synthetic_cells, pearson_per_gene, predict_spots,
+)
+from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, MppWarning
+
+TINY = dict(patch_px=64, widths=(8, 16, 32, 32), fpn_dim=16, embed_dim=32, dropout=0.0)
+
+
+def _tiny_net(n_genes: int = 6, n_types: int = 3, **kw) -> GhistNet:
+    cfg = GhistConfig(genes=[f"g{i}" for i in range(n_genes)], cell_types=[f"t{i}" for i in range(n_types)],
+                      **{**TINY, **kw})
+    torch.manual_seed(0)
+    return GhistNet(cfg)
+
+
+def _cell_corr(net: GhistNet, data: PatchData) -> float:
+    net.eval()
+    with torch.no_grad():
+        o = net(data.images, data.instances)
+    tgt = data.lut_expr[o["cell_batch"], o["cell_label"]]
+    return float(pearson_per_gene(torch.log1p(o["expr"]), torch.log1p(tgt)).mean())
+
+
+def test_cell_level_training_learns_colour_function(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    data, _ = make_synthetic_cells(n_patches=16, size=64, seed=1)
+    net = _tiny_net(use_reference=False)
+    before = _cell_corr(net, data)
+    cfg = TrainConfig(mode="cell", epochs=30, batch_size=8, lr=1e-2, augment=False,
+                      checkpoint_dir=str(tmp_path / "ck"), log_path=str(tmp_path / "log.jsonl"))
+    (tmp_path / "ck").mkdir()
+    tr = Trainer(cfg, log=None)
+    tr.fit(net, data)
+    after = _cell_corr(net, data)
+    losses = [h["loss"] for h in tr.history_]
+    assert np.mean(losses[-3:]) < 0.3 * np.mean(losses[:2])
+    assert after > before + 0.25 and after > 0.3
+    # checkpoints and logs every epoch; resuming a finished run trains no further epochs
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 30
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert state["epoch"] == 30
+    tr2 = Trainer(cfg, log=None)
+    tr2.fit(_tiny_net(use_reference=False), data)
+    assert len(tr2.history_) == 30 and len((tmp_path / "log.jsonl").read_text().splitlines()) == 30
+
+
+def test_spot_level_weak_training_loss_falls() -> None:
+    """Only the sum over each patch's cells is seen; the per-cell model must still fit it."""
+    torch.set_num_threads(1)
+    data, _ = make_synthetic_cells(n_patches=16, size=64, seed=2)
+    n_lab = data.lut_expr.shape[1]
+    in_spot = torch.zeros(len(data), n_lab, dtype=torch.bool)
+    in_spot[:, 1:] = True
+    spot = torch.log1p((data.lut_expr * in_spot.unsqueeze(-1)).sum(1))
+    data.spot_target = spot
+    data.fractions = torch.full((len(data), 3), 1 / 3)
+    data.lut_in_spot = in_spot
+    net = _tiny_net()
+    pred0 = predict_spots(net, data, batch_size=8, tta=False)
+    tr = Trainer(TrainConfig(mode="spot", epochs=15, batch_size=8, lr=5e-3, augment=True), log=None)
+    tr.fit(net, data)
+    pred1 = predict_spots(net, data, batch_size=8, tta=True)
+    err0 = float(((pred0 - spot.numpy()) ** 2).mean())
+    err1 = float(((pred1 - spot.numpy()) ** 2).mean())
+    assert tr.history_[-1]["expr"] < 0.5 * tr.history_[0]["expr"]
+    assert err1 < 0.5 * err0
+    assert np.isfinite(pred1).all()
+
+
+def test_reference_profiles_and_nnls_recover_known_mixtures(shared_data: Path) -> None:
+    ref = load_reference(shared_data / "ghist_demo")
+    assert ref.cell_types == list(CELL_TYPES) and ref.profiles.shape == (9, 280)
+    assert int(ref.n_cells.sum()) == 5508
+    # marker sanity: ERBB2 highest in malignant, CD3E in T cells (as the data README states)
+    assert CELL_TYPES[int(ref.profiles[:, ref.genes.index("ERBB2")].argmax())] == "Malignant"
+    assert CELL_TYPES[int(ref.profiles[:, ref.genes.index("CD3E")].argmax())] == "T"
+    rng = np.random.default_rng(0)
+    frac = rng.dirichlet(np.ones(9) * 0.7, size=40)
+    counts = frac @ (ref.profiles * 20)  # noise-free mixtures of the reference
+    est = nnls_deconvolve(counts, ref)
+    # library-size normalisation and per-gene rescaling distort the mixture slightly (the estimate is
+    # in units of each type's share of the spot profile), so recovery is close, not exact
+    assert est.shape == (40, 9) and np.allclose(est.sum(1), 1.0)
+    assert np.corrcoef(est.ravel(), frac.ravel())[0, 1] > 0.95
+    assert np.abs(est - frac).max() < 0.15
+    # an unrelated profile (a shuffled mixture) is recovered far worse: the test can fail
+    bad = nnls_deconvolve(counts[:, rng.permutation(counts.shape[1])], ref)
+    assert np.corrcoef(bad.ravel(), frac.ravel())[0, 1] < 0.8
+    prof = fit_gene_profiles(frac, frac @ ref.profiles[:, :5])
+    np.testing.assert_allclose(prof, ref.profiles[:, :5], atol=1e-6)
+
+
+def test_save_load_round_trip_and_integrity(tmp_path: Path) -> None:
+    net = _tiny_net(n_genes=4, n_types=2).eval()
+    wp = save_ghist(net, tmp_path, {"genes": net.cfg.genes, "note": "test"})
+    card = json.loads(wp.with_suffix(".json").read_text())
+    assert card["kind"] == "ghist" and len(card["sha256"]) == 64 and card["config"]["genes"] == net.cfg.genes
+    m = load_ghist(path=wp, device="cpu")
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    inst = torch.zeros(2, 64, 64, dtype=torch.int32)
+    inst[0, 5:12, 5:12] = 1
+    inst[1, 30:40, 30:38] = 4
+    with torch.no_grad():
+        a = net(x, inst)["expr"]
+        b = m.net(x, inst)["expr"]
+    torch.testing.assert_close(a, b)
+    raw = bytearray(wp.read_bytes())
+    raw[-1] ^= 0xFF
+    wp.write_bytes(bytes(raw))
+    with pytest.raises(WeightsIntegrityError):
+        load_ghist(path=wp, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the committed weights on the demo slide
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundled() -> GhistModel:
+    return load_ghist(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_region(demo_slide: Path):
+    """A 160 µm square of the demo slide, its nuclei from the classical segmenter (µm on the slide)."""
+    from ghist_core.slide import open_slide
+
+    slide = open_slide(demo_slide)
+    x0, y0 = 400.0, 500.0  # µm
+    rgb = slide.read_region_mpp((x0 / slide.mpp, y0 / slide.mpp), (320, 320), 0.5)
+    _, cells = ClassicalSegmenter().segment_tile(rgb, 0.5)
+    cells["x_um"] += x0
+    cells["y_um"] += y0
+    cells["cell_id"] = np.arange(len(cells), dtype=np.int64) + 100
+    return slide, cells
+
+
+def test_bundled_weights_predict_on_demo_region(bundled: GhistModel, demo_region) -> None:
+    slide, cells = demo_region
+    assert len(cells) > 20
+    card = json.loads((BUNDLED_WEIGHTS_DIR / "ghist-her2st.json").read_text())
+    a = bundled.predict(slide, cells, batch_size=4)
+    assert a.shape == (len(cells), len(card["genes"]))
+    assert list(a.var_names) == card["genes"]
+    assert a.X.dtype == np.float32 and np.isfinite(a.X).all() and (a.X >= 0).all()
+    assert a.X.std(0).max() > 0  # cells differ
+    probs = a.obs[[f"prob_{t}" for t in card["cell_types"]]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    nb = a.obs[[f"nbhd_{t}" for t in card["cell_types"]]].to_numpy()
+    np.testing.assert_allclose(nb.sum(1), 1.0, atol=1e-4)
+    assert set(a.obs["cell_type"].astype(str)) <= set(card["cell_types"])
+    for c in ("area_um2", "eccentricity", "pred_area_um2", "cell_id"):
+        assert c in a.obs
+    assert a.obs["cell_id"].tolist() == cells["cell_id"].tolist()
+    np.testing.assert_allclose(a.obsm["spatial"], cells[["x_um", "y_um"]].to_numpy())
+    u = a.uns["ghist"]
+    assert u["weights_sha256"] == card["sha256"] and len(u["slide_sha256"]) == 64
+    assert u["model_card"]["mpp"] == 0.5 and "expression_units" in u
+    # tiling and batching do not change results (bounded memory, same answer)
+    b = bundled.predict(slide, cells, batch_size=1)
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-4, atol=1e-5)
+    # a gene subset returns exactly those columns
+    sub = bundled.predict(slide, cells.iloc[:10], genes=["ERBB2", card["genes"][0]])
+    assert list(sub.var_names) == ["ERBB2", card["genes"][0]]
+
+
+def test_bad_inputs_give_clear_errors(bundled: GhistModel, demo_region) -> None:
+    slide, cells = demo_region
+    empty = bundled.predict(slide, cells.iloc[:0])
+    assert empty.shape == (0, len(bundled.genes)) and list(empty.var_names) == bundled.genes
+    outside = cells.iloc[:5].copy()
+    outside.loc[outside.index[0], "x_um"] = 1e7
+    with pytest.raises(ModelInputError, match="outside the slide"):
+        bundled.predict(slide, outside)
+    with pytest.warns(UserWarning, match="outside the slide"):
+        kept = bundled.predict(slide, outside, on_outside="drop")
+    assert kept.n_obs == 4
+    with pytest.raises(UnknownGeneError, match="NOTAGENE"):
+        bundled.predict(slide, cells, genes=["ERBB2", "NOTAGENE"])
+    with pytest.raises(ModelInputError):
+        bundled.predict(slide, pd.DataFrame({"x": [1.0]}))
+
+
+def test_far_mpp_is_resampled_with_a_warning(bundled: GhistModel) -> None:
+    rng = np.random.default_rng(0)
+    rgb = np.full((400, 400, 3), 235, np.uint8)
+    yy, xx = np.mgrid[0:400, 0:400]
+    cen = rng.uniform(30, 370, (12, 2))
+    for cx, cy in cen:  # a dozen dark nuclei on pale tissue
+        rgb[(xx - cx) ** 2 + (yy - cy) ** 2 < 14 ** 2] = (80, 40, 120)
+    slide = ArraySlide(rgb, 0.125)  # 4× finer than the model's 0.5 µm/px
+    cells = pd.DataFrame({"x_um": cen[:, 0] * 0.125, "y_um": cen[:, 1] * 0.125})
+    for k in range(16):
+        cells[f"ray_{k:02d}"] = 14 * 0.125
+    with pytest.warns(MppWarning):
+        a = bundled.predict(slide, cells)
+    assert a.n_obs == 12 and np.isfinite(a.X).all() and (a.X >= 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MppWarning)
+        bundled.predict(ArraySlide(rgb, 0.4), cells.assign(x_um=cen[:, 0] * 0.4, y_um=cen[:, 1] * 0.4))
