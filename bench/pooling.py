@@ -91,9 +91,16 @@ def main() -> None:
     ap.add_argument("--devices", default="cpu", help="comma-separated: cpu,cuda")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "pooling.json"))
+    ap.add_argument("--host", default="", help="label of this machine in the results")
+    ap.add_argument("--append", action="store_true", help="keep the runs already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = [measure(torch.device(d)) for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+    for r in runs:
+        r["host"] = args.host or platform.node()
+        r["pool_cells_version"] = "cpu: unique (cell, feature-pixel) pairs then gather; cuda: direct gather"
+    if args.append and Path(args.out).exists():
+        runs = json.loads(Path(args.out).read_text()).get("runs", []) + runs
     res = {"runs": runs, "goal_speedup": 50, "machine": platform.node() and platform.machine(), "torch": torch.__version__,
            "what": "mean of a stride-4 feature map (96 ch) inside 10,000 star-shaped nuclei in 80 patches of 256 px; "
                    "vectorised = relabel_batch + pool_cells (one bincount/cumsum + one index_add); "
