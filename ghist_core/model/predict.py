@@ -252,7 +252,7 @@ class GhistModel:
         order = np.argsort(tile_of, kind="stable")
         bounds = np.searchsorted(tile_of[order], np.arange(len(keys) + 1))
         emb = torch.zeros(n, cfg.embed_dim, dtype=torch.float32)
-        patch = torch.zeros(n, cfg.widths[-1], dtype=torch.float32)
+        tile_feat = torch.zeros(len(keys), cfg.widths[-1], dtype=torch.float32)  # one row per tile, not per cell
         pooled = np.zeros(n, bool)
         t_enc = time.perf_counter()
         with torch.no_grad(), _exact_float32():
@@ -275,8 +275,7 @@ class GhistModel:
                 starts = np.cumsum([0] + [len(r) for r in rows])
                 gidx = np.concatenate(rows)[starts[cb] + cl - 1]
                 emb[torch.from_numpy(gidx)] = out["emb"].float().cpu()
-                patch[torch.from_numpy(np.concatenate(rows))] = out["patch_feat"].float().cpu()[
-                    torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows]))]
+                tile_feat[b0:b0 + len(rows)] = out["patch_feat"].float().cpu()
                 pooled[gidx] = True
                 if progress is not None:
                     progress(min(1.0, (b0 + len(tiles)) / len(keys)), f"{b0 + len(tiles)} of {len(keys)} tiles")
@@ -287,7 +286,7 @@ class GhistModel:
             for s in range(0, n, chunk_cells):
                 o = self.net.heads(emb[s:s + chunk_cells].to(self.device), torch.from_numpy(ctx[s:s + chunk_cells]).to(self.device),
                                    torch.from_numpy(cnt[s:s + chunk_cells]).to(self.device),
-                                   patch[s:s + chunk_cells].to(self.device))
+                                   tile_feat[torch.from_numpy(tile_of[s:s + chunk_cells])].to(self.device))
                 res["expr"].append(o["expr"][:, gene_idx].clamp(min=0).float().cpu().numpy())
                 res["type_prob"].append(o["type_prob"].float().cpu().numpy())
                 res["nbhd"].append(o["nbhd_logits"].softmax(1).float().cpu().numpy())
