@@ -30,6 +30,7 @@ SELECTED_SLIDE = "selected_slide_id"
 DEVICE = "device"
 MODEL_ID = "model_id"
 SELECTED_GENES = "selected_genes"
+SEGMENTER = "segmenter"
 WATCHED_RUNS = "watched_run_ids"
 
 #: File types the uploader accepts (``ome.tif`` is covered by ``tif``).
@@ -54,6 +55,7 @@ def init_session() -> None:
         DEVICE: "auto",
         MODEL_ID: None,
         SELECTED_GENES: None,
+        SEGMENTER: "auto",
         WATCHED_RUNS: [],
     }
     for key, value in defaults.items():
@@ -266,6 +268,31 @@ def fmt_seconds(s: float | None) -> str:
         return "estimating…"
     s = int(round(s))
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def segmenter_id() -> str | None:
+    """The nuclei segmenter for new runs: the learned model on a GPU, the fast classical one on CPU.
+
+    On a CPU-only machine the learned segmenter takes minutes per square millimetre; the classical
+    (QuPath-style) one takes seconds, so "auto" keeps the demo under a minute there.
+    """
+    init_session()
+    choice = st.session_state[SEGMENTER]
+    if choice == "auto":
+        import torch
+
+        return None if torch.cuda.is_available() else "classical"
+    return None if choice == "learned" else "classical"
+
+
+def submit(project, slide_id: int) -> int:
+    """Start a run of a slide with the session's model, device and segmenter (one worker process)."""
+    from ghist_core import jobs
+
+    run_id = jobs.submit_run(project.folder, int(slide_id), model_id=st.session_state[MODEL_ID],
+                             device=st.session_state[DEVICE], segmenter_id=segmenter_id())
+    st.session_state[WATCHED_RUNS] = list({*st.session_state[WATCHED_RUNS], run_id})
+    return run_id
 
 
 def finished_slides(project) -> pd.DataFrame:

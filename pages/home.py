@@ -73,15 +73,11 @@ if is_demo and len(slides):
             st.switch_page("pages/upload.py")
     else:
         if box.button("Run the demo", type="primary", key="home_run_demo", icon=":material/play_arrow:"):
-            from ghist_core import jobs
-
             try:
-                run_id = jobs.submit_run(project.folder, int(demo["slide_id"]), model_id=st.session_state[c.MODEL_ID],
-                                         device=st.session_state[c.DEVICE])
+                c.submit(project, int(demo["slide_id"]))
             except GhistError as exc:
                 box.error(str(exc))
             else:
-                st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], run_id})
                 st.session_state[c.SELECTED_SLIDE] = int(demo["slide_id"])
                 st.switch_page("pages/upload.py")
 

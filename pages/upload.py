@@ -41,6 +41,12 @@ with st.expander("Model and device", expanded=False):
                                           key="upload_device",
                                           help="auto picks a CUDA GPU when there is one, else the CPU.")
     st.caption("CUDA GPU: " + (dev.get("cuda_device", "available") if dev.get("cuda_available") else "not available"))
+    seg_opts = ["auto", "learned", "classical"]
+    st.session_state[c.SEGMENTER] = st.radio(
+        "Nuclei segmentation", seg_opts, index=seg_opts.index(st.session_state[c.SEGMENTER]), horizontal=True,
+        key="upload_segmenter", format_func=lambda o: {"auto": "auto (learned on GPU, fast on CPU)",
+                                                       "learned": "learned model", "classical": "fast classical"}[o],
+        help="The learned segmenter is more accurate but takes minutes per mm² on a CPU.")
 
 # --- upload ------------------------------------------------------------------------------
 st.subheader("1 · Add slides")
@@ -118,13 +124,8 @@ for f in files or []:
                     st.info(f"This file is already in the project as slide {record.slide_id} "
                             f"(patient {record.patient_id or '—'}); nothing was copied.")
                 if run_now:
-                    from ghist_core import jobs
-
                     try:
-                        run_id = jobs.submit_run(project.folder, int(record.slide_id),
-                                                 model_id=st.session_state[c.MODEL_ID],
-                                                 device=st.session_state[c.DEVICE])
-                        st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], run_id})
+                        c.submit(project, int(record.slide_id))
                     except GhistError as exc:
                         st.error(str(exc))
                         st.stop()
@@ -141,12 +142,8 @@ for _, row in not_run.iterrows():
     cols = st.columns([3, 1])
     cols[0].markdown(f"{c.slide_label(row)} — not run yet")
     if cols[1].button("Run", key=f"run_{row['slide_id']}"):
-        from ghist_core import jobs
-
         try:
-            rid = jobs.submit_run(project.folder, int(row["slide_id"]), model_id=st.session_state[c.MODEL_ID],
-                                  device=st.session_state[c.DEVICE])
-            st.session_state[c.WATCHED_RUNS] = list({*st.session_state[c.WATCHED_RUNS], rid})
+            c.submit(project, int(row["slide_id"]))
         except GhistError as exc:
             st.error(str(exc))
 
@@ -196,7 +193,7 @@ def live_runs() -> None:
                     except GhistError as exc:
                         st.error(str(exc))
                     else:
-                        st.rerun(scope="fragment")
+                        st.rerun()
 
 
 live_runs()
