@@ -71,3 +71,27 @@ def test_classical_slide_tiled_matches_one_pass(monuseg_tile):
     d = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
     np.fill_diagonal(d, np.inf)
     assert d.min() >= 2.0
+
+
+def test_measurements_of_known_shapes():
+    from skimage.draw import disk, ellipse
+    from skimage.measure import regionprops_table
+
+    from ghist_core.segmentation.features import measure_instances
+
+    inst = np.zeros((120, 160), np.int32)
+    inst[disk((40, 40), 20)] = 1
+    inst[ellipse(60, 110, 12, 30, rotation=0.3)] = 2
+    inst[100:110, 10:14] = 3
+    cells = measure_instances(inst, 0.5).set_index("id")
+    ref = regionprops_table(inst, properties=("label", "area", "eccentricity", "centroid"))
+    assert np.allclose(cells["area_um2"], ref["area"] * 0.25)
+    assert np.allclose(cells["eccentricity"], ref["eccentricity"], atol=1e-6)
+    assert np.allclose(cells["x_px"], ref["centroid-1"]) and np.allclose(cells["y_px"], ref["centroid-0"])
+    rays = cells.loc[1, RAY_COLUMNS].to_numpy(float)
+    assert np.allclose(rays, 10.0, atol=0.6)                        # radius 20 px = 10 µm
+    assert cells.loc[1, "perimeter_um"] == pytest.approx(2 * np.pi * 10, rel=0.08)
+    assert cells.loc[1, "solidity"] > 0.97
+    # rectangle 4 x 10 px: rays along +x reach 1 µm, along +y 2.5 µm
+    assert cells.loc[3, "ray_00"] == pytest.approx(1.0, abs=0.3)
+    assert cells.loc[3, "ray_04"] == pytest.approx(2.5, abs=0.3)

@@ -104,9 +104,9 @@ class ClassicalSegmenter:
         inst[bad[inst]] = 0
         return relabel_sequential(inst)
 
-    def _tile_table(self, rgb_work: np.ndarray, threshold: float | None = None) -> pd.DataFrame:
+    def _tile_table(self, rgb_work: np.ndarray, threshold: float | None = None, mpp: float | None = None) -> pd.DataFrame:
         inst = self._instances_working(rgb_work, threshold)
-        return measure_instances(inst, self.config.work_mpp)
+        return measure_instances(inst, mpp or self.config.work_mpp)
 
     def segment_tile(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, pd.DataFrame]:
         """Instances (int32, same H x W as ``rgb``) and one row per nucleus (centroids in px)."""
@@ -134,7 +134,7 @@ class ClassicalSegmenter:
         overlap_px = overlap_px or self.config.overlap_px
         threshold = self._slide_threshold(slide, tile_px, overlap_px)
         return run_tiled(slide, self.config.work_mpp,
-                         lambda tiles: [self._tile_table(t, threshold) for t in tiles],
+                         lambda tiles, mpp: [self._tile_table(t, threshold, mpp) for t in tiles],
                          tile_px=tile_px, overlap_px=overlap_px, batch_size=batch_size, progress=progress)
 
     def _slide_threshold(self, slide: SlideLike, tile_px: int, overlap_px: int, n_sample: int = 8) -> float:

@@ -155,7 +155,7 @@ def tile_grid(width: int, height: int, tile_px: int, overlap_px: int) -> list[Ti
 def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.ndarray:
     """Read one tile at the working resolution (outside the slide reads as white)."""
     scale = work_mpp / float(slide.mpp)  # level-0 px per working px
-    if hasattr(slide, "read_region_mpp") and not isinstance(slide, ArraySlide):
+    if scale != 1.0 and hasattr(slide, "read_region_mpp") and not isinstance(slide, ArraySlide):
         try:
             loc = (int(round(spec.x0 * scale)), int(round(spec.y0 * scale)))
             return check_rgb(np.asarray(slide.read_region_mpp(loc, (spec.size, spec.size), work_mpp)))
@@ -175,16 +175,41 @@ def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.n
     return resample_rgb(region, (spec.size, spec.size))
 
 
-def run_tiled(slide: SlideLike, work_mpp: float, segment_batch: Callable[[list[np.ndarray]], list[pd.DataFrame]],
+def _drop_seam_twins(cells: pd.DataFrame, min_dist_um: float) -> pd.DataFrame:
+    """Where two tiles saw one nucleus slightly differently, its centroid can fall just inside
+    both cores; of two centroids from different tiles closer than ``min_dist_um`` keep the one
+    deeper inside its own core (a KD-tree finds the pairs; no loop over nuclei)."""
+    from scipy.spatial import cKDTree
+
+    if len(cells) < 2:
+        return cells
+    xy = cells[["x_um", "y_um"]].to_numpy()
+    pairs = cKDTree(xy).query_pairs(min_dist_um, output_type="ndarray")
+    if len(pairs) == 0:
+        return cells
+    tile = cells["_tile"].to_numpy()
+    pairs = pairs[tile[pairs[:, 0]] != tile[pairs[:, 1]]]
+    if len(pairs) == 0:
+        return cells
+    margin = cells["_margin"].to_numpy()
+    loser = np.where(margin[pairs[:, 0]] < margin[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    return cells.drop(index=cells.index[np.unique(loser)]).reset_index(drop=True)
+
+
+def run_tiled(slide: SlideLike, work_mpp: float,
+              segment_batch: Callable[[list[np.ndarray], float], list[pd.DataFrame]],
               *, tile_px: int, overlap_px: int, batch_size: int, progress: ProgressFn | None = None,
-              skip_background: bool = True) -> pd.DataFrame:
+              skip_background: bool = True, min_dist_um: float = 2.0) -> pd.DataFrame:
     """The whole-slide loop: read tiles, segment in batches, keep core nuclei, map to µm.
 
-    ``segment_batch`` takes working-resolution tiles and returns per-tile tables (pixel
-    centroids ``x_px``/``y_px``, other measurements already in µm). Only one batch of tiles
-    is in memory at a time.
+    ``segment_batch(tiles, mpp)`` takes working-resolution tiles and returns per-tile tables
+    (pixel centroids ``x_px``/``y_px``, other measurements already in µm). Only one batch of
+    tiles is in memory at a time. A slide within 2% of the working µm/px is read as it is
+    (no resampling), so tiles line up pixel for pixel and seams are exact.
     """
     mpp = check_mpp(getattr(slide, "mpp", None))
+    if abs(mpp / work_mpp - 1.0) < 0.02:
+        work_mpp = mpp
     W, H = slide.dimensions
     ww, wh = working_shape((H, W), mpp, work_mpp)[::-1]
     specs = tile_grid(ww, wh, tile_px, overlap_px)
@@ -195,7 +220,7 @@ def run_tiled(slide: SlideLike, work_mpp: float, segment_batch: Callable[[list[n
     def flush() -> None:
         if not batch:
             return
-        tables = segment_batch([rgb for _, rgb in batch])
+        tables = segment_batch([rgb for _, rgb in batch], work_mpp)
         for (spec, _), table in zip(batch, tables):
             gx = table["x_px"].to_numpy() + spec.x0
             gy = table["y_px"].to_numpy() + spec.y0
@@ -203,6 +228,10 @@ def run_tiled(slide: SlideLike, work_mpp: float, segment_batch: Callable[[list[n
             t = table.loc[keep].copy()
             t["x_um"] = gx[keep] * work_mpp
             t["y_um"] = gy[keep] * work_mpp
+            t["_tile"] = len(frames)
+            # how far inside its core each centroid is (px): the seam tie-breaker below
+            t["_margin"] = np.minimum.reduce([gx[keep] - spec.core_x0, spec.core_x1 - gx[keep],
+                                              gy[keep] - spec.core_y0, spec.core_y1 - gy[keep]])
             frames.append(t)
         batch.clear()
 
@@ -219,12 +248,12 @@ def run_tiled(slide: SlideLike, work_mpp: float, segment_batch: Callable[[list[n
     if progress is not None:
         progress(1.0, f"segmented {len(specs)} of {len(specs)} tiles")
     if frames:
-        cells = pd.concat(frames, ignore_index=True)
+        cells = _drop_seam_twins(pd.concat(frames, ignore_index=True), min_dist_um)
     else:
-        cells = segment_batch([np.full((tile_px, tile_px, 3), 255, np.uint8)])[0].iloc[:0].copy()
+        cells = segment_batch([np.full((tile_px, tile_px, 3), 255, np.uint8)], work_mpp)[0].iloc[:0].copy()
         cells["x_um"] = np.zeros(0)
         cells["y_um"] = np.zeros(0)
-    cells = cells.drop(columns=[c for c in ("id", "x_px", "y_px", "cell_id") if c in cells.columns])
+    cells = cells.drop(columns=[c for c in ("id", "x_px", "y_px", "cell_id", "_tile", "_margin") if c in cells.columns])
     cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
     front = ["cell_id", "x_um", "y_um"]
     return cells[front + [c for c in cells.columns if c not in front]].reset_index(drop=True)
