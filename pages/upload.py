@@ -16,6 +16,8 @@ from pages import common as c
 
 c.init_session()
 c.ensure_demo_on_first_start()
+if st.session_state.pop("upload_goto_map", False):
+    st.switch_page("pages/gene_maps.py")
 
 st.title("Upload & predict")
 try:
@@ -180,8 +182,10 @@ def live_runs() -> None:
                 n = run.get("n_cells")
                 st.progress(1.0, text=f"finished · {int(n):,} cells" if n == n and n is not None else "finished")
                 if st.button("Open gene map", key=f"open_{rid}", icon=":material/map:"):
+                    # switch_page from inside a fragment leaves a blank page: hand over to a full run
                     st.session_state[c.SELECTED_SLIDE] = int(run["slide_id"])
-                    st.switch_page("pages/gene_maps.py")
+                    st.session_state["upload_goto_map"] = True
+                    st.rerun(scope="app")
             else:
                 why = run.get("error") or run.get("message")
                 if why:
@@ -193,7 +197,7 @@ def live_runs() -> None:
                     except GhistError as exc:
                         st.error(str(exc))
                     else:
-                        st.rerun()
+                        st.rerun(scope="app")
 
 
 live_runs()

@@ -152,14 +152,15 @@ def test_upload_run_and_gene_map(tmp_path, svs_path):
         open_btn = page.get_by_role("button", name="Open gene map")
         ended = open_btn.or_(page.get_by_role("button", name="Resume"))
         expect(ended.first).to_be_visible(timeout=400_000)
+        wait_app_idle(page)
         page.screenshot(path=str(shots / "03_finished.png"), full_page=True)
         if not open_btn.count():
             errors = page.locator('[data-testid="stAlertContentError"], [data-testid="stAlertContentWarning"]')
             pytest.fail("the run did not finish: " + " | ".join(errors.all_inner_texts()))
-        open_btn.first.click()
+        open_btn.first.click(timeout=60_000)
 
         # gene maps: the deck.gl canvas draws tissue + cells
-        page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=60_000)
+        page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)
         wait_app_idle(page)
         page.wait_for_timeout(2500)
         page.screenshot(path=str(shots / "04_gene_map.png"), full_page=True)
@@ -181,7 +182,7 @@ def test_upload_run_and_gene_map(tmp_path, svs_path):
         page.screenshot(path=str(shots / "05_gene_map_other.png"), full_page=True)
         assert img2.shape == img1.shape
         changed = np.abs(img2.astype(int) - img1.astype(int)).sum(axis=2) > 30
-        assert changed.mean() > 0.01, "changing the gene did not change the map"
+        assert changed.sum() > 300, f"changing the gene did not change the map ({changed.sum()} pixels changed)"
         if os.environ.get("GHIST_SAVE_SCREENSHOT"):
             shutil.copy(shots / "04_gene_map.png", REPO / "docs" / "screenshot.png")
         browser.close()
