@@ -95,9 +95,9 @@ def test_missing_and_tampered_weights(tmp_path):
 def test_seams_tiled_equals_one_pass(seg, demo_region):
     rgb, mpp = demo_region
     slide = ArraySlide(rgb, mpp)
-    one = seg.segment_slide(slide, tile_px=512, overlap_px=64, device="cpu")   # the region in one tile
+    one = seg.segment_slide(slide, tile_px=608, overlap_px=96, device="cpu")   # the 400 px region in one tile
     progress = []
-    tiled = seg.segment_slide(slide, tile_px=320, overlap_px=64, batch_size=4,
+    tiled = seg.segment_slide(slide, tile_px=448, overlap_px=96, batch_size=4,
                               progress=lambda f, m: progress.append(f), device="cpu")
     assert progress and progress[-1] == 1.0 and all(0 <= f <= 1 for f in progress)
     assert len(one) > 20

@@ -176,23 +176,31 @@ def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.n
 
 
 def _drop_seam_twins(cells: pd.DataFrame, min_dist_um: float) -> pd.DataFrame:
-    """Where two tiles saw one nucleus slightly differently, its centroid can fall just inside
-    both cores; of two centroids from different tiles closer than ``min_dist_um`` keep the one
-    deeper inside its own core (a KD-tree finds the pairs; no loop over nuclei)."""
+    """Drop the second view of a nucleus that two tiles segmented slightly differently.
+
+    Two tiles may cut a nucleus near their seam differently (one whole, one a part), and
+    the two centroids then fall in different cores. Of two nuclei from different tiles
+    whose centroids are closer than ``min_dist_um`` or than 0.8 x the larger one's
+    equivalent radius (so they overlap), keep the larger. A KD-tree finds the pairs.
+    """
     from scipy.spatial import cKDTree
 
     if len(cells) < 2:
         return cells
     xy = cells[["x_um", "y_um"]].to_numpy()
-    pairs = cKDTree(xy).query_pairs(min_dist_um, output_type="ndarray")
+    r_eq = np.sqrt(cells["area_um2"].to_numpy() / np.pi)
+    reach = max(min_dist_um, 0.8 * float(r_eq.max()))
+    pairs = cKDTree(xy).query_pairs(reach, output_type="ndarray")
     if len(pairs) == 0:
         return cells
     tile = cells["_tile"].to_numpy()
-    pairs = pairs[tile[pairs[:, 0]] != tile[pairs[:, 1]]]
-    if len(pairs) == 0:
+    a, b = pairs[:, 0], pairs[:, 1]
+    d = np.hypot(*(xy[a] - xy[b]).T)
+    twin = (tile[a] != tile[b]) & (d < np.maximum(min_dist_um, 0.8 * np.maximum(r_eq[a], r_eq[b])))
+    if not twin.any():
         return cells
-    margin = cells["_margin"].to_numpy()
-    loser = np.where(margin[pairs[:, 0]] < margin[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    a, b = a[twin], b[twin]
+    loser = np.where(r_eq[a] < r_eq[b], a, b)
     return cells.drop(index=cells.index[np.unique(loser)]).reset_index(drop=True)
 
 
