@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pydeck as pdk
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pydeck.bindings.json_tools import default_serialize
 
 from . import palette
@@ -377,15 +377,22 @@ def render_png(gm: GeneMap, *, width_px: int = 1200, point_px: int | None = None
     out = Image.new("RGB", (width_px, height_px + bar_h + pad + 24), "white")
     out.paste(Image.fromarray(canvas), (0, 24))
     draw = ImageDraw.Draw(out)
-    title = f"{gm.gene} — predicted expression ({gm.units})" if gm.colour_by == "expression" else f"{gm.gene} — cell types"
-    draw.text((6, 6), title, fill="black")
+    try:
+        font = ImageFont.load_default(size=14)
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
+    # Pillow's bundled font lacks µ and dashes: keep the PNG's text ASCII ("um")
+    title = f"{gm.gene} - predicted expression ({gm.units})" if gm.colour_by == "expression" else f"{gm.gene} - cell types"
+    draw.text((6, 4), title, fill="black", font=font)
     if gm.colour_by == "expression":
         lut = palette.colour_lut(gm.colour_map, n=max(2, width_px - 40))
         strip = np.repeat(lut[None, :, :], bar_h, axis=0)
         out.paste(Image.fromarray(strip), (20, 24 + height_px + 8))
-        draw.text((20, 24 + height_px + bar_h + 12), f"{gm.vmin:.3g}", fill="black")
-        draw.text((width_px - 80, 24 + height_px + bar_h + 12), f"{gm.vmax:.3g} {gm.units}", fill="black")
-    draw.text((6, out.height - 14), f"scale: {width_px / scale:.0f} µm across", fill="black")
+        draw.text((20, 24 + height_px + bar_h + 10), f"{gm.vmin:.3g}", fill="black", font=font)
+        label = f"{gm.vmax:.3g} {gm.units}"
+        draw.text((width_px - 20 - draw.textlength(label, font=font), 24 + height_px + bar_h + 10), label,
+                  fill="black", font=font)
+    draw.text((6, out.height - 18), f"width shown: {width_px / scale:.0f} um", fill="black", font=font)
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue()
