@@ -150,7 +150,13 @@ for _, row in not_run.iterrows():
             st.error(str(exc))
 
 
-@st.fragment(run_every=c.POLL_S)
+# Poll only while a run is active: eight idle sessions each re-running this fragment every
+# second saturated a small server and made it drop file uploads (tests/test_concurrent_users.py).
+_runs_now = project.list_runs()
+_active = bool(len(_runs_now)) and bool(_runs_now["status"].isin(c.RUN_ACTIVE).any())
+
+
+@st.fragment(run_every=c.POLL_S if _active else None)
 def live_runs() -> None:
     """Poll the store for every run of this project; only this fragment reruns."""
     from ghist_core import jobs
