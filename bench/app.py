@@ -140,7 +140,8 @@ def main() -> None:
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"Chromium not found at {CHROMIUM}")
     results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                 "platform": platform.platform()}, "n_cells": N_CELLS}
+                                 "platform": platform.platform(), "device": "CPU only (Chromium SwiftShader WebGL)",
+                                 "load_average_at_start": list(os.getloadavg())}, "n_cells": N_CELLS}
     with tempfile.TemporaryDirectory(prefix="ghist-bench-app-") as tmp:
         tmp = Path(tmp)
         (tmp / "empty").mkdir()
@@ -164,6 +165,7 @@ def main() -> None:
             demo = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         results["clicks_to_gene_map_demo"] = demo
         print("demo:", demo)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     out = REPO / "bench" / "results" / "app.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
