@@ -48,7 +48,15 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
 
 def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
                 segmenter_id: str | None = None) -> dict:
-    """One slide, start to finish (runs on a Dask worker)."""
+    """One slide, start to finish (runs on a Dask worker); input errors come back as a failed row."""
+    try:
+        return _predict_one(project_folder, row, model_id, device, segmenter_id)
+    except GhistError as exc:  # bad input: retrying cannot help, so report instead of raising
+        return {"slide": row.slide_path, "status": "failed", "error": str(exc)}
+
+
+def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
+                 segmenter_id: str | None) -> dict:
     from .pipeline import predict_slide
     from .store import Project
 
@@ -100,10 +108,10 @@ def run_cohort(
             row = futures[future]
             try:
                 out = future.result()
-                echo(f"finished {row.slide_path}: {out['n_cells']} cells")
-            except GhistError as exc:
-                out = {"slide": row.slide_path, "status": "failed", "error": str(exc)}
-                echo(f"failed {row.slide_path}: {exc}")
+                if out["status"] == "finished":
+                    echo(f"finished {row.slide_path}: {out['n_cells']} cells")
+                else:
+                    echo(f"failed {row.slide_path}: {out['error']}")
             except Exception as exc:  # a worker-side crash: report it, keep going
                 out = {"slide": row.slide_path, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
                 echo(f"failed {row.slide_path}: {out['error']}")
