@@ -201,3 +201,38 @@ def test_pickle_dressed_as_safetensors_is_never_unpickled(tmp_path: Path) -> Non
     with pytest.raises(WeightsError):
         load_ghist(device="cpu", path=wp)
     assert not marker.exists()
+
+
+def test_segmenter_weights_are_verified(tmp_path: Path) -> None:
+    """The learned nucleus segmenter: tampered, unverifiable or pickle weights are refused."""
+    import shutil
+
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+    from ghist_core.segmentation.model import SegNet, SegNetConfig, load_learned_segmenter
+
+    cfg = SegNetConfig(widths=(8, 8, 8, 8, 8), blocks=(1, 1, 1, 1, 1), head_width=8)
+    torch.manual_seed(0)
+    card = {"kind": "segmentation", "architecture": {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in cfg.to_dict().items()}}
+    wp = save_weights(SegNet(cfg).state_dict(), tmp_path, "seg", card).weights_path
+    load_learned_segmenter(str(wp), device="cpu")  # the genuine file loads
+    _tamper(wp)
+    with pytest.raises(WeightsIntegrityError):
+        load_learned_segmenter(str(wp), device="cpu")
+    card_path = wp.with_suffix(".json")
+    data = json.loads(card_path.read_text())
+    data.pop("sha256")
+    card_path.write_text(json.dumps(data))
+    with pytest.raises(WeightsIntegrityError):
+        load_learned_segmenter(str(wp), device="cpu")
+    evil = tmp_path / "evil.safetensors"
+    marker = tmp_path / "pwned"
+    evil.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    (tmp_path / "evil.json").write_text(json.dumps({**data, "sha256": sha256_file(evil)}))
+    with pytest.raises(WeightsFormatError):
+        load_learned_segmenter(str(evil), device="cpu")
+    assert not marker.exists()
+    if (BUNDLED_WEIGHTS_DIR / "nuclei-seg.safetensors").exists():  # the bundled weights pass their own check
+        shutil.copy(BUNDLED_WEIGHTS_DIR / "nuclei-seg.json", tmp_path / "bundled.json")
+        assert json.loads((tmp_path / "bundled.json").read_text())["sha256"] == sha256_file(
+            BUNDLED_WEIGHTS_DIR / "nuclei-seg.safetensors")

@@ -324,14 +324,21 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto", *,
             f"No nucleus-segmentation weights at {path} (and its card {card_path.name}). Train them with "
             "scripts/train_segmentation.py, or use load_segmenter(kind='classical') for the classical detector.")
     card = json.loads(card_path.read_text())
-    if verify and card.get("sha256") and sha256_file(path) != card["sha256"]:
+    if verify and not card.get("sha256"):  # unverifiable weights are never loaded
+        raise WeightsIntegrityError(f"The card {card_path.name} has no sha256 for {path.name}, so the weights "
+                                    "cannot be checked.")
+    if verify and sha256_file(path) != card["sha256"]:
         raise WeightsIntegrityError(f"{path.name} does not match the sha256 in its card; the file is damaged or "
                                     "was replaced. Restore it from the repository.")
     from safetensors.torch import load_file
 
     cfg = SegNetConfig.from_dict(card.get("architecture", {}))
     model = SegNet(cfg)
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError: not safetensors (e.g. a pickle)
+        raise WeightsFormatError(f"{path.name} is not a valid safetensors file ({exc}). Only safetensors weights "
+                                 "are accepted.") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
