@@ -148,7 +148,7 @@ def test_upload_real_svs_through_the_page(projects, svs_path, tmp_path):
     ("broken.svs", b"this is not a slide at all" * 10),
     ("empty.tiff", b""),
     ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64),
-])
+], ids=["text-as-svs", "empty-tiff", "truncated-png"])
 def test_bad_upload_shows_error_and_leaves_project(projects, name, data):
     at = open_page("pages/upload.py")
     from ghist_core.store import Project
