@@ -180,7 +180,7 @@ def read_clinical_table(path_or_bytes: str | os.PathLike | bytes, filename: str 
         try:
             df = pd.read_csv(io.StringIO(text), sep=delim, dtype=str, skipinitialspace=True,
                              keep_default_na=True, skip_blank_lines=True, engine="python")
-        except (pd.errors.ParserError, csv.Error) as exc:
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
             raise ClinicalTableError(
                 f"{name!r} could not be split into columns with delimiter {delim!r}: "
                 f"{str(exc).splitlines()[0]}. Check that every row has the same number of "

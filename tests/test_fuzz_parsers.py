@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -97,6 +97,7 @@ _CELL = st.one_of(st.text(max_size=12), st.sampled_from(["=cmd|' /C calc'!A0", "
 @FUZZ
 @given(st.lists(st.lists(_CELL, min_size=1, max_size=6), min_size=1, max_size=12),
        st.sampled_from([",", ";", "\t", "|"]), st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "cp1252"]))
+@example(rows=[['"'], ['"']], delim=",", encoding="utf-8")  # once raised pandas' EmptyDataError
 def test_read_clinical_table_on_random_tables(rows: list[list[str]], delim: str, encoding: str) -> None:
     text = "\n".join(delim.join(r) for r in rows) + "\n"
     try:
