@@ -148,7 +148,8 @@ def _kill_at(mode: str, rng: random.Random, project: Project, run_id: int, proc:
         while time.monotonic() < deadline and proc.poll() is None:
             if mode == "after_first_block" and any((run_dir / "blocks").glob("block_*.h5ad")):
                 break
-            if mode == "during_write" and (result.exists() or any(result.parent.glob("*.part"))):
+            # this run's result being written (atomic_path's temporary), or just published
+            if mode == "during_write" and (result.exists() or any(result.parent.glob(f".{result.name}.*.part"))):
                 break
             time.sleep(0.002)
     if proc.poll() is None:
