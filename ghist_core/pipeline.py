@@ -290,6 +290,7 @@ def predict_slide(
             adata.uns["ghist"] = _jsonable(
                 {
                     "model_card": card,
+                    "expression_units": card.get("expression_units", ""),
                     "weights_sha256": weights_sha,
                     "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or "",
                     "slide_sha256": record.sha256,

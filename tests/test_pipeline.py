@@ -43,6 +43,7 @@ def test_predict_slide_writes_h5ad_grid_and_records_the_run(tmp_path, small_slid
     meta = adata.uns["ghist"]
     assert meta["slide_sha256"] == record.sha256 and len(meta["weights_sha256"]) == 64
     assert meta["timings"]["total_s"] > 0
+    assert "expression_units" in meta
     # the store knows about it, and the loaders find it
     run = project.get_run(result.run_id)
     assert run.status == "finished" and run.n_cells == result.n_cells
