@@ -189,6 +189,8 @@ def run_blocks(
     timings = {"read_s": 0.0, "segment_s": 0.0, "predict_s": 0.0}
     blocks = plan_blocks(slide, config)
     paths = [_block_path(run_dir, b) for b in blocks]
+    for leftover in (run_dir / "blocks").glob(".*.part"):  # temp files of a killed earlier attempt
+        leftover.unlink(missing_ok=True)
     todo = [b for b, p in zip(blocks, paths) if not p.exists()]
     n_done = len(blocks) - len(todo)
     report("segment+predict", n_done / max(1, len(blocks)), f"{n_done} of {len(blocks)} blocks already done")
