@@ -10,7 +10,6 @@ uninterrupted run. Memory depends on the block size, never on the slide size.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path, atomic_write_with
+from .atomic import atomic_write_with
 from .errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from .grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
 from .slide import Slide, open_slide

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 import pandas as pd
 
 from ghist_core.atomic import atomic_path
+from ghist_core.hashing import sha256_file
 from ghist_core.errors import (
     CorruptSlideError,
     GhistError,
@@ -75,14 +76,6 @@ _MAX_ERROR = 8000
 def utc_now() -> str:
     """UTC timestamp, ISO 8601 with milliseconds (sorts as text)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +559,7 @@ class Project:
         pid = self._check_patient_id(patient_id) if patient_id is not None else None
         if not src.is_file():
             raise SlideError(f"The slide file '{src.name}' was not found.")
-        digest = _sha256_file(src)
+        digest = sha256_file(src)
         existing = self._slide_by_sha(digest)
         if existing is not None:
             if pid is not None and existing.patient_id is None:
@@ -874,7 +867,7 @@ class Project:
         p = self.abspath(rel)
         if not p.is_file():
             raise StoreError(f"The result file {rel} does not exist.")
-        digest, size = _sha256_file(p), p.stat().st_size
+        digest, size = sha256_file(p), p.stat().st_size
         with self._tx() as c:
             if c.execute("SELECT 1 FROM runs WHERE run_id = ?", (int(run_id),)).fetchone() is None:
                 raise StoreError(f"There is no run {run_id} in this project.")
@@ -901,7 +894,7 @@ class Project:
         safe = sanitize_filename(display)
         if not src.is_file():
             raise StoreError(f"The clinical table '{src.name}' was not found.")
-        digest = _sha256_file(src)
+        digest = sha256_file(src)
         rel = f"clinical/{digest[:12]}_{safe}"
         target = self.abspath(rel)
         created = not target.exists()
@@ -909,7 +902,7 @@ class Project:
             if created:
                 with atomic_path(target) as tmp:
                     shutil.copyfile(src, tmp)
-                if _sha256_file(target) != digest:
+                if sha256_file(target) != digest:
                     self._unlink_quiet(target)
                     raise StoreError(f"'{display}' changed while it was being copied; please upload it again.")
         except OSError as exc:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ghist_core import paths
 from ghist_core.atomic import atomic_path, atomic_write_text
+from ghist_core.hashing import sha256_file
 from ghist_core.errors import (
     WeightsError,
     WeightsFormatError,
@@ -53,7 +54,6 @@ __all__ = [
 DEFAULT_REVISION = "main"
 CARD_SUFFIX = ".json"
 WEIGHTS_SUFFIX = ".safetensors"
-_CHUNK = 1 << 20
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -85,15 +85,6 @@ class ResolvedWeights:
 # --------------------------------------------------------------------------------------------
 # hashing and cards
 # --------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (weights can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _card_file_hashes(card: Mapping[str, Any], name: str) -> dict[str, str]:
     """Expected sha256 of every file the card vouches for, keyed by file name.
 

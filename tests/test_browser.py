@@ -35,7 +35,7 @@ def free_port() -> int:
 class StreamlitServer:
     """``streamlit run app.py`` on 127.0.0.1 with its own project folder; stopped on exit."""
 
-    def __init__(self, projects_dir: Path, log_path: Path, port: int | None = None):
+    def __init__(self, projects_dir: Path, log_path: Path, port: int | None = None, ready_timeout_s: float = 60.0):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "GHIST_PROJECTS_DIR": str(projects_dir), "PYTHONPATH": str(REPO)}
@@ -45,7 +45,7 @@ class StreamlitServer:
              "--server.port", str(self.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self.wait_ready()
+        self.wait_ready(ready_timeout_s)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         import urllib.request
@@ -66,9 +66,10 @@ class StreamlitServer:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self._log.close()
 
     def __enter__(self) -> "StreamlitServer":

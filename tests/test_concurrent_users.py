@@ -14,13 +14,7 @@ figures (sessions, requests, errors).
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,56 +22,15 @@ import numpy as np
 import pytest
 import tifffile
 
+from test_browser import CHROMIUM, CHROMIUM_ARGS, StreamlitServer  # noqa: E402  (tests/ is on sys.path under pytest)
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 #: Navigation link -> the page's title.
 PAGES = {"Home": "GHIST Studio", "Gene maps": "Gene maps", "Cell types & patients": "Cell types & patients",
          "Cohort & survival": "Cohort & survival", "Models": "Models", "Upload & predict": "Upload & predict"}
 TIMEOUT_MS = 120_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AppServer:
-    """``streamlit run app.py`` bound to 127.0.0.1 with its own projects folder."""
-
-    def __init__(self, projects_dir: Path, log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "GHIST_PROJECTS_DIR": str(projects_dir), "PYTHONPATH": str(REPO)}
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-             "--server.port", str(self.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 90:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError("streamlit did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @dataclass
@@ -245,7 +198,7 @@ def run_sessions(work: Path, n_sessions: int = 8) -> tuple[list[Session], dict[s
     uploads.mkdir(parents=True, exist_ok=True)
     files = make_uploads(uploads, n_sessions)
     sessions = [Session(i, str(projects / ("shared" if i < 2 else f"user{i}")), files[i]) for i in range(n_sessions)]
-    server = AppServer(projects, work / "streamlit.log")
+    server = StreamlitServer(projects, work / "streamlit.log", ready_timeout_s=90)
     try:
         asyncio.run(_run_all(server.url, sessions))
     finally:

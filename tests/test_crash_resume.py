@@ -12,7 +12,6 @@ finished, resumable (queued/interrupted) or failed; resuming it ends with the sa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -25,6 +24,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from ghist_core.hashing import sha256_file
 from ghist_core.pipeline import PipelineConfig, predict_slide
 from ghist_core.store import Project
 
@@ -64,14 +64,6 @@ class KillReport:
     problems: list[str] = field(default_factory=list)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_results(project: Project) -> list[str]:
     """Problems with recorded result files (missing, or bytes differing from the recorded sha256)."""
     problems = []
@@ -82,7 +74,7 @@ def check_results(project: Project) -> list[str]:
             problems.append(f"run {r['run_id']} {r['kind']}: a temporary file is recorded as a result")
         elif not p.is_file():
             problems.append(f"run {r['run_id']} {r['kind']}: recorded file {r['path']} is missing")
-        elif _sha256(p) != r["sha256"]:
+        elif sha256_file(p) != r["sha256"]:
             problems.append(f"run {r['run_id']} {r['kind']}: {r['path']} does not match its recorded sha256")
     return problems
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from ghist_core.errors import NoTissueError, StoreError
-from ghist_core.grid import read_grid
+
 from ghist_core.pipeline import PipelineConfig, load_grid, load_prediction, predict_slide
 from ghist_core.store import Project
 

@@ -12,7 +12,6 @@ not by the slide. Inference runs in float32 without TF32 so CPU and CUDA agree.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 import warnings
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ghist_core.hashing import sha256_file
 from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError, WeightsIntegrityError
 
 from .network import GhistConfig, GhistNet
@@ -38,14 +38,6 @@ EXPRESSION_UNITS = (
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
 ProgressFn = Callable[[float, str], None]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -379,7 +371,7 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
 
             raise WeightsNotFoundError(f"GHIST weights need {wp.name} and {cp.name} side by side in {wp.parent}.")
         card = json.loads(cp.read_text())
-        sha = _sha256(wp)
+        sha = sha256_file(wp)
         if not card.get("sha256"):  # unverifiable weights are never loaded
             raise WeightsIntegrityError(f"The card {cp.name} has no sha256 for {wp.name}, so the weights cannot be checked.")
         if card["sha256"] != sha:
@@ -415,6 +407,6 @@ def save_ghist(net: GhistNet, folder: str | Path, card: Mapping[str, Any], name:
         wp = folder / f"{name}.safetensors"
         with atomic_path(wp) as tmp:
             save_file(state, str(tmp))
-        full["sha256"] = _sha256(wp)
+        full["sha256"] = sha256_file(wp)
         atomic_write_text(folder / f"{name}.json", json.dumps(full, indent=2) + "\n")
         return wp
