@@ -15,17 +15,9 @@ c.init_session()
 c.ensure_demo_on_first_start()
 
 st.title("Cell types & patients")
-try:
-    project = c.open_project()
-except GhistError as exc:
-    st.error(str(exc))
-    st.stop()
+project = c.open_project_or_stop()
 
-done = c.finished_slides(project)
-if len(done) == 0:
-    st.info("No slide has a finished prediction yet. Run one on the Upload & predict page.")
-    st.page_link("pages/upload.py", label="Upload & predict", icon=":material/upload_file:")
-    st.stop()
+done = c.finished_slides_or_stop(project)
 
 folder = str(project.folder)
 run_of = {int(r["slide_id"]): int(c.run_field(project.latest_run(int(r["slide_id"]), status="finished"), "run_id"))

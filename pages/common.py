@@ -308,3 +308,22 @@ def slide_label(row: Any) -> str:
     name = _get(row, "original_name") or _get(row, "name") or f"slide {_get(row, 'slide_id')}"
     patient = _get(row, "patient_id")
     return f"{name} · {patient}" if patient else str(name)
+
+
+def open_project_or_stop():
+    """The session's project; a clear message (and nothing else) when it cannot be opened."""
+    try:
+        return open_project()
+    except GhistError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
+def finished_slides_or_stop(project, hint: str = "") -> pd.DataFrame:
+    """Slides with a finished prediction; otherwise a pointer to the Upload & predict page."""
+    done = finished_slides(project)
+    if len(done) == 0:
+        st.info(f"No slide has a finished prediction yet. Run one on the Upload & predict page{hint}.")
+        st.page_link("pages/upload.py", label="Upload & predict", icon=":material/upload_file:")
+        st.stop()
+    return done

@@ -5,24 +5,15 @@ from __future__ import annotations
 import streamlit as st
 
 from ghist_core import figures, palette
-from ghist_core.errors import GhistError
 from pages import common as c
 
 c.init_session()
 c.ensure_demo_on_first_start()
 
 st.title("Gene maps")
-try:
-    project = c.open_project()
-except GhistError as exc:
-    st.error(str(exc))
-    st.stop()
+project = c.open_project_or_stop()
 
-done = c.finished_slides(project)
-if len(done) == 0:
-    st.info("No slide has a finished prediction yet. Run one on the Upload & predict page (the demo takes about a minute).")
-    st.page_link("pages/upload.py", label="Upload & predict", icon=":material/upload_file:")
-    st.stop()
+done = c.finished_slides_or_stop(project, " (the demo takes about a minute)")
 
 ids = [int(s) for s in done["slide_id"]]
 labels = {int(r["slide_id"]): c.slide_label(r) for _, r in done.iterrows()}

@@ -37,11 +37,7 @@ with st.sidebar:
         c.ensure_demo_project(str(c.demo_project_dir()))
         st.rerun()
 
-try:
-    project = c.open_project()
-except GhistError as exc:
-    st.error(str(exc))
-    st.stop()
+project = c.open_project_or_stop()
 
 st.markdown(f"**Project folder:** `{project.folder}`")
 slides = project.list_slides()

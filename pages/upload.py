@@ -20,11 +20,7 @@ if st.session_state.pop("upload_goto_map", False):
     st.switch_page("pages/gene_maps.py")
 
 st.title("Upload & predict")
-try:
-    project = c.open_project()
-except GhistError as exc:
-    st.error(str(exc))
-    st.stop()
+project = c.open_project_or_stop()
 st.caption(f"Project: `{project.folder}`")
 
 # --- model and device -----------------------------------------------------------------
