@@ -539,9 +539,16 @@ class Slide:
         ``tissue_only`` tiles whose footprint touches no tissue on the thumbnail mask
         are skipped, and a slide with no tissue at all raises ``NoTissueError``.
         """
+        return list(self._iter_specs(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px))
+
+    def _iter_specs(
+        self, tile_px: int, overlap_px: int, target_mpp: float | None, tissue_only: bool, thumbnail_px: int
+    ) -> Iterator[TileSpec]:
+        """``TileSpec`` s made one at a time from the vectorised grid (none kept by ``iter_tiles``)."""
         tile_px, t, cols, rows, boxes = self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)
         stride = tile_px - int(overlap_px)
-        return [self._spec(i, tile_px, t, stride, c, r, b) for i, (c, r, b) in enumerate(zip(cols, rows, boxes))]
+        for i, (c, r, b) in enumerate(zip(cols, rows, boxes)):
+            yield self._spec(i, tile_px, t, stride, c, r, b)
 
     def n_tiles(
         self, tile_px: int = 512, overlap_px: int = 0, target_mpp: float | None = None, tissue_only: bool = True,
@@ -573,10 +580,8 @@ class Slide:
         Only the current tile (plus a bounded cache of decoded source tiles) is in
         memory, so peak memory does not grow with the slide. See ``tile_grid``.
         """
-        tile_px, t, cols, rows, boxes = self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)
-        stride = tile_px - int(overlap_px)
-        for i in range(len(cols)):
-            yield self.read_tile(self._spec(i, tile_px, t, stride, cols[i], rows[i], boxes[i]))
+        for spec in self._iter_specs(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px):
+            yield self.read_tile(spec)
 
 
 # --------------------------------------------------------------------------- OpenSlide
