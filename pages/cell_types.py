@@ -72,11 +72,8 @@ def composition_figure(counts: pd.DataFrame, percent: bool, title: str):
     return figures.composition_bars(counts, percent=percent, title=title)
 
 
-tab_comp, tab_nbhd, tab_morph, tab_de = st.tabs(
-    ["Composition", "Neighbourhoods", "Morphology", "Differential expression"])
-
-# --- composition -----------------------------------------------------------------------------
-with tab_comp:
+def composition_tab() -> None:
+    """Stacked bars per slide and per patient, and the counts table."""
     counts = pd.DataFrame({sid: slide_counts(folder, sid, run_of[sid]) for sid in run_of}).T.fillna(0).astype(int)
     counts.index = pd.MultiIndex.from_tuples([(patient_of[s], label_of[s].split(" · ")[0]) for s in counts.index],
                                              names=["patient", "slide"])
@@ -93,9 +90,12 @@ with tab_comp:
                         key="ct_comp_patients")
     st.dataframe(counts.reset_index(), hide_index=True, key="ct_counts_table")
 
-# --- neighbourhoods and morphology (one slide) ------------------------------------------------
+
 ids = list(run_of)
-with tab_nbhd:
+
+
+def neighbourhood_tab() -> None:
+    """Mean neighbour composition per cell type of one slide."""
     sid = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_nbhd_slide")
     fig = nbhd_figure(folder, sid, run_of[sid])
     if isinstance(fig, str):
@@ -104,7 +104,9 @@ with tab_nbhd:
         st.plotly_chart(fig, key="ct_nbhd")
         st.caption("Each row: for cells of that type, the mean share of each cell type among their neighbours (%).")
 
-with tab_morph:
+
+def morphology_tab() -> None:
+    """Nucleus morphology per predicted type of one slide."""
     sid_m = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_morph_slide")
     a = c.cached_prediction(folder, sid_m, run_of[sid_m])
     feats = [f for f in figures.MORPHOLOGY_UNITS if f in a.obs.columns]
@@ -116,8 +118,9 @@ with tab_morph:
         st.plotly_chart(morph_figure(folder, sid_m, run_of[sid_m], feat), key="ct_morph")
         st.caption("Violins show up to 2,000 randomly chosen nuclei per cell type; the box marks the quartiles.")
 
-# --- differential expression between patient groups ---------------------------------------------
-with tab_de:
+
+def differential_tab() -> None:
+    """Predicted expression of two groups of patients from a clinical table."""
     st.markdown("Compare predicted expression between two groups of patients defined by a clinical table. "
                 "Cells are averaged per patient first; genes are tested with a two-sided Mann–Whitney U or "
                 "Welch's t-test and corrected for multiple testing (Benjamini–Hochberg).")
@@ -169,3 +172,12 @@ with tab_de:
         })
         st.download_button("Results (CSV)", data=res.table_.to_csv(index=False).encode(), file_name="differential.csv",
                            mime="text/csv", key="ct_de_csv", on_click="ignore")
+
+
+# lazy tabs: only the open tab runs and is sent, so a large slide does not slow every page switch
+_tabs = st.tabs(["Composition", "Neighbourhoods", "Morphology", "Differential expression"], key="ct_tab",
+                on_change="rerun")
+for _tab, _render in zip(_tabs, (composition_tab, neighbourhood_tab, morphology_tab, differential_tab)):
+    if _tab.open:
+        with _tab:
+            _render()

@@ -273,9 +273,17 @@ def test_cell_types_page(predicted_project):
     assert [t["name"] for t in comp["data"]] == list(palette.CELL_TYPES)
     totals = np.sum([arr(t["y"]) for t in comp["data"]], axis=0)
     np.testing.assert_allclose(totals, 100.0)
+    # lazy tabs: only the open tab is computed and sent
+    assert not any(f["layout"].get("xaxis", {}).get("title", {}).get("text") == "neighbour cell type" for f in figs)
+    at.session_state["ct_tab"] = "Neighbourhoods"
+    figs = plotly_specs(at.run())
     assert any(f["layout"].get("xaxis", {}).get("title", {}).get("text") == "neighbour cell type" for f in figs)
+    at.session_state["ct_tab"] = "Morphology"
+    figs = plotly_specs(at.run())
     assert any("µm²" in f["layout"].get("yaxis", {}).get("title", {}).get("text", "") for f in figs)
     # differential expression from an uploaded clinical table
+    at.session_state["ct_tab"] = "Differential expression"
+    at.run()
     at.get("file_uploader")[0].upload("clinical.csv", clin.read_bytes(), "text/csv").run()
     assert not at.exception
     assert at.selectbox(key="ct_id_col").value == "patient_id"

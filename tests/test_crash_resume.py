@@ -253,3 +253,39 @@ def test_check_results_detects_a_damaged_result(tmp_path: Path, demo_slide: Path
     assert any("sha256" in p for p in check_results(project))
     res.h5ad_path.unlink()
     assert any("missing" in p for p in check_results(project))
+
+
+def test_cancel_stops_the_worker_keeps_blocks_and_resume_finishes(tmp_path: Path, demo_slide: Path,
+                                                                  tiny_ghist: Path) -> None:
+    """The page's Cancel (``jobs.cancel_run``): the worker stops between blocks, the run is
+    'cancelled' with no result, its finished blocks stay, and Resume completes it."""
+    from ghist_core import jobs
+
+    project = Project.create(tmp_path / "proj")
+    record = project.add_slide(make_kill_slide(tmp_path, demo_slide, 640), mpp=0.499)  # 25 blocks of 64 µm
+    run_id = project.start_run(record.slide_id, model_id=str(tiny_ghist), weights_sha256="", device="cpu",
+                               params={"pipeline": asdict(KILL_CONFIG), "model_id": str(tiny_ghist),
+                                       "segmenter_id": "classical"}, status="queued")
+    proc = _spawn_worker(project, record.slide_id, run_id, tiny_ghist)
+    assert _wait_running(project, run_id, proc)
+    blocks = project.run_dir(run_id) / "blocks"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(blocks.glob("block_*.h5ad")):
+        time.sleep(0.05)
+    jobs.cancel_run(project.folder, run_id)
+    assert proc.wait(timeout=120) == 1  # the worker ends by itself, reporting the stop
+    run = project.get_run(run_id)
+    assert run.status == "cancelled", (run.status, run.error)
+    assert "h5ad" not in project.result_files(run_id)
+    kept = len(list(blocks.glob("block_*.h5ad")))
+    assert 1 <= kept < 25
+    assert check_results(project) == [] and check_blocks(project.run_dir(run_id)) == []
+    # Resume: the CANCEL mark is cleared and a new worker finishes from the kept blocks
+    jobs.resume_run(project.folder, run_id, device="cpu")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and project.get_run(run_id).status in ("queued", "running"):
+        time.sleep(0.2)
+    run = project.get_run(run_id)
+    assert run.status == "finished", (run.status, run.error)
+    assert project.result_files(run_id)["h5ad"].is_file()
+    assert check_results(project) == []

@@ -393,6 +393,24 @@ class FitResult:
     history: list
 
 
+def reference_prior(pack, train_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-cell type profiles (K × G) and per-gene starting level, from the training spots only.
+
+    Profiles: NNLS of the spots' CP10k on their type fractions, divided by the mean number
+    of nuclei per spot (so a spot's cells sum to its CP10k); the starting level is the mean
+    CP10k per cell.
+    """
+    from .reference import fit_gene_profiles
+
+    train_idx = np.asarray(train_idx)
+    in_spot = pack.cell_in_spot & np.isin(pack.cell_spot, train_idx)
+    n_per_spot = max(float(np.bincount(pack.cell_spot[in_spot], minlength=pack.n_spots)[train_idx].mean()), 1.0)
+    lin = 1e4 * pack.counts[train_idx] / np.maximum(pack.totals[train_idx], 1)[:, None]
+    ref = fit_gene_profiles(pack.fractions[train_idx], lin) / n_per_spot
+    return (torch.tensor(ref, dtype=torch.float32), torch.tensor(lin.mean(0) / n_per_spot, dtype=torch.float32),
+            n_per_spot)
+
+
 def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "ghist", tcfg: TrainConfig | None = None,
                net_kw: dict | None = None, device: str | torch.device = "cpu",
                log: Callable[[str], None] | None = print) -> FitResult:
@@ -401,8 +419,6 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
     Everything estimated from data (pixel normalisation, morphology standardisation, the
     per-gene reference profiles from NNLS fractions) uses the training spots only.
     """
-    from .reference import fit_gene_profiles
-
     tcfg = tcfg or TrainConfig()
     net_kw = dict(net_kw or {})
     train_idx = np.asarray(train_idx)
@@ -423,15 +439,11 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
     else:
         from .network import GhistConfig
 
-        in_spot = pack.cell_in_spot & cell_sel
-        n_per_spot = float(np.bincount(pack.cell_spot[in_spot], minlength=pack.n_spots)[train_idx].mean())
-        lin = 1e4 * pack.counts[train_idx] / np.maximum(pack.totals[train_idx], 1)[:, None]
-        ref = fit_gene_profiles(pack.fractions[train_idx], lin) / max(n_per_spot, 1.0)
+        ref, gene_init, n_per_spot = reference_prior(pack, train_idx)
         cfg = GhistConfig(genes=[str(g) for g in pack.genes], cell_types=[str(c) for c in pack.cell_types],
                           mpp=float(pack.mpp), patch_px=int(pack.instances.shape[-1]),
                           norm_mean=tuple(mean), norm_std=tuple(std), **net_kw)
-        gene_init = lin.mean(0) / max(n_per_spot, 1.0)  # mean CP10k per cell: the residual's starting point
-        model = GhistNet(cfg, torch.tensor(ref, dtype=torch.float32), torch.tensor(gene_init, dtype=torch.float32))
+        model = GhistNet(cfg, ref, gene_init)
         cfg_dict = cfg.to_dict()
         cfg_dict["morph_mean"] = mm.tolist()
         cfg_dict["morph_std"] = ms.tolist()
