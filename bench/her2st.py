@@ -167,74 +167,13 @@ def run(args: argparse.Namespace) -> None:
     report_from(preds, pack, out, metas)
 
 
-def frozen(args: argparse.Namespace) -> None:
-    """GHIST heads vs the matched patch head on the frozen segmenter, ridge, all folds in this process (CPU: ~1 h)."""
-    import torch
-    from tqdm import tqdm
-
-    from ghist_core.model.head_train import HeadTrainConfig, extract_bank, fit_heads, nuclear_ghist, predict_bank
-    from ghist_core.model.her2st import SpotPack
-    from ghist_core.segmentation.model import load_learned_segmenter
-
-    torch.set_num_threads(args.threads)
-    pack = SpotPack.load(args.pack)
-    seg = load_learned_segmenter(device="cpu")
-    net = nuclear_ghist(pack, seg.card)
-    net.nuclear.seg.load_state_dict(seg.model.state_dict())
-    cache = Path(args.cache or Path(args.pack).parent / f"bank_{seg.card['sha256'][:8]}")
-    bar = tqdm(total=100, desc="frozen features", unit="%")
-    t0 = time.time()
-    bank = extract_bank(pack, pack.images(), net, cache_dir=cache,
-                        progress=lambda f, m: (bar.update(round(100 * f) - bar.n), bar.set_postfix_str(m)))
-    bar.close()
-    t_extract = time.time() - t0
-    hcfg = HeadTrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
-    net_kw = json.loads(args.net) if args.net else {}
-    y = pack.targets()
-    preds: dict[str, np.ndarray] = {}
-    metas: dict[str, dict] = {}
-    fl = {k: v for k, v in folds(pack.section, pack.patient).items() if k != "final"}
-    if args.only:
-        fl = {k: v for k, v in fl.items() if k in args.only.split(",")}
-    for f, (tr, te) in tqdm(fl.items(), desc="folds"):
-        preds[f"{f}__index"] = te
-        preds[f"{f}__ridge"] = ridge_predictions(pack.features, y, tr, te).astype(np.float32)
-        for kind in ("ghist", "stnet"):
-            t1 = time.time()
-            res = fit_heads(pack, bank, tr, kind=kind, seg_card=seg.card, hcfg=hcfg, net_kw=net_kw, log=None)
-            preds[f"{f}__{kind}"] = predict_bank(res.model, pack, bank, te).astype(np.float32)
-            metas[f"{f}__{kind}"] = {"train_s": time.time() - t1, "epochs_done": len(res.history), "device": "cpu",
-                                     "final_loss": res.history[-1]}
-    out = Path(args.out)
-    if args.scratch_from and Path(args.scratch_from).exists():
-        with np.load(args.scratch_from, allow_pickle=False) as z:
-            for k in z.files:
-                if k.endswith("__stnet") and f"{k.split('__')[0]}__index" in preds:
-                    assert np.array_equal(z[f"{k.split('__')[0]}__index"], preds[f"{k.split('__')[0]}__index"]), "folds differ"
-                    preds[k.replace("__stnet", "__stnet_scratch")] = z[k]
-    protocol = {
-        "encoder": f"frozen nucleus segmenter nuclei-seg (sha256 {seg.card['sha256'][:12]}, trained on CoNSeP + MoNuSeg "
-                   "only), features pooled per nucleus (GHIST) or over the patch (ST-Net-like)",
-        "views": f"{len(bank.views)} dihedral views {list(map(int, bank.views))}: random view per spot while training, "
-                 "averaged at test (both heads)",
-        "heads": {"train_config": vars(hcfg) if not hasattr(hcfg, "__dataclass_fields__") else
-                  {k: getattr(hcfg, k) for k in hcfg.__dataclass_fields__}, "net": net_kw},
-        "feature_extraction_s": round(t_extract, 1),
-        "tta": f"{len(bank.views)} dihedral views averaged (both heads)",
-    }
-    np.savez_compressed(out / "her2st_preds.npz", **preds)
-    report_from(preds, pack, out, metas, note=args.note, protocol_extra=protocol)
-
-
 def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier: dict | None = None,
-                note: str = "", protocol_extra: dict | None = None) -> dict:
+                note: str = "") -> dict:
     """Metrics JSON in the issue's format + spatial maps PNG."""
     y = pack.targets()
     n_hvg = int(pack.n_hvg)
     genes = [str(g) for g in pack.genes[:n_hvg]]
     kinds = {"model": "ghist", "stnet_like": "stnet", "ridge_features": "ridge"}
-    if any(k.endswith("__stnet_scratch") for k in preds):
-        kinds["stnet_like_scratch_h100"] = "stnet_scratch"
     res: dict = {"genes": genes}
     per_gene: dict = {}
     for split, unit_key in (("loso", "per_section"), ("lopo", "per_patient")):
@@ -281,8 +220,6 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
                 units[fold.split("_", 1)[1]] = summarise(r)
             runs[split] = {"mean_pcc": float(np.mean([u["mean_pcc"] for u in units.values()])), "per_unit": units}
         res["earlier_ghist_variant"] = runs
-    if protocol_extra:
-        res["protocol"].update(protocol_extra)
     if note:
         res["protocol"]["note"] = note
     from ghist_core.atomic import atomic_write_text
@@ -391,18 +328,6 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--fold", required=True)
             p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
             p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("frozen", help="GHIST on the frozen segmenter vs matched baselines, all folds (CPU)")
-    p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
-    p.add_argument("--cache", default="", help="feature cache folder (default: beside the pack)")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--net", default="", help="JSON overrides of GhistConfig")
-    p.add_argument("--only", default="", help="comma-separated folds")
-    p.add_argument("--scratch-from", default="", help="preds npz of a from-scratch CNN run (its ST-Net-like column is reported too)")
-    p.add_argument("--note", default="")
-    p.add_argument("--out", default="bench/results")
     p = sub.add_parser("report")
     p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
     p.add_argument("--preds", required=True)
@@ -412,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--note", default="")
     p.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
-    {"run": run, "job": job, "report": report, "frozen": frozen}[args.cmd](args)
+    {"run": run, "job": job, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

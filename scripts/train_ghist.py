@@ -1,9 +1,5 @@
 """Train GHIST and write bundled weights (safetensors + JSON card).
 
-    # the bundled model: heads on the frozen nucleus segmenter, all HER2ST spots (CPU, ~30 min
-    # for the features once, cached beside the pack, then ~2 min)
-    python scripts/prepare_her2st.py --out .gpu_data/her2st
-    python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --out weights
     # spot-level (weak) training on the HER2ST pack, with checkpoints and resume
     python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --out weights --budget-s 300 \
         --checkpoint-dir runs/ghist --resume
@@ -101,14 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("weights"))
     ap.add_argument("--from-run", type=Path, default=None, help="folder of a bench/her2st.py run with the final model")
     ap.add_argument("--bench", type=Path, default=Path("bench/results/her2st.json"), help="metrics for the card")
-    ap.add_argument("--encoder", choices=("nuclei", "resnet"), default="nuclei",
-                    help="nuclei: heads on the frozen nucleus segmenter (default); resnet: a CNN trained from scratch")
-    ap.add_argument("--bank-cache", default=None, help="frozen-feature cache (default: beside the pack)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--budget-s", type=float, default=0.0)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=None, help="default 1e-3 (nuclei) or 2e-3 (resnet)")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--checkpoint-dir", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt if present")
@@ -162,43 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                                               f"--epochs {meta['train_config']['epochs']} --batch-size {meta['train_config']['batch_size']} "
                                               f"--budget-s {meta['train_config']['time_budget_s']:.0f}  (fold 'final': all 1193 spots)")}}
         card = card_for(pack, config, meta["train_config"], command, metrics_from_bench(bench) if bench else None, extra)
-    elif args.encoder == "nuclei":
-        from tqdm import tqdm
-
-        from ghist_core.model.head_train import HeadTrainConfig, extract_bank, fit_heads, nuclear_ghist
-        from ghist_core.segmentation.model import load_learned_segmenter
-
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        seg = load_learned_segmenter(device="cpu")
-        net = nuclear_ghist(pack, seg.card)
-        net.nuclear.seg.load_state_dict(seg.model.state_dict())
-        cache = Path(args.bank_cache or args.pack.parent / f"bank_{seg.card['sha256'][:8]}")
-        t0 = time.time()
-        with tqdm(total=100, desc="frozen features", unit="%") as bar:
-            bank = extract_bank(pack, pack.images(), net, cache_dir=cache, device=dev,
-                                progress=lambda f, m: bar.update(round(100 * f) - bar.n))
-        hcfg = HeadTrainConfig(epochs=args.epochs, lr=args.lr or 1e-3, seed=args.seed)
-        res = fit_heads(pack, bank, np.arange(pack.n_spots), kind="ghist", seg_card=seg.card, hcfg=hcfg)
-        net = res.model
-        net.nuclear.seg.load_state_dict(seg.model.state_dict())
-        bench = json.loads(args.bench.read_text()) if args.bench.exists() else None
-        extra = {
-            "training_run": {"device": str(dev), "seconds": round(time.time() - t0, 1), "epochs": len(res.history),
-                             "final_loss": res.history[-1]},
-            "encoder": {"kind": "frozen nucleus segmenter", "weights": seg.card.get("name"),
-                        "weights_sha256": seg.card.get("sha256"),
-                        "trained_on": "CoNSeP + MoNuSeg (see weights/nuclei-seg.json), not HER2ST",
-                        "views": [int(v) for v in bank.views]},
-        }
-        card = card_for(pack, res.config, res.train_config, command, metrics_from_bench(bench) if bench else None, extra)
-        card["normalisation"]["pixels"] = "RGB/255 (0..1); the segmenter standardises internally"
     else:
         from ghist_core.model.train import TrainConfig as TC
 
         ckpt = args.checkpoint_dir
         if ckpt and not args.resume and (Path(ckpt) / "last.pt").exists():
             (Path(ckpt) / "last.pt").unlink()  # a fresh run unless --resume
-        tcfg = TC(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr or 2e-3, time_budget_s=args.budget_s,
+        tcfg = TC(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, time_budget_s=args.budget_s,
                   checkpoint_dir=ckpt, log_path=args.log)
         if ckpt:
             Path(ckpt).mkdir(parents=True, exist_ok=True)

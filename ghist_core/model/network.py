@@ -43,16 +43,6 @@ class GhistConfig:
     norm_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     morph_features: tuple[str, ...] = MORPH_FEATURES
     use_reference: bool = True
-    #: "resnet": a small ResNet trained with the heads; "nuclei": the nucleus segmenter's
-    #: network, frozen, pooled per nucleus (see nuclear_features.py); ``seg_arch`` is its card
-    encoder: str = "resnet"
-    #: how a spot's cells make its prediction: "sum" (each cell a share of the spot's CP10k)
-    #: or "mean" (each cell its own CP10k profile; the spot, a normalised profile, is their mean)
-    spot_aggregate: str = "sum"
-    #: a direct path from the tissue around the cell (its patch) to every gene's log-level, so
-    #: the cell-level terms model each cell's deviation from its local tissue
-    tissue_skip: bool = False
-    seg_arch: dict = field(default_factory=dict)
 
     @property
     def n_genes(self) -> int:
@@ -158,38 +148,15 @@ class GhistNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         k, g, d = cfg.n_types, cfg.n_genes, cfg.embed_dim
-        if cfg.encoder == "nuclei":
-            from .nuclear_features import NucleusFeatures
-
-            self.nuclear = NucleusFeatures(cfg.seg_arch, cfg.mpp)
-            cell_in, self.patch_feat_dim = self.nuclear.cell_dim, self.nuclear.patch_dim
-            # standardisation of the frozen features (estimated on the training cells)
-            self.register_buffer("cell_feat_mean", torch.zeros(cell_in))
-            self.register_buffer("cell_feat_std", torch.ones(cell_in))
-            self.register_buffer("patch_feat_mean", torch.zeros(self.patch_feat_dim))
-            self.register_buffer("patch_feat_std", torch.ones(self.patch_feat_dim))
-            self.cell_mlp = nn.Sequential(
-                nn.Dropout(cfg.dropout), nn.Linear(cell_in, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
-            )
-        elif cfg.encoder == "resnet":
-            self.encoder = Encoder(cfg.widths)
-            self.lateral = nn.ModuleList(nn.Conv2d(w, cfg.fpn_dim, 1) for w in cfg.widths)
-            self.smooth = _conv_bn(cfg.fpn_dim, cfg.fpn_dim)
-            self.patch_feat_dim = cfg.widths[-1]
-            self.cell_mlp = nn.Sequential(
-                nn.Linear(cfg.fpn_dim * 2 + 1, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
-            )
-        else:
-            raise ValueError(f"unknown encoder {cfg.encoder!r} (expected 'resnet' or 'nuclei')")
+        self.encoder = Encoder(cfg.widths)
+        self.lateral = nn.ModuleList(nn.Conv2d(w, cfg.fpn_dim, 1) for w in cfg.widths)
+        self.smooth = _conv_bn(cfg.fpn_dim, cfg.fpn_dim)
+        self.cell_mlp = nn.Sequential(
+            nn.Linear(cfg.fpn_dim * 2 + 1, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
+        )
         self.ctx_mlp = nn.Sequential(nn.Linear(d + 1, d), nn.GELU())
-        self.patch_mlp = nn.Sequential(nn.Linear(self.patch_feat_dim, d), nn.GELU())
+        self.patch_mlp = nn.Sequential(nn.Linear(cfg.widths[-1], d), nn.GELU())
         self.trunk = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(3 * d, d), nn.LayerNorm(d), nn.GELU())
-        if cfg.tissue_skip:
-            self.tissue_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.patch_feat_dim, d), nn.LayerNorm(d),
-                                             nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, g))
-            with torch.no_grad():
-                self.tissue_head[-1].weight.zero_()
-                self.tissue_head[-1].bias.zero_()
         self.type_head = nn.Linear(d, k)
         self.nbhd_head = nn.Linear(d, k)
         self.morph_head = nn.Linear(d, len(cfg.morph_features))
@@ -225,11 +192,6 @@ class GhistNet(nn.Module):
 
         Returns ``emb`` (N, D), ``cell_batch``, ``cell_label``, ``centroid_px`` (N, 2: x, y).
         """
-        if self.cfg.encoder == "nuclei":
-            raw = self.nuclear(x, instances)
-            return {"emb": self.embed_cells(raw["cell_feat"]), "cell_batch": raw["cell_batch"],
-                    "cell_label": raw["cell_label"], "centroid_px": raw["centroid_px"],
-                    "patch_feat": self.standardise_patch(raw["patch_feat"])}
         fmap, patch_feat = self.feature_map(x)
         fmap = fmap.float()  # pool in fp32 even under autocast
         gmap, cell_batch, cell_label = relabel_batch(instances)
@@ -243,13 +205,6 @@ class GhistNet(nn.Module):
         return {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen,
                 "patch_feat": patch_feat}
 
-    def embed_cells(self, cell_feat: torch.Tensor) -> torch.Tensor:
-        """Frozen per-nucleus features (``encoder="nuclei"``) → trainable cell embedding."""
-        return self.cell_mlp((cell_feat.float() - self.cell_feat_mean) / self.cell_feat_std)
-
-    def standardise_patch(self, patch_feat: torch.Tensor) -> torch.Tensor:
-        return (patch_feat.float() - self.patch_feat_mean) / self.patch_feat_std
-
     # ---- cell side ------------------------------------------------------------------
     def heads(self, emb: torch.Tensor, ctx: torch.Tensor, ctx_count: torch.Tensor, patch_feat: torch.Tensor) -> dict[str, torch.Tensor]:
         """All per-cell outputs from a cell's embedding, its neighbourhood and its patch (one row per cell)."""
@@ -257,10 +212,7 @@ class GhistNet(nn.Module):
         h = self.trunk(torch.cat([emb, c, self.patch_mlp(patch_feat.float())], 1))
         type_logits = self.type_head(h)
         p = type_logits.float().softmax(1)
-        log_resid = self.resid_head(h).float()
-        if self.cfg.tissue_skip:
-            log_resid = log_resid + self.tissue_head(patch_feat.float()).float()
-        resid = torch.exp(log_resid.clamp(-15.0, 10.0))  # log-linear per cell
+        resid = torch.exp(self.resid_head(h).float().clamp(-15.0, 10.0))  # log-linear per cell
         if self.cfg.use_reference:
             expr = (p @ self.reference) * self.ref_scale.exp() + resid
         else:

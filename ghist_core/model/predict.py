@@ -244,7 +244,7 @@ class GhistModel:
         order = np.argsort(tile_of, kind="stable")
         bounds = np.searchsorted(tile_of[order], np.arange(len(keys) + 1))
         emb = torch.zeros(n, cfg.embed_dim, dtype=torch.float32)
-        tile_feat = torch.zeros(len(keys), self.net.patch_feat_dim, dtype=torch.float32)  # one row per tile, not per cell
+        tile_feat = torch.zeros(len(keys), cfg.widths[-1], dtype=torch.float32)  # one row per tile, not per cell
         pooled = np.zeros(n, bool)
         t_enc = time.perf_counter()
         with torch.no_grad(), _exact_float32():

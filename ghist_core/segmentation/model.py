@@ -107,27 +107,18 @@ class SegNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x``: B x 3 x H x W in 0..1 (H, W multiples of ``stride``)."""
-        _, x = self.encode_decode(x)
-        return self.np_head(x), self.hv_head(x), self.tp_head(x)
-
-    def encode_decode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Encoder stages (strides 1, 2, 4, …) and the full-resolution decoder output.
-
-        GHIST reuses these as frozen nucleus features, so they are exposed, not hidden in ``forward``.
-        """
         x = (x - self.mean) / self.std
         x = self.stem(x)
         skips = []
         for down, enc in zip(self.down, self.enc):
             x = enc(down(x))
             skips.append(x)
-        stages = list(skips)
         x = skips.pop()
         for fuse, dec in zip(self.fuse, self.dec):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = dec(fuse(torch.cat([x, skip], dim=1)))
-        return stages, x
+        return self.np_head(x), self.hv_head(x), self.tp_head(x)
 
 
 def sha256_file(path: str | Path) -> str:
