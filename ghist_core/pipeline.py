@@ -145,7 +145,13 @@ def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float,
     """
     from .segmentation import ArraySlide
 
-    cells = segmenter.segment_slide(ArraySlide(rgb, mpp)).copy()
+    kw = {}
+    if getattr(segmenter, "one_tile_per_block", False):
+        # the block's margin is the network's context: one forward pass over the whole block,
+        # not 2 x 2 overlapping tiles (3.4x the pixels for a 512 µm block)
+        stride = int(getattr(segmenter, "stride", 32))
+        kw = {"tile_px": -(-max(rgb.shape[:2]) // stride) * stride, "overlap_px": 0}
+    cells = segmenter.segment_slide(ArraySlide(rgb, mpp), **kw).copy()
     cells["x_um"] = origin[0] + cells["x_um"].to_numpy()
     cells["y_um"] = origin[1] + cells["y_um"].to_numpy()
     core = (

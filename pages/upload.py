@@ -42,9 +42,10 @@ with st.expander("Model and device", expanded=False):
     seg_opts = ["auto", "learned", "classical"]
     st.session_state[c.SEGMENTER] = st.radio(
         "Nuclei segmentation", seg_opts, index=seg_opts.index(st.session_state[c.SEGMENTER]), horizontal=True,
-        key="upload_segmenter", format_func=lambda o: {"auto": "auto (learned on GPU, fast on CPU)",
+        key="upload_segmenter", format_func=lambda o: {"auto": "auto (learned model)",
                                                        "learned": "learned model", "classical": "fast classical"}[o],
-        help="The learned segmenter is more accurate but takes minutes per mm² on a CPU.")
+        help="The learned segmenter (CoNSeP AJI 0.50 vs 0.21) takes ~18 s per mm² on 2 CPU cores; "
+             "the classical one ~2x less.")
 
 # --- upload ------------------------------------------------------------------------------
 st.subheader("1 · Add slides")
