@@ -36,6 +36,9 @@ MAX_BROWSER_POINTS = 200_000
 #: path costs the browser about 0.2 ms per object on a CPU-only machine, so 50k keeps a map
 #: interactive within seconds; "cells" can still be forced up to MAX_BROWSER_POINTS.
 AUTO_CELL_LIMIT = 50_000
+#: In "auto" mode the grid summary uses the finest square size with at most this many squares,
+#: so opening a big slide stays near a second in a CPU-only browser; "Grid summary" goes finer.
+AUTO_GRID_LIMIT = 10_000
 #: Units of morphology columns (shown on axes).
 MORPHOLOGY_UNITS: dict[str, str] = {
     "area_um2": "µm²",
@@ -254,7 +257,7 @@ def gene_map(
     if resolved == "cells":
         table = _cells_table(adata, gene, cell_types)
     else:
-        grid_size = pick_grid_size(grids, min(limit, AUTO_CELL_LIMIT) if mode == "auto" else limit)
+        grid_size = pick_grid_size(grids, min(limit, AUTO_GRID_LIMIT) if mode == "auto" else limit)
         table = _grid_table(grids[grid_size], gene, cell_types)
 
     units = units_label(expression_units(adata))

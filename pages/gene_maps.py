@@ -37,7 +37,8 @@ with st.sidebar:
                             help=f"{len(genes)} genes predicted by the model. Pick up to 4 to compare side by side.")
     auto_grid = adata.n_obs > figures.MAX_BROWSER_POINTS
     mode_label = st.radio("Show", ["Auto", "Each cell", "Grid summary"], index=0, key="gm_mode", horizontal=True,
-                          help=f"Auto draws each cell up to {figures.AUTO_CELL_LIMIT:,} cells and a grid of squares beyond; "
+                          help=f"Auto draws each cell up to {figures.AUTO_CELL_LIMIT:,} cells and beyond that an overview grid "
+                               f"of at most {figures.AUTO_GRID_LIMIT:,} squares; 'Grid summary' uses finer squares; "
                                f"'Each cell' draws up to {figures.MAX_BROWSER_POINTS:,}.")
     colour_by = st.radio("Colour by", ["Expression", "Cell type"], key="gm_colour_by", horizontal=True)
     cmap = st.selectbox("Colour map", list(palette.EXPRESSION_MAPS), key="gm_cmap",

@@ -164,6 +164,10 @@ def live_runs() -> None:
     if len(runs) == 0:
         st.caption("No runs yet.")
         return
+    if _active and not runs["status"].isin(c.RUN_ACTIVE).any():
+        # every run has ended: one full rerun stops the polling, so the buttons that now
+        # appear ("Open gene map", "Resume") are not redrawn under the user's click each second
+        st.rerun(scope="app")
     names = {int(r["slide_id"]): c.slide_label(r) for _, r in proj.list_slides().iterrows()}
     latest = runs.sort_values("run_id").groupby("slide_id").tail(1).sort_values("run_id", ascending=False)
     for _, run in latest.iterrows():
