@@ -125,8 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     key = "cuda" if model.device.type == "cuda" else "cpu"
     speed_block = {"device": device_name, "model": sp_model, "classical": sp_classical,
                    "ratio_model_to_classical": round(ratio, 3), "input_mpp": DATA_MPP}
-    if a.speed_only:
-        atomic_write_text(a.out, json.dumps({key: speed_block}, indent=1))
+    if a.speed_only:  # refresh this device's speed inside an existing results file, else a file of its own
+        out = Path(a.out)
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        if "speed" in prev:
+            prev["speed"][key] = speed_block
+        else:
+            prev = {key: speed_block}
+        atomic_write_text(out, json.dumps(prev, indent=1))
         return
 
     results: dict = {"model": {}, "classical": {}}
