@@ -31,7 +31,7 @@ from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, load_segmenter  # noqa: E402
 from ghist_core.segmentation.data import CONSEP_TYPES, DATA_MPP, load_split  # noqa: E402
 from ghist_core.segmentation.metrics import DetectionCounts, SegCounts, detection_counts, seg_counts  # noqa: E402
-from ghist_core.segmentation.model import sha256_file  # noqa: E402
+from ghist_core.hashing import sha256_file  # noqa: E402
 
 RESULTS = REPO_DIR / "bench" / "results" / "segmentation.json"
 CUDA_RESULTS = REPO_DIR / "bench" / "results" / "segmentation_cuda.json"

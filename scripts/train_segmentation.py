@@ -243,7 +243,7 @@ def write_final(model: SegNet, out: Path, result: dict) -> Path:
     """``final.safetensors`` (fp16, small enough to ship) + ``final.json`` card the loader reads."""
     from safetensors.torch import save_file
 
-    from ghist_core.segmentation.model import sha256_file
+    from ghist_core.hashing import sha256_file
 
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}

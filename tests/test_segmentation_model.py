@@ -12,7 +12,7 @@ from ghist_core.errors import ModelInputError, WeightsIntegrityError, WeightsNot
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR
 from ghist_core.segmentation import ArraySlide, MppWarning, load_segmenter
 from ghist_core.segmentation.features import RAY_COLUMNS
-from ghist_core.segmentation.model import sha256_file
+from ghist_core.hashing import sha256_file
 from ghist_core.slide import open_slide
 
 WEIGHTS = BUNDLED_WEIGHTS_DIR / "nuclei-seg.safetensors"

@@ -10,7 +10,6 @@ watershed of ``postprocess.py``. Plain PyTorch, trained from random initialisati
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from ..device import autocast_for, pick_device
 from ..errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
+from ..hashing import sha256_file
 from ..paths import BUNDLED_WEIGHTS_DIR
 from .data import CONSEP_TYPES
 from .features import measure_instances, relabel_sequential
@@ -120,14 +120,6 @@ class SegNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = dec(fuse(torch.cat([x, skip], dim=1)))
         return self.np_head(x), self.hv_head(x), self.tp_head(x)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
