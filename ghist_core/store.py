@@ -34,6 +34,7 @@ import shutil
 import socket
 import sqlite3
 import threading
+import time
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -404,6 +405,27 @@ class Project:
         with self._tx() as c:
             c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (utc_now(),))
             c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('name', ?)", (name or self.folder.name,))
+        self.sweep_stale_temp_files()
+
+    #: a temporary file untouched this long belongs to a process that died mid-write
+    STALE_TEMP_S = 3600.0
+
+    def sweep_stale_temp_files(self, max_age_s: float | None = None) -> list[Path]:
+        """Delete ``*.part`` temporaries (atomic writes) a killed process left in ``slides/``.
+
+        A copy in progress rewrites its file every MiB, so only files not modified for
+        ``STALE_TEMP_S`` go; they were never recorded, so nothing the user has is lost.
+        """
+        limit = time.time() - (self.STALE_TEMP_S if max_age_s is None else max_age_s)
+        gone = []
+        for p in (self.folder / "slides").glob(".*.part"):
+            try:
+                if p.stat().st_mtime < limit:
+                    p.unlink()
+                    gone.append(p)
+            except FileNotFoundError:  # another process swept it first
+                pass
+        return gone
 
     # -- construction ----------------------------------------------------------------------
     @classmethod

@@ -418,3 +418,20 @@ def test_concurrent_writers_threads_and_processes(project: Project, tmp_path: Pa
     assert len(runs) == 8 * n and set(runs["status"]) == {"finished"}
     assert len(project.list_patients()) == 8 * n
     assert runs.groupby("model_id").size().to_dict() == {f"{k}{i}": n for k in ("proc", "thread") for i in range(4)}
+
+
+def test_opening_a_project_sweeps_temporaries_a_killed_copy_left(project: Project) -> None:
+    """A SIGKILL during add_slide leaves slides/.NAME.XXXX.part; an hour later it is swept on open."""
+    slides = project.folder / "slides"
+    stale = slides / ".abc123_slide.svs.k2j4.part"
+    fresh = slides / ".def456_slide.svs.x9q1.part"
+    kept = slides / "abc123_slide.svs"
+    for p in (stale, fresh, kept):
+        p.write_bytes(b"partial")
+    old = time.time() - 2 * Project.STALE_TEMP_S
+    os.utime(stale, (old, old))
+    os.utime(kept, (old, old))
+    Project.open(project.folder).close()
+    assert not stale.exists()
+    assert fresh.exists() and kept.exists()  # a copy still being written, and real files, stay
+    assert project.sweep_stale_temp_files(max_age_s=0) == [fresh]
