@@ -66,7 +66,9 @@ def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict
             "command": command,
         },
         "config": config,
-        "expression_units": "per-cell share of spot CP10k (sum over a spot's cells ~ spot CP10k)",
+        "expression_units": ("per-cell CP10k profile (mean over a spot's cells ~ spot CP10k)"
+                             if config.get("spot_aggregate") == "mean" else
+                             "per-cell share of spot CP10k (sum over a spot's cells ~ spot CP10k)"),
         "licence_note": "Weights trained on HER2ST (no licence stated by the authors; research use) and on reference "
                         "profiles from GPL-3 data files.",
     }

@@ -62,18 +62,19 @@ def test_cell_level_training_learns_colour_function(tmp_path: Path) -> None:
     assert len(tr2.history_) == 30 and len((tmp_path / "log.jsonl").read_text().splitlines()) == 30
 
 
-def test_spot_level_weak_training_loss_falls() -> None:
-    """Only the sum over each patch's cells is seen; the per-cell model must still fit it."""
+@pytest.mark.parametrize("aggregate,tissue_skip", [("sum", False), ("mean", True)])
+def test_spot_level_weak_training_loss_falls(aggregate: str, tissue_skip: bool) -> None:
+    """Only the sum (or mean) over each patch's cells is seen; the per-cell model must still fit it."""
     torch.set_num_threads(1)
     data, _ = make_synthetic_cells(n_patches=16, size=64, seed=2)
-    n_lab = data.lut_expr.shape[1]
-    in_spot = torch.zeros(len(data), n_lab, dtype=torch.bool)
-    in_spot[:, 1:] = True
-    spot = torch.log1p((data.lut_expr * in_spot.unsqueeze(-1)).sum(1))
+    in_spot = data.lut_morph_ok.clone()  # every nucleus of the patch
+    total = (data.lut_expr * in_spot.unsqueeze(-1)).sum(1)
+    n = in_spot.sum(1, keepdim=True).clamp(min=1)
+    spot = torch.log1p(total if aggregate == "sum" else total / n)
     data.spot_target = spot
     data.fractions = torch.full((len(data), 3), 1 / 3)
     data.lut_in_spot = in_spot
-    net = _tiny_net()
+    net = _tiny_net(spot_aggregate=aggregate, tissue_skip=tissue_skip)
     pred0 = predict_spots(net, data, batch_size=8, tta=False)
     tr = Trainer(TrainConfig(mode="spot", epochs=15, batch_size=8, lr=5e-3, augment=True), log=None)
     tr.fit(net, data)
@@ -83,6 +84,8 @@ def test_spot_level_weak_training_loss_falls() -> None:
     assert tr.history_[-1]["expr"] < 0.5 * tr.history_[0]["expr"]
     assert err1 < 0.5 * err0
     assert np.isfinite(pred1).all()
+    if tissue_skip:  # the patch path learnt something (it starts at zero)
+        assert float(net.tissue_head[-1].weight.abs().sum()) > 0
 
 
 def test_reference_profiles_and_nnls_recover_known_mixtures(shared_data: Path) -> None:
@@ -108,8 +111,11 @@ def test_reference_profiles_and_nnls_recover_known_mixtures(shared_data: Path) -
     np.testing.assert_allclose(prof, ref.profiles[:, :5], atol=1e-6)
 
 
-def test_save_load_round_trip_and_integrity(tmp_path: Path) -> None:
-    net = _tiny_net(n_genes=4, n_types=2).eval()
+@pytest.mark.parametrize("variant", [{}, {"spot_aggregate": "mean", "tissue_skip": True}])
+def test_save_load_round_trip_and_integrity(tmp_path: Path, variant: dict) -> None:
+    net = _tiny_net(n_genes=4, n_types=2, **variant).eval()
+    if variant:  # make the patch path matter, so a load that dropped it would differ
+        torch.nn.init.normal_(net.tissue_head[-1].weight)
     wp = save_ghist(net, tmp_path, {"genes": net.cfg.genes, "note": "test"})
     card = json.loads(wp.with_suffix(".json").read_text())
     assert card["kind"] == "ghist" and len(card["sha256"]) == 64 and card["config"]["genes"] == net.cfg.genes
@@ -122,6 +128,8 @@ def test_save_load_round_trip_and_integrity(tmp_path: Path) -> None:
         a = net(x, inst)["expr"]
         b = m.net(x, inst)["expr"]
     torch.testing.assert_close(a, b)
+    assert m.net.cfg.spot_aggregate == variant.get("spot_aggregate", "sum")
+    assert ("mean over the cells" in m._uns({}, {}, None)["expression_units"]) == bool(variant)
     raw = bytearray(wp.read_bytes())
     raw[-1] ^= 0xFF
     wp.write_bytes(bytes(raw))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pooling import pool_cells, radius_neighbour_mean, relabel_batch
+from .pooling import pool_cells, radius_neighbour_mean, relabel_batch, segment_mean, segment_sum
 
 __all__ = ["GhistConfig", "GhistNet", "PatchRegressor", "Encoder", "MORPH_FEATURES"]
 
@@ -43,6 +43,12 @@ class GhistConfig:
     norm_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     morph_features: tuple[str, ...] = MORPH_FEATURES
     use_reference: bool = True
+    #: how a spot's cells make its prediction: "sum" (each cell a share of the spot's CP10k) or
+    #: "mean" (each cell its own CP10k profile; a spot, being library-normalised, their mean)
+    spot_aggregate: str = "sum"
+    #: a direct path from the patch around a cell to every gene's log-level, so the model
+    #: contains the patch regressor and its cell terms model each cell's deviation from it
+    tissue_skip: bool = False
 
     @property
     def n_genes(self) -> int:
@@ -157,6 +163,12 @@ class GhistNet(nn.Module):
         self.ctx_mlp = nn.Sequential(nn.Linear(d + 1, d), nn.GELU())
         self.patch_mlp = nn.Sequential(nn.Linear(cfg.widths[-1], d), nn.GELU())
         self.trunk = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(3 * d, d), nn.LayerNorm(d), nn.GELU())
+        if cfg.spot_aggregate not in ("sum", "mean"):
+            raise ValueError(f"spot_aggregate must be 'sum' or 'mean', not {cfg.spot_aggregate!r}")
+        if cfg.tissue_skip:  # starts at zero: training begins from the cell model alone
+            self.tissue_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.widths[-1], g))
+            nn.init.zeros_(self.tissue_head[-1].weight)
+            nn.init.zeros_(self.tissue_head[-1].bias)
         self.type_head = nn.Linear(d, k)
         self.nbhd_head = nn.Linear(d, k)
         self.morph_head = nn.Linear(d, len(cfg.morph_features))
@@ -212,7 +224,10 @@ class GhistNet(nn.Module):
         h = self.trunk(torch.cat([emb, c, self.patch_mlp(patch_feat.float())], 1))
         type_logits = self.type_head(h)
         p = type_logits.float().softmax(1)
-        resid = torch.exp(self.resid_head(h).float().clamp(-15.0, 10.0))  # log-linear per cell
+        log_resid = self.resid_head(h).float()
+        if self.cfg.tissue_skip:
+            log_resid = log_resid + self.tissue_head(patch_feat.float()).float()
+        resid = torch.exp(log_resid.clamp(-15.0, 10.0))  # log-linear per cell
         if self.cfg.use_reference:
             expr = (p @ self.reference) * self.ref_scale.exp() + resid
         else:
@@ -224,6 +239,10 @@ class GhistNet(nn.Module):
             "morph": self.morph_head(h).float(),
             "expr": expr,
         }
+
+    def spot_expression(self, expr: torch.Tensor, spot: torch.Tensor, n_spots: int) -> torch.Tensor:
+        """A spot's expression from its cells' (``spot`` < 0: not in a spot), per ``spot_aggregate``."""
+        return (segment_mean if self.cfg.spot_aggregate == "mean" else segment_sum)(expr, spot, n_spots)
 
     def context(self, emb: torch.Tensor, xy_um: torch.Tensor, group: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean embedding of the cells within ``context_radius_um`` (same group only)."""

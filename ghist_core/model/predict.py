@@ -35,6 +35,11 @@ EXPRESSION_UNITS = (
     "per-cell expression on the CP10k scale of a HER2ST spot: the sum over the cells of a 100 µm spot "
     "approximates the spot's counts per 10,000 (log1p of that sum ≈ log1p CP10k); non-negative"
 )
+#: the units of a model trained with ``spot_aggregate="mean"``
+EXPRESSION_UNITS_MEAN = (
+    "per-cell expression profile in counts per 10,000 (CP10k): the mean over the cells of a 100 µm "
+    "spot approximates the spot's CP10k (log1p of that mean ≈ log1p CP10k); non-negative"
+)
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
 ProgressFn = Callable[[float, str], None]
@@ -143,7 +148,7 @@ class GhistModel:
                 slide_sha = ""
         return {"model_card": json.loads(json.dumps(self.card)), "weights_sha256": self.weights_sha256,
                 "slide_sha256": slide_sha, "params": params, "timings": timings,
-                "expression_units": EXPRESSION_UNITS}
+                "expression_units": EXPRESSION_UNITS_MEAN if self.net.cfg.spot_aggregate == "mean" else EXPRESSION_UNITS}
 
     # ------------------------------------------------------------------------------------
     def predict(

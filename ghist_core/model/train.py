@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .network import GhistNet, PatchRegressor
-from .pooling import segment_mean, segment_sum
+from .pooling import segment_mean
 
 __all__ = ["TrainConfig", "PatchData", "Trainer", "FitResult", "augment", "dihedral", "fit_her2st", "make_synthetic_cells",
            "pearson_per_gene", "predict_spots"]
@@ -208,7 +208,7 @@ def predict_spots(model: nn.Module, data: PatchData, *, batch_size: int = 32, tt
             cb, cl = o["cell_batch"], o["cell_label"]
             in_spot = data.lut_in_spot[s + cb, cl]
             seg = torch.where(in_spot, cb, torch.full_like(cb, -1))
-            outs.append(torch.log1p(segment_sum(expr, seg, img.shape[0])).float().cpu())
+            outs.append(torch.log1p(model.spot_expression(expr, seg, img.shape[0])).float().cpu())
     del dev
     return torch.cat(outs).numpy()
 
@@ -280,7 +280,7 @@ class Trainer:
             seg = torch.where(in_spot, cb, torch.full_like(cb, -1))
             n_in = torch.bincount(cb[in_spot], minlength=b)
             has = n_in > 0
-            pred = torch.log1p(segment_sum(out["expr"], seg, b))[has]
+            pred = torch.log1p(model.spot_expression(out["expr"], seg, b))[has]
             y = data.spot_target[idx][has]
             terms["expr"] = (((pred - y) ** 2) / stats["var"]).mean() if has.any() else zero
             if has.sum() > 2 and cfg.w_pcc:
@@ -443,6 +443,8 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
         cfg = GhistConfig(genes=[str(g) for g in pack.genes], cell_types=[str(c) for c in pack.cell_types],
                           mpp=float(pack.mpp), patch_px=int(pack.instances.shape[-1]),
                           norm_mean=tuple(mean), norm_std=tuple(std), **net_kw)
+        if cfg.spot_aggregate == "mean":  # per-cell CP10k profiles rather than shares of the spot
+            ref, gene_init = ref * n_per_spot, gene_init * n_per_spot
         model = GhistNet(cfg, ref, gene_init)
         cfg_dict = cfg.to_dict()
         cfg_dict["morph_mean"] = mm.tolist()
