@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+
+_TEMP_SUFFIX = ".part"
 
 
 @contextlib.contextmanager
@@ -17,7 +21,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,3 +49,21 @@ def atomic_write_with(target: str | os.PathLike, writer: Callable[[Path], None])
     with atomic_path(target) as tmp:
         writer(tmp)
     return Path(target)
+
+
+def remove_temporaries(folder: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
+    """Delete the temporaries :func:`atomic_path` left in ``folder`` when its process was killed.
+
+    Only files not modified for ``min_age_s`` go (a writer still running rewrites its file),
+    so with 0 the caller must know no writer is alive. Returns what was deleted.
+    """
+    limit = time.time() - min_age_s
+    gone = []
+    for p in Path(folder).glob(f".*{_TEMP_SUFFIX}"):
+        try:
+            if p.stat().st_mtime <= limit:
+                p.unlink()
+                gone.append(p)
+        except FileNotFoundError:  # another process removed it first
+            pass
+    return gone

@@ -34,7 +34,6 @@ import shutil
 import socket
 import sqlite3
 import threading
-import time
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -43,7 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pandas as pd
 
-from ghist_core.atomic import atomic_path
+from ghist_core.atomic import atomic_path, remove_temporaries
 from ghist_core.hashing import sha256_file
 from ghist_core.errors import (
     CorruptSlideError,
@@ -416,16 +415,7 @@ class Project:
         A copy in progress rewrites its file every MiB, so only files not modified for
         ``STALE_TEMP_S`` go; they were never recorded, so nothing the user has is lost.
         """
-        limit = time.time() - (self.STALE_TEMP_S if max_age_s is None else max_age_s)
-        gone = []
-        for p in (self.folder / "slides").glob(".*.part"):
-            try:
-                if p.stat().st_mtime < limit:
-                    p.unlink()
-                    gone.append(p)
-            except FileNotFoundError:  # another process swept it first
-                pass
-        return gone
+        return remove_temporaries(self.folder / "slides", self.STALE_TEMP_S if max_age_s is None else max_age_s)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
