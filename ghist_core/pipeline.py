@@ -21,7 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_write_with
+from .atomic import atomic_write_with, remove_temporaries
 from .errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from .grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
 from .slide import Slide, open_slide
@@ -149,8 +149,7 @@ def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float,
     if getattr(segmenter, "one_tile_per_block", False):
         # the block's margin is the network's context: one forward pass over the whole block,
         # not 2 x 2 overlapping tiles (3.4x the pixels for a 512 µm block)
-        stride = int(getattr(segmenter, "stride", 32))
-        kw = {"tile_px": -(-max(rgb.shape[:2]) // stride) * stride, "overlap_px": 0}
+        kw = {"tile_px": -(-max(rgb.shape[:2]) // segmenter.stride) * segmenter.stride, "overlap_px": 0}
     cells = segmenter.segment_slide(ArraySlide(rgb, mpp), **kw).copy()
     cells["x_um"] = origin[0] + cells["x_um"].to_numpy()
     cells["y_um"] = origin[1] + cells["y_um"].to_numpy()
@@ -194,8 +193,7 @@ def run_blocks(
     timings = {"read_s": 0.0, "segment_s": 0.0, "predict_s": 0.0}
     blocks = plan_blocks(slide, config)
     paths = [_block_path(run_dir, b) for b in blocks]
-    for leftover in (run_dir / "blocks").glob(".*.part"):  # temp files of a killed earlier attempt
-        leftover.unlink(missing_ok=True)
+    remove_temporaries(run_dir / "blocks")  # a killed earlier attempt's; this process now owns the run
     todo = [b for b, p in zip(blocks, paths) if not p.exists()]
     n_done = len(blocks) - len(todo)
     report("segment+predict", n_done / max(1, len(blocks)), f"{n_done} of {len(blocks)} blocks already done")
