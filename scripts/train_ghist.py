@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.model.network import GhistConfig, GhistNet  # noqa: E402
+from ghist_core.model.predict import expression_units_for  # noqa: E402
 
 HER2ST_CITATION = ("Andersson A. et al. Spatial deconvolution of HER2-positive breast cancer delineates tumor-associated "
                    "cell type interactions. Nat Commun 12, 6012 (2021); data almaan/her2st @85df741 (no licence stated)")
@@ -66,9 +67,7 @@ def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict
             "command": command,
         },
         "config": config,
-        "expression_units": ("per-cell CP10k profile (mean over a spot's cells ~ spot CP10k)"
-                             if config.get("spot_aggregate") == "mean" else
-                             "per-cell share of spot CP10k (sum over a spot's cells ~ spot CP10k)"),
+        "expression_units": expression_units_for(config.get("spot_aggregate", "sum")),
         "licence_note": "Weights trained on HER2ST (no licence stated by the authors; research use) and on reference "
                         "profiles from GPL-3 data files.",
     }

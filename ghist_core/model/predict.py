@@ -40,6 +40,13 @@ EXPRESSION_UNITS_MEAN = (
     "per-cell expression profile in counts per 10,000 (CP10k): the mean over the cells of a 100 µm "
     "spot approximates the spot's CP10k (log1p of that mean ≈ log1p CP10k); non-negative"
 )
+
+
+def expression_units_for(spot_aggregate: str) -> str:
+    """What one cell's predicted value means, for a model trained with this ``spot_aggregate``."""
+    return EXPRESSION_UNITS_MEAN if spot_aggregate == "mean" else EXPRESSION_UNITS
+
+
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
 ProgressFn = Callable[[float, str], None]
@@ -148,7 +155,7 @@ class GhistModel:
                 slide_sha = ""
         return {"model_card": json.loads(json.dumps(self.card)), "weights_sha256": self.weights_sha256,
                 "slide_sha256": slide_sha, "params": params, "timings": timings,
-                "expression_units": EXPRESSION_UNITS_MEAN if self.net.cfg.spot_aggregate == "mean" else EXPRESSION_UNITS}
+                "expression_units": expression_units_for(self.net.cfg.spot_aggregate)}
 
     # ------------------------------------------------------------------------------------
     def predict(

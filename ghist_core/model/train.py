@@ -393,12 +393,12 @@ class FitResult:
     history: list
 
 
-def reference_prior(pack, train_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+def reference_prior(pack, train_idx: np.ndarray, spot_aggregate: str = "sum") -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per-cell type profiles (K × G) and per-gene starting level, from the training spots only.
 
-    Profiles: NNLS of the spots' CP10k on their type fractions, divided by the mean number
-    of nuclei per spot (so a spot's cells sum to its CP10k); the starting level is the mean
-    CP10k per cell.
+    Profiles: NNLS of the spots' CP10k on their type fractions; the starting level is the
+    spots' mean CP10k. With ``spot_aggregate="sum"`` both are divided by the mean number of
+    nuclei per spot (a spot's cells sum to its CP10k); with "mean" each cell is a whole profile.
     """
     from .reference import fit_gene_profiles
 
@@ -406,8 +406,9 @@ def reference_prior(pack, train_idx: np.ndarray) -> tuple[torch.Tensor, torch.Te
     in_spot = pack.cell_in_spot & np.isin(pack.cell_spot, train_idx)
     n_per_spot = max(float(np.bincount(pack.cell_spot[in_spot], minlength=pack.n_spots)[train_idx].mean()), 1.0)
     lin = 1e4 * pack.counts[train_idx] / np.maximum(pack.totals[train_idx], 1)[:, None]
-    ref = fit_gene_profiles(pack.fractions[train_idx], lin) / n_per_spot
-    return (torch.tensor(ref, dtype=torch.float32), torch.tensor(lin.mean(0) / n_per_spot, dtype=torch.float32),
+    per_cell = n_per_spot if spot_aggregate == "sum" else 1.0
+    ref = fit_gene_profiles(pack.fractions[train_idx], lin) / per_cell
+    return (torch.tensor(ref, dtype=torch.float32), torch.tensor(lin.mean(0) / per_cell, dtype=torch.float32),
             n_per_spot)
 
 
@@ -439,12 +440,10 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
     else:
         from .network import GhistConfig
 
-        ref, gene_init, n_per_spot = reference_prior(pack, train_idx)
         cfg = GhistConfig(genes=[str(g) for g in pack.genes], cell_types=[str(c) for c in pack.cell_types],
                           mpp=float(pack.mpp), patch_px=int(pack.instances.shape[-1]),
                           norm_mean=tuple(mean), norm_std=tuple(std), **net_kw)
-        if cfg.spot_aggregate == "mean":  # per-cell CP10k profiles rather than shares of the spot
-            ref, gene_init = ref * n_per_spot, gene_init * n_per_spot
+        ref, gene_init, n_per_spot = reference_prior(pack, train_idx, cfg.spot_aggregate)
         model = GhistNet(cfg, ref, gene_init)
         cfg_dict = cfg.to_dict()
         cfg_dict["morph_mean"] = mm.tolist()
