@@ -72,12 +72,14 @@ def job(args: argparse.Namespace) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pack = SpotPack.load(args.pack)
     images = pack.images()
+    if args.mpp:
+        pack, images = pack.coarsened(images, int(round(args.mpp / pack.mpp)))
     tr, te = folds(pack.section, pack.patient)[args.fold]
     if args.max_train:
         tr = tr[:: max(1, len(tr) // args.max_train)]
         te = te[: args.max_train]
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, time_budget_s=args.budget_s,
-                       seed=args.seed, log_path=None)
+                       seed=args.seed, log_path=None, **(json.loads(args.train) if args.train else {}))
     net_kw = json.loads(args.net) if args.net else {}
     log = lambda m: print(f"[{args.fold}/{args.kind}] {m}", flush=True)  # noqa: E731
     t0 = time.time()
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> None:
     for f, k in jobs:
         cmd = [sys.executable, __file__, "job", "--pack", args.pack, "--work", str(work), "--fold", f, "--kind", k,
                "--epochs", str(args.epochs), "--budget-s", str(args.budget_s), "--batch-size", str(args.batch_size),
-               "--lr", str(args.lr), "--max-train", str(args.max_train), "--net", args.net or ""]
+               "--lr", str(args.lr), "--max-train", str(args.max_train), "--net", args.net or "",
+               "--mpp", str(args.mpp), "--seed", str(args.seed), "--train", args.train or ""]
         procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)))
     codes = [p.wait() for p in procs]
     logf.flush()
@@ -320,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--lr", type=float, default=2e-3)
         p.add_argument("--max-train", type=int, default=0, help="subsample spots (smoke tests)")
         p.add_argument("--net", default="", help="JSON overrides of GhistConfig / encoder widths")
+        p.add_argument("--mpp", type=float, default=0.0,
+                       help="train both CNNs at this coarser µm/px (a multiple of the pack's; 0 = the pack's)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--train", default="", help="JSON overrides of TrainConfig (loss weights, augmentation)")
         if name == "run":
             p.add_argument("--out", default="bench/results")
             p.add_argument("--only", default="", help="comma-separated folds")
@@ -327,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             p.add_argument("--fold", required=True)
             p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
-            p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("report")
     p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
     p.add_argument("--preds", required=True)

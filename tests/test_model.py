@@ -111,7 +111,8 @@ def test_reference_profiles_and_nnls_recover_known_mixtures(shared_data: Path) -
     np.testing.assert_allclose(prof, ref.profiles[:, :5], atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", [{}, {"spot_aggregate": "mean", "tissue_skip": True}])
+@pytest.mark.parametrize("variant", [{}, {"spot_aggregate": "mean", "tissue_skip": True},
+                                     {"spot_aggregate": "mean", "tissue_skip": True, "fpn_smooth": False}])
 def test_save_load_round_trip_and_integrity(tmp_path: Path, variant: dict) -> None:
     net = _tiny_net(n_genes=4, n_types=2, **variant).eval()
     if variant:  # make the patch path matter, so a load that dropped it would differ
@@ -223,3 +224,31 @@ def test_far_mpp_is_resampled_with_a_warning(bundled: GhistModel) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", MppWarning)
         bundled.predict(ArraySlide(rgb, 0.4), cells.assign(x_um=cen[:, 0] * 0.4, y_um=cen[:, 1] * 0.4))
+
+
+def test_spot_pack_coarsened_keeps_nuclei_and_averages_pixels() -> None:
+    """Training at 2× the µm/px: pixels are box means, nuclei keep their labels, µm stay µm."""
+    from ghist_core.model.her2st import SpotPack
+
+    rng = np.random.default_rng(0)
+    inst = np.zeros((2, 16, 16), np.uint16)
+    inst[0, 2:8, 2:8] = 1
+    inst[0, 10:14, 9:15] = 2
+    inst[1, 4:12, 4:12] = 3
+    images = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    z = np.zeros(2)
+    pack = SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=0.5,
+                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(3, np.int64), instances=inst,
+                    counts=np.ones((2, 1)), totals=np.ones(2), fractions=np.ones((2, 1)), features=z[:, None],
+                    section=np.array(["s", "s"]), patient=np.array(["p", "p"]), array_xy=np.zeros((2, 2)),
+                    cell_spot=np.array([0, 0, 1]), cell_label=np.array([1, 2, 3]),
+                    cell_xy_px=np.array([[5.0, 5.0], [12.0, 12.0], [8.0, 8.0]]), cell_in_spot=np.ones(3, bool),
+                    cell_morph=np.zeros((3, 3)))
+    small, img2 = pack.coarsened(images, 2)
+    assert small.mpp == 1.0 and small.instances.shape == (2, 8, 8) and img2.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(img2[0, 0, 0], images[0, :2, :2].reshape(-1, 3).mean(0), atol=0.5)
+    assert set(np.unique(small.instances[0])) == {0, 1, 2} and set(np.unique(small.instances[1])) == {0, 3}
+    np.testing.assert_allclose(small.cell_xy_px * small.mpp, pack.cell_xy_px * pack.mpp)
+    assert pack.coarsened(images, 1)[0] is pack
+    with pytest.raises(ValueError):
+        pack.coarsened(images, 3)

@@ -18,7 +18,7 @@ Rules stated once here and recorded in the model card:
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +177,20 @@ class SpotPack:
     def images(self) -> np.ndarray:
         """All patches decoded, ``(S, H, W, 3)`` uint8."""
         return np.stack([decode_jpeg(self.jpeg_buf[self.jpeg_off[i]:self.jpeg_off[i + 1]].tobytes()) for i in range(self.n_spots)])
+
+    def coarsened(self, images: np.ndarray, factor: int) -> tuple["SpotPack", np.ndarray]:
+        """The pack and its decoded patches at ``factor``× the µm/px (box-averaged pixels, nuclei
+        sampled at block centres), for training at a coarser scale at a fraction of the compute."""
+        if factor == 1:
+            return self, images
+        s, h, w, _ = images.shape
+        if h % factor or w % factor:
+            raise ValueError(f"patch size {h}x{w} is not divisible by {factor}")
+        small = images.reshape(s, h // factor, factor, w // factor, factor, 3).mean((2, 4))
+        c = factor // 2
+        pack = replace(self, instances=np.ascontiguousarray(self.instances[:, c::factor, c::factor]),
+                       mpp=self.mpp * factor, cell_xy_px=self.cell_xy_px / factor)
+        return pack, np.round(small).astype(np.uint8)
 
     def targets(self) -> np.ndarray:
         """``log1p(CP10k)`` spot targets (S, G)."""
