@@ -2,6 +2,11 @@
 
     # on the GPU machine (all folds + the bundled model, ~7 min on one H100):
     python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --out OUTDIR --budget-s 300
+    # on a CPU: both CNNs at 1 µm/px (4× fewer pixels), equal epochs, two jobs at a time
+    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --name her2st_cpu_1um \
+        --net '{"spot_aggregate":"mean","tissue_skip":true,"fpn_smooth":false,"fpn_dim":64}'
+    # jobs run one by one elsewhere (same --work): score them
+    python bench/her2st.py collect --work WORKDIR --name her2st_cpu_1um
     # anywhere, from the saved predictions: metrics JSON + spatial maps
     python bench/her2st.py report --preds OUTDIR/her2st_preds.npz --out bench/results
 
@@ -135,26 +140,47 @@ def run(args: argparse.Namespace) -> None:
         jobs = [j for j in jobs if j[0] in args.only.split(",")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    procs = []
-    logf = open(out / "her2st_log.txt", "a")
+    procs: list[subprocess.Popen] = []
+    codes: list[int] = []
+    logf = open(out / f"{args.name}_log.txt", "a")
     for f, k in jobs:
+        while args.parallel and len(procs) >= args.parallel:  # a slot frees when any job ends
+            done = [p for p in procs if p.poll() is not None]
+            codes += [p.returncode for p in done]
+            procs = [p for p in procs if p not in done]
+            if not done:
+                time.sleep(2)
         cmd = [sys.executable, __file__, "job", "--pack", args.pack, "--work", str(work), "--fold", f, "--kind", k,
                "--epochs", str(args.epochs), "--budget-s", str(args.budget_s), "--batch-size", str(args.batch_size),
                "--lr", str(args.lr), "--max-train", str(args.max_train), "--net", args.net or "",
                "--mpp", str(args.mpp), "--seed", str(args.seed), "--train", args.train or ""]
         procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)))
-    codes = [p.wait() for p in procs]
+    codes += [p.wait() for p in procs]
     logf.flush()
     print(f"{len(jobs)} jobs finished in {time.time() - t0:.0f} s, exit codes {codes}", flush=True)
+    collect_and_report(pack, work, out, args.max_train, note=args.note, name=args.name)
 
+
+def collect(args: argparse.Namespace) -> None:
+    """Score the jobs already in ``--work`` (e.g. run one by one in the background)."""
+    from ghist_core.model.her2st import SpotPack
+
+    collect_and_report(SpotPack.load(args.pack), Path(args.work), Path(args.out), args.max_train, note=args.note,
+                       name=args.name)
+
+
+def collect_and_report(pack, work: Path, out: Path, max_train: int = 0, note: str = "", name: str = "her2st") -> dict:
+    """Ridge on every fold + the CNN predictions found in ``work`` → ``out/<name>.json``, maps, preds."""
+    out.mkdir(parents=True, exist_ok=True)
+    fl = folds(pack.section, pack.patient)
     y = pack.targets()
     preds: dict[str, np.ndarray] = {}
     for f, (tr, te) in fl.items():
         if f == "final":
             continue
-        if args.max_train:
-            tr = tr[:: max(1, len(tr) // args.max_train)]
-            te = te[: args.max_train]
+        if max_train:
+            tr = tr[:: max(1, len(tr) // max_train)]
+            te = te[:max_train]
         preds[f"{f}__ridge"] = ridge_predictions(pack.features, y, tr, te).astype(np.float32)
         preds[f"{f}__index"] = te
         for k in ("ghist", "stnet"):
@@ -162,16 +188,16 @@ def run(args: argparse.Namespace) -> None:
             if p.exists():
                 preds[f"{f}__{k}"] = np.load(p)
     metas = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
-    np.savez_compressed(out / "her2st_preds.npz", **preds)
-    (out / "her2st_jobs.json").write_text(json.dumps(metas))
-    for name in ("final.safetensors", "final.pt"):
-        if (work / name).exists():
-            (out / f"ghist-her2st-{name}").write_bytes((work / name).read_bytes())
-    report_from(preds, pack, out, metas)
+    np.savez_compressed(out / f"{name}_preds.npz", **preds)
+    (out / f"{name}_jobs.json").write_text(json.dumps(metas))
+    for fname in ("final.safetensors", "final.pt"):
+        if (work / fname).exists():
+            (out / f"ghist-her2st-{fname}").write_bytes((work / fname).read_bytes())
+    return report_from(preds, pack, out, metas, note=note, name=name)
 
 
 def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier: dict | None = None,
-                note: str = "") -> dict:
+                note: str = "", name: str = "her2st") -> dict:
     """Metrics JSON in the issue's format + spatial maps PNG."""
     y = pack.targets()
     n_hvg = int(pack.n_hvg)
@@ -203,7 +229,7 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
                       "sections without image, top variance of log1p(CP10k) over those spots (imaged sections unused)",
         "pcc": "Pearson r per gene over the held-out spots (LOPO C: all 5 sections pooled); constant gene = 0",
         "model_spot_prediction": "log1p(sum of predicted per-cell expression of nuclei with centre within 50 um of the spot centre)",
-        "patch": "256 px at 0.5 um/px (128 um) centred on the spot",
+        "patch": _patch_text(metas),
         "tta": "8 dihedral views averaged (both CNNs)",
         "ridge": "RidgeCV (GCV over 25 alphas 0.1..1e5) on 60 standardised colour/texture features",
         "sections": list(SECTIONS),
@@ -228,9 +254,9 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
     from ghist_core.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "her2st.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
     try:
-        maps_png(preds, pack, out / "her2st_maps.png", per_gene)
+        maps_png(preds, pack, out / f"{name}_maps.png", per_gene)
     except Exception as exc:  # the figure is a bonus; metrics must not be lost for it
         print(f"maps not drawn: {exc}", flush=True)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -239,6 +265,16 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
         print(f"{split}: GHIST {fmt(b['model']['mean_pcc'])} | ST-Net-like {fmt(b['baselines']['stnet_like']['mean_pcc'])} "
               f"| ridge {fmt(b['baselines']['ridge_features']['mean_pcc'])}", flush=True)
     return res
+
+
+def _patch_text(metas: dict | None) -> str:
+    """The CNNs' input as the jobs recorded it (GHIST's card config holds mpp and patch size)."""
+    for m in (metas or {}).values():
+        cfg = m.get("config", {})
+        if "mpp" in cfg and "patch_px" in cfg:
+            mpp, px = float(cfg["mpp"]), int(cfg["patch_px"])
+            return f"{px} px at {mpp:g} um/px ({px * mpp:g} um) centred on the spot"
+    return "256 px at 0.5 um/px (128 um) centred on the spot"
 
 
 def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3") -> None:
@@ -307,7 +343,7 @@ def report(args: argparse.Namespace) -> None:
             m2 = json.loads(Path(args.baselines_jobs).read_text())
             metas = {**(metas or {}), **{k: v for k, v in m2.items() if k.endswith("__stnet")},
                      **{k.replace("__ghist", "__ghist_earlier"): v for k, v in m2.items() if k.endswith("__ghist")}}
-    report_from(preds, pack, Path(args.out), metas, earlier=earlier, note=args.note)
+    report_from(preds, pack, Path(args.out), metas, earlier=earlier, note=args.note, name=args.name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,11 +365,21 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--train", default="", help="JSON overrides of TrainConfig (loss weights, augmentation)")
         if name == "run":
             p.add_argument("--out", default="bench/results")
+            p.add_argument("--note", default="")
+            p.add_argument("--name", default="her2st", help="results file stem in --out")
+            p.add_argument("--parallel", type=int, default=0, help="jobs at once (0 = all; a GPU shares well, a CPU not)")
             p.add_argument("--only", default="", help="comma-separated folds")
             p.add_argument("--kinds", default="ghist,stnet", help="which CNNs to train (ridge always runs)")
         else:
             p.add_argument("--fold", required=True)
             p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
+    p = sub.add_parser("collect", help="score the jobs already in --work")
+    p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--max-train", type=int, default=0)
+    p.add_argument("--note", default="")
+    p.add_argument("--name", default="her2st", help="results file stem in --out")
     p = sub.add_parser("report")
     p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
     p.add_argument("--preds", required=True)
@@ -342,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baselines-jobs", default="", help="its jobs json")
     p.add_argument("--note", default="")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default="her2st", help="results file stem in --out")
     args = ap.parse_args(argv)
-    {"run": run, "job": job, "report": report}[args.cmd](args)
+    {"run": run, "job": job, "collect": collect, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":
