@@ -228,8 +228,7 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
         "genes_rule": "250 HVGs: genes in all 36 HER2ST count matrices, detected in >=10% of spots of the 30 "
                       "sections without image, top variance of log1p(CP10k) over those spots (imaged sections unused)",
         "pcc": "Pearson r per gene over the held-out spots (LOPO C: all 5 sections pooled); constant gene = 0",
-        "model_spot_prediction": "log1p(sum of predicted per-cell expression of nuclei with centre within 50 um of the spot centre)",
-        "patch": _patch_text(metas),
+        **_input_texts(metas),
         "tta": "8 dihedral views averaged (both CNNs)",
         "ridge": "RidgeCV (GCV over 25 alphas 0.1..1e5) on 60 standardised colour/texture features",
         "sections": list(SECTIONS),
@@ -267,14 +266,14 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
     return res
 
 
-def _patch_text(metas: dict | None) -> str:
-    """The CNNs' input as the jobs recorded it (GHIST's card config holds mpp and patch size)."""
-    for m in (metas or {}).values():
-        cfg = m.get("config", {})
-        if "mpp" in cfg and "patch_px" in cfg:
-            mpp, px = float(cfg["mpp"]), int(cfg["patch_px"])
-            return f"{px} px at {mpp:g} um/px ({px * mpp:g} um) centred on the spot"
-    return "256 px at 0.5 um/px (128 um) centred on the spot"
+def _input_texts(metas: dict | None) -> dict[str, str]:
+    """How GHIST saw a spot and made its prediction, as its jobs recorded them (the card config)."""
+    cfg = next((m["config"] for m in (metas or {}).values() if "patch_px" in m.get("config", {})), {})
+    mpp, px = float(cfg.get("mpp", 0.5)), int(cfg.get("patch_px", 256))
+    how = "mean" if cfg.get("spot_aggregate") == "mean" else "sum"
+    return {"model_spot_prediction": f"log1p({how} of predicted per-cell expression of nuclei with centre within "
+                                     f"{cfg.get('spot_radius_um', 50.0):g} um of the spot centre)",
+            "patch": f"{px} px at {mpp:g} um/px ({px * mpp:g} um) centred on the spot"}
 
 
 def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3") -> None:
