@@ -268,12 +268,12 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
 
 def _input_texts(metas: dict | None) -> dict[str, str]:
     """How GHIST saw a spot and made its prediction, as its jobs recorded them (the card config)."""
-    cfg = next((m["config"] for m in (metas or {}).values() if "patch_px" in m.get("config", {})), {})
-    mpp, px = float(cfg.get("mpp", 0.5)), int(cfg.get("patch_px", 256))
-    how = "mean" if cfg.get("spot_aggregate") == "mean" else "sum"
-    return {"model_spot_prediction": f"log1p({how} of predicted per-cell expression of nuclei with centre within "
-                                     f"{cfg.get('spot_radius_um', 50.0):g} um of the spot centre)",
-            "patch": f"{px} px at {mpp:g} um/px ({px * mpp:g} um) centred on the spot"}
+    from ghist_core.model.network import GhistConfig
+
+    cfg = GhistConfig.from_dict(next((m["config"] for m in (metas or {}).values() if "patch_px" in m.get("config", {})), {}))
+    return {"model_spot_prediction": f"log1p({cfg.spot_aggregate} of predicted per-cell expression of nuclei with centre "
+                                     f"within {cfg.spot_radius_um:g} um of the spot centre)",
+            "patch": f"{cfg.patch_px} px at {cfg.mpp:g} um/px ({cfg.patch_px * cfg.mpp:g} um) centred on the spot"}
 
 
 def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3") -> None:
@@ -348,46 +348,39 @@ def report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="HER2ST benchmark for GHIST")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "job"):
-        p = sub.add_parser(name)
-        p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
-        p.add_argument("--work", default="/tmp/ghist_her2st_jobs")
-        p.add_argument("--epochs", type=int, default=60)
-        p.add_argument("--budget-s", type=float, default=300.0)
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--lr", type=float, default=2e-3)
-        p.add_argument("--max-train", type=int, default=0, help="subsample spots (smoke tests)")
-        p.add_argument("--net", default="", help="JSON overrides of GhistConfig / encoder widths")
-        p.add_argument("--mpp", type=float, default=0.0,
+    pack = argparse.ArgumentParser(add_help=False)
+    pack.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+    results = argparse.ArgumentParser(add_help=False)  # every command that writes a results file
+    results.add_argument("--out", default="bench/results")
+    results.add_argument("--note", default="")
+    results.add_argument("--name", default="her2st", help="results file stem in --out")
+    train = argparse.ArgumentParser(add_help=False)
+    train.add_argument("--work", default="/tmp/ghist_her2st_jobs")
+    train.add_argument("--epochs", type=int, default=60)
+    train.add_argument("--budget-s", type=float, default=300.0)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--max-train", type=int, default=0, help="subsample spots (smoke tests)")
+    train.add_argument("--net", default="", help="JSON overrides of GhistConfig / encoder widths")
+    train.add_argument("--mpp", type=float, default=0.0,
                        help="train both CNNs at this coarser µm/px (a multiple of the pack's; 0 = the pack's)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--train", default="", help="JSON overrides of TrainConfig (loss weights, augmentation)")
-        if name == "run":
-            p.add_argument("--out", default="bench/results")
-            p.add_argument("--note", default="")
-            p.add_argument("--name", default="her2st", help="results file stem in --out")
-            p.add_argument("--parallel", type=int, default=0, help="jobs at once (0 = all; a GPU shares well, a CPU not)")
-            p.add_argument("--only", default="", help="comma-separated folds")
-            p.add_argument("--kinds", default="ghist,stnet", help="which CNNs to train (ridge always runs)")
-        else:
-            p.add_argument("--fold", required=True)
-            p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
-    p = sub.add_parser("collect", help="score the jobs already in --work")
-    p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train", default="", help="JSON overrides of TrainConfig (loss weights, augmentation)")
+    p = sub.add_parser("run", parents=[pack, train, results])
+    p.add_argument("--parallel", type=int, default=0, help="jobs at once (0 = all; a GPU shares well, a CPU not)")
+    p.add_argument("--only", default="", help="comma-separated folds")
+    p.add_argument("--kinds", default="ghist,stnet", help="which CNNs to train (ridge always runs)")
+    p = sub.add_parser("job", parents=[pack, train])
+    p.add_argument("--fold", required=True)
+    p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
+    p = sub.add_parser("collect", parents=[pack, results], help="score the jobs already in --work")
     p.add_argument("--work", required=True)
-    p.add_argument("--out", default="bench/results")
     p.add_argument("--max-train", type=int, default=0)
-    p.add_argument("--note", default="")
-    p.add_argument("--name", default="her2st", help="results file stem in --out")
-    p = sub.add_parser("report")
-    p.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+    p = sub.add_parser("report", parents=[pack, results])
     p.add_argument("--preds", required=True)
     p.add_argument("--jobs", default="")
     p.add_argument("--baselines-from", default="", help="take the ST-Net-like predictions from this preds npz")
     p.add_argument("--baselines-jobs", default="", help="its jobs json")
-    p.add_argument("--note", default="")
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--name", default="her2st", help="results file stem in --out")
     args = ap.parse_args(argv)
     {"run": run, "job": job, "collect": collect, "report": report}[args.cmd](args)
 
