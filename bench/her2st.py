@@ -97,7 +97,7 @@ def job(args: argparse.Namespace) -> None:
     if len(te):
         mm = np.asarray(res.config.get("morph_mean", [0.0, 0.0, 0.0]), np.float32)
         ms = np.asarray(res.config.get("morph_std", [1.0, 1.0, 1.0]), np.float32)
-        data = PatchData.from_pack(pack, te, images, mm, ms).to(dev)
+        data = PatchData.from_pack(pack, te, images, mm, ms, tuple(res.config.get("cell_inputs", ()))).to(dev)
         pred = predict_spots(res.model, data, batch_size=32, tta=True)
         np.save(out / f"{args.fold}__{args.kind}.npy", pred.astype(np.float32))
     if args.fold == "final":

@@ -5,8 +5,12 @@
 Per spot of the six imaged sections (B4, C2–C6): a 256 px patch at 0.5 µm/px centred on the
 spot (JPEG q92), nuclei from ``ClassicalSegmenter.segment_tile`` drawn back from their star
 contours (exactly what inference sees), morphology per nucleus, counts of the selected genes,
-NNLS cell-type fractions against the GHIST demo Xenium reference, and colour/texture
-features for the ridge baseline. Reads ``shared/data`` only.
+NNLS cell-type fractions against the GHIST demo Xenium reference, colour/texture
+features for the ridge baseline, and per nucleus the bundled learned segmenter's type
+probabilities (``prob_<type>``, exactly the columns of its cell table), which GHIST may read
+(``GhistConfig.cell_inputs``). Reads ``shared/data`` only.
+
+    python scripts/prepare_her2st.py --cell-inputs-only   # add them to an existing pack
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,6 +34,31 @@ from ghist_core.model.reference import CELL_TYPES, load_reference, nnls_deconvol
 from ghist_core.paths import shared_data_dir  # noqa: E402
 
 
+def learned_type_inputs(pack: SpotPack, images: np.ndarray, batch: int = 16, device: str = "auto"
+                        ) -> tuple[np.ndarray, list[str]]:
+    """Every pack nucleus' mean type probability under the learned segmenter, renormalised over
+    the nucleus types as its cell table does (n_cells × types) and the column names."""
+    from ghist_core.segmentation import load_segmenter
+
+    seg = load_segmenter(kind="learned", device=device)
+    if abs(seg.mpp - pack.mpp) > 1e-6:
+        raise SystemExit(f"the segmenter reads {seg.mpp} µm/px, the pack is at {pack.mpp}: build the pack at {seg.mpp}")
+    n = pack.n_spots
+    n_lab = int(pack.instances.max()) + 1
+    sums = None
+    for s in tqdm(range(0, n, batch), desc="nucleus types", unit="batch"):
+        _, _, tp = seg.predict_batch(images[s:s + batch])
+        b, c = tp.shape[:2]
+        if sums is None:
+            sums = np.zeros((n * n_lab, c - 1))
+        key = (pack.instances[s:s + b].astype(np.int64) + np.arange(s, s + b)[:, None, None] * n_lab).ravel()
+        for k in range(1, c):  # channel 0 is background; one bincount per type, not per nucleus
+            sums[:, k - 1] += np.bincount(key, weights=tp[:, k].ravel(), minlength=n * n_lab)
+    v = sums[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
+    v /= np.maximum(v.sum(1, keepdims=True), 1e-12)
+    return v.astype(np.float32), [f"prob_{t}" for t in seg.type_names]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=shared_data_dir())
@@ -37,7 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch", type=int, default=256)
     ap.add_argument("--n-hvg", type=int, default=250)
     ap.add_argument("--max-spots", type=int, default=0, help="per section, for smoke tests (0 = all)")
+    ap.add_argument("--no-cell-inputs", action="store_true", help="skip the learned segmenter's nucleus types")
+    ap.add_argument("--cell-inputs-only", action="store_true", help="add the nucleus types to the pack at --out")
     args = ap.parse_args(argv)
+    if args.cell_inputs_only:
+        pack = SpotPack.load(args.out)
+        pack.cell_inputs, names = learned_type_inputs(pack, pack.images())
+        pack.cell_input_names = np.array(names)
+        pack.save(args.out)
+        print(f"added {names} for {len(pack.cell_spot)} nuclei to {args.out}", flush=True)
+        return 0
 
     from PIL import Image
 
@@ -103,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         array_xy=np.concatenate(axy), cell_spot=np.concatenate(c_spot), cell_label=np.concatenate(c_label),
         cell_xy_px=np.concatenate(c_xy), cell_in_spot=np.concatenate(c_in), cell_morph=np.concatenate(c_morph),
     )
+    if not args.no_cell_inputs:
+        pack.cell_inputs, names = learned_type_inputs(pack, pack.images())
+        pack.cell_input_names = np.array(names)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pack.save(args.out)
     meta = {"n_spots": pack.n_spots, "n_cells": int(len(pack.cell_spot)), "genes": genes, "n_hvg": len(hvgs),

@@ -252,3 +252,67 @@ def test_spot_pack_coarsened_keeps_nuclei_and_averages_pixels() -> None:
     assert pack.coarsened(images, 1)[0] is pack
     with pytest.raises(ValueError):
         pack.coarsened(images, 3)
+
+
+def _two_spot_pack(**extra):
+    from ghist_core.model.her2st import SpotPack
+
+    inst = np.zeros((2, 16, 16), np.uint16)
+    inst[0, 2:8, 2:8] = 1
+    inst[0, 10:14, 9:15] = 2
+    inst[1, 4:12, 4:12] = 3
+    z = np.zeros(2)
+    return SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=0.5,
+                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(3, np.int64), instances=inst,
+                    counts=np.ones((2, 1)), totals=np.ones(2), fractions=np.ones((2, 1)), features=z[:, None],
+                    section=np.array(["s", "s"]), patient=np.array(["p", "p"]), array_xy=np.zeros((2, 2)),
+                    cell_spot=np.array([0, 0, 1]), cell_label=np.array([1, 2, 3]),
+                    cell_xy_px=np.array([[5.0, 5.0], [12.0, 12.0], [8.0, 8.0]]), cell_in_spot=np.ones(3, bool),
+                    cell_morph=np.zeros((3, 3)), **extra)
+
+
+def test_spot_pack_cell_inputs_round_trip_and_lookup(tmp_path: Path) -> None:
+    """Per-nucleus inputs survive save/load, reach the right (patch, label) and fail clearly when absent."""
+    vals = np.array([[0.1, 0.9], [0.7, 0.3], [0.5, 0.5]], np.float32)
+    pack = _two_spot_pack(cell_inputs=vals, cell_input_names=np.array(["prob_a", "prob_b"]))
+    pack.save(tmp_path / "p.npz")
+    back = type(pack).load(tmp_path / "p.npz")
+    np.testing.assert_array_equal(back.cell_input_columns(["prob_b", "prob_a"]), vals[:, ::-1])
+    images = np.zeros((2, 16, 16, 3), np.uint8)
+    data = PatchData.from_pack(back, np.array([1, 0]), images, np.zeros(3), np.ones(3), ("prob_b",))
+    assert data.lut_inputs.shape == (2, 4, 1)  # patches in the order asked, labels up to 3
+    assert float(data.lut_inputs[0, 3, 0]) == pytest.approx(0.5)
+    assert float(data.lut_inputs[1, 1, 0]) == pytest.approx(0.9) and float(data.lut_inputs[1, 2, 0]) == pytest.approx(0.3)
+    old = _two_spot_pack()  # a pack written before cell inputs existed still loads
+    old.save(tmp_path / "old.npz")
+    with pytest.raises(KeyError, match="prepare_her2st"):
+        type(pack).load(tmp_path / "old.npz").cell_input_columns(["prob_a"])
+
+
+def test_cell_inputs_reach_their_own_cells_and_are_required(tmp_path: Path) -> None:
+    """A model that reads the segmenter's type probabilities: a cell's output follows its own inputs,
+    the inputs survive save/load, and a cell table without them is a clear error."""
+    names = ["prob_x", "prob_y"]
+    net = _tiny_net(n_genes=3, n_types=2, cell_inputs=tuple(names), tissue_skip=True, spot_aggregate="mean").eval()
+    torch.nn.init.normal_(net.tissue_head[-1].weight)
+    rgb = np.full((256, 256, 3), 230, np.uint8)
+    xy = np.array([[6.0, 6.0], [16.0, 18.0], [110.0, 110.0]])  # µm: two in one tile, the third far away
+    for cx, cy in xy / 0.5:
+        rgb[int(cy) - 4:int(cy) + 4, int(cx) - 4:int(cx) + 4] = (90, 40, 120)
+    slide = ArraySlide(rgb, 0.5)
+    cells = pd.DataFrame({"x_um": xy[:, 0], "y_um": xy[:, 1], "area_um2": 12.0,
+                          "prob_x": [0.9, 0.2, 0.5], "prob_y": [0.1, 0.8, 0.5]})
+    m = load_ghist(path=save_ghist(net, tmp_path, {"genes": net.cfg.genes}), device="cpu")
+    assert tuple(m.net.cfg.cell_inputs) == tuple(names)
+    a = m.predict(slide, cells, margin_px=8)
+    flipped = cells.assign(prob_x=[0.1, 0.2, 0.5], prob_y=[0.9, 0.8, 0.5])  # only the first cell changes
+    b = m.predict(slide, flipped, margin_px=8)
+    assert np.abs(a.X[0] - b.X[0]).max() > 1e-4
+    np.testing.assert_allclose(a.X[2], b.X[2], rtol=1e-5, atol=1e-6)  # another tile, beyond the context radius
+    order = [2, 1, 0]  # row order does not matter: each cell keeps its own inputs within its tile
+    c = m.predict(slide, cells.iloc[order].reset_index(drop=True), margin_px=8)
+    np.testing.assert_allclose(c.X, a.X[order], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelInputError, match="learned segmenter"):
+        m.predict(slide, cells.drop(columns=["prob_y"]))
+    with pytest.raises(ModelInputError, match="non-finite"):
+        m.predict(slide, cells.assign(prob_x=[np.nan, 0.2, 0.5]))

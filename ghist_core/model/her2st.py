@@ -132,7 +132,9 @@ class SpotPack:
     genes), ``fractions[i]`` (NNLS cell-type fractions), ``features[i]`` (colour/texture for
     the ridge baseline), ``section[i]``, ``patient[i]``, ``array_xy[i]``.
     Per cell ``j``: ``cell_spot[j]``, ``cell_label[j]`` (value in the instance map),
-    ``cell_xy_px[j]``, ``cell_in_spot[j]``, ``cell_morph[j]`` (log area µm², eccentricity, solidity).
+    ``cell_xy_px[j]``, ``cell_in_spot[j]``, ``cell_morph[j]`` (log area µm², eccentricity, solidity),
+    and optionally ``cell_inputs[j]``: per-nucleus columns of the segmentation table that a
+    model may read (named by ``cell_input_names``, e.g. the learned segmenter's ``prob_<type>``).
     """
 
     genes: np.ndarray
@@ -154,18 +156,21 @@ class SpotPack:
     cell_xy_px: np.ndarray
     cell_in_spot: np.ndarray
     cell_morph: np.ndarray
+    cell_inputs: np.ndarray | None = None
+    cell_input_names: np.ndarray | None = None
 
     def save(self, path: str | Path) -> None:
         from ghist_core.atomic import atomic_path
 
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+                np.savez_compressed(fh, **{k: getattr(self, k) for k in self.__dataclass_fields__
+                                           if getattr(self, k) is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> "SpotPack":
         with np.load(path, allow_pickle=False) as z:
-            kw = {k: z[k] for k in cls.__dataclass_fields__}
+            kw = {k: z[k] for k in cls.__dataclass_fields__ if k in z.files}  # older packs lack cell_inputs
         kw["n_hvg"] = int(kw["n_hvg"])
         kw["mpp"] = float(kw["mpp"])
         return cls(**kw)
@@ -173,6 +178,15 @@ class SpotPack:
     @property
     def n_spots(self) -> int:
         return int(self.counts.shape[0])
+
+    def cell_input_columns(self, names) -> np.ndarray:
+        """The ``cell_inputs`` columns ``names`` (n_cells × len(names)); a clear error when absent."""
+        have = [str(n) for n in (self.cell_input_names if self.cell_input_names is not None else [])]
+        missing = [n for n in names if n not in have]
+        if missing or self.cell_inputs is None:
+            raise KeyError(f"the pack has no per-cell input(s) {missing}; it has {have} "
+                           "(rebuild it with scripts/prepare_her2st.py)")
+        return np.ascontiguousarray(self.cell_inputs[:, [have.index(n) for n in names]], dtype=np.float32)
 
     def images(self) -> np.ndarray:
         """All patches decoded, ``(S, H, W, 3)`` uint8."""

@@ -50,6 +50,11 @@ class GhistConfig:
     #: a direct path from the patch around a cell to every gene's log-level, so the model
     #: contains the patch regressor and its cell terms model each cell's deviation from it
     tissue_skip: bool = False
+    #: per-nucleus columns of the segmentation table read as inputs besides the pixels, e.g. the
+    #: learned segmenter's ``prob_<type>``: a nucleus-type call trained on many patients and organs
+    #: (CoNSeP, MoNuSeg), which carries across patients better than features learned from a few
+    #: HER2ST sections; each cell gets its own, each patch the mean over its cells
+    cell_inputs: tuple[str, ...] = ()
 
     @property
     def n_genes(self) -> int:
@@ -155,19 +160,21 @@ class GhistNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         k, g, d = cfg.n_types, cfg.n_genes, cfg.embed_dim
+        e = len(cfg.cell_inputs)
+        tissue_dim = cfg.widths[-1] + e  # the patch's global feature + the mean of its cells' inputs
         self.encoder = Encoder(cfg.widths)
         self.lateral = nn.ModuleList(nn.Conv2d(w, cfg.fpn_dim, 1) for w in cfg.widths)
         self.smooth = _conv_bn(cfg.fpn_dim, cfg.fpn_dim) if cfg.fpn_smooth else nn.Identity()
         self.cell_mlp = nn.Sequential(
-            nn.Linear(cfg.fpn_dim * 2 + 1, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
+            nn.Linear(cfg.fpn_dim * 2 + 1 + e, d), nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d), nn.GELU()
         )
         self.ctx_mlp = nn.Sequential(nn.Linear(d + 1, d), nn.GELU())
-        self.patch_mlp = nn.Sequential(nn.Linear(cfg.widths[-1], d), nn.GELU())
+        self.patch_mlp = nn.Sequential(nn.Linear(tissue_dim, d), nn.GELU())
         self.trunk = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(3 * d, d), nn.LayerNorm(d), nn.GELU())
         if cfg.spot_aggregate not in ("sum", "mean"):
             raise ValueError(f"spot_aggregate must be 'sum' or 'mean', not {cfg.spot_aggregate!r}")
         if cfg.tissue_skip:  # starts at zero: training begins from the cell model alone
-            self.tissue_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.widths[-1], g))
+            self.tissue_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(tissue_dim, g))
             nn.init.zeros_(self.tissue_head[-1].weight)
             nn.init.zeros_(self.tissue_head[-1].bias)
         self.type_head = nn.Linear(d, k)
@@ -200,10 +207,13 @@ class GhistNet(nn.Module):
             top = F.interpolate(top, size=feats[i].shape[-2:], mode="nearest") + self.lateral[i](feats[i])
         return self.smooth(top), feats[-1].float().mean((2, 3))
 
-    def cell_embeddings(self, x: torch.Tensor, instances: torch.Tensor) -> dict[str, torch.Tensor]:
+    def cell_embeddings(self, x: torch.Tensor, instances: torch.Tensor,
+                        cell_inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Pool the feature map inside every nucleus of a batch of patches.
 
-        Returns ``emb`` (N, D), ``cell_batch``, ``cell_label``, ``centroid_px`` (N, 2: x, y).
+        ``cell_inputs`` (B, L, E): the ``cfg.cell_inputs`` columns of the cell with label ``l``
+        in patch ``b`` (needed when the config names any). Returns ``emb`` (N, D),
+        ``cell_batch``, ``cell_label``, ``centroid_px`` (N, 2: x, y) and ``patch_feat``.
         """
         fmap, patch_feat = self.feature_map(x)
         fmap = fmap.float()  # pool in fp32 even under autocast
@@ -214,7 +224,14 @@ class GhistNet(nn.Module):
         c = fmap.shape[1]
         mean, mx = both[:, :c], both[:, c:]
         area = (n_pix * self.cfg.mpp**2).clamp(min=1e-3).log().unsqueeze(1) / 4.0
-        emb = self.cell_mlp(torch.cat([mean.float(), mx.float(), area], 1))
+        parts = [mean.float(), mx.float(), area]
+        if self.cfg.cell_inputs:
+            if cell_inputs is None:
+                raise ValueError(f"this model reads per-cell inputs {list(self.cfg.cell_inputs)}; none were given")
+            extra = cell_inputs[cell_batch, cell_label].float()
+            parts.append(extra)
+            patch_feat = torch.cat([patch_feat, segment_mean(extra, cell_batch, x.shape[0])], 1)
+        emb = self.cell_mlp(torch.cat(parts, 1))
         return {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen,
                 "patch_feat": patch_feat}
 
@@ -249,10 +266,11 @@ class GhistNet(nn.Module):
         """Mean embedding of the cells within ``context_radius_um`` (same group only)."""
         return radius_neighbour_mean(xy_um, emb, self.cfg.context_radius_um, group=group)
 
-    def forward(self, rgb: torch.Tensor, instances: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Patches (uint8 or 0..1 float RGB) and their nucleus maps → per-cell outputs."""
+    def forward(self, rgb: torch.Tensor, instances: torch.Tensor,
+                cell_inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Patches (uint8 or 0..1 float RGB) and their nucleus maps (+ per-cell inputs) → per-cell outputs."""
         x = self.normalise(rgb)
-        out = self.cell_embeddings(x, instances)
+        out = self.cell_embeddings(x, instances, cell_inputs)
         emb = out["emb"].float()
         xy_um = out["centroid_px"].float() * self.cfg.mpp
         ctx, cnt = self.context(emb, xy_um, out["cell_batch"])

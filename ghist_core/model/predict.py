@@ -238,6 +238,7 @@ class GhistModel:
             if len(cells) == 0:
                 return self._empty(gene_idx, params)
         n = len(cells)
+        cell_inputs = _cell_input_values(cells, tuple(cfg.cell_inputs))
         if all(c in cells.columns for c in RAY_COLUMNS):
             rays_um = cells[RAY_COLUMNS].to_numpy(np.float64)
         else:
@@ -256,7 +257,7 @@ class GhistModel:
         order = np.argsort(tile_of, kind="stable")
         bounds = np.searchsorted(tile_of[order], np.arange(len(keys) + 1))
         emb = torch.zeros(n, cfg.embed_dim, dtype=torch.float32)
-        tile_feat = torch.zeros(len(keys), cfg.widths[-1], dtype=torch.float32)  # one row per tile, not per cell
+        tile_feat = torch.zeros(len(keys), cfg.widths[-1] + len(cfg.cell_inputs), dtype=torch.float32)  # per tile
         pooled = np.zeros(n, bool)
         t_enc = time.perf_counter()
         with torch.no_grad(), _exact_float32():
@@ -273,10 +274,17 @@ class GhistModel:
                     rows.append(ix)
                 img = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).to(self.device)
                 inst = torch.from_numpy(np.stack(insts)).to(self.device)
-                out = self.net.cell_embeddings(self.net.normalise(img), inst)
+                lens = np.array([len(r) for r in rows])
+                starts = np.concatenate([[0], np.cumsum(lens)])
+                lut = None
+                if cell_inputs is not None:  # (tile, label) → that cell's inputs; label = position + 1
+                    flat = np.concatenate(rows)
+                    lut_np = np.zeros((len(rows), int(lens.max()) + 1, cell_inputs.shape[1]), np.float32)
+                    lut_np[np.repeat(np.arange(len(rows)), lens), np.arange(len(flat)) - np.repeat(starts[:-1], lens) + 1] = cell_inputs[flat]
+                    lut = torch.from_numpy(lut_np).to(self.device)
+                out = self.net.cell_embeddings(self.net.normalise(img), inst, lut)
                 cb = out["cell_batch"].cpu().numpy()
                 cl = out["cell_label"].cpu().numpy()
-                starts = np.cumsum([0] + [len(r) for r in rows])
                 gidx = np.concatenate(rows)[starts[cb] + cl - 1]
                 emb[torch.from_numpy(gidx)] = out["emb"].float().cpu()
                 tile_feat[b0:b0 + len(rows)] = out["patch_feat"].float().cpu()
@@ -326,6 +334,21 @@ class GhistModel:
         timings = {"encode_s": t_heads - t_enc, "heads_s": time.perf_counter() - t_heads, "total_s": time.perf_counter() - t_start}
         a.uns["ghist"] = self._uns(params, timings, slide)
         return a
+
+
+def _cell_input_values(cells: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray | None:
+    """The segmentation-table columns a model reads per cell, checked (finite, present)."""
+    if not names:
+        return None
+    missing = [c for c in names if c not in cells.columns]
+    if missing:
+        raise ModelInputError(
+            f"This model also reads the nucleus-type probabilities of the learned segmenter ({', '.join(missing)}), "
+            "which the cell table lacks: segment the slide with the learned segmenter (not the classical one).")
+    vals = cells[list(names)].to_numpy(np.float64)
+    if not np.isfinite(vals).all():
+        raise ModelInputError(f"The cell table has missing or non-finite values in {', '.join(names)}.")
+    return vals.astype(np.float32)
 
 
 def _neighbour_mean(xy: np.ndarray, emb: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:

@@ -87,6 +87,7 @@ class PatchData:
     lut_morph_ok: torch.Tensor | None = None  # (N, L) bool
     lut_expr: torch.Tensor | None = None  # (N, L, G) cell-level expression (linear)
     lut_type: torch.Tensor | None = None  # (N, L) long, -1 = unknown
+    lut_inputs: torch.Tensor | None = None  # (N, L, E) per-cell inputs (GhistConfig.cell_inputs)
     extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -97,8 +98,10 @@ class PatchData:
         return PatchData(**kw)
 
     @classmethod
-    def from_pack(cls, pack, index: np.ndarray, images: np.ndarray, morph_mean: np.ndarray, morph_std: np.ndarray) -> "PatchData":
-        """Select spots ``index`` of a :class:`~.her2st.SpotPack` (``images`` = its decoded patches)."""
+    def from_pack(cls, pack, index: np.ndarray, images: np.ndarray, morph_mean: np.ndarray, morph_std: np.ndarray,
+                  cell_inputs: tuple[str, ...] = ()) -> "PatchData":
+        """Select spots ``index`` of a :class:`~.her2st.SpotPack` (``images`` = its decoded patches),
+        with the pack's per-cell input columns ``cell_inputs`` as a lookup table."""
         index = np.asarray(index)
         remap = -np.ones(pack.n_spots, np.int64)
         remap[index] = np.arange(len(index))
@@ -111,6 +114,12 @@ class PatchData:
         morph[cs, cl] = (pack.cell_morph[keep] - morph_mean) / morph_std
         ok = np.zeros((len(index), n_lab), bool)
         ok[cs, cl] = True
+        lut_inputs = None
+        if cell_inputs:
+            vals = pack.cell_input_columns(list(cell_inputs))
+            lut = np.zeros((len(index), n_lab, vals.shape[1]), np.float32)
+            lut[cs, cl] = vals[keep]
+            lut_inputs = torch.from_numpy(lut)
         return cls(
             images=torch.from_numpy(np.ascontiguousarray(images[index].transpose(0, 3, 1, 2))),
             instances=torch.from_numpy(pack.instances[index].astype(np.int32)),
@@ -119,6 +128,7 @@ class PatchData:
             lut_in_spot=torch.from_numpy(in_spot),
             lut_morph=torch.from_numpy(morph),
             lut_morph_ok=torch.from_numpy(ok),
+            lut_inputs=lut_inputs,
         )
 
 
@@ -200,9 +210,10 @@ def predict_spots(model: nn.Module, data: PatchData, *, batch_size: int = 32, tt
                 outs.append((z * model.target_sd + model.target_mean).float().cpu())
                 continue
             inst = data.instances[s : s + batch_size]
+            lut = data.lut_inputs[s : s + batch_size] if data.lut_inputs is not None else None
             acc = None
             for k in ks:
-                o = model(dihedral(img, k).float() / 255.0, dihedral(inst, k))
+                o = model(dihedral(img, k).float() / 255.0, dihedral(inst, k), lut)
                 acc = o["expr"] if acc is None else acc + o["expr"]
             expr = acc / len(ks)
             cb, cl = o["cell_batch"], o["cell_label"]
@@ -265,7 +276,7 @@ class Trainer:
     def _loss_ghist(self, model: GhistNet, data: PatchData, idx: torch.Tensor, x: torch.Tensor, inst: torch.Tensor,
                     stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        out = model(x, inst)
+        out = model(x, inst, data.lut_inputs[idx] if data.lut_inputs is not None else None)
         cb, cl = out["cell_batch"], out["cell_label"]
         pidx = idx[cb]
         terms: dict[str, torch.Tensor] = {}
@@ -429,7 +440,8 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
     cell_sel = np.isin(pack.cell_spot, train_idx)
     mm = pack.cell_morph[cell_sel].mean(0)
     ms = pack.cell_morph[cell_sel].std(0) + 1e-6
-    data = PatchData.from_pack(pack, train_idx, images, mm, ms)
+    cell_inputs = tuple(net_kw.get("cell_inputs", ())) if kind != "stnet" else ()
+    data = PatchData.from_pack(pack, train_idx, images, mm, ms, cell_inputs)
     if kind == "stnet":
         widths = tuple(net_kw.get("widths", (32, 64, 128, 256)))
         model: nn.Module = PatchRegressor(len(pack.genes), widths)
