@@ -273,7 +273,12 @@ def _input_texts(metas: dict | None) -> dict[str, str]:
     cfg = GhistConfig.from_dict(next((m["config"] for m in (metas or {}).values() if "patch_px" in m.get("config", {})), {}))
     return {"model_spot_prediction": f"log1p({cfg.spot_aggregate} of predicted per-cell expression of nuclei with centre "
                                      f"within {cfg.spot_radius_um:g} um of the spot centre)",
-            "patch": f"{cfg.patch_px} px at {cfg.mpp:g} um/px ({cfg.patch_px * cfg.mpp:g} um) centred on the spot"}
+            "patch": f"{cfg.patch_px} px at {cfg.mpp:g} um/px ({cfg.patch_px * cfg.mpp:g} um) centred on the spot",
+            **({"model_cell_inputs": f"GHIST also reads per nucleus {', '.join(cfg.cell_inputs)}: the type probabilities "
+                                     "of the bundled learned segmenter (weights/nuclei-seg, trained on CoNSeP + MoNuSeg, "
+                                     "no HER2ST), as its cell table gives them"} if cfg.cell_inputs else {}),
+            "model_reference": ("expression = type mixture of per-gene profiles (NNLS on the training spots) + residual"
+                                if cfg.use_reference else "no reference anchor (use_reference=false)")}
 
 
 def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3") -> None:

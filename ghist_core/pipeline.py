@@ -229,6 +229,18 @@ def results_dir(project: Project, slide_id: int) -> Path:
     return project.folder / "results" / f"slide_{slide_id}"
 
 
+def check_segmenter_fits(model, segmenter) -> None:
+    """Fail before any work when the model reads per-cell columns the segmenter does not write."""
+    provided = {f"prob_{t}" for t in getattr(segmenter, "type_names", ())}
+    missing = [c for c in getattr(model, "cell_inputs", ()) if c not in provided]
+    if missing:
+        from .errors import ModelInputError
+
+        raise ModelInputError(
+            f"This GHIST model reads each nucleus' type probabilities from the learned segmenter ({', '.join(missing)}); "
+            "the chosen segmenter does not provide them. Choose the learned segmenter, or a model without cell inputs.")
+
+
 def predict_slide(
     slide_id: int,
     project: Project,
@@ -269,6 +281,7 @@ def predict_slide(
                 segmenter = load_segmenter(kind="classical")
             else:
                 segmenter = load_segmenter(segmenter_id, device=str(dev))
+    check_segmenter_fits(model, segmenter)
     weights_sha = getattr(model, "weights_sha256", "") or ""
     params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id, "segmenter_id": segmenter_id}
     if run_id is None:

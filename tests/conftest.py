@@ -36,7 +36,7 @@ def demo_slide() -> Path:
     return DEMO_DIR / "CMU-1-Small-Region.svs"
 
 
-def make_tiny_ghist(folder: Path, seed: int = 0) -> Path:
+def make_tiny_ghist(folder: Path, seed: int = 0, **config) -> Path:
     """A small, randomly initialised but real GHIST model saved as safetensors + card.
 
     Used where the bundled weights would make a test slow; predictions are
@@ -56,6 +56,7 @@ def make_tiny_ghist(folder: Path, seed: int = 0) -> Path:
         embed_dim=16,
         patch_px=128,
         use_reference=False,
+        **config,
     )
     net = GhistNet(cfg)
     return save_ghist(net, folder, {"training": {"data": "none: random weights for tests"}})

@@ -112,11 +112,15 @@ def test_reference_profiles_and_nnls_recover_known_mixtures(shared_data: Path) -
 
 
 @pytest.mark.parametrize("variant", [{}, {"spot_aggregate": "mean", "tissue_skip": True},
-                                     {"spot_aggregate": "mean", "tissue_skip": True, "fpn_smooth": False}])
+                                     {"spot_aggregate": "mean", "tissue_skip": True, "fpn_smooth": False},
+                                     {"spot_aggregate": "mean", "tissue_skip": True, "density_prior": True,
+                                      "use_reference": False}])
 def test_save_load_round_trip_and_integrity(tmp_path: Path, variant: dict) -> None:
     net = _tiny_net(n_genes=4, n_types=2, **variant).eval()
     if variant:  # make the patch path matter, so a load that dropped it would differ
         torch.nn.init.normal_(net.tissue_head[-1].weight)
+    if variant.get("density_prior"):
+        torch.nn.init.normal_(net.prior_head.weight)
     wp = save_ghist(net, tmp_path, {"genes": net.cfg.genes, "note": "test"})
     card = json.loads(wp.with_suffix(".json").read_text())
     assert card["kind"] == "ghist" and len(card["sha256"]) == 64 and card["config"]["genes"] == net.cfg.genes
@@ -316,3 +320,19 @@ def test_cell_inputs_reach_their_own_cells_and_are_required(tmp_path: Path) -> N
         m.predict(slide, cells.drop(columns=["prob_y"]))
     with pytest.raises(ModelInputError, match="non-finite"):
         m.predict(slide, cells.assign(prob_x=[np.nan, 0.2, 0.5]))
+
+
+def test_image_dropout_leaves_only_the_priors_and_only_in_training() -> None:
+    """With every patch's image terms dropped, expression follows nucleus counts alone; eval is unaffected."""
+    net = _tiny_net(n_genes=3, n_types=2, spot_aggregate="mean", tissue_skip=True, density_prior=True,
+                    use_reference=False, image_dropout=1.0)
+    torch.nn.init.normal_(net.prior_head.weight)
+    inst = torch.zeros(1, 64, 64, dtype=torch.int32)
+    inst[0, 5:12, 5:12] = 1
+    inst[0, 30:40, 30:38] = 2
+    a_img, b_img = torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.full((1, 3, 64, 64), 200, dtype=torch.uint8)
+    net.train()
+    with torch.no_grad():
+        torch.testing.assert_close(net(a_img, inst)["expr"], net(b_img, inst)["expr"])
+        net.eval()
+        assert (net(a_img, inst)["expr"] - net(b_img, inst)["expr"]).abs().max() > 1e-4

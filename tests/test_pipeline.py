@@ -56,6 +56,27 @@ def test_predict_slide_writes_h5ad_grid_and_records_the_run(tmp_path, small_slid
     assert {e.stage for e in events} >= {"open", "segment+predict", "write"}
 
 
+def test_model_reading_nucleus_types_needs_the_learned_segmenter(tmp_path, small_slide_png):
+    """A model that reads the learned segmenter's per-nucleus type probabilities: with the classical
+    segmenter the run is refused before it starts (clear message); with the learned one it runs."""
+    from conftest import make_tiny_ghist
+
+    from ghist_core.errors import ModelInputError
+
+    names = ("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped")
+    model_dir = tmp_path / "typed_model"
+    make_tiny_ghist(model_dir, cell_inputs=names, tissue_skip=True)
+    project, record = _project_with_slide(tmp_path, small_slide_png)
+    with pytest.raises(ModelInputError, match="learned segmenter"):
+        predict_slide(record.slide_id, project, model_id=str(model_dir), segmenter_id="classical", device="cpu",
+                      config=SMALL)
+    assert project.latest_run(record.slide_id) is None  # nothing was started, nothing to clean up
+    result = predict_slide(record.slide_id, project, model_id=str(model_dir), device="cpu", config=SMALL)
+    adata = ad.read_h5ad(result.h5ad_path)
+    assert adata.n_obs == result.n_cells > 20 and np.isfinite(adata.X).all()
+    assert list(adata.uns["ghist"]["model_card"]["config"]["cell_inputs"]) == list(names)
+
+
 def test_blank_slide_fails_cleanly_and_is_recorded(tmp_path, tiny_ghist):
     from PIL import Image
 

@@ -55,6 +55,13 @@ class GhistConfig:
     #: (CoNSeP, MoNuSeg), which carries across patients better than features learned from a few
     #: HER2ST sections; each cell gets its own, each patch the mean over its cells
     cell_inputs: tuple[str, ...] = ()
+    #: a per-gene log-linear term on statistics that carry across patients: the log number of
+    #: nuclei within ``context_radius_um`` (cellularity) and, with ``cell_inputs``, the cell's own
+    #: and its neighbours' mean inputs; starts at zero
+    density_prior: bool = False
+    #: training only: the share of patches whose image-derived log-expression terms are dropped,
+    #: so the reference and density prior must predict alone there and stay useful on new patients
+    image_dropout: float = 0.0
 
     @property
     def n_genes(self) -> int:
@@ -177,6 +184,10 @@ class GhistNet(nn.Module):
             self.tissue_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(tissue_dim, g))
             nn.init.zeros_(self.tissue_head[-1].weight)
             nn.init.zeros_(self.tissue_head[-1].bias)
+        if cfg.density_prior:
+            self.prior_head = nn.Linear(1 + 2 * e, g)
+            nn.init.zeros_(self.prior_head.weight)
+            nn.init.zeros_(self.prior_head.bias)
         self.type_head = nn.Linear(d, k)
         self.nbhd_head = nn.Linear(d, k)
         self.morph_head = nn.Linear(d, len(cfg.morph_features))
@@ -232,19 +243,40 @@ class GhistNet(nn.Module):
             parts.append(extra)
             patch_feat = torch.cat([patch_feat, segment_mean(extra, cell_batch, x.shape[0])], 1)
         emb = self.cell_mlp(torch.cat(parts, 1))
-        return {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen,
-                "patch_feat": patch_feat}
+        out = {"emb": emb, "cell_batch": cell_batch, "cell_label": cell_label, "centroid_px": cen, "patch_feat": patch_feat}
+        if self.cfg.cell_inputs:
+            out["inputs"] = extra
+        return out
 
     # ---- cell side ------------------------------------------------------------------
-    def heads(self, emb: torch.Tensor, ctx: torch.Tensor, ctx_count: torch.Tensor, patch_feat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All per-cell outputs from a cell's embedding, its neighbourhood and its patch (one row per cell)."""
-        c = self.ctx_mlp(torch.cat([ctx, torch.log1p(ctx_count).unsqueeze(1) / 3.0], 1))
+    def heads(self, emb: torch.Tensor, ctx: torch.Tensor, ctx_count: torch.Tensor, patch_feat: torch.Tensor,
+              inputs: torch.Tensor | None = None, ctx_inputs: torch.Tensor | None = None,
+              patch_of_cell: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """All per-cell outputs from a cell's embedding, its neighbourhood and its patch (one row per cell).
+
+        ``inputs``/``ctx_inputs``: the cell's ``cell_inputs`` and their neighbourhood mean (when
+        configured); ``patch_of_cell``: the patch index of each cell, for ``image_dropout`` in training.
+        """
+        density = torch.log1p(ctx_count).unsqueeze(1) / 3.0
+        c = self.ctx_mlp(torch.cat([ctx, density], 1))
         h = self.trunk(torch.cat([emb, c, self.patch_mlp(patch_feat.float())], 1))
         type_logits = self.type_head(h)
         p = type_logits.float().softmax(1)
-        log_resid = self.resid_head(h).float()
+        log_img = F.linear(h, self.resid_head.weight).float()  # the image-derived part; the bias is the gene's level
         if self.cfg.tissue_skip:
-            log_resid = log_resid + self.tissue_head(patch_feat.float()).float()
+            log_img = log_img + self.tissue_head(patch_feat.float()).float()
+        if self.training and self.cfg.image_dropout > 0 and patch_of_cell is not None:
+            n_patch = int(patch_of_cell.max()) + 1 if patch_of_cell.numel() else 0
+            keep = (torch.rand(n_patch, device=log_img.device) >= self.cfg.image_dropout)[patch_of_cell]
+            log_img = log_img * keep.unsqueeze(1).to(log_img.dtype)
+        log_resid = log_img + self.resid_head.bias.float()
+        if self.cfg.density_prior:
+            z = [density.float()]
+            if self.cfg.cell_inputs:
+                if inputs is None or ctx_inputs is None:
+                    raise ValueError("the density prior of this model needs the cells' inputs and their neighbourhood mean")
+                z += [inputs.float(), ctx_inputs.float()]
+            log_resid = log_resid + self.prior_head(torch.cat(z, 1)).float()
         resid = torch.exp(log_resid.clamp(-15.0, 10.0))  # log-linear per cell
         if self.cfg.use_reference:
             expr = (p @ self.reference) * self.ref_scale.exp() + resid
@@ -273,8 +305,11 @@ class GhistNet(nn.Module):
         out = self.cell_embeddings(x, instances, cell_inputs)
         emb = out["emb"].float()
         xy_um = out["centroid_px"].float() * self.cfg.mpp
-        ctx, cnt = self.context(emb, xy_um, out["cell_batch"])
-        out.update(self.heads(emb, ctx, cnt, out["patch_feat"][out["cell_batch"]]))
+        inputs = out.get("inputs")
+        d = emb.shape[1]
+        ctx_all, cnt = self.context(emb if inputs is None else torch.cat([emb, inputs], 1), xy_um, out["cell_batch"])
+        out.update(self.heads(emb, ctx_all[:, :d], cnt, out["patch_feat"][out["cell_batch"]], inputs,
+                              None if inputs is None else ctx_all[:, d:], out["cell_batch"]))
         return out
 
 

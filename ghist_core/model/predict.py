@@ -109,6 +109,11 @@ class GhistModel:
         self._morph_mean = np.asarray(c.get("morph_mean", [0.0] * len(cfg.morph_features)), np.float32)
         self._morph_std = np.asarray(c.get("morph_std", [1.0] * len(cfg.morph_features)), np.float32)
 
+    @property
+    def cell_inputs(self) -> tuple[str, ...]:
+        """Segmentation-table columns this model reads per cell besides the pixels (may be empty)."""
+        return tuple(self.net.cfg.cell_inputs)
+
     def __repr__(self) -> str:
         return (f"<GhistModel {self.card.get('name', MODEL_NAME)}: {len(self.genes)} genes, {len(self.cell_types)} cell types, "
                 f"{self.mpp} µm/px, device={self.device}>")
@@ -292,13 +297,18 @@ class GhistModel:
                 if progress is not None:
                     progress(min(1.0, (b0 + len(tiles)) / len(keys)), f"{b0 + len(tiles)} of {len(keys)} tiles")
         t_heads = time.perf_counter()
-        ctx, cnt = _neighbour_mean(xy, emb.numpy(), cfg.context_radius_um)
+        d = emb.shape[1]
+        ctx, cnt = _neighbour_mean(xy, emb.numpy() if cell_inputs is None else np.concatenate([emb.numpy(), cell_inputs], 1),
+                                   cfg.context_radius_um)
+        ctx, ctx_inputs = np.ascontiguousarray(ctx[:, :d]), (None if cell_inputs is None else np.ascontiguousarray(ctx[:, d:]))
+        rows_of = (lambda a, s: None if a is None else torch.from_numpy(a[s:s + chunk_cells]).to(self.device))  # noqa: E731
         res: dict[str, list[np.ndarray]] = {"expr": [], "type_prob": [], "nbhd": [], "morph": []}
         with torch.no_grad(), _exact_float32():
             for s in range(0, n, chunk_cells):
                 o = self.net.heads(emb[s:s + chunk_cells].to(self.device), torch.from_numpy(ctx[s:s + chunk_cells]).to(self.device),
                                    torch.from_numpy(cnt[s:s + chunk_cells]).to(self.device),
-                                   tile_feat[torch.from_numpy(tile_of[s:s + chunk_cells])].to(self.device))
+                                   tile_feat[torch.from_numpy(tile_of[s:s + chunk_cells])].to(self.device),
+                                   rows_of(cell_inputs, s), rows_of(ctx_inputs, s))
                 res["expr"].append(o["expr"][:, gene_idx].clamp(min=0).float().cpu().numpy())
                 res["type_prob"].append(o["type_prob"].float().cpu().numpy())
                 res["nbhd"].append(o["nbhd_logits"].softmax(1).float().cpu().numpy())
