@@ -35,25 +35,33 @@ HER2ST_CITATION = ("Andersson A. et al. Spatial deconvolution of HER2-positive b
 def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict | None, extra: dict | None = None) -> dict:
     """The model card: everything a user needs to know what the weights are."""
     hvg = [str(g) for g in pack.genes[: int(pack.n_hvg)]]
+    cfg = GhistConfig.from_dict(config)
+    how = "mean" if cfg.spot_aggregate == "mean" else "sum"
+    nuclei = "ghist_core.segmentation.ClassicalSegmenter on each 256 px patch at 0.5 um/px, star contours"
+    if cfg.cell_inputs:
+        nuclei += (f"; per nucleus the bundled learned segmenter's {', '.join(cfg.cell_inputs)} (its cell table's "
+                   "columns), which this model reads: run it with the learned segmenter")
     card = {
         "kind": "ghist",
         "name": "ghist-her2st",
         "description": "GHIST-style per-cell expression, cell type, neighbourhood and morphology from H&E; "
-                       "trained weakly on HER2ST spots (sum of predicted cells per spot).",
+                       f"trained weakly on HER2ST spots ({how} of the predicted cells per spot).",
         "genes": [str(g) for g in pack.genes],
         "evaluated_genes": hvg,
         "marker_genes": [str(g) for g in pack.genes[int(pack.n_hvg):]],
         "cell_types": [str(c) for c in pack.cell_types],
-        "mpp": float(pack.mpp),
-        "patch_px": int(pack.instances.shape[-1]),
+        "mpp": float(cfg.mpp),  # the model's, which may be a coarsening of the pack's
+        "patch_px": int(cfg.patch_px),
         "normalisation": {
             "pixels": "RGB/255, minus norm_mean, divided by norm_std (per channel, from the training patches)",
             "norm_mean": config.get("norm_mean"), "norm_std": config.get("norm_std"),
             "expression_target": "spot: log1p(1e4 * counts / total counts of the spot); per cell: linear, "
-                                 "summed over the cells whose centre is within 50 um of a spot centre",
+                                 f"the {how} over the cells whose centre is within {cfg.spot_radius_um:g} um of a "
+                                 "spot centre is compared with it",
             "morphology": "log area (um^2), eccentricity, solidity standardised by morph_mean/morph_std",
         },
         "reference": {
+            "used": bool(cfg.use_reference),
             "source": "GHIST demo Xenium breast cells (SydneyBioX/GHIST data_demo, GPL-3 data; no code copied), "
                       "5,508 cells x 280 genes, 9 labelled types",
             "spot_fractions": "NNLS of library-normalised, per-gene-mean-scaled spot counts on the type profiles (shared genes)",
@@ -62,7 +70,7 @@ def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict
         },
         "training": {
             "data": f"HER2ST sections {sorted(set(pack.section.tolist()))} ({pack.n_spots} spots with H&E); {HER2ST_CITATION}",
-            "nuclei": "ghist_core.segmentation.ClassicalSegmenter on each 256 px patch at 0.5 um/px, star contours",
+            "nuclei": nuclei,
             "config": train_config,
             "command": command,
         },
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", type=Path, default=Path(".gpu_data/her2st/pack.npz"))
     ap.add_argument("--out", type=Path, default=Path("weights"))
     ap.add_argument("--from-run", type=Path, default=None, help="folder of a bench/her2st.py run with the final model")
+    ap.add_argument("--run-command", default="", help="the bench/her2st.py command that made --from-run (for the card)")
     ap.add_argument("--bench", type=Path, default=Path("bench/results/her2st.json"), help="metrics for the card")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--budget-s", type=float, default=0.0)
@@ -151,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         bench = json.loads(bench_file.read_text()) if bench_file.exists() else None
         extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),
                                   "epochs": meta["epochs_done"], "final_loss": meta["history"][-1] if meta["history"] else None,
-                                  "command": ("python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --kinds ghist "
-                                              f"--epochs {meta['train_config']['epochs']} --batch-size {meta['train_config']['batch_size']} "
-                                              f"--budget-s {meta['train_config']['time_budget_s']:.0f}  (fold 'final': all 1193 spots)")}}
+                                  "command": args.run_command or (
+                                      "python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --kinds ghist "
+                                      f"--epochs {meta['train_config']['epochs']} --batch-size {meta['train_config']['batch_size']} "
+                                      f"--budget-s {meta['train_config']['time_budget_s']:.0f}  (fold 'final': all 1193 spots)")}}
         card = card_for(pack, config, meta["train_config"], command, metrics_from_bench(bench) if bench else None, extra)
     else:
         from ghist_core.model.train import TrainConfig as TC

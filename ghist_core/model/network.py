@@ -185,6 +185,9 @@ class GhistNet(nn.Module):
             nn.init.zeros_(self.tissue_head[-1].weight)
             nn.init.zeros_(self.tissue_head[-1].bias)
         if cfg.density_prior:
+            # standardised inputs (running statistics saved with the weights): with Adam a weight moves
+            # ~lr per step, so a raw log count (~3 ± 0.5) would need more steps than training has
+            self.prior_norm = nn.BatchNorm1d(1 + 2 * e, affine=False)
             self.prior_head = nn.Linear(1 + 2 * e, g)
             nn.init.zeros_(self.prior_head.weight)
             nn.init.zeros_(self.prior_head.bias)
@@ -276,7 +279,7 @@ class GhistNet(nn.Module):
                 if inputs is None or ctx_inputs is None:
                     raise ValueError("the density prior of this model needs the cells' inputs and their neighbourhood mean")
                 z += [inputs.float(), ctx_inputs.float()]
-            log_resid = log_resid + self.prior_head(torch.cat(z, 1)).float()
+            log_resid = log_resid + self.prior_head(self.prior_norm(torch.cat(z, 1))).float()
         resid = torch.exp(log_resid.clamp(-15.0, 10.0))  # log-linear per cell
         if self.cfg.use_reference:
             expr = (p @ self.reference) * self.ref_scale.exp() + resid
