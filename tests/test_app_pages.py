@@ -449,3 +449,20 @@ def _alive(pid) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_upload_page_warns_when_the_model_needs_the_learned_segmenter(projects, tmp_path, monkeypatch):
+    """A model that reads nucleus-type probabilities: choosing the classical segmenter is flagged before any run."""
+    from conftest import make_tiny_ghist
+
+    bundled = tmp_path / "weights"
+    make_tiny_ghist(bundled, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped"))
+    monkeypatch.setenv("GHIST_WEIGHTS_DIR", str(bundled))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    at = open_page("pages/upload.py")
+    assert not [w for w in at.warning if "learned segmenter" in w.value]
+    at.radio(key="upload_segmenter").set_value("classical").run()
+    assert not at.exception
+    assert [w for w in at.warning if "learned segmenter" in w.value]
+    at.radio(key="upload_segmenter").set_value("learned").run()
+    assert not [w for w in at.warning if "learned segmenter" in w.value]

@@ -19,7 +19,7 @@ from ghist_core.model.train import (
     PatchData, Trainer, TrainConfig, make_synthetic_cells, pearson_per_gene, predict_spots,
 )
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR
-from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, MppWarning
+from ghist_core.segmentation import ArraySlide, MppWarning
 
 TINY = dict(patch_px=64, widths=(8, 16, 32, 32), fpn_dim=16, embed_dim=32, dropout=0.0)
 
@@ -152,13 +152,15 @@ def bundled() -> GhistModel:
 
 @pytest.fixture(scope="module")
 def demo_region(demo_slide: Path):
-    """A 160 µm square of the demo slide, its nuclei from the classical segmenter (µm on the slide)."""
+    """A 160 µm square of the demo slide, its nuclei from the bundled learned segmenter (µm on the slide),
+    with the per-nucleus type probabilities a model may read."""
+    from ghist_core.segmentation import load_segmenter
     from ghist_core.slide import open_slide
 
     slide = open_slide(demo_slide)
     x0, y0 = 400.0, 500.0  # µm
     rgb = slide.read_region_mpp((x0 / slide.mpp, y0 / slide.mpp), (320, 320), 0.5)
-    _, cells = ClassicalSegmenter().segment_tile(rgb, 0.5)
+    _, cells = load_segmenter(device="cpu").segment_tile(rgb, 0.5)
     cells["x_um"] += x0
     cells["y_um"] += y0
     cells["cell_id"] = np.arange(len(cells), dtype=np.int64) + 100
@@ -185,7 +187,7 @@ def test_bundled_weights_predict_on_demo_region(bundled: GhistModel, demo_region
     np.testing.assert_allclose(a.obsm["spatial"], cells[["x_um", "y_um"]].to_numpy())
     u = a.uns["ghist"]
     assert u["weights_sha256"] == card["sha256"] and len(u["slide_sha256"]) == 64
-    assert u["model_card"]["mpp"] == 0.5 and "expression_units" in u
+    assert u["model_card"]["mpp"] == card["mpp"] == bundled.mpp and "expression_units" in u
     # tiling and batching do not change results (bounded memory, same answer)
     b = bundled.predict(slide, cells, batch_size=1)
     np.testing.assert_allclose(a.X, b.X, rtol=1e-4, atol=1e-5)
@@ -218,16 +220,20 @@ def test_far_mpp_is_resampled_with_a_warning(bundled: GhistModel) -> None:
     cen = rng.uniform(30, 370, (12, 2))
     for cx, cy in cen:  # a dozen dark nuclei on pale tissue
         rgb[(xx - cx) ** 2 + (yy - cy) ** 2 < 14 ** 2] = (80, 40, 120)
-    slide = ArraySlide(rgb, 0.125)  # 4× finer than the model's 0.5 µm/px
-    cells = pd.DataFrame({"x_um": cen[:, 0] * 0.125, "y_um": cen[:, 1] * 0.125})
+    fine = bundled.mpp / 4  # 4× finer than the model reads tissue
+    slide = ArraySlide(rgb, fine)
+    cells = pd.DataFrame({"x_um": cen[:, 0] * fine, "y_um": cen[:, 1] * fine})
     for k in range(16):
-        cells[f"ray_{k:02d}"] = 14 * 0.125
+        cells[f"ray_{k:02d}"] = 14 * fine
+    for name in bundled.cell_inputs:  # e.g. the learned segmenter's type probabilities
+        cells[name] = 1.0 / len(bundled.cell_inputs)
     with pytest.warns(MppWarning):
         a = bundled.predict(slide, cells)
     assert a.n_obs == 12 and np.isfinite(a.X).all() and (a.X >= 0).all()
+    near = bundled.mpp * 0.8
     with warnings.catch_warnings():
         warnings.simplefilter("error", MppWarning)
-        bundled.predict(ArraySlide(rgb, 0.4), cells.assign(x_um=cen[:, 0] * 0.4, y_um=cen[:, 1] * 0.4))
+        bundled.predict(ArraySlide(rgb, near), cells.assign(x_um=cen[:, 0] * near, y_um=cen[:, 1] * near))
 
 
 def test_spot_pack_coarsened_keeps_nuclei_and_averages_pixels() -> None:
