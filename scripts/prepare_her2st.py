@@ -27,36 +27,22 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.model.her2st import (  # noqa: E402
-    HER2ST_MPP, IMAGE_SECTIONS, SpotPack, encode_jpeg, extract_patch, load_section, patch_features, select_genes,
+    HER2ST_MPP, IMAGE_SECTIONS, SpotPack, encode_jpeg, extract_patch, load_section, nucleus_type_inputs, patch_features,
+    select_genes,
 )
 from ghist_core.model.pooling import N_RAYS, rasterise_stars  # noqa: E402
 from ghist_core.model.reference import CELL_TYPES, load_reference, nnls_deconvolve  # noqa: E402
 from ghist_core.paths import shared_data_dir  # noqa: E402
 
 
-def learned_type_inputs(pack: SpotPack, images: np.ndarray, batch: int = 16, device: str = "auto"
-                        ) -> tuple[np.ndarray, list[str]]:
-    """Every pack nucleus' mean type probability under the learned segmenter, renormalised over
-    the nucleus types as its cell table does (n_cells × types) and the column names."""
+def learned_type_inputs(pack: SpotPack, images: np.ndarray, device: str = "auto") -> tuple[np.ndarray, list[str]]:
+    """The bundled learned segmenter's per-nucleus type probabilities for every pack nucleus."""
     from ghist_core.segmentation import load_segmenter
 
     seg = load_segmenter(kind="learned", device=device)
     if abs(seg.mpp - pack.mpp) > 1e-6:
         raise SystemExit(f"the segmenter reads {seg.mpp} µm/px, the pack is at {pack.mpp}: build the pack at {seg.mpp}")
-    n = pack.n_spots
-    n_lab = int(pack.instances.max()) + 1
-    sums = None
-    for s in tqdm(range(0, n, batch), desc="nucleus types", unit="batch"):
-        _, _, tp = seg.predict_batch(images[s:s + batch])
-        b, c = tp.shape[:2]
-        if sums is None:
-            sums = np.zeros((n * n_lab, c - 1))
-        key = (pack.instances[s:s + b].astype(np.int64) + np.arange(s, s + b)[:, None, None] * n_lab).ravel()
-        for k in range(1, c):  # channel 0 is background; one bincount per type, not per nucleus
-            sums[:, k - 1] += np.bincount(key, weights=tp[:, k].ravel(), minlength=n * n_lab)
-    v = sums[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
-    v /= np.maximum(v.sum(1, keepdims=True), 1e-12)
-    return v.astype(np.float32), [f"prob_{t}" for t in seg.type_names]
+    return nucleus_type_inputs(pack, images, seg, progress=lambda it: tqdm(it, desc="nucleus types", unit="batch"))
 
 
 def main(argv: list[str] | None = None) -> int:

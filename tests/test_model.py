@@ -342,3 +342,40 @@ def test_image_dropout_leaves_only_the_priors_and_only_in_training() -> None:
         torch.testing.assert_close(net(a_img, inst)["expr"], net(b_img, inst)["expr"])
         net.eval()
         assert (net(a_img, inst)["expr"] - net(b_img, inst)["expr"]).abs().max() > 1e-4
+
+
+def test_pack_nucleus_types_match_the_segmenter_cell_table(demo_slide: Path) -> None:
+    """The per-nucleus inputs a pack trains on are the very columns the learned segmenter's table gives at inference."""
+    from ghist_core.model.her2st import SpotPack, nucleus_type_inputs
+    from ghist_core.segmentation import ClassicalSegmenter, load_segmenter
+    from ghist_core.segmentation.features import measure_instances
+    from ghist_core.slide import open_slide
+
+    seg = load_segmenter(device="cpu")
+    with open_slide(demo_slide) as slide:
+        rgbs = np.stack([slide.read_region_mpp((x / slide.mpp, 500 / slide.mpp), (128, 128), seg.mpp) for x in (300.0, 420.0)])
+    insts, spots, labels = [], [], []
+    for i, rgb in enumerate(rgbs):  # nuclei from another segmenter, as in the pack
+        inst, cells = ClassicalSegmenter().segment_tile(rgb, seg.mpp)
+        present = np.unique(inst[inst > 0])
+        insts.append(inst.astype(np.uint16))
+        spots.append(np.full(len(present), i))
+        labels.append(present)
+    n = sum(len(x) for x in labels)
+    assert n > 10
+    z = np.zeros(2)
+    pack = SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=seg.mpp,
+                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(3, np.int64), instances=np.stack(insts),
+                    counts=np.ones((2, 1)), totals=np.ones(2), fractions=np.ones((2, 1)), features=z[:, None],
+                    section=np.array(["s", "s"]), patient=np.array(["p", "p"]), array_xy=np.zeros((2, 2)),
+                    cell_spot=np.concatenate(spots), cell_label=np.concatenate(labels),
+                    cell_xy_px=np.zeros((n, 2)), cell_in_spot=np.ones(n, bool), cell_morph=np.zeros((n, 3)))
+    vals, names = nucleus_type_inputs(pack, rgbs, seg, batch=1)
+    assert names == [f"prob_{t}" for t in seg.type_names] and vals.shape == (n, len(names))
+    np.testing.assert_allclose(vals.sum(1), 1.0, atol=1e-5)
+    for i, rgb in enumerate(rgbs):
+        _, _, tp = seg.predict_batch(rgb[None])
+        table = measure_instances(pack.instances[i].astype(np.int32), seg.mpp, type_probs=tp[0], type_names=seg.type_names)
+        rows = pack.cell_spot == i
+        np.testing.assert_allclose(vals[rows], table[names].to_numpy(), atol=1e-5)
+    assert vals.std(0).max() > 0.01  # nuclei differ: the test could fail

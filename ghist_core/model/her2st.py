@@ -35,6 +35,7 @@ __all__ = [
     "log_cp10k",
     "extract_patch",
     "SpotPack",
+    "nucleus_type_inputs",
 ]
 
 IMAGE_SECTIONS: tuple[str, ...] = ("B4", "C2", "C3", "C4", "C5", "C6")
@@ -209,6 +210,30 @@ class SpotPack:
     def targets(self) -> np.ndarray:
         """``log1p(CP10k)`` spot targets (S, G)."""
         return log_cp10k(self.counts, self.totals).astype(np.float32)
+
+
+def nucleus_type_inputs(pack: SpotPack, images: np.ndarray, segmenter, batch: int = 16,
+                        progress=None) -> tuple[np.ndarray, list[str]]:
+    """Each pack nucleus' type probabilities under a learned segmenter, exactly as its cell table
+    gives them (``prob_<type>``: mean over the nucleus' pixels, renormalised over the types).
+
+    ``images`` are the pack's patches at the segmenter's µm/px; returns (n_cells × types, names).
+    """
+    n = pack.n_spots
+    n_lab = int(pack.instances.max()) + 1
+    sums = None
+    starts = range(0, n, batch)
+    for s in (progress(starts) if progress else starts):
+        _, _, tp = segmenter.predict_batch(images[s:s + batch])
+        b, c = tp.shape[:2]
+        if sums is None:
+            sums = np.zeros((n * n_lab, c - 1))
+        key = (pack.instances[s:s + b].astype(np.int64) + np.arange(s, s + b)[:, None, None] * n_lab).ravel()
+        for k in range(1, c):  # channel 0 is background; one bincount per type, not a loop over nuclei
+            sums[:, k - 1] += np.bincount(key, weights=tp[:, k].ravel().astype(np.float64), minlength=n * n_lab)
+    v = sums[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
+    v /= np.maximum(v.sum(1, keepdims=True), 1e-12)
+    return v.astype(np.float32), [f"prob_{t}" for t in segmenter.type_names]
 
 
 def patch_features(rgb: np.ndarray) -> np.ndarray:
