@@ -238,22 +238,9 @@ def test_far_mpp_is_resampled_with_a_warning(bundled: GhistModel) -> None:
 
 def test_spot_pack_coarsened_keeps_nuclei_and_averages_pixels() -> None:
     """Training at 2× the µm/px: pixels are box means, nuclei keep their labels, µm stay µm."""
-    from ghist_core.model.her2st import SpotPack
-
     rng = np.random.default_rng(0)
-    inst = np.zeros((2, 16, 16), np.uint16)
-    inst[0, 2:8, 2:8] = 1
-    inst[0, 10:14, 9:15] = 2
-    inst[1, 4:12, 4:12] = 3
     images = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
-    z = np.zeros(2)
-    pack = SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=0.5,
-                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(3, np.int64), instances=inst,
-                    counts=np.ones((2, 1)), totals=np.ones(2), fractions=np.ones((2, 1)), features=z[:, None],
-                    section=np.array(["s", "s"]), patient=np.array(["p", "p"]), array_xy=np.zeros((2, 2)),
-                    cell_spot=np.array([0, 0, 1]), cell_label=np.array([1, 2, 3]),
-                    cell_xy_px=np.array([[5.0, 5.0], [12.0, 12.0], [8.0, 8.0]]), cell_in_spot=np.ones(3, bool),
-                    cell_morph=np.zeros((3, 3)))
+    pack = _pack()
     small, img2 = pack.coarsened(images, 2)
     assert small.mpp == 1.0 and small.instances.shape == (2, 8, 8) and img2.shape == (2, 8, 8, 3)
     np.testing.assert_allclose(img2[0, 0, 0], images[0, :2, :2].reshape(-1, 3).mean(0), atol=0.5)
@@ -264,27 +251,30 @@ def test_spot_pack_coarsened_keeps_nuclei_and_averages_pixels() -> None:
         pack.coarsened(images, 3)
 
 
-def _two_spot_pack(**extra):
+def _pack(instances: np.ndarray | None = None, cell_spot=(0, 0, 1), cell_label=(1, 2, 3), mpp: float = 0.5, **extra):
+    """A SpotPack of a few patches (default: two 16 px patches, three nuclei) with dummy targets."""
     from ghist_core.model.her2st import SpotPack
 
-    inst = np.zeros((2, 16, 16), np.uint16)
-    inst[0, 2:8, 2:8] = 1
-    inst[0, 10:14, 9:15] = 2
-    inst[1, 4:12, 4:12] = 3
-    z = np.zeros(2)
-    return SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=0.5,
-                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(3, np.int64), instances=inst,
-                    counts=np.ones((2, 1)), totals=np.ones(2), fractions=np.ones((2, 1)), features=z[:, None],
-                    section=np.array(["s", "s"]), patient=np.array(["p", "p"]), array_xy=np.zeros((2, 2)),
-                    cell_spot=np.array([0, 0, 1]), cell_label=np.array([1, 2, 3]),
-                    cell_xy_px=np.array([[5.0, 5.0], [12.0, 12.0], [8.0, 8.0]]), cell_in_spot=np.ones(3, bool),
-                    cell_morph=np.zeros((3, 3)), **extra)
+    if instances is None:
+        instances = np.zeros((2, 16, 16), np.uint16)
+        instances[0, 2:8, 2:8] = 1
+        instances[0, 10:14, 9:15] = 2
+        instances[1, 4:12, 4:12] = 3
+    s, n = len(instances), len(cell_spot)
+    z = np.zeros(s)
+    return SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=mpp,
+                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(s + 1, np.int64), instances=instances,
+                    counts=np.ones((s, 1)), totals=np.ones(s), fractions=np.ones((s, 1)), features=z[:, None],
+                    section=np.array(["s"] * s), patient=np.array(["p"] * s), array_xy=np.zeros((s, 2)),
+                    cell_spot=np.asarray(cell_spot), cell_label=np.asarray(cell_label),
+                    cell_xy_px=np.array([[5.0, 5.0], [12.0, 12.0], [8.0, 8.0]]) if n == 3 else np.zeros((n, 2)),
+                    cell_in_spot=np.ones(n, bool), cell_morph=np.zeros((n, 3)), **extra)
 
 
 def test_spot_pack_cell_inputs_round_trip_and_lookup(tmp_path: Path) -> None:
     """Per-nucleus inputs survive save/load, reach the right (patch, label) and fail clearly when absent."""
     vals = np.array([[0.1, 0.9], [0.7, 0.3], [0.5, 0.5]], np.float32)
-    pack = _two_spot_pack(cell_inputs=vals, cell_input_names=np.array(["prob_a", "prob_b"]))
+    pack = _pack(cell_inputs=vals, cell_input_names=np.array(["prob_a", "prob_b"]))
     pack.save(tmp_path / "p.npz")
     back = type(pack).load(tmp_path / "p.npz")
     np.testing.assert_array_equal(back.cell_input_columns(["prob_b", "prob_a"]), vals[:, ::-1])
@@ -293,7 +283,7 @@ def test_spot_pack_cell_inputs_round_trip_and_lookup(tmp_path: Path) -> None:
     assert data.lut_inputs.shape == (2, 4, 1)  # patches in the order asked, labels up to 3
     assert float(data.lut_inputs[0, 3, 0]) == pytest.approx(0.5)
     assert float(data.lut_inputs[1, 1, 0]) == pytest.approx(0.9) and float(data.lut_inputs[1, 2, 0]) == pytest.approx(0.3)
-    old = _two_spot_pack()  # a pack written before cell inputs existed still loads
+    old = _pack()  # a pack written before cell inputs existed still loads
     old.save(tmp_path / "old.npz")
     with pytest.raises(KeyError, match="prepare_her2st"):
         type(pack).load(tmp_path / "old.npz").cell_input_columns(["prob_a"])
@@ -346,7 +336,7 @@ def test_image_dropout_leaves_only_the_priors_and_only_in_training() -> None:
 
 def test_pack_nucleus_types_match_the_segmenter_cell_table(demo_slide: Path) -> None:
     """The per-nucleus inputs a pack trains on are the very columns the learned segmenter's table gives at inference."""
-    from ghist_core.model.her2st import SpotPack, nucleus_type_inputs
+    from ghist_core.model.her2st import nucleus_type_inputs
     from ghist_core.segmentation import ClassicalSegmenter, load_segmenter
     from ghist_core.segmentation.features import measure_instances
     from ghist_core.slide import open_slide
@@ -361,15 +351,9 @@ def test_pack_nucleus_types_match_the_segmenter_cell_table(demo_slide: Path) -> 
         insts.append(inst.astype(np.uint16))
         spots.append(np.full(len(present), i))
         labels.append(present)
-    n = sum(len(x) for x in labels)
-    assert n > 10
-    z = np.zeros(2)
-    pack = SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=seg.mpp,
-                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(3, np.int64), instances=np.stack(insts),
-                    counts=np.ones((2, 1)), totals=np.ones(2), fractions=np.ones((2, 1)), features=z[:, None],
-                    section=np.array(["s", "s"]), patient=np.array(["p", "p"]), array_xy=np.zeros((2, 2)),
-                    cell_spot=np.concatenate(spots), cell_label=np.concatenate(labels),
-                    cell_xy_px=np.zeros((n, 2)), cell_in_spot=np.ones(n, bool), cell_morph=np.zeros((n, 3)))
+    assert sum(len(x) for x in labels) > 10
+    pack = _pack(np.stack(insts), np.concatenate(spots), np.concatenate(labels), mpp=seg.mpp)
+    n = len(pack.cell_spot)
     vals, names = nucleus_type_inputs(pack, rgbs, seg, batch=1)
     assert names == [f"prob_{t}" for t in seg.type_names] and vals.shape == (n, len(names))
     np.testing.assert_allclose(vals.sum(1), 1.0, atol=1e-5)
