@@ -2,11 +2,14 @@
 
     # on the GPU machine (all folds + the bundled model, ~7 min on one H100):
     python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --out OUTDIR --budget-s 300
-    # on a CPU: both CNNs at 1 µm/px (4× fewer pixels), equal epochs, two jobs at a time
-    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --name her2st_cpu_1um \
-        --net '{"spot_aggregate":"mean","tissue_skip":true,"fpn_smooth":false,"fpn_dim":64}'
+    # on a CPU: both CNNs at 1 µm/px (4× fewer pixels), equal epochs, two jobs at a time (~1 h);
+    # this made bench/results/her2st.json and the bundled weights (fold "final")
+    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --name her2st \
+        --net '{"spot_aggregate":"mean","tissue_skip":true,"fpn_smooth":false,"fpn_dim":64,"use_reference":false,
+               "cell_inputs":["prob_other","prob_inflammatory","prob_epithelial","prob_spindle-shaped"],
+               "density_prior":true,"image_dropout":0.5}'
     # jobs run one by one elsewhere (same --work): score them
-    python bench/her2st.py collect --work WORKDIR --name her2st_cpu_1um
+    python bench/her2st.py collect --work WORKDIR --name her2st
     # anywhere, from the saved predictions: metrics JSON + spatial maps
     python bench/her2st.py report --preds OUTDIR/her2st_preds.npz --out bench/results
 
