@@ -156,10 +156,11 @@ class PatchRegressor(nn.Module):
 class GhistNet(nn.Module):
     """Per-cell multi-task GHIST network.
 
-    ``reference`` (K × G, non-negative, expression per cell) is a buffer saved with the
-    weights; with ``use_reference`` the expression is
-    ``exp(ref_scale_g) * (p @ reference)_g + softplus(residual_g)`` with ``p`` the cell's
-    type probabilities, so the type head and the reference shape every gene.
+    A cell's expression is ``exp(r_g)`` with the log-residual ``r`` = image terms (cell, context,
+    patch) + gene level + the density prior (when configured); with ``use_reference`` it is
+    ``exp(ref_scale_g) * (p @ reference)_g + exp(r_g)`` with ``p`` the cell's type probabilities
+    and ``reference`` (K × G, non-negative, a buffer saved with the weights), so the type head
+    and the reference shape every gene.
     """
 
     def __init__(self, cfg: GhistConfig, reference: torch.Tensor | None = None,

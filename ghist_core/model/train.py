@@ -195,7 +195,7 @@ def _kl(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def predict_spots(model: nn.Module, data: PatchData, *, batch_size: int = 32, tta: bool = True) -> np.ndarray:
     """Spot predictions on the ``log1p(CP10k)`` scale for every patch of ``data``.
 
-    GHIST: sum of the predicted expression of the cells inside the spot (TTA: cell outputs
+    GHIST: sum or mean (``spot_aggregate``) of the predicted expression of the cells inside the spot (TTA: cell outputs
     averaged over the 8 dihedral views); patch regressor: its output (TTA-averaged).
     """
     model.eval()
