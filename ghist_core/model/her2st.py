@@ -219,20 +219,18 @@ def nucleus_type_inputs(pack: SpotPack, images: np.ndarray, segmenter, batch: in
 
     ``images`` are the pack's patches at the segmenter's µm/px; returns (n_cells × types, names).
     """
+    from ghist_core.segmentation.features import label_type_probabilities
+
     n = pack.n_spots
     n_lab = int(pack.instances.max()) + 1
-    sums = None
+    per_key = np.zeros((n * n_lab, len(segmenter.type_names)))  # row = patch * n_lab + label
     starts = range(0, n, batch)
     for s in (progress(starts) if progress else starts):
         _, _, tp = segmenter.predict_batch(images[s:s + batch])
-        b, c = tp.shape[:2]
-        if sums is None:
-            sums = np.zeros((n * n_lab, c - 1))
-        key = (pack.instances[s:s + b].astype(np.int64) + np.arange(s, s + b)[:, None, None] * n_lab).ravel()
-        for k in range(1, c):  # channel 0 is background; one bincount per type, not a loop over nuclei
-            sums[:, k - 1] += np.bincount(key, weights=tp[:, k].ravel().astype(np.float64), minlength=n * n_lab)
-    v = sums[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
-    v /= np.maximum(v.sum(1, keepdims=True), 1e-12)
+        b = tp.shape[0]
+        key = pack.instances[s:s + b].astype(np.int64) + np.arange(b)[:, None, None] * n_lab
+        per_key[s * n_lab:(s + b) * n_lab] = label_type_probabilities(key, tp.transpose(1, 0, 2, 3), b * n_lab)
+    v = per_key[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
     return v.astype(np.float32), [f"prob_{t}" for t in segmenter.type_names]
 
 

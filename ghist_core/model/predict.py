@@ -281,18 +281,18 @@ class GhistModel:
                     rows.append(ix)
                 img = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).to(self.device)
                 inst = torch.from_numpy(np.stack(insts)).to(self.device)
+                flat = np.concatenate(rows)
                 lens = np.array([len(r) for r in rows])
                 starts = np.concatenate([[0], np.cumsum(lens)])
                 lut = None
                 if cell_inputs is not None:  # (tile, label) → that cell's inputs; label = position + 1
-                    flat = np.concatenate(rows)
                     lut_np = np.zeros((len(rows), int(lens.max()) + 1, cell_inputs.shape[1]), np.float32)
                     lut_np[np.repeat(np.arange(len(rows)), lens), np.arange(len(flat)) - np.repeat(starts[:-1], lens) + 1] = cell_inputs[flat]
                     lut = torch.from_numpy(lut_np).to(self.device)
                 out = self.net.cell_embeddings(self.net.normalise(img), inst, lut)
                 cb = out["cell_batch"].cpu().numpy()
                 cl = out["cell_label"].cpu().numpy()
-                gidx = np.concatenate(rows)[starts[cb] + cl - 1]
+                gidx = flat[starts[cb] + cl - 1]
                 emb[torch.from_numpy(gidx)] = out["emb"].float().cpu()
                 tile_feat[b0:b0 + len(rows)] = out["patch_feat"].float().cpu()
                 pooled[gidx] = True

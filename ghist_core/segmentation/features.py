@@ -111,6 +111,15 @@ def _hull_keep(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return keep
 
 
+def label_type_probabilities(labels: np.ndarray, type_probs: np.ndarray, n_labels: int) -> np.ndarray:
+    """Per label value ``0..n_labels-1``: the mean type probability over its pixels, renormalised
+    over the nucleus types (channel 0, background, dropped); ``type_probs`` is C × ``labels.shape``."""
+    flat = labels.ravel()
+    sums = np.stack([np.bincount(flat, weights=type_probs[k].ravel().astype(np.float64), minlength=n_labels)
+                     for k in range(1, type_probs.shape[0])], axis=1)
+    return sums / np.maximum(sums.sum(axis=1, keepdims=True), 1e-12)
+
+
 def measure_instances(instances: np.ndarray, mpp: float, *, type_probs: np.ndarray | None = None,
                       type_names: Sequence[str] = ()) -> pd.DataFrame:
     """One row per instance of ``instances`` (int labels, 0 = background).
@@ -191,10 +200,7 @@ def measure_instances(instances: np.ndarray, mpp: float, *, type_probs: np.ndarr
     cols["solidity"] = solidity
     frame = pd.DataFrame(cols)
     if type_probs is not None and len(type_names):
-        c = type_probs.shape[0]
-        probs = np.stack([np.bincount(flat, weights=type_probs[k].ravel().astype(np.float64),
-                                      minlength=n_max + 1)[labels] for k in range(1, c)], axis=1)
-        probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        probs = label_type_probabilities(flat, type_probs, n_max + 1)[labels]
         frame["type"] = np.asarray(type_names, dtype=object)[probs.argmax(axis=1)]
         for k, name in enumerate(type_names):
             frame[f"prob_{name}"] = probs[:, k]
