@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from ghist_core import palette  # noqa: E402
-from ghist_core.grid import build_grid_pyramid, write_grid  # noqa: E402
+from ghist_core.pipeline.grid import build_grid_pyramid, write_grid  # noqa: E402
 from ghist_core.paths import DEMO_DIR  # noqa: E402
-from test_browser import CHROMIUM, StreamlitServer, launch_browser, wait_app_idle  # noqa: E402
+from browser_helpers import CHROMIUM, StreamlitServer, launch_browser, wait_app_idle  # noqa: E402
 
 N_CELLS = 200_000
 PAGES = [("Cell types & patients", "Cell types & patients"), ("Home", "GHIST Studio"),
@@ -60,8 +60,8 @@ def synthetic_slide_prediction(n: int, w_um: float, h_um: float, n_genes: int = 
 
 def make_big_demo_project(projects: Path) -> None:
     """The demo project, with a registered 200k-cell prediction on the demo slide."""
-    from ghist_core.pipeline import results_dir
-    from ghist_core.store import Project
+    from ghist_core.pipeline.blocks import results_dir
+    from ghist_core.project.store import Project
 
     project = Project.open_or_create(projects / "demo", name="bench")
     rec = project.add_slide(DEMO_DIR / "CMU-1-Small-Region.svs", patient_id="DEMO-01")

@@ -1,7 +1,7 @@
 """Cohort survival timings → bench/results/cohort_survival.json.
 
 ``compare_groups`` computes KM curves and the multi-group + pairwise log-rank tests with
-vectorised numpy (checked equal to lifelines in tests/test_cohort_survival.py). Baseline,
+vectorised numpy (checked equal to lifelines in tests/analysis/test_cohort_survival.py). Baseline,
 measured in the same process on the same data: lifelines' ``KaplanMeierFitter`` per group +
 ``multivariate_logrank_test`` + ``pairwise_logrank_test`` (what the page would otherwise call
 on every rerun). Cohorts: the bundled TCGA BRCA table (OS by stage, 4 groups; by raw AJCC
@@ -26,9 +26,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ghist_core.atomic import atomic_write_text  # noqa: E402
-from ghist_core.clinical import guess_mapping, load_demo_clinical, validate_survival  # noqa: E402
-from ghist_core.survival import compare_groups  # noqa: E402
+from ghist_core.io.atomic import atomic_write_text  # noqa: E402
+from ghist_core.analysis.clinical import guess_mapping, load_demo_clinical, validate_survival  # noqa: E402
+from ghist_core.analysis.survival import compare_groups  # noqa: E402
 
 
 def lifelines_baseline(df: pd.DataFrame, group: str) -> float:

@@ -72,8 +72,8 @@ def summarise(r: np.ndarray) -> dict:
 def job(args: argparse.Namespace) -> None:
     import torch
 
-    from ghist_core.model.her2st import SpotPack
-    from ghist_core.model.train import PatchData, TrainConfig, fit_her2st, predict_spots
+    from ghist_core.training.her2st import SpotPack
+    from ghist_core.training.ghist import PatchData, TrainConfig, fit_her2st, predict_spots
 
     torch.set_num_threads(1)
     torch.backends.cudnn.benchmark = True
@@ -129,7 +129,7 @@ def ridge_predictions(features: np.ndarray, y: np.ndarray, tr: np.ndarray, te: n
 
 
 def run(args: argparse.Namespace) -> None:
-    from ghist_core.model.her2st import SpotPack
+    from ghist_core.training.her2st import SpotPack
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
 
 def collect(args: argparse.Namespace) -> None:
     """Score the jobs already in ``--work`` (e.g. run one by one in the background)."""
-    from ghist_core.model.her2st import SpotPack
+    from ghist_core.training.her2st import SpotPack
 
     collect_and_report(SpotPack.load(args.pack), Path(args.work), Path(args.out), args.max_train, note=args.note,
                        name=args.name)
@@ -253,7 +253,7 @@ def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier
         res["earlier_ghist_variant"] = runs
     if note:
         res["protocol"]["note"] = note
-    from ghist_core.atomic import atomic_write_text
+    from ghist_core.io.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
@@ -329,7 +329,7 @@ def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3")
 
 
 def report(args: argparse.Namespace) -> None:
-    from ghist_core.model.her2st import SpotPack
+    from ghist_core.training.her2st import SpotPack
 
     pack = SpotPack.load(args.pack)
     with np.load(args.preds, allow_pickle=False) as z:

@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO))
 
 def _one_run(slide: str, device: str, segmenter: str | None, mpp: float | None) -> dict:
     """Child: one whole pipeline run in a temp project; prints a JSON line."""
-    from ghist_core.pipeline import predict_slide
-    from ghist_core.slide import open_slide
-    from ghist_core.store import Project
+    from ghist_core.pipeline.blocks import predict_slide
+    from ghist_core.io.slide import open_slide
+    from ghist_core.project.store import Project
 
     with tempfile.TemporaryDirectory() as tmp:
         project = Project.create(Path(tmp) / "p")
@@ -74,7 +74,7 @@ def make_gigapixel_tiff(out: Path, gigapixels: float, *, mpp: float = 0.25, tile
     import tifffile
     from PIL import Image
 
-    from ghist_core.slide import open_slide
+    from ghist_core.io.slide import open_slide
 
     side = max(tile, int(round(np.sqrt(gigapixels * 1e9) / tile)) * tile)
     with open_slide(REPO / "demo" / "CMU-1-Small-Region.svs") as s:
@@ -126,8 +126,8 @@ def _child(args: list[str]) -> dict:
 def _cohort(device: str, segmenter: str | None, n_slides: int = 8) -> dict:
     from PIL import Image
 
-    from ghist_core.cohort_runner import ManifestRow, run_cohort
-    from ghist_core.slide import open_slide
+    from ghist_core.pipeline.cohort import ManifestRow, run_cohort
+    from ghist_core.io.slide import open_slide
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +172,7 @@ def main() -> None:
         print(json.dumps(_one_run(slide, device, None if seg == "-" else seg, None if mpp == "-" else float(mpp))))
         return
 
-    from ghist_core.weights import list_models
+    from ghist_core.weights.resolve import list_models
 
     out = Path(args.out) if args.out else REPO / "bench" / "results" / ("pipeline.json" if args.device == "cpu" else f"pipeline_{args.device}.json")
     if args.only_cohort:

@@ -6,7 +6,7 @@ lose power mid-run. This measures, in one command, what the tests check on a sma
 * ``hostile_files``: the generated corpus (``tests/hostile_corpus.py``, ≥ 120 cases) run in
   a memory-capped child process with a 20 s bound per case: how many ended in a typed
   error, a correct result, a crash (incl. a wrong result) or a hang.
-* ``kills``: ≥ 20 prediction-worker runs (``python -m ghist_core.jobs``) SIGKILLed at random
+* ``kills``: ≥ 20 prediction-worker runs (``python -m ghist_core.pipeline.worker``) SIGKILLed at random
   moments, at the first checkpoint and while results are written; then
   ``PRAGMA integrity_check``, recorded results vs their sha256, resume, and the resumed
   ``.h5ad`` X compared bit for bit with an uninterrupted run.
@@ -68,7 +68,7 @@ def bench_kills(work: Path, n_runs: int) -> dict[str, int]:
     from test_crash_resume import kill_loop, make_kill_slide, summarise_kills
 
     from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEMO_DIR
-    from ghist_core.store import Project
+    from ghist_core.project.store import Project
 
     if (BUNDLED_WEIGHTS_DIR / "ghist-her2st.safetensors").exists():
         model_dir, which = BUNDLED_WEIGHTS_DIR, "bundled GHIST weights"

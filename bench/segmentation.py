@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghist_core.atomic import atomic_write_text  # noqa: E402
+from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, load_segmenter  # noqa: E402
-from ghist_core.segmentation.data import CONSEP_TYPES, DATA_MPP, load_split  # noqa: E402
-from ghist_core.segmentation.metrics import DetectionCounts, SegCounts, detection_counts, seg_counts  # noqa: E402
-from ghist_core.hashing import sha256_file  # noqa: E402
+from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split  # noqa: E402
+from ghist_core.training.segmentation_metrics import DetectionCounts, SegCounts, detection_counts, seg_counts  # noqa: E402
+from ghist_core.io.hashing import sha256_file  # noqa: E402
 
 RESULTS = REPO_DIR / "bench" / "results" / "segmentation.json"
 CUDA_RESULTS = REPO_DIR / "bench" / "results" / "segmentation_cuda.json"

@@ -44,7 +44,7 @@ def run_scenario(kind: str, path: str) -> dict:
     import numpy as np
     from PIL import Image
 
-    from ghist_core.slide import open_slide
+    from ghist_core.io.slide import open_slide
 
     rss_start = _rss_mb()
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def main() -> None:
         print(json.dumps(run_scenario(args.scenario, args.path)))
         return
 
-    from ghist_core.atomic import atomic_write_text
+    from ghist_core.io.atomic import atomic_write_text
     from ghist_core.paths import shared_data_dir
     from slide_factory import write_large_pyramid_tiff
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import GhistError
+from ghist_core.errors import GhistError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -32,8 +32,8 @@ def _tqdm_progress(desc: str):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .pipeline import predict_slide
-    from .store import Project
+    from ghist_core.pipeline.blocks import predict_slide
+    from ghist_core.project.store import Project
 
     project = Project.open_or_create(args.project)
     failed = 0
@@ -57,7 +57,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_cohort(args: argparse.Namespace) -> int:
-    from .cohort_runner import read_manifest, run_cohort
+    from ghist_core.pipeline.cohort import read_manifest, run_cohort
 
     manifest = read_manifest(args.manifest)
     summary = run_cohort(
@@ -77,7 +77,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from . import weights
+    from ghist_core.weights import resolve as weights
 
     if args.action == "list":
         for model in weights.list_models():

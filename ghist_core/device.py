@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import GhistError
+from ghist_core.errors import GhistError
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ghist_core import figures
-from ghist_core.differential import differential_expression, pseudobulk
+from ghist_core.viz import figures
+from ghist_core.analysis.differential import differential_expression, pseudobulk
 from ghist_core.errors import GhistError
 from pages import common as c
 
@@ -57,7 +57,7 @@ def morph_figure(folder: str, slide_id: int, run_id: int, feature: str):
 @st.cache_data(show_spinner=False, max_entries=8)
 def clinical_table(data: bytes | None, name: str | None) -> pd.DataFrame:
     """The uploaded clinical table, or the bundled TCGA BRCA one (parsed once)."""
-    from ghist_core import clinical
+    from ghist_core.analysis import clinical
 
     return clinical.read_clinical_table(data, filename=name) if data is not None else clinical.load_demo_clinical()
 

@@ -1,7 +1,7 @@
 """Cohort & survival: clinical table → risk groups → Kaplan–Meier, log-rank, Cox, export.
 
-Thin page: widgets here, every number from ``ghist_core.cohort`` (which uses
-``ghist_core.clinical`` and ``ghist_core.survival``).
+Thin page: widgets here, every number from ``ghist_core.analysis.cohort`` (which uses
+``ghist_core.analysis.clinical`` and ``ghist_core.analysis.survival``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ghist_core import cohort as co
-from ghist_core.clinical import TIME_UNITS, find_endpoints
+from ghist_core.analysis import cohort as co
+from ghist_core.analysis.clinical import TIME_UNITS, find_endpoints
 from ghist_core.errors import GhistError
 from pages import common as c
 

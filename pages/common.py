@@ -70,7 +70,7 @@ def project_dir() -> Path:
 
 def open_project(folder: str | os.PathLike | None = None):
     """The current project (created if the folder is new). Cheap: one SQLite open per rerun."""
-    from ghist_core.store import Project
+    from ghist_core.project.store import Project
 
     return Project.open_or_create(Path(folder) if folder else project_dir())
 
@@ -78,7 +78,7 @@ def open_project(folder: str | os.PathLike | None = None):
 @st.cache_resource(show_spinner=False)
 def ensure_demo_project(folder: str) -> str:
     """Create the bundled demo project (demo slide, patient DEMO-01) once per folder."""
-    from ghist_core.store import Project
+    from ghist_core.project.store import Project
 
     project = Project.open_or_create(Path(folder), name="Demo (CMU-1 small region)")
     if len(project.list_slides()) == 0 and DEMO_SLIDE.exists():
@@ -122,7 +122,7 @@ def stage_upload(name: str, data: BinaryIO | bytes, staging_dir: Path) -> Staged
 
 def inspect_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
     """Open a staged slide: its info dict plus a small thumbnail (raises SlideError subclasses)."""
-    from ghist_core.slide import open_slide
+    from ghist_core.io.slide import open_slide
 
     with open_slide(path, mpp=mpp) as slide:
         info = dict(slide.info)
@@ -158,7 +158,7 @@ def staging_dir(project) -> Path:
 @st.cache_resource(show_spinner="Loading prediction…", max_entries=4)
 def cached_prediction(folder: str, slide_id: int, run_id: int):
     """The slide's AnnData, shared (read-only) across reruns and sessions; keyed by run."""
-    from ghist_core.pipeline import load_prediction
+    from ghist_core.pipeline.blocks import load_prediction
 
     adata = load_prediction(open_project(folder), slide_id)
     g = adata.uns.setdefault("ghist", {})
@@ -174,7 +174,7 @@ def cached_prediction(folder: str, slide_id: int, run_id: int):
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def cached_grid(folder: str, slide_id: int, run_id: int):
-    from ghist_core.pipeline import load_grid
+    from ghist_core.pipeline.blocks import load_grid
 
     try:
         return load_grid(open_project(folder), slide_id)
@@ -184,7 +184,7 @@ def cached_grid(folder: str, slide_id: int, run_id: int):
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def cached_overview(folder: str, slide_id: int, max_px: int = 1536) -> tuple[np.ndarray, tuple[float, ...]]:
-    from ghist_core.pipeline import slide_overview_image
+    from ghist_core.pipeline.blocks import slide_overview_image
 
     return slide_overview_image(open_project(folder), slide_id, max_px)
 
@@ -198,7 +198,7 @@ def thumbnail_data_url(path: str, mtime: float, max_px: int = 96) -> str | None:
         info = inspect_slide(Path(path))
     except GhistError:
         try:
-            from ghist_core.slide import open_slide
+            from ghist_core.io.slide import open_slide
 
             with open_slide(Path(path), mpp=1.0) as s:
                 thumb = s.thumbnail(max_px)
@@ -220,7 +220,7 @@ def cached_clinical(path: str, mtime: float) -> pd.DataFrame:
 
 @st.cache_resource(show_spinner=False)
 def cached_models() -> list[dict]:
-    from ghist_core import weights
+    from ghist_core.weights import resolve as weights
 
     return weights.list_models()
 
@@ -294,7 +294,7 @@ def segmenter_id() -> str | None:
 
 def submit(project, slide_id: int) -> int:
     """Start a run of a slide with the session's model, device and segmenter (one worker process)."""
-    from ghist_core import jobs
+    from ghist_core.pipeline import worker as jobs
 
     run_id = jobs.submit_run(project.folder, int(slide_id), model_id=st.session_state[MODEL_ID],
                              device=st.session_state[DEVICE], segmenter_id=segmenter_id())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ghist_core import figures, palette
+from ghist_core.viz import figures
+
+from ghist_core.viz import palette
 from pages import common as c
 
 c.init_session()

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from ghist_core import weights
+from ghist_core.weights import resolve as weights
 from ghist_core.device import device_summary
 from ghist_core.errors import GhistError
 from ghist_core.paths import DEFAULT_MODEL_REPO

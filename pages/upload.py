@@ -1,6 +1,6 @@
 """Upload & predict: add slides to the project, run them, watch the runs live.
 
-Runs execute in a worker process recorded in the project store (``ghist_core.jobs``), so
+Runs execute in a worker process recorded in the project store (``ghist_core.pipeline.worker``), so
 this page only submits and polls: a browser refresh or a rerun loses nothing, and a
 rerun never restarts a finished run (runs start only from a button).
 """
@@ -153,7 +153,7 @@ for _, row in not_run.iterrows():
 
 
 # Poll only while a run is active: eight idle sessions each re-running this fragment every
-# second saturated a small server and made it drop file uploads (tests/test_concurrent_users.py).
+# second saturated a small server and made it drop file uploads (tests/app/test_concurrent_users.py).
 _runs_now = project.list_runs()
 _active = bool(len(_runs_now)) and bool(_runs_now["status"].isin(c.RUN_ACTIVE).any())
 
@@ -161,7 +161,7 @@ _active = bool(len(_runs_now)) and bool(_runs_now["status"].isin(c.RUN_ACTIVE).a
 @st.fragment(run_every=c.POLL_S if _active else None)
 def live_runs() -> None:
     """Poll the store for every run of this project; only this fragment reruns."""
-    from ghist_core import jobs
+    from ghist_core.pipeline import worker as jobs
 
     proj = c.open_project()
     proj.mark_interrupted_runs()  # a worker that died shows up as resumable

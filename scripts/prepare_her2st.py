@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghist_core.model.her2st import (  # noqa: E402
+from ghist_core.training.her2st import (  # noqa: E402
     HER2ST_MPP, IMAGE_SECTIONS, SpotPack, encode_jpeg, extract_patch, load_section, nucleus_type_inputs, patch_features,
     select_genes,
 )
 from ghist_core.model.pooling import N_RAYS, rasterise_stars  # noqa: E402
-from ghist_core.model.reference import CELL_TYPES, load_reference, nnls_deconvolve  # noqa: E402
+from ghist_core.training.reference import CELL_TYPES, load_reference, nnls_deconvolve  # noqa: E402
 from ghist_core.paths import shared_data_dir  # noqa: E402
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ghist_core import paths
-from ghist_core.atomic import atomic_write_text
+from ghist_core.io.atomic import atomic_write_text
 from ghist_core.errors import GhistError, WeightsError
-from ghist_core.weights import CARD_SUFFIX, WEIGHTS_SUFFIX, _card_file_hashes, _read_card, sha256_file
+from ghist_core.weights.resolve import CARD_SUFFIX, WEIGHTS_SUFFIX, _card_file_hashes, _read_card, sha256_file
 
 DEFAULT_LICENSE = "other"
 BASE_TAGS = ["ghist-studio", "histology", "h-and-e", "computational-pathology", "spatial-transcriptomics", "safetensors"]

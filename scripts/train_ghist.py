@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ghist_core.device import pick_device
     from ghist_core.model.predict import save_ghist
-    from ghist_core.model.train import Trainer, TrainConfig, fit_her2st, make_synthetic_cells, pearson_per_gene
+    from ghist_core.training.ghist import Trainer, TrainConfig, fit_her2st, make_synthetic_cells, pearson_per_gene
 
     dev = pick_device(args.device)
     if args.synthetic_cells:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cell-level Pearson r (log1p): {pearson_per_gene(torch.log1p(o['expr']), torch.log1p(tgt)).mean():.3f}")
         return 0
 
-    from ghist_core.model.her2st import SpotPack
+    from ghist_core.training.her2st import SpotPack
 
     pack = SpotPack.load(args.pack)
     if args.from_run:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"--budget-s {meta['train_config']['time_budget_s']:.0f}  (fold 'final': all 1193 spots)")}}
         card = card_for(pack, config, meta["train_config"], command, metrics_from_bench(bench) if bench else None, extra)
     else:
-        from ghist_core.model.train import TrainConfig as TC
+        from ghist_core.training.ghist import TrainConfig as TC
 
         ckpt = args.checkpoint_dir
         if ckpt and not args.resume and (Path(ckpt) / "last.pt").exists():

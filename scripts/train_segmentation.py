@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ghist_core.atomic import atomic_write_text  # noqa: E402
+from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.device import autocast_for, pick_device  # noqa: E402
 from ghist_core.paths import shared_data_dir  # noqa: E402
-from ghist_core.segmentation.data import (DATA_MPP, load_split, split_by_tile, hv_targets)  # noqa: E402
-from ghist_core.segmentation.metrics import SegCounts, seg_counts  # noqa: E402
+from ghist_core.training.segmentation_data import (DATA_MPP, load_split, split_by_tile, hv_targets)  # noqa: E402
+from ghist_core.training.segmentation_metrics import SegCounts, seg_counts  # noqa: E402
 from ghist_core.segmentation.model import LearnedSegmenter, SegNet, SegNetConfig  # noqa: E402
 from ghist_core.segmentation.postprocess import PostProcessConfig  # noqa: E402
 
@@ -243,7 +243,7 @@ def write_final(model: SegNet, out: Path, result: dict) -> Path:
     """``final.safetensors`` (fp16, small enough to ship) + ``final.json`` card the loader reads."""
     from safetensors.torch import save_file
 
-    from ghist_core.hashing import sha256_file
+    from ghist_core.io.hashing import sha256_file
 
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}

@@ -75,7 +75,7 @@ def small_slide_png(tmp_path_factory, demo_slide: Path) -> Path:
     """A 700 x 700 px crop (≈ 350 µm square, 0.499 µm/px) of the demo slide, as PNG."""
     from PIL import Image
 
-    from ghist_core.slide import open_slide
+    from ghist_core.io.slide import open_slide
 
     out = tmp_path_factory.mktemp("small_slide") / "crop.png"
     with open_slide(demo_slide) as s:

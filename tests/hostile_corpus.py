@@ -465,8 +465,8 @@ def _check(cond: bool, what: str) -> None:
 
 def _run_slide_case(case: Case, root: Path, work: Path) -> list[str]:
     from ghist_core.errors import GhistError
-    from ghist_core.slide import open_slide
-    from ghist_core.store import Project
+    from ghist_core.io.slide import open_slide
+    from ghist_core.project.store import Project
 
     typed: list[str] = []
     path = root / case.file
@@ -525,9 +525,9 @@ def _is_formula(cell: str) -> bool:
 
 
 def _run_clinical_case(case: Case, root: Path, work: Path) -> list[str]:
-    from ghist_core.clinical import ColumnMapping, guess_mapping, read_clinical_table, safe_csv_bytes, validate_survival
+    from ghist_core.analysis.clinical import ColumnMapping, guess_mapping, read_clinical_table, safe_csv_bytes, validate_survival
     from ghist_core.errors import GhistError
-    from ghist_core.store import Project
+    from ghist_core.project.store import Project
 
     typed: list[str] = []
     path = root / case.file

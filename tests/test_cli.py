@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ghist_core.cli import EXIT_INPUT, EXIT_USAGE, main
-from ghist_core.cohort_runner import read_manifest
+from ghist_core.pipeline.cohort import read_manifest
 from ghist_core.errors import ClinicalTableError
 
 

@@ -1,19 +1,19 @@
 """The GHIST model: per-cell expression, cell type, neighbourhood and morphology from H&E.
 
 ``load_ghist()`` gives a ready :class:`GhistModel`; ``model.predict(slide, cells)`` returns an
-AnnData (cells × genes). Training lives in :mod:`.train`, HER2ST preparation in :mod:`.her2st`.
+AnnData (cells × genes). Training lives in :mod:`ghist_core.training`.
 """
 
 from __future__ import annotations
 
-from .network import GhistConfig, GhistNet, PatchRegressor
+from ghist_core.model.network import GhistConfig, GhistNet, PatchRegressor
 
 __all__ = ["GhistConfig", "GhistNet", "PatchRegressor", "GhistModel", "load_ghist"]
 
 
 def __getattr__(name: str):  # predict pulls in anndata; keep training imports light
     if name in ("GhistModel", "load_ghist"):
-        from . import predict
+        from ghist_core.model import predict
 
         return getattr(predict, name)
     raise AttributeError(name)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pooling import pool_cells, radius_neighbour_mean, relabel_batch, segment_mean, segment_sum
+from ghist_core.model.pooling import pool_cells, radius_neighbour_mean, relabel_batch, segment_mean, segment_sum
 
 __all__ = ["GhistConfig", "GhistNet", "PatchRegressor", "Encoder", "MORPH_FEATURES"]
 

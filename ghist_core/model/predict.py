@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ghist_core.hashing import sha256_file
+from ghist_core.io.hashing import sha256_file
 from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError, WeightsIntegrityError
 
-from .network import GhistConfig, GhistNet
-from .pooling import N_RAYS, rasterise_stars
+from ghist_core.model.network import GhistConfig, GhistNet
+from ghist_core.model.pooling import N_RAYS, rasterise_stars
 
 __all__ = ["GhistModel", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS"]
 
@@ -180,7 +180,7 @@ class GhistModel:
         Parameters
         ----------
         slide
-            A ``ghist_core.slide.Slide`` (or anything with ``mpp``, ``dimensions`` and
+            A ``ghist_core.io.slide.Slide`` (or anything with ``mpp``, ``dimensions`` and
             ``read_region_mpp`` / ``read_region``).
         cells
             The segmentation table: ``x_um``, ``y_um`` and ``ray_00..ray_15`` (µm); without rays
@@ -402,7 +402,7 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
     """Load GHIST weights (safetensors + JSON card, sha256-checked) ready to ``predict``.
 
     ``path`` points at a ``.safetensors`` file with its card beside it; otherwise
-    ``model_id`` is resolved by :func:`ghist_core.weights.resolve_weights` (``None`` =
+    ``model_id`` is resolved by :func:`ghist_core.weights.resolve.resolve_weights` (``None`` =
     the bundled ``ghist-her2st``, then the project's Hub repo).
     """
     from safetensors.torch import load_file
@@ -424,7 +424,7 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
         if card["sha256"] != sha:
             raise WeightsIntegrityError(f"{wp.name} does not match the sha256 in its card; the file is damaged or replaced.")
     else:
-        from ghist_core.weights import resolve_weights
+        from ghist_core.weights.resolve import resolve_weights
 
         r = resolve_weights(model_id, name=MODEL_NAME, kind="ghist")
         wp, card, sha = r.weights_path, r.card, r.sha256
@@ -442,13 +442,13 @@ def save_ghist(net: GhistNet, folder: str | Path, card: Mapping[str, Any], name:
     full = {"kind": "ghist", "name": name, **dict(card)}
     full["config"] = {**net.cfg.to_dict(), **dict(card.get("config", {}))}
     try:
-        from ghist_core.weights import save_weights
+        from ghist_core.weights.resolve import save_weights
 
         return save_weights(state, folder, name, full).weights_path
     except ImportError:  # pragma: no cover - weights module absent
         from safetensors.torch import save_file
 
-        from ghist_core.atomic import atomic_path, atomic_write_text
+        from ghist_core.io.atomic import atomic_path, atomic_write_text
 
         folder = Path(folder)
         wp = folder / f"{name}.safetensors"

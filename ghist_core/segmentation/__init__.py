@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from .classical import ClassicalConfig, ClassicalSegmenter
-from .tiling import ArraySlide, MppWarning
+from ghist_core.segmentation.classical import ClassicalConfig, ClassicalSegmenter
+from ghist_core.segmentation.tiling import ArraySlide, MppWarning
 
 __all__ = ["load_segmenter", "ClassicalSegmenter", "ClassicalConfig", "ArraySlide", "MppWarning"]
 
@@ -24,6 +24,6 @@ def load_segmenter(model_id: str | None = None, device: str = "auto", kind: str 
         return ClassicalSegmenter()
     if kind != "learned":
         raise ValueError(f"kind must be 'learned' or 'classical', got {kind!r}")
-    from .model import load_learned_segmenter
+    from ghist_core.segmentation.model import load_learned_segmenter
 
     return load_learned_segmenter(model_id, device=device)

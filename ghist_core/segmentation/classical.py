@@ -16,8 +16,8 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
-from .features import measure_instances, relabel_sequential
-from .tiling import (ArraySlide, ProgressFn, SlideLike, check_mpp, check_rgb, is_background, read_working_tile,
+from ghist_core.segmentation.features import measure_instances, relabel_sequential
+from ghist_core.segmentation.tiling import (ArraySlide, ProgressFn, SlideLike, check_mpp, check_rgb, is_background, read_working_tile,
                      resample_labels, resample_rgb, run_tiled, tile_grid, warn_if_far, working_shape)
 
 # Ruifrok & Johnston H&E-DAB stain vectors (rows: H, E, DAB), as skimage.color.rgb2hed uses.

@@ -23,17 +23,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..device import autocast_for, pick_device
-from ..errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
-from ..hashing import sha256_file
-from ..paths import BUNDLED_WEIGHTS_DIR
-from .data import CONSEP_TYPES
-from .features import measure_instances, relabel_sequential
-from .postprocess import PostProcessConfig, hv_watershed
-from .tiling import (ProgressFn, SlideLike, check_mpp, check_rgb, resample_labels, resample_rgb, run_tiled,
+from ghist_core.device import autocast_for, pick_device
+from ghist_core.errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
+from ghist_core.io.hashing import sha256_file
+from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+from ghist_core.segmentation.features import measure_instances, relabel_sequential
+from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
+from ghist_core.segmentation.tiling import (ProgressFn, SlideLike, check_mpp, check_rgb, resample_labels, resample_rgb, run_tiled,
                      warn_if_far, working_shape)
 
 DEFAULT_WEIGHTS = "nuclei-seg"
+#: CoNSeP's four nucleus classes, in the order of the type head's channels 1..4.
+CONSEP_TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .features import relabel_sequential
+from ghist_core.segmentation.features import relabel_sequential
 
 
 @dataclass

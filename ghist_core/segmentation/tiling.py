@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidMppError, ModelInputError
+from ghist_core.errors import InvalidMppError, ModelInputError
 
 ProgressFn = Callable[[float, str], None]
 
@@ -96,7 +96,7 @@ def is_background(rgb: np.ndarray, *, white: int = 215, min_fraction: float = 0.
 
 
 class SlideLike(Protocol):
-    """What ``segment_slide`` needs from a slide (``ghist_core.slide.Slide`` provides it)."""
+    """What ``segment_slide`` needs from a slide (``ghist_core.io.slide.Slide`` provides it)."""
 
     dimensions: tuple[int, int]
     mpp: float

@@ -1,0 +1,1 @@
+"""Cohort analysis on predicted slides: clinical tables, patient features, groups, survival, tests."""

@@ -1,0 +1,1 @@
+"""Pixel-level image operations: stain separation and normalisation, tissue detection."""

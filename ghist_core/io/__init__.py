@@ -1,0 +1,1 @@
+"""Reading and writing files: slide backends behind one ``Slide``, atomic writes, checksums."""

@@ -1,0 +1,1 @@
+"""Slide → cells → AnnData, in checkpointed blocks; the run worker and the cohort runner."""

@@ -1,0 +1,385 @@
+"""Slide → nuclei → GHIST prediction → ``.h5ad`` + grid summary, resumable.
+
+The slide is cut into square *blocks* (about half a millimetre). Each block is
+segmented (read with a margin so nuclei on its edge are whole; a nucleus
+belongs to the block whose core holds its centroid), predicted, and written as
+its own checkpoint file. A killed run restarts at the first missing block and,
+since every block is computed the same way, ends with the same output as an
+uninterrupted run. Memory depends on the block size, never on the slide size.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ghist_core.io.atomic import atomic_write_with, remove_temporaries
+from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
+from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
+from ghist_core.io.slide import Slide, open_slide
+from ghist_core.project.store import Project
+from ghist_core.imaging.tissue import boxes_in_tissue
+
+STAGES: tuple[str, ...] = ("open", "tissue", "segment+predict", "write")
+#: Share of the whole run each stage takes, for one overall progress bar.
+_STAGE_WEIGHT = {"open": 0.02, "tissue": 0.03, "segment+predict": 0.9, "write": 0.05}
+
+
+@dataclass
+class PipelineConfig:
+    """Settings recorded with every run so its output can be reproduced."""
+
+    block_um: float = 512.0          # side of one checkpointed block
+    margin_um: float = 24.0          # read around a block so edge nuclei are whole
+    tissue_thumbnail_px: int = 1024  # longest side of the thumbnail the tissue mask uses
+    min_tissue_fraction: float = 0.02  # a block with less tissue than this is skipped
+    grid_sizes_um: tuple[float, ...] = DEFAULT_GRID_SIZES_UM
+    batch_size: int = 16
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> "PipelineConfig":
+        known = {k: v for k, v in (params or {}).items() if k in cls.__dataclass_fields__}
+        if "grid_sizes_um" in known:
+            known["grid_sizes_um"] = tuple(float(v) for v in known["grid_sizes_um"])
+        return cls(**known)
+
+
+@dataclass
+class ProgressEvent:
+    stage: str
+    fraction: float          # within the stage, 0..1
+    overall: float           # whole run, 0..1
+    message: str = ""
+    eta_s: float | None = None
+
+
+@dataclass
+class PredictionResult:
+    run_id: int
+    slide_id: int
+    h5ad_path: Path
+    grid_path: Path
+    n_cells: int
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    x_um: float
+    y_um: float
+    w_um: float
+    h_um: float
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+class _Reporter:
+    """Turns stage fractions into overall progress + ETA, and records them in the store."""
+
+    def __init__(self, project: Project | None, run_id: int | None, callback: ProgressFn | None):
+        self.project, self.run_id, self.callback = project, run_id, callback
+        self.t0 = time.monotonic()
+        self._last_store = 0.0
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        done = sum(_STAGE_WEIGHT[s] for s in STAGES[: STAGES.index(stage)])
+        overall = min(1.0, done + _STAGE_WEIGHT[stage] * max(0.0, min(1.0, fraction)))
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed * (1 - overall) / overall if overall > 0.05 else None
+        event = ProgressEvent(stage, fraction, overall, message, eta)
+        now = time.monotonic()
+        if self.project is not None and self.run_id is not None and (now - self._last_store > 0.5 or fraction >= 1):
+            self._last_store = now
+            self.project.update_run(self.run_id, stage=stage, progress=overall, message=message)
+        if self.callback is not None:
+            self.callback(event)
+
+
+def plan_blocks(slide: Slide, config: PipelineConfig) -> list[Block]:
+    """Blocks covering tissue, in a fixed row-major order (the order checkpoints follow)."""
+    w_um, h_um = slide.dimensions[0] * slide.mpp, slide.dimensions[1] * slide.mpp
+    mask, downsample = slide.tissue_mask(config.tissue_thumbnail_px)
+    if not mask.any():
+        raise NoTissueError(
+            "No tissue was found on this slide (it looks blank or overexposed). "
+            "Check that the right file was uploaded."
+        )
+    ys, xs = np.meshgrid(np.arange(0.0, h_um, config.block_um), np.arange(0.0, w_um, config.block_um), indexing="ij")
+    xs, ys = xs.ravel(), ys.ravel()
+    ws, hs = np.minimum(config.block_um, w_um - xs), np.minimum(config.block_um, h_um - ys)
+    boxes = np.stack([xs, ys, ws, hs], axis=1) / slide.mpp  # level-0 pixels
+    keep = boxes_in_tissue(mask, boxes, downsample, min_fraction=config.min_tissue_fraction)
+    if not keep.any():
+        raise NoTissueError("Too little tissue was found on this slide to analyse.")
+    return [Block(i, float(x), float(y), float(w), float(h)) for i, (x, y, w, h) in enumerate(zip(xs[keep], ys[keep], ws[keep], hs[keep]))]
+
+
+def _read_block(slide: Slide, block: Block, mpp: float, margin_um: float) -> tuple[np.ndarray, float, float]:
+    """RGB of a block plus margin at ``mpp``; returns (rgb, origin_x_um, origin_y_um)."""
+    w_um, h_um = slide.dimensions[0] * slide.mpp, slide.dimensions[1] * slide.mpp
+    x0 = max(0.0, block.x_um - margin_um)
+    y0 = max(0.0, block.y_um - margin_um)
+    x1 = min(w_um, block.x_um + block.w_um + margin_um)
+    y1 = min(h_um, block.y_um + block.h_um + margin_um)
+    size = (max(1, int(round((x1 - x0) / mpp))), max(1, int(round((y1 - y0) / mpp))))
+    loc = (int(round(x0 / slide.mpp)), int(round(y0 / slide.mpp)))
+    rgb = slide.read_region_mpp(loc, size, mpp)
+    return rgb, loc[0] * slide.mpp, loc[1] * slide.mpp
+
+
+def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float, float], mpp: float) -> pd.DataFrame:
+    """Nuclei whose centroid lies in the block's core, with centroids in slide µm.
+
+    The block (with its margin) goes through the segmenter's own tiled loop, so
+    seams inside a block are merged the same way as on a whole slide.
+    """
+    from ghist_core.segmentation import ArraySlide
+
+    kw = {}
+    if getattr(segmenter, "one_tile_per_block", False):
+        # the block's margin is the network's context: one forward pass over the whole block,
+        # not 2 x 2 overlapping tiles (3.4x the pixels for a 512 µm block)
+        kw = {"tile_px": -(-max(rgb.shape[:2]) // segmenter.stride) * segmenter.stride, "overlap_px": 0}
+    cells = segmenter.segment_slide(ArraySlide(rgb, mpp), **kw).copy()
+    cells["x_um"] = origin[0] + cells["x_um"].to_numpy()
+    cells["y_um"] = origin[1] + cells["y_um"].to_numpy()
+    core = (
+        (cells["x_um"] >= block.x_um)
+        & (cells["x_um"] < block.x_um + block.w_um)
+        & (cells["y_um"] >= block.y_um)
+        & (cells["y_um"] < block.y_um + block.h_um)
+    )
+    cells = cells.loc[core].reset_index(drop=True)
+    cells["cell_id"] = np.int64(block.index) * 1_000_000 + np.arange(len(cells), dtype=np.int64)
+    return cells
+
+
+def _block_path(run_dir: Path, block: Block) -> Path:
+    return run_dir / "blocks" / f"block_{block.index:06d}.h5ad"
+
+
+def _prefetch(slide: Slide, blocks: list[Block], mpp: float, margin_um: float) -> Iterator[tuple[Block, np.ndarray, tuple[float, float]]]:
+    """Decode the next block in a background thread while the current one computes."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ghist-read") as pool:
+        futures = [pool.submit(_read_block, slide, blocks[0], mpp, margin_um)] if blocks else []
+        for i, block in enumerate(blocks):
+            if i + 1 < len(blocks):
+                futures.append(pool.submit(_read_block, slide, blocks[i + 1], mpp, margin_um))
+            rgb, ox, oy = futures[i].result()
+            futures[i] = None  # release the decoded block
+            yield block, rgb, (ox, oy)
+
+
+def run_blocks(
+    slide: Slide,
+    segmenter,
+    model,
+    run_dir: Path,
+    config: PipelineConfig,
+    report: Callable[[str, float, str], None] = lambda *a: None,
+    cancel: threading.Event | None = None,
+) -> tuple[list[Path], dict]:
+    """Segment and predict every tissue block not yet checkpointed in ``run_dir``."""
+    timings = {"read_s": 0.0, "segment_s": 0.0, "predict_s": 0.0}
+    blocks = plan_blocks(slide, config)
+    paths = [_block_path(run_dir, b) for b in blocks]
+    remove_temporaries(run_dir / "blocks")  # a killed earlier attempt's; this process now owns the run
+    todo = [b for b, p in zip(blocks, paths) if not p.exists()]
+    n_done = len(blocks) - len(todo)
+    report("segment+predict", n_done / max(1, len(blocks)), f"{n_done} of {len(blocks)} blocks already done")
+    seg_mpp = float(getattr(segmenter, "mpp", slide.mpp))
+    t_read = time.perf_counter()
+    for block, rgb, origin in _prefetch(slide, todo, seg_mpp, config.margin_um):
+        timings["read_s"] += time.perf_counter() - t_read
+        if cancel is not None and cancel.is_set():
+            raise RunCancelledError("The run was cancelled; finished blocks are kept and it can be resumed.")
+        t = time.perf_counter()
+        cells = segment_block(segmenter, block, rgb, origin, seg_mpp)
+        timings["segment_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        adata = model.predict(slide, cells, batch_size=config.batch_size)
+        timings["predict_s"] += time.perf_counter() - t
+        adata.uns.pop("ghist", None)  # the card is added once, to the merged result
+        atomic_write_with(_block_path(run_dir, block), lambda p: adata.write_h5ad(p))
+        n_done += 1
+        report("segment+predict", n_done / len(blocks), f"block {n_done} of {len(blocks)}: {adata.n_obs} cells")
+        t_read = time.perf_counter()
+    return paths, timings
+
+
+def merge_blocks(paths: list[Path]) -> ad.AnnData:
+    parts = [ad.read_h5ad(p) for p in paths]
+    parts = [p for p in parts if p.n_vars] or parts
+    merged = ad.concat(parts, join="outer", merge="first", index_unique=None) if parts else ad.AnnData()
+    merged.obs_names = [f"cell_{i}" for i in merged.obs["cell_id"].to_numpy()] if "cell_id" in merged.obs else merged.obs_names
+    return merged
+
+
+def results_dir(project: Project, slide_id: int) -> Path:
+    return project.folder / "results" / f"slide_{slide_id}"
+
+
+def check_segmenter_fits(model, segmenter) -> None:
+    """Fail before any work when the model reads per-cell columns the segmenter does not write."""
+    provided = {f"prob_{t}" for t in getattr(segmenter, "type_names", ())}
+    missing = [c for c in getattr(model, "cell_inputs", ()) if c not in provided]
+    if missing:
+        from ghist_core.errors import ModelInputError
+
+        raise ModelInputError(
+            f"This GHIST model reads each nucleus' type probabilities from the learned segmenter ({', '.join(missing)}); "
+            "the chosen segmenter does not provide them. Choose the learned segmenter, or a model without cell inputs.")
+
+
+def predict_slide(
+    slide_id: int,
+    project: Project,
+    *,
+    model_id: str | None = None,
+    segmenter_id: str | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    run_id: int | None = None,
+    config: PipelineConfig | None = None,
+    segmenter=None,
+    model=None,
+) -> PredictionResult:
+    """Run the whole pipeline on a slide already in the project; resume ``run_id`` if given.
+
+    Returns
+    -------
+    PredictionResult with the ``.h5ad`` (cells × genes) and grid summary paths.
+    The run, its stage/progress, timings and result files are recorded in the store.
+    """
+    from ghist_core.device import pick_device
+
+    if config is None and run_id is not None:  # a resumed run keeps the settings it started with
+        config = PipelineConfig.from_params(project.get_run(run_id).params.get("pipeline"))
+    config = config or PipelineConfig()
+    record = project.get_slide(slide_id)
+    dev = pick_device(device)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if model is None or segmenter is None:
+        from ghist_core.model import load_ghist
+        from ghist_core.segmentation import load_segmenter
+
+        model = model or load_ghist(model_id, device=str(dev))
+        if segmenter is None:
+            if segmenter_id == "classical":  # the fast QuPath-style baseline, no weights needed
+                segmenter = load_segmenter(kind="classical")
+            else:
+                segmenter = load_segmenter(segmenter_id, device=str(dev))
+    check_segmenter_fits(model, segmenter)
+    weights_sha = getattr(model, "weights_sha256", "") or ""
+    params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id, "segmenter_id": segmenter_id}
+    if run_id is None:
+        run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256=weights_sha, device=str(dev), params=params)
+    else:
+        project.resume_run(run_id)
+        params = {**project.get_run(run_id).params, **params}
+    report = _Reporter(project, run_id, progress)
+    try:
+        report("open", 0.0, "opening slide")
+        t = time.perf_counter()
+        slide = open_slide(project.slide_path(slide_id), mpp=record.mpp)
+        timings["open_s"] = time.perf_counter() - t
+        report("open", 1.0, f"{slide.dimensions[0]}×{slide.dimensions[1]} px at {slide.mpp:.3f} µm/px")
+        with slide:
+            report("tissue", 0.0, "finding tissue")
+            run_dir = project.run_dir(run_id)
+            paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config, report, cancel)
+            timings.update(block_timings)
+            report("write", 0.0, "merging blocks")
+            t = time.perf_counter()
+            adata = merge_blocks(paths)
+            card = dict(getattr(model, "card", {}) or {})
+            adata.uns["ghist"] = _jsonable(
+                {
+                    "model_card": card,
+                    "expression_units": card.get("expression_units", ""),
+                    "weights_sha256": weights_sha,
+                    "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or "",
+                    "slide_sha256": record.sha256,
+                    "slide_id": int(slide_id),
+                    "run_id": int(run_id),
+                    "mpp": float(slide.mpp),
+                    "params": params,
+                    "device": str(dev),
+                }
+            )
+            out_dir = results_dir(project, slide_id)
+            h5ad_path = out_dir / f"run_{run_id}.h5ad"
+            grid_path = out_dir / f"run_{run_id}.grid.h5"
+            timings["total_s"] = time.perf_counter() - t_start
+            adata.uns["ghist"]["timings"] = {k: float(v) for k, v in timings.items()}
+            atomic_write_with(h5ad_path, lambda p: adata.write_h5ad(p, compression="gzip"))
+            write_grid(grid_path, build_grid_pyramid(adata, config.grid_sizes_um))
+            timings["write_s"] = time.perf_counter() - t
+            timings["total_s"] = time.perf_counter() - t_start
+            project.add_result_file(run_id, "h5ad", h5ad_path)
+            project.add_result_file(run_id, "grid", grid_path)
+            project.finish_run(run_id, n_cells=int(adata.n_obs), timings=timings)
+            report("write", 1.0, f"done: {adata.n_obs} cells")
+            return PredictionResult(run_id, slide_id, h5ad_path, grid_path, int(adata.n_obs), timings)
+    except RunCancelledError:
+        project.cancel_run(run_id)
+        raise
+    except GhistError as exc:
+        project.fail_run(run_id, str(exc))
+        raise
+    except OSError as exc:
+        message = f"Could not write results ({exc.strerror or exc}). Check free disk space and permissions."
+        project.fail_run(run_id, message)
+        raise StoreError(message) from exc
+    except Exception as exc:  # unexpected: keep the store consistent, then re-raise
+        project.fail_run(run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def latest_finished_run(project: Project, slide_id: int):
+    run = project.latest_run(slide_id, status="finished")
+    if run is None:
+        raise StoreError("This slide has no finished prediction yet. Run it from the Upload & predict page.")
+    return run
+
+
+def load_prediction(project: Project, slide_id: int) -> ad.AnnData:
+    """The cells × genes AnnData of the slide's latest finished run."""
+    run = latest_finished_run(project, slide_id)
+    return ad.read_h5ad(project.result_files(run.run_id)["h5ad"])
+
+
+def load_grid(project: Project, slide_id: int) -> dict[float, ad.AnnData]:
+    run = latest_finished_run(project, slide_id)
+    return read_grid(project.result_files(run.run_id)["grid"])
+
+
+def slide_overview_image(project: Project, slide_id: int, max_px: int = 2048) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """A thumbnail and its bounds in µm ``(left, top, right, bottom)`` for a map's bitmap layer."""
+    record = project.get_slide(slide_id)
+    with open_slide(project.slide_path(slide_id), mpp=record.mpp) as slide:
+        thumb = slide.thumbnail(max_px)
+        w_um, h_um = slide.dimensions[0] * slide.mpp, slide.dimensions[1] * slide.mpp
+    return thumb, (0.0, 0.0, float(w_um), float(h_um))

@@ -1,0 +1,1 @@
+"""Helpers for tests and local mirrors (never imported by the product code)."""

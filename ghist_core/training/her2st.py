@@ -1,0 +1,266 @@
+"""HER2ST (Andersson et al. 2021) for GHIST: sections, genes, spot patches, targets, packs.
+
+Data: ``shared/data/her2st`` (no licence stated by the authors: research use, cite the
+paper). Only sections B4, C2–C6 (patients B and C) have H&E images, at ≈0.688 µm/px.
+
+Rules stated once here and recorded in the model card:
+
+* **Genes** (:func:`select_genes`): among genes present in all 36 count matrices and detected
+  (count > 0) in ≥ 10 % of the spots of the 30 sections *without* an image, the 250 with the
+  largest variance of ``log1p(CP10k)`` over those spots. The image sections (the ones we
+  train and evaluate on) never influence the choice. Clinical markers present in all six
+  imaged sections are appended (predicted by the bundled model, not part of the evaluation).
+* **Spot target**: ``log1p(1e4 · counts / spot total over all genes)`` (CP10k, log1p).
+* **Cells of a spot**: nucleus centroid within 50 µm of the spot centre.
+* **Patches**: 256 × 256 px at 0.5 µm/px (128 µm) centred on each spot, bilinear resampling.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "IMAGE_SECTIONS",
+    "HER2ST_MPP",
+    "CLINICAL_MARKERS",
+    "list_sections",
+    "load_counts",
+    "load_section",
+    "select_genes",
+    "log_cp10k",
+    "extract_patch",
+    "SpotPack",
+    "nucleus_type_inputs",
+]
+
+IMAGE_SECTIONS: tuple[str, ...] = ("B4", "C2", "C3", "C4", "C5", "C6")
+HER2ST_MPP = 0.688  # from the 200 µm spot pitch ≈ 290.8 px (README of the data)
+#: Clinically used markers appended to the HVGs when present in HER2ST.
+CLINICAL_MARKERS: tuple[str, ...] = (
+    "ERBB2", "GRB7", "ESR1", "PGR", "MKI67", "TOP2A", "EPCAM", "KRT5", "KRT14", "KRT17",
+    "KRT8", "KRT18", "CD3E", "CD4", "CD8A", "MS4A1", "CD19", "CD68", "CD163", "PTPRC",
+    "FOXP3", "PDCD1", "CD274", "FOXA1", "GATA3", "AR", "VIM", "ACTA2", "PECAM1", "COL1A1",
+)
+
+
+def list_sections(root: str | Path) -> list[str]:
+    """All section ids with a count matrix (A1 … H3)."""
+    return sorted(p.name.split(".")[0] for p in (Path(root) / "counts").glob("*.tsv.gz"))
+
+
+def load_counts(root: str | Path, section: str) -> pd.DataFrame:
+    """Spots × genes integer counts of one section (index ``<x>x<y>``)."""
+    return pd.read_csv(Path(root) / "counts" / f"{section}.tsv.gz", sep="\t", index_col=0)
+
+
+def load_section(root: str | Path, section: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Counts and spot coordinates aligned by the ``x``/``y`` array position (not row order)."""
+    counts = load_counts(root, section)
+    spots = pd.read_csv(Path(root) / "spots" / f"{section}_selection.tsv", sep="\t")
+    spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
+    spots = spots[~spots.index.duplicated()]
+    common = counts.index.intersection(spots.index)
+    return counts.loc[common], spots.loc[common]
+
+
+def log_cp10k(counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """The spot target: ``log1p(1e4 · counts / total)`` with the total over *all* genes."""
+    return np.log1p(1e4 * np.asarray(counts, dtype=np.float64) / np.maximum(np.asarray(totals, dtype=np.float64), 1.0)[:, None])
+
+
+def select_genes(
+    root: str | Path,
+    n_hvg: int = 250,
+    min_detect: float = 0.10,
+    markers: tuple[str, ...] = CLINICAL_MARKERS,
+) -> tuple[list[str], list[str]]:
+    """The evaluated HVGs and the clinical markers added for the bundled model (see module doc).
+
+    Returns ``(hvgs, extra_markers)``; markers already among the HVGs are not repeated.
+    """
+    sections = list_sections(root)
+    mats = {s: load_counts(root, s) for s in sections}
+    shared = set.intersection(*(set(m.columns) for m in mats.values()))
+    genes = sorted(shared)
+    select_from = [s for s in sections if s not in IMAGE_SECTIONS]
+    x = np.concatenate([mats[s].reindex(columns=genes).to_numpy(np.float64) for s in select_from])
+    tot = np.concatenate([mats[s].to_numpy(np.float64).sum(1) for s in select_from])
+    detect = (x > 0).mean(0)
+    y = log_cp10k(x, tot)
+    var = y.var(0)
+    var[detect < min_detect] = -np.inf
+    order = np.argsort(-var, kind="stable")[:n_hvg]
+    hvgs = [genes[i] for i in order]
+    imaged = set.intersection(*(set(mats[s].columns) for s in IMAGE_SECTIONS if s in mats))
+    extra = [g for g in markers if g in imaged and g not in hvgs]
+    return hvgs, extra
+
+
+def extract_patch(image, x_px: float, y_px: float, src_mpp: float, mpp: float = 0.5, size: int = 256) -> np.ndarray:
+    """A ``size``² RGB patch at ``mpp`` centred on ``(x_px, y_px)`` of a PIL image at ``src_mpp``."""
+    from PIL import Image
+
+    half = size * mpp / src_mpp / 2.0
+    box = (x_px - half, y_px - half, x_px + half, y_px + half)
+    return np.asarray(image.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)))
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@dataclass
+class SpotPack:
+    """Everything training needs, in plain arrays (saved as one ``.npz``, no pickle).
+
+    Per spot ``i``: ``jpeg`` bytes ``jpeg_buf[jpeg_off[i]:jpeg_off[i+1]]``, ``instances[i]``
+    (uint16 label map, star contours rasterised), ``counts[i]`` (genes), ``totals[i]`` (all
+    genes), ``fractions[i]`` (NNLS cell-type fractions), ``features[i]`` (colour/texture for
+    the ridge baseline), ``section[i]``, ``patient[i]``, ``array_xy[i]``.
+    Per cell ``j``: ``cell_spot[j]``, ``cell_label[j]`` (value in the instance map),
+    ``cell_xy_px[j]``, ``cell_in_spot[j]``, ``cell_morph[j]`` (log area µm², eccentricity, solidity),
+    and optionally ``cell_inputs[j]``: per-nucleus columns of the segmentation table that a
+    model may read (named by ``cell_input_names``, e.g. the learned segmenter's ``prob_<type>``).
+    """
+
+    genes: np.ndarray
+    n_hvg: int
+    cell_types: np.ndarray
+    mpp: float
+    jpeg_buf: np.ndarray
+    jpeg_off: np.ndarray
+    instances: np.ndarray
+    counts: np.ndarray
+    totals: np.ndarray
+    fractions: np.ndarray
+    features: np.ndarray
+    section: np.ndarray
+    patient: np.ndarray
+    array_xy: np.ndarray
+    cell_spot: np.ndarray
+    cell_label: np.ndarray
+    cell_xy_px: np.ndarray
+    cell_in_spot: np.ndarray
+    cell_morph: np.ndarray
+    cell_inputs: np.ndarray | None = None
+    cell_input_names: np.ndarray | None = None
+
+    def save(self, path: str | Path) -> None:
+        from ghist_core.io.atomic import atomic_path
+
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **{k: getattr(self, k) for k in self.__dataclass_fields__
+                                           if getattr(self, k) is not None})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpotPack":
+        with np.load(path, allow_pickle=False) as z:
+            kw = {k: z[k] for k in cls.__dataclass_fields__ if k in z.files}  # older packs lack cell_inputs
+        kw["n_hvg"] = int(kw["n_hvg"])
+        kw["mpp"] = float(kw["mpp"])
+        return cls(**kw)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.counts.shape[0])
+
+    def cell_input_columns(self, names) -> np.ndarray:
+        """The ``cell_inputs`` columns ``names`` (n_cells × len(names)); a clear error when absent."""
+        have = [str(n) for n in (self.cell_input_names if self.cell_input_names is not None else [])]
+        missing = [n for n in names if n not in have]
+        if missing or self.cell_inputs is None:
+            raise KeyError(f"the pack has no per-cell input(s) {missing}; it has {have} "
+                           "(rebuild it with scripts/prepare_her2st.py)")
+        return np.ascontiguousarray(self.cell_inputs[:, [have.index(n) for n in names]], dtype=np.float32)
+
+    def images(self) -> np.ndarray:
+        """All patches decoded, ``(S, H, W, 3)`` uint8."""
+        return np.stack([decode_jpeg(self.jpeg_buf[self.jpeg_off[i]:self.jpeg_off[i + 1]].tobytes()) for i in range(self.n_spots)])
+
+    def coarsened(self, images: np.ndarray, factor: int) -> tuple["SpotPack", np.ndarray]:
+        """The pack and its decoded patches at ``factor``× the µm/px (box-averaged pixels, nuclei
+        sampled at block centres), for training at a coarser scale at a fraction of the compute."""
+        if factor == 1:
+            return self, images
+        s, h, w, _ = images.shape
+        if h % factor or w % factor:
+            raise ValueError(f"patch size {h}x{w} is not divisible by {factor}")
+        small = images.reshape(s, h // factor, factor, w // factor, factor, 3).mean((2, 4))
+        c = factor // 2
+        pack = replace(self, instances=np.ascontiguousarray(self.instances[:, c::factor, c::factor]),
+                       mpp=self.mpp * factor, cell_xy_px=self.cell_xy_px / factor)
+        return pack, np.round(small).astype(np.uint8)
+
+    def targets(self) -> np.ndarray:
+        """``log1p(CP10k)`` spot targets (S, G)."""
+        return log_cp10k(self.counts, self.totals).astype(np.float32)
+
+
+def nucleus_type_inputs(pack: SpotPack, images: np.ndarray, segmenter, batch: int = 16,
+                        progress=None) -> tuple[np.ndarray, list[str]]:
+    """Each pack nucleus' type probabilities under a learned segmenter, exactly as its cell table
+    gives them (``prob_<type>``: mean over the nucleus' pixels, renormalised over the types).
+
+    ``images`` are the pack's patches at the segmenter's µm/px; returns (n_cells × types, names).
+    """
+    from ghist_core.segmentation.features import label_type_probabilities
+
+    n = pack.n_spots
+    n_lab = int(pack.instances.max()) + 1
+    per_key = np.zeros((n * n_lab, len(segmenter.type_names)))  # row = patch * n_lab + label
+    starts = range(0, n, batch)
+    for s in (progress(starts) if progress else starts):
+        _, _, tp = segmenter.predict_batch(images[s:s + batch])
+        b = tp.shape[0]
+        key = pack.instances[s:s + b].astype(np.int64) + np.arange(b)[:, None, None] * n_lab
+        per_key[s * n_lab:(s + b) * n_lab] = label_type_probabilities(key, tp.transpose(1, 0, 2, 3), b * n_lab)
+    v = per_key[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
+    return v.astype(np.float32), [f"prob_{t}" for t in segmenter.type_names]
+
+
+def patch_features(rgb: np.ndarray) -> np.ndarray:
+    """Colour and texture descriptors of one patch (the ridge baseline's input, 60 numbers).
+
+    RGB and HED (colour deconvolution) mean/sd/10-50-90th percentiles, grey-level
+    co-occurrence statistics at 1/2/4 px (4 angles averaged), uniform-LBP histogram and
+    gradient magnitude mean/sd.
+    """
+    from skimage.color import rgb2gray, rgb2hed
+    from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
+    from skimage.filters import sobel
+
+    def stats(a: np.ndarray) -> list[float]:
+        a = a.reshape(-1, a.shape[-1])
+        q = np.percentile(a, [10, 50, 90], axis=0)
+        return [*a.mean(0), *a.std(0), *q.ravel()]
+
+    f: list[float] = []
+    f += stats(rgb.astype(np.float64) / 255.0)
+    f += stats(rgb2hed(rgb))
+    grey = rgb2gray(rgb)
+    q = np.clip((grey * 32).astype(np.uint8), 0, 31)
+    glcm = graycomatrix(q, distances=[1, 2, 4], angles=[0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=32,
+                        symmetric=True, normed=True)
+    for prop in ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM"):
+        f += list(graycoprops(glcm, prop).mean(1))
+    lbp = local_binary_pattern((grey * 255).astype(np.uint8), P=8, R=1, method="uniform")
+    f += list(np.bincount(lbp.astype(np.int64).ravel(), minlength=10)[:10] / lbp.size)
+    g = sobel(grey)
+    f += [float(g.mean()), float(g.std())]
+    return np.asarray(f, dtype=np.float32)

@@ -1,0 +1,308 @@
+"""AppTest for the Cohort & survival page: demo on first start, HER2 and stage groupings,
+the upload path (via the session key the uploader fills), feature groups without slides."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ghist_core.analysis.cohort import (
+    ByVariable,
+    compare_groups,
+    guess_mapping,
+    load_demo_clinical,
+    make_risk_groups,
+    read_clinical_table,
+    validate_survival,
+)
+
+from ghist_core.paths import REPO_DIR
+
+PAGE = str(REPO_DIR / "pages" / "cohort.py")
+
+
+def _arr(v):
+    """Plotly JSON arrays may be base64-packed ({"dtype", "bdata"})."""
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+    return np.asarray(v)
+
+
+def _figure(at, i=0) -> dict:
+    return json.loads(at.get("plotly_chart")[i].proto.spec)
+
+
+def _metrics(at) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+@pytest.fixture()
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_demo_her2_positive_vs_negative(app):
+    at = app
+    assert any("no slides here" in i.value for i in at.info)  # honest banner
+    at.selectbox(key="cohort_group_var").set_value("her2_status").run()
+    at.multiselect(key="cohort_levels").set_value(["Negative", "Positive"]).run()
+    assert not at.exception and not at.error
+    m = _metrics(at)
+    # README sanity table: HER2 IHC Pos vs Neg: n = 725, 80 deaths, χ² 4.0 (1 df), p 0.046
+    assert m["Patients"] == "725" and m["Events"] == "80"
+    assert float(m["Log-rank χ²"]) == pytest.approx(4.0, abs=0.1)
+    assert float(m["p-value"]) == pytest.approx(0.046, abs=0.002)
+    # the figure shows the same curves as ghist_core computes on the same table
+    raw = load_demo_clinical()
+    t = validate_survival(raw, guess_mapping(raw), "days", out_unit="months").table
+    g = make_risk_groups(t, ByVariable("her2_status", ("Negative", "Positive")))
+    ref = compare_groups(g.table, "time", "event", g.column)
+    n_by = t.loc[t["her2_status"].isin(["Negative", "Positive"]), "her2_status"].value_counts()
+    assert n_by.sum() == 725
+    fig = _figure(at)
+    names = sorted(tr["name"] for tr in fig["data"] if "(n=" in tr.get("name", ""))
+    assert names == [f"Negative (n={n_by['Negative']})", f"Positive (n={n_by['Positive']})"]
+    pos = next(tr for tr in fig["data"] if tr.get("name") == f"Positive (n={n_by['Positive']})")
+    km = ref.km_table()
+    assert np.allclose(_arr(pos["y"]), km.loc[km["group"] == "Positive", "survival"])
+    assert np.allclose(_arr(pos["x"]), km.loc[km["group"] == "Positive", "time"])
+    risk = [tr for tr in fig["data"] if tr.get("name", "").startswith("at risk")]
+    assert sum(int(tr["text"][0]) for tr in risk) == 725
+    # group table, reference group (largest) and Cox forest plot
+    shown = [df.value for df in at.dataframe if "events" in df.value.columns][0]
+    assert shown.set_index("group")["n"].to_dict() == n_by.to_dict()
+    assert shown["events"].sum() == 80
+    assert any("her2_status = Negative" in c_.value for c_ in at.caption)
+    forest = _figure(at, 1)
+    assert "Hazard ratios" in forest["layout"]["title"]["text"]
+    assert list(forest["data"][0]["y"]) == ["her2_status=Positive"]
+
+
+def test_demo_stage_gives_strong_separation(app):
+    at = app
+    at.selectbox(key="cohort_group_var").set_value("stage_group").run()
+    m = _metrics(at)
+    assert m["Patients"] == "1067" and m["Events"] == "140"
+    assert float(m["p-value"]) < 1e-3
+    pw = [df.value for df in at.dataframe if "p_holm" in df.value.columns]
+    assert len(pw) == 1 and len(pw[0]) == 6
+
+
+def test_upload_path_cp1252_semicolon(app):
+    at = app
+    text = ("Patient;Zeit_Monate;Status;Grad\n"
+            + "".join(f"P{i:02d};{3 + i * 1.5:.1f};{'Dead' if i % 3 else 'Alive'};"
+                      f"{'G3' if i % 2 else 'G1'}\n".replace(".", ",") for i in range(30))
+            + "P99;zehn;Dead;G1\n")
+    data = text.encode("cp1252")
+    # what the uploader feeds the page: the same call the page makes
+    df = read_clinical_table(data, "kohorte.csv")
+    assert df.attrs["encoding"] in ("utf-8", "cp1252") and df.attrs["delimiter"] == ";"
+    at.radio(key="cohort_source").set_value("My clinical table")
+    at.session_state["cohort_upload"] = ("kohorte.csv", data)
+    at.run()
+    assert not at.exception and not at.error
+    # the guesses for a German table: id, time (first numeric), event (Dead/Alive codes)
+    assert at.selectbox(key="cohort_pid").value == "Patient"
+    assert at.selectbox(key="cohort_time").value == "Zeit_Monate"
+    assert at.selectbox(key="cohort_event").value == "Status"
+    at.selectbox(key="cohort_unit_in").set_value("months").run()
+    at.selectbox(key="cohort_group_var").set_value("Grad").run()
+    m = _metrics(at)
+    assert m["Patients"] == "30"
+    assert m["Events"] == str(sum(1 for i in range(30) if i % 3))
+    problems = " ".join(md.value for md in at.markdown)
+    assert "1 of 31 rows left out" in problems and "'zehn'" in problems
+
+
+def test_feature_groups_need_slides(app):
+    at = app
+    at.radio(key="cohort_group_mode").set_value("Predicted feature: split").run()
+    assert not at.exception
+    assert any("need predicted slides" in i.value and "demo has no slides" in i.value
+               for i in at.info)
+
+
+# --------------------------------------------------------------------------- with a real store
+def _predicted_project(folder, n_patients: int, rng) -> dict[str, float]:
+    """A real project store with one small slide per patient and a finished run whose
+    .h5ad holds predicted cells (tumour share differs by patient). Returns the shares."""
+    import anndata as ad
+    import pandas as pd
+    from PIL import Image
+
+    from ghist_core.project.store import Project
+
+    project = Project.open_or_create(folder)
+    shares = {}
+    for i in range(n_patients):
+        pid = f"PT-{i:03d}"
+        png = folder.parent / f"slide_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(png)
+        rec = project.add_slide(png, patient_id=pid, mpp=0.5)
+        run = project.start_run(rec.slide_id, model_id="test", weights_sha256=None, device="cpu")
+        share = float(rng.uniform(0.1, 0.7))
+        n = 120
+        types = np.where(rng.random(n) < share, "tumour", "stroma")
+        adata = ad.AnnData(X=rng.random((n, 2)).astype(np.float32),
+                           obs=pd.DataFrame({"cell_type": types, "nbhd_tumour": rng.random(n)},
+                                            index=np.arange(n).astype(str)),
+                           var=pd.DataFrame(index=["ERBB2", "ESR1"]))
+        out = project.run_dir(run) / "cells.h5ad"
+        adata.write_h5ad(out)
+        project.add_result_file(run, "h5ad", out)
+        project.finish_run(run, n_cells=n)
+        shares[pid] = float((types == "tumour").mean())
+    return shares
+
+
+def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    projects = tmp_path / "projects"
+    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(projects))
+    shares = _predicted_project(projects / "demo", 36, rng)  # the page's default project
+    # survival depends on the predicted tumour share; 4 clinical patients have no slide
+    ids = list(shares) + [f"PT-9{i:02d}" for i in range(4)]
+    x = np.array([shares.get(p, 0.4) for p in ids])
+    t = rng.exponential(1 / (0.02 * np.exp(6 * x)))
+    c_ = rng.uniform(20, 80, len(ids))
+    csv = "patient,months,dead\n" + "".join(
+        f"{p},{min(a, b):.2f},{int(a <= b)}\n" for p, a, b in zip(ids, t, c_))
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["cohort_upload"] = ("cohort.csv", csv.encode())
+    at.run()
+    at.radio(key="cohort_source").set_value("My clinical table").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    text = " ".join(m.value for m in at.markdown) + " ".join(cp.value for cp in at.caption)
+    assert "4 of 40 patients have no predicted slide" in text
+    assert "36 patients have both clinical data and predicted slides" in text
+    at.radio(key="cohort_group_mode").set_value("Predicted feature: split").run()
+    at.selectbox(key="cohort_feature").set_value("prop_tumour").run()
+    assert not at.exception and not at.error
+    m = _metrics(at)
+    assert m["Patients"] == "36"
+    fig = _figure(at)
+    names = sorted(tr["name"] for tr in fig["data"] if "(n=" in tr.get("name", ""))
+    v = np.array(list(shares.values()))
+    n_low = int((v <= np.median(v)).sum())  # median split, ties go low (stated in the rule)
+    assert names == [f"high (n={36 - n_low})", f"low (n={n_low})"]
+    # the feature comparison section: tumour share differs between the median-split groups
+    tests = [df.value for df in at.dataframe if "q_bh" in df.value.columns][0]
+    row = tests.set_index("feature").loc["prop_tumour"]
+    assert row["test"] == "Mann–Whitney U" and row["p"] < 1e-3
+    # expression features, a threshold split and k-means clusters on predicted features
+    at.text_input(key="cohort_genes").set_value("ERBB2").run()
+    assert "expr_ERBB2" in at.selectbox(key="cohort_feature").options
+    at.text_input(key="cohort_genes").set_value("NOTAGENE").run()
+    assert any("NOTAGENE" in w.value for w in at.warning)  # clear message, page still up
+    at.text_input(key="cohort_genes").set_value("").run()
+    at.selectbox(key="cohort_feature").set_value("prop_tumour").run()
+    at.selectbox(key="cohort_split").set_value("threshold").run()
+    at.number_input(key="cohort_threshold").set_value(0.4).run()
+    assert _metrics(at)["Patients"] == "36"
+    names = sorted(tr["name"] for tr in _figure(at)["data"] if "(n=" in tr.get("name", ""))
+    n_le = int((v <= 0.4).sum())
+    assert names == [f"> 0.4 (n={36 - n_le})", f"≤ 0.4 (n={n_le})"]
+    at.radio(key="cohort_group_mode").set_value("Predicted features: k-means clusters").run()
+    at.multiselect(key="cohort_km_feats").set_value(["prop_tumour"]).run()
+    assert not at.exception and not at.error
+    names = sorted(tr["name"] for tr in _figure(at)["data"] if "(n=" in tr.get("name", ""))
+    assert [n_.split(" (")[0] for n_ in names] == ["cluster 1", "cluster 2"]
+    assert any("k-means (k=2, seed=0" in cp.value for cp in at.caption)
+    # the table can be kept in the project, unchanged
+    at.button(key="cohort_save").click().run()
+    assert any("Saved" in s.value for s in at.success)
+    from ghist_core.project.store import Project
+
+    saved = Project.open(projects / "demo").list_clinical_tables()
+    assert len(saved) == 1 and saved.loc[0, "mapping"]["time"] == "months"
+    path, _ = Project.open(projects / "demo").get_clinical_table(int(saved.loc[0, "table_id"]))
+    assert path.read_bytes() == csv.encode()
+
+
+# --------------------------------------------------------------------------- real browser
+@pytest.mark.browser
+@pytest.mark.slow
+def test_browser_upload_group_and_plot(tmp_path):
+    """streamlit run app.py on 127.0.0.1 + Chromium: upload a CSV through the real file
+    input, pick a grouping, see the KM plot and the numbers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from ghist_core.paths import REPO_DIR
+
+    rng = np.random.default_rng(5)
+    n = 60
+    grade = np.where(np.arange(n) % 2, "G3", "G1")
+    t = rng.exponential(np.where(grade == "G3", 20.0, 60.0))
+    c_ = rng.uniform(10, 90, n)
+    csv_path = tmp_path / "my_cohort.csv"
+    csv_path.write_text("patient_id;time_months;status;grade\n" + "".join(
+        f"P{i:03d};{min(a, b):.1f};{'Dead' if a <= b else 'Alive'};{g}\n".replace(".", ",")
+        for i, (a, b, g) in enumerate(zip(t, c_, grade))), encoding="cp1252")
+    events = int((t <= c_).sum())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GHIST_PROJECTS_DIR": str(tmp_path / "projects"),
+           "PYTHONPATH": str(REPO_DIR)}
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=REPO_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=["--headless", "--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+            page.goto(url + "/cohort")
+            page.wait_for_selector('[data-testid="stMetric"]', timeout=90_000)
+            page.get_by_text("My clinical table").click()
+            page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+                str(csv_path))
+            page.wait_for_selector("text=patients usable", timeout=60_000)
+            page.wait_for_selector(idle, timeout=60_000)
+            body = page.locator("body").inner_text()
+            assert f"{n} patients usable, {events} events" in body
+            metrics = page.locator('[data-testid="stMetric"]')
+            page.wait_for_selector('.js-plotly-plot .scatterlayer', timeout=60_000)
+            text = [" ".join(m.split()) for m in metrics.all_inner_texts()]
+            assert f"Patients {n}" in text and f"Events {events}" in text, text
+            legend = page.locator(".js-plotly-plot").first.locator(".legendtext").evaluate_all(
+                "els => els.map(e => e.textContent)")
+            assert sorted(legend) == ["G1 (n=30)", "G3 (n=30)"]
+            page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,107 @@
+"""A real Streamlit server on 127.0.0.1 and Debian Chromium via Playwright, for browser tests and bench/app.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StreamlitServer:
+    """``streamlit run app.py`` on 127.0.0.1 with its own project folder; stopped on exit."""
+
+    def __init__(self, projects_dir: Path, log_path: Path, port: int | None = None, ready_timeout_s: float = 60.0):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "GHIST_PROJECTS_DIR": str(projects_dir), "PYTHONPATH": str(REPO)}
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(self.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        import urllib.request
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("streamlit did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> "StreamlitServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def launch_browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def wait_app_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit has finished the current script run."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout_ms)
+
+
+def canvas_image(page, index: int = 0) -> np.ndarray:
+    """Screenshot of the n-th deck.gl map (the element, as the user sees it)."""
+    el = page.locator('[data-testid="stDeckGlJsonChart"]').nth(index)
+    el.scroll_into_view_if_needed()
+    png = el.screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def choose_gene(page, gene: str) -> None:
+    """Replace the gene selection in the sidebar multiselect with ``gene``."""
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first
+    clear = box.locator('[data-testid="stMultiSelectClearAll"], [aria-label="Clear all"], svg[title="Clear all"]')
+    if clear.count():
+        clear.first.click()
+    else:  # remove the chips one by one
+        for _ in range(4):
+            x = box.locator('[data-testid="stMultiSelectTag"] [role="presentation"], span[role="button"]')
+            if not x.count():
+                break
+            x.first.click()
+    box.locator("input").first.fill(gene)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+
+

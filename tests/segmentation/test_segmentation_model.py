@@ -1,0 +1,113 @@
+"""The bundled learned nucleus model: loads from the repo, segments real H&E, survives bad input, seams."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from ghist_core.errors import ModelInputError, WeightsIntegrityError, WeightsNotFoundError
+from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+from ghist_core.segmentation import ArraySlide, MppWarning, load_segmenter
+from ghist_core.segmentation.features import RAY_COLUMNS
+from ghist_core.io.hashing import sha256_file
+from ghist_core.io.slide import open_slide
+
+WEIGHTS = BUNDLED_WEIGHTS_DIR / "nuclei-seg.safetensors"
+
+
+@pytest.fixture(scope="module")
+def seg():
+    return load_segmenter(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_region(demo_slide):
+    with open_slide(demo_slide) as s:
+        mpp = s.mpp
+        rgb = s.read_region((900, 1300), 0, (400, 400))
+    return rgb, mpp
+
+
+def test_bundled_weights_and_card():
+    card = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    assert WEIGHTS.stat().st_size < 30e6
+    assert card["sha256"] == sha256_file(WEIGHTS)
+    for key in ("architecture", "postprocess", "mpp", "type_names", "data", "command", "metrics"):
+        assert key in card
+
+
+def test_segments_demo_tile(seg, demo_region):
+    rgb, mpp = demo_region
+    inst, cells = seg.segment_tile(rgb, mpp)
+    assert inst.shape == rgb.shape[:2] and inst.dtype == np.int32
+    # 200 x 200 µm of tissue holds tens to a few hundred nuclei
+    assert 20 <= len(cells) <= 800
+    assert sorted(cells["id"]) == list(range(1, int(inst.max()) + 1))
+    assert set(cells["type"]) <= set(seg.type_names)
+    probs = cells[[f"prob_{t}" for t in seg.type_names]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert cells["area_um2"].between(1, 600).all()
+    assert set(RAY_COLUMNS) <= set(cells.columns)
+    # nuclei are darker (more haematoxylin) than the tile on average
+    nuc = rgb[inst > 0].mean()
+    assert nuc < rgb[inst == 0].mean() - 10
+
+
+def test_blank_and_tiny_tiles(seg):
+    inst, cells = seg.segment_tile(np.full((300, 200, 3), 255, np.uint8), 0.5)
+    assert inst.shape == (300, 200) and inst.max() == 0 and len(cells) == 0
+    inst, cells = seg.segment_tile(np.full((10, 7, 3), 200, np.uint8), 0.5)   # smaller than the field
+    assert inst.shape == (10, 7)
+    inst, cells = seg.segment_tile(np.full((1, 1, 3), 255, np.uint8), 0.25)
+    assert inst.shape == (1, 1) and len(cells) == 0
+
+
+@pytest.mark.parametrize("bad", [np.zeros((64, 64), np.uint8), np.zeros((64, 64, 3), np.uint16),
+                                 np.zeros((64, 64, 3), np.float64), np.zeros((64, 64, 5), np.uint8), "tile"])
+def test_bad_input(seg, bad):
+    with pytest.raises(ModelInputError):
+        seg.segment_tile(bad, 0.5)
+
+
+def test_far_mpp_warns_and_still_works(seg, demo_region):
+    rgb, mpp = demo_region
+    with pytest.warns(MppWarning):
+        inst, cells = seg.segment_tile(rgb[:128, :128], 2.0)
+    assert inst.shape == (128, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MppWarning)
+        seg.segment_tile(rgb[:64, :64], 0.3)   # within 2x: no warning
+
+
+def test_missing_and_tampered_weights(tmp_path):
+    with pytest.raises(WeightsNotFoundError):
+        load_segmenter(str(tmp_path / "nope.safetensors"))
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(WEIGHTS.read_bytes()[:-8] + b"\0" * 8)
+    bad.with_suffix(".json").write_text(WEIGHTS.with_suffix(".json").read_text())
+    with pytest.raises(WeightsIntegrityError):
+        load_segmenter(str(bad))
+
+
+def test_seams_tiled_equals_one_pass(seg, demo_region):
+    rgb, mpp = demo_region
+    slide = ArraySlide(rgb, mpp)
+    one = seg.segment_slide(slide, tile_px=608, overlap_px=96, device="cpu")   # the 400 px region in one tile
+    progress = []
+    tiled = seg.segment_slide(slide, tile_px=448, overlap_px=96, batch_size=4,
+                              progress=lambda f, m: progress.append(f), device="cpu")
+    assert progress and progress[-1] == 1.0 and all(0 <= f <= 1 for f in progress)
+    assert len(one) > 20
+    assert abs(len(tiled) - len(one)) <= 0.01 * len(one)
+    assert tiled["cell_id"].is_unique
+    xy = tiled[["x_um", "y_um"]].to_numpy()
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    np.fill_diagonal(d, np.inf)
+    assert d.min() >= 2.0
+    # the same nuclei: almost every one-pass centroid has a tiled one within 2 µm
+    o = one[["x_um", "y_um"]].to_numpy()
+    dd = np.hypot(o[:, None, 0] - xy[None, :, 0], o[:, None, 1] - xy[None, :, 1]).min(axis=1)
+    assert (dd < 2.0).mean() > 0.95
