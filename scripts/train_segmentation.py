@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
+from ghist_core.imaging.stain import hed_jitter_torch  # noqa: E402
 from ghist_core.device import autocast_for, pick_device  # noqa: E402
 from ghist_core.paths import shared_data_dir  # noqa: E402
 from ghist_core.training.segmentation_data import (DATA_MPP, load_split, split_by_tile, hv_targets)  # noqa: E402
@@ -133,20 +134,12 @@ class DeviceData:
         return hed_jitter(x, rng), torch.cat(out[1]).contiguous(), torch.cat(out[2]).long()
 
 
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-
-
 def hed_jitter(x: torch.Tensor, rng: np.random.Generator, sigma: float = 0.08, bias: float = 0.02) -> torch.Tensor:
     """Stain augmentation (Tellez et al. 2018): scale/shift each HED channel, then brightness/contrast."""
     b = x.shape[0]
-    m = (_RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)).to(x.device)
-    minv = torch.linalg.inv(m)
-    od = -torch.log(x.clamp_min(1 / 255.0))
-    hed = torch.einsum("bchw,cd->bdhw", od, minv)
     alpha = torch.from_numpy(rng.uniform(1 - sigma, 1 + sigma, (b, 3, 1, 1))).float().to(x.device)
     beta = torch.from_numpy(rng.uniform(-bias, bias, (b, 3, 1, 1))).float().to(x.device)
-    od = torch.einsum("bdhw,dc->bchw", hed * alpha + beta, m)
-    y = torch.exp(-od)
+    y = hed_jitter_torch(x, alpha, beta, unit_vectors=True)
     contrast = torch.from_numpy(rng.uniform(0.9, 1.1, (b, 1, 1, 1))).float().to(x.device)
     bright = torch.from_numpy(rng.uniform(-0.04, 0.04, (b, 1, 1, 1))).float().to(x.device)
     return ((y - 0.5) * contrast + 0.5 + bright).clamp(0, 1)

@@ -5,17 +5,33 @@ hospital's stain see another's as out of distribution. Normalising every tile to
 reference stain (fit once on a reference image, apply tile by tile) or jittering the
 stain during training makes them robust. All maths is vectorised numpy on whole tiles.
 
-Optical density (OD) convention used throughout: ``OD = -ln((I + 1) / 256)`` for 8-bit
-intensities ``I`` (so white 255 -> 0, black 0 -> ln 256), and back
-``I = 256 * exp(-OD) - 1``. The +1 keeps black pixels finite and makes the pair an
-exact inverse.
+This module is the one home of stain maths: the classical segmenter, the HER2ST
+baseline features and both training scripts call it. Four optical-density (OD)
+conventions are in use, each kept because a bundled model or a recorded benchmark
+depends on its exact numbers:
+
+* the studio convention (``rgb_to_od``, ``hed_deconvolve``, ``hed_jitter``, Macenko):
+  ``OD = -ln((I + 1) / 256)`` for 8-bit intensities ``I`` (white 255 -> 0, black 0 ->
+  ln 256), back ``I = 256 * exp(-OD) - 1``; the +1 keeps black finite and makes the pair
+  an exact inverse; unit-length stain vectors;
+* ``haematoxylin_od``: ``-log10(max(I, 1) / 255)`` with the published (not unit-length)
+  vectors, float32, clipped at 0; the classical segmenter's thresholds are in these units;
+* ``hed_deconvolve(rgb, convention="skimage")``: scikit-image's ``rgb2hed`` numbers
+  (the HER2ST ridge baseline's colour features);
+* ``hed_jitter_torch``: the training-time version on device tensors, ``OD = -ln(max(x, 1/255))``
+  for ``x`` in 0..1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.linalg
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "RGB_FROM_HED",
@@ -25,16 +41,22 @@ __all__ = [
     "hed_deconvolve",
     "hed_reconstruct",
     "hed_jitter",
+    "hed_jitter_torch",
+    "haematoxylin_od",
+    "RUIFROK_RGB_FROM_HED",
     "MacenkoNormalizer",
     "ReinhardNormalizer",
 ]
 
-#: Ruifrok & Johnston (2001) stain OD vectors (rows: haematoxylin, eosin, DAB),
-#: normalised to unit length; the same matrix as scikit-image's ``rgb_from_hed``.
-RGB_FROM_HED = np.array(
+#: Ruifrok & Johnston (2001) stain OD vectors as published (rows: haematoxylin, eosin,
+#: DAB; rows not quite unit length): scikit-image's ``rgb_from_hed``.
+RUIFROK_RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
 )
-RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+# scipy's inverse, as scikit-image computes it (numpy's differs in the last bit of float64)
+_RUIFROK_HED_FROM_RGB = scipy.linalg.inv(RUIFROK_RGB_FROM_HED)
+#: The same vectors normalised to unit length (the studio convention).
+RGB_FROM_HED = RUIFROK_RGB_FROM_HED / np.linalg.norm(RUIFROK_RGB_FROM_HED, axis=1, keepdims=True)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 
@@ -61,12 +83,33 @@ def od_to_rgb(od: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
 
 
-def hed_deconvolve(rgb: np.ndarray) -> np.ndarray:
+def hed_deconvolve(rgb: np.ndarray, *, convention: str = "studio") -> np.ndarray:
     """Haematoxylin, eosin, DAB concentrations (H x W x 3 float64) by colour deconvolution.
 
-    Not clipped at zero, so :func:`hed_reconstruct` inverts it exactly (up to uint8 rounding).
+    ``convention="studio"`` (default): natural-log OD of ``(I + 1) / 256`` and unit stain
+    vectors, not clipped at zero, so :func:`hed_reconstruct` inverts it exactly (up to uint8
+    rounding). ``convention="skimage"``: the numbers of ``skimage.color.rgb2hed`` (OD scaled
+    by ``-ln(1e-6)``, published vectors, clipped at zero), which the HER2ST baseline uses.
     """
-    return rgb_to_od(rgb) @ HED_FROM_RGB
+    if convention == "studio":
+        return rgb_to_od(rgb) @ HED_FROM_RGB
+    if convention == "skimage":
+        f, _ = _as_float_image(rgb)
+        f = np.maximum(f * (1.0 / 255.0), 1e-6)
+        return np.maximum((np.log(f) / np.log(1e-6)) @ _RUIFROK_HED_FROM_RGB, 0.0)
+    raise ValueError(f"convention must be 'studio' or 'skimage', got {convention!r}")
+
+
+def haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
+    """Haematoxylin optical density (float32 H x W, >= 0): the classical segmenter's input.
+
+    log10 OD of ``max(I, 1) / 255`` with the published Ruifrok & Johnston vectors, in
+    float32: the segmenter's thresholds (e.g. its 0.08 floor) are in exactly these units,
+    so this convention must not follow changes to the studio one.
+    """
+    od = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
+    h = od @ _RUIFROK_HED_FROM_RGB[:, 0].astype(np.float32)
+    return np.maximum(h, 0.0)
 
 
 def hed_reconstruct(hed: np.ndarray) -> np.ndarray:
@@ -102,6 +145,28 @@ def hed_jitter(
     if a.dtype != np.uint8:
         out = out.astype(np.float32) / 255.0
     return out[0] if single else out
+
+
+def hed_jitter_torch(x: "torch.Tensor", alpha: "torch.Tensor", beta: "torch.Tensor", *,
+                     unit_vectors: bool = False) -> "torch.Tensor":
+    """HED stain jitter of a device batch for training: ``c * alpha + beta`` per stain channel.
+
+    ``x``: float (B, 3, H, W) RGB in 0..1; ``alpha``, ``beta``: (B, 3) per-image factors (the
+    caller draws them from its own generator, so its random stream is unchanged). OD is
+    ``-ln(max(x, 1/255))``; ``unit_vectors`` picks unit-length stain vectors (the
+    segmentation trainer) or the published ones (the GHIST trainer). Returns ``exp(-OD)``,
+    not clipped (callers apply colour jitter and clip once at the end).
+    """
+    import torch  # only training needs it; keep this module light
+
+    m = RGB_FROM_HED if unit_vectors else RUIFROK_RGB_FROM_HED
+    fwd = torch.as_tensor(m, dtype=torch.float32, device=x.device)
+    inv = torch.as_tensor(_RUIFROK_HED_FROM_RGB if not unit_vectors else HED_FROM_RGB, dtype=torch.float32, device=x.device)
+    b = x.shape[0]
+    od = -torch.log(x.clamp(min=1 / 255.0)).permute(0, 2, 3, 1)
+    hed = od @ inv
+    od = (hed * alpha.reshape(b, 1, 1, 3) + beta.reshape(b, 1, 1, 3)) @ fwd
+    return torch.exp(-od).permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- Macenko
@@ -253,3 +318,66 @@ class ReinhardNormalizer:
         mu = lab.reshape(-1, 3).mean(axis=0)
         sd = np.maximum(lab.reshape(-1, 3).std(axis=0), 1e-6)
         return _lab_to_rgb((lab - mu) / sd * self.target_stds_ + self.target_means_)
+
+
+# --------------------------------------------------------------------------- stain matrices
+# (appended for issue #16: stain bank, re-staining augmentation and the stain-shift benchmark)
+def macenko_stains(
+    rgb: np.ndarray, *, od_threshold: float = 0.15, alpha: float = 1.0, min_pixels: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(stain_matrix (2, 3), max_concentrations (2,))`` of one H&E image by Macenko's method.
+
+    The same estimate :class:`MacenkoNormalizer` fits. Raises ``ValueError`` when the image
+    has fewer than ``min_pixels`` stained (non-glass) pixels.
+    """
+    got = MacenkoNormalizer(od_threshold, alpha, min_pixels)._fit_image(rgb)
+    if got is None:
+        raise ValueError("The image has too little stained tissue to estimate stain vectors.")
+    return got.stain_matrix, got.max_concentrations
+
+
+def macenko_restain(
+    rgb: np.ndarray, stain_matrix: np.ndarray, max_concentrations: np.ndarray, **fit_kw
+) -> np.ndarray:
+    """``rgb`` (uint8) re-stained to a given stain matrix and concentration scale (uint8 out).
+
+    The image's own stains are estimated (Macenko), its concentrations scaled to
+    ``max_concentrations`` and recomposed with ``stain_matrix``: the transform of a
+    :class:`MacenkoNormalizer` whose reference is the given matrix instead of an image.
+    Glass (too few stained pixels) is returned unchanged.
+    """
+    norm = MacenkoNormalizer(**fit_kw)
+    norm.stain_matrix_ = np.asarray(stain_matrix, dtype=np.float64)
+    norm.max_concentrations_ = np.asarray(max_concentrations, dtype=np.float64)
+    return norm.transform(rgb)
+
+
+def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None):
+    """Batched re-staining in torch: concentrations under ``source_matrix``, ``* scale + bias``,
+    recomposed with ``target_matrix``.
+
+    ``x``: B x 3 x H x W float in 0..1 (any device); matrices: (k, 3) or (B, k, 3) OD vectors
+    of k stains (k = 2 Macenko H/E, k = 3 HED); ``scale``/``bias``: (k,) or (B, k) or None.
+    Same OD convention as :func:`rgb_to_od` (``x * 255`` as 8-bit intensity). Macenko
+    re-staining is ``scale = target_max / source_max``; HED jitter (Tellez) is
+    ``source = target = RGB_FROM_HED`` with a random per-image scale and bias. Float out, 0..1.
+    """
+    import torch
+
+    b = x.shape[0]
+    dev, dt = x.device, torch.float32
+    src = torch.as_tensor(np.asarray(source_matrix) if not torch.is_tensor(source_matrix) else source_matrix,
+                          dtype=dt, device=dev)
+    tgt = torch.as_tensor(np.asarray(target_matrix) if not torch.is_tensor(target_matrix) else target_matrix,
+                          dtype=dt, device=dev)
+    src = src.expand(b, *src.shape[-2:]) if src.ndim == 2 else src
+    tgt = tgt.expand(b, *tgt.shape[-2:]) if tgt.ndim == 2 else tgt
+    od = -torch.log((x.float().clamp(0, 1) * 255.0 + 1.0) / 256.0)  # B x 3 x H x W
+    conc = torch.einsum("bchw,bck->bkhw", od, torch.linalg.pinv(src))  # pinv: B x 3 x k
+    k = src.shape[-2]
+    if scale is not None:
+        conc = conc * torch.as_tensor(scale, dtype=dt, device=dev).reshape(-1, k, 1, 1)
+    if bias is not None:
+        conc = conc + torch.as_tensor(bias, dtype=dt, device=dev).reshape(-1, k, 1, 1)
+    od2 = torch.einsum("bkhw,bkc->bchw", conc, tgt)
+    return ((256.0 * torch.exp(-od2) - 1.0) / 255.0).clamp(0, 1)

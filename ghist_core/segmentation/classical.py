@@ -16,25 +16,10 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
+from ghist_core.imaging.stain import haematoxylin_od
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core.segmentation.tiling import (ArraySlide, ProgressFn, SlideLike, check_mpp, check_rgb, is_background, read_working_tile,
                      resample_labels, resample_rgb, run_tiled, tile_grid, warn_if_far, working_shape)
-
-# Ruifrok & Johnston H&E-DAB stain vectors (rows: H, E, DAB), as skimage.color.rgb2hed uses.
-_HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29],
-                                        [0.07, 0.99, 0.11],
-                                        [0.27, 0.57, 0.78]], dtype=np.float64))
-
-
-def haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
-    """Haematoxylin optical density (float32 H x W) by colour deconvolution.
-
-    Own 10-line implementation (log10 OD, Ruifrok-Johnston vectors) so that the thresholds
-    below keep their meaning whatever scale other stain helpers use.
-    """
-    od = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
-    h = od @ _HED_FROM_RGB[:, 0].astype(np.float32)
-    return np.maximum(h, 0.0)
 
 
 @dataclass
@@ -159,4 +144,4 @@ class ClassicalSegmenter:
         return self._threshold(np.concatenate(values))
 
 
-__all__ = ["ClassicalSegmenter", "ClassicalConfig", "haematoxylin_od", "ArraySlide"]
+__all__ = ["ClassicalSegmenter", "ClassicalConfig"]

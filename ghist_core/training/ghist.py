@@ -33,16 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ghist_core.imaging.stain import hed_jitter_torch
 from ghist_core.model.network import GhistNet, PatchRegressor
 from ghist_core.model.pooling import segment_mean
 
 __all__ = ["TrainConfig", "PatchData", "Trainer", "FitResult", "augment", "dihedral", "fit_her2st", "make_synthetic_cells",
            "pearson_per_gene", "predict_spots"]
-
-# Ruifrok & Johnston stain vectors (rows H, E, DAB) and their inverse, for HED jitter.
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
-
 
 @dataclass
 class TrainConfig:
@@ -160,12 +156,9 @@ def augment(rgb: torch.Tensor, inst: torch.Tensor, cfg: TrainConfig, gen: torch.
     x, inst = xo, io
     r = lambda *s: torch.rand(*s, generator=gen, device="cpu").to(dev)  # noqa: E731
     # HED stain jitter in optical-density space
-    od = -torch.log(x.clamp(min=1 / 255.0)).permute(0, 2, 3, 1)
-    hed = od @ _HED_FROM_RGB.to(dev)
     alpha = 1 + (r(b, 1, 1, 3) * 2 - 1) * cfg.hed_sigma
     beta = (r(b, 1, 1, 3) * 2 - 1) * cfg.hed_bias
-    od = (hed * alpha + beta) @ _RGB_FROM_HED.to(dev)
-    x = torch.exp(-od).permute(0, 3, 1, 2)
+    x = hed_jitter_torch(x, alpha, beta)
     # brightness / contrast / saturation
     mean = x.mean((1, 2, 3), keepdim=True)
     c = 1 + (r(b, 1, 1, 1) * 2 - 1) * cfg.contrast

@@ -241,7 +241,9 @@ def patch_features(rgb: np.ndarray) -> np.ndarray:
     co-occurrence statistics at 1/2/4 px (4 angles averaged), uniform-LBP histogram and
     gradient magnitude mean/sd.
     """
-    from skimage.color import rgb2gray, rgb2hed
+    from skimage.color import rgb2gray
+
+    from ghist_core.imaging.stain import hed_deconvolve
     from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
     from skimage.filters import sobel
 
@@ -252,7 +254,7 @@ def patch_features(rgb: np.ndarray) -> np.ndarray:
 
     f: list[float] = []
     f += stats(rgb.astype(np.float64) / 255.0)
-    f += stats(rgb2hed(rgb))
+    f += stats(hed_deconvolve(rgb, convention="skimage"))
     grey = rgb2gray(rgb)
     q = np.clip((grey * 32).astype(np.uint8), 0, 31)
     glcm = graycomatrix(q, distances=[1, 2, 4], angles=[0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=32,

@@ -66,6 +66,45 @@ def test_hed_channels_mean_what_they_say() -> None:
     assert np.allclose(stain.hed_deconvolve(np.full((1, 1, 3), 255, np.uint8)), 0.0)
 
 
+def test_skimage_convention_is_scikit_image_exactly(target: np.ndarray, svs_tile: np.ndarray) -> None:
+    for im in (target, svs_tile):
+        assert np.array_equal(stain.hed_deconvolve(im, convention="skimage"), rgb2hed(im))
+    with pytest.raises(ValueError, match="convention"):
+        stain.hed_deconvolve(target, convention="log2")
+
+
+def test_haematoxylin_od_is_log10_ruifrok(svs_tile: np.ndarray) -> None:
+    """The classical segmenter's units: log10 OD, published vectors, float32, clipped at 0."""
+    h = stain.haematoxylin_od(svs_tile)
+    assert h.dtype == np.float32 and h.shape == svs_tile.shape[:2] and h.min() >= 0
+    od = -np.log10(np.maximum(svs_tile.astype(np.float64), 1.0) / 255.0)
+    ref = np.maximum(od @ np.linalg.inv(stain.RUIFROK_RGB_FROM_HED)[:, 0], 0.0)
+    assert np.allclose(h, ref, atol=1e-5)
+    # scikit-image's H channel is the same quantity in other units (ln OD / -ln 1e-6 instead of log10 OD)
+    # (the two differ only for black channels: a floor of 1/255 against 1e-6)
+    sk = rgb2hed(svs_tile)[..., 0]
+    lit = svs_tile.min(axis=2) > 0
+    assert np.allclose(h[lit] * np.log(10) / -np.log(1e-6), sk[lit], atol=1e-5)
+    assert np.array_equal(stain.haematoxylin_od(np.full((2, 2, 3), 255, np.uint8)), np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("unit_vectors", [False, True])
+def test_hed_jitter_torch_matches_numpy_formula(svs_tile: np.ndarray, unit_vectors: bool) -> None:
+    torch = pytest.importorskip("torch")
+    x = np.stack([svs_tile[:64, :64], svs_tile[64:128, :64]]).transpose(0, 3, 1, 2) / 255.0
+    rng = np.random.default_rng(3)
+    alpha, beta = rng.uniform(0.9, 1.1, (2, 3)), rng.uniform(-0.05, 0.05, (2, 3))
+    got = stain.hed_jitter_torch(torch.tensor(x, dtype=torch.float32), torch.tensor(alpha, dtype=torch.float32),
+                                 torch.tensor(beta, dtype=torch.float32), unit_vectors=unit_vectors).numpy()
+    m = stain.RGB_FROM_HED if unit_vectors else stain.RUIFROK_RGB_FROM_HED
+    od = -np.log(np.maximum(x, 1 / 255.0)).transpose(0, 2, 3, 1)
+    ref = np.exp(-((od @ np.linalg.inv(m)) * alpha[:, None, None] + beta[:, None, None]) @ m).transpose(0, 3, 1, 2)
+    assert np.allclose(got, ref, atol=1e-5)
+    assert not np.allclose(got, x, atol=1e-2)  # it did change the colours
+    same = stain.hed_jitter_torch(torch.tensor(x, dtype=torch.float32), torch.ones(2, 3), torch.zeros(2, 3)).numpy()
+    assert np.allclose(same, np.maximum(x, 1 / 255.0), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- jitter
 def test_hed_jitter_is_seeded_and_bounded(target: np.ndarray) -> None:
     tile = target[:256, :256]
