@@ -76,8 +76,10 @@ Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS
 #: Largest single region ``read_region`` will allocate (1.5 Gpx, 4.5 GB as RGB).
 MAX_REGION_PIXELS = 1_500_000_000
 
-#: µm/px values read from a file outside this range are placeholders (e.g. the
-#: 72-dpi default many tools write = 353 µm/px), not a microscope scale.
+#: The one plausible µm/px range for brightfield images (from beyond an 80x scan to a
+#: 1x overview). A value read from a file outside it is a placeholder (e.g. the 72-dpi
+#: default many tools write = 353 µm/px) and counts as missing; a value a person or a
+#: caller gives outside it is refused by :func:`check_mpp`.
 PLAUSIBLE_MPP_RANGE = (0.02, 50.0)
 
 Backend = Literal["openslide", "tifffile", "pillow"]
@@ -93,8 +95,13 @@ _SUPPORTED_TEXT = (
 
 
 # --------------------------------------------------------------------------- helpers
-def check_mpp(value: Any, what: str = "µm per pixel") -> float:
-    """Return ``value`` as a float if it is a usable µm/px (finite, > 0), else raise."""
+def check_mpp(value: Any, what: str = "µm per pixel", *, plausible: bool = True) -> float:
+    """``value`` as a float if it is a usable µm/px, else ``InvalidMppError``.
+
+    Usable: a finite positive number and, with ``plausible`` (the default, for a slide's
+    or an image's own scale), inside :data:`PLAUSIBLE_MPP_RANGE`. Resampling targets
+    (``read_region_mpp``) pass ``plausible=False``: an overview may be read at any scale.
+    """
     if isinstance(value, bool):
         raise InvalidMppError(f"The {what} must be a number such as 0.5, not {value!r}.")
     try:
@@ -105,6 +112,12 @@ def check_mpp(value: Any, what: str = "µm per pixel") -> float:
         raise InvalidMppError(
             f"The {what} must be a positive number (for example 0.25 for a 40x scan or 0.5 "
             f"for 20x); got {value!r}."
+        )
+    lo, hi = PLAUSIBLE_MPP_RANGE
+    if plausible and not lo <= v <= hi:
+        raise InvalidMppError(
+            f"The {what} {v:g} is outside the plausible range {lo:g}–{hi:g} for brightfield images "
+            "(a 40x scan is about 0.25, 20x about 0.5)."
         )
     return v
 
@@ -163,10 +176,11 @@ def _pixel_format_message(dtype: Any, where: str) -> str:
 
 
 def _plausible_mpp(v: float | None) -> float | None:
-    if v is None or not math.isfinite(v) or v <= 0:
+    """A µm/px read from a file, or None when it is missing or a placeholder."""
+    try:
+        return check_mpp(v)
+    except InvalidMppError:
         return None
-    lo, hi = PLAUSIBLE_MPP_RANGE
-    return v if lo <= v <= hi else None
 
 
 # --------------------------------------------------------------------------- tiles
@@ -429,7 +443,7 @@ class Slide:
         ``location_xy_level0`` is the top-left corner in level-0 pixels (floats allowed).
         """
         self._check_open()
-        t = check_mpp(target_mpp, "target µm per pixel")
+        t = check_mpp(target_mpp, "target µm per pixel", plausible=False)
         w, h = int(size_wh_at_target[0]), int(size_wh_at_target[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {size_wh_at_target}")

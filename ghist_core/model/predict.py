@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ghist_core._types import ProgressCallback, ScaledReader
 from ghist_core.io.hashing import sha256_file
 from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError, WeightsIntegrityError
 
@@ -49,7 +50,7 @@ def expression_units_for(spot_aggregate: str) -> str:
 
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
-ProgressFn = Callable[[float, str], None]
+ProgressFn = ProgressCallback  # ghist_core._types: progress(fraction, message)
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ def _read_tile(slide: Any, x0_um: float, y0_um: float, size: int, mpp: float) ->
     """``size``² RGB at ``mpp`` whose top-left is ``(x0_um, y0_um)`` on the slide (white outside)."""
     smpp = float(slide.mpp)
     loc = (x0_um / smpp, y0_um / smpp)
-    if hasattr(slide, "read_region_mpp") and type(slide).__name__ != "ArraySlide":
+    if isinstance(slide, ScaledReader):
         rgb = np.asarray(slide.read_region_mpp(loc, (size, size), mpp))
     else:  # minimal slide-like objects: level-0 read, then resample
         from PIL import Image

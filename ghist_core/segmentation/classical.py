@@ -18,7 +18,9 @@ from skimage.segmentation import watershed
 
 from ghist_core.imaging.stain import haematoxylin_od
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
-from ghist_core.segmentation.tiling import (ArraySlide, ProgressFn, SlideLike, check_mpp, check_rgb, is_background, read_working_tile,
+from ghist_core._types import ProgressCallback, SlideLike
+from ghist_core.io.slide import check_mpp
+from ghist_core.segmentation.tiling import (check_rgb, is_background, read_working_tile,
                      resample_labels, resample_rgb, run_tiled, tile_grid, warn_if_far, working_shape)
 
 
@@ -111,7 +113,7 @@ class ClassicalSegmenter:
         cells["y_um"] = cells["y_px"] * mpp
         return inst, cells
 
-    def segment_slide(self, slide: SlideLike, *, progress: ProgressFn | None = None, tile_px: int | None = None,
+    def segment_slide(self, slide: SlideLike, *, progress: ProgressCallback | None = None, tile_px: int | None = None,
                       overlap_px: int | None = None, batch_size: int = 4, device: str = "auto") -> pd.DataFrame:
         """Cell table over the whole slide (centroids in µm on the slide), tiled with seams merged."""
         del device  # CPU only; kept for the common API

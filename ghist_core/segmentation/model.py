@@ -29,7 +29,9 @@ from ghist_core.io.hashing import sha256_file
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
-from ghist_core.segmentation.tiling import (ProgressFn, SlideLike, check_mpp, check_rgb, resample_labels, resample_rgb, run_tiled,
+from ghist_core._types import ProgressCallback, SlideLike
+from ghist_core.io.slide import check_mpp
+from ghist_core.segmentation.tiling import (check_rgb, resample_labels, resample_rgb, run_tiled,
                      warn_if_far, working_shape)
 
 DEFAULT_WEIGHTS = "nuclei-seg"
@@ -302,7 +304,7 @@ class LearnedSegmenter:
             return list(self._pool.map(self._post_one, items))
         return [self._post_one(it) for it in items]
 
-    def segment_slide(self, slide: SlideLike, *, progress: ProgressFn | None = None, tile_px: int = 1024,
+    def segment_slide(self, slide: SlideLike, *, progress: ProgressCallback | None = None, tile_px: int = 1024,
                       overlap_px: int = 96, batch_size: int = 8, device: str | None = None) -> pd.DataFrame:
         """Cell table of a whole slide, centroids in µm (tiles batched on the device, AMP on CUDA).
 

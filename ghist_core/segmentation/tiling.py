@@ -11,33 +11,20 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ghist_core.errors import InvalidMppError, ModelInputError
-
-ProgressFn = Callable[[float, str], None]
+from ghist_core._types import ProgressCallback, ScaledReader, SlideLike
+from ghist_core.errors import ModelInputError
+from ghist_core.io.slide import check_mpp
 
 
 class MppWarning(UserWarning):
     """The input's µm/px is far (more than 2x) from the resolution the segmenter works at."""
-
-
-def check_mpp(mpp: float) -> float:
-    """A finite positive µm/px, or a typed error."""
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError) as exc:
-        raise InvalidMppError(f"µm per pixel must be a number, got {mpp!r}.") from exc
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidMppError(f"µm per pixel must be a positive number, got {mpp!r}.")
-    if value < 0.05 or value > 20:
-        raise InvalidMppError(f"µm per pixel {value} is outside the plausible range 0.05–20 for H&E images.")
-    return value
 
 
 def check_rgb(rgb: object) -> np.ndarray:
@@ -95,15 +82,6 @@ def is_background(rgb: np.ndarray, *, white: int = 215, min_fraction: float = 0.
     return float(dark.mean()) < min_fraction
 
 
-class SlideLike(Protocol):
-    """What ``segment_slide`` needs from a slide (``ghist_core.io.slide.Slide`` provides it)."""
-
-    dimensions: tuple[int, int]
-    mpp: float
-
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
-
-
 @dataclass
 class ArraySlide:
     """An in-memory RGB image behaving like a slide (for tests, benchmarks and big tiles)."""
@@ -155,7 +133,7 @@ def tile_grid(width: int, height: int, tile_px: int, overlap_px: int) -> list[Ti
 def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.ndarray:
     """Read one tile at the working resolution (outside the slide reads as white)."""
     scale = work_mpp / float(slide.mpp)  # level-0 px per working px
-    if scale != 1.0 and hasattr(slide, "read_region_mpp") and not isinstance(slide, ArraySlide):
+    if scale != 1.0 and isinstance(slide, ScaledReader):
         try:
             loc = (int(round(spec.x0 * scale)), int(round(spec.y0 * scale)))
             return check_rgb(np.asarray(slide.read_region_mpp(loc, (spec.size, spec.size), work_mpp)))
@@ -206,7 +184,7 @@ def _drop_seam_twins(cells: pd.DataFrame, min_dist_um: float) -> pd.DataFrame:
 
 def run_tiled(slide: SlideLike, work_mpp: float,
               segment_batch: Callable[[list[np.ndarray], float], list[pd.DataFrame]],
-              *, tile_px: int, overlap_px: int, batch_size: int, progress: ProgressFn | None = None,
+              *, tile_px: int, overlap_px: int, batch_size: int, progress: ProgressCallback | None = None,
               skip_background: bool = True, min_dist_um: float = 2.0) -> pd.DataFrame:
     """The whole-slide loop: read tiles, segment in batches, keep core nuclei, map to µm.
 

@@ -143,7 +143,8 @@ def test_png_decompression_bomb(tmp_path: Path, side: int) -> None:
     _plain_message(e.value, "bomb.png")
 
 
-def test_read_image_array_limit_and_rules(tmp_path: Path, target_png: Path) -> None:
+def test_read_image_array_limit_and_rules(tmp_path: Path, demo_png_1000: Path) -> None:
+    target_png = demo_png_1000  # any 1000 x 1000 RGB PNG
     ref = read_image_array(target_png)
     assert ref.shape == (1000, 1000, 3) and ref.dtype == np.uint8
     assert np.array_equal(ref, np.asarray(Image.open(target_png).convert("RGB")))
@@ -267,6 +268,24 @@ def test_invalid_mpp_is_refused(svs_path: Path, bad: object) -> None:
         open_slide(svs_path, mpp=bad)  # type: ignore[arg-type]
     assert isinstance(e.value, ValueError) and isinstance(e.value, GhistError)
     assert "positive number" in str(e.value) or "must be a number" in str(e.value)
+
+
+@pytest.mark.parametrize("value", [0.01, 60.0, 353.0])
+def test_implausible_mpp_is_refused_everywhere(svs_path: Path, value: float) -> None:
+    """One range for every check: open_slide, check_mpp and the segmenters agree."""
+    from ghist_core.io.slide import PLAUSIBLE_MPP_RANGE, check_mpp
+    from ghist_core.segmentation import ClassicalSegmenter
+
+    assert not PLAUSIBLE_MPP_RANGE[0] <= value <= PLAUSIBLE_MPP_RANGE[1]
+    with pytest.raises(InvalidMppError, match="plausible range"):
+        open_slide(svs_path, mpp=value)
+    with pytest.raises(InvalidMppError, match="plausible range"):
+        check_mpp(value)
+    with pytest.raises(InvalidMppError, match="plausible range"):
+        ClassicalSegmenter().segment_tile(np.zeros((16, 16, 3), np.uint8), value)
+    assert check_mpp(value, plausible=False) == value  # a resampling target may be any scale
+    for edge in PLAUSIBLE_MPP_RANGE:
+        assert check_mpp(edge) == edge
 
 
 @pytest.mark.parametrize("bad", [0, -0.25, math.nan, math.inf])
