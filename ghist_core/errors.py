@@ -69,6 +69,10 @@ class WeightsFormatError(WeightsError):
     """The weights are of the wrong kind for this model (shapes, keys or format)."""
 
 
+class ModelCardError(WeightsFormatError):
+    """A model card that is not a JSON object of the expected shape, or names files outside its folder."""
+
+
 class ModelInputError(GhistError, ValueError):
     """Input to a model is unusable (wrong dtype, shape, empty, out of slide)."""
 

@@ -7,6 +7,10 @@ file is never published), then the folder is uploaded with ``HfApi.upload_folder
 
     python scripts/publish_weights.py --repo ghist-studio/ghist-her2st            # needs HF_TOKEN
     python scripts/publish_weights.py --dry-run /tmp/to-upload                    # writes what it would upload
+    python scripts/publish_weights.py --seal weights/                             # (re)seal the cards in a folder
+
+Sealing adds ``card_sha256`` and ``integrity`` (see :mod:`ghist_core.weights.card`) to every card
+whose files match it, so that later edits of the card (a swapped gene label) are refused.
 
 The token is read by huggingface_hub from ``HF_TOKEN`` (or ``hf auth login``); it is never taken on
 the command line, printed or written anywhere. ``HF_ENDPOINT`` selects another Hub.
@@ -24,27 +28,64 @@ from typing import Any, Iterable
 from ghist_core import paths
 from ghist_core.io.atomic import atomic_write_text
 from ghist_core.errors import GhistError, WeightsError
-from ghist_core.weights.resolve import CARD_SUFFIX, WEIGHTS_SUFFIX, _card_file_hashes, _read_card, sha256_file
+from ghist_core.weights.card import card_file_hashes, read_card, seal_card
+from ghist_core.weights.resolve import CARD_SUFFIX, WEIGHTS_SUFFIX, sha256_file
 
 DEFAULT_LICENSE = "other"
 BASE_TAGS = ["ghist-studio", "histology", "h-and-e", "computational-pathology", "spatial-transcriptomics", "safetensors"]
 
 
+def _check_model_files(weights_dir: Path, name: str, card: dict, card_name: str) -> None:
+    for fname, digest in card_file_hashes(card, name).items():
+        fpath = weights_dir / fname
+        actual = sha256_file(fpath) if fpath.is_file() else "missing"
+        if actual != digest:
+            raise WeightsError(
+                f"{fname} does not match the sha256 in {card_name} ({actual[:12]}… != {digest[:12]}…); "
+                "refusing to publish it. Re-export the model."
+            )
+
+
+def _model_cards(weights_dir: Path) -> list[tuple[str, Path]]:
+    return [(p.name[: -len(CARD_SUFFIX)], p) for p in sorted(weights_dir.glob(f"*{CARD_SUFFIX}"))
+            if (weights_dir / f"{p.name[: -len(CARD_SUFFIX)]}{WEIGHTS_SUFFIX}").is_file()]
+
+
+def _dump_like(card: dict, original: str) -> str:
+    """JSON text of ``card`` in the layout of ``original`` (indent, key order), so a re-seal diff is small."""
+    old = json.loads(original)
+    end = "\n" if original.endswith("\n") else ""
+    for indent in (2, 1, 4):
+        for sort in (True, False):
+            if json.dumps(old, indent=indent, sort_keys=sort) + end == original:
+                return json.dumps(card, indent=indent, sort_keys=sort) + end
+    return json.dumps(card, indent=2, sort_keys=True) + "\n"
+
+
+def seal_folder(weights_dir: Path) -> list[Path]:
+    """Add ``card_sha256`` and ``integrity`` to every card in ``weights_dir`` whose files match it.
+
+    Only the seal fields change; a card whose weights do not match its ``sha256`` is never sealed.
+    """
+    written = []
+    for name, card_path in _model_cards(weights_dir):
+        card = read_card(card_path, sealed=False)
+        if not isinstance(card.get("sha256"), str):
+            raise WeightsError(f"{card_path.name} has no sha256 for {name}{WEIGHTS_SUFFIX}; it cannot be sealed.")
+        _check_model_files(weights_dir, name, card, card_path.name)
+        sealed = seal_card(card, card["sha256"])
+        if sealed != card:
+            atomic_write_text(card_path, _dump_like(sealed, card_path.read_text(encoding="utf-8")))
+            written.append(card_path)
+    return written
+
+
 def collect_models(weights_dir: Path) -> list[tuple[str, dict]]:
-    """``(name, card)`` for every verified model in ``weights_dir``; raises on any damaged file."""
+    """``(name, card)`` for every verified model in ``weights_dir``; raises on any damaged file or card."""
     out = []
-    for card_path in sorted(weights_dir.glob(f"*{CARD_SUFFIX}")):
-        name = card_path.name[: -len(CARD_SUFFIX)]
-        if not (weights_dir / f"{name}{WEIGHTS_SUFFIX}").is_file():
-            continue
-        card = _read_card(card_path, name)
-        for fname, digest in _card_file_hashes(card, name).items():
-            actual = sha256_file(weights_dir / fname)
-            if actual != digest:
-                raise WeightsError(
-                    f"{fname} does not match the sha256 in {card_path.name} ({actual[:12]}… != {digest[:12]}…); "
-                    "refusing to publish it. Re-export the model."
-                )
+    for name, card_path in _model_cards(weights_dir):
+        card = read_card(card_path)
+        _check_model_files(weights_dir, name, card, card_path.name)
         out.append((name, card))
     if not out:
         raise WeightsError(f"No models (<name>.safetensors + <name>.json) in {weights_dir}.")
@@ -154,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--create-pr", action="store_true")
     ap.add_argument("--dry-run", type=Path, metavar="DIR", help="write the folder to upload into DIR; upload nothing")
+    ap.add_argument("--seal", type=Path, metavar="DIR", help="add card_sha256/integrity to the cards in DIR; upload nothing")
     args = ap.parse_args(argv)
     try:
+        if args.seal is not None:
+            for path in seal_folder(args.seal):
+                print(f"sealed {path}")
+            return 0
         if args.dry_run is not None:
             files = stage(args.weights_dir, args.dry_run, args.repo)
             print(f"Dry run: would upload {len(files)} files to {args.repo}:")

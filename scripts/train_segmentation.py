@@ -237,6 +237,7 @@ def write_final(model: SegNet, out: Path, result: dict) -> Path:
     from safetensors.torch import save_file
 
     from ghist_core.io.hashing import sha256_file
+    from ghist_core.weights.card import seal_card
 
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}
@@ -245,7 +246,8 @@ def write_final(model: SegNet, out: Path, result: dict) -> Path:
     card = {"name": "nuclei-seg", "architecture": result["architecture"], "postprocess": result["postprocess"],
             "mpp": result["architecture"]["mpp"], "type_names": result["architecture"]["type_names"],
             "validation": result["best_val"], "train_config": result["train_config"],
-            "val_tiles": result["val_tiles"], "trained_on": result["device"], "sha256": sha256_file(path)}
+            "val_tiles": result["val_tiles"], "trained_on": result["device"]}
+    card = seal_card(card, sha256_file(path))  # sha256 + card_sha256 + integrity: the loader refuses unsealed cards
     atomic_write_text(out / "final.json", json.dumps(card, indent=1))
     return path
 

@@ -24,7 +24,7 @@ import torch
 
 from ghist_core._types import ProgressCallback, ScaledReader
 from ghist_core.io.hashing import sha256_file
-from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError, WeightsIntegrityError
+from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError
 
 from ghist_core.model.network import GhistConfig, GhistNet
 from ghist_core.model.pooling import N_RAYS, rasterise_stars
@@ -386,8 +386,11 @@ def _neighbour_mean(xy: np.ndarray, emb: np.ndarray, radius: float) -> tuple[np.
 def _net_from(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> GhistNet:
     if "config" not in card:
         raise WeightsFormatError("The model card has no 'config' section; these are not GHIST weights.")
-    cfg = GhistConfig.from_dict(dict(card["config"]))
-    net = GhistNet(cfg)
+    try:
+        cfg = GhistConfig.from_dict(dict(card["config"]))
+        net = GhistNet(cfg)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a card whose config has the wrong types
+        raise WeightsFormatError(f"The model card describes no usable GHIST network ({str(exc)[:200]}).") from None
     state = dict(state)
     for k, v in net.state_dict().items():  # BatchNorm step counters are not saved
         if k.endswith("num_batches_tracked") and k not in state:
@@ -406,9 +409,8 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
     ``model_id`` is resolved by :func:`ghist_core.weights.resolve.resolve_weights` (``None`` =
     the bundled ``ghist-her2st``, then the project's Hub repo).
     """
-    from safetensors.torch import load_file
-
     from ghist_core.device import pick_device
+    from ghist_core.weights.resolve import load_state_dict, resolve_file, resolve_weights
 
     dev = pick_device(device)
     if path is not None:
@@ -418,43 +420,18 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
             from ghist_core.errors import WeightsNotFoundError
 
             raise WeightsNotFoundError(f"GHIST weights need {wp.name} and {cp.name} side by side in {wp.parent}.")
-        card = json.loads(cp.read_text())
-        sha = sha256_file(wp)
-        if not card.get("sha256"):  # unverifiable weights are never loaded
-            raise WeightsIntegrityError(f"The card {cp.name} has no sha256 for {wp.name}, so the weights cannot be checked.")
-        if card["sha256"] != sha:
-            raise WeightsIntegrityError(f"{wp.name} does not match the sha256 in its card; the file is damaged or replaced.")
+        r = resolve_file(wp)  # card read safely, seal and sha256 checked: unverified weights never load
     else:
-        from ghist_core.weights.resolve import resolve_weights
-
         r = resolve_weights(model_id, name=MODEL_NAME, kind="ghist")
-        wp, card, sha = r.weights_path, r.card, r.sha256
-    try:
-        state = load_file(str(wp))
-    except Exception as exc:  # SafetensorError, OSError: not loadable as safetensors (e.g. a pickle)
-        raise WeightsFormatError(f"{Path(wp).name} is not a valid safetensors file ({exc}). "
-                                 "Only safetensors weights are accepted.") from None
-    return GhistModel(_net_from(state, card), card, sha, dev)
+    state = load_state_dict(r)  # safetensors only, re-hashed as it is parsed
+    return GhistModel(_net_from(state, r.card), r.card, r.sha256, dev)
 
 
 def save_ghist(net: GhistNet, folder: str | Path, card: Mapping[str, Any], name: str = MODEL_NAME) -> Path:
-    """Write ``<name>.safetensors`` + ``<name>.json`` (card with config and sha256); returns the weights path."""
+    """Write ``<name>.safetensors`` + ``<name>.json`` (sealed card with config); returns the weights path."""
     state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     full = {"kind": "ghist", "name": name, **dict(card)}
     full["config"] = {**net.cfg.to_dict(), **dict(card.get("config", {}))}
-    try:
-        from ghist_core.weights.resolve import save_weights
+    from ghist_core.weights.resolve import save_weights
 
-        return save_weights(state, folder, name, full).weights_path
-    except ImportError:  # pragma: no cover - weights module absent
-        from safetensors.torch import save_file
-
-        from ghist_core.io.atomic import atomic_path, atomic_write_text
-
-        folder = Path(folder)
-        wp = folder / f"{name}.safetensors"
-        with atomic_path(wp) as tmp:
-            save_file(state, str(tmp))
-        full["sha256"] = sha256_file(wp)
-        atomic_write_text(folder / f"{name}.json", json.dumps(full, indent=2) + "\n")
-        return wp
+    return save_weights(state, folder, name, full).weights_path  # sealed card: sha256, card_sha256, integrity

@@ -10,7 +10,6 @@ watershed of ``postprocess.py``. Plain PyTorch, trained from random initialisati
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ghist_core.device import autocast_for, pick_device
-from ghist_core.errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
-from ghist_core.io.hashing import sha256_file
+from ghist_core.errors import WeightsFormatError, WeightsNotFoundError
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
@@ -330,36 +328,29 @@ def _resolve(model_id: str | None) -> Path:
     return BUNDLED_WEIGHTS_DIR / f"{model_id}.safetensors"
 
 
-def load_learned_segmenter(model_id: str | None = None, device: str = "auto", *, verify: bool = True
-                           ) -> LearnedSegmenter:
-    """Build the model from ``<name>.safetensors`` + ``<name>.json`` (card with config and sha256)."""
+def load_learned_segmenter(model_id: str | None = None, device: str = "auto") -> LearnedSegmenter:
+    """Build the model from ``<name>.safetensors`` + ``<name>.json`` (sealed card with config and sha256)."""
+    from ghist_core.weights.resolve import load_state_dict, resolve_file
+
     path = _resolve(model_id)
     card_path = path.with_suffix(".json")
     if not path.exists() or not card_path.exists():
         raise WeightsNotFoundError(
             f"No nucleus-segmentation weights at {path} (and its card {card_path.name}). Train them with "
             "scripts/train_segmentation.py, or use load_segmenter(kind='classical') for the classical detector.")
-    card = json.loads(card_path.read_text())
-    if verify and not card.get("sha256"):  # unverifiable weights are never loaded
-        raise WeightsIntegrityError(f"The card {card_path.name} has no sha256 for {path.name}, so the weights "
-                                    "cannot be checked.")
-    if verify and sha256_file(path) != card["sha256"]:
-        raise WeightsIntegrityError(f"{path.name} does not match the sha256 in its card; the file is damaged or "
-                                    "was replaced. Restore it from the repository.")
-    from safetensors.torch import load_file
-
-    cfg = SegNetConfig.from_dict(card.get("architecture", {}))
-    model = SegNet(cfg)
+    resolved = resolve_file(path)  # card read safely, seal and sha256 checked: unverified weights never load
+    card = resolved.card
     try:
-        state = load_file(str(path))
-    except Exception as exc:  # SafetensorError, OSError: not safetensors (e.g. a pickle)
-        raise WeightsFormatError(f"{path.name} is not a valid safetensors file ({exc}). Only safetensors weights "
-                                 "are accepted.") from None
+        model = SegNet(SegNetConfig.from_dict(card.get("architecture", {})))
+        post_keys = PostProcessConfig.__dataclass_fields__
+        post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise WeightsFormatError(f"The card {card_path.name} describes no usable segmentation network "
+                                 f"({str(exc)[:200]}).") from None
+    state = load_state_dict(resolved)  # safetensors only, re-hashed as it is parsed
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsFormatError(f"{path.name} does not fit the architecture in its card: {exc}") from exc
-    post_keys = PostProcessConfig.__dataclass_fields__
-    post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
     return LearnedSegmenter(model, post, device=device, card=card)

@@ -33,6 +33,7 @@ from ghist_core.errors import (
     WeightsIntegrityError,
     WeightsNotFoundError,
 )
+from ghist_core.weights.card import card_file_hashes, read_card, seal_card
 
 if TYPE_CHECKING:  # torch is heavy; import it only where tensors are made
     import torch
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # torch is heavy; import it only where tensors are made
 __all__ = [
     "ResolvedWeights",
     "resolve_weights",
+    "resolve_file",
     "load_state_dict",
     "save_weights",
     "list_models",
@@ -83,56 +85,11 @@ class ResolvedWeights:
 
 
 # --------------------------------------------------------------------------------------------
-# hashing and cards
+# cards (read, shape and seal: ghist_core.weights.card)
 # --------------------------------------------------------------------------------------------
-def _card_file_hashes(card: Mapping[str, Any], name: str) -> dict[str, str]:
-    """Expected sha256 of every file the card vouches for, keyed by file name.
-
-    ``card["sha256"]`` always covers ``<name>.safetensors``; ``card["files"]`` may list more,
-    either as ``{file: sha256}``, ``{file: {"sha256": ...}}`` or ``[{"path"|"name": file, "sha256": ...}]``.
-    """
-    expected: dict[str, str] = {}
-    files = card.get("files")
-    if isinstance(files, Mapping):
-        for fname, info in files.items():
-            digest = info.get("sha256") if isinstance(info, Mapping) else info
-            if isinstance(digest, str):
-                expected[str(fname)] = digest.lower()
-    elif isinstance(files, list):
-        for info in files:
-            if isinstance(info, Mapping):
-                fname = info.get("path") or info.get("name") or info.get("file")
-                digest = info.get("sha256")
-                if isinstance(fname, str) and isinstance(digest, str):
-                    expected[fname] = digest.lower()
-    top = card.get("sha256")
-    if isinstance(top, str):
-        expected[f"{name}{WEIGHTS_SUFFIX}"] = top.lower()
-    return expected
-
-
-def _read_card(card_path: Path, name: str) -> dict:
-    """Load and sanity-check a JSON card (never pickle; plain JSON only)."""
-    try:
-        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsFormatError(
-            f"The model card {card_path.name} could not be read as JSON ({exc.__class__.__name__}). "
-            "Re-download the model or restore the file."
-        ) from exc
-    if not isinstance(card, dict):
-        raise WeightsFormatError(f"The model card {card_path.name} is not a JSON object.")
-    if not isinstance(card.get("sha256"), str) or not re.fullmatch(r"[0-9a-fA-F]{64}", card["sha256"]):
-        raise WeightsIntegrityError(
-            f"The model card {card_path.name} has no valid sha256 for {name}{WEIGHTS_SUFFIX}, so the "
-            "weights cannot be checked. GHIST Studio refuses to load unverified weights."
-        )
-    return card
-
-
 def _check_files(folder: Path, name: str, card: Mapping[str, Any], *, where: str) -> str:
     """Hash every file the card lists (in ``folder``); return the weights sha256 or raise."""
-    expected = _card_file_hashes(card, name)
+    expected = card_file_hashes(card, name)
     for fname, digest in expected.items():
         fpath = folder / fname
         if not fpath.is_file():
@@ -238,7 +195,7 @@ def _resolve_folder(folder: Path, name: str, kind: str | None, source: str) -> R
         raise WeightsNotFoundError(
             f"No model '{name}' in {folder}: expected {weights_path.name} and {card_path.name} side by side."
         )
-    card = _read_card(card_path, name)
+    card = read_card(card_path)
     _check_kind(card, name, kind)
     digest = _check_files(folder, name, card, where=f"{source} folder {folder}")
     return ResolvedWeights(name, weights_path, card, digest, source, str(folder))
@@ -336,7 +293,18 @@ def _resolve_hub(model_id: str, name: str, kind: str | None) -> ResolvedWeights:
             raise _translate_hub_error(exc, shown_id, name, s) from None
         source = "hub"
 
-    card = _read_card(card_path, name)
+    try:
+        card = read_card(card_path)
+    except WeightsError:
+        if s.offline:
+            raise
+        # A damaged or edited card in the cache: one forced re-download of the card, then a final check.
+        try:
+            card_path = _hub_download(repo_id, card_name, commit, s, force_download=True)
+        except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
+            raise _translate_hub_error(exc, shown_id, name, s) from None
+        card = read_card(card_path)
+        source = "hub"
     _check_kind(card, name, kind)
     folder = weights_path.parent
     try:
@@ -346,7 +314,7 @@ def _resolve_hub(model_id: str, name: str, kind: str | None) -> ResolvedWeights:
             raise
         # One forced re-download of every file the card vouches for, then a final check.
         try:
-            for fname in _card_file_hashes(card, name):
+            for fname in card_file_hashes(card, name):
                 _hub_download(repo_id, fname, commit, s, force_download=True)
         except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
             raise _translate_hub_error(exc, shown_id, name, s) from None
@@ -395,6 +363,19 @@ def resolve_weights(
     return _resolve_hub(model_id, name, kind)
 
 
+def resolve_file(weights_path: str | os.PathLike, *, kind: str | None = None) -> ResolvedWeights:
+    """Verify ``<name>.safetensors`` at any path against the sealed card beside it (``<name>.json``).
+
+    The one check for loaders given a file rather than a model id (``load_ghist(path=...)``, the
+    learned segmenter): same card reading, seal and sha256 checks as :func:`resolve_weights`.
+    """
+    path = Path(weights_path).expanduser()
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise WeightsNotFoundError(f"{path.name} is not a {WEIGHTS_SUFFIX} file; only safetensors weights are loaded.")
+    name = _validate_name(path.name[: -len(WEIGHTS_SUFFIX)])
+    return _resolve_folder(path.parent.resolve(), name, kind, "local")
+
+
 def load_state_dict(resolved: ResolvedWeights) -> dict[str, "torch.Tensor"]:
     """Read the tensors with safetensors (never pickle), re-checking the sha256 on the very bytes loaded.
 
@@ -428,7 +409,7 @@ def save_weights(
     name: str,
     card: Mapping[str, Any],
 ) -> ResolvedWeights:
-    """Write ``<name>.safetensors`` and its card (with sha256, size and ``files``) atomically.
+    """Write ``<name>.safetensors`` and its sealed card (sha256, size, ``files``, seal) atomically.
 
     Used by training scripts and tests so every card is made the same way.
     """
@@ -448,6 +429,7 @@ def save_weights(
     files = dict(full.get("files") or {}) if isinstance(full.get("files"), Mapping) else {}
     files[weights_path.name] = {"sha256": digest, "size": full["size"]}
     full["files"] = files
+    full = seal_card(full, digest)
     atomic_write_text(folder / f"{name}{CARD_SUFFIX}", json.dumps(full, indent=2, sort_keys=True) + "\n")
     return ResolvedWeights(name, weights_path, full, digest, "local", str(folder))
 
@@ -467,12 +449,12 @@ def _cards_in(folder: Path) -> Iterable[tuple[str, Path]]:
 
 
 def _summary(name: str, card_path: Path, source: str, model_id: str, commit: str | None = None) -> dict:
+    """One row of :func:`list_models`; a bad card gives an empty ``card`` and its reason in ``error``."""
+    error = None
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        if not isinstance(card, dict):
-            card = {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        card = {}
+        card = read_card(card_path)
+    except WeightsError as exc:
+        card, error = {}, str(exc)
     weights_path = card_path.with_name(f"{name}{WEIGHTS_SUFFIX}")
     return {
         "name": name,
@@ -485,6 +467,7 @@ def _summary(name: str, card_path: Path, source: str, model_id: str, commit: str
         "sha256": card.get("sha256"),
         "size": weights_path.stat().st_size if weights_path.exists() else None,
         "card": card,
+        "error": error,
     }
 
 
@@ -511,7 +494,8 @@ def list_models(*, weights_dir: str | os.PathLike | None = None) -> list[dict]:
     """Bundled and cached models with their cards (no network), for the Models page and `ghist weights list`.
 
     Each entry (JSON-serialisable): ``name, kind, source ("bundled"|"cache"), model_id, commit, path,
-    card_path, sha256, size, card``.
+    card_path, sha256, size, card, error``; ``error`` is ``None``, or says why the card cannot be
+    trusted (malformed, unsealed or edited), in which case ``card`` is empty.
     """
     bundled = bundled_weights_dir(weights_dir)
     out = [_summary(n, p, "bundled", str(bundled)) for n, p in _cards_in(bundled)]
@@ -580,22 +564,24 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
 
 
 def _verify_folder(folder: Path, name: str, card_path: Path, source: str, model_id: str) -> list[dict]:
-    rows = []
+    base = dict(name=name, model_id=model_id, source=source)
     try:
-        card = _read_card(card_path, name)
+        card = read_card(card_path)
+        files = card_file_hashes(card, name)
     except WeightsError as exc:
-        return [dict(name=name, model_id=model_id, source=source, file=card_path.name, expected=None,
-                     actual=None, ok=False, status="bad card", message=str(exc))]
-    for fname, digest in _card_file_hashes(card, name).items():
+        status = "mismatch" if isinstance(exc, WeightsIntegrityError) else "bad card"
+        return [dict(base, file=card_path.name, expected=None, actual=None, ok=False, status=status, message=str(exc))]
+    rows = [dict(base, file=card_path.name, expected=card["card_sha256"], actual=card["card_sha256"], ok=True,
+                 status="ok", message="")]
+    for fname, digest in files.items():
         fpath = folder / fname
         if not fpath.is_file():
-            rows.append(dict(name=name, model_id=model_id, source=source, file=fname, expected=digest,
-                             actual=None, ok=False, status="missing", message=f"{fname} is missing"))
+            rows.append(dict(base, file=fname, expected=digest, actual=None, ok=False, status="missing",
+                             message=f"{fname} is missing"))
             continue
         actual = sha256_file(fpath)
         ok = actual == digest
-        rows.append(dict(name=name, model_id=model_id, source=source, file=fname, expected=digest,
-                         actual=actual, ok=ok, status="ok" if ok else "mismatch",
+        rows.append(dict(base, file=fname, expected=digest, actual=actual, ok=ok, status="ok" if ok else "mismatch",
                          message="" if ok else f"{fname}: sha256 {actual[:12]}… != card {digest[:12]}…"))
     return rows
 
@@ -603,8 +589,9 @@ def _verify_folder(folder: Path, name: str, card_path: Path, source: str, model_
 def verify(model_id: str | None = None, *, weights_dir: str | os.PathLike | None = None) -> list[dict]:
     """Re-hash every file of the bundled and cached models (or of one model id); never downloads.
 
-    Returns one dict per file: ``name, model_id, source, file, expected, actual, ok, status, message``
-    with ``status`` one of ``ok``, ``mismatch``, ``missing``, ``bad card``.
+    Returns one dict per file, the card first: ``name, model_id, source, file, expected, actual, ok,
+    status, message`` with ``status`` one of ``ok``, ``mismatch`` (a file, or the card's seal),
+    ``missing``, ``bad card`` (malformed).
     """
     rows: list[dict] = []
     if model_id is None:

@@ -18,6 +18,7 @@ import torch
 from ghist_core.errors import WeightsError, WeightsFormatError, WeightsIntegrityError
 from ghist_core.model.predict import load_ghist
 from ghist_core.weights.resolve import load_state_dict, resolve_weights, save_weights, sha256_file
+from ghist_core.weights.card import seal_card
 
 REPO = Path(__file__).resolve().parents[2]
 _SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "build", "dist", "__pycache__", ".pytest_cache",
@@ -193,8 +194,8 @@ def test_pickle_dressed_as_safetensors_is_never_unpickled(tmp_path: Path) -> Non
     wp = tmp_path / "evil.safetensors"
     wp.write_bytes(payload)
     digest = sha256_file(wp)
-    (tmp_path / "evil.json").write_text(json.dumps({"name": "evil", "kind": "ghist", "sha256": digest,
-                                                    "config": {"genes": ["A"], "cell_types": ["T"]}}))
+    (tmp_path / "evil.json").write_text(json.dumps(seal_card({"name": "evil", "kind": "ghist",  # a well-sealed card
+                                                              "config": {"genes": ["A"], "cell_types": ["T"]}}, digest)))
     resolved = resolve_weights(str(tmp_path), name="evil", kind="ghist")
     with pytest.raises(WeightsFormatError):
         load_state_dict(resolved)
@@ -228,7 +229,8 @@ def test_segmenter_weights_are_verified(tmp_path: Path) -> None:
     evil = tmp_path / "evil.safetensors"
     marker = tmp_path / "pwned"
     evil.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
-    (tmp_path / "evil.json").write_text(json.dumps({**data, "sha256": sha256_file(evil)}))
+    evil_card = {k: v for k, v in data.items() if k != "files"}  # vouches only for evil.safetensors
+    (tmp_path / "evil.json").write_text(json.dumps(seal_card(evil_card, sha256_file(evil))))
     with pytest.raises(WeightsFormatError):
         load_learned_segmenter(str(evil), device="cpu")
     assert not marker.exists()

@@ -20,6 +20,7 @@ import torch
 from ghist_core import paths
 from ghist_core.errors import WeightsFormatError, WeightsIntegrityError, WeightsNotFoundError
 from ghist_core.testing.hub import HubServer
+from ghist_core.weights.card import seal_card
 from ghist_core.weights.resolve import (
     list_models,
     load_state_dict,
@@ -156,7 +157,7 @@ def test_card_without_sha_and_non_safetensors_are_refused(tmp_path: Path) -> Non
     # a pickle-style file dressed as safetensors, with a matching sha256 in its card: never unpickled
     bogus = b"\x80\x04\x95" + b"not safetensors" * 10
     (folder / "evil.safetensors").write_bytes(bogus)
-    (folder / "evil.json").write_text(json.dumps({"name": "evil", "kind": "ghist", "sha256": hashlib.sha256(bogus).hexdigest()}))
+    (folder / "evil.json").write_text(json.dumps(seal_card({"name": "evil", "kind": "ghist"}, hashlib.sha256(bogus).hexdigest())))
     r = resolve_weights(str(folder), name="evil")
     with pytest.raises(WeightsFormatError, match="not a valid safetensors"):
         load_state_dict(r)
@@ -267,7 +268,7 @@ def test_pull_list_and_verify(tmp_path: Path, hub: HubServer) -> None:
     assert sorted(out["listed"]) == [
         ["tiny-ghist", "cache", f"{REPO}@v1", "ghist"], ["tiny-seg", "cache", f"{REPO}@v1", "segmentation"]
     ]
-    assert [r["status"] for r in out["verify"]] == ["ok", "ok"]
+    assert [r["status"] for r in out["verify"]] == ["ok"] * 4  # per model: its card, then its weights
     assert hub.count("GET", "/tree/") == 1 and hub.count("GET", "/api/models/") >= 2
 
     # damage the cached blob: verify reports it; resolving re-downloads it once and succeeds
@@ -356,7 +357,7 @@ def test_publish_dry_run_writes_verified_files_and_card(tmp_path: Path) -> None:
     assert meta["datasets"] == ["consep", "her2st", "monuseg"]
     assert meta["metrics"] == ["aji", "pearson"] and "safetensors" in meta["tags"]
     # the staged folder is itself a valid weights folder
-    assert [r["status"] for r in verify(str(out))] == ["ok", "ok"]
+    assert [r["status"] for r in verify(str(out))] == ["ok"] * 4
 
     # a damaged file is never published
     (src / "nuclei-seg.safetensors").write_bytes(b"\0" * 8)
