@@ -12,8 +12,8 @@ from ghist_core.segmentation.features import RAY_COLUMNS
 
 
 @pytest.fixture(scope="module")
-def monuseg_tile(shared_data):
-    stem = shared_data / "nuclei" / "monuseg" / "test" / "TCGA-2Z-A9J9-01A-01-TS1"
+def monuseg_tile(shared_path):
+    stem = shared_path("nuclei", "monuseg", "test") / "TCGA-2Z-A9J9-01A-01-TS1"
     img = np.asarray(Image.open(f"{stem}.png").convert("RGB"))
     gt = np.asarray(Image.open(f"{stem}.inst.png")).astype(np.int32)
     return img, gt
