@@ -93,6 +93,21 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.get("ok") for r in reports) else EXIT_INPUT
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ghist_core.export import export_project, export_slide
+    from ghist_core.project.store import Project
+
+    genes = [g for g in args.genes.split(",") if g.strip()] if args.genes else None
+    with Project.open(args.project) as project:
+        if args.all:
+            paths = export_project(project, args.format, args.out, genes=genes)
+        else:
+            paths = [export_slide(project, args.slide, args.format, args.out, genes=genes)]
+    for path in paths:
+        print(json.dumps({"format": args.format, "path": str(path)}))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ghist", description="GHIST Studio: gene expression and cell types from H&E slides.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("action", choices=["list", "pull", "verify"])
     w.add_argument("model_id", nargs="?", default=None, help="owner/repo@revision (pull/verify)")
     w.set_defaults(func=cmd_weights)
+
+    e = sub.add_parser("export", help="export predictions for QuPath (geojson), scanpy (h5ad) or tables (csv, parquet)")
+    e.add_argument("--project", required=True, help="project folder")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--slide", type=int, help="slide id (its latest finished run)")
+    which.add_argument("--all", action="store_true", help="every slide with a finished run; --out is then a folder")
+    e.add_argument("--format", required=True, choices=["geojson", "h5ad", "csv", "parquet"])
+    e.add_argument("--out", required=True, help="output file (a folder with --all)")
+    e.add_argument("--genes", default=None, help="comma-separated genes (default: all genes of the model)")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

@@ -104,3 +104,12 @@ class ClinicalTableError(GhistError, ValueError):
 
 class SurvivalAnalysisError(GhistError, ValueError):
     """A survival analysis that cannot be computed on these data (e.g. one group only)."""
+
+
+# --- exports and region import ----------------------------------------------
+class ExportError(GhistError):
+    """A prediction could not be exported in the format asked for."""
+
+
+class RegionFileError(ExportError, ValueError):
+    """A region (annotation) file that is not usable GeoJSON, or too large to read safely."""
