@@ -389,7 +389,7 @@ def _net_from(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> Ghi
     try:
         cfg = GhistConfig.from_dict(dict(card["config"]))
         net = GhistNet(cfg)
-    except (TypeError, ValueError, RuntimeError) as exc:  # a card whose config has the wrong types
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:  # wrong types
         raise WeightsFormatError(f"The model card describes no usable GHIST network ({str(exc)[:200]}).") from None
     state = dict(state)
     for k, v in net.state_dict().items():  # BatchNorm step counters are not saved

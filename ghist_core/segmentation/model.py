@@ -344,7 +344,7 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
         model = SegNet(SegNetConfig.from_dict(card.get("architecture", {})))
         post_keys = PostProcessConfig.__dataclass_fields__
         post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         raise WeightsFormatError(f"The card {card_path.name} describes no usable segmentation network "
                                  f"({str(exc)[:200]}).") from None
     state = load_state_dict(resolved)  # safetensors only, re-hashed as it is parsed
