@@ -27,7 +27,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from ghist_core import palette  # noqa: E402
+from ghist_core.viz import palette  # noqa: E402
+from ghist_core._keys import OBSM_NEIGHBOURHOOD, set_obsm_matrix  # noqa: E402
 from ghist_core.pipeline.grid import build_grid_pyramid, write_grid  # noqa: E402
 from ghist_core.paths import DEMO_DIR  # noqa: E402
 from browser_helpers import CHROMIUM, StreamlitServer, launch_browser, wait_app_idle  # noqa: E402
@@ -49,11 +50,10 @@ def synthetic_slide_prediction(n: int, w_um: float, h_um: float, n_genes: int = 
                         "area_um2": rng.uniform(10, 80, n), "perimeter_um": rng.uniform(10, 40, n),
                         "eccentricity": rng.uniform(0, 1, n), "solidity": rng.uniform(0.7, 1, n)})
     nb = rng.dirichlet(np.ones(9), n)
-    for j, t in enumerate(palette.CELL_TYPES):
-        obs[f"nbhd_{t}"] = nb[:, j]
     obs.index = [f"cell_{i}" for i in range(n)]
     a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=names))
     a.obsm["spatial"] = xy
+    set_obsm_matrix(a, OBSM_NEIGHBOURHOOD, nb, palette.CELL_TYPES)
     a.uns["ghist"] = {"expression_units": "log1p counts (synthetic)"}
     return a
 

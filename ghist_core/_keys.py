@@ -33,7 +33,7 @@ __all__ = [
     "OBSM_SPATIAL", "OBSM_TYPE_PROBABILITIES", "OBSM_NEIGHBOURHOOD", "OBSM_NUCLEUS_RAYS",
     "UNS_GHIST", "UNS_SPATIAL", "UNS_OBSM_COLUMNS", "SPATIAL_IMAGE", "SCALEF_HIRES", "SPOT_DIAMETER",
     "GHIST_EXPRESSION_UNITS", "GHIST_SLIDE_SHA256", "GHIST_WEIGHTS_SHA256", "GHIST_MODEL_CARD",
-    "GHIST_PARAMS", "GHIST_TIMINGS", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
+    "GHIST_PARAMS", "GHIST_TIMINGS", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
     "obs_names_for", "obsm_columns", "set_obsm_matrix", "type_probabilities", "neighbourhood_composition",
     "nucleus_rays", "set_spatial_image", "upgrade_layout",
 ]
@@ -66,6 +66,10 @@ GHIST_MODEL_CARD = "model_card"
 GHIST_PARAMS = "params"
 GHIST_TIMINGS = "timings"
 
+# grid summaries (pipeline.grid): one row per square
+UNS_GRID = "grid"                 # {"size_um": side of a square}
+GRID_COUNT_PREFIX = "count_"      # obs["count_<type>"]: cells of that type in the square
+
 # the layout before obsm matrices: one obs column per type
 LEGACY_PROB_PREFIX = "prob_"
 LEGACY_NBHD_PREFIX = "nbhd_"
@@ -74,7 +78,7 @@ _LEGACY = {OBSM_TYPE_PROBABILITIES: LEGACY_PROB_PREFIX, OBSM_NEIGHBOURHOOD: LEGA
 
 def obs_names_for(cell_ids: np.ndarray) -> list[str]:
     """``cell_<id>`` for each cell id (the obs_names of every prediction)."""
-    return [f"{OBS_NAME_PREFIX}{int(i)}" for i in np.asarray(cell_ids)]
+    return list(np.char.add(OBS_NAME_PREFIX, np.asarray(cell_ids, dtype=np.int64).astype(str)).astype(object))
 
 
 def obsm_columns(adata: Any, key: str) -> list[str]:

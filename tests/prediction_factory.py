@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ghist_core import _keys as K
 from ghist_core.viz import palette
 
 
@@ -19,10 +20,10 @@ def synthetic_prediction(n: int = 3000, genes=("ERBB2", "ESR1", "CD3E"), seed: i
     obs = pd.DataFrame({"cell_id": np.arange(n, dtype=np.int64), "cell_type": types,
                         "area_um2": rng.uniform(10, 80, n), "perimeter_um": rng.uniform(10, 40, n),
                         "eccentricity": rng.uniform(0, 1, n), "solidity": rng.uniform(0.7, 1, n)})
-    for t in palette.CELL_TYPES:
-        obs[f"nbhd_{t}"] = rng.dirichlet(np.ones(9), n)[:, 0]
+    nbhd = np.stack([rng.dirichlet(np.ones(9), n)[:, 0] for _ in palette.CELL_TYPES], axis=1)
     obs.index = obs.index.astype(str)
     a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(genes)))
-    a.obsm["spatial"] = xy
+    a.obsm[K.OBSM_SPATIAL] = xy
+    K.set_obsm_matrix(a, K.OBSM_NEIGHBOURHOOD, nbhd, palette.CELL_TYPES)
     a.uns["ghist"] = {"expression_units": "log1p counts"}
     return a

@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -23,13 +24,14 @@ import pandas as pd
 import torch
 
 from ghist_core._types import ProgressCallback, ScaledReader
-from ghist_core.io.hashing import sha256_file
+from ghist_core import _keys as K
 from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError
+from ghist_core.io.hashing import sha256_file
 
 from ghist_core.model.network import GhistConfig, GhistNet
 from ghist_core.model.pooling import N_RAYS, rasterise_stars
 
-__all__ = ["GhistModel", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS"]
+__all__ = ["GhistModel", "CellPredictions", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS"]
 
 MODEL_NAME = "ghist-her2st"
 EXPRESSION_UNITS = (
@@ -138,30 +140,11 @@ class GhistModel:
             )
         return [self.genes.index(g) for g in genes]
 
-    def _empty(self, gene_idx: list[int], params: dict) -> "Any":
-        import anndata as ad
-
-        obs = pd.DataFrame({"cell_id": pd.Series([], dtype=np.int64), "cell_type": pd.Categorical([], categories=self.cell_types)})
-        for t in self.cell_types:
-            obs[f"prob_{t}"] = np.zeros(0, np.float32)
-        for t in self.cell_types:
-            obs[f"nbhd_{t}"] = np.zeros(0, np.float32)
-        a = ad.AnnData(X=np.zeros((0, len(gene_idx)), np.float32), obs=obs,
-                       var=pd.DataFrame(index=[self.genes[i] for i in gene_idx]))
-        a.obsm["spatial"] = np.zeros((0, 2), np.float64)
-        a.uns["ghist"] = self._uns(params, {}, None)
-        return a
-
-    def _uns(self, params: dict, timings: dict, slide: Any) -> dict:
-        slide_sha = ""
-        if slide is not None and hasattr(slide, "sha256"):
-            try:
-                slide_sha = str(slide.sha256())
-            except Exception:  # an in-memory slide has no file to hash
-                slide_sha = ""
-        return {"model_card": json.loads(json.dumps(self.card)), "weights_sha256": self.weights_sha256,
-                "slide_sha256": slide_sha, "params": params, "timings": timings,
-                "expression_units": expression_units_for(self.net.cfg.spot_aggregate)}
+    def provenance(self, params: Mapping[str, Any], timings: Mapping[str, float], slide_sha256: str = "") -> dict:
+        """``uns["ghist"]``: what made this prediction (card, weights and slide sha256, settings, timings)."""
+        return {K.GHIST_MODEL_CARD: json.loads(json.dumps(self.card)), K.GHIST_WEIGHTS_SHA256: self.weights_sha256,
+                K.GHIST_SLIDE_SHA256: slide_sha256, K.GHIST_PARAMS: dict(params), K.GHIST_TIMINGS: dict(timings),
+                K.GHIST_EXPRESSION_UNITS: expression_units_for(self.net.cfg.spot_aggregate)}
 
     # ------------------------------------------------------------------------------------
     def predict(
@@ -175,8 +158,11 @@ class GhistModel:
         margin_px: int = 32,
         on_outside: str = "error",
         chunk_cells: int = 65536,
+        slide_sha256: str | None = None,
     ):
         """Per-cell expression, type, neighbourhood and morphology for ``cells`` of ``slide``.
+
+        :meth:`predict_arrays`, then :meth:`to_anndata`, then :meth:`provenance` in ``uns``.
 
         Parameters
         ----------
@@ -195,17 +181,42 @@ class GhistModel:
         on_outside
             ``"error"`` (default: ``ModelInputError``) or ``"drop"`` (warn and skip) for cells
             whose centre lies outside the slide.
+        slide_sha256
+            The slide file's sha256 when the caller already knows it (the project store does):
+            hashing a whole slide costs a full read, so callers predicting block by block pass it.
+            ``None`` hashes the file once here (``""`` for a slide without a file).
 
         Returns
         -------
-        AnnData (cells × genes): ``X`` float32 ≥ 0 (see ``uns['ghist']['expression_units']``),
-        ``obs``: ``cell_id``, ``cell_type``, ``prob_<type>``, ``nbhd_<type>`` (composition within
-        ``nbhd_radius_um``), the segmentation's morphology columns and ``pred_<morph>``;
-        ``obsm['spatial']`` (x_um, y_um); ``uns['ghist']``: ``model_card``, ``weights_sha256``,
-        ``slide_sha256``, ``params``, ``timings``, ``expression_units``.
+        AnnData (cells × genes), see :mod:`ghist_core._keys`: ``X`` float32 ≥ 0 (see
+        ``uns['ghist']['expression_units']``); ``obs``: ``cell_id``, ``cell_type``, the
+        segmentation's morphology columns, ``pred_<morph>``, ``n_context_cells``;
+        ``obsm``: ``spatial`` (x_um, y_um), ``cell_type_probabilities``,
+        ``neighbourhood_composition`` (composition within ``nbhd_radius_um``), ``nucleus_rays_um``
+        (the contour features were pooled inside), column names in ``uns['obsm_columns']``;
+        ``uns['ghist']``: ``model_card``, ``weights_sha256``, ``slide_sha256``, ``params``,
+        ``timings``, ``expression_units``.
         """
-        import anndata as ad
+        pred = self.predict_arrays(slide, cells, progress, batch_size, genes=genes, margin_px=margin_px,
+                                   on_outside=on_outside, chunk_cells=chunk_cells)
+        a = self.to_anndata(pred)
+        a.uns[K.UNS_GHIST] = self.provenance(pred.params, pred.timings,
+                                             _slide_sha256(slide) if slide_sha256 is None else str(slide_sha256))
+        return a
 
+    def predict_arrays(
+        self,
+        slide: Any,
+        cells: pd.DataFrame,
+        progress: ProgressFn | None = None,
+        batch_size: int = 16,
+        *,
+        genes: Iterable[str] | None = None,
+        margin_px: int = 32,
+        on_outside: str = "error",
+        chunk_cells: int = 65536,
+    ) -> "CellPredictions":
+        """The network's per-cell outputs as arrays (same arguments as :meth:`predict`, no AnnData)."""
         t_start = time.perf_counter()
         gene_idx = self._check_genes(genes)
         if on_outside not in ("error", "drop"):
@@ -215,9 +226,32 @@ class GhistModel:
                   "context_radius_um": cfg.context_radius_um, "nbhd_radius_um": cfg.nbhd_radius_um,
                   "device": str(self.device), "n_cells_input": int(len(cells)) if cells is not None else 0}
         if cells is None or len(cells) == 0:
-            return self._empty(gene_idx, params)
+            return self._no_cells(cells, gene_idx, params)
         if not isinstance(cells, pd.DataFrame) or not {"x_um", "y_um"} <= set(cells.columns):
             raise ModelInputError("The cell table needs x_um and y_um columns (the segmentation table).")
+        cells = self._cells_on_slide(slide, cells, on_outside, params)
+        if len(cells) == 0:
+            return self._no_cells(cells, gene_idx, params)
+        n = len(cells)
+        xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
+        cell_inputs = _cell_input_values(cells, tuple(cfg.cell_inputs))
+        if all(c in cells.columns for c in RAY_COLUMNS):
+            rays_um = cells[RAY_COLUMNS].to_numpy(np.float64)
+        else:
+            r = np.sqrt(cells["area_um2"].to_numpy(np.float64) / np.pi) if "area_um2" in cells else np.full(n, 3.0)
+            rays_um = np.repeat(r[:, None], N_RAYS, 1)
+        rays_um = np.nan_to_num(np.clip(rays_um, 0.0, 40.0))
+        t_enc = time.perf_counter()
+        emb, tile_feat, tile_of, n_tiles, pooled = self._encode(slide, xy, rays_um, cell_inputs, margin_px, batch_size, progress)
+        t_heads = time.perf_counter()
+        out = self._heads(xy, emb, tile_feat, tile_of, cell_inputs, gene_idx, chunk_cells)
+        params["n_tiles"] = int(n_tiles)
+        params["n_cells_without_mask"] = int((~pooled).sum())
+        timings = {"encode_s": t_heads - t_enc, "heads_s": time.perf_counter() - t_heads, "total_s": time.perf_counter() - t_start}
+        return CellPredictions(cells=cells, xy=xy, rays_um=rays_um, gene_idx=gene_idx, params=params, timings=timings, **out)
+
+    def _cells_on_slide(self, slide: Any, cells: pd.DataFrame, on_outside: str, params: dict) -> pd.DataFrame:
+        """Check the slide's scale against the model's and drop (or refuse) cells outside the slide."""
         smpp = float(slide.mpp)
         if not np.isfinite(smpp) or smpp <= 0:
             raise ModelInputError(f"The slide's µm per pixel ({smpp}) is not usable.")
@@ -230,30 +264,29 @@ class GhistModel:
             warnings.warn(
                 f"The slide is at {smpp:.3g} µm/px but the model reads tissue at {self.mpp:.3g} µm/px; "
                 f"regions are resampled by {ratio:.2g}×, which can make predictions less reliable.",
-                MppWarning, stacklevel=2)
+                MppWarning, stacklevel=4)
         xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
         w_um, h_um = slide.dimensions[0] * smpp, slide.dimensions[1] * smpp
         bad = ~np.isfinite(xy).all(1) | (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w_um) | (xy[:, 1] >= h_um)
-        if bad.any():
-            msg = (f"{int(bad.sum())} of {len(cells)} cells lie outside the slide ({w_um:.0f} × {h_um:.0f} µm); "
-                   "were they segmented on another slide or at another µm per pixel?")
-            if on_outside == "error":
-                raise ModelInputError(msg + " Pass on_outside='drop' to skip them.")
-            warnings.warn(msg + " They were skipped.", UserWarning, stacklevel=2)
-            cells = cells.loc[~bad].reset_index(drop=True)
-            xy = xy[~bad]
-            params["n_cells_outside_dropped"] = int(bad.sum())
-            if len(cells) == 0:
-                return self._empty(gene_idx, params)
-        n = len(cells)
-        cell_inputs = _cell_input_values(cells, tuple(cfg.cell_inputs))
-        if all(c in cells.columns for c in RAY_COLUMNS):
-            rays_um = cells[RAY_COLUMNS].to_numpy(np.float64)
-        else:
-            r = np.sqrt(cells["area_um2"].to_numpy(np.float64) / np.pi) if "area_um2" in cells else np.full(n, 3.0)
-            rays_um = np.repeat(r[:, None], N_RAYS, 1)
-        rays_um = np.nan_to_num(np.clip(rays_um, 0.0, 40.0))
-        # tiles whose cores partition the plane
+        if not bad.any():
+            return cells
+        msg = (f"{int(bad.sum())} of {len(cells)} cells lie outside the slide ({w_um:.0f} × {h_um:.0f} µm); "
+               "were they segmented on another slide or at another µm per pixel?")
+        if on_outside == "error":
+            raise ModelInputError(msg + " Pass on_outside='drop' to skip them.")
+        warnings.warn(msg + " They were skipped.", UserWarning, stacklevel=4)
+        params["n_cells_outside_dropped"] = int(bad.sum())
+        return cells.loc[~bad].reset_index(drop=True)
+
+    def _encode(self, slide: Any, xy: np.ndarray, rays_um: np.ndarray, cell_inputs: np.ndarray | None,
+                margin_px: int, batch_size: int, progress: ProgressFn | None):
+        """Encoder features pooled inside each nucleus, tile batch by tile batch (tiles whose cores partition the plane).
+
+        Returns ``(emb, tile_feat, tile_of, n_tiles, pooled)``: per-cell embeddings, per-tile
+        features, each cell's tile, the tile count and which cells got a mask.
+        """
+        cfg = self.net.cfg
+        n = len(xy)
         core_px = self.patch_px - 2 * margin_px
         if core_px < 32:
             raise ModelInputError(f"margin_px={margin_px} leaves no core in a {self.patch_px} px tile.")
@@ -267,7 +300,6 @@ class GhistModel:
         emb = torch.zeros(n, cfg.embed_dim, dtype=torch.float32)
         tile_feat = torch.zeros(len(keys), cfg.widths[-1] + len(cfg.cell_inputs), dtype=torch.float32)  # per tile
         pooled = np.zeros(n, bool)
-        t_enc = time.perf_counter()
         with torch.no_grad(), _exact_float32():
             for b0 in range(0, len(keys), batch_size):  # batches of tiles
                 tiles = range(b0, min(b0 + batch_size, len(keys)))
@@ -299,8 +331,13 @@ class GhistModel:
                 pooled[gidx] = True
                 if progress is not None:
                     progress(min(1.0, (b0 + len(tiles)) / len(keys)), f"{b0 + len(tiles)} of {len(keys)} tiles")
-        t_heads = time.perf_counter()
-        d = emb.shape[1]
+        return emb, tile_feat, tile_of, len(keys), pooled
+
+    def _heads(self, xy: np.ndarray, emb: torch.Tensor, tile_feat: torch.Tensor, tile_of: np.ndarray,
+               cell_inputs: np.ndarray | None, gene_idx: list[int], chunk_cells: int) -> dict[str, np.ndarray]:
+        """Neighbourhood context (CPU k-d tree over all cells), then the heads in ``chunk_cells`` chunks."""
+        cfg = self.net.cfg
+        n, d = emb.shape
         ctx, cnt = _neighbour_mean(xy, emb.numpy() if cell_inputs is None else np.concatenate([emb.numpy(), cell_inputs], 1),
                                    cfg.context_radius_um)
         ctx, ctx_inputs = np.ascontiguousarray(ctx[:, :d]), (None if cell_inputs is None else np.ascontiguousarray(ctx[:, d:]))
@@ -316,37 +353,75 @@ class GhistModel:
                 res["type_prob"].append(o["type_prob"].float().cpu().numpy())
                 res["nbhd"].append(o["nbhd_logits"].softmax(1).float().cpu().numpy())
                 res["morph"].append(o["morph"].float().cpu().numpy())
-        expr = np.concatenate(res["expr"]).astype(np.float32)
-        prob = np.concatenate(res["type_prob"])
-        nbhd = np.concatenate(res["nbhd"])
-        morph = np.concatenate(res["morph"]) * self._morph_std + self._morph_mean
+        return {"expression": np.concatenate(res["expr"]).astype(np.float32),
+                "type_probabilities": np.concatenate(res["type_prob"]).astype(np.float32),
+                "neighbourhood": np.concatenate(res["nbhd"]).astype(np.float32),
+                "morphology": np.concatenate(res["morph"]) * self._morph_std + self._morph_mean,
+                "n_context": cnt}
+
+    def _no_cells(self, cells: pd.DataFrame | None, gene_idx: list[int], params: dict) -> "CellPredictions":
+        k, m = len(self.cell_types), len(self.net.cfg.morph_features)
+        empty = cells.iloc[:0] if isinstance(cells, pd.DataFrame) else pd.DataFrame()
+        return CellPredictions(cells=empty, xy=np.zeros((0, 2)), rays_um=np.zeros((0, N_RAYS)), gene_idx=gene_idx,
+                               expression=np.zeros((0, len(gene_idx)), np.float32),
+                               type_probabilities=np.zeros((0, k), np.float32), neighbourhood=np.zeros((0, k), np.float32),
+                               morphology=np.zeros((0, m), np.float32), n_context=np.zeros(0, np.float32),
+                               params=params, timings={})
+
+    def to_anndata(self, pred: "CellPredictions"):
+        """The result AnnData of :meth:`predict_arrays` (layout in :mod:`ghist_core._keys`), without ``uns["ghist"]``."""
+        import anndata as ad
+
+        n, cells = len(pred.xy), pred.cells
         obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
-        obs["cell_id"] = (cells["cell_id"].to_numpy(np.int64) if "cell_id" in cells else np.arange(n, dtype=np.int64))
-        obs["cell_type"] = pd.Categorical(np.asarray(self.cell_types)[prob.argmax(1)], categories=self.cell_types)
-        for j, t in enumerate(self.cell_types):
-            obs[f"prob_{t}"] = prob[:, j].astype(np.float32)
-        for j, t in enumerate(self.cell_types):
-            obs[f"nbhd_{t}"] = nbhd[:, j].astype(np.float32)
-        for c in MORPH_COLUMNS:
-            if c in cells.columns:
-                obs[c] = cells[c].to_numpy(np.float64)
-        for j, name in enumerate(cfg.morph_features):
-            v = morph[:, j]
-            if name == "log_area_um2":
-                obs["pred_area_um2"] = np.exp(v).astype(np.float32)
-            else:
-                obs[f"pred_{name}"] = v.astype(np.float32)
-        obs["n_context_cells"] = cnt.astype(np.int32)
-        obs.index = [f"cell_{i}" for i in obs["cell_id"]]
-        if not obs.index.is_unique:
-            obs.index = pd.RangeIndex(n).astype(str)
-        a = ad.AnnData(X=expr, obs=obs, var=pd.DataFrame(index=[self.genes[i] for i in gene_idx]))
-        a.obsm["spatial"] = xy.astype(np.float64)
-        params["n_tiles"] = int(len(keys))
-        params["n_cells_without_mask"] = int((~pooled).sum())
-        timings = {"encode_s": t_heads - t_enc, "heads_s": time.perf_counter() - t_heads, "total_s": time.perf_counter() - t_start}
-        a.uns["ghist"] = self._uns(params, timings, slide)
+        obs[K.OBS_CELL_ID] = (cells["cell_id"].to_numpy(np.int64) if "cell_id" in cells else np.arange(n, dtype=np.int64))
+        codes = pred.type_probabilities.argmax(1) if n else np.zeros(0, np.int64)
+        obs[K.OBS_CELL_TYPE] = pd.Categorical(np.asarray(self.cell_types)[codes], categories=self.cell_types)
+        if n:  # an empty result keeps only the columns every result has
+            for c in MORPH_COLUMNS:
+                if c in cells.columns:
+                    obs[c] = cells[c].to_numpy(np.float64)
+            for j, name in enumerate(self.net.cfg.morph_features):
+                v = pred.morphology[:, j]
+                if name == "log_area_um2":
+                    obs["pred_area_um2"] = np.exp(v).astype(np.float32)
+                else:
+                    obs[f"pred_{name}"] = v.astype(np.float32)
+            obs[K.OBS_N_CONTEXT] = pred.n_context.astype(np.int32)
+            obs.index = K.obs_names_for(obs[K.OBS_CELL_ID])
+            if not obs.index.is_unique:
+                obs.index = pd.RangeIndex(n).astype(str)
+        a = ad.AnnData(X=pred.expression, obs=obs, var=pd.DataFrame(index=[self.genes[i] for i in pred.gene_idx]))
+        a.obsm[K.OBSM_SPATIAL] = pred.xy.astype(np.float64)
+        K.set_obsm_matrix(a, K.OBSM_TYPE_PROBABILITIES, pred.type_probabilities.astype(np.float32), self.cell_types)
+        K.set_obsm_matrix(a, K.OBSM_NEIGHBOURHOOD, pred.neighbourhood.astype(np.float32), self.cell_types)
+        K.set_obsm_matrix(a, K.OBSM_NUCLEUS_RAYS, pred.rays_um.astype(np.float32), RAY_COLUMNS)
         return a
+
+
+@dataclass
+class CellPredictions:
+    """Per-cell outputs of one :meth:`GhistModel.predict_arrays` call (rows follow ``cells``)."""
+
+    cells: pd.DataFrame               # the input rows kept (cells outside the slide dropped)
+    xy: np.ndarray                    # (n, 2) centroids, µm
+    rays_um: np.ndarray               # (n, 16) star contour the features were pooled inside
+    gene_idx: list[int]               # columns of ``model.genes`` in ``expression``
+    expression: np.ndarray            # (n, genes) float32 ≥ 0
+    type_probabilities: np.ndarray    # (n, types) float32, rows sum to 1
+    neighbourhood: np.ndarray         # (n, types) float32 composition within nbhd_radius_um
+    morphology: np.ndarray            # (n, morph features), in their own units
+    n_context: np.ndarray             # (n,) cells within context_radius_um (self included)
+    params: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+def _slide_sha256(slide: Any) -> str:
+    """The slide file's sha256 (a full read), or "" for a slide without a file."""
+    path = getattr(slide, "path", None)
+    if path is None or not Path(path).is_file():
+        return ""
+    return sha256_file(path)
 
 
 def _cell_input_values(cells: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray | None:
@@ -413,6 +488,7 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
     from ghist_core.weights.resolve import load_state_dict, resolve_file, resolve_weights
 
     dev = pick_device(device)
+
     if path is not None:
         wp = Path(path)
         cp = wp.with_suffix(".json")

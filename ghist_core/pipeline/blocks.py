@@ -21,6 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ghist_core import _keys as K
 from ghist_core.io.atomic import atomic_write_with, remove_temporaries
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
@@ -29,6 +30,10 @@ from ghist_core.project.store import Project
 from ghist_core.imaging.tissue import boxes_in_tissue
 
 STAGES: tuple[str, ...] = ("open", "tissue", "segment+predict", "write")
+#: Longest side of the H&E overview stored in ``uns["spatial"]`` (scanpy's "hires" image).
+HIRES_MAX_PX = 2000
+#: Nucleus diameter (µm) scanpy draws when the cells have no area.
+DEFAULT_NUCLEUS_DIAMETER_UM = 8.0
 #: Share of the whole run each stage takes, for one overall progress bar.
 _STAGE_WEIGHT = {"open": 0.02, "tissue": 0.03, "segment+predict": 0.9, "write": 0.05}
 
@@ -188,8 +193,15 @@ def run_blocks(
     config: PipelineConfig,
     report: Callable[[str, float, str], None] = lambda *a: None,
     cancel: threading.Event | None = None,
+    *,
+    slide_sha256: str = "",
 ) -> tuple[list[Path], dict]:
-    """Segment and predict every tissue block not yet checkpointed in ``run_dir``."""
+    """Segment and predict every tissue block not yet checkpointed in ``run_dir``.
+
+    Per block only the block's own pixels are read: the slide's sha256 comes from the
+    caller (the store hashed the file once when it was added) instead of being recomputed
+    by every ``predict``, and the tissue mask is computed once, in :func:`plan_blocks`.
+    """
     timings = {"read_s": 0.0, "segment_s": 0.0, "predict_s": 0.0}
     blocks = plan_blocks(slide, config)
     paths = [_block_path(run_dir, b) for b in blocks]
@@ -207,9 +219,9 @@ def run_blocks(
         cells = segment_block(segmenter, block, rgb, origin, seg_mpp)
         timings["segment_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        adata = model.predict(slide, cells, batch_size=config.batch_size)
+        adata = model.predict(slide, cells, batch_size=config.batch_size, slide_sha256=slide_sha256)
         timings["predict_s"] += time.perf_counter() - t
-        adata.uns.pop("ghist", None)  # the card is added once, to the merged result
+        adata.uns.pop(K.UNS_GHIST, None)  # the card is added once, to the merged result
         atomic_write_with(_block_path(run_dir, block), lambda p: adata.write_h5ad(p))
         n_done += 1
         report("segment+predict", n_done / len(blocks), f"block {n_done} of {len(blocks)}: {adata.n_obs} cells")
@@ -218,11 +230,34 @@ def run_blocks(
 
 
 def merge_blocks(paths: list[Path]) -> ad.AnnData:
-    parts = [ad.read_h5ad(p) for p in paths]
+    """One AnnData from the block checkpoints (blocks written by an older version are upgraded first)."""
+    parts = [K.upgrade_layout(ad.read_h5ad(p)) for p in paths]
     parts = [p for p in parts if p.n_vars] or parts
-    merged = ad.concat(parts, join="outer", merge="first", index_unique=None) if parts else ad.AnnData()
-    merged.obs_names = [f"cell_{i}" for i in merged.obs["cell_id"].to_numpy()] if "cell_id" in merged.obs else merged.obs_names
+    merged = (ad.concat(parts, join="outer", merge="first", uns_merge="first", index_unique=None)
+              if parts else ad.AnnData())
+    if K.OBS_CELL_ID in merged.obs:
+        merged.obs_names = K.obs_names_for(merged.obs[K.OBS_CELL_ID].to_numpy())
     return merged
+
+
+def add_slide_image(adata: ad.AnnData, slide: Slide, library_id: str, max_px: int = HIRES_MAX_PX) -> None:
+    """Store the slide's H&E overview in ``uns["spatial"][library_id]`` for scanpy/squidpy (in place).
+
+    ``obsm["spatial"]`` is in µm, so ``tissue_hires_scalef`` is overview pixels per µm and
+    ``spot_diameter_fullres`` the median nucleus diameter in µm: then
+    ``sc.pl.spatial(adata, img_key="hires", library_id=library_id)`` overlays the cells on the H&E.
+    """
+    thumb = slide.thumbnail(max_px)
+    px_per_um = thumb.shape[1] / (slide.dimensions[0] * slide.mpp)
+    area = adata.obs["area_um2"].to_numpy(np.float64) if "area_um2" in adata.obs and adata.n_obs else np.zeros(0)
+    area = area[np.isfinite(area) & (area > 0)]
+    diameter = float(2.0 * np.sqrt(np.median(area) / np.pi)) if len(area) else DEFAULT_NUCLEUS_DIAMETER_UM
+    K.set_spatial_image(adata, library_id, thumb, px_per_um, diameter)
+
+
+def library_id_for(slide_id: int) -> str:
+    """The ``uns["spatial"]`` key of a project slide (unique within a project, so cohorts can be concatenated)."""
+    return f"slide_{int(slide_id)}"
 
 
 def results_dir(project: Project, slide_id: int) -> Path:
@@ -299,13 +334,15 @@ def predict_slide(
         with slide:
             report("tissue", 0.0, "finding tissue")
             run_dir = project.run_dir(run_id)
-            paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config, report, cancel)
+            paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config, report, cancel,
+                                              slide_sha256=record.sha256)
             timings.update(block_timings)
             report("write", 0.0, "merging blocks")
             t = time.perf_counter()
             adata = merge_blocks(paths)
+            add_slide_image(adata, slide, library_id_for(slide_id))
             card = dict(getattr(model, "card", {}) or {})
-            adata.uns["ghist"] = _jsonable(
+            adata.uns[K.UNS_GHIST] = _jsonable(
                 {
                     "model_card": card,
                     "expression_units": card.get("expression_units", ""),
@@ -323,7 +360,7 @@ def predict_slide(
             h5ad_path = out_dir / f"run_{run_id}.h5ad"
             grid_path = out_dir / f"run_{run_id}.grid.h5"
             timings["total_s"] = time.perf_counter() - t_start
-            adata.uns["ghist"]["timings"] = {k: float(v) for k, v in timings.items()}
+            adata.uns[K.UNS_GHIST][K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
             atomic_write_with(h5ad_path, lambda p: adata.write_h5ad(p, compression="gzip"))
             write_grid(grid_path, build_grid_pyramid(adata, config.grid_sizes_um))
             timings["write_s"] = time.perf_counter() - t
@@ -366,9 +403,19 @@ def latest_finished_run(project: Project, slide_id: int):
 
 
 def load_prediction(project: Project, slide_id: int) -> ad.AnnData:
-    """The cells × genes AnnData of the slide's latest finished run."""
+    """The cells × genes AnnData of the slide's latest finished run, in the current layout.
+
+    A result written before the obsm layout (``prob_<type>`` / ``nbhd_<type>`` in ``obs``,
+    no ``uns["spatial"]``) is upgraded on reading: the columns move into their obsm
+    matrices, and the H&E overview is added when the slide file is still in the project.
+    """
     run = latest_finished_run(project, slide_id)
-    return ad.read_h5ad(project.result_files(run.run_id)["h5ad"])
+    adata = K.upgrade_layout(ad.read_h5ad(project.result_files(run.run_id)["h5ad"]))
+    if K.UNS_SPATIAL not in adata.uns and project.slide_path(slide_id).is_file():
+        record = project.get_slide(slide_id)
+        with open_slide(project.slide_path(slide_id), mpp=record.mpp) as slide:
+            add_slide_image(adata, slide, library_id_for(slide_id))
+    return adata
 
 
 def load_grid(project: Project, slide_id: int) -> dict[float, ad.AnnData]:

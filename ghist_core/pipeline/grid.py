@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ghist_core import _keys as K
 from ghist_core.io.atomic import atomic_path
 from ghist_core.errors import ModelInputError
 
@@ -22,7 +23,7 @@ from ghist_core.errors import ModelInputError
 DEFAULT_GRID_SIZES_UM: tuple[float, ...] = (25.0, 50.0, 100.0, 200.0, 400.0)
 
 
-def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = "cell_type") -> ad.AnnData:
+def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = K.OBS_CELL_TYPE) -> ad.AnnData:
     """Mean expression and cell-type counts per ``size_um`` square (vectorised).
 
     Returns an AnnData with one row per non-empty square: ``X`` = mean expression
@@ -32,7 +33,7 @@ def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = "ce
     """
     if size_um <= 0 or not np.isfinite(size_um):
         raise ModelInputError(f"Grid square size must be a positive number of µm, got {size_um}.")
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    xy = np.asarray(adata.obsm[K.OBSM_SPATIAL], dtype=np.float64)
     n_genes = adata.n_vars
     types = (
         pd.Categorical(adata.obs[type_key]) if type_key in adata.obs and adata.n_obs else pd.Categorical([])
@@ -40,8 +41,8 @@ def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = "ce
     if adata.n_obs == 0:
         obs = pd.DataFrame({"gx": [], "gy": [], "x_um": [], "y_um": [], "n_cells": []})
         out = ad.AnnData(X=np.zeros((0, n_genes), np.float32), obs=obs, var=adata.var[[]].copy())
-        out.obsm["spatial"] = np.zeros((0, 2))
-        out.uns["grid"] = {"size_um": float(size_um)}
+        out.obsm[K.OBSM_SPATIAL] = np.zeros((0, 2))
+        out.uns[K.UNS_GRID] = {"size_um": float(size_um)}
         return out
     gx = np.floor(xy[:, 0] / size_um).astype(np.int64)
     gy = np.floor(xy[:, 1] / size_um).astype(np.int64)
@@ -72,11 +73,11 @@ def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = "ce
         )
         counts = np.asarray((member @ onehot).todense()).astype(np.int64)
         for j, name in enumerate(types.categories):
-            obs[f"count_{name}"] = counts[:, j]
+            obs[f"{K.GRID_COUNT_PREFIX}{name}"] = counts[:, j]
     obs.index = [f"{a}_{b}" for a, b in uniq]
     out = ad.AnnData(X=means.astype(np.float32), obs=obs, var=adata.var[[]].copy())
-    out.obsm["spatial"] = obs[["x_um", "y_um"]].to_numpy()
-    out.uns["grid"] = {"size_um": float(size_um)}
+    out.obsm[K.OBSM_SPATIAL] = obs[["x_um", "y_um"]].to_numpy()
+    out.uns[K.UNS_GRID] = {"size_um": float(size_um)}
     return out
 
 
@@ -110,8 +111,8 @@ def read_grid(path: str | Path) -> dict[float, ad.AnnData]:
             var = pd.DataFrame(index=[v.decode() for v in grp["var_names"][()]])
             g = ad.AnnData(X=grp["X"][()], obs=obs, var=var)
             if len(obs):
-                g.obsm["spatial"] = obs[["x_um", "y_um"]].to_numpy()
-            g.uns["grid"] = {"size_um": float(size)}
+                g.obsm[K.OBSM_SPATIAL] = obs[["x_um", "y_um"]].to_numpy()
+            g.uns[K.UNS_GRID] = {"size_um": float(size)}
             grids[float(size)] = g
     return grids
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ghist_core._keys import neighbourhood_composition, type_probabilities
 from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsIntegrityError
 from ghist_core.model import GhistConfig, GhistNet, load_ghist
 from ghist_core.model.predict import GhistModel, save_ghist
@@ -18,6 +19,7 @@ from ghist_core.training.reference import CELL_TYPES, ReferenceProfiles, fit_gen
 from ghist_core.training.ghist import (
     PatchData, Trainer, TrainConfig, make_synthetic_cells, pearson_per_gene, predict_spots,
 )
+from ghist_core.io.hashing import sha256_file
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR
 from ghist_core.segmentation import ArraySlide, MppWarning
 
@@ -134,7 +136,7 @@ def test_save_load_round_trip_and_integrity(tmp_path: Path, variant: dict) -> No
         b = m.net(x, inst)["expr"]
     torch.testing.assert_close(a, b)
     assert m.net.cfg.spot_aggregate == variant.get("spot_aggregate", "sum")
-    assert ("mean over the cells" in m._uns({}, {}, None)["expression_units"]) == bool(variant)
+    assert ("mean over the cells" in m.provenance({}, {})["expression_units"]) == bool(variant)
     raw = bytearray(wp.read_bytes())
     raw[-1] ^= 0xFF
     wp.write_bytes(bytes(raw))
@@ -176,30 +178,40 @@ def test_bundled_weights_predict_on_demo_region(bundled: GhistModel, demo_region
     assert list(a.var_names) == card["genes"]
     assert a.X.dtype == np.float32 and np.isfinite(a.X).all() and (a.X >= 0).all()
     assert a.X.std(0).max() > 0  # cells differ
-    probs = a.obs[[f"prob_{t}" for t in card["cell_types"]]].to_numpy()
+    probs = type_probabilities(a)
+    assert list(probs.columns) == card["cell_types"] and list(probs.index) == list(a.obs_names)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
-    nb = a.obs[[f"nbhd_{t}" for t in card["cell_types"]]].to_numpy()
+    nb = neighbourhood_composition(a)
+    assert list(nb.columns) == card["cell_types"]
     np.testing.assert_allclose(nb.sum(1), 1.0, atol=1e-4)
+    assert not [c for c in a.obs.columns if c.startswith(("prob_", "nbhd_"))]  # matrices live in obsm, not obs
     assert set(a.obs["cell_type"].astype(str)) <= set(card["cell_types"])
+    assert (a.obs["cell_type"].astype(str).to_numpy() == probs.columns[probs.to_numpy().argmax(1)]).all()
+    rays = a.obsm["nucleus_rays_um"]  # the segmentation's star contours reach the result
+    np.testing.assert_allclose(rays, cells[[f"ray_{k:02d}" for k in range(16)]].clip(0, 40), rtol=1e-6)
+    assert list(a.uns["obsm_columns"]["nucleus_rays_um"]) == [f"ray_{k:02d}" for k in range(16)]
     for c in ("area_um2", "eccentricity", "pred_area_um2", "cell_id"):
         assert c in a.obs
     assert a.obs["cell_id"].tolist() == cells["cell_id"].tolist()
     np.testing.assert_allclose(a.obsm["spatial"], cells[["x_um", "y_um"]].to_numpy())
     u = a.uns["ghist"]
-    assert u["weights_sha256"] == card["sha256"] and len(u["slide_sha256"]) == 64
+    assert u["weights_sha256"] == card["sha256"] and u["slide_sha256"] == sha256_file(slide.path)
     assert u["model_card"]["mpp"] == card["mpp"] == bundled.mpp and "expression_units" in u
     # tiling and batching do not change results (bounded memory, same answer)
     b = bundled.predict(slide, cells, batch_size=1)
     np.testing.assert_allclose(a.X, b.X, rtol=1e-4, atol=1e-5)
     # a gene subset returns exactly those columns
-    sub = bundled.predict(slide, cells.iloc[:10], genes=["ERBB2", card["genes"][0]])
+    sub = bundled.predict(slide, cells.iloc[:10], genes=["ERBB2", card["genes"][0]], slide_sha256="known")
     assert list(sub.var_names) == ["ERBB2", card["genes"][0]]
+    assert sub.uns["ghist"]["slide_sha256"] == "known"  # a caller that knows the hash saves a whole-file read
 
 
 def test_bad_inputs_give_clear_errors(bundled: GhistModel, demo_region) -> None:
     slide, cells = demo_region
     empty = bundled.predict(slide, cells.iloc[:0])
     assert empty.shape == (0, len(bundled.genes)) and list(empty.var_names) == bundled.genes
+    assert empty.obsm["cell_type_probabilities"].shape == (0, len(bundled.cell_types))
+    assert list(type_probabilities(empty).columns) == bundled.cell_types
     outside = cells.iloc[:5].copy()
     outside.loc[outside.index[0], "x_um"] = 1e7
     with pytest.raises(ModelInputError, match="outside the slide"):
