@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ghist_core._keys import OBS_CELL_TYPE
 from ghist_core.viz import figures
 
 from ghist_core.viz import palette
@@ -45,7 +46,7 @@ with st.sidebar:
     colour_by = st.radio("Colour by", ["Expression", "Cell type"], key="gm_colour_by", horizontal=True)
     cmap = st.selectbox("Colour map", list(palette.EXPRESSION_MAPS), key="gm_cmap",
                         help="viridis and cividis stay readable with colour-vision deficiency and in greyscale.")
-    present = palette.ordered_types(adata.obs["cell_type"].astype(str).unique()) if "cell_type" in adata.obs else []
+    present = palette.ordered_types(adata.obs[OBS_CELL_TYPE].astype(str).unique()) if OBS_CELL_TYPE in adata.obs else []
     keep_types = st.multiselect("Cell types shown", present, default=present, key="gm_types")
     show_he = st.toggle("H&E underneath", value=True, key="gm_he")
 st.session_state[c.SELECTED_GENES] = chosen
