@@ -148,39 +148,55 @@ def segment_mean(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -
     return s / n.clamp(min=1).view(-1, *([1] * (values.dim() - 1)))
 
 
-def radius_neighbour_mean(
-    xy: torch.Tensor,
-    values: torch.Tensor,
-    radius: float,
-    *,
-    group: torch.Tensor | None = None,
-    chunk: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def radius_neighbour_mean(xy, values, radius: float, *, group=None):
     """Mean of ``values`` over the cells within ``radius`` of each cell (itself included).
 
-    Cells in different ``group`` s (e.g. different training patches) are never neighbours.
-    Memory is bounded by ``chunk × N``; for a whole slide use cells sorted into tiles
-    (``predict`` calls it on the cells of a tile plus a border).
+    The one neighbourhood definition, shared by training (``GhistNet.context``, torch,
+    differentiable in ``values``) and slide inference (``model.predict``, numpy): pairs
+    closer than ``radius`` (inclusive, float64 distances) from a k-d tree, so memory grows
+    with the number of pairs, never with N². Cells in different ``group`` s (e.g.
+    different training patches) are never neighbours.
+
+    Parameters
+    ----------
+    xy
+        ``(N, 2)`` positions (µm); numpy or torch.
+    values
+        ``(N, C)``; numpy in -> float32 numpy out (scipy sparse product), torch in -> torch
+        out on the same device and dtype (``index_add_``).
+    group
+        ``(N,)`` integer group of each cell, or None (all one group).
 
     Returns
     -------
     mean
         ``(N, C)`` neighbourhood means.
     count
-        ``(N,)`` number of neighbours (itself included).
+        ``(N,)`` number of neighbours (itself included), float32 / ``values.dtype``.
     """
-    n = xy.shape[0]
-    out = torch.zeros_like(values)
-    cnt = torch.zeros(n, dtype=values.dtype, device=values.device)
-    r2 = float(radius) ** 2
-    for s in range(0, n, chunk):  # chunks of cells, not single cells: bounded memory
-        d2 = torch.cdist(xy[s : s + chunk].float(), xy.float()).pow(2)
-        adj = d2 <= r2
-        if group is not None:
-            adj &= group[s : s + chunk].unsqueeze(1) == group.unsqueeze(0)
-        a = adj.to(values.dtype)
-        cnt[s : s + chunk] = a.sum(1)
-        out[s : s + chunk] = a @ values
+    from scipy.spatial import cKDTree
+
+    is_torch = isinstance(values, torch.Tensor)
+    pts = (xy.detach().cpu().double().numpy() if isinstance(xy, torch.Tensor) else np.asarray(xy, dtype=np.float64))
+    n = len(pts)
+    if group is not None and n:
+        g = group.detach().cpu().numpy() if isinstance(group, torch.Tensor) else np.asarray(group)
+        # a third coordinate that puts different groups further apart than the radius
+        pts = np.column_stack([pts, (g.astype(np.float64) - g.min()) * (3.0 * float(radius) + 1.0)])
+    pairs = cKDTree(pts).query_pairs(radius, output_type="ndarray") if n else np.zeros((0, 2), np.int64)
+    i = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    j = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    if not is_torch:
+        from scipy.sparse import csr_matrix, identity
+
+        a = csr_matrix((np.ones(len(i), np.float32), (i, j)), shape=(n, n)) + identity(n, dtype=np.float32, format="csr")
+        cnt = np.asarray(a.sum(1)).ravel().astype(np.float32)
+        return ((a @ values) / cnt[:, None]).astype(np.float32), cnt
+    dev = values.device
+    ti = torch.from_numpy(np.concatenate([i, np.arange(n)])).to(dev)
+    tj = torch.from_numpy(np.concatenate([j, np.arange(n)])).to(dev)
+    out = torch.zeros_like(values).index_add_(0, ti, values[tj])
+    cnt = torch.bincount(ti, minlength=n).to(values.dtype)
     return out / cnt.clamp(min=1).unsqueeze(1), cnt
 
 

@@ -29,7 +29,7 @@ from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatEr
 from ghist_core.io.hashing import sha256_file
 
 from ghist_core.model.network import GhistConfig, GhistNet
-from ghist_core.model.pooling import N_RAYS, rasterise_stars
+from ghist_core.model.pooling import N_RAYS, radius_neighbour_mean, rasterise_stars
 
 __all__ = ["GhistModel", "CellPredictions", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS"]
 
@@ -338,7 +338,7 @@ class GhistModel:
         """Neighbourhood context (CPU k-d tree over all cells), then the heads in ``chunk_cells`` chunks."""
         cfg = self.net.cfg
         n, d = emb.shape
-        ctx, cnt = _neighbour_mean(xy, emb.numpy() if cell_inputs is None else np.concatenate([emb.numpy(), cell_inputs], 1),
+        ctx, cnt = radius_neighbour_mean(xy, emb.numpy() if cell_inputs is None else np.concatenate([emb.numpy(), cell_inputs], 1),
                                    cfg.context_radius_um)
         ctx, ctx_inputs = np.ascontiguousarray(ctx[:, :d]), (None if cell_inputs is None else np.ascontiguousarray(ctx[:, d:]))
         rows_of = (lambda a, s: None if a is None else torch.from_numpy(a[s:s + chunk_cells]).to(self.device))  # noqa: E731
@@ -437,22 +437,6 @@ def _cell_input_values(cells: pd.DataFrame, names: tuple[str, ...]) -> np.ndarra
     if not np.isfinite(vals).all():
         raise ModelInputError(f"The cell table has missing or non-finite values in {', '.join(names)}.")
     return vals.astype(np.float32)
-
-
-def _neighbour_mean(xy: np.ndarray, emb: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mean embedding of all cells within ``radius`` µm (self included), via a sparse k-d-tree graph."""
-    from scipy.sparse import csr_matrix, identity
-    from scipy.spatial import cKDTree
-
-    n = len(xy)
-    tree = cKDTree(xy)
-    pairs = tree.query_pairs(radius, output_type="ndarray")
-    i = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    j = np.concatenate([pairs[:, 1], pairs[:, 0]])
-    a = csr_matrix((np.ones(len(i), np.float32), (i, j)), shape=(n, n)) + identity(n, dtype=np.float32, format="csr")
-    cnt = np.asarray(a.sum(1)).ravel().astype(np.float32)
-    ctx = (a @ emb) / cnt[:, None]
-    return ctx.astype(np.float32), cnt
 
 
 # --------------------------------------------------------------------------------------------

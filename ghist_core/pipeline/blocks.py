@@ -27,7 +27,7 @@ from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, Stor
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
 from ghist_core.io.slide import Slide, open_slide
 from ghist_core.project.store import Project
-from ghist_core.imaging.tissue import boxes_in_tissue
+from ghist_core.io.tiles import TileGrid
 
 STAGES: tuple[str, ...] = ("open", "tissue", "segment+predict", "write")
 #: Longest side of the H&E overview stored in ``uns["spatial"]`` (scanpy's "hires" image).
@@ -119,14 +119,12 @@ def plan_blocks(slide: Slide, config: PipelineConfig) -> list[Block]:
             "No tissue was found on this slide (it looks blank or overexposed). "
             "Check that the right file was uploaded."
         )
-    ys, xs = np.meshgrid(np.arange(0.0, h_um, config.block_um), np.arange(0.0, w_um, config.block_um), indexing="ij")
-    xs, ys = xs.ravel(), ys.ravel()
-    ws, hs = np.minimum(config.block_um, w_um - xs), np.minimum(config.block_um, h_um - ys)
-    boxes = np.stack([xs, ys, ws, hs], axis=1) / slide.mpp  # level-0 pixels
-    keep = boxes_in_tissue(mask, boxes, downsample, min_fraction=config.min_tissue_fraction)
+    # the one tile grid (io.tiles) on a 1 µm lattice: cores are the blocks, the halo their margin
+    grid = TileGrid(w_um, h_um, float(config.block_um), float(config.margin_um), mpp=1.0)
+    keep = grid.in_tissue(mask, downsample, slide.mpp, min_fraction=config.min_tissue_fraction)
     if not keep.any():
         raise NoTissueError("Too little tissue was found on this slide to analyse.")
-    return [Block(i, float(x), float(y), float(w), float(h)) for i, (x, y, w, h) in enumerate(zip(xs[keep], ys[keep], ws[keep], hs[keep]))]
+    return [Block(t.index, float(t.x0), float(t.y0), float(t.w), float(t.h)) for t in grid.iter(keep)]
 
 
 def _read_block(slide: Slide, block: Block, mpp: float, margin_um: float) -> tuple[np.ndarray, float, float]:

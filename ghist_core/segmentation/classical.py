@@ -102,12 +102,13 @@ class ClassicalSegmenter:
         warn_if_far(mpp, self.config.work_mpp, "The classical segmenter")
         hw = rgb.shape[:2]
         work_hw = working_shape(hw, mpp, self.config.work_mpp)
-        if min(work_hw) < 8:
+        if min(work_hw) < 8:  # smaller than a nucleus: the same (empty) table columns as below
             inst = np.zeros(hw, np.int32)
-            return inst, measure_instances(inst, mpp)
-        inst_w = self._instances_working(resample_rgb(rgb, work_hw))
-        inst = relabel_sequential(resample_labels(inst_w, hw)) if work_hw != hw else inst_w
-        cells = measure_instances(inst, mpp)
+            cells = measure_instances(inst, mpp)
+        else:
+            inst_w = self._instances_working(resample_rgb(rgb, work_hw))
+            inst = relabel_sequential(resample_labels(inst_w, hw)) if work_hw != hw else inst_w
+            cells = measure_instances(inst, mpp)
         cells.insert(1, "cell_id", cells["id"].to_numpy())
         cells["x_um"] = cells["x_px"] * mpp
         cells["y_um"] = cells["y_px"] * mpp
@@ -133,7 +134,7 @@ class ClassicalSegmenter:
         mpp = check_mpp(getattr(slide, "mpp", None))
         W, H = slide.dimensions
         ww, wh = working_shape((H, W), mpp, self.config.work_mpp)[::-1]
-        specs = tile_grid(ww, wh, tile_px, overlap_px)
+        specs = tile_grid(ww, wh, tile_px, overlap_px).tiles()
         pick = np.unique(np.linspace(0, len(specs) - 1, min(n_sample, len(specs))).round().astype(int))
         values = []
         for i in pick:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ghist_core._types import ProgressCallback, ScaledReader, SlideLike
 from ghist_core.errors import ModelInputError
 from ghist_core.io.slide import check_mpp
+from ghist_core.io.tiles import GridTile, TileGrid
 
 
 class MppWarning(UserWarning):
@@ -104,44 +105,25 @@ class ArraySlide:
         return out
 
 
-@dataclass
-class TileSpec:
-    """One tile in working-resolution pixels: read box (with margins) and kept core."""
-
-    x0: int  # top-left of the read box (may be negative)
-    y0: int
-    size: int
-    core_x0: int
-    core_y0: int
-    core_x1: int
-    core_y1: int
-
-
-def tile_grid(width: int, height: int, tile_px: int, overlap_px: int) -> list[TileSpec]:
-    """Tiles of ``tile_px`` whose cores (``tile_px - 2*overlap``) partition the image exactly."""
-    core = tile_px - 2 * overlap_px
-    if core < 16:
+def tile_grid(width: int, height: int, tile_px: int, overlap_px: int) -> TileGrid:
+    """The segmenters' grid: ``tile_px`` tiles whose cores (``tile_px - 2*overlap``) partition the image."""
+    if tile_px - 2 * overlap_px < 16:
         raise ModelInputError(f"tile_px ({tile_px}) must exceed twice the overlap ({overlap_px}) by at least 16.")
-    specs = []
-    for cy in range(0, height, core):
-        for cx in range(0, width, core):
-            specs.append(TileSpec(cx - overlap_px, cy - overlap_px, tile_px,
-                                  cx, cy, min(cx + core, width), min(cy + core, height)))
-    return specs
+    return TileGrid.from_tile(width, height, tile_px, overlap_px)
 
 
-def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.ndarray:
+def read_working_tile(slide: SlideLike, spec: GridTile, work_mpp: float) -> np.ndarray:
     """Read one tile at the working resolution (outside the slide reads as white)."""
     scale = work_mpp / float(slide.mpp)  # level-0 px per working px
     if scale != 1.0 and isinstance(slide, ScaledReader):
         try:
-            loc = (int(round(spec.x0 * scale)), int(round(spec.y0 * scale)))
-            return check_rgb(np.asarray(slide.read_region_mpp(loc, (spec.size, spec.size), work_mpp)))
+            loc = (int(round(spec.read_x0 * scale)), int(round(spec.read_y0 * scale)))
+            return check_rgb(np.asarray(slide.read_region_mpp(loc, (spec.read_size, spec.read_size), work_mpp)))
         except (TypeError, NotImplementedError):
             pass
-    x0 = int(math.floor(spec.x0 * scale))
-    y0 = int(math.floor(spec.y0 * scale))
-    n0 = int(math.ceil(spec.size * scale))
+    x0 = int(math.floor(spec.read_x0 * scale))
+    y0 = int(math.floor(spec.read_y0 * scale))
+    n0 = int(math.ceil(spec.read_size * scale))
     W, H = slide.dimensions
     # clip the request to the slide and pad with white: readers differ outside bounds
     rx0, ry0 = max(x0, 0), max(y0, 0)
@@ -150,7 +132,7 @@ def read_working_tile(slide: SlideLike, spec: TileSpec, work_mpp: float) -> np.n
     if rx1 > rx0 and ry1 > ry0:
         part = np.asarray(slide.read_region((rx0, ry0), 0, (rx1 - rx0, ry1 - ry0)))[..., :3]
         region[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0] = part
-    return resample_rgb(region, (spec.size, spec.size))
+    return resample_rgb(region, (spec.read_size, spec.read_size))
 
 
 def _drop_seam_twins(cells: pd.DataFrame, min_dist_um: float) -> pd.DataFrame:
@@ -198,9 +180,9 @@ def run_tiled(slide: SlideLike, work_mpp: float,
         work_mpp = mpp
     W, H = slide.dimensions
     ww, wh = working_shape((H, W), mpp, work_mpp)[::-1]
-    specs = tile_grid(ww, wh, tile_px, overlap_px)
+    specs = tile_grid(ww, wh, tile_px, overlap_px).tiles()
     frames: list[pd.DataFrame] = []
-    batch: list[tuple[TileSpec, np.ndarray]] = []
+    batch: list[tuple[GridTile, np.ndarray]] = []
     done = 0
 
     def flush() -> None:
@@ -208,16 +190,16 @@ def run_tiled(slide: SlideLike, work_mpp: float,
             return
         tables = segment_batch([rgb for _, rgb in batch], work_mpp)
         for (spec, _), table in zip(batch, tables):
-            gx = table["x_px"].to_numpy() + spec.x0
-            gy = table["y_px"].to_numpy() + spec.y0
-            keep = (gx >= spec.core_x0) & (gx < spec.core_x1) & (gy >= spec.core_y0) & (gy < spec.core_y1)
+            gx = table["x_px"].to_numpy() + spec.read_x0
+            gy = table["y_px"].to_numpy() + spec.read_y0
+            keep = (gx >= spec.x0) & (gx < spec.x1) & (gy >= spec.y0) & (gy < spec.y1)
             t = table.loc[keep].copy()
             t["x_um"] = gx[keep] * work_mpp
             t["y_um"] = gy[keep] * work_mpp
             t["_tile"] = len(frames)
             # how far inside its core each centroid is (px): the seam tie-breaker below
-            t["_margin"] = np.minimum.reduce([gx[keep] - spec.core_x0, spec.core_x1 - gx[keep],
-                                              gy[keep] - spec.core_y0, spec.core_y1 - gy[keep]])
+            t["_margin"] = np.minimum.reduce([gx[keep] - spec.x0, spec.x1 - gx[keep],
+                                              gy[keep] - spec.y0, spec.y1 - gy[keep]])
             frames.append(t)
         batch.clear()
 

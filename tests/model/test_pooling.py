@@ -78,12 +78,34 @@ def test_radius_neighbour_mean_matches_brute_force() -> None:
     xy = torch.from_numpy(rng.uniform(0, 100, (60, 2)).astype(np.float32))
     v = torch.from_numpy(rng.normal(size=(60, 4)).astype(np.float32))
     grp = torch.from_numpy(rng.integers(0, 2, 60))
-    out, cnt = radius_neighbour_mean(xy, v, 20.0, group=grp, chunk=7)
-    d = torch.cdist(xy, xy)
+    out, cnt = radius_neighbour_mean(xy, v, 20.0, group=grp)
+    d = torch.cdist(xy.double(), xy.double())
     adj = (d <= 20.0) & (grp[:, None] == grp[None, :])
     ref = (adj.float() @ v) / adj.sum(1, keepdim=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert cnt.tolist() == adj.sum(1).float().tolist()
+    assert 1 < float(cnt.mean()) < 60  # some neighbours, not everyone
+
+
+def test_radius_neighbour_mean_one_definition_for_training_and_inference() -> None:
+    """numpy (slide inference) and torch (training) give the same numbers; torch keeps gradients."""
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 300, (500, 2))
+    v = rng.normal(size=(500, 8)).astype(np.float32)
+    m_np, c_np = radius_neighbour_mean(xy, v, 40.0)
+    assert isinstance(m_np, np.ndarray) and m_np.dtype == np.float32 and c_np.dtype == np.float32
+    vt = torch.from_numpy(v).requires_grad_(True)
+    m_t, c_t = radius_neighbour_mean(torch.from_numpy(xy), vt, 40.0)
+    np.testing.assert_allclose(m_t.detach().numpy(), m_np, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(c_t.numpy(), c_np)
+    m_t.sum().backward()
+    assert vt.grad is not None and torch.isfinite(vt.grad).all()
+    # an isolated cell is its own neighbourhood
+    far = np.vstack([xy, [[10_000.0, 10_000.0]]])
+    m_far, c_far = radius_neighbour_mean(far, np.vstack([v, np.full((1, 8), 7.0, np.float32)]), 40.0)
+    assert c_far[-1] == 1 and np.allclose(m_far[-1], 7.0)
+    empty, c0 = radius_neighbour_mean(np.zeros((0, 2)), np.zeros((0, 3), np.float32), 40.0)
+    assert empty.shape == (0, 3) and c0.shape == (0,)
 
 
 def test_rasterise_stars_circle_area_and_overlap() -> None:
