@@ -93,6 +93,10 @@ class ProjectNotFoundError(StoreError):
     """The folder is not a GHIST Studio project."""
 
 
+class RunStateError(StoreError):
+    """A run asked to move to a status its current one does not allow (e.g. a finished run requeued)."""
+
+
 class RunCancelledError(GhistError):
     """The user cancelled a running analysis."""
 

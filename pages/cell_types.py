@@ -9,6 +9,7 @@ import streamlit as st
 from ghist_core.viz import figures
 from ghist_core.analysis.differential import differential_expression, pseudobulk
 from ghist_core.errors import GhistError
+from ghist_core.project import RunStatus
 from pages import common as c
 
 c.init_session()
@@ -20,7 +21,7 @@ project = c.open_project_or_stop()
 done = c.finished_slides_or_stop(project)
 
 folder = str(project.folder)
-run_of = {int(r["slide_id"]): int(c.run_field(project.latest_run(int(r["slide_id"]), status="finished"), "run_id"))
+run_of = {int(r["slide_id"]): int(c.run_field(project.latest_run(int(r["slide_id"]), status=RunStatus.FINISHED), "run_id"))
           for _, r in done.iterrows()}
 patient_of = {int(r["slide_id"]): (str(r["patient_id"]) if pd.notna(r.get("patient_id")) else f"slide {r['slide_id']}")
               for _, r in done.iterrows()}

@@ -1,8 +1,9 @@
 """Session-state keys and small helpers shared by every page (UI only, no analysis).
 
-The helpers here open the project, stage an upload into it, and cache what pages read
-(``st.cache_resource`` for predictions and models, ``st.cache_data`` for tables), so each
-page stays a thin layer of widgets over one ``ghist_core`` call.
+The helpers here open the project and cache what pages read (``st.cache_resource`` for
+predictions and models, ``st.cache_data`` for tables), so each page stays a thin layer of
+widgets over one ``ghist_core`` call. Uploads are staged by ``ghist_core.project.uploads``;
+run statuses are ``ghist_core.project.RunStatus``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +20,8 @@ import streamlit as st
 
 from ghist_core.errors import GhistError
 from ghist_core.paths import DEMO_DIR, default_project_dir
+from ghist_core.project import Project, overview
+from ghist_core.project.uploads import inspect_upload
 
 # Session keys, set once; every page uses these names.
 PROJECT_DIR = "project_dir"
@@ -37,8 +36,6 @@ WATCHED_RUNS = "watched_run_ids"
 UPLOAD_TYPES = ["svs", "ndpi", "tif", "tiff", "png", "jpg", "jpeg"]
 DEMO_PATIENT = "DEMO-01"
 DEMO_SLIDE = DEMO_DIR / "CMU-1-Small-Region.svs"
-RUN_ACTIVE = ("queued", "running")
-RUN_RESUMABLE = ("failed", "interrupted", "cancelled")
 #: How often live progress is polled from the store (seconds).
 POLL_S = 1.0
 
@@ -70,16 +67,12 @@ def project_dir() -> Path:
 
 def open_project(folder: str | os.PathLike | None = None):
     """The current project (created if the folder is new). Cheap: one SQLite open per rerun."""
-    from ghist_core.project.store import Project
-
     return Project.open_or_create(Path(folder) if folder else project_dir())
 
 
 @st.cache_resource(show_spinner=False)
 def ensure_demo_project(folder: str) -> str:
     """Create the bundled demo project (demo slide, patient DEMO-01) once per folder."""
-    from ghist_core.project.store import Project
-
     project = Project.open_or_create(Path(folder), name="Demo (CMU-1 small region)")
     if len(project.list_slides()) == 0 and DEMO_SLIDE.exists():
         project.add_slide(DEMO_SLIDE, patient_id=DEMO_PATIENT, original_name=DEMO_SLIDE.name)
@@ -91,66 +84,6 @@ def ensure_demo_on_first_start() -> None:
     init_session()
     if Path(st.session_state[PROJECT_DIR]) == demo_project_dir():
         ensure_demo_project(str(demo_project_dir()))
-
-
-# --- uploads ---------------------------------------------------------------------------
-
-@dataclass
-class StagedUpload:
-    """An uploaded file written to a staging folder outside the project until it is added."""
-
-    name: str
-    path: Path
-    size_bytes: int
-
-
-def stage_upload(name: str, data: BinaryIO | bytes, staging_dir: Path) -> StagedUpload:
-    """Copy an upload to ``staging_dir`` in chunks (constant memory), keeping its extension."""
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(Path(name).suffixes[-2:]) if name.lower().endswith(".ome.tif") else Path(name).suffix
-    fd, tmp = tempfile.mkstemp(prefix="upload_", suffix=suffix, dir=staging_dir)
-    with os.fdopen(fd, "wb") as out:
-        if isinstance(data, (bytes, bytearray)):
-            out.write(data)
-        else:
-            if hasattr(data, "seek"):
-                data.seek(0)
-            shutil.copyfileobj(data, out, length=1 << 22)
-    p = Path(tmp)
-    return StagedUpload(name, p, p.stat().st_size)
-
-
-def inspect_slide(path: Path, mpp: float | None = None) -> dict[str, Any]:
-    """Open a staged slide: its info dict plus a small thumbnail (raises SlideError subclasses)."""
-    from ghist_core.io.slide import open_slide
-
-    with open_slide(path, mpp=mpp) as slide:
-        info = dict(slide.info)
-        info["thumbnail"] = slide.thumbnail(384)
-    return info
-
-
-def add_uploaded_slide(project, staged: StagedUpload, *, patient_id: str | None, mpp: float | None = None):
-    """Validate and add a staged upload to the project; the staged copy is removed either way.
-
-    The store validates, sanitises the name and copies atomically, so a bad file raises a typed
-    error and leaves the project as it was.
-    """
-    try:
-        return project.add_slide(staged.path, patient_id=(patient_id or None), original_name=staged.name, mpp=mpp)
-    finally:
-        staged.path.unlink(missing_ok=True)
-
-
-def upload_and_add(project, name: str, data: BinaryIO | bytes, *, patient_id: str | None,
-                   mpp: float | None = None):
-    """The page's whole upload path in one call (used by tests as well as the page)."""
-    staged = stage_upload(name, data, staging_dir(project))
-    return add_uploaded_slide(project, staged, patient_id=patient_id, mpp=mpp)
-
-
-def staging_dir(project) -> Path:
-    return Path(tempfile.gettempdir()) / "ghist-uploads" / str(abs(hash(str(project.folder))))
 
 
 # --- cached reads ------------------------------------------------------------------------
@@ -195,7 +128,7 @@ def thumbnail_data_url(path: str, mtime: float, max_px: int = 96) -> str | None:
     from PIL import Image
 
     try:
-        info = inspect_slide(Path(path))
+        info = inspect_upload(Path(path))
     except GhistError:
         try:
             from ghist_core.io.slide import open_slide
@@ -248,31 +181,6 @@ def run_field(run: Any, name: str, default: Any = None) -> Any:
     return _get(run, name, default)
 
 
-def eta_seconds(run: Any, now: float | None = None) -> float | None:
-    """Time left from elapsed time and overall progress (None until there is enough progress)."""
-    progress = float(run_field(run, "progress", 0.0) or 0.0)
-    started = run_field(run, "started_at") or run_field(run, "created_at")
-    if started is None or progress < 0.03 or progress >= 1.0:
-        return None
-    t0 = _as_epoch(started)
-    if t0 is None:
-        return None
-    elapsed = (now or time.time()) - t0
-    return max(0.0, elapsed * (1.0 - progress) / progress)
-
-
-def _as_epoch(value: Any) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        ts = pd.Timestamp(value)
-        if ts.tzinfo is None:
-            ts = ts.tz_localize("UTC")
-        return ts.timestamp()
-    except (ValueError, TypeError):
-        return None
-
-
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "estimating…"
@@ -302,15 +210,6 @@ def submit(project, slide_id: int) -> int:
     return run_id
 
 
-def finished_slides(project) -> pd.DataFrame:
-    """Slides that have a finished prediction (for pickers on the analysis pages)."""
-    slides = project.list_slides()
-    if len(slides) == 0:
-        return slides
-    status_col = "status" if "status" in slides.columns else "latest_status"
-    return slides[slides[status_col] == "finished"].reset_index(drop=True)
-
-
 def slide_label(row: Any) -> str:
     name = _get(row, "original_name") or _get(row, "name") or f"slide {_get(row, 'slide_id')}"
     patient = _get(row, "patient_id")
@@ -328,7 +227,7 @@ def open_project_or_stop():
 
 def finished_slides_or_stop(project, hint: str = "") -> pd.DataFrame:
     """Slides with a finished prediction; otherwise a pointer to the Upload & predict page."""
-    done = finished_slides(project)
+    done = overview.finished_slides(project)
     if len(done) == 0:
         st.info(f"No slide has a finished prediction yet. Run one on the Upload & predict page{hint}.")
         st.page_link("pages/upload.py", label="Upload & predict", icon=":material/upload_file:")

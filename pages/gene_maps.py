@@ -8,6 +8,7 @@ from ghist_core._keys import OBS_CELL_TYPE
 from ghist_core.viz import figures
 
 from ghist_core.viz import palette
+from ghist_core.project import RunStatus
 from pages import common as c
 
 c.init_session()
@@ -25,7 +26,7 @@ slide_id = st.selectbox("Slide", ids, index=ids.index(sel) if sel in ids else 0,
                         key="gm_slide")
 st.session_state[c.SELECTED_SLIDE] = slide_id
 
-run = project.latest_run(slide_id, status="finished")
+run = project.latest_run(slide_id, status=RunStatus.FINISHED)
 run_id = int(c.run_field(run, "run_id"))
 adata = c.cached_prediction(str(project.folder), slide_id, run_id)
 genes = list(map(str, adata.var_names))

@@ -8,6 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from ghist_core.errors import GhistError
+from ghist_core.project import RunStatus, overview
+from ghist_core.safe_text import plain
 from pages import common as c
 
 c.init_session()
@@ -27,7 +29,7 @@ with st.sidebar:
         try:
             c.open_project(folder_in)
         except (GhistError, OSError) as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
         else:
             st.session_state[c.PROJECT_DIR] = str(Path(folder_in).expanduser())
             st.session_state[c.SELECTED_SLIDE] = None
@@ -39,31 +41,29 @@ with st.sidebar:
 
 project = c.open_project_or_stop()
 
-st.markdown(f"**Project folder:** `{project.folder}`")
+st.markdown(f"**Project folder:** {plain(project.folder)}")
 slides = project.list_slides()
 patients = project.list_patients()
+counts = overview.summary(project)
 
 m = st.columns(4)
-m[0].metric("Patients", len(patients))
-m[1].metric("Slides", len(slides))
-status_col = "status" if "status" in slides.columns else "latest_status"
-n_done = int((slides[status_col] == "finished").sum()) if len(slides) else 0
-m[2].metric("Slides predicted", n_done)
-n_cells = int(pd.to_numeric(slides.get("n_cells", pd.Series(dtype=float)), errors="coerce").fillna(0).sum()) if len(slides) else 0
-m[3].metric("Cells predicted", f"{n_cells:,}")
+m[0].metric("Patients", counts.n_patients)
+m[1].metric("Slides", counts.n_slides)
+m[2].metric("Slides predicted", counts.n_predicted)
+m[3].metric("Cells predicted", f"{counts.n_cells:,}")
 
 # --- demo: one click to run, one click to the map -----------------------------------------
 is_demo = Path(project.folder).resolve() == c.demo_project_dir().resolve()
 if is_demo and len(slides):
     demo = slides.iloc[0]
-    demo_status = demo[status_col]
+    demo_status = RunStatus(demo["status"]) if isinstance(demo["status"], str) else None
     box = st.container(border=True)
     box.markdown("**Demo slide** — CMU-1 small region (Aperio SVS, 2220 × 2967 px, 0.499 µm/px), patient DEMO-01.")
-    if demo_status == "finished":
+    if demo_status is RunStatus.FINISHED:
         st.session_state[c.SELECTED_SLIDE] = int(demo["slide_id"])
         if box.button("Open the demo gene map", type="primary", key="home_open_demo_map", icon=":material/map:"):
             st.switch_page("pages/gene_maps.py")
-    elif demo_status in c.RUN_ACTIVE:
+    elif demo_status is not None and demo_status.is_active:
         box.info("The demo is running.")
         if box.button("Watch progress", key="home_watch_demo"):
             st.switch_page("pages/upload.py")
@@ -72,7 +72,7 @@ if is_demo and len(slides):
             try:
                 c.submit(project, int(demo["slide_id"]))
             except GhistError as exc:
-                box.error(str(exc))
+                box.error(plain(exc))
             else:
                 st.session_state[c.SELECTED_SLIDE] = int(demo["slide_id"])
                 st.switch_page("pages/upload.py")
@@ -88,7 +88,7 @@ else:
     paths = [project.folder / p if not Path(p).is_absolute() else Path(p) for p in view["path"].astype(str)]
     view.insert(0, "thumbnail", [c.thumbnail_data_url(str(p), p.stat().st_mtime if p.exists() else 0.0) for p in paths])
     shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width", "height", "mpp",
-                             status_col, "n_cells", "added_at"] if col in view.columns]
+                             "status", "n_cells", "added_at"] if col in view.columns]
     st.dataframe(
         view[shown], hide_index=True, width="stretch", key="home_slides",
         column_config={
@@ -99,7 +99,7 @@ else:
             "width": st.column_config.NumberColumn("Width (px)", format="%d"),
             "height": st.column_config.NumberColumn("Height (px)", format="%d"),
             "mpp": st.column_config.NumberColumn("µm per px", format="%.3f"),
-            status_col: "Prediction",
+            "status": "Prediction",
             "n_cells": st.column_config.NumberColumn("Cells", format="localized"),
             "added_at": st.column_config.DatetimeColumn("Added (UTC)", format="YYYY-MM-DD HH:mm"),
         },

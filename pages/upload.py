@@ -12,6 +12,8 @@ from pathlib import Path
 import streamlit as st
 
 from ghist_core.errors import GhistError, MissingMppError, SlideError
+from ghist_core.project import RunStatus, overview, uploads
+from ghist_core.safe_text import plain
 from pages import common as c
 
 c.init_session()
@@ -21,7 +23,9 @@ if st.session_state.pop("upload_goto_map", False):
 
 st.title("Upload & predict")
 project = c.open_project_or_stop()
-st.caption(f"Project: `{project.folder}`")
+st.caption(f"Project: {plain(project.folder)}")
+if "upload_swept" not in st.session_state:  # once per session: copies a closed tab left behind
+    st.session_state["upload_swept"] = uploads.sweep_staged_uploads(project.folder)
 
 # --- model and device -----------------------------------------------------------------
 with st.expander("Model and device", expanded=False):
@@ -62,40 +66,40 @@ staged: dict = st.session_state.setdefault("upload_staged", {})
 added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, new?)
 current = {getattr(f, "file_id", None) or f"{f.name}:{f.size}" for f in files or []}
 for fid in [k for k in staged if k not in current]:  # removed from the uploader: drop its staged copy
-    staged.pop(fid).path.unlink(missing_ok=True)
+    uploads.discard_staged(staged.pop(fid))
 for f in files or []:
     fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
     if fid in added:
         sid, pid, new = added[fid]
         (st.success if new else st.info)(
-            f"{f.name}: {'added' if new else 'already in the project'} as slide {sid} (patient {pid or '—'}).",
+            f"{plain(f.name)}: {'added' if new else 'already in the project'} as slide {sid} (patient {plain(pid or '—')}).",
             icon=":material/check_circle:")
         continue
     if fid not in staged:
         try:
-            staged[fid] = c.stage_upload(f.name, f, c.staging_dir(project))
+            staged[fid] = uploads.stage_upload(f.name, f, uploads.staging_dir(project.folder))
         except OSError as exc:
-            st.error(f"Could not read {f.name}: {exc}")
+            st.error(f"Could not read {plain(f.name)}: {plain(exc)}")
             continue
     s = staged[fid]
     with st.container(border=True):
-        st.markdown(f"**{f.name}** · {s.size_bytes / 1e6:,.1f} MB")
+        st.markdown(f"**{plain(f.name)}** · {s.size_bytes / 1e6:,.1f} MB")
         mpp_given = None
         try:
-            info = c.inspect_slide(s.path)
+            info = uploads.inspect_upload(s.path)
         except MissingMppError as exc:
-            st.warning(str(exc))
+            st.warning(plain(exc))
             mpp_given = st.number_input("µm per pixel at full resolution", min_value=0.01, max_value=50.0, value=None,
                                         step=0.01, format="%.4f", key=f"mpp_{fid}",
                                         help="Typically 0.25 (40× objective) or 0.5 (20×).")
             info = None
             if mpp_given:
                 try:
-                    info = c.inspect_slide(s.path, mpp=mpp_given)
+                    info = uploads.inspect_upload(s.path, mpp=mpp_given)
                 except SlideError as exc2:
-                    st.error(str(exc2))
+                    st.error(plain(exc2))
         except SlideError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
             continue
         if info is None:
             continue
@@ -105,57 +109,52 @@ for f in files or []:
             f"- **Size:** {info['width_px']:,} × {info['height_px']:,} px "
             f"({info['width_um'] / 1000:.2f} × {info['height_um'] / 1000:.2f} mm)\n"
             f"- **Resolution:** {info['mpp']:.4f} µm per px ({info.get('mpp_source') or 'given'})\n"
-            f"- **Format:** {info['format']} {info.get('vendor') or ''}"
+            f"- **Format:** {plain(info['format'])} {plain(info.get('vendor') or '')}"
         )
         patient = cols[1].text_input("Patient id", value=Path(f.name).stem.split(".")[0][:32], key=f"patient_{fid}",
                                      help="Slides with the same patient id are grouped in cohort analyses.")
         run_now = cols[1].checkbox("Run the prediction right away", value=True, key=f"runnow_{fid}")
         if cols[1].button("Add to project", type="primary", key=f"add_{fid}"):
-            n_before = len(project.list_slides())
             try:
-                record = c.add_uploaded_slide(project, s, patient_id=patient.strip() or None, mpp=mpp_given)
+                result = uploads.add_staged_upload(project, s, patient_id=patient.strip() or None, mpp=mpp_given)
             except GhistError as exc:
                 staged.pop(fid, None)
-                st.error(str(exc))
+                st.error(plain(exc))
             else:
                 staged.pop(fid, None)
+                record = result.record
                 st.session_state[c.SELECTED_SLIDE] = int(record.slide_id)
-                is_new = len(project.list_slides()) > n_before
-                added[fid] = (int(record.slide_id), record.patient_id, is_new)
-                if is_new:
-                    st.success(f"Added {f.name} as slide {record.slide_id} (patient {record.patient_id or '—'}).")
+                added[fid] = (int(record.slide_id), record.patient_id, result.is_new)
+                if result.is_new:
+                    st.success(f"Added {plain(f.name)} as slide {record.slide_id} (patient {plain(record.patient_id or '—')}).")
                 else:
                     st.info(f"This file is already in the project as slide {record.slide_id} "
-                            f"(patient {record.patient_id or '—'}); nothing was copied.")
+                            f"(patient {plain(record.patient_id or '—')}); nothing was copied.")
                 if run_now:
                     try:
                         c.submit(project, int(record.slide_id))
                     except GhistError as exc:
-                        st.error(str(exc))
+                        st.error(plain(exc))
                         st.stop()
                 st.rerun()  # redraw: the card becomes a one-line confirmation
 
 # --- slides waiting for a run -------------------------------------------------------------
-slides = project.list_slides()
-status_col = "status" if "status" in slides.columns else "latest_status"
 st.subheader("2 · Runs")
-if len(slides) == 0:
+if len(project.list_slides()) == 0:
     st.info("No slides in this project yet.")
-not_run = slides[slides[status_col].isna() | (slides[status_col] == "") | (slides[status_col] == "none")] if len(slides) else slides
-for _, row in not_run.iterrows():
+for _, row in overview.slides_not_run(project).iterrows():
     cols = st.columns([3, 1])
-    cols[0].markdown(f"{c.slide_label(row)} — not run yet")
+    cols[0].markdown(f"{plain(c.slide_label(row))} — not run yet")
     if cols[1].button("Run", key=f"run_{row['slide_id']}"):
         try:
             c.submit(project, int(row["slide_id"]))
         except GhistError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
 
 
 # Poll only while a run is active: eight idle sessions each re-running this fragment every
 # second saturated a small server and made it drop file uploads (tests/app/test_concurrent_users.py).
-_runs_now = project.list_runs()
-_active = bool(len(_runs_now)) and bool(_runs_now["status"].isin(c.RUN_ACTIVE).any())
+_active = overview.any_active(project.list_runs())
 
 
 @st.fragment(run_every=c.POLL_S if _active else None)
@@ -165,32 +164,31 @@ def live_runs() -> None:
 
     proj = c.open_project()
     proj.mark_interrupted_runs()  # a worker that died shows up as resumable
-    runs = proj.list_runs()
-    if len(runs) == 0:
+    latest = overview.latest_runs(proj)
+    if len(latest) == 0:
         st.caption("No runs yet.")
         return
-    if _active and not runs["status"].isin(c.RUN_ACTIVE).any():
+    if _active and not overview.any_active(proj.list_runs()):
         # every run has ended: one full rerun stops the polling, so the buttons that now
         # appear ("Open gene map", "Resume") are not redrawn under the user's click each second
         st.rerun(scope="app")
     names = {int(r["slide_id"]): c.slide_label(r) for _, r in proj.list_slides().iterrows()}
-    latest = runs.sort_values("run_id").groupby("slide_id").tail(1).sort_values("run_id", ascending=False)
     for _, run in latest.iterrows():
-        rid, status = int(run["run_id"]), str(run["status"])
+        rid, status = int(run["run_id"]), RunStatus(run["status"])
         label = names.get(int(run["slide_id"]), f"slide {run['slide_id']}")
         with st.container(border=True, key=f"runbox_{rid}"):
-            st.markdown(f"**{label}** · run {rid} · **{status}**")
-            if status in c.RUN_ACTIVE:
+            st.markdown(f"**{plain(label)}** · run {rid} · **{status}**")
+            if status.is_active:
                 progress = float(run.get("progress") or 0.0)
-                stage = run.get("stage") or "queued"
-                eta = c.eta_seconds(run)
+                stage = run.get("stage") or RunStatus.QUEUED
+                eta = overview.time_left_s(run)
                 st.progress(min(1.0, progress), text=f"{stage}: {progress:.0%} · time left {c.fmt_seconds(eta)}")
                 if run.get("message"):
-                    st.caption(str(run["message"]))
+                    st.caption(plain(run["message"]))
                 if st.button("Cancel", key=f"cancel_{rid}", icon=":material/stop:"):
                     jobs.cancel_run(proj.folder, rid)
                     st.toast(f"Cancelling run {rid}: finished blocks are kept.")
-            elif status == "finished":
+            elif status is RunStatus.FINISHED:
                 n = run.get("n_cells")
                 st.progress(1.0, text=f"finished · {int(n):,} cells" if n == n and n is not None else "finished")
                 if st.button("Open gene map", key=f"open_{rid}", icon=":material/map:"):
@@ -198,16 +196,16 @@ def live_runs() -> None:
                     st.session_state[c.SELECTED_SLIDE] = int(run["slide_id"])
                     st.session_state["upload_goto_map"] = True
                     st.rerun(scope="app")
-            else:
+            elif status.is_resumable:
                 why = run.get("error") or run.get("message")
                 if why:
-                    (st.error if status == "failed" else st.warning)(str(why))
+                    (st.error if status is RunStatus.FAILED else st.warning)(plain(why))
                 if st.button("Resume", key=f"resume_{rid}", icon=":material/replay:",
                              help="Continue from the last finished block."):
                     try:
                         jobs.resume_run(proj.folder, rid, device=st.session_state[c.DEVICE])
                     except GhistError as exc:
-                        st.error(str(exc))
+                        st.error(plain(exc))
                     else:
                         st.rerun(scope="app")
 

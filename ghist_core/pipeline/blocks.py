@@ -26,7 +26,7 @@ from ghist_core.io.atomic import atomic_write_with, remove_temporaries
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
 from ghist_core.io.slide import Slide, open_slide
-from ghist_core.project.store import Project
+from ghist_core.project import Project, RunStatus
 from ghist_core.io.tiles import TileGrid
 
 STAGES: tuple[str, ...] = ("open", "tissue", "segment+predict", "write")
@@ -394,7 +394,7 @@ def _jsonable(obj):
 
 
 def latest_finished_run(project: Project, slide_id: int):
-    run = project.latest_run(slide_id, status="finished")
+    run = project.latest_run(slide_id, status=RunStatus.FINISHED)
     if run is None:
         raise StoreError("This slide has no finished prediction yet. Run it from the Upload & predict page.")
     return run

@@ -3,8 +3,9 @@
 A ``LocalCluster`` by default, or any running scheduler by address, so a lab's
 cluster (or Dask on Kubernetes / SLURM through dask-jobqueue) runs the same
 code. A task is idempotent: it adds the slide (deduplicated by sha256), returns
-a finished run if there is one, and otherwise resumes the slide's interrupted
-run from its checkpoints, so a task retried after a worker died loses nothing.
+a finished run if there is one, and otherwise resumes the slide's latest run
+when it is resumable (``RunStatus.is_resumable``: queued, interrupted, failed or
+cancelled) from its checkpoints, so a task retried after a worker died loses nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 import pandas as pd
 
 from ghist_core.errors import ClinicalTableError, GhistError
+from ghist_core.project import Project, RunStatus
 
 
 @dataclass(frozen=True)
@@ -52,24 +54,25 @@ def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, dev
     try:
         return _predict_one(project_folder, row, model_id, device, segmenter_id)
     except GhistError as exc:  # bad input: retrying cannot help, so report instead of raising
-        return {"slide": row.slide_path, "status": "failed", "error": str(exc)}
+        return {"slide": row.slide_path, "status": RunStatus.FAILED, "error": str(exc)}
 
 
 def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
                  segmenter_id: str | None) -> dict:
     from ghist_core.pipeline.blocks import predict_slide
-    from ghist_core.project.store import Project
 
     project = Project.open_or_create(project_folder)
     record = project.add_slide(row.slide_path, patient_id=row.patient_id, mpp=row.mpp)
     project.mark_interrupted_runs()
     latest = project.latest_run(record.slide_id)
-    if latest is not None and latest.status == "finished":
-        return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": latest.run_id, "n_cells": latest.n_cells, "status": "finished"}
-    resume = latest.run_id if latest is not None and latest.status in ("interrupted", "failed", "queued") else None
+    if latest is not None and latest.status is RunStatus.FINISHED:
+        return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": latest.run_id, "n_cells": latest.n_cells,
+                "status": RunStatus.FINISHED}
+    resume = latest.run_id if latest is not None and latest.is_resumable else None
     result = predict_slide(record.slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
                            run_id=resume)
-    return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": result.run_id, "n_cells": result.n_cells, "status": "finished"}
+    return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": result.run_id, "n_cells": result.n_cells,
+            "status": RunStatus.FINISHED}
 
 
 def run_cohort(
@@ -86,8 +89,6 @@ def run_cohort(
 ) -> dict:
     """Submit every slide, report each as it finishes; a failed slide does not stop the rest."""
     from dask.distributed import Client, LocalCluster, as_completed
-
-    from ghist_core.project.store import Project
 
     Project.open_or_create(project_folder)  # create once, before workers race to do it
     cluster = None
@@ -108,17 +109,17 @@ def run_cohort(
             row = futures[future]
             try:
                 out = future.result()
-                if out["status"] == "finished":
+                if out["status"] == RunStatus.FINISHED:
                     echo(f"finished {row.slide_path}: {out['n_cells']} cells")
                 else:
                     echo(f"failed {row.slide_path}: {out['error']}")
             except Exception as exc:  # a worker-side crash: report it, keep going
-                out = {"slide": row.slide_path, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                out = {"slide": row.slide_path, "status": RunStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"}
                 echo(f"failed {row.slide_path}: {out['error']}")
             results.append(out)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    finished = sum(r["status"] == "finished" for r in results)
+    finished = sum(r["status"] == RunStatus.FINISHED for r in results)
     return {"slides": len(rows), "finished": finished, "failed": len(rows) - finished, "results": results}

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ghist_core.errors import GhistError
-from ghist_core.project.store import Project
+from ghist_core.project import Project, RunStatus
 
 CANCEL_FILE = "CANCEL"
 
@@ -42,10 +42,10 @@ def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: st
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
     running = project.latest_run(slide.slide_id)
-    if running is not None and running.status in ("queued", "running"):
+    if running is not None and running.is_active:
         return running.run_id  # never start a second run of a slide already running
     run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
-                               params={"model_id": model_id, "segmenter_id": segmenter_id}, status="queued")
+                               params={"model_id": model_id, "segmenter_id": segmenter_id}, status=RunStatus.QUEUED)
     _spawn(Path(project_folder), run_id, slide_id, model_id, device, segmenter_id)
     return run_id
 
@@ -54,7 +54,7 @@ def resume_run(project_folder: str | os.PathLike, run_id: int, *, device: str = 
     """Restart an interrupted, failed or cancelled run where its checkpoints stop."""
     project = Project.open(project_folder)
     run = project.get_run(run_id)
-    if run.status == "finished":
+    if run.status is RunStatus.FINISHED:
         return run_id
     (project.run_dir(run_id) / CANCEL_FILE).unlink(missing_ok=True)
     project.requeue_run(run_id)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail_if_pending(project: Project, run_id: int, message: str) -> None:
     """Errors before the pipeline takes the run over (loading weights) would leave it 'queued' forever."""
     try:
-        if project.get_run(run_id).status in ("queued", "running"):
+        if project.get_run(run_id).is_active:
             project.fail_run(run_id, message)
     except GhistError:
         pass

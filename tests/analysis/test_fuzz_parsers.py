@@ -33,7 +33,7 @@ from ghist_core.analysis.clinical import (
 )
 from ghist_core.errors import ClinicalTableError, GhistError, InvalidFileNameError, InvalidMppError
 from ghist_core.io.slide import check_mpp, open_slide
-from ghist_core.project.store import sanitize_filename
+from ghist_core.project import sanitize_filename
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])

@@ -161,7 +161,8 @@ def test_bad_upload_shows_error_and_leaves_project(projects, name, data):
     assert len(Project.open_or_create(projects / "demo").list_slides()) == before
 
 
-def test_png_without_mpp_asks_for_it(projects, target_png):
+def test_png_without_mpp_asks_for_it(projects, demo_png_1000):
+    target_png = demo_png_1000  # any 1000 x 1000 PNG without µm per pixel
     at = open_page("pages/upload.py")
     at.get("file_uploader")[0].upload(target_png.name, target_png.read_bytes(), "image/png").run()
     assert not at.exception
@@ -176,20 +177,20 @@ def test_png_without_mpp_asks_for_it(projects, target_png):
 def test_upload_helper_is_the_page_path(projects, svs_path, tmp_path):
     """The function the page calls, on the real SVS: validated copy inside the project."""
     from ghist_core.errors import SlideError
+    from ghist_core.project import uploads
     from ghist_core.project.store import Project
-    from pages import common as c
 
     project = Project.open_or_create(tmp_path / "p")
     with open(svs_path, "rb") as fh:
-        rec = c.upload_and_add(project, "my slide (1).svs", fh, patient_id="P9")
+        rec = uploads.upload_and_add(project, "my slide (1).svs", fh, patient_id="P9").record
     slides = project.list_slides()
     assert len(slides) == 1 and slides.iloc[0]["patient_id"] == "P9"
     stored = project.folder / rec.path if not Path(rec.path).is_absolute() else Path(rec.path)
     assert stored.stat().st_size == svs_path.stat().st_size
     with pytest.raises(SlideError):
-        c.upload_and_add(project, "x.svs", b"garbage" * 100, patient_id="P9")
+        uploads.upload_and_add(project, "x.svs", b"garbage" * 100, patient_id="P9")
     assert len(project.list_slides()) == 1
-    assert not any(c.staging_dir(project).glob("*"))  # staged copies are cleaned up
+    assert not any(uploads.staging_dir(project.folder).glob("*"))  # staged copies are cleaned up
 
 
 # --- analysis pages with predictions ----------------------------------------------------------
@@ -212,13 +213,13 @@ def he_like_png(seed: int, size=(1000, 800)) -> bytes:
 @pytest.fixture
 def predicted_project(projects, tmp_path, svs_path):
     """Four patients (2 ER+, 2 ER−) with synthetic predictions registered in a real project."""
+    from ghist_core.project import uploads
     from ghist_core.project.store import Project
-    from pages import common as c
 
     project = Project.open_or_create(tmp_path / "cohort")
     ids = []
     for i, pid in enumerate(["P1", "P2", "P3", "P4"]):
-        rec = c.upload_and_add(project, f"slide{i}.png", he_like_png(seed=i), patient_id=pid, mpp=1.0)
+        rec = uploads.upload_and_add(project, f"slide{i}.png", he_like_png(seed=i), patient_id=pid, mpp=1.0).record
         a = synthetic_prediction(n=1500, genes=("ERBB2", "ESR1", "CD3E", "EPCAM"), seed=i)
         if pid in ("P1", "P2"):
             a.X[:, 1] += 3.0  # ESR1 higher in the ER+ patients
@@ -290,9 +291,9 @@ def test_cell_types_page(predicted_project):
     assert at.selectbox(key="ct_group_col").value == "er_status"
     volcano = [f for f in plotly_specs(at) if "Benjamini" in f["layout"].get("yaxis", {}).get("title", {}).get("text", "")]
     assert volcano, ("no volcano plot", [w.value for w in at.warning], [e.value for e in at.error])
-    table = [d.value for d in at.dataframe if "gene" in d.value.columns][0]
+    table = [d.value for d in at.dataframe if "log2fc" in d.value.columns][0]
     top = table.iloc[0]
-    assert top["gene"] == "ESR1" and top["log2fc"] > 0
+    assert top["feature"] == "ESR1" and top["log2fc"] > 0
     assert "2 of them" not in " ".join(c.value for c in at.caption)  # all 4 matched
     assert any("4 patients with predictions, 4 of them" in c.value for c in at.caption)
 

@@ -35,7 +35,7 @@ import pytest
 from ghist_core.analysis.clinical import load_demo_clinical, pseudonymise_ids, safe_csv_bytes, validate_survival, guess_mapping
 from ghist_core.errors import InvalidFileNameError
 from ghist_core.io.slide import open_slide
-from ghist_core.project.store import Project, sanitize_filename
+from ghist_core.project import Project, sanitize_filename
 
 REPO = Path(__file__).resolve().parents[2]
 PATIENT = "MRN-55501234"
