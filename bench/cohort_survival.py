@@ -1,7 +1,7 @@
 """Cohort survival timings → bench/results/cohort_survival.json.
 
 ``compare_groups`` computes KM curves and the multi-group + pairwise log-rank tests with
-vectorised numpy (checked equal to lifelines in tests/analysis/test_cohort_survival.py). Baseline,
+vectorised numpy (checked equal to lifelines in tests/analysis/test_survival.py). Baseline,
 measured in the same process on the same data: lifelines' ``KaplanMeierFitter`` per group +
 ``multivariate_logrank_test`` + ``pairwise_logrank_test`` (what the page would otherwise call
 on every rerun). Cohorts: the bundled TCGA BRCA table (OS by stage, 4 groups; by raw AJCC

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ghist_core.viz import figures
-from ghist_core.analysis.differential import differential_expression, pseudobulk
+from ghist_core.analysis.clinical import load_demo_clinical, read_clinical_table
+from ghist_core.analysis.compare import compare_expression
+from ghist_core.analysis.features import (
+    POOLING_RULE,
+    SlideSummary,
+    cell_type_counts,
+    neighbourhood_by_type,
+    patient_expression,
+    summarise_slide,
+)
 from ghist_core.errors import GhistError
 from ghist_core.project import RunStatus
+from ghist_core.viz import plots
 from pages import common as c
 
 c.init_session()
@@ -29,66 +37,61 @@ label_of = {int(r["slide_id"]): c.slide_label(r) for _, r in done.iterrows()}
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def slide_counts(folder: str, slide_id: int, run_id: int) -> pd.Series:
-    a = c.cached_prediction(folder, slide_id, run_id)
-    return a.obs["cell_type"].astype(str).value_counts()
+def slide_summary(folder: str, slide_id: int, run_id: int) -> SlideSummary:
+    """Per-slide sums (cells per type, expression sums); patients pool them by one rule."""
+    return summarise_slide(c.cached_prediction(folder, slide_id, run_id))
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
-def slide_means(folder: str, slide_id: int, run_id: int) -> pd.DataFrame:
-    """Mean predicted expression per gene for one slide (one row), via the shared pseudobulk."""
-    a = c.cached_prediction(folder, slide_id, run_id)
-    return pseudobulk(a.X, np.zeros(a.n_obs, dtype=int), list(map(str, a.var_names)))
+def summaries() -> list[tuple[str, str, SlideSummary]]:
+    """(patient, slide label, summary) of every finished slide."""
+    return [(patient_of[s], label_of[s].split(" · ")[0], slide_summary(folder, s, run_of[s])) for s in ids]
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
 def nbhd_figure(folder: str, slide_id: int, run_id: int):
     """Neighbourhood heatmap (or the reason there is none), built once per run."""
     try:
-        return figures.neighbourhood_heatmap(figures.neighbourhood_matrix(c.cached_prediction(folder, slide_id, run_id).obs))
+        return plots.neighbourhood_heatmap(neighbourhood_by_type(c.cached_prediction(folder, slide_id, run_id)))
     except ValueError as exc:
         return str(exc)
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
 def morph_figure(folder: str, slide_id: int, run_id: int, feature: str):
-    return figures.morphology_violins(c.cached_prediction(folder, slide_id, run_id).obs, feature, max_per_type=2000)
+    return plots.morphology_violins(c.cached_prediction(folder, slide_id, run_id).obs, feature, max_per_type=2000)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def clinical_table(data: bytes | None, name: str | None) -> pd.DataFrame:
     """The uploaded clinical table, or the bundled TCGA BRCA one (parsed once)."""
-    from ghist_core.analysis import clinical
-
-    return clinical.read_clinical_table(data, filename=name) if data is not None else clinical.load_demo_clinical()
+    return read_clinical_table(data, filename=name) if data is not None else load_demo_clinical()
 
 
 @st.cache_data(show_spinner="Testing every gene…", max_entries=32)
-def de_result(values: pd.DataFrame, labels: pd.Series, ga: str, gb: str, method: str):
-    return differential_expression(values, labels, group_a=ga, group_b=gb, method=method)
+def de_result(expression: pd.DataFrame, table: pd.DataFrame, id_col: str, grp_col: str, ga: str, gb: str,
+              method: str):
+    return compare_expression(expression, table, id_col=id_col, group_col=grp_col, group_a=ga, group_b=gb,
+                              method=method)
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def composition_figure(counts: pd.DataFrame, percent: bool, title: str):
-    return figures.composition_bars(counts, percent=percent, title=title)
+    return plots.composition_bars(counts, percent=percent, title=title)
 
 
 def composition_tab() -> None:
     """Stacked bars per slide and per patient, and the counts table."""
-    counts = pd.DataFrame({sid: slide_counts(folder, sid, run_of[sid]) for sid in run_of}).T.fillna(0).astype(int)
-    counts.index = pd.MultiIndex.from_tuples([(patient_of[s], label_of[s].split(" · ")[0]) for s in counts.index],
-                                             names=["patient", "slide"])
-    counts = counts[figures.palette.ordered_types(counts.columns)]
+    counts = cell_type_counts(summaries(), per="slide")
     percent = st.toggle("Show percentages", value=True, key="ct_percent")
     st.plotly_chart(composition_figure(counts, percent, "Cell-type composition per slide"), key="ct_comp_slides")
-    by_patient = counts.groupby(level="patient").sum()
-    by_patient.index.name = "patient"
+    by_patient = cell_type_counts(summaries(), per="patient")
     patients_sel = st.multiselect("Compare patients side by side", list(by_patient.index),
                                   default=list(by_patient.index)[:6], key="ct_patients")
     if patients_sel:
         st.plotly_chart(composition_figure(by_patient.loc[patients_sel], percent,
                                            "Cell-type composition per patient (all slides pooled)"),
                         key="ct_comp_patients")
+        st.caption(POOLING_RULE)
     st.dataframe(counts.reset_index(), hide_index=True, key="ct_counts_table")
 
 
@@ -110,12 +113,12 @@ def morphology_tab() -> None:
     """Nucleus morphology per predicted type of one slide."""
     sid_m = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_morph_slide")
     a = c.cached_prediction(folder, sid_m, run_of[sid_m])
-    feats = [f for f in figures.MORPHOLOGY_UNITS if f in a.obs.columns]
+    feats = [f for f in plots.MORPHOLOGY_UNITS if f in a.obs.columns]
     if not feats:
         st.info("This prediction has no morphology columns.")
     else:
         feat = st.selectbox("Feature", feats, key="ct_feature",
-                            format_func=lambda f: f"{figures.MORPHOLOGY_LABELS[f]} ({figures.MORPHOLOGY_UNITS[f]})")
+                            format_func=lambda f: f"{plots.MORPHOLOGY_LABELS[f]} ({plots.MORPHOLOGY_UNITS[f]})")
         st.plotly_chart(morph_figure(folder, sid_m, run_of[sid_m], feat), key="ct_morph")
         st.caption("Violins show up to 2,000 randomly chosen nuclei per cell type; the box marks the quartiles.")
 
@@ -123,8 +126,8 @@ def morphology_tab() -> None:
 def differential_tab() -> None:
     """Predicted expression of two groups of patients from a clinical table."""
     st.markdown("Compare predicted expression between two groups of patients defined by a clinical table. "
-                "Cells are averaged per patient first; genes are tested with a two-sided Mann–Whitney U or "
-                "Welch's t-test and corrected for multiple testing (Benjamini–Hochberg).")
+                "Cells are averaged per patient first (all of a patient's slides pooled); genes are tested "
+                "with a two-sided Mann–Whitney U or Welch's t-test and corrected for multiple testing (Benjamini–Hochberg).")
     up = st.file_uploader("Clinical table (CSV, TSV or XLSX); the bundled TCGA BRCA table is used otherwise",
                           type=["csv", "tsv", "txt", "xlsx"], key="ct_clinical")
     try:
@@ -149,29 +152,27 @@ def differential_tab() -> None:
     ga = gc[0].selectbox("Group A", levels, index=levels.index("Positive") if "Positive" in levels else 0, key="ct_ga")
     gb = gc[1].selectbox("Group B", levels,
                          index=levels.index("Negative") if "Negative" in levels else min(1, len(levels) - 1), key="ct_gb")
-    means = pd.concat([slide_means(folder, s, run_of[s]).set_axis([s]) for s in ids])
-    means["patient"] = [patient_of[s] for s in ids]
-    per_patient = means.groupby("patient").mean()
-    labels = table.drop_duplicates(id_col).set_index(table.drop_duplicates(id_col)[id_col].astype(str))[grp_col]
-    matched = per_patient.index.intersection(labels.index)
-    st.caption(f"{len(per_patient)} patients with predictions, {len(matched)} of them in the clinical table.")
+    expression = patient_expression([(p, summary) for p, _, summary in summaries()])
     try:
-        res = de_result(per_patient.loc[matched], labels.loc[matched].astype(str), ga, gb, method)
+        res = de_result(expression, table, id_col, grp_col, ga, gb, method)
     except GhistError as exc:
         st.warning(str(exc))
     else:
+        for note in res.notes:
+            st.caption(note)
         fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
-        st.plotly_chart(figures.volcano_plot(res.table_, min_abs_log2fc=fc, group_a=ga, group_b=gb), key="ct_volcano")
+        st.plotly_chart(plots.volcano_plot(res, min_abs_log2fc=fc), key="ct_volcano")
         st.markdown(f"**{len(res.significant(0.05, fc))}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "
-                    f"({ga}: {res.n_a} patients, {gb}: {res.n_b} patients).")
-        st.dataframe(res.table_, hide_index=True, key="ct_de_table", column_config={
+                    f"({ga}: {res.n[ga]} patients, {gb}: {res.n[gb]} patients).")
+        st.dataframe(res.table, hide_index=True, key="ct_de_table", column_config={
+            "feature": st.column_config.TextColumn("gene"),
             "mean_a": st.column_config.NumberColumn(f"mean {ga}", format="%.3f"),
             "mean_b": st.column_config.NumberColumn(f"mean {gb}", format="%.3f"),
             "log2fc": st.column_config.NumberColumn("log2 FC", format="%.2f"),
             "p_value": st.column_config.NumberColumn("p", format="%.2e"),
             "q_value": st.column_config.NumberColumn("q (BH)", format="%.2e"),
         })
-        st.download_button("Results (CSV)", data=res.table_.to_csv(index=False).encode(), file_name="differential.csv",
+        st.download_button("Results (CSV)", data=res.table.to_csv(index=False).encode(), file_name="differential.csv",
                            mime="text/csv", key="ct_de_csv", on_click="ignore")
 
 

@@ -1,7 +1,7 @@
 """Cohort & survival: clinical table → risk groups → Kaplan–Meier, log-rank, Cox, export.
 
-Thin page: widgets here, every number from ``ghist_core.analysis.cohort`` (which uses
-``ghist_core.analysis.clinical`` and ``ghist_core.analysis.survival``).
+Thin page: widgets here, every number from ``ghist_core.analysis`` (clinical import,
+patient features, risk groups, survival, feature tests), every figure from ``ghist_core.viz``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,34 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ghist_core.analysis import cohort as co
-from ghist_core.analysis.clinical import TIME_UNITS, find_endpoints
+from ghist_core.analysis.clinical import (
+    TIME_UNITS,
+    ColumnMapping,
+    find_endpoints,
+    guess_mapping,
+    load_demo_clinical,
+    pseudonymise_ids,
+    read_clinical_table,
+    safe_csv_bytes,
+    validate_survival,
+)
+from ghist_core.analysis.compare import compare_features
+from ghist_core.analysis.features import (
+    POOLING_RULE,
+    feature_columns,
+    join_clinical,
+    patient_features,
+    predicted_slides_from_project,
+)
+from ghist_core.analysis.groups import (
+    ByVariable,
+    KMeansClusters,
+    SplitAtQuantiles,
+    Threshold,
+    make_risk_groups,
+)
+from ghist_core.analysis.survival import compare_groups, fit_cox
+from ghist_core.viz.plots import PLOTLY_EXPORT_CONFIG, PLOTLY_EXPORT_CONFIG_PNG
 from ghist_core.errors import GhistError
 from pages import common as c
 
@@ -41,13 +67,13 @@ st.caption("Kaplan–Meier curves, log-rank tests and Cox models across patients
 @st.cache_data(show_spinner=False, max_entries=8)
 def load_table(data: bytes | None, name: str) -> pd.DataFrame:
     """Demo table when ``data`` is None, else the uploaded bytes (keyed by their content)."""
-    return co.load_demo_clinical() if data is None else co.read_clinical_table(data, name)
+    return load_demo_clinical() if data is None else read_clinical_table(data, name)
 
 
 @st.cache_data(show_spinner="Reading predicted slides…", max_entries=4)
 def load_features(pairs: tuple[tuple[str, str], ...], genes: tuple[str, ...],
                   signature: tuple[str, ...]) -> pd.DataFrame:
-    return co.patient_features([(p, Path(f)) for p, f in pairs], genes=list(genes),
+    return patient_features([(p, Path(f)) for p, f in pairs], genes=list(genes),
                                signatures={"signature": list(signature)} if signature else None)
 
 
@@ -56,13 +82,13 @@ def gene_list(text: str) -> tuple[str, ...]:
 
 
 def csv_button(label: str, df: pd.DataFrame, file_name: str, key: str) -> None:
-    st.download_button(label, co.safe_csv_bytes(df), file_name=file_name, mime="text/csv",
+    st.download_button(label, safe_csv_bytes(df), file_name=file_name, mime="text/csv",
                        key=key, icon=":material/download:")
 
 
 def show_figure(fig, key: str) -> None:
     fmt = st.session_state.get("cohort_image_format", "svg")
-    cfg = dict(co.PLOTLY_EXPORT_CONFIG if fmt == "svg" else co.PLOTLY_EXPORT_CONFIG_PNG)
+    cfg = dict(PLOTLY_EXPORT_CONFIG if fmt == "svg" else PLOTLY_EXPORT_CONFIG_PNG)
     cfg["toImageButtonOptions"] = {**cfg["toImageButtonOptions"], "filename": key}
     st.plotly_chart(fig, config=cfg, key=key)
 
@@ -81,7 +107,7 @@ def project_slides() -> tuple[list[tuple[str, str]], list[str]]:
     """Predicted slides of the current project; never fails the page."""
     try:
         project = c.open_project()
-        pairs, notes = co.predicted_slides_from_project(project)
+        pairs, notes = predicted_slides_from_project(project)
         return [(p, str(f)) for p, f in pairs], notes
     except (ImportError, AttributeError, GhistError, OSError, KeyError, TypeError) as exc:
         return [], [f"The project's predicted slides could not be read ({exc})."]
@@ -140,9 +166,9 @@ st.caption(f"{name}: {len(raw)} rows × {raw.shape[1]} columns"
               if raw.attrs.get("delimiter") else ""))
 
 # --- 2. column mapping ---------------------------------------------------------------------
-guess = co.guess_mapping(raw)
+guess = guess_mapping(raw)
 if source == SOURCE_SAVED and saved_mapping:  # the mapping saved with the table wins
-    guess = co.ColumnMapping(**{**guess.to_dict(), **{k: v for k, v in saved_mapping.items()
+    guess = ColumnMapping(**{**guess.to_dict(), **{k: v for k, v in saved_mapping.items()
                                                       if k in guess.to_dict() and v}})
 endpoints = find_endpoints(raw)
 cols = list(raw.columns)
@@ -176,8 +202,8 @@ with st.expander("Columns and endpoint", expanded=source == SOURCE_UPLOAD):
 
 slides, slide_notes = project_slides()
 try:
-    checked = co.validate_survival(
-        raw, co.ColumnMapping(pid_col, time_col, event_col, time_unit=unit_in), unit_in,
+    checked = validate_survival(
+        raw, ColumnMapping(pid_col, time_col, event_col, time_unit=unit_in), unit_in,
         out_unit=unit_out, slide_patient_ids=[p for p, _ in slides] if slides else None)
 except GhistError as exc:
     st.error(str(exc))
@@ -193,7 +219,7 @@ if checked.problems:
             st.dataframe(checked.dropped, hide_index=True, height=200)
             dropped = checked.dropped.copy()
             if pseudo:
-                dropped["patient_id"] = co.pseudonymise_ids(dropped["patient_id"],
+                dropped["patient_id"] = pseudonymise_ids(dropped["patient_id"],
                                                              st.session_state[SALT])
             csv_button("Left-out rows (CSV)", dropped, "left_out_rows.csv", "cohort_dl_dropped")
 if source == SOURCE_UPLOAD:
@@ -212,7 +238,7 @@ if source == SOURCE_UPLOAD:
 # --- 3. predicted features ------------------------------------------------------------------
 features = None
 if slides:
-    st.caption(f"{len(slides)} predicted slide(s) in this project. {co.POOLING_RULE}")
+    st.caption(f"{len(slides)} predicted slide(s) in this project. {POOLING_RULE}")
     a, b = st.columns(2)
     genes = gene_list(a.text_input("Genes for mean predicted expression (comma-separated)",
                                    key="cohort_genes", placeholder="e.g. ERBB2, ESR1"))
@@ -220,11 +246,11 @@ if slides:
                                        key="cohort_signature", placeholder="e.g. KRT8, KRT18"))
     try:
         feats = load_features(tuple(slides), genes, signature)
-        joined = co.join_clinical(feats, table, "patient_id")
+        joined = join_clinical(feats, table, "patient_id")
         for m in joined.messages:
             st.caption(m)
         if joined.n:
-            features = co.feature_columns(feats)
+            features = feature_columns(feats)
             table = joined.table
     except GhistError as exc:
         st.warning(str(exc))
@@ -239,7 +265,7 @@ if mode != GROUP_CLINICAL and not features:
     st.info("Groups from predicted features need predicted slides whose patient ids match this "
             "table. " + ("The demo has no slides. " if source == SOURCE_DEMO else "")
             + "Predict slides on the Upload & predict page (set each slide's patient id), then "
-            "come back. " + co.POOLING_RULE)
+            "come back. " + POOLING_RULE)
     st.stop()
 if mode == GROUP_CLINICAL:
     candidates = [g for g in guess.groups if g in table.columns] or [
@@ -261,7 +287,7 @@ if mode == GROUP_CLINICAL:
                       help="Listed first; Cox hazard ratios are relative to it. Default: the "
                            "largest group.")
     table = table.assign(**{var: table[var].astype("string")})
-    rule = co.ByVariable(var, tuple([ref] + [g for g in (keep or levels) if g != ref]))
+    rule = ByVariable(var, tuple([ref] + [g for g in (keep or levels) if g != ref]))
 elif mode == GROUP_SPLIT:
     a, b = st.columns(2)
     feat = a.selectbox("Feature", features, key="cohort_feature")
@@ -269,27 +295,27 @@ elif mode == GROUP_SPLIT:
     if how == "threshold":
         thr = st.number_input("Threshold", value=float(table[feat].median()),
                               key="cohort_threshold", format="%.4g")
-        rule = co.Threshold(feat, thr)
+        rule = Threshold(feat, thr)
     else:
-        rule = co.SplitAtQuantiles(feat, how)
-    st.caption(co.POOLING_RULE)
+        rule = SplitAtQuantiles(feat, how)
+    st.caption(POOLING_RULE)
 else:
     a, b, d = st.columns([3, 1, 1])
     feats_k = a.multiselect("Features", features, default=[f for f in features
                             if f.startswith("prop_")] or features[:3], key="cohort_km_feats")
     k = b.number_input("k", 2, 8, 2, key="cohort_k")
     seed = d.number_input("seed", 0, 10_000, 0, key="cohort_seed")
-    rule = co.KMeansClusters(int(k), tuple(feats_k), int(seed))
-    st.caption(co.POOLING_RULE)
+    rule = KMeansClusters(int(k), tuple(feats_k), int(seed))
+    st.caption(POOLING_RULE)
 
 try:
-    group_col = (rule.column if isinstance(rule, co.ByVariable) else
-                 "cluster" if isinstance(rule, co.KMeansClusters) else f"{rule.column} group")
-    groups = co.make_risk_groups(table, rule, key_added=group_col)
+    group_col = (rule.column if isinstance(rule, ByVariable) else
+                 "cluster" if isinstance(rule, KMeansClusters) else f"{rule.column} group")
+    groups = make_risk_groups(table, rule, key_added=group_col)
     horizon = st.number_input(f"RMST horizon ({unit_out})", min_value=0.1,
                               value=float(round(5 * TIME_UNITS["years"] / TIME_UNITS[unit_out], 1)),
                               key="cohort_horizon")
-    res = co.compare_groups(groups.table, "time", "event", groups.column, horizon=horizon,
+    res = compare_groups(groups.table, "time", "event", groups.column, horizon=horizon,
                             time_unit=unit_out, title=f"{ep} by {group_col}")
 except GhistError as exc:
     st.error(str(exc))
@@ -318,7 +344,7 @@ if len(res.pairwise) > 1:
     csv_button("Pairwise tests (CSV)", res.pairwise, "pairwise_logrank.csv", "cohort_dl_pairwise")
 assign = groups.table[["patient_id", groups.column]].dropna()
 if pseudo:
-    assign = assign.assign(patient_id=co.pseudonymise_ids(assign["patient_id"],
+    assign = assign.assign(patient_id=pseudonymise_ids(assign["patient_id"],
                                                           st.session_state[SALT]).to_numpy())
 csv_button("Patient groups (CSV)", assign, "patient_groups.csv", "cohort_dl_assign")
 
@@ -331,7 +357,7 @@ covs = a.multiselect("Covariates", cov_options, default=[groups.column], key="co
 uni = b.toggle("One model per covariate (univariate)", key="cohort_cox_uni")
 if covs:
     try:
-        cox = co.fit_cox(groups.table, "time", "event", covs, univariate=uni)
+        cox = fit_cox(groups.table, "time", "event", covs, univariate=uni)
     except GhistError as exc:
         st.error(str(exc))
     else:
@@ -354,7 +380,7 @@ if covs:
 if features:
     st.subheader("Predicted features between groups")
     try:
-        fc = co.compare_features(groups.table, groups.column, features)
+        fc = compare_features(groups.table, groups.column, features)
     except GhistError as exc:
         st.info(str(exc))
     else:

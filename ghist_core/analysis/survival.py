@@ -1,8 +1,9 @@
 """Survival statistics for cohorts: Kaplan–Meier, log-rank, Cox, RMST (lifelines underneath).
 
 Why a module of its own: the page and the checks need one place where survival numbers
-are computed, validated and turned into figures, so what the researcher sees is what
-the tests check. Every function validates its input and raises
+are computed and validated, so what the researcher sees is what the tests check. Numbers
+only: the figures of these results are drawn by :mod:`ghist_core.viz.survival_plots`
+(``result.plot()`` delegates there). Every function validates its input and raises
 :class:`~ghist_core.errors.SurvivalAnalysisError` with a plain-language message instead
 of letting lifelines fail deep inside.
 
@@ -19,69 +20,11 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 
+from ghist_core.analysis.multitest import holm
 from ghist_core.errors import SurvivalAnalysisError
 
-__all__ = [
-    "OKABE_ITO",
-    "PLOTLY_EXPORT_CONFIG",
-    "GroupComparison",
-    "CoxResult",
-    "compare_groups",
-    "fit_cox",
-    "rmst",
-    "holm",
-    "group_colours",
-]
-
-#: Okabe & Ito (2008) colour-blind-safe palette, fixed order; groups take colours in order.
-OKABE_ITO: tuple[str, ...] = (
-    "#0072B2",  # blue
-    "#D55E00",  # vermillion
-    "#009E73",  # bluish green
-    "#E69F00",  # orange
-    "#CC79A7",  # reddish purple
-    "#56B4E9",  # sky blue
-    "#F0E442",  # yellow
-    "#000000",  # black
-)
-
-#: Pass as ``st.plotly_chart(fig, config=PLOTLY_EXPORT_CONFIG)``: the camera button in the
-#: plot's toolbar then saves an SVG (vector, for papers); PNG at 3x scale is the
-#: ``PLOTLY_EXPORT_CONFIG_PNG`` variant. Both are rendered by the browser (no kaleido).
-PLOTLY_EXPORT_CONFIG: dict = {
-    "displaylogo": False,
-    "toImageButtonOptions": {"format": "svg", "filename": "ghist_figure", "scale": 1},
-}
-PLOTLY_EXPORT_CONFIG_PNG: dict = {
-    "displaylogo": False,
-    "toImageButtonOptions": {"format": "png", "filename": "ghist_figure", "scale": 3},
-}
-
-
-def group_colours(groups: Sequence) -> dict:
-    """Fixed Okabe–Ito colour per group, in the order given (cycles after 8 groups)."""
-    return {g: OKABE_ITO[i % len(OKABE_ITO)] for i, g in enumerate(groups)}
-
-
-def _rgba(hex_colour: str, alpha: float) -> str:
-    h = hex_colour.lstrip("#")
-    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
-
-
-def holm(p_values: Sequence[float]) -> np.ndarray:
-    """Holm (1979) step-down adjusted p-values (controls the family-wise error rate)."""
-    p = np.asarray(p_values, dtype=float)
-    m = p.size
-    if m == 0:
-        return p
-    order = np.argsort(p)
-    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out = np.empty(m)
-    out[order] = np.minimum(adj, 1.0)
-    return out
+__all__ = ["GroupComparison", "CoxResult", "compare_groups", "fit_cox", "rmst"]
 
 
 # --------------------------------------------------------------------------- input checks
@@ -348,83 +291,24 @@ class GroupComparison:
 
     def at_risk_table(self, times: Sequence[float] | None = None) -> pd.DataFrame:
         """Numbers still at risk (time ≥ t) per group at the given times."""
-        times = np.asarray(self._risk_times() if times is None else times, dtype=float)
+        times = np.asarray(self.risk_times() if times is None else times, dtype=float)
         data = {}
         for g, t in self.durations_by_group.items():
             data[str(g)] = (t[:, None] >= times[None, :]).sum(axis=0)
         return pd.DataFrame(data, index=pd.Index(times, name="time")).T
 
-    def _risk_times(self) -> np.ndarray:
+    def risk_times(self) -> np.ndarray:
+        """Round times from 0 to the last follow-up at which numbers at risk are shown."""
         tmax = max(float(t.max()) for t in self.durations_by_group.values())
         step = _nice_step(tmax / 6)
         return np.arange(0, tmax + 1e-9, step)
 
-    def plot(self, *, show_ci: bool = True, show_censors: bool = True) -> go.Figure:
-        """KM curve per group with CI bands, censor ticks and numbers at risk beneath.
+    def plot(self, *, show_ci: bool = True, show_censors: bool = True):
+        """KM curves with CI bands, censor ticks and numbers at risk beneath (a plotly
+        figure from :func:`ghist_core.viz.survival_plots.km_plot`)."""
+        from ghist_core.viz.survival_plots import km_plot
 
-        The at-risk table is a second, shared-x panel (one text row per group, counts at
-        the tick times) so it exports with the figure as one SVG/PNG."""
-        groups = list(self.durations_by_group)
-        colours = group_colours(groups)
-        risk_times = self._risk_times()
-        unit = f" ({self.time_unit})" if self.time_unit else ""
-        n_groups = len(groups)
-        n_of = dict(zip(self.groups["group"], self.groups["n"]))
-        top, bottom = {"xaxis": "x", "yaxis": "y"}, {"xaxis": "x2", "yaxis": "y2"}
-        traces = []
-        for i, g in enumerate(groups):
-            c = self.curves[self.curves["group"] == g]
-            x = c["time"].to_numpy()
-            col = colours[g]
-            if show_ci:
-                traces.append(go.Scatter(x=x, y=c["ci_upper"].to_numpy(), mode="lines",
-                                         line={"width": 0, "shape": "hv", "color": col},
-                                         showlegend=False, hoverinfo="skip",
-                                         legendgroup=str(g), **top))
-                traces.append(go.Scatter(x=x, y=c["ci_lower"].to_numpy(), mode="lines",
-                                         line={"width": 0, "shape": "hv", "color": col},
-                                         fill="tonexty", fillcolor=_rgba(col, 0.18),
-                                         showlegend=False, hoverinfo="skip",
-                                         legendgroup=str(g), **top))
-            traces.append(go.Scatter(
-                x=x, y=c["survival"].to_numpy(), mode="lines", name=f"{g} (n={int(n_of[g])})",
-                legendgroup=str(g), line={"shape": "hv", "color": col, "width": 2},
-                customdata=np.c_[c["at_risk"], c["ci_lower"], c["ci_upper"]],
-                hovertemplate=(f"{g}<br>t=%{{x:.4g}}{unit}<br>S=%{{y:.3f}} "
-                               "(%{customdata[1]:.3f}–%{customdata[2]:.3f})"
-                               "<br>at risk %{customdata[0]}<extra></extra>"), **top))
-            if show_censors:
-                cc = c[c["censored"] > 0]
-                traces.append(go.Scatter(
-                    x=cc["time"].to_numpy(), y=cc["survival"].to_numpy(), mode="markers",
-                    showlegend=False, legendgroup=str(g), hoverinfo="skip",
-                    marker={"symbol": "line-ns-open", "size": 7, "color": col}, **top))
-            t = self.durations_by_group[g]
-            counts = (t[:, None] >= risk_times[None, :]).sum(axis=0)
-            traces.append(go.Scatter(
-                x=risk_times, y=[n_groups - 1 - i] * len(risk_times), mode="text",
-                text=[str(int(k)) for k in counts], textfont={"color": col, "size": 11},
-                showlegend=False, hoverinfo="skip", name=f"at risk: {g}", **bottom))
-        p_txt = f"p = {self.p_value:.2g}" if self.p_value >= 1e-4 else f"p = {self.p_value:.1e}"
-        layout = go.Layout(
-            title=self.title or f"Kaplan–Meier by {self.group_col}",
-            template="simple_white", legend={"title": {"text": self.group_col}},
-            margin={"l": 60, "r": 20, "t": 60, "b": 50},
-            height=520 + 18 * max(0, n_groups - 2),
-            xaxis={"anchor": "y", "domain": [0, 1], "matches": "x2", "showticklabels": True},
-            yaxis={"domain": [0.3, 1], "range": [0, 1.02], "title": {"text": "survival probability"}},
-            xaxis2={"anchor": "y2", "domain": [0, 1], "title": {"text": f"time{unit}"}},
-            yaxis2={"domain": [0, 0.22], "tickmode": "array", "tickvals": list(range(n_groups)),
-                    "ticktext": [str(g) for g in reversed(groups)],
-                    "range": [-0.6, n_groups - 0.4], "showgrid": False, "zeroline": False,
-                    "title": {"text": "at risk"}},
-            annotations=[{"text": f"log-rank χ² = {self.test_statistic:.2f} "
-                                  f"(df {self.degrees_freedom}), {p_txt}",
-                          "xref": "x domain", "yref": "y domain", "x": 0.02, "y": 0.04,
-                          "showarrow": False, "xanchor": "left", "yanchor": "bottom",
-                          "font": {"size": 12}}],
-        )
-        return go.Figure(data=traces, layout=layout)
+        return km_plot(self, show_ci=show_ci, show_censors=show_censors)
 
 
 def _nice_step(x: float) -> float:
@@ -576,45 +460,11 @@ class CoxResult:
         kind = "univariate" if self.univariate else "multivariate"
         return f"<CoxResult {kind}: {len(self.summary)} terms, n={self.n}, events={self.events}>"
 
-    def plot(self) -> go.Figure:
-        """Forest plot: HR (log scale) with CI per term, reference line at HR = 1."""
-        s = self.summary.iloc[::-1]
-        if "estimable" in s:
-            s = s[s["estimable"]]
-        if s.empty:
-            return go.Figure(layout={"title": "No estimable hazard ratio"})
-        labels = list(s["covariate"])
-        text = [f"{h:.2f} ({lo:.2f}–{hi:.2f}), p={p:.2g}"
-                for h, lo, hi, p in zip(s["HR"], s["HR_lower"], s["HR_upper"], s["p"])]
-        colour = np.where(s["p"] < self.alpha, OKABE_ITO[1], OKABE_ITO[0])
-        fig = go.Figure(go.Scatter(
-            x=s["HR"], y=labels, mode="markers",
-            marker={"symbol": "square", "size": 10, "color": colour},
-            error_x={"type": "data", "symmetric": False, "array": s["HR_upper"] - s["HR"],
-                     "arrayminus": s["HR"] - s["HR_lower"], "color": "#444", "thickness": 1.5},
-            text=text, hovertemplate="%{y}: HR %{text}<extra></extra>", name="HR"))
-        fig.add_trace(go.Scatter(x=[1.0, 1.0], y=[labels[0], labels[-1]], mode="lines",
-                                 line={"dash": "dash", "color": "#888", "width": 1},
-                                 hoverinfo="skip", showlegend=False, name="HR = 1"))
-        lo = float(np.nanmin(np.r_[s["HR_lower"].to_numpy(), 1.0]))
-        hi = float(np.nanmax(np.r_[s["HR_upper"].to_numpy(), 1.0]))
-        lo = lo if np.isfinite(lo) and lo > 0 else 0.1
-        hi = hi if np.isfinite(hi) and hi > 0 else 10.0
-        ticks = [2.0 ** k for k in range(int(np.floor(np.log2(lo))), int(np.ceil(np.log2(hi))) + 1)]
-        if len(ticks) > 9:
-            ticks = ticks[:: int(np.ceil(len(ticks) / 9))]
-        fig.update_xaxes(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
-        for y, t in zip(labels, text):
-            fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y, text=t,
-                               showarrow=False, font={"size": 11})
-        kind = "univariate Cox models" if self.univariate else "multivariate Cox model"
-        level = int(round((1 - self.alpha) * 100))
-        fig.update_xaxes(type="log", title_text=f"hazard ratio ({level}% CI, log scale)")
-        fig.update_layout(template="simple_white", showlegend=False,
-                          title=f"Hazard ratios, {kind} (n={self.n}, events={self.events})",
-                          height=max(260, 60 + 34 * len(s)),
-                          margin={"l": 160, "r": 230, "t": 60, "b": 50})
-        return fig
+    def plot(self):
+        """Forest plot of the hazard ratios (:func:`ghist_core.viz.survival_plots.forest_plot`)."""
+        from ghist_core.viz.survival_plots import forest_plot
+
+        return forest_plot(self)
 
 
 #: A Cox coefficient with a larger standard error (log-HR units) is not estimable: it

@@ -1,4 +1,5 @@
-"""Fixed colour-blind-safe colours: one per GHIST cell type, viridis/cividis for expression.
+"""Every colour the app draws with, in one place: cell types, expression maps, survival
+groups, volcano classes.
 
 Why fixed: a reader compares figures across pages, slides and papers; "Malignant" must be
 the same colour in the map, the stacked bars and the heatmap legend every time.
@@ -7,7 +8,9 @@ Cell types use Paul Tol's *muted* qualitative scheme (9 colours, designed to sta
 distinguishable for deuteranopia, protanopia and tritanopia; Tol P., "Colour Schemes",
 SRON/EPS/TN/09-002, 2021). Unknown types fall back to Tol's pale grey ``#DDDDDD``.
 Expression uses viridis (default) or cividis (optimised for colour-vision deficiency;
-Nuñez et al., PLoS ONE 2018), perceptually uniform and readable in greyscale.
+Nuñez et al., PLoS ONE 2018), perceptually uniform and readable in greyscale. Groups of
+patients (Kaplan–Meier curves, feature box plots) take Okabe & Ito's colours in order;
+the volcano plot's up/down classes use Paul Tol's *bright* red and blue.
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ CELL_TYPE_COLOURS: dict[str, str] = {
 #: Colour for any type outside the 9 (e.g. "Unknown").
 OTHER_COLOUR = "#DDDDDD"
 
+#: Okabe & Ito (2008) colour-blind-safe palette, fixed order; groups take colours in order.
+OKABE_ITO: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#E69F00",  # orange
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+#: Volcano plot classes (Tol bright red / blue, pale grey).
+VOLCANO_COLOURS: dict[str, str] = {"up": "#EE6677", "down": "#4477AA", "not significant": "#BBBBBB"}
+
 # 9 anchor colours of each map (from matplotlib's published tables, evenly spaced 0..1).
 _ANCHORS: dict[str, list[str]] = {
     "viridis": ["#440154", "#472D7B", "#3B528B", "#2C728E", "#21918C",
@@ -50,6 +67,17 @@ EXPRESSION_MAPS: tuple[str, ...] = tuple(_ANCHORS)
 def hex_to_rgb(colour: str) -> tuple[int, int, int]:
     c = colour.lstrip("#")
     return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def rgba(colour: str, alpha: float) -> str:
+    """``"#RRGGBB"`` as a CSS ``rgba(r,g,b,alpha)`` string (translucent bands)."""
+    r, g, b = hex_to_rgb(colour)
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def group_colours(groups: Iterable) -> dict:
+    """Fixed Okabe–Ito colour per group, in the order given (cycles after 8 groups)."""
+    return {g: OKABE_ITO[i % len(OKABE_ITO)] for i, g in enumerate(groups)}
 
 
 def cell_type_colour(cell_type: str) -> str:

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ghist_core.analysis.cohort import (
-    ByVariable,
-    compare_groups,
-    guess_mapping,
-    load_demo_clinical,
-    make_risk_groups,
-    read_clinical_table,
-    validate_survival,
-)
-
+from ghist_core.analysis.clinical import guess_mapping, load_demo_clinical, read_clinical_table, validate_survival
+from ghist_core.analysis.groups import ByVariable, make_risk_groups
+from ghist_core.analysis.survival import compare_groups
 from ghist_core.paths import REPO_DIR
 
 PAGE = str(REPO_DIR / "pages" / "cohort.py")
@@ -34,6 +28,11 @@ def _arr(v):
 
 def _figure(at, i=0) -> dict:
     return json.loads(at.get("plotly_chart")[i].proto.spec)
+
+
+def _shown(elements) -> list[str]:
+    """What the reader sees of markdown elements: data text is backslash-escaped (safe_text.plain)."""
+    return [re.sub(r"\\(.)", r"\1", e.value) for e in elements]
 
 
 def _metrics(at) -> dict:
@@ -80,7 +79,7 @@ def test_demo_her2_positive_vs_negative(app):
     shown = [df.value for df in at.dataframe if "events" in df.value.columns][0]
     assert shown.set_index("group")["n"].to_dict() == n_by.to_dict()
     assert shown["events"].sum() == 80
-    assert any("her2_status = Negative" in c_.value for c_ in at.caption)
+    assert any("her2_status = Negative" in c_ for c_ in _shown(at.caption))
     forest = _figure(at, 1)
     assert "Hazard ratios" in forest["layout"]["title"]["text"]
     assert list(forest["data"][0]["y"]) == ["her2_status=Positive"]
@@ -119,7 +118,7 @@ def test_upload_path_cp1252_semicolon(app):
     m = _metrics(at)
     assert m["Patients"] == "30"
     assert m["Events"] == str(sum(1 for i in range(30) if i % 3))
-    problems = " ".join(md.value for md in at.markdown)
+    problems = " ".join(_shown(at.markdown))
     assert "1 of 31 rows left out" in problems and "'zehn'" in problems
 
 
@@ -181,7 +180,7 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
     at.run()
     at.radio(key="cohort_source").set_value("My clinical table").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    text = " ".join(m.value for m in at.markdown) + " ".join(cp.value for cp in at.caption)
+    text = " ".join(_shown(at.markdown)) + " ".join(_shown(at.caption))
     assert "4 of 40 patients have no predicted slide" in text
     assert "36 patients have both clinical data and predicted slides" in text
     at.radio(key="cohort_group_mode").set_value("Predicted feature: split").run()
@@ -195,14 +194,14 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
     n_low = int((v <= np.median(v)).sum())  # median split, ties go low (stated in the rule)
     assert names == [f"high (n={36 - n_low})", f"low (n={n_low})"]
     # the feature comparison section: tumour share differs between the median-split groups
-    tests = [df.value for df in at.dataframe if "q_bh" in df.value.columns][0]
+    tests = [df.value for df in at.dataframe if "q_value" in df.value.columns][0]
     row = tests.set_index("feature").loc["prop_tumour"]
-    assert row["test"] == "Mann–Whitney U" and row["p"] < 1e-3
+    assert row["test"] == "Mann–Whitney U" and row["p_value"] < 1e-3
     # expression features, a threshold split and k-means clusters on predicted features
     at.text_input(key="cohort_genes").set_value("ERBB2").run()
     assert "expr_ERBB2" in at.selectbox(key="cohort_feature").options
     at.text_input(key="cohort_genes").set_value("NOTAGENE").run()
-    assert any("NOTAGENE" in w.value for w in at.warning)  # clear message, page still up
+    assert any("NOTAGENE" in w for w in _shown(at.warning))  # clear message, page still up
     at.text_input(key="cohort_genes").set_value("").run()
     at.selectbox(key="cohort_feature").set_value("prop_tumour").run()
     at.selectbox(key="cohort_split").set_value("threshold").run()
@@ -216,7 +215,7 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
     assert not at.exception and not at.error
     names = sorted(tr["name"] for tr in _figure(at)["data"] if "(n=" in tr.get("name", ""))
     assert [n_.split(" (")[0] for n_ in names] == ["cluster 1", "cluster 2"]
-    assert any("k-means (k=2, seed=0" in cp.value for cp in at.caption)
+    assert any("k-means (k=2, seed=0" in cp for cp in _shown(at.caption))
     # the table can be kept in the project, unchanged
     at.button(key="cohort_save").click().run()
     assert any("Saved" in s.value for s in at.success)
@@ -226,6 +225,62 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
     assert len(saved) == 1 and saved.loc[0, "mapping"]["time"] == "months"
     path, _ = Project.open(projects / "demo").get_clinical_table(int(saved.loc[0, "table_id"]))
     assert path.read_bytes() == csv.encode()
+
+
+def test_both_pages_pool_a_patients_slides_the_same_way(tmp_path, monkeypatch):
+    """Issue #19.4: a patient with two slides of different cell counts gets one number on the
+    Cell types page (differential expression) and on this page (feature tests)."""
+    import anndata as ad
+    import pandas as pd
+    from PIL import Image
+
+    from ghist_core.project.store import Project
+
+    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
+    project = Project.open_or_create(tmp_path / "study")
+    # ERBB2 per slide: P1 has 30 cells at 1.0 and 90 cells at 5.0 -> pooled 4.0 (slide means: 3.0)
+    slides = [("P1", 30, 1.0), ("P1", 90, 5.0), ("P2", 50, 2.0), ("P3", 40, 0.5), ("P4", 60, 1.0)]
+    for i, (pid, n, erbb2) in enumerate(slides):
+        png = tmp_path / f"slide_{i}.png"
+        Image.fromarray(np.full((48, 48, 3), 100 + 20 * i, np.uint8)).save(png)  # distinct files
+        rec = project.add_slide(png, patient_id=pid, mpp=0.5)
+        run = project.start_run(rec.slide_id, model_id="test", weights_sha256=None, device="cpu")
+        adata = ad.AnnData(X=np.c_[np.full(n, erbb2), np.arange(n) % 3].astype(np.float32),
+                           obs=pd.DataFrame({"cell_type": np.where(np.arange(n) % 4, "tumour", "stroma"),
+                                             "nbhd_tumour": np.linspace(0, 1, n)},
+                                            index=np.arange(n).astype(str)),
+                           var=pd.DataFrame(index=["ERBB2", "ESR1"]))
+        out = project.run_dir(run) / "cells.h5ad"
+        adata.write_h5ad(out)
+        project.add_result_file(run, "h5ad", out)
+        project.finish_run(run, n_cells=n)
+    csv = ("patient,months,dead,er_status\nP1,10,1,Positive\nP2,20,0,Positive\n"
+           "P3,5,1,Negative\nP4,30,1,Negative\n")
+    session = {"project_dir": str(project.folder)}
+
+    cell_types = AppTest.from_file(str(REPO_DIR / "pages" / "cell_types.py"), default_timeout=60)
+    for k, v in {**session, "ct_tab": "Differential expression"}.items():
+        cell_types.session_state[k] = v
+    cell_types.run()
+    cell_types.get("file_uploader")[0].upload("clinical.csv", csv.encode(), "text/csv").run()
+    assert not cell_types.exception, cell_types.exception
+    de = [d.value for d in cell_types.dataframe if "log2fc" in d.value.columns]
+    assert de, _shown(cell_types.warning)
+    de = de[0]
+    mean_pos = de.set_index("feature").loc["ERBB2", "mean_a"]
+
+    cohort = AppTest.from_file(PAGE, default_timeout=60)
+    for k, v in {**session, "cohort_upload": ("clinical.csv", csv.encode())}.items():
+        cohort.session_state[k] = v
+    cohort.run()
+    cohort.radio(key="cohort_source").set_value("My clinical table").run()
+    cohort.selectbox(key="cohort_group_var").set_value("er_status").run()
+    cohort.text_input(key="cohort_genes").set_value("ERBB2").run()
+    assert not cohort.exception, cohort.exception
+    tests = [d.value for d in cohort.dataframe if "q_value" in d.value.columns][0]
+    median_pos = tests.set_index("feature").loc["expr_ERBB2", "median_Positive"]
+    # two patients per group: the median is their mean, so both pages show (4.0 + 2.0) / 2
+    assert mean_pos == pytest.approx(3.0) and median_pos == pytest.approx(mean_pos)
 
 
 # --------------------------------------------------------------------------- real browser

@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
-from ghist_core.viz import figures
-
-from ghist_core.viz import palette
-from ghist_core.analysis.differential import differential_expression
 from ghist_core.errors import UnknownGeneError
 from ghist_core.pipeline.grid import build_grid_pyramid
+from ghist_core.viz import figures, palette
 from prediction_factory import synthetic_prediction
 
 
@@ -94,41 +90,6 @@ def test_gene_map_cell_type_filter_and_unknown_gene():
     assert list(legend.data[0].y) == ["B", "T"]
     with pytest.raises(UnknownGeneError):
         figures.gene_map(a, "NOTAGENE")
-
-
-def test_composition_neighbourhood_morphology():
-    a = synthetic_prediction()
-    obs = a.obs.assign(patient="P1", slide=np.where(np.arange(a.n_obs) % 2, "s1", "s2"))
-    counts = figures.composition_table(obs, ["patient", "slide"])
-    assert counts.to_numpy().sum() == a.n_obs
-    assert list(counts.columns) == list(palette.CELL_TYPES)
-    fig = figures.composition_bars(counts)
-    assert fig.layout.barmode == "stack" and "%" in fig.layout.yaxis.title.text
-    total = np.sum([np.asarray(tr.y) for tr in fig.data], axis=0)
-    np.testing.assert_allclose(total, 100.0)
-    assert fig.data[5].marker.color == palette.CELL_TYPE_COLOURS["Malignant"]
-    m = figures.neighbourhood_matrix(a.obs)
-    assert m.shape == (9, 9)
-    expected = a.obs.loc[a.obs.cell_type == "T", "nbhd_B"].mean() * 100
-    assert m.loc["T", "B"] == pytest.approx(expected)
-    hm = figures.neighbourhood_heatmap(m)
-    assert hm.layout.xaxis.title.text == "neighbour cell type"
-    v = figures.morphology_violins(a.obs, "area_um2", max_per_type=50)
-    assert "µm²" in v.layout.yaxis.title.text
-    assert all(len(tr.y) <= 50 for tr in v.data) and len(v.data) == 9
-
-
-def test_volcano_from_differential():
-    rng = np.random.default_rng(1)
-    vals = pd.DataFrame(rng.normal(5, 1, (20, 30)), columns=[f"G{i}" for i in range(30)],
-                        index=[f"P{i}" for i in range(20)])
-    labels = pd.Series(["pos"] * 10 + ["neg"] * 10, index=vals.index)
-    vals.iloc[:10, 0] += 4
-    res = differential_expression(vals, labels, group_a="pos", group_b="neg")
-    fig = figures.volcano_plot(res.table_, group_a="pos", group_b="neg")
-    up = [tr for tr in fig.data if tr.name == "higher in pos"][0]
-    assert "G0" in list(up.text)
-    assert "q" in fig.layout.yaxis.title.text and "log2" in fig.layout.xaxis.title.text
 
 
 def test_mode_limits():

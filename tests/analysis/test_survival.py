@@ -1,5 +1,6 @@
-"""Survival statistics (ghist_core.analysis.survival via ghist_core.analysis.cohort): hand-worked example,
-lifelines on the real TCGA demo table, power on a generated cohort, null false-positive rate."""
+"""Survival statistics (ghist_core.analysis.survival): hand-worked example, lifelines on the
+real TCGA demo table, power on a generated cohort, null false-positive rate; the figures
+drawn from the results (ghist_core.viz.survival_plots)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,10 @@ from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.statistics import multivariate_logrank_test, pairwise_logrank_test
 
 from ghist_core.analysis.clinical import guess_mapping, load_demo_clinical, validate_survival
-from ghist_core.analysis.cohort import (
-    SplitAtQuantiles,
-    compare_groups,
-    fit_cox,
-    make_risk_groups,
-    patient_features,
-    rmst,
-)
+from ghist_core.analysis.features import patient_features
+from ghist_core.analysis.groups import SplitAtQuantiles, make_risk_groups
+from ghist_core.analysis.survival import compare_groups, fit_cox, rmst
 from ghist_core.errors import SurvivalAnalysisError
-from ghist_core.analysis.survival import holm
 
 # --------------------------------------------------------------------------- hand-worked
 # Group A: 1, 3, 4+, 6   Group B: 2, 5, 7+, 8   (+ = censored)
@@ -68,12 +63,6 @@ def test_hand_worked_km_and_logrank():
     # numbers at risk under the plot: at t = 0 all 4 in each group, at t = 5 A has 1, B 3
     risk = res.at_risk_table([0, 5])
     assert risk.loc["A"].tolist() == [4, 1] and risk.loc["B"].tolist() == [4, 3]
-
-
-def test_holm_matches_definition():
-    p = [0.01, 0.04, 0.03, 0.20]
-    # sorted 0.01,0.03,0.04,0.20 → 4*.01=.04, 3*.03=.09, 2*.04=.08→max .09, 1*.2=.2
-    assert holm(p).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.20])
 
 
 # --------------------------------------------------------------------------- real TCGA demo

@@ -1,4 +1,4 @@
-"""Patient features, joining to clinical data, risk-group rules, feature comparison."""
+"""Patient features from predicted slides: one pooling rule, joining to clinical data."""
 
 from __future__ import annotations
 
@@ -6,21 +6,20 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import kruskal, mannwhitneyu
 
-from ghist_core.analysis.cohort import (
-    ByVariable,
-    KMeansClusters,
-    SplitAtQuantiles,
-    Threshold,
-    compare_features,
+from ghist_core._keys import upgrade_layout
+from ghist_core.analysis.features import (
+    POOLING_RULE,
+    cell_type_counts,
     feature_columns,
     join_clinical,
-    make_risk_groups,
+    neighbourhood_by_type,
+    patient_expression,
     patient_features,
+    summarise_slide,
     tcga_patient_id,
 )
-from ghist_core.errors import SurvivalAnalysisError, UnknownGeneError
+from ghist_core.errors import UnknownGeneError
 
 
 def _slide(types: list[str], nbhd: list[float], expr: np.ndarray) -> ad.AnnData:
@@ -84,53 +83,47 @@ def test_join_reports_who_is_dropped():
     assert none.n == 0 and any("No patient matched" in m for m in none.messages)
 
 
-def test_rules_record_themselves():
-    rng = np.random.default_rng(0)
-    t = pd.DataFrame({"x": np.r_[np.arange(12.0), np.nan], "y": rng.normal(size=13),
-                      "her2": ["Positive", "Negative", None] + ["Negative"] * 10})
-    g = make_risk_groups(t, SplitAtQuantiles("x", "tertiles"))
-    assert g.table[g.column].value_counts().to_dict() == {"low": 4, "mid": 4, "high": 4}
-    assert g.cutpoints == pytest.approx([np.quantile(np.arange(12.0), 1 / 3),
-                                         np.quantile(np.arange(12.0), 2 / 3)])
-    assert "tertiles" in g.description and "cut-points" in g.description
-    assert any("1 of 13" in n for n in g.notes)
-    g = make_risk_groups(t, Threshold("x", 2.5))
-    assert g.table[g.column].value_counts().to_dict() == {"> 2.5": 9, "≤ 2.5": 3}
-    assert g.rule_dict["rule"] == "Threshold" and g.rule_dict["value"] == 2.5
-    g = make_risk_groups(t, ByVariable("her2"))
-    assert list(g.table[g.column].cat.categories) == ["Negative", "Positive"]
-    rule = KMeansClusters(k=2, features=("x", "y"), seed=3)
-    a = make_risk_groups(t, rule)
-    b = make_risk_groups(t, rule)
-    assert a.table[a.column].astype(str).tolist() == b.table[b.column].astype(str).tolist()
-    # cluster 1 has the lower mean of the first feature (stated numbering rule)
-    m = a.table.groupby(a.column, observed=True)["x"].mean()
-    assert m["cluster 1"] < m["cluster 2"]
-    assert "seed=3" in a.description
-    with pytest.raises(SurvivalAnalysisError, match="tied"):
-        make_risk_groups(pd.DataFrame({"x": [1, 1, 1, 1, 2]}), SplitAtQuantiles("x", 3))
-    with pytest.raises(SurvivalAnalysisError, match="k-means needs"):
-        make_risk_groups(t, KMeansClusters(k=20, features=("x",)))
+def test_one_pooling_rule_for_every_patient_number(slides, tmp_path):
+    """Two slides of different cell counts: every function pools cells, never slide means."""
+    s1, s2, _ = slides  # 3 cells with ERBB2 1, 3, 0 (slide mean 4/3) and 1 cell with ERBB2 4
+    path = tmp_path / "s2.h5ad"
+    s2.write_h5ad(path)
+    pairs = [("P1", s1), ("P1", path)]
+    expr = patient_expression(pairs)
+    assert expr.loc["P1", "ERBB2"] == pytest.approx(8 / 4)  # not (4/3 + 4) / 2 = 2.67
+    assert expr.loc["P1", "KRT8"] == pytest.approx((2 + 2 + 0 + 6) / 4)
+    assert expr.attrs["n_cells"] == {"P1": 4}
+    feats = patient_features(pairs, genes=["ERBB2", "KRT8"])
+    np.testing.assert_allclose(feats.loc["P1", ["expr_ERBB2", "expr_KRT8"]].to_numpy(float),
+                               expr.loc["P1", ["ERBB2", "KRT8"]].to_numpy(float))
+    # cached per-slide summaries give the same numbers as the slides themselves
+    summ = [("P1", summarise_slide(s1)), ("P1", summarise_slide(path))]
+    pd.testing.assert_frame_equal(patient_expression(summ), expr)
+    assert patient_features(summ, genes=["ERBB2"]).loc["P1", "expr_ERBB2"] == pytest.approx(2.0)
+    counts = cell_type_counts([("P1", "a", s1), ("P1", "b", summ[1][1])], per="patient")
+    assert counts.loc["P1"].to_dict() == {"stroma": 1, "tumour": 3}
+    per_slide = cell_type_counts([("P1", "a", s1), ("P1", "b", s2)])
+    assert per_slide.loc[("P1", "b")].to_dict() == {"stroma": 0, "tumour": 1}
+    assert (counts.loc["P1"] / counts.loc["P1"].sum()).to_dict() == pytest.approx(
+        {"stroma": feats.loc["P1", "prop_stroma"], "tumour": feats.loc["P1", "prop_tumour"]})
+    assert expr.attrs["pooling_rule"] == POOLING_RULE
 
 
-def test_compare_features_against_scipy():
-    rng = np.random.default_rng(1)
-    n = 60
-    g = np.repeat(["a", "b", "c"], n // 3)
-    t = pd.DataFrame({"g": g, "shift": rng.normal(size=n) + (g == "c") * 2.0,
-                      "noise": rng.normal(size=n), "const": 1.0})
-    fc = compare_features(t, "g", ["shift", "noise", "const"])
-    tab = fc.table.set_index("feature")
-    ref = kruskal(*[t.loc[t["g"] == k, "shift"] for k in "abc"])
-    assert tab.loc["shift", "p"] == pytest.approx(ref.pvalue)
-    assert tab.loc["shift", "test"] == "Kruskal–Wallis H"
-    assert np.isnan(tab.loc["const", "p"])  # constant: not tested, said so
-    # BH over the two tested features: q = p * m / rank, monotone
-    p = tab.loc[["shift", "noise"], "p"].sort_values()
-    assert tab.loc[p.index[0], "q_bh"] == pytest.approx(min(p.iloc[0] * 2, p.iloc[1]))
-    assert tab.loc[p.index[1], "q_bh"] == pytest.approx(p.iloc[1])
-    two = compare_features(t[t["g"] != "c"], "g", ["noise"])
-    ref2 = mannwhitneyu(t.loc[t["g"] == "a", "noise"], t.loc[t["g"] == "b", "noise"])
-    assert two.table.loc[0, "p"] == pytest.approx(ref2.pvalue)
-    fig = fc.plot()
-    assert {tr.name for tr in fig.data} == {"a", "b", "c"}
+def test_gene_missing_on_one_slide_has_no_patient_mean(slides):
+    s1, s2, _ = slides
+    other = s2[:, ["ERBB2", "ESR1"]].copy()  # a model without KRT8
+    expr = patient_expression([("P1", s1), ("P1", other)])
+    assert np.isnan(expr.loc["P1", "KRT8"])  # never a mean over some of the cells
+    assert expr.loc["P1", "ERBB2"] == pytest.approx(2.0)
+
+
+def test_neighbourhoods_read_through_the_keys_in_both_layouts(slides):
+    s1 = slides[0]
+    legacy = neighbourhood_by_type(s1)
+    assert legacy.loc["tumour", "tumour"] == pytest.approx(60.0)  # (0.5 + 0.7) / 2 in %
+    modern = upgrade_layout(s1.copy())
+    assert "nbhd_tumour" not in modern.obs
+    pd.testing.assert_frame_equal(neighbourhood_by_type(modern), legacy)
+    assert patient_features({"P1": modern}).loc["P1", "nbhd_tumour"] == pytest.approx(1.2 / 3)
+    with pytest.raises(ValueError, match="no neighbourhood"):
+        neighbourhood_by_type(ad.AnnData(X=np.asarray(s1.X), obs=s1.obs[["cell_type"]]))

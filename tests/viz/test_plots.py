@@ -1,0 +1,70 @@
+"""Plotly charts of analysis results: the data each sends is what the analysis computed,
+in the fixed palette order and colours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ghist_core._keys import neighbourhood_composition
+from ghist_core.analysis.compare import compare_features, differential_expression
+from ghist_core.analysis.features import cell_type_counts, neighbourhood_by_type
+from ghist_core.viz import palette, plots
+from prediction_factory import synthetic_prediction
+
+
+def test_composition_neighbourhood_morphology():
+    a = synthetic_prediction()
+    obs = a.obs.assign(patient="P1", slide=np.where(np.arange(a.n_obs) % 2, "s1", "s2"))
+    slides = [("P1", s, a[obs["slide"].to_numpy() == s]) for s in ("s1", "s2")]
+    counts = cell_type_counts(slides)
+    assert counts.to_numpy().sum() == a.n_obs
+    assert list(counts.columns) == sorted(palette.CELL_TYPES)  # analysis sorts, the figure orders
+    fig = plots.composition_bars(counts)
+    assert [tr.name for tr in fig.data] == list(palette.CELL_TYPES)
+    assert fig.layout.barmode == "stack" and "%" in fig.layout.yaxis.title.text
+    total = np.sum([np.asarray(tr.y) for tr in fig.data], axis=0)
+    np.testing.assert_allclose(total, 100.0)
+    assert fig.data[5].marker.color == palette.CELL_TYPE_COLOURS["Malignant"]
+    m = neighbourhood_by_type(a)
+    assert m.shape == (9, 9)
+    expected = neighbourhood_composition(a).loc[(a.obs.cell_type == "T").to_numpy(), "B"].mean() * 100
+    assert m.loc["T", "B"] == pytest.approx(expected)
+    hm = plots.neighbourhood_heatmap(m)
+    assert hm.layout.xaxis.title.text == "neighbour cell type"
+    v = plots.morphology_violins(a.obs, "area_um2", max_per_type=50)
+    assert "µm²" in v.layout.yaxis.title.text
+    assert all(len(tr.y) <= 50 for tr in v.data) and len(v.data) == 9
+
+
+def test_volcano_from_differential():
+    rng = np.random.default_rng(1)
+    vals = pd.DataFrame(rng.normal(5, 1, (20, 30)), columns=[f"G{i}" for i in range(30)],
+                        index=[f"P{i}" for i in range(20)])
+    labels = pd.Series(["pos"] * 10 + ["neg"] * 10, index=vals.index)
+    vals.iloc[:10, 0] += 4
+    res = differential_expression(vals, labels, group_a="pos", group_b="neg")
+    fig = plots.volcano_plot(res)
+    up = [tr for tr in fig.data if tr.name == "higher in pos"][0]
+    assert "G0" in list(up.text)
+    assert "q" in fig.layout.yaxis.title.text and "log2" in fig.layout.xaxis.title.text
+
+
+def test_feature_boxes_show_each_group_in_its_colour():
+    rng = np.random.default_rng(2)
+    t = pd.DataFrame({"g": np.repeat(["low", "high"], 10), "x": rng.normal(size=20), "y": rng.normal(size=20)})
+    fc = compare_features(t, "g", ["x", "y"])
+    fig = plots.feature_boxes(fc, top=1)
+    assert [tr.name for tr in fig.data] == fc.groups
+    colours = palette.group_colours(fc.groups)
+    assert [tr.marker.color for tr in fig.data] == [colours[g] for g in fc.groups]
+    y = t.loc[t["g"] == fc.groups[0], fc.table.sort_values("q_value")["feature"].iloc[0]]
+    np.testing.assert_allclose(np.asarray(fig.data[0].y, float), y.to_numpy())
+
+
+def test_group_colours_are_okabe_ito_in_order():
+    c = palette.group_colours(["a", "b", "c"] + [str(i) for i in range(7)])
+    assert c["a"] == palette.OKABE_ITO[0] == "#0072B2" and c["b"] == "#D55E00"
+    assert c["5"] == palette.OKABE_ITO[0] and c["6"] == palette.OKABE_ITO[1]  # cycles after 8
+    assert palette.rgba("#0072B2", 0.5) == "rgba(0,114,178,0.5)"
