@@ -8,18 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ghist_core.analysis.clinical import (
-    DEMO_CLINICAL_CSV,
-    ColumnMapping,
-    coerce_events,
-    find_endpoints,
-    guess_mapping,
-    load_demo_clinical,
-    pseudonymise_ids,
-    read_clinical_table,
-    safe_csv_bytes,
-    validate_survival,
-)
+from ghist_core.analysis import clinical
+from ghist_core.analysis.clinical import DEMO_CLINICAL_CSV, ColumnMapping, coerce_events, find_endpoints, guess_mapping
+
 from ghist_core.errors import ClinicalTableError
 
 
@@ -30,7 +21,7 @@ def test_demo_table_matches_shared_copy(shared_data):
 
 
 def test_demo_guess_and_validate():
-    df = load_demo_clinical()
+    df = clinical.load_demo_clinical()
     assert df.shape == (1097, 22) and df.attrs["delimiter"] == ","
     m = guess_mapping(df)
     assert (m.patient_id, m.time, m.event, m.time_unit) == ("bcr_patient_barcode", "OS.time",
@@ -39,7 +30,7 @@ def test_demo_guess_and_validate():
     assert "vital_status" not in m.groups  # an outcome, not a grouping
     assert find_endpoints(df) == {"OS": ("OS.time", "OS"), "DSS": ("DSS.time", "DSS"),
                                   "PFI": ("PFI.time", "PFI"), "DFI": ("DFI.time", "DFI")}
-    v = validate_survival(df, m, out_unit="months")
+    v = clinical.validate_survival(df, m, out_unit="months")
     # 5 redacted + 1 without OS.time, each listed with its reason
     assert v.n == 1091 and v.events == 151 - int(
         df.loc[df["Redaction"].notna(), "OS"].sum())
@@ -51,7 +42,7 @@ def test_demo_guess_and_validate():
     assert any("days to months" in p for p in v.problems)
     # DFI: NA events (not applicable) are left out and counted, never silently
     m_dfi = ColumnMapping("bcr_patient_barcode", "DFI.time", "DFI")
-    v2 = validate_survival(df, m_dfi)
+    v2 = clinical.validate_survival(df, m_dfi)
     assert v2.n + len(v2.dropped) == 1097
     assert any("no value in 'DFI'" in p for p in v2.problems)
 
@@ -61,25 +52,25 @@ def test_cp1252_semicolon_decimal_comma():
             "Müller-01;12,5;verstorben;2,1\n"
             "Schäfer-02;30;lebend;3\n"
             "Ørsted-03;7,25;1;1,5\n")
-    df = read_clinical_table(text.encode("cp1252"), "kohorte.csv")
+    df = clinical.read_clinical_table(text.encode("cp1252"), "kohorte.csv")
     assert df.attrs["encoding"] == "cp1252" and df.attrs["delimiter"] == ";"
     assert list(df.columns) == ["Patient", "Überleben_Monate", "Status", "Größe"]
     assert df["Patient"].tolist() == ["Müller-01", "Schäfer-02", "Ørsted-03"]
     assert df["Überleben_Monate"].tolist() == [12.5, 30.0, 7.25]
     # German event words are not in the rule: reported, not guessed
-    v = validate_survival(df, ColumnMapping("Patient", "Überleben_Monate", "Status"), "months")
+    v = clinical.validate_survival(df, ColumnMapping("Patient", "Überleben_Monate", "Status"), "months")
     assert v.n == 1 and set(v.dropped["reason"]) == {"event code not recognised (Status)"}
     assert any("'verstorben'" in p for p in v.problems)
 
 
 def test_utf8_bom_tab_and_xlsx(tmp_path):
     text = "\ufeffid\ttime\tevent\n1\t10\tDead\n2\t20\tAlive\n"
-    df = read_clinical_table(text.encode("utf-8"), "x.txt")
+    df = clinical.read_clinical_table(text.encode("utf-8"), "x.txt")
     assert list(df.columns) == ["id", "time", "event"] and df.attrs["delimiter"] == "\t"
     xl = tmp_path / "c.xlsx"
     pd.DataFrame({"id": ["007", "008"], "months": [1.5, 2], "vital": ["Dead", "Alive"]}
                  ).to_excel(xl, index=False)
-    dx = read_clinical_table(xl)
+    dx = clinical.read_clinical_table(xl)
     assert dx["months"].tolist() == [1.5, 2.0]
     assert dx["id"].tolist() == ["007", "008"]  # ids keep leading zeros
     m = guess_mapping(dx)
@@ -103,8 +94,8 @@ def test_validation_problems_and_duplicates():
         "t": [10, -3, "ten", None, 5, 5, 7, 8, 4],
         "ev": [1, 0, 1, 1, "yes", "yes", 0, 1, 1],
     })
-    df = read_clinical_table(safe_csv_bytes(df), "x.csv")  # round-trip through CSV
-    v = validate_survival(df, ColumnMapping("pid", "t", "ev"), "days",
+    df = clinical.read_clinical_table(clinical.safe_csv_bytes(df), "x.csv")  # round-trip through CSV
+    v = clinical.validate_survival(df, ColumnMapping("pid", "t", "ev"), "days",
                           slide_patient_ids=["a", "zz"])
     reasons = dict(zip(v.dropped["row"], v.dropped["reason"]))
     assert reasons == {2: "negative time (t)", 3: "time is not a number (t)",
@@ -131,33 +122,33 @@ def test_validation_problems_and_duplicates():
 ])
 def test_bad_files_have_clear_messages(content, name, match):
     with pytest.raises(ClinicalTableError, match=match):
-        read_clinical_table(content, name)
+        clinical.read_clinical_table(content, name)
 
 
 def test_all_nonnumeric_times_and_bad_mapping():
     df = pd.DataFrame({"id": ["a", "b"], "t": ["long", "short"], "e": [1, 0]})
     with pytest.raises(ClinicalTableError, match="has no numbers"):
-        validate_survival(df, ColumnMapping("id", "t", "e"))
+        clinical.validate_survival(df, ColumnMapping("id", "t", "e"))
     with pytest.raises(ClinicalTableError, match="not in the table"):
-        validate_survival(df, ColumnMapping("id", "time", "e"))
+        clinical.validate_survival(df, ColumnMapping("id", "time", "e"))
     with pytest.raises(ClinicalTableError, match="Choose the column"):
-        validate_survival(df, {"patient_id": "id", "time": "t", "event": None})
+        clinical.validate_survival(df, {"patient_id": "id", "time": "t", "event": None})
     with pytest.raises(ClinicalTableError, match="None of the 2 rows"):
-        validate_survival(df.assign(t=[-1, -2]), ColumnMapping("id", "t", "e"))
-    v = validate_survival(df.assign(t=[1, 2], e=[0, 0]), ColumnMapping("id", "t", "e"))
+        clinical.validate_survival(df.assign(t=[-1, -2]), ColumnMapping("id", "t", "e"))
+    v = clinical.validate_survival(df.assign(t=[1, 2], e=[0, 0]), ColumnMapping("id", "t", "e"))
     assert any("Every usable patient is censored" in p for p in v.problems)
 
 
 def test_safe_csv_and_pseudonyms():
     df = pd.DataFrame({"id": ["=HYPERLINK(\"x\")", "+1", "@SUM(A1)", "-2", "ok"],
                        "v": [-1.5, 2, 3, 4, 5]})
-    out = pd.read_csv(io.BytesIO(safe_csv_bytes(df)))
+    out = pd.read_csv(io.BytesIO(clinical.safe_csv_bytes(df)))
     assert out["id"].tolist() == ["'=HYPERLINK(\"x\")", "'+1", "'@SUM(A1)", "'-2", "ok"]
     assert out["v"].tolist() == [-1.5, 2, 3, 4, 5]  # numbers stay numbers
-    p1 = pseudonymise_ids(["TCGA-A", "TCGA-B"], salt="s1")
-    p2 = pseudonymise_ids(["TCGA-A"], salt="s1")
-    p3 = pseudonymise_ids(["TCGA-A"], salt="s2")
+    p1 = clinical.pseudonymise_ids(["TCGA-A", "TCGA-B"], salt="s1")
+    p2 = clinical.pseudonymise_ids(["TCGA-A"], salt="s1")
+    p3 = clinical.pseudonymise_ids(["TCGA-A"], salt="s2")
     assert p1[0] == p2[0] != p3[0] and p1[0] != p1[1]
     assert p1.str.fullmatch(r"P-[0-9a-f]{10}").all()
     with pytest.raises(ClinicalTableError):
-        pseudonymise_ids(["a"], salt="")
+        clinical.pseudonymise_ids(["a"], salt="")

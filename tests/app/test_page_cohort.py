@@ -131,11 +131,27 @@ def test_feature_groups_need_slides(app):
 
 
 # --------------------------------------------------------------------------- with a real store
+def _add_prediction(project, png, pid: str, X, types, nbhd_tumour) -> None:
+    """One slide of ``pid`` with a finished run whose .h5ad holds these predicted cells."""
+    import anndata as ad
+    import pandas as pd
+
+    rec = project.add_slide(png, patient_id=pid, mpp=0.5)
+    run = project.start_run(rec.slide_id, model_id="test", weights_sha256=None, device="cpu")
+    n = len(types)
+    adata = ad.AnnData(X=np.asarray(X, np.float32),
+                       obs=pd.DataFrame({"cell_type": types, "nbhd_tumour": nbhd_tumour},
+                                        index=np.arange(n).astype(str)),
+                       var=pd.DataFrame(index=["ERBB2", "ESR1"]))
+    out = project.run_dir(run) / "cells.h5ad"
+    adata.write_h5ad(out)
+    project.add_result_file(run, "h5ad", out)
+    project.finish_run(run, n_cells=n)
+
+
 def _predicted_project(folder, n_patients: int, rng) -> dict[str, float]:
     """A real project store with one small slide per patient and a finished run whose
     .h5ad holds predicted cells (tumour share differs by patient). Returns the shares."""
-    import anndata as ad
-    import pandas as pd
     from PIL import Image
 
     from ghist_core.project.store import Project
@@ -146,19 +162,9 @@ def _predicted_project(folder, n_patients: int, rng) -> dict[str, float]:
         pid = f"PT-{i:03d}"
         png = folder.parent / f"slide_{i}.png"
         Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(png)
-        rec = project.add_slide(png, patient_id=pid, mpp=0.5)
-        run = project.start_run(rec.slide_id, model_id="test", weights_sha256=None, device="cpu")
         share = float(rng.uniform(0.1, 0.7))
-        n = 120
-        types = np.where(rng.random(n) < share, "tumour", "stroma")
-        adata = ad.AnnData(X=rng.random((n, 2)).astype(np.float32),
-                           obs=pd.DataFrame({"cell_type": types, "nbhd_tumour": rng.random(n)},
-                                            index=np.arange(n).astype(str)),
-                           var=pd.DataFrame(index=["ERBB2", "ESR1"]))
-        out = project.run_dir(run) / "cells.h5ad"
-        adata.write_h5ad(out)
-        project.add_result_file(run, "h5ad", out)
-        project.finish_run(run, n_cells=n)
+        types = np.where(rng.random(120) < share, "tumour", "stroma")
+        _add_prediction(project, png, pid, rng.random((120, 2)), types, rng.random(120))
         shares[pid] = float((types == "tumour").mean())
     return shares
 
@@ -230,8 +236,6 @@ def test_groups_from_predicted_slides_in_the_store(tmp_path, monkeypatch):
 def test_both_pages_pool_a_patients_slides_the_same_way(tmp_path, monkeypatch):
     """Issue #19.4: a patient with two slides of different cell counts gets one number on the
     Cell types page (differential expression) and on this page (feature tests)."""
-    import anndata as ad
-    import pandas as pd
     from PIL import Image
 
     from ghist_core.project.store import Project
@@ -243,17 +247,8 @@ def test_both_pages_pool_a_patients_slides_the_same_way(tmp_path, monkeypatch):
     for i, (pid, n, erbb2) in enumerate(slides):
         png = tmp_path / f"slide_{i}.png"
         Image.fromarray(np.full((48, 48, 3), 100 + 20 * i, np.uint8)).save(png)  # distinct files
-        rec = project.add_slide(png, patient_id=pid, mpp=0.5)
-        run = project.start_run(rec.slide_id, model_id="test", weights_sha256=None, device="cpu")
-        adata = ad.AnnData(X=np.c_[np.full(n, erbb2), np.arange(n) % 3].astype(np.float32),
-                           obs=pd.DataFrame({"cell_type": np.where(np.arange(n) % 4, "tumour", "stroma"),
-                                             "nbhd_tumour": np.linspace(0, 1, n)},
-                                            index=np.arange(n).astype(str)),
-                           var=pd.DataFrame(index=["ERBB2", "ESR1"]))
-        out = project.run_dir(run) / "cells.h5ad"
-        adata.write_h5ad(out)
-        project.add_result_file(run, "h5ad", out)
-        project.finish_run(run, n_cells=n)
+        _add_prediction(project, png, pid, np.c_[np.full(n, erbb2), np.arange(n) % 3],
+                        np.where(np.arange(n) % 4, "tumour", "stroma"), np.linspace(0, 1, n))
     csv = ("patient,months,dead,er_status\nP1,10,1,Positive\nP2,20,0,Positive\n"
            "P3,5,1,Negative\nP4,30,1,Negative\n")
     session = {"project_dir": str(project.folder)}
