@@ -14,6 +14,13 @@ echo "== installing Python requirements"
 python3 -m pip install -q -r requirements-test.txt
 python3 -m pip install -q --no-deps -e .
 
+shared="$(python3 -c 'from ghist_core.paths import shared_data_dir; print(shared_data_dir())')"
+if [ -d "$shared" ]; then
+  echo "== shared datasets at $shared"
+else
+  echo "== no shared datasets at $shared: the tests that need them skip (set GHIST_SHARED_DATA)"
+fi
+
 echo "== running the test suite"
 set +e
 python3 -m pytest "$@"
