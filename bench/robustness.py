@@ -64,7 +64,7 @@ def bench_hostile(work: Path) -> dict[str, int]:
 
 
 def bench_kills(work: Path, n_runs: int) -> dict[str, int]:
-    from conftest import make_tiny_ghist
+    from testkit import make_tiny_ghist
     from test_crash_resume import kill_loop, make_kill_slide, summarise_kills
 
     from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEMO_DIR

@@ -176,7 +176,7 @@ def test_cohort_page_key_is_random_per_session_and_never_written(tmp_path: Path,
 # --------------------------------------------------------------------------- logs and tokens
 @pytest.fixture()
 def private_hub(tmp_path: Path):
-    from conftest import make_tiny_ghist
+    from testkit import make_tiny_ghist
     from ghist_core.testing.hub import HubServer
 
     folder = tmp_path / "hub_repo"

@@ -9,7 +9,7 @@ import pytest
 from ghist_core.pipeline.blocks import PipelineConfig, load_prediction, predict_slide
 from ghist_core.project.store import Project
 
-MPP = 0.499
+from testkit import SMALL_SLIDE_MPP as MPP
 SMALL = PipelineConfig(block_um=128.0, grid_sizes_um=(25.0, 100.0))
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from shapely.geometry import shape
 
-from conftest import MPP
+from testkit import SMALL_SLIDE_MPP as MPP
 from ghist_core import _keys as K
 from ghist_core.errors import MissingMppError, UnknownGeneError
 from ghist_core.export import nucleus_polygons, write_geojson

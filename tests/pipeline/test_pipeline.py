@@ -59,7 +59,7 @@ def test_predict_slide_writes_h5ad_grid_and_records_the_run(tmp_path, small_slid
 def test_model_reading_nucleus_types_needs_the_learned_segmenter(tmp_path, small_slide_png):
     """A model that reads the learned segmenter's per-nucleus type probabilities: with the classical
     segmenter the run is refused before it starts (clear message); with the learned one it runs."""
-    from conftest import make_tiny_ghist
+    from testkit import make_tiny_ghist
 
     from ghist_core.errors import ModelInputError
 

@@ -57,7 +57,7 @@ def test_bundled_cards_are_sealed_and_verify() -> None:
 
 def test_swapped_gene_labels_are_refused_everywhere(tmp_path: Path, capsys, monkeypatch) -> None:
     """ERBB2 <-> ESR1 in the card of genuine weights: same weights sha256, refused by every path."""
-    from conftest import make_tiny_ghist
+    from testkit import make_tiny_ghist
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -251,7 +251,7 @@ def test_any_json_is_a_card_or_a_model_card_error(value) -> None:
                                                                            "embed_dim", "patch_px", "dropout"]))
 def test_any_sealed_card_field_gives_a_weights_error_or_a_model(tmp_path_factory, field, value, sub) -> None:
     """A correctly sealed card with any field (or config entry) of any shape: the loaders give a model or a WeightsError."""
-    from conftest import make_tiny_ghist
+    from testkit import make_tiny_ghist
 
     folder = tmp_path_factory.mktemp("prop")
     wp = make_tiny_ghist(folder)

@@ -134,7 +134,7 @@ def test_no_pickled_weights_shipped() -> None:
 # --------------------------------------------------------------------------- weights loading
 @pytest.fixture()
 def ghist_folder(tmp_path: Path) -> Path:
-    from conftest import make_tiny_ghist
+    from testkit import make_tiny_ghist
 
     folder = tmp_path / "w"
     folder.mkdir()

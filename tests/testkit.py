@@ -1,0 +1,50 @@
+"""Helpers tests import by name (a unique module name: ``from conftest import`` is ambiguous once
+sub-folders have their own conftest.py). Fixtures stay in conftest.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ghist_core.paths import shared_data_dir
+
+#: µm/px of the 700 × 700 px demo crop (``small_slide_png``) that several tests predict.
+SMALL_SLIDE_MPP = 0.499
+
+SHARED = shared_data_dir()
+
+
+def require_shared(*parts: str) -> Path:
+    """``<shared data>/<parts>``, or skip the calling test naming the missing folder or file."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        shown = "/".join(("../shared/data", *parts))
+        pytest.skip(f"needs {shown} (not present at {path}; set GHIST_SHARED_DATA to the shared data folder)")
+    return path
+
+
+def make_tiny_ghist(folder: Path, seed: int = 0, **config) -> Path:
+    """A small, randomly initialised but real GHIST model saved as safetensors + card.
+
+    Used where the bundled weights would make a test slow; predictions are
+    meaningless but every code path (pooling, heads, writing) is the real one.
+    """
+    import torch
+
+    from ghist_core.model import GhistConfig, GhistNet
+    from ghist_core.model.predict import save_ghist
+
+    torch.manual_seed(seed)
+    cfg = GhistConfig(
+        genes=["ERBB2", "ESR1", "CD3E", "KRT5", "MKI67"],
+        cell_types=["Malignant", "T", "Fibroblast"],
+        widths=(8, 16, 32, 64),
+        fpn_dim=16,
+        embed_dim=16,
+        patch_px=128,
+        use_reference=False,
+        **config,
+    )
+    net = GhistNet(cfg)
+    return save_ghist(net, folder, {"training": {"data": "none: random weights for tests"}})
