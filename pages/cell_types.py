@@ -18,6 +18,7 @@ from ghist_core.analysis.features import (
 from ghist_core.errors import GhistError
 from ghist_core.project import RunStatus
 from ghist_core.viz import plots
+from ghist_core.safe_text import plain
 from pages import common as c
 
 c.init_session()
@@ -103,7 +104,7 @@ def neighbourhood_tab() -> None:
     sid = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_nbhd_slide")
     fig = nbhd_figure(folder, sid, run_of[sid])
     if isinstance(fig, str):
-        st.info(fig)
+        st.info(plain(fig))
     else:
         st.plotly_chart(fig, key="ct_nbhd")
         st.caption("Each row: for cells of that type, the mean share of each cell type among their neighbours (%).")
@@ -133,7 +134,7 @@ def differential_tab() -> None:
     try:
         table = clinical_table(up.getvalue() if up else None, up.name if up else None)
     except GhistError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()
     cols = list(table.columns)
     guess_id = next((col for col in cols if col.lower() in ("patient_id", "bcr_patient_barcode", "patient")), cols[0])
@@ -156,14 +157,14 @@ def differential_tab() -> None:
     try:
         res = de_result(expression, table, id_col, grp_col, ga, gb, method)
     except GhistError as exc:
-        st.warning(str(exc))
+        st.warning(plain(exc))
     else:
         for note in res.notes:
-            st.caption(note)
+            st.caption(plain(note))
         fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
         st.plotly_chart(plots.volcano_plot(res, min_abs_log2fc=fc), key="ct_volcano")
         st.markdown(f"**{len(res.significant(0.05, fc))}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "
-                    f"({ga}: {res.n[ga]} patients, {gb}: {res.n[gb]} patients).")
+                    f"({plain(ga)}: {res.n[ga]} patients, {plain(gb)}: {res.n[gb]} patients).")
         st.dataframe(res.table, hide_index=True, key="ct_de_table", column_config={
             "feature": st.column_config.TextColumn("gene"),
             "mean_a": st.column_config.NumberColumn(f"mean {ga}", format="%.3f"),

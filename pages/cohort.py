@@ -42,6 +42,7 @@ from ghist_core.analysis.groups import (
 from ghist_core.analysis.survival import compare_groups, fit_cox
 from ghist_core.viz.plots import PLOTLY_EXPORT_CONFIG, PLOTLY_EXPORT_CONFIG_PNG
 from ghist_core.errors import GhistError
+from ghist_core.safe_text import plain
 from pages import common as c
 
 # Session keys of this page (set once).
@@ -98,7 +99,7 @@ def saved_tables() -> pd.DataFrame | None:
     try:
         tables = c.open_project().list_clinical_tables()
     except (ImportError, AttributeError, GhistError, OSError) as exc:  # page works without a store
-        st.caption(f"Project clinical tables unavailable ({exc}).")
+        st.caption(f"Project clinical tables unavailable ({plain(exc)}).")
         return None
     return tables if len(tables) else None
 
@@ -145,7 +146,7 @@ elif source == SOURCE_SAVED:
         path, saved_mapping = c.open_project().get_clinical_table(labels[pick])
         name, data = path.name, path.read_bytes()
     except (GhistError, OSError) as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         st.stop()
 else:
     name, data = "tcga_brca_clinical.csv", None
@@ -159,9 +160,9 @@ else:
 try:
     raw = load_table(data, name)
 except GhistError as exc:
-    st.error(str(exc))
+    st.error(plain(exc))
     st.stop()
-st.caption(f"{name}: {len(raw)} rows × {raw.shape[1]} columns"
+st.caption(f"{plain(name)}: {len(raw)} rows × {raw.shape[1]} columns"
            + (f" · encoding {raw.attrs.get('encoding')}, delimiter {raw.attrs.get('delimiter')!r}"
               if raw.attrs.get("delimiter") else ""))
 
@@ -184,7 +185,7 @@ with st.expander("Columns and endpoint", expanded=source == SOURCE_UPLOAD):
                          help="OS overall survival, DSS disease-specific, PFI progression-free "
                               "interval, DFI disease-free interval. TCGA-CDR recommends PFI and OS.")
         time_col, event_col = endpoints[ep]
-        b.caption(f"time `{time_col}`, event `{event_col}`")
+        b.caption(f"time {plain(time_col)}, event {plain(event_col)}")
     else:
         time_col = b.selectbox("Time", cols, index=cols.index(guess.time) if guess.time in cols
                                else 0, key="cohort_time")
@@ -206,15 +207,15 @@ try:
         raw, ColumnMapping(pid_col, time_col, event_col, time_unit=unit_in), unit_in,
         out_unit=unit_out, slide_patient_ids=[p for p, _ in slides] if slides else None)
 except GhistError as exc:
-    st.error(str(exc))
+    st.error(plain(exc))
     st.stop()
 table = checked.table
-st.write(f"**{checked.n} patients usable, {checked.events} events** ({ep}; times in {unit_out}).")
+st.write(f"**{checked.n} patients usable, {checked.events} events** ({plain(ep)}; times in {unit_out}).")
 if checked.problems:
     with st.expander(f"Checks on the table ({len(checked.problems)})",
                      expanded=source == SOURCE_UPLOAD):
         for p in checked.problems:
-            st.markdown(f"- {p}")
+            st.markdown(f"- {plain(p)}")
         if len(checked.dropped):
             st.dataframe(checked.dropped, hide_index=True, height=200)
             dropped = checked.dropped.copy()
@@ -233,7 +234,7 @@ if source == SOURCE_UPLOAD:
                                            mapping=checked.mapping.to_dict())
             st.success("Saved: the original file is kept unchanged in the project.")
         except (ImportError, AttributeError, GhistError, OSError) as exc:
-            st.warning(f"Could not save to the project: {exc}")
+            st.warning(f"Could not save to the project: {plain(exc)}")
 
 # --- 3. predicted features ------------------------------------------------------------------
 features = None
@@ -248,14 +249,14 @@ if slides:
         feats = load_features(tuple(slides), genes, signature)
         joined = join_clinical(feats, table, "patient_id")
         for m in joined.messages:
-            st.caption(m)
+            st.caption(plain(m))
         if joined.n:
             features = feature_columns(feats)
             table = joined.table
     except GhistError as exc:
-        st.warning(str(exc))
+        st.warning(plain(exc))
 for n in slide_notes[:5]:
-    st.caption(n)
+    st.caption(plain(n))
 
 # --- 4. groups ------------------------------------------------------------------------------
 st.subheader("Risk groups")
@@ -318,14 +319,14 @@ try:
     res = compare_groups(groups.table, "time", "event", groups.column, horizon=horizon,
                             time_unit=unit_out, title=f"{ep} by {group_col}")
 except GhistError as exc:
-    st.error(str(exc))
+    st.error(plain(exc))
     st.stop()
 
-st.caption(f"Rule: {groups.description}")
+st.caption(f"Rule: {plain(groups.description)}")
 for w in res.warnings:
-    st.warning(w)
+    st.warning(plain(w))
 for n in res.notes:  # covers patients without a group and without survival data
-    st.caption(n)
+    st.caption(plain(n))
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Patients", res.n)
 m2.metric("Events", res.events)
@@ -359,14 +360,14 @@ if covs:
     try:
         cox = fit_cox(groups.table, "time", "event", covs, univariate=uni)
     except GhistError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
     else:
         for w in cox.warnings:
-            st.warning(w)
+            st.warning(plain(w))
         for n in cox.notes:
-            st.caption(n)
+            st.caption(plain(n))
         if cox.reference_levels:
-            st.caption("Reference levels: " + ", ".join(f"{k} = {v}"
+            st.caption("Reference levels: " + ", ".join(f"{plain(k)} = {plain(v)}"
                                                           for k, v in cox.reference_levels.items()))
         show_figure(cox.plot(), "cohort_forest")
         st.dataframe(cox.summary.round(4), hide_index=True)
@@ -382,7 +383,7 @@ if features:
     try:
         fc = compare_features(groups.table, groups.column, features)
     except GhistError as exc:
-        st.info(str(exc))
+        st.info(plain(exc))
     else:
         st.caption("Mann–Whitney U (2 groups) or Kruskal–Wallis (more), Benjamini–Hochberg "
                    "FDR over features.")

@@ -9,6 +9,7 @@ from ghist_core.viz import figures
 
 from ghist_core.viz import palette
 from ghist_core.project import RunStatus
+from ghist_core.safe_text import plain
 from pages import common as c
 
 c.init_session()
@@ -108,7 +109,7 @@ for row in rows:
         with col:
             what = (f"{gm.n_objects:,} cells" if gm.mode == "cells"
                     else f"{gm.n_objects:,} squares of {gm.grid_size_um:g} µm (mean of their cells)")
-            st.markdown(f"**{gene}** · {what}")
+            st.markdown(f"**{plain(gene)}** · {what}")
             st.pydeck_chart(gm.deck, height=520 if per_row == 1 else 420, key=f"gm_deck_{gene}")
             st.plotly_chart(figures.colour_bar(gm), key=f"gm_bar_{gene}", config={"displayModeBar": False})
             d = st.columns(2)
@@ -118,6 +119,6 @@ for row in rows:
                                  file_name=f"slide{slide_id}_{gene}_{gm.mode}.csv", mime="text/csv",
                                  key=f"gm_csv_{gene}", icon=":material/table:", on_click="ignore")
 st.caption(
-    f"Coordinates in µm on the slide (x right, y down). Expression units: {units}. Colour limits: 1st–99th "
+    f"Coordinates in µm on the slide (x right, y down). Expression units: {plain(units)}. Colour limits: 1st–99th "
     "percentile of the values shown. Scroll to zoom, drag to pan; hover a cell for its values."
 )

@@ -11,6 +11,7 @@ from ghist_core.weights import resolve as weights
 from ghist_core.device import device_summary
 from ghist_core.errors import GhistError
 from ghist_core.paths import DEFAULT_MODEL_REPO
+from ghist_core.safe_text import plain
 from pages import common as c
 
 c.init_session()
@@ -37,11 +38,15 @@ else:
     table = pd.DataFrame([{
         "name": m["name"], "kind": m.get("kind") or "—", "source": m["source"], "model id": m["model_id"],
         "size (MB)": round((m.get("size") or 0) / 1e6, 1), "sha256": (m.get("sha256") or "")[:16] + "…",
+        "card": "bad: not used" if m.get("error") else "sealed",
     } for m in models])
     st.dataframe(table, hide_index=True, key="models_table", width="stretch")
     for m in models:
+        if m.get("error"):  # the others are still listed; this one is named with the reason
+            st.warning(f"{plain(m['name'])} ({plain(m['source'])}): {plain(m['error'])}")
+            continue
         card = m.get("card") or {}
-        with st.expander(f"{m['name']} — {m.get('kind') or 'model'} ({m['source']})"):
+        with st.expander(f"{plain(m['name'])} — {plain(m.get('kind') or 'model')} ({plain(m['source'])})"):
             genes = card.get("genes") or card.get("gene_names") or []
             types = card.get("cell_types") or []
             cc = st.columns(3)
@@ -49,18 +54,18 @@ else:
             cc[1].metric("Cell types", len(types))
             cc[2].metric("Size", f"{(m.get('size') or 0) / 1e6:.1f} MB")
             if card.get("description"):
-                st.markdown(str(card["description"]))
+                st.markdown(plain(card["description"]))
             for key, title in (("training_data", "Training data"), ("metrics", "Metrics"), ("license", "Licence")):
                 if card.get(key):
                     st.markdown(f"**{title}**")
                     if isinstance(card[key], (dict, list)):
                         st.json(card[key], expanded=False)
                     else:
-                        st.write(card[key])
+                        st.markdown(plain(card[key]))
             if types:
-                st.markdown("**Cell types:** " + ", ".join(map(str, types)))
+                st.markdown("**Cell types:** " + ", ".join(map(plain, types)))
             if genes:
-                st.markdown(f"**Genes ({len(genes)}):** " + ", ".join(map(str, genes[:60])) + (" …" if len(genes) > 60 else ""))
+                st.markdown(f"**Genes ({len(genes)}):** " + ", ".join(map(plain, genes[:60])) + (" …" if len(genes) > 60 else ""))
             st.download_button("Model card (JSON)", data=json.dumps(card, indent=2, default=str), mime="application/json",
                                file_name=f"{m['name']}.json", key=f"card_{m['source']}_{m['name']}", on_click="ignore")
 
@@ -71,7 +76,7 @@ if st.button("Verify all installed models", key="models_verify", icon=":material
         try:
             rows = weights.verify()
         except GhistError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
             rows = None
     if rows is not None:
         st.session_state["models_verify_rows"] = rows
@@ -81,11 +86,11 @@ if rows is not None:
         st.info("Nothing to verify: no models are installed.")
     else:
         if all(r["ok"] for r in rows):
-            st.success(f"All {len(rows)} files match the sha256 in their model cards.")
+            st.success(f"All {len(rows)} files (weights and their cards) match the sha256 and seal in their model cards.")
         else:
             bad = [r for r in rows if not r["ok"]]
             st.error(f"{len(bad)} of {len(rows)} files do not match their model card: "
-                     + "; ".join(r["message"] for r in bad))
+                     + "; ".join(plain(r["message"]) for r in bad))
         st.dataframe(pd.DataFrame(rows)[["name", "source", "file", "status"]], hide_index=True,
                      key="models_verify_table")
 
@@ -96,14 +101,14 @@ if st.button("Pull", key="models_pull", icon=":material/download:"):
     bar = st.progress(0.0, text="contacting the Hub…")
 
     def progress(message: str, done: int, total: int) -> None:
-        bar.progress(done / max(total, 1), text=f"{message} ({done} of {total} files)")
+        bar.progress(done / max(total, 1), text=f"{plain(message)} ({done} of {total} files)")
 
     try:
         got = weights.pull(model_id.strip(), progress=progress)
     except GhistError as exc:
         bar.empty()
-        st.error(str(exc))
+        st.error(plain(exc))
     else:
         bar.progress(1.0, text="done")
-        st.success("Pulled and verified: " + ", ".join(f"{r.name} ({r.sha256[:12]}…)" for r in got))
+        st.success("Pulled and verified: " + ", ".join(f"{plain(r.name)} ({r.sha256[:12]}…)" for r in got))
         c.cached_models.clear()

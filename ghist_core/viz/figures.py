@@ -27,6 +27,7 @@ import pydeck as pdk
 from PIL import Image, ImageDraw, ImageFont
 from pydeck.bindings.json_tools import default_serialize
 
+from ghist_core.safe_text import html_text
 from ghist_core.viz import palette
 from ghist_core.errors import UnknownGeneError
 
@@ -257,6 +258,8 @@ def gene_map(
     data = table.copy()
     data["value"] = data["value"].astype(float).round(3)
     data["r"], data["g"], data["b"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    types = data["cell_type"].astype(str)  # cell-type names come from the model card: escaped for the tooltip's HTML
+    data["cell_type"] = types.map({t: html_text(t) for t in types.unique()})
 
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64) if n else np.zeros((0, 2))
     bounds = _bounds_from(xy, bounds_um)
@@ -277,7 +280,7 @@ def gene_map(
             get_position="[x, y]", get_fill_color=f"[r, g, b, {alpha}]", get_radius=point_radius_um,
             radius_units="common", radius_min_pixels=1, stroked=False, pickable=True,
         ))
-        tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{gene}: {{v}} {units}<br/>x {{x}} µm, y {{y}} µm"}
+        tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{html_text(gene)}: {{v}} {html_text(units)}<br/>x {{x}} µm, y {{y}} µm"}
     else:
         half = grid_size / 2.0
         data["x0"] = data["x_um"] - half
@@ -290,7 +293,7 @@ def gene_map(
             get_fill_color=f"[r, g, b, {alpha}]", pickable=True,
         ))
         tooltip = {"html": (f"<b>{grid_size:g} µm square</b> at x {{x}} µm, y {{y}} µm<br/>"
-                            f"{{n}} cells, mostly {{t}}<br/>mean {gene}: {{v}} {units}")}
+                            f"{{n}} cells, mostly {{t}}<br/>mean {html_text(gene)}: {{v}} {html_text(units)}")}
     deck = FastDeck(
         frames=frames,
         layers=layers,

@@ -538,6 +538,7 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
         f[: -len(CARD_SUFFIX)]
         for f in files
         if f.endswith(CARD_SUFFIX) and f"{f[: -len(CARD_SUFFIX)]}{WEIGHTS_SUFFIX}" in files
+        and _NAME_RE.fullmatch(f[: -len(CARD_SUFFIX)])  # a model name, never a path or markup
     )
     if not names:
         raise WeightsNotFoundError(f"The Hub repository '{shown_id}' holds no models (<name>.safetensors + <name>.json).")
