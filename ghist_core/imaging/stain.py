@@ -46,6 +46,9 @@ __all__ = [
     "RUIFROK_RGB_FROM_HED",
     "MacenkoNormalizer",
     "ReinhardNormalizer",
+    "macenko_stains",
+    "macenko_restain",
+    "stain_transform_torch",
 ]
 
 #: Ruifrok & Johnston (2001) stain OD vectors as published (rows: haematoxylin, eosin,
@@ -366,9 +369,9 @@ def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None
 
     b = x.shape[0]
     dev, dt = x.device, torch.float32
-    src = torch.as_tensor(np.asarray(source_matrix) if not torch.is_tensor(source_matrix) else source_matrix,
+    src = torch.as_tensor(np.array(source_matrix) if not torch.is_tensor(source_matrix) else source_matrix,
                           dtype=dt, device=dev)
-    tgt = torch.as_tensor(np.asarray(target_matrix) if not torch.is_tensor(target_matrix) else target_matrix,
+    tgt = torch.as_tensor(np.array(target_matrix) if not torch.is_tensor(target_matrix) else target_matrix,
                           dtype=dt, device=dev)
     src = src.expand(b, *src.shape[-2:]) if src.ndim == 2 else src
     tgt = tgt.expand(b, *tgt.shape[-2:]) if tgt.ndim == 2 else tgt
@@ -376,8 +379,8 @@ def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None
     conc = torch.einsum("bchw,bck->bkhw", od, torch.linalg.pinv(src))  # pinv: B x 3 x k
     k = src.shape[-2]
     if scale is not None:
-        conc = conc * torch.as_tensor(scale, dtype=dt, device=dev).reshape(-1, k, 1, 1)
+        conc = conc * torch.as_tensor(np.array(scale), dtype=dt, device=dev).reshape(-1, k, 1, 1)
     if bias is not None:
-        conc = conc + torch.as_tensor(bias, dtype=dt, device=dev).reshape(-1, k, 1, 1)
+        conc = conc + torch.as_tensor(np.array(bias), dtype=dt, device=dev).reshape(-1, k, 1, 1)
     od2 = torch.einsum("bkhw,bkc->bchw", conc, tgt)
     return ((256.0 * torch.exp(-od2) - 1.0) / 255.0).clamp(0, 1)
