@@ -8,12 +8,18 @@ import pandas as pd
 import streamlit as st
 
 from ghist_core.errors import GhistError
+from ghist_core.paths import default_project_dir
 from ghist_core.project import RunStatus, overview
+from ghist_core.project.store import project_folder_for
 from ghist_core.safe_text import plain
 from pages import common as c
 
 c.init_session()
 c.ensure_demo_on_first_start()
+#: the edit or deletion waiting for the user's "yes" (one at a time)
+CONFIRM = "home_confirm"
+#: what the last edit or deletion did, shown once after the rerun
+DONE = "home_done"
 
 st.title("GHIST Studio")
 st.caption("Single-cell gene expression, cell types and neighbourhoods predicted from H&E slides "
@@ -23,16 +29,19 @@ st.caption("Single-cell gene expression, cell types and neighbourhoods predicted
 with st.sidebar:
     st.subheader("Project")
     folder_in = st.text_input("Project folder", value=st.session_state[c.PROJECT_DIR], key="home_project_folder",
-                              help="A folder on this computer. A new folder becomes a new, empty project.")
+                              help="A project name (e.g. study1, kept in the projects folder "
+                                   f"{default_project_dir()}) or a folder path. A new one becomes a new, empty project.")
     cols = st.columns(2)
     if cols[0].button("Open / create", key="home_open_project", width="stretch"):
         try:
-            c.open_project(folder_in)
+            target = project_folder_for(folder_in)
+            c.open_project(target)
         except (GhistError, OSError) as exc:
             st.error(plain(exc))
         else:
-            st.session_state[c.PROJECT_DIR] = str(Path(folder_in).expanduser())
+            st.session_state[c.PROJECT_DIR] = str(target)
             st.session_state[c.SELECTED_SLIDE] = None
+            st.session_state.pop(CONFIRM, None)
             st.rerun()
     if cols[1].button("Demo project", key="home_demo_project", width="stretch"):
         st.session_state[c.PROJECT_DIR] = str(c.demo_project_dir())
@@ -42,8 +51,8 @@ with st.sidebar:
 project = c.open_project_or_stop()
 
 st.markdown(f"**Project folder:** {plain(project.folder)}")
-slides = project.list_slides()
-patients = project.list_patients()
+slides = overview.slide_table(project)
+patients = overview.patient_table(project)
 counts = overview.summary(project)
 
 m = st.columns(4)
@@ -87,8 +96,9 @@ else:
     view["added_at"] = pd.to_datetime(view["added_at"], errors="coerce", utc=True)
     paths = [project.folder / p if not Path(p).is_absolute() else Path(p) for p in view["path"].astype(str)]
     view.insert(0, "thumbnail", [c.thumbnail_data_url(str(p), p.stat().st_mtime if p.exists() else 0.0) for p in paths])
+    view["patient_id"] = view["patient"]
     shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width", "height", "mpp",
-                             "status", "n_cells", "added_at"] if col in view.columns]
+                             "prediction", "cells", "added_at"] if col in view.columns]
     st.dataframe(
         view[shown], hide_index=True, width="stretch", key="home_slides",
         column_config={
@@ -99,8 +109,8 @@ else:
             "width": st.column_config.NumberColumn("Width (px)", format="%d"),
             "height": st.column_config.NumberColumn("Height (px)", format="%d"),
             "mpp": st.column_config.NumberColumn("µm per px", format="%.3f"),
-            "status": "Prediction",
-            "n_cells": st.column_config.NumberColumn("Cells", format="localized"),
+            "prediction": "Prediction",
+            "cells": "Cells",
             "added_at": st.column_config.DatetimeColumn("Added (UTC)", format="YYYY-MM-DD HH:mm"),
         },
     )
@@ -116,3 +126,117 @@ if len(patients):
     })
 else:
     st.caption("No patients yet.")
+
+
+# --- edit and delete ------------------------------------------------------------------------
+def _ask(action: str, **what) -> None:
+    st.session_state[CONFIRM] = {"action": action, **what}
+    st.rerun()
+
+
+def _done(text: str) -> None:
+    st.session_state.pop(CONFIRM, None)
+    st.session_state[DONE] = text
+    st.rerun()
+
+
+if st.session_state.get(DONE):
+    st.success(plain(st.session_state.pop(DONE)), icon=":material/check_circle:")
+
+if len(slides) or len(patients):
+    st.subheader("Edit or delete")
+    confirm = st.session_state.get(CONFIRM)
+    if confirm:  # one question at a time, with the consequences spelled out
+        box = st.container(border=True)
+        box.warning(plain(confirm["text"]), icon=":material/warning:")
+        b = box.columns(2)
+        if b[0].button(confirm["yes"], type="primary", key="home_confirm_yes"):
+            try:
+                act = confirm["action"]
+                if act == "edit_slide":
+                    edit = project.update_slide(confirm["slide_id"], mpp=confirm["mpp"], patient_id=confirm["patient"])
+                    n = len(edit.run_ids) if edit.mpp_changed else 0
+                    msg = f"Slide {edit.slide_id} updated."
+                    if n:
+                        msg += (f" Its {n} run{'s were' if n != 1 else ' was'} deleted: results computed at "
+                                f"{edit.old_mpp:.4g} µm/px are no longer shown. Run the slide again on Upload & predict.")
+                elif act == "delete_slide":
+                    project.delete_slide(confirm["slide_id"])
+                    msg = f"Slide {confirm['slide_id']} deleted, with its runs and files."
+                elif act == "delete_patient":
+                    project.delete_patient(confirm["patient_id"], with_slides=confirm["with_slides"])
+                    msg = f"Patient {confirm['patient_id']} deleted" + (
+                        ", with their slides and runs." if confirm["with_slides"] else "; their slides are kept.")
+                else:
+                    project.delete_run(confirm["run_id"])
+                    msg = f"Run {confirm['run_id']} deleted, with its results."
+            except GhistError as exc:
+                st.session_state.pop(CONFIRM, None)
+                box.error(plain(exc))
+            else:
+                if act in ("delete_slide", "delete_patient"):
+                    st.session_state[c.SELECTED_SLIDE] = None
+                _done(msg)
+        if b[1].button("Cancel", key="home_confirm_no"):
+            st.session_state.pop(CONFIRM, None)
+            st.rerun()
+
+    tab_slide, tab_patient = st.tabs(["Slide", "Patient"])
+    with tab_slide:
+        if len(slides):
+            labels = {int(r["slide_id"]): f"{r['slide_id']} · {c.slide_label(r)}" for _, r in slides.iterrows()}
+            sid = st.selectbox("Slide", list(labels), format_func=lambda i: labels[i], key="home_edit_slide")
+            row = slides[slides["slide_id"] == sid].iloc[0]
+            e = st.columns(2)
+            new_mpp = e[0].number_input("µm per pixel", min_value=0.01, max_value=50.0, value=float(row["mpp"]),
+                                        step=0.01, format="%.4f", key=f"home_mpp_{sid}",
+                                        help="A new value deletes the slide's runs: they were computed at the old one.")
+            new_pid = e[1].text_input("Patient id", value=row["patient_id"] if isinstance(row["patient_id"], str) else "", key=f"home_patient_{sid}")
+            b = st.columns(2)
+            if b[0].button("Save changes", key="home_save_slide", icon=":material/save:"):
+                try:
+                    edit = project.plan_slide_edit(sid, mpp=new_mpp, patient_id=new_pid.strip() or None)
+                except GhistError as exc:
+                    st.error(plain(exc))
+                else:
+                    if not edit.changed:
+                        st.info("Nothing to change.")
+                    elif edit.invalidates_runs:
+                        _ask("edit_slide", slide_id=sid, mpp=new_mpp, patient=edit.new_patient_id,
+                             text=edit.describe(), yes=f"Update slide {sid} and delete its runs")
+                    else:
+                        try:
+                            project.update_slide(sid, mpp=new_mpp, patient_id=edit.new_patient_id)
+                        except GhistError as exc:
+                            st.error(plain(exc))
+                        else:
+                            _done(edit.describe())
+            if b[1].button("Delete slide…", key="home_delete_slide", icon=":material/delete:"):
+                n = len(project.list_runs(sid))
+                _ask("delete_slide", slide_id=sid, yes=f"Delete slide {sid}",
+                     text=f"Delete slide {sid} ({c.slide_label(row)}) with its {n} run{'s' if n != 1 else ''}, "
+                          "their results and the project's copy of the file? This cannot be undone.")
+            runs = overview.run_table(project, sid)
+            if len(runs):
+                r = st.columns([3, 1])
+                run_labels = dict(zip(runs["run_id"].astype(int), runs["label"]))
+                rid = r[0].selectbox("Run of this slide", list(run_labels), format_func=lambda i: run_labels[i],
+                                     key=f"home_run_{sid}")
+                if r[1].button("Delete run…", key="home_delete_run", icon=":material/delete:"):
+                    _ask("delete_run", run_id=int(rid), yes=f"Delete run {rid}",
+                         text=f"Delete {run_labels[rid]} with its results and checkpoints? This cannot be undone.")
+        else:
+            st.caption("No slides.")
+    with tab_patient:
+        if len(patients):
+            pid = st.selectbox("Patient", patients["patient_id"].tolist(), key="home_edit_patient")
+            n_sl = int(patients.loc[patients["patient_id"] == pid, "n_slides"].iloc[0])
+            with_slides = st.checkbox(f"Also delete their {n_sl} slide{'s' if n_sl != 1 else ''} and runs",
+                                      value=True, key="home_patient_with_slides", disabled=n_sl == 0)
+            if st.button("Delete patient…", key="home_delete_patient", icon=":material/delete:"):
+                what = (f"and their {n_sl} slide{'s' if n_sl != 1 else ''} with every run and result"
+                        if with_slides and n_sl else "(their slides are kept, without a patient)" if n_sl else "")
+                _ask("delete_patient", patient_id=pid, with_slides=bool(with_slides and n_sl), yes=f"Delete patient {pid}",
+                     text=f"Delete patient {pid} {what}? This cannot be undone.")
+        else:
+            st.caption("No patients.")

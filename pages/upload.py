@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from ghist_core.errors import GhistError, MissingMppError, SlideError
-from ghist_core.project import RunStatus, overview, uploads
+from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
 from pages import common as c
 
@@ -63,45 +63,100 @@ files = st.file_uploader(
     type=c.UPLOAD_TYPES, accept_multiple_files=True, key="upload_files",
 )
 staged: dict = st.session_state.setdefault("upload_staged", {})
-added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, new?)
+added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, state, note)
+mpp_answers: dict = st.session_state.setdefault("upload_mpp", {})  # file id -> µm/px the user typed
+known: dict = st.session_state.setdefault("upload_known", {})  # file id -> slide id already holding the file
+pending: dict = st.session_state.setdefault("upload_pending", {})  # file id -> re-upload waiting for "update?"
 current = {getattr(f, "file_id", None) or f"{f.name}:{f.size}" for f in files or []}
 for fid in [k for k in staged if k not in current]:  # removed from the uploader: drop its staged copy
     uploads.discard_staged(staged.pop(fid))
+for store in (mpp_answers, known, pending):
+    for fid in [k for k in store if k not in current]:
+        store.pop(fid)
+
+
+def _remember_mpp(fid: str) -> None:
+    """The µm/px prompt was answered: remember it, so the prompt goes away."""
+    value = st.session_state.get(f"mpp_{fid}")
+    if value:
+        mpp_answers[fid] = float(value)
+
+
+def _start_run_if_wanted(slide_id: int, run_now: bool) -> None:
+    """Start a run unless the slide already has a finished or active one (no redundant runs)."""
+    if run_now and overview.wants_run(project, slide_id):
+        try:
+            c.submit(project, slide_id)
+        except GhistError as exc:
+            st.error(plain(exc))
+            st.stop()
+
+
+_MESSAGES = {"added": "added as slide {sid}", "exists": "already in the project as slide {sid}; nothing was copied",
+             "updated": "slide {sid} updated", "kept": "already in the project as slide {sid}, kept as it was"}
+
 for f in files or []:
     fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
     if fid in added:
-        sid, pid, new = added[fid]
-        (st.success if new else st.info)(
-            f"{plain(f.name)}: {'added' if new else 'already in the project'} as slide {sid} (patient {plain(pid or '—')}).",
+        sid, pid, state, note = added[fid]
+        (st.success if state in ("added", "updated") else st.info)(
+            f"{plain(f.name)}: {_MESSAGES[state].format(sid=sid)} (patient {plain(pid or '—')}). {plain(note)}".strip(),
             icon=":material/check_circle:")
+        continue
+    if fid in pending:  # a re-upload that differs from its slide: update it, or keep it as it is
+        p = pending[fid]
+        edit = project.plan_slide_edit(p["slide_id"], mpp=p["mpp"], patient_id=p["patient"] or slides.KEEP)
+        with st.container(border=True):
+            st.warning(f"**{plain(f.name)}** is already in the project as slide {p['slide_id']}, but "
+                       + plain("; ".join(p["diffs"])) + ". Update the slide? " + plain(edit.describe()),
+                       icon=":material/help:")
+            b = st.columns(2)
+            if b[0].button(f"Update slide {p['slide_id']}", type="primary", key=f"update_{fid}"):
+                try:
+                    done = project.update_slide(p["slide_id"], mpp=p["mpp"], patient_id=p["patient"] or slides.KEEP)
+                except GhistError as exc:
+                    st.error(plain(exc))
+                else:
+                    pending.pop(fid)
+                    n = len(done.run_ids) if done.mpp_changed else 0
+                    note = f"{n} earlier run{'s' if n != 1 else ''} deleted (old µm/px)." if n else ""
+                    added[fid] = (done.slide_id, done.new_patient_id, "updated", note)
+                    _start_run_if_wanted(done.slide_id, p["run_now"])
+                    st.rerun()
+            if b[1].button("Keep the slide as it is", key=f"keep_{fid}"):
+                pending.pop(fid)
+                rec = project.get_slide(p["slide_id"])
+                added[fid] = (rec.slide_id, rec.patient_id, "kept", "")
+                st.rerun()
         continue
     if fid not in staged:
         try:
             staged[fid] = uploads.stage_upload(f.name, f, uploads.staging_dir(project.folder))
         except OSError as exc:
-            st.error(f"Could not read {plain(f.name)}: {plain(exc)}")
+            st.error(f"Could not store the upload {plain(f.name)} for checking ({plain(exc.strerror or 'disk error')}).")
             continue
     s = staged[fid]
+    if fid not in known:
+        rec = project.find_slide_for_file(s.path)
+        known[fid] = None if rec is None else int(rec.slide_id)
+    existing = project.get_slide(known[fid]) if known[fid] is not None else None
     with st.container(border=True):
         st.markdown(f"**{plain(f.name)}** · {s.size_bytes / 1e6:,.1f} MB")
-        mpp_given = None
+        if existing is not None:
+            st.caption(f"Already in the project as slide {existing.slide_id} (patient {plain(existing.patient_id or '—')}, "
+                       f"{existing.mpp:.4g} µm per px). A different µm per px or patient id updates that slide.")
+        mpp_given = mpp_answers.get(fid)
         try:
-            info = uploads.inspect_upload(s.path)
+            info = uploads.inspect_upload(s.path, mpp=mpp_given, name=f.name)
         except MissingMppError as exc:
             st.warning(plain(exc))
-            mpp_given = st.number_input("µm per pixel at full resolution", min_value=0.01, max_value=50.0, value=None,
-                                        step=0.01, format="%.4f", key=f"mpp_{fid}",
-                                        help="Typically 0.25 (40× objective) or 0.5 (20×).")
-            info = None
-            if mpp_given:
-                try:
-                    info = uploads.inspect_upload(s.path, mpp=mpp_given)
-                except SlideError as exc2:
-                    st.error(plain(exc2))
-        except SlideError as exc:
-            st.error(plain(exc))
+            st.number_input("µm per pixel at full resolution", min_value=0.01, max_value=50.0, value=None,
+                            step=0.01, format="%.4f", key=f"mpp_{fid}", on_change=_remember_mpp, args=(fid,),
+                            help="Typically 0.25 (40× objective) or 0.5 (20×).")
             continue
-        if info is None:
+        except SlideError as exc:
+            mpp_answers.pop(fid, None)
+            st.error(plain(exc))
             continue
         cols = st.columns([1, 2])
         cols[0].image(info["thumbnail"], caption="thumbnail", width="stretch")
@@ -111,12 +166,18 @@ for f in files or []:
             f"- **Resolution:** {info['mpp']:.4f} µm per px ({info.get('mpp_source') or 'given'})\n"
             f"- **Format:** {plain(info['format'])} {plain(info.get('vendor') or '')}"
         )
-        patient = cols[1].text_input("Patient id", value=Path(f.name).stem.split(".")[0][:32], key=f"patient_{fid}",
+        if mpp_given is not None and cols[1].button("Change µm per pixel", key=f"mppchange_{fid}"):
+            mpp_answers.pop(fid, None)
+            st.rerun()
+        default_patient = (existing.patient_id if existing is not None and existing.patient_id
+                           else Path(f.name).stem.split(".")[0][:32])
+        patient = cols[1].text_input("Patient id", value=default_patient, key=f"patient_{fid}",
                                      help="Slides with the same patient id are grouped in cohort analyses.")
         run_now = cols[1].checkbox("Run the prediction right away", value=True, key=f"runnow_{fid}")
         if cols[1].button("Add to project", type="primary", key=f"add_{fid}"):
+            pid = patient.strip() or None
             try:
-                result = uploads.add_staged_upload(project, s, patient_id=patient.strip() or None, mpp=mpp_given)
+                result = uploads.add_staged_upload(project, s, patient_id=pid, mpp=mpp_given)
             except GhistError as exc:
                 staged.pop(fid, None)
                 st.error(plain(exc))
@@ -124,19 +185,14 @@ for f in files or []:
                 staged.pop(fid, None)
                 record = result.record
                 st.session_state[c.SELECTED_SLIDE] = int(record.slide_id)
-                added[fid] = (int(record.slide_id), record.patient_id, result.is_new)
-                if result.is_new:
-                    st.success(f"Added {plain(f.name)} as slide {record.slide_id} (patient {plain(record.patient_id or '—')}).")
+                diffs = [] if result.is_new else slides.upload_differences(record, mpp=mpp_given, patient_id=pid)
+                if diffs:  # ask before changing the slide (and before any run)
+                    pending[fid] = {"slide_id": int(record.slide_id), "mpp": mpp_given, "patient": pid,
+                                    "run_now": run_now, "diffs": diffs}
                 else:
-                    st.info(f"This file is already in the project as slide {record.slide_id} "
-                            f"(patient {plain(record.patient_id or '—')}); nothing was copied.")
-                if run_now:
-                    try:
-                        c.submit(project, int(record.slide_id))
-                    except GhistError as exc:
-                        st.error(plain(exc))
-                        st.stop()
-                st.rerun()  # redraw: the card becomes a one-line confirmation
+                    added[fid] = (int(record.slide_id), record.patient_id, "added" if result.is_new else "exists", "")
+                    _start_run_if_wanted(int(record.slide_id), run_now)
+                st.rerun()  # redraw: the card becomes a one-line confirmation (or the question)
 
 # --- slides waiting for a run -------------------------------------------------------------
 st.subheader("2 · Runs")

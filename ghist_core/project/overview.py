@@ -13,7 +13,13 @@ import pandas as pd
 
 from ghist_core.project.runs import RunStatus
 
-__all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active", "time_left_s"]
+__all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active", "time_left_s",
+           "slide_table", "run_table", "patient_table", "wants_run", "NOT_RUN", "NONE_TEXT"]
+
+#: What the Prediction column says for a slide without any run.
+NOT_RUN = "not run yet"
+#: What a table cell says when there is nothing to show (never "None" / "nan").
+NONE_TEXT = "—"
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,50 @@ def summary(project) -> ProjectOverview:
     cells = pd.to_numeric(slides["n_cells"], errors="coerce").fillna(0)
     return ProjectOverview(n_patients=len(project.list_patients()), n_slides=len(slides),
                            n_predicted=int(done.sum()), n_cells=int(cells.sum()))
+
+
+def _count_text(n, show: bool = True) -> str:
+    return f"{int(n):,}" if show and n is not None and not pd.isna(n) else NONE_TEXT
+
+
+def slide_table(project) -> pd.DataFrame:
+    """``list_slides`` plus text columns ready to show: ``prediction`` (status or "not run yet"),
+    ``cells`` (count of the finished run, else "—") and ``patient`` ("—" without one)."""
+    df = project.list_slides()
+    df["prediction"] = [str(s) if isinstance(s, str) else NOT_RUN for s in df["status"]]
+    df["cells"] = [_count_text(n, s == RunStatus.FINISHED.value) for n, s in zip(df["n_cells"], df["status"])]
+    df["patient"] = [p if isinstance(p, str) and p else NONE_TEXT for p in df["patient_id"]]
+    return df
+
+
+def run_table(project, slide_id: int | None = None) -> pd.DataFrame:
+    """``list_runs`` (newest first) plus ``cells`` text ("—" unless finished) and a one-line ``label``."""
+    df = project.list_runs(slide_id)
+    df["cells"] = [_count_text(n, s == RunStatus.FINISHED.value) for n, s in zip(df["n_cells"], df["status"])]
+    df["label"] = [f"run {int(r)} · {s} · {c} cells · {str(t or '')[:16].replace('T', ' ')}"
+                   for r, s, c, t in zip(df["run_id"], df["status"], df["cells"], df["created_at"])]
+    return df
+
+
+def patient_table(project) -> pd.DataFrame:
+    """``list_patients`` with missing attribute values as "—"."""
+    df = project.list_patients()
+    for col in df.columns:
+        if col not in ("n_slides", "created_at") and df[col].dtype == object:
+            df[col] = [NONE_TEXT if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in df[col]]
+    return df
+
+
+def wants_run(project, slide_id: int) -> bool:
+    """True when starting a run of the slide does something: it has no finished and no active run.
+
+    An upload of a file already in the project runs it only then (no redundant second run).
+    """
+    for _, run in project.list_runs(slide_id).iterrows():
+        status = RunStatus(run["status"])
+        if status is RunStatus.FINISHED or status.is_active:
+            return False
+    return True
 
 
 def finished_slides(project) -> pd.DataFrame:

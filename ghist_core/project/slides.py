@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import unicodedata
 from dataclasses import dataclass
@@ -19,11 +18,12 @@ import pandas as pd
 
 from ghist_core.errors import CorruptSlideError, GhistError, SlideError, StoreError
 from ghist_core.io.hashing import sha256_file
+from ghist_core.project import deletions
 from ghist_core.project.db import ProjectDB, to_json, utc_now
 from ghist_core.project.files import copy_verified, sanitize_filename, unlink_quiet
-from ghist_core.project.results import run_dir_path
 
-__all__ = ["SlideRecord", "add_slide", "get_slide", "list_slides", "add_patient", "list_patients"]
+__all__ = ["SlideRecord", "SlideEdit", "KEEP", "add_slide", "get_slide", "list_slides", "add_patient",
+           "list_patients", "plan_slide_edit", "update_slide", "upload_differences", "delete_slide"]
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,35 @@ def slide_by_sha(db: ProjectDB, digest: str) -> SlideRecord | None:
     return SlideRecord(**dict(row)) if row else None
 
 
+def find_slide_for_file(db: ProjectDB, path: str | os.PathLike) -> SlideRecord | None:
+    """The slide that holds exactly this file's bytes, if the project has one (hashes the file)."""
+    return slide_by_sha(db, sha256_file(Path(path)))
+
+
 def get_slide(db: ProjectDB, slide_id: int) -> SlideRecord:
     row = db.conn().execute(f"SELECT {_SLIDE_COLS} FROM slides WHERE slide_id = ?", (int(slide_id),)).fetchone()
     if row is None:
         raise StoreError(f"There is no slide {slide_id} in this project.")
     return SlideRecord(**dict(row))
+
+
+def renamed_error(exc: GhistError, src: Path, display: str) -> GhistError:
+    """``exc`` (same type) with the staged file's name and path replaced by the user's ``display`` name.
+
+    Uploads are staged under temporary names (``upload_x1y2.png``); messages name the file the
+    user chose, never the temporary one.
+    """
+    msg = str(exc)
+    for name in (str(src.resolve()), str(src), src.name):
+        msg = msg.replace(name, display)
+    msg = msg.replace(f" (looked in {src.parent})", "").replace(str(src.parent), "the upload")
+    if msg == str(exc):
+        return exc
+    try:
+        new = type(exc)(msg)
+    except TypeError:  # an error class with another signature: keep it as it is
+        return exc
+    return new
 
 
 def _read_slide_facts(src: Path, display: str, mpp: float | None) -> dict:
@@ -123,8 +147,11 @@ def _read_slide_facts(src: Path, display: str, mpp: float | None) -> dict:
             return dict(width=int(s.dimensions[0]), height=int(s.dimensions[1]), mpp=float(s.mpp),
                         level_count=int(s.level_count), format=str(s.format),
                         vendor=None if getattr(s, "vendor", None) is None else str(s.vendor))
-    except GhistError:
-        raise
+    except GhistError as exc:
+        new = renamed_error(exc, src, display)
+        if new is exc:
+            raise
+        raise new from None  # the chained original would name the temporary file again
     except Exception as exc:  # a reader failing in an unexpected way means the file is unusable
         raise CorruptSlideError(
             f"'{display}' could not be read as a slide ({exc.__class__.__name__}). It may be damaged or "
@@ -144,7 +171,7 @@ def add_slide(db: ProjectDB, source_path: str | os.PathLike, *, patient_id: str 
     safe = sanitize_filename(display)
     pid = check_patient_id(patient_id) if patient_id is not None else None
     if not src.is_file():
-        raise SlideError(f"The slide file '{src.name}' was not found.")
+        raise SlideError(f"The slide file '{display}' was not found.")
     digest = sha256_file(src)
     existing = slide_by_sha(db, digest)
     if existing is not None:
@@ -211,15 +238,139 @@ def list_slides(db: ProjectDB) -> pd.DataFrame:
 
 
 def delete_slide(db: ProjectDB, slide_id: int) -> None:
-    """Remove a slide, its runs and result rows; then its files (rows first: never a row without a file)."""
+    """Remove a slide, its runs and their files (see :mod:`ghist_core.project.deletions`)."""
+    deletions.delete_slide(db, slide_id)
+
+
+# --------------------------------------------------------------------------------------------
+# editing a slide's µm/px and patient id
+# --------------------------------------------------------------------------------------------
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: "leave this field as it is" for :func:`plan_slide_edit` / :func:`update_slide`.
+KEEP: Any = _Keep()
+
+
+@dataclass(frozen=True)
+class SlideEdit:
+    """What changing a slide would do; shown to the user before they confirm.
+
+    ``run_ids`` are the slide's runs that a new µm/px invalidates: every cell position, size and
+    prediction was computed at the old scale, so they are deleted with their files (the maps
+    never show results of the old µm/px; the slide becomes "not run yet").
+    """
+
+    slide_id: int
+    old_mpp: float
+    new_mpp: float
+    old_patient_id: str | None
+    new_patient_id: str | None
+    run_ids: tuple[int, ...]
+
+    @property
+    def mpp_changed(self) -> bool:
+        return not _same_mpp(self.old_mpp, self.new_mpp)
+
+    @property
+    def patient_changed(self) -> bool:
+        return self.old_patient_id != self.new_patient_id
+
+    @property
+    def changed(self) -> bool:
+        return self.mpp_changed or self.patient_changed
+
+    @property
+    def invalidates_runs(self) -> bool:
+        """True when confirming deletes runs (the µm/px changes and the slide has runs)."""
+        return self.mpp_changed and bool(self.run_ids)
+
+    def describe(self) -> str:
+        """The change in words, for the confirmation (plain text; escape before markdown)."""
+        parts = []
+        if self.mpp_changed:
+            parts.append(f"µm per pixel {self.old_mpp:.4g} → {self.new_mpp:.4g}")
+        if self.patient_changed:
+            parts.append(f"patient {self.old_patient_id or '—'} → {self.new_patient_id or '—'}")
+        text = f"Slide {self.slide_id}: " + ("; ".join(parts) if parts else "no change") + "."
+        if self.invalidates_runs:
+            n = len(self.run_ids)
+            text += (f" Its {n} run{'s' if n != 1 else ''} (computed at {self.old_mpp:.4g} µm/px) will be deleted "
+                     "with their results; run the slide again afterwards.")
+        return text
+
+
+def _same_mpp(a: float, b: float) -> bool:
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+
+
+def plan_slide_edit(db: ProjectDB, slide_id: int, *, mpp: Any = KEEP, patient_id: Any = KEEP) -> SlideEdit:
+    """What :func:`update_slide` with these values would change (validates them; changes nothing).
+
+    ``mpp=None`` keeps the µm/px too (an upload of a file that states its own); ``patient_id=None``
+    removes the slide's patient.
+    """
+    from ghist_core.io.slide import check_mpp
+
     rec = get_slide(db, slide_id)
-    with db.tx() as c:
-        run_ids = [r[0] for r in c.execute("SELECT run_id FROM runs WHERE slide_id = ?", (rec.slide_id,))]
-        files = [r[0] for r in c.execute(
-            "SELECT path FROM result_files WHERE run_id IN (SELECT run_id FROM runs WHERE slide_id = ?)",
-            (rec.slide_id,))]
-        c.execute("DELETE FROM slides WHERE slide_id = ?", (rec.slide_id,))
-    for rel in [rec.path, *files]:
-        unlink_quiet(db.abspath(rel))
-    for rid in run_ids:
-        shutil.rmtree(run_dir_path(db, rid), ignore_errors=True)
+    new_mpp = rec.mpp if mpp is KEEP or mpp is None else check_mpp(mpp)
+    new_pid = rec.patient_id if patient_id is KEEP else (check_patient_id(patient_id) if patient_id is not None else None)
+    run_ids = tuple(r[0] for r in db.conn().execute(
+        "SELECT run_id FROM runs WHERE slide_id = ? ORDER BY run_id", (rec.slide_id,)))
+    return SlideEdit(rec.slide_id, rec.mpp, new_mpp, rec.patient_id, new_pid, run_ids)
+
+
+def update_slide_rows(db: ProjectDB, edit: SlideEdit) -> tuple[SlideEdit, str | None]:
+    """Step 1 of :func:`update_slide`: the new values, and the invalidated runs' rows gone, in one transaction.
+
+    Returns the edit as applied and the journal token of the runs' files (None when no run went).
+    """
+    sid = edit.slide_id
+    with deletions.slides_locked(db, [sid] if edit.mpp_changed else []), db.tx() as c:
+        row = c.execute("SELECT mpp, patient_id FROM slides WHERE slide_id = ?", (sid,)).fetchone()
+        if row is None:
+            raise StoreError(f"There is no slide {sid} in this project.")
+        run_ids = tuple(r[0] for r in c.execute("SELECT run_id FROM runs WHERE slide_id = ? ORDER BY run_id", (sid,)))
+        edit = SlideEdit(sid, float(row["mpp"]), edit.new_mpp, row["patient_id"], edit.new_patient_id, run_ids)
+        token = None
+        if edit.mpp_changed:
+            deletions.refuse_active_runs(c, "slide_id = ?", (sid,), f"slide {sid}")
+            files, dirs = deletions.journal_runs(c, db, run_ids)
+            c.execute("DELETE FROM runs WHERE slide_id = ?", (sid,))
+            token = deletions.journal(c, files, dirs) if run_ids else None
+            c.execute("UPDATE slides SET mpp = ? WHERE slide_id = ?", (edit.new_mpp, sid))
+        if edit.patient_changed:
+            if edit.new_patient_id is not None:
+                _ensure_patient(c, edit.new_patient_id)
+            c.execute("UPDATE slides SET patient_id = ? WHERE slide_id = ?", (edit.new_patient_id, sid))
+    return edit, token
+
+
+def update_slide(db: ProjectDB, slide_id: int, *, mpp: Any = KEEP, patient_id: Any = KEEP) -> SlideEdit:
+    """Change a slide's µm/px and/or patient id; a new µm/px deletes the slide's runs and their files.
+
+    Refused (:class:`RunStateError`) while one of its runs is queued or running and the µm/px changes.
+    Returns the :class:`SlideEdit` that was applied (``run_ids``: the runs that were deleted when
+    ``mpp_changed``).
+    """
+    edit, token = update_slide_rows(db, plan_slide_edit(db, slide_id, mpp=mpp, patient_id=patient_id))
+    if token is not None:
+        deletions.finish_removal(db, token)
+    return edit
+
+
+def upload_differences(record: SlideRecord, *, mpp: float | None, patient_id: str | None) -> list[str]:
+    """How an upload of a file already in the project differs from its slide (empty: it does not).
+
+    A given µm/px that differs, or a patient id other than the slide's (a slide without one simply
+    takes it on upload), each give one plain sentence for the "update the slide?" question.
+    """
+    out = []
+    if mpp is not None and not _same_mpp(record.mpp, mpp):
+        out.append(f"µm per pixel: the project has {record.mpp:.4g}, this upload says {float(mpp):.4g}")
+    pid = (patient_id or "").strip() or None
+    if pid is not None and record.patient_id is not None and pid != record.patient_id:
+        out.append(f"patient id: the project has {record.patient_id}, this upload says {pid}")
+    return out

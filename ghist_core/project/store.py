@@ -9,7 +9,10 @@ A project folder holds::
     results/              result files (pipeline's business; recorded here)       (results)
 
 Run statuses and their moves are in :mod:`ghist_core.project.runs`; staging browser uploads in
-:mod:`ghist_core.project.uploads`. Safe to share between threads (each thread gets its own
+:mod:`ghist_core.project.uploads`. Editing a slide (:meth:`Project.update_slide`: a new µm/px
+deletes the slide's runs, which were computed at the old scale) and deleting slides, patients and
+runs go through :mod:`ghist_core.project.deletions`: rows and a journal of files in one
+transaction, then the files; opening a project finishes a deletion a killed process left half done. Safe to share between threads (each thread gets its own
 connection) and between processes (SQLite WAL + busy timeout).
 """
 
@@ -24,12 +27,33 @@ import pandas as pd
 
 from ghist_core.errors import ProjectNotFoundError, StoreError
 from ghist_core.io.atomic import remove_temporaries
-from ghist_core.project import clinical_tables, results, runs, slides
+from ghist_core.project import clinical_tables, deletions, results, runs, slides
 from ghist_core.project.db import DB_NAME, ProjectDB
 from ghist_core.project.runs import STALE_HEARTBEAT_S, RunRecord, RunStatus
-from ghist_core.project.slides import SlideRecord
+from ghist_core.project.slides import KEEP, SlideEdit, SlideRecord
 
-__all__ = ["Project"]
+__all__ = ["Project", "project_folder_for"]
+
+
+def project_folder_for(text: str | os.PathLike) -> Path:
+    """The folder a project chooser's text means.
+
+    A plain name (``study1``: no ``/`` or ``\\``, not ``~``, ``.`` or ``..``) is a project under the
+    projects folder (:func:`ghist_core.paths.default_project_dir`); anything else is a path
+    (``~`` expanded; a relative path stays relative to the working folder). Empty text or control
+    characters raise :class:`StoreError`.
+    """
+    from ghist_core.paths import default_project_dir
+
+    raw = os.fspath(text)
+    name = raw.strip()
+    if not name:
+        raise StoreError("Type a project name (e.g. study1) or a folder path.")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise StoreError("A project name cannot contain control characters (such as a line break or tab).")
+    is_path = ("/" in name or "\\" in name or name.startswith("~") or name in (".", "..")
+               or os.path.isabs(name))
+    return Path(name).expanduser() if is_path else default_project_dir() / name
 
 #: The folders every project has.
 _SUBFOLDERS = ("slides", "clinical", "runs", "results")
@@ -44,16 +68,23 @@ class Project:
     def __init__(self, folder: str | os.PathLike, *, _create: bool = False, name: str | None = None) -> None:
         self.folder = Path(folder).expanduser().resolve()
         self.db_path = self.folder / DB_NAME
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StoreError(f"{self.folder} is a file, not a folder; a project is a folder. Choose another path.")
         if not self.db_path.is_file():
             if not _create:
                 raise ProjectNotFoundError(
                     f"{self.folder} is not a GHIST Studio project (no {DB_NAME} in it). Create a project first."
                 )
+        try:
             self.folder.mkdir(parents=True, exist_ok=True)
-        for sub in _SUBFOLDERS:
-            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            for sub in _SUBFOLDERS:
+                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Could not create the project folder {self.folder} ({exc.strerror or exc}). "
+                             "Check the path and its permissions.") from exc
         self.db = ProjectDB(self.folder, name=name)
         self.sweep_stale_temp_files()
+        deletions.finish_pending_removals(self.db)  # deletions a killed process left half done
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -108,12 +139,17 @@ class Project:
         return self.db.integrity_check()
 
     def sweep_stale_temp_files(self, max_age_s: float | None = None) -> list[Path]:
-        """Delete ``*.part`` temporaries (atomic writes) a killed process left in ``slides/``.
+        """Delete ``*.part`` temporaries (atomic writes) a killed process left in ``slides/``,
+        ``results/slide_*/``, ``runs/*/`` and ``runs/*/blocks/``.
 
         A copy in progress rewrites its file every MiB, so only files not modified for
         ``STALE_TEMP_S`` go; they were never recorded, so nothing the user has is lost.
+        (A process holding a slide's lock sweeps that slide's folders at once.)
         """
-        return remove_temporaries(self.folder / "slides", self.STALE_TEMP_S if max_age_s is None else max_age_s)
+        age = self.STALE_TEMP_S if max_age_s is None else max_age_s
+        folders = [self.folder / "slides", *self.folder.glob("results/slide_*"), *self.folder.glob("runs/*"),
+                   *self.folder.glob("runs/*/blocks")]
+        return [p for f in folders if f.is_dir() for p in remove_temporaries(f, age)]
 
     # -- patients and slides ---------------------------------------------------------------
     def add_patient(self, patient_id: str, **attrs: Any) -> str:
@@ -131,6 +167,10 @@ class Project:
     def get_slide(self, slide_id: int) -> SlideRecord:
         return slides.get_slide(self.db, slide_id)
 
+    def find_slide_for_file(self, path: str | os.PathLike) -> SlideRecord | None:
+        """The slide already holding this file's bytes (same sha256), or None."""
+        return slides.find_slide_for_file(self.db, path)
+
     def slide_path(self, slide_id: int) -> Path:
         """Absolute path of the project's copy of the slide."""
         return self.abspath(self.get_slide(slide_id).path)
@@ -138,12 +178,28 @@ class Project:
     def set_slide_patient(self, slide_id: int, patient_id: str | None) -> None:
         slides.set_slide_patient(self.db, slide_id, patient_id)
 
+    def plan_slide_edit(self, slide_id: int, *, mpp: Any = KEEP, patient_id: Any = KEEP) -> SlideEdit:
+        """What :meth:`update_slide` would change, and which runs it would delete (nothing is changed)."""
+        return slides.plan_slide_edit(self.db, slide_id, mpp=mpp, patient_id=patient_id)
+
+    def update_slide(self, slide_id: int, *, mpp: Any = KEEP, patient_id: Any = KEEP) -> SlideEdit:
+        """Change a slide's µm/px and/or patient; a new µm/px deletes its runs (results of the old scale)."""
+        self.mark_interrupted_runs()  # a dead worker's run must not block the edit
+        return slides.update_slide(self.db, slide_id, mpp=mpp, patient_id=patient_id)
+
     def list_slides(self) -> pd.DataFrame:
         """One row per slide with its latest run: ``run_id``, ``status``, ``progress``, ``n_cells``."""
         return slides.list_slides(self.db)
 
     def delete_slide(self, slide_id: int) -> None:
-        slides.delete_slide(self.db, slide_id)
+        """Remove a slide, its runs and every file of theirs (refused while one of its runs is active)."""
+        self.mark_interrupted_runs()
+        deletions.delete_slide(self.db, slide_id)
+
+    def delete_patient(self, patient_id: str, *, with_slides: bool = True) -> None:
+        """Remove a patient; ``with_slides`` removes their slides and runs too, else the slides stay unassigned."""
+        self.mark_interrupted_runs()
+        deletions.delete_patient(self.db, patient_id, with_slides=with_slides)
 
     # -- runs --------------------------------------------------------------------------------
     def start_run(self, slide_id: int, *, model_id: str | None, weights_sha256: str | None, device: str | None,
@@ -185,6 +241,11 @@ class Project:
 
     def list_runs(self, slide_id: int | None = None) -> pd.DataFrame:
         return runs.list_runs(self.db, slide_id)
+
+    def delete_run(self, run_id: int) -> None:
+        """Remove a run with its result files and checkpoints (refused while it is queued or running)."""
+        self.mark_interrupted_runs()
+        deletions.delete_run(self.db, run_id)
 
     def run_dir(self, run_id: int) -> Path:
         return results.run_dir(self.db, run_id)

@@ -65,13 +65,26 @@ def stage_upload(name: str, data: BinaryIO | bytes, folder: Path) -> StagedUploa
     return StagedUpload(name, p, p.stat().st_size)
 
 
-def inspect_upload(path: Path, mpp: float | None = None, *, thumbnail_px: int = 384) -> dict[str, Any]:
-    """A staged slide's info dict plus a small ``thumbnail`` (raises ``SlideError`` subclasses)."""
+def inspect_upload(path: Path, mpp: float | None = None, *, thumbnail_px: int = 384,
+                   name: str | None = None) -> dict[str, Any]:
+    """A staged slide's info dict plus a small ``thumbnail`` (raises ``SlideError`` subclasses).
+
+    With ``name`` (the user's file name) error messages say it instead of the staged file's.
+    """
+    from ghist_core.errors import GhistError
     from ghist_core.io.slide import open_slide
 
-    with open_slide(path, mpp=mpp) as slide:
-        info = dict(slide.info)
-        info["thumbnail"] = slide.thumbnail(thumbnail_px)
+    try:
+        with open_slide(path, mpp=mpp) as slide:
+            info = dict(slide.info)
+            info["thumbnail"] = slide.thumbnail(thumbnail_px)
+            if name is not None:
+                info["file_name"] = name
+    except GhistError as exc:
+        new = slides.renamed_error(exc, Path(path), name) if name is not None else exc
+        if new is exc:
+            raise
+        raise new from None
     return info
 
 

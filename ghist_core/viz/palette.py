@@ -37,6 +37,25 @@ CELL_TYPE_COLOURS: dict[str, str] = {
     "Plasma": "#44AA99",       # teal
     "T": "#882255",            # wine
 }
+#: How each type is named to users (legends, tables, captions); the data keeps the short names.
+CELL_TYPE_LABELS: dict[str, str] = {
+    "B": "B cells",
+    "Myeloid": "Myeloid cells",
+    "Endothelial": "Endothelial cells",
+    "Fibroblast": "Fibroblasts",
+    "Macrophage": "Macrophages",
+    "Malignant": "Malignant cells",
+    "Epithelial": "Epithelial cells",
+    "Plasma": "Plasma cells",
+    "T": "T cells",
+}
+
+
+def cell_type_label(cell_type) -> str:
+    """The display name of a cell type ("T" → "T cells"); other names are shown as they are."""
+    return CELL_TYPE_LABELS.get(str(cell_type), str(cell_type))
+
+
 #: Colour for any type outside the 9 (e.g. "Unknown").
 OTHER_COLOUR = "#DDDDDD"
 

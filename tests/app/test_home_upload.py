@@ -1,0 +1,257 @@
+"""Home and Upload under AppTest (#19.6, #19.8): edit µm/px and patient, delete with confirmation,
+re-uploads that differ, plain project names, no 'None', no temporary file names, the µm/px prompt."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from ghist_core.project import Project, overview
+
+REPO = Path(__file__).resolve().parents[2]
+APP = str(REPO / "app.py")
+TIMEOUT = 120
+#: how a staged upload is named on disk (uploads.stage_upload); the user must never see it
+STAGED_NAME = re.compile(r"upload_\w+\.png")
+
+
+@pytest.fixture
+def projects(tmp_path, monkeypatch) -> Path:
+    import streamlit as st
+
+    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
+    monkeypatch.chdir(REPO)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    return tmp_path / "projects"
+
+
+def png_bytes(seed: int = 0, size: int = 96) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def open_page(page: str, folder: Path) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["project_dir"] = str(folder)
+    at.run()
+    if page != "pages/home.py":
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def finished_run(project: Project, slide_id: int) -> int:
+    rid = project.start_run(slide_id, model_id="m", weights_sha256="", device="cpu")
+    out = project.folder / "results" / f"slide_{slide_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"run_{rid}.h5ad").write_bytes(b"result")
+    project.add_result_file(rid, "h5ad", out / f"run_{rid}.h5ad")
+    project.finish_run(rid, n_cells=1234)
+    return rid
+
+
+@pytest.fixture
+def proj(tmp_path) -> Project:
+    """Two patients: P1's slide has a finished run, P2's slide was never run."""
+    p = Project.open_or_create(tmp_path / "p")
+    a = tmp_path / "a.png"
+    a.write_bytes(png_bytes(1))
+    b = tmp_path / "b.png"
+    b.write_bytes(png_bytes(2))
+    sa = p.add_slide(a, patient_id="P1", mpp=0.5)
+    p.add_slide(b, patient_id="P2", mpp=0.5)
+    finished_run(p, sa.slide_id)
+    yield p
+    p.close()
+
+
+def unescaped(text) -> str:
+    """A message as the user reads it (markdown escapes of ``safe_text.plain`` removed)."""
+    return re.sub(r"\\(.)", r"\1", str(text))
+
+
+def said(at: AppTest, kind: str) -> list[str]:
+    return [unescaped(e.value) for e in at.get(kind)]
+
+
+def texts(at: AppTest) -> str:
+    return " ".join(t for kind in ("markdown", "success", "info", "warning", "error", "caption") for t in said(at, kind))
+
+
+def button(at: AppTest, label: str):
+    return [b for b in at.button if b.label == label][0]
+
+
+# --- Home --------------------------------------------------------------------------------------
+
+def test_plain_project_name_goes_under_the_projects_folder(projects, tmp_path):
+    at = open_page("pages/home.py", projects / "demo")
+    at.text_input(key="home_project_folder").set_value("study1")
+    at.button(key="home_open_project").click().run()
+    assert not at.exception
+    assert at.session_state["project_dir"] == str(projects / "study1")
+    assert (projects / "study1" / "project.sqlite").is_file()
+    assert not (REPO / "study1").exists()  # never inside the code folder
+    # a path stays a path
+    at.text_input(key="home_project_folder").set_value(str(tmp_path / "elsewhere"))
+    at.button(key="home_open_project").click().run()
+    assert at.session_state["project_dir"] == str(tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere" / "project.sqlite").is_file()
+
+
+def test_home_table_says_not_run_yet_instead_of_none(projects, proj):
+    at = open_page("pages/home.py", proj.folder)
+    table = at.dataframe[0].value
+    assert table["status" if "status" in table else "prediction"].tolist() == ["finished", overview.NOT_RUN]
+    assert table["cells"].tolist() == ["1,234", overview.NONE_TEXT]
+    shown = table.drop(columns=["thumbnail"], errors="ignore")
+    assert not shown.isna().any().any()
+    assert "None" not in {str(v) for v in shown.to_numpy().ravel()}
+
+
+def test_edit_mpp_asks_then_deletes_the_runs_and_says_so(projects, proj):
+    sid = int(proj.list_slides()["slide_id"].iloc[0])
+    at = open_page("pages/home.py", proj.folder)
+    at.selectbox(key="home_edit_slide").set_value(sid).run()
+    at.number_input(key=f"home_mpp_{sid}").set_value(0.25).run()
+    at.button(key="home_save_slide").click().run()
+    assert not at.exception
+    # a question first, naming the consequence; nothing changed yet
+    assert any("1 run" in w and "deleted" in w for w in said(at, 'warning'))
+    assert proj.get_slide(sid).mpp == 0.5 and len(proj.list_runs(sid)) == 1
+    at.button(key="home_confirm_yes").click().run()
+    assert not at.exception
+    assert proj.get_slide(sid).mpp == 0.25 and proj.list_runs(sid).empty
+    assert any("1 run was deleted" in s and "0.5 µm/px" in s for s in said(at, 'success'))
+    assert at.dataframe[0].value["prediction"].tolist()[0] == overview.NOT_RUN
+    assert overview.finished_slides(proj).empty
+
+
+def test_edit_patient_only_needs_no_confirmation(projects, proj):
+    sid = int(proj.list_slides()["slide_id"].iloc[0])
+    at = open_page("pages/home.py", proj.folder)
+    at.selectbox(key="home_edit_slide").set_value(sid).run()
+    at.text_input(key=f"home_patient_{sid}").set_value("P7").run()
+    at.button(key="home_save_slide").click().run()
+    assert not at.exception
+    assert proj.get_slide(sid).patient_id == "P7" and len(proj.list_runs(sid)) == 1
+    assert any("P7" in s for s in said(at, 'success'))
+
+
+def test_delete_slide_run_and_patient_with_confirmation(projects, proj):
+    slides = proj.list_slides()
+    s1, s2 = (int(x) for x in slides["slide_id"])
+    at = open_page("pages/home.py", proj.folder)
+    # delete slide 2: Cancel keeps it, the confirm button deletes it
+    at.selectbox(key="home_edit_slide").set_value(s2).run()
+    at.button(key="home_delete_slide").click().run()
+    assert any(f"Delete slide {s2}" in w for w in said(at, 'warning'))
+    at.button(key="home_confirm_no").click().run()
+    assert len(proj.list_slides()) == 2
+    at.button(key="home_delete_slide").click().run()
+    at.button(key="home_confirm_yes").click().run()
+    assert not at.exception
+    assert proj.list_slides()["slide_id"].tolist() == [s1]
+    assert any(f"Slide {s2} deleted" in s for s in said(at, 'success'))
+    # delete the run of slide 1
+    rid = int(proj.list_runs(s1)["run_id"].iloc[0])
+    at.selectbox(key="home_edit_slide").set_value(s1).run()
+    at.button(key="home_delete_run").click().run()
+    assert any(f"run {rid}" in w for w in said(at, 'warning'))
+    at.button(key="home_confirm_yes").click().run()
+    assert proj.list_runs().empty and not (proj.folder / "results" / f"slide_{s1}").exists()
+    # delete patient P1 with their slide
+    at.selectbox(key="home_edit_patient").set_value("P1").run()
+    at.button(key="home_delete_patient").click().run()
+    assert any("Delete patient P1" in w and "1 slide" in w for w in said(at, 'warning'))
+    at.button(key="home_confirm_yes").click().run()
+    assert not at.exception
+    assert proj.list_slides().empty and "P1" not in proj.list_patients()["patient_id"].tolist()
+    assert not list((proj.folder / "slides").iterdir())
+
+
+# --- Upload ------------------------------------------------------------------------------------
+
+def upload_png(at: AppTest, name: str, data: bytes) -> None:
+    at.get("file_uploader")[0].upload(name, data, "image/png").run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_mpp_prompt_goes_once_answered_and_no_temp_names(projects, tmp_path):
+    at = open_page("pages/upload.py", tmp_path / "up")
+    upload_png(at, "scan 7.png", png_bytes(5))
+    assert at.warning and "scan 7.png" in said(at, "warning")[0]
+    assert not STAGED_NAME.search(texts(at))
+    mpp = [n for n in at.number_input if "µm per pixel" in n.label][0]
+    mpp.set_value(0.5).run()
+    assert not at.exception
+    assert not [n for n in at.number_input if "µm per pixel" in n.label]  # the prompt is gone
+    assert not any("µm" in w for w in said(at, 'warning'))
+    assert "0.5000 µm per px (given)" in texts(at)
+    assert not STAGED_NAME.search(texts(at))
+    # the answer can be changed: the prompt comes back
+    button(at, "Change µm per pixel").click().run()
+    assert [n for n in at.number_input if "µm per pixel" in n.label]
+
+
+def test_bad_upload_message_names_the_users_file(projects, tmp_path):
+    at = open_page("pages/upload.py", tmp_path / "up")
+    upload_png(at, "biopsy.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    assert at.error and "biopsy.png" in said(at, "error")[0]
+    assert not STAGED_NAME.search(texts(at)) and "ghist-uploads" not in texts(at)
+
+
+def test_reupload_with_another_mpp_asks_and_updates(projects, tmp_path):
+    data = png_bytes(9)
+    project = Project.open_or_create(tmp_path / "up")
+    src = tmp_path / "slide.png"
+    src.write_bytes(data)
+    rec = project.add_slide(src, patient_id="P1", mpp=0.5, original_name="slide.png")
+    finished_run(project, rec.slide_id)
+
+    at = open_page("pages/upload.py", tmp_path / "up")
+    upload_png(at, "slide.png", data)
+    assert f"Already in the project as slide {rec.slide_id}" in texts(at)
+    [n for n in at.number_input if "µm per pixel" in n.label][0].set_value(0.25).run()
+    assert [t for t in at.text_input if t.label == "Patient id"][0].value == "P1"  # the slide's patient
+    [cb for cb in at.checkbox if cb.label.startswith("Run the prediction")][0].set_value(False)
+    button(at, "Add to project").click().run()
+    assert not at.exception
+    # asked, not silently reused; nothing changed yet
+    assert any("already in the project" in w and "0.25" in w and "1 run" in w for w in said(at, 'warning'))
+    assert project.get_slide(rec.slide_id).mpp == 0.5 and len(project.list_runs()) == 1
+    button(at, f"Update slide {rec.slide_id}").click().run()
+    assert not at.exception
+    assert project.get_slide(rec.slide_id).mpp == 0.25 and project.list_runs().empty
+    assert len(project.list_slides()) == 1
+    assert any("updated" in s and "1 earlier run deleted" in s for s in said(at, 'success'))
+
+
+def test_reupload_with_another_patient_can_be_kept_and_starts_no_redundant_run(projects, tmp_path):
+    data = png_bytes(11)
+    project = Project.open_or_create(tmp_path / "up")
+    src = tmp_path / "s.png"
+    src.write_bytes(data)
+    rec = project.add_slide(src, patient_id="P1", mpp=0.5, original_name="s.png")
+    finished_run(project, rec.slide_id)
+
+    at = open_page("pages/upload.py", tmp_path / "up")
+    upload_png(at, "s.png", data)
+    [n for n in at.number_input if "µm per pixel" in n.label][0].set_value(0.5).run()
+    [t for t in at.text_input if t.label == "Patient id"][0].set_value("P2").run()
+    button(at, "Add to project").click().run()  # "run right away" stays ticked
+    assert any("patient id" in w and "P2" in w for w in said(at, 'warning'))
+    button(at, "Keep the slide as it is").click().run()
+    assert not at.exception
+    assert project.get_slide(rec.slide_id).patient_id == "P1"
+    assert len(project.list_runs()) == 1  # the finished run is reused, no second run
+    assert any("kept as it was" in i for i in said(at, 'info'))
