@@ -6,7 +6,12 @@
 2. Clicks to a gene map on the bundled demo: fresh project, "Run the demo" (real prediction in a
    worker process), "Open gene map", until the deck.gl map is drawn. Counts clicks and seconds.
 
-Run: ``python bench/app.py`` (about 2–4 minutes on 2 CPU cores).
+3. Viewer pan/zoom, server side (what one click or zoom step costs before the browser draws):
+   read the full-resolution window of the demo slide at 10×/20×/40× and build the close-up deck
+   (nucleus outlines or points, viewport query on a 1M-cell index), with the JSON size sent.
+
+Run: ``python bench/app.py`` (about 2–4 minutes on 2 CPU cores); ``python bench/app.py --viewer``
+runs part 3 only and updates its entry in bench/results/app.json.
 """
 
 from __future__ import annotations
@@ -136,7 +141,64 @@ def clicks_to_gene_map(projects: Path, log: Path) -> dict:
             "seconds_run": t_done - t_run, "seconds_map_render": t_map - t_done}
 
 
+def viewer_timings(repeats: int = 5) -> dict:
+    """Server-side cost of viewer pan/zoom steps on the demo slide (median seconds)."""
+    from ghist_core._keys import OBSM_NUCLEUS_RAYS
+    from ghist_core.io.slide import open_slide
+    from ghist_core.viz import viewer
+
+    slide_path = DEMO_DIR / "CMU-1-Small-Region.svs"
+    out: dict = {"slide": slide_path.name}
+    rng = np.random.default_rng(0)
+    n = 1_000_000  # a big slide's worth of cells over 10 × 10 mm, for the index query
+    xy = rng.uniform(0, 10_000, size=(n, 2))
+    t = time.perf_counter()
+    index = viewer.CellIndex(xy)
+    out["index_build_1M_cells_s"] = round(time.perf_counter() - t, 3)
+    qs = []
+    for c in rng.uniform(500, 9500, size=(50, 2)):
+        t = time.perf_counter()
+        index.query((c[0] - 128, c[1] - 128, c[0] + 128, c[1] + 128))
+        qs.append(time.perf_counter() - t)
+    out["query_256um_window_1M_cells_ms"] = round(1000 * statistics.median(qs), 3)
+    with open_slide(slide_path) as s:
+        w_um, h_um = s.dimensions[0] * s.mpp, s.dimensions[1] * s.mpp
+        dens = 1 / 80.0  # ~1 nucleus per 80 µm² of tissue
+        m = int(w_um * h_um * dens)
+        a = synthetic_slide_prediction(m, w_um, h_um, n_genes=50)
+        a.obsm[OBSM_NUCLEUS_RAYS] = rng.uniform(2, 5, size=(m, 16))
+        idx = viewer.CellIndex(a.obsm["spatial"])
+        gene = str(a.var_names[0])
+        for mag in (10, 20, 40):
+            reads, builds, sizes, objs = [], [], [], []
+            for k in range(repeats):  # a pan: a new centre every time
+                centre = (w_um * (0.3 + 0.1 * k), h_um * (0.3 + 0.1 * k))
+                t = time.perf_counter()
+                win = viewer.read_window(s, centre, mag)
+                reads.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                gm = viewer.cell_view(a, gene, win, index=idx)
+                text = gm.deck.to_json()
+                builds.append(time.perf_counter() - t)
+                sizes.append(len(text))
+                objs.append(gm.n_objects)
+            out[f"{mag}x"] = {"window_um": round(win.bounds_um[2] - win.bounds_um[0], 1), "image_px": list(win.rgb.shape[1::-1]),
+                              "read_s": round(statistics.median(reads), 4), "deck_json_s": round(statistics.median(builds), 4),
+                              "drawn_as": gm.mode, "objects": int(statistics.median(objs)),
+                              "json_mb": round(statistics.median(sizes) / 1e6, 3)}
+            print(f"viewer {mag:2d}x: {out[f'{mag}x']}")
+    return out
+
+
 def main() -> None:
+    if "--viewer" in sys.argv:
+        out = REPO / "bench" / "results" / "app.json"
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["viewer"] = viewer_timings()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"Chromium not found at {CHROMIUM}")
     results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -165,6 +227,7 @@ def main() -> None:
             demo = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         results["clicks_to_gene_map_demo"] = demo
         print("demo:", demo)
+    results["viewer"] = viewer_timings()
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     out = REPO / "bench" / "results" / "app.json"
     out.parent.mkdir(parents=True, exist_ok=True)

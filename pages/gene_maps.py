@@ -1,11 +1,15 @@
-"""Gene maps: predicted expression of 1–4 genes over the H&E, per cell or as a grid summary."""
+"""Gene maps: predicted expression of 1–4 genes over the H&E, per cell or as a grid summary,
+and a full-resolution close-up (the slide's own pixels, nucleus outlines) at 5×–40×."""
 
 from __future__ import annotations
+
+import hashlib
+from functools import partial
 
 import streamlit as st
 
 from ghist_core._keys import OBS_CELL_TYPE
-from ghist_core.viz import figures
+from ghist_core.viz import figures, viewer
 
 from ghist_core.viz import palette
 from ghist_core.project import RunStatus
@@ -26,6 +30,12 @@ sel = st.session_state[c.SELECTED_SLIDE]
 slide_id = st.selectbox("Slide", ids, index=ids.index(sel) if sel in ids else 0, format_func=lambda i: labels[i],
                         key="gm_slide")
 st.session_state[c.SELECTED_SLIDE] = slide_id
+
+# every choice tied to a slide (type filter, zoom, centre) is kept per project and slide
+slide_key = f"{hashlib.sha1(str(project.folder).encode()).hexdigest()[:8]}_{slide_id}"
+TYPES_BY_SLIDE, TYPES_FOR = "gm_types_by_slide", "gm_types_for"
+ZOOMS = ["Whole slide", *[f"{m}×" for m in viewer.MAGNIFICATIONS]]
+_, bounds = c.cached_overview(str(project.folder), slide_id)
 
 run = project.latest_run(slide_id, status=RunStatus.FINISHED)
 run_id = int(c.run_field(run, "run_id"))
@@ -49,8 +59,32 @@ with st.sidebar:
     cmap = st.selectbox("Colour map", list(palette.EXPRESSION_MAPS), key="gm_cmap",
                         help="viridis and cividis stay readable with colour-vision deficiency and in greyscale.")
     present = palette.ordered_types(adata.obs[OBS_CELL_TYPE].astype(str).unique()) if OBS_CELL_TYPE in adata.obs else []
-    keep_types = st.multiselect("Cell types shown", present, default=present, key="gm_types")
+    # the type filter belongs to this slide: restore this slide's choice (all types the first time)
+    if st.session_state.get(TYPES_FOR) != slide_key:
+        saved = st.session_state.setdefault(TYPES_BY_SLIDE, {}).get(slide_key)
+        st.session_state["gm_types"] = [t for t in saved if t in present] if saved is not None else list(present)
+        st.session_state[TYPES_FOR] = slide_key
+    keep_types = st.multiselect("Cell types shown", present, key="gm_types")
+    st.session_state.setdefault(TYPES_BY_SLIDE, {})[slide_key] = list(keep_types)
     show_he = st.toggle("H&E underneath", value=True, key="gm_he")
+    scale = st.radio("Colour scale", ["Per panel", "Shared by panels", "Fixed"], key="gm_scale", horizontal=True,
+                     help="'Shared by panels' uses one range over all genes shown; 'Fixed' keeps the limits you "
+                          "enter for every gene and every slide.")
+    if scale == "Fixed":
+        lim = st.columns(2)
+        fixed = (lim[0].number_input("min", value=0.0, key="gm_vmin"), lim[1].number_input("max", value=5.0, key="gm_vmax"))
+    st.subheader("Close-up")
+    zoom_key, cx_key, cy_key = (f"gm_zoom_{slide_key}", f"gm_cx_{slide_key}", f"gm_cy_{slide_key}")
+    for k, v in ((zoom_key, ZOOMS[0]), (cx_key, float(bounds[2]) / 2), (cy_key, float(bounds[3]) / 2)):
+        st.session_state.setdefault(k, v)
+    st.select_slider("Zoom", ZOOMS, key=zoom_key,
+                     help="5×–40× read the slide at full resolution around the centre below (40× = 0.25 µm per "
+                          "screen pixel) and outline each nucleus from 20×. Click a cell on any map to centre there.")
+    xc = st.columns(2)
+    xc[0].number_input("centre x (µm)", min_value=0.0, max_value=float(bounds[2]),
+                       step=50.0, format="%.0f", key=cx_key)
+    xc[1].number_input("centre y (µm)", min_value=0.0, max_value=float(bounds[3]),
+                       step=50.0, format="%.0f", key=cy_key)
 st.session_state[c.SELECTED_GENES] = chosen
 mode = {"Auto": "auto", "Each cell": "cells", "Grid summary": "grid"}[mode_label]
 if mode == "cells" and auto_grid:
@@ -64,60 +98,120 @@ if present and not keep_types:
     st.info("Pick at least one cell type to show in the sidebar.")
     st.stop()
 
-grids = c.cached_grid(str(project.folder), slide_id, run_id)
-image, bounds = c.cached_overview(str(project.folder), slide_id) if show_he else (None, None)
-if bounds is None:
-    _, bounds = c.cached_overview(str(project.folder), slide_id)
+mag = {f"{m}×": m for m in viewer.MAGNIFICATIONS}.get(st.session_state[zoom_key])
 
 
 @st.cache_resource(show_spinner="Drawing map…", max_entries=16)
 def build_map(folder: str, slide: int, run: int, gene: str, mode: str, colour_by: str, cmap: str,
-              types: tuple[str, ...], with_he: bool) -> figures.GeneMap:
+              types: tuple[str, ...], with_he: bool, vrange: tuple[float, float] | None = None) -> figures.GeneMap:
     a = c.cached_prediction(folder, slide, run)
     g = c.cached_grid(folder, slide, run)
     img, bnd = c.cached_overview(folder, slide)
     return figures.gene_map(a, gene, image=img if with_he else None, bounds_um=bnd, grids=g, mode=mode,
                             colour_by="cell_type" if colour_by == "Cell type" else "expression",
-                            colour_map=cmap, cell_types=list(types) if types else None)
+                            colour_map=cmap, cell_types=list(types) if types else None, vrange=vrange,
+                            layer_key=str(slide))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cell_index(folder: str, slide: int, run: int) -> viewer.CellIndex:
+    return viewer.CellIndex(c.cached_prediction(folder, slide, run).obsm["spatial"])
+
+
+@st.cache_resource(show_spinner="Reading the slide at full resolution…", max_entries=8)
+def read_window(folder: str, slide: int, cx: float, cy: float, mag: int) -> viewer.Window:
+    return viewer.read_project_window(c.open_project(folder), slide, (cx, cy), mag)
+
+
+@st.cache_resource(show_spinner="Drawing nuclei…", max_entries=16)
+def build_view(folder: str, slide: int, run: int, gene: str, cx: float, cy: float, mag: int, colour_by: str,
+               cmap: str, types: tuple[str, ...], with_he: bool, vrange: tuple[float, float] | None = None
+               ) -> figures.GeneMap:
+    return viewer.cell_view(c.cached_prediction(folder, slide, run), gene, read_window(folder, slide, cx, cy, mag),
+                            index=cell_index(folder, slide, run),
+                            colour_by="cell_type" if colour_by == "Cell type" else "expression", colour_map=cmap,
+                            cell_types=list(types) if types else None, vrange=vrange, layer_key=str(slide),
+                            with_image=with_he)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def csv_bytes(folder: str, slide: int, run: int, gene: str, mode: str, colour_by: str, cmap: str,
-              types: tuple[str, ...], with_he: bool) -> bytes:
-    gm = build_map(folder, slide, run, gene, mode, colour_by, cmap, types, with_he)
+def csv_bytes(*args) -> bytes:
+    gm = draw(*args)
+    gene = args[4]
     t = gm.table.rename(columns={"value": f"{gene} ({gm.units})"})
     return t.to_csv(index=False).encode("utf-8")
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def png_bytes(folder: str, slide: int, run: int, gene: str, mode: str, colour_by: str, cmap: str,
-              types: tuple[str, ...], with_he: bool) -> bytes:
-    return figures.render_png(build_map(folder, slide, run, gene, mode, colour_by, cmap, types, with_he))
+def png_bytes(*args) -> bytes:
+    return figures.render_png(draw(*args))
+
+
+def draw(*args) -> figures.GeneMap:
+    """The whole-slide map or, when zoomed in, the full-resolution close-up (``args`` say which)."""
+    return build_view(*args[:3], *args[4:]) if args[3] == "view" else build_map(*args[:3], *args[4:])
+
+
+def recentre(chart_key: str) -> None:
+    """A click on a cell or square centres the close-up there (40× when the whole slide was shown)."""
+    objs = (st.session_state.get(chart_key) or {}).get("selection", {}).get("objects", {})
+    hit = next((o[0] for o in objs.values() if o), None)
+    if hit and "x" in hit and "y" in hit:
+        st.session_state[cx_key] = float(min(max(hit["x"], 0.0), bounds[2]))
+        st.session_state[cy_key] = float(min(max(hit["y"], 0.0), bounds[3]))
+        if st.session_state[zoom_key] == "Whole slide":
+            st.session_state[zoom_key] = ZOOMS[-1]
 
 
 key_args = (str(project.folder), slide_id, run_id)
+filt = tuple(keep_types) if len(keep_types) < len(present) else ()  # () = all types
+cx, cy = float(st.session_state[cx_key]), float(st.session_state[cy_key])
+if mag:
+    view_args = (cx, cy, mag)
+    win = read_window(str(project.folder), slide_id, cx, cy, mag)
+    shared_over = cell_index(*key_args).query(win.bounds_um)
+    st.caption(f"{mag}× close-up: {win.bounds_um[2] - win.bounds_um[0]:.0f} × {win.bounds_um[3] - win.bounds_um[1]:.0f} µm "
+               f"around x {win.centre_um[0]:.0f}, y {win.centre_um[1]:.0f} µm, read from the slide at "
+               f"{win.mpp:.3g} µm per pixel. Every panel shows the same place.")
+else:
+    view_args, shared_over = None, None
+vrange = None
+if scale == "Fixed":
+    vrange = (float(min(fixed)), float(max(fixed)) if fixed[1] != fixed[0] else float(fixed[0]) + 1e-6)
+elif scale == "Shared by panels" and colour_by == "Expression":
+    vrange = viewer.shared_range(adata, chosen, shared_over)
 per_row = 1 if len(chosen) == 1 else 2
 rows = [chosen[i:i + per_row] for i in range(0, len(chosen), per_row)]
 maps: list[figures.GeneMap] = []
 for row in rows:
     cols = st.columns(len(row))
     for col, gene in zip(cols, row):
-        filt = tuple(keep_types) if len(keep_types) < len(present) else ()  # () = all types
-        args = (*key_args, gene, mode, colour_by, cmap, filt, show_he)
-        gm = build_map(*args)
+        if view_args:
+            args = (*key_args, "view", gene, *view_args, colour_by, cmap, filt, show_he, vrange)
+        else:
+            args = (*key_args, "map", gene, mode, colour_by, cmap, filt, show_he, vrange)
+        gm = draw(*args)
         maps.append(gm)
         with col:
-            what = (f"{gm.n_objects:,} cells" if gm.mode == "cells"
-                    else f"{gm.n_objects:,} squares of {gm.grid_size_um:g} µm (mean of their cells)")
+            what = {"cells": f"{gm.n_objects:,} cells", "outlines": f"{gm.n_objects:,} nuclei outlined"}.get(
+                gm.mode, f"{gm.n_objects:,} squares of {gm.grid_size_um or 0:g} µm (mean of their cells)")
             st.markdown(f"**{plain(gene)}** · {what}")
-            st.pydeck_chart(gm.deck, height=520 if per_row == 1 else 420, key=f"gm_deck_{gene}")
-            st.plotly_chart(figures.colour_bar(gm), key=f"gm_bar_{gene}", config={"displayModeBar": False})
+            # keyed by slide and view: a new slide or place is a new chart, never the old image under new cells
+            view_tag = f"{mag}_{cx:.0f}_{cy:.0f}" if mag else "all"
+            chart_key = f"gm_deck_{slide_key}_{gene}_{view_tag}"
+            st.pydeck_chart(gm.deck, height=520 if per_row == 1 else 420, key=chart_key,
+                            on_select=partial(recentre, chart_key), selection_mode="single-object")
+            if gm.colour_by != "cell_type":
+                st.plotly_chart(figures.colour_bar(gm), key=f"gm_bar_{gene}", config={"displayModeBar": False})
             d = st.columns(2)
             d[0].download_button("Map (PNG)", data=lambda a=args: png_bytes(*a), file_name=f"slide{slide_id}_{gene}_map.png",
                                  mime="image/png", key=f"gm_png_{gene}", icon=":material/image:", on_click="ignore")
             d[1].download_button("Table (CSV)", data=lambda a=args: csv_bytes(*a),
                                  file_name=f"slide{slide_id}_{gene}_{gm.mode}.csv", mime="text/csv",
                                  key=f"gm_csv_{gene}", icon=":material/table:", on_click="ignore")
+if colour_by == "Cell type" and maps:  # one legend for all panels: the same cells, the same colours
+    st.plotly_chart(figures.cell_type_legend(list(maps[0].table["cell_type"].unique()), figures.type_counts(maps[0])),
+                    key="gm_legend", config={"displayModeBar": False})
 st.caption(
     f"Coordinates in µm on the slide (x right, y down). Expression units: {plain(units)}. Colour limits: 1st–99th "
     "percentile of the values shown. Scroll to zoom, drag to pan; hover a cell for its values."

@@ -228,13 +228,17 @@ def gene_map(
     view: pdk.ViewState | None = None,
     height_px: int = 520,
     limit: int = MAX_BROWSER_POINTS,
+    layer_key: str = "",
 ) -> GeneMap:
     """Build one gene map of a predicted slide.
 
     ``image``/``bounds_um`` are the H&E overview and its extent ``(x0, y0, x1, y1)`` in µm;
     ``grids`` the grid summaries by square size (µm), used when ``mode`` resolves to grid.
     ``cell_types`` keeps only those types; ``colour_by="cell_type"`` colours by the fixed palette.
+    ``layer_key`` (e.g. the slide id) goes into the layer ids, so deck.gl never keeps one
+    slide's H&E under another slide's cells while the new image loads.
     """
+    suffix = f"-{layer_key}" if layer_key else ""
     n = int(adata.n_obs)
     resolved = choose_mode(n, mode, limit, min(limit, AUTO_CELL_LIMIT))
     if resolved == "grid" and not grids:
@@ -267,7 +271,7 @@ def gene_map(
     if image is not None:
         x0, y0, x1, y1 = bounds
         layers.append(pdk.Layer(
-            "BitmapLayer", id="he", image=pdk.types.String(image_data_url(image)),
+            "BitmapLayer", id=f"he{suffix}", image=pdk.types.String(image_data_url(image)),
             bounds=[x0, y1, x1, y0],  # left, bottom, right, top (y grows downwards)
             opacity=1.0, pickable=False,
         ))
@@ -276,7 +280,7 @@ def gene_map(
         frames["@@ghfast:cells"] = data[["cell_id", "x_um", "y_um", "cell_type", "value", "r", "g", "b"]].rename(
             columns={"cell_id": "i", "x_um": "x", "y_um": "y", "cell_type": "t", "value": "v"})
         layers.append(pdk.Layer(
-            "ScatterplotLayer", id="cells", data="@@ghfast:cells",
+            "ScatterplotLayer", id=f"cells{suffix}", data="@@ghfast:cells",
             get_position="[x, y]", get_fill_color=f"[r, g, b, {alpha}]", get_radius=point_radius_um,
             radius_units="common", radius_min_pixels=1, stroked=False, pickable=True,
         ))
@@ -288,7 +292,7 @@ def gene_map(
         frames["@@ghfast:grid"] = data[["x0", "y0", "x_um", "y_um", "n_cells", "cell_type", "value", "r", "g", "b"]].rename(
             columns={"x_um": "x", "y_um": "y", "n_cells": "n", "cell_type": "t", "value": "v"})
         layers.append(pdk.Layer(
-            "GridCellLayer", id="grid", data="@@ghfast:grid",
+            "GridCellLayer", id=f"grid{suffix}", data="@@ghfast:grid",
             get_position="[x0, y0]", cell_size=grid_size, extruded=False, coverage=1.0,
             get_fill_color=f"[r, g, b, {alpha}]", pickable=True,
         ))
@@ -323,16 +327,26 @@ def colour_bar(gm: GeneMap, *, height: int = 90) -> go.Figure:
     return fig
 
 
-def cell_type_legend(types: Sequence[str]) -> go.Figure:
-    """Palette swatches for the given cell types (fixed colours)."""
+def cell_type_legend(types: Sequence[str], counts: Mapping[str, int] | None = None) -> go.Figure:
+    """One legend of the fixed cell-type colours; with ``counts`` each bar is that type's number of cells."""
     ordered = palette.ordered_types(types)
+    n = [int(counts.get(t, 0)) for t in ordered] if counts is not None else [1] * len(ordered)
     fig = go.Figure(go.Bar(
-        x=[1] * len(ordered), y=ordered, orientation="h",
-        marker_color=[palette.cell_type_colour(t) for t in ordered], hoverinfo="y",
+        x=n, y=ordered, orientation="h", marker_color=[palette.cell_type_colour(t) for t in ordered],
+        text=[f"{v:,}" for v in n] if counts is not None else None, textposition="auto",
+        hovertemplate="%{y}: %{x:,} cells<extra></extra>" if counts is not None else "%{y}<extra></extra>",
     ))
     fig.update_layout(height=40 + 22 * len(ordered), margin=dict(l=10, r=10, t=5, b=5),
-                      xaxis=dict(visible=False), yaxis=dict(title="cell type", autorange="reversed"))
+                      xaxis=dict(visible=counts is not None, title="cells shown" if counts is not None else None),
+                      yaxis=dict(title="cell type", autorange="reversed"))
     return fig
+
+
+def type_counts(gm: "GeneMap") -> dict[str, int]:
+    """Cells per type among the objects a map shows (grid squares count their majority type)."""
+    if "n_cells" in gm.table and gm.mode == "grid":
+        return {str(k): int(v) for k, v in gm.table.groupby("cell_type")["n_cells"].sum().items()}
+    return {str(k): int(v) for k, v in gm.table["cell_type"].value_counts().items()}
 
 
 def render_png(gm: GeneMap, *, width_px: int = 1200, point_px: int | None = None) -> bytes:
