@@ -11,9 +11,14 @@ from ghist_core.analysis.features import (
     POOLING_RULE,
     SlideSummary,
     cell_type_counts,
-    neighbourhood_by_type,
     patient_expression,
     summarise_slide,
+)
+from ghist_core.analysis.neighbourhoods import (
+    DEFAULT_RADIUS_UM,
+    model_radius_um,
+    observed_neighbourhood_by_type,
+    predicted_neighbourhood_by_type,
 )
 from ghist_core.errors import GhistError
 from ghist_core.project import RunStatus
@@ -49,10 +54,19 @@ def summaries() -> list[tuple[str, str, SlideSummary]]:
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def nbhd_figure(folder: str, slide_id: int, run_id: int):
-    """Neighbourhood heatmap (or the reason there is none), built once per run."""
+def predicted_nbhd(folder: str, slide_id: int, run_id: int):
+    """The model's predicted neighbourhood per cell type (or the reason there is none)."""
     try:
-        return plots.neighbourhood_heatmap(neighbourhood_by_type(c.cached_prediction(folder, slide_id, run_id)))
+        return predicted_neighbourhood_by_type(c.cached_prediction(folder, slide_id, run_id))
+    except ValueError as exc:
+        return str(exc)
+
+
+@st.cache_resource(show_spinner="Counting each cell's neighbours…", max_entries=64)
+def observed_nbhd(folder: str, slide_id: int, run_id: int, radius_um: float):
+    """The observed neighbourhood per cell type from the cell calls (or the reason there is none)."""
+    try:
+        return observed_neighbourhood_by_type(c.cached_prediction(folder, slide_id, run_id), radius_um)
     except ValueError as exc:
         return str(exc)
 
@@ -100,14 +114,33 @@ ids = list(run_of)
 
 
 def neighbourhood_tab() -> None:
-    """Mean neighbour composition per cell type of one slide."""
+    """Observed (from the cell calls) and predicted (model head) neighbour composition per type."""
     sid = st.selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_nbhd_slide")
-    fig = nbhd_figure(folder, sid, run_of[sid])
-    if isinstance(fig, str):
-        st.info(plain(fig))
-    else:
-        st.plotly_chart(fig, key="ct_nbhd")
-        st.caption("Each row: for cells of that type, the mean share of each cell type among their neighbours (%).")
+    model_r = model_radius_um(c.cached_prediction(folder, sid, run_of[sid]))
+    radius = st.number_input(
+        "Neighbourhood radius (µm)", min_value=5.0, max_value=500.0, step=5.0,
+        value=float(model_r or DEFAULT_RADIUS_UM), key="ct_nbhd_radius",
+        help="Observed composition: the other cells whose centre lies within this distance of a "
+             f"cell's centre. Default {model_r or DEFAULT_RADIUS_UM:g} µm"
+             + (", the radius of the model's neighbourhood head." if model_r else "."))
+    left, right = st.columns(2)
+    with left:
+        obs = observed_nbhd(folder, sid, run_of[sid], float(radius))
+        if isinstance(obs, str):
+            st.info(plain(obs))
+        else:
+            st.plotly_chart(plots.neighbourhood_heatmap(obs), key="ct_nbhd_observed")
+            st.caption(plain(obs.describe()))
+    with right:
+        pred = predicted_nbhd(folder, sid, run_of[sid])
+        if isinstance(pred, str):
+            st.info(plain(pred))
+        else:
+            st.plotly_chart(plots.neighbourhood_heatmap(pred), key="ct_nbhd")
+            st.caption(plain(pred.describe()))
+            if pred.radius_um and abs(pred.radius_um - float(radius)) > 1e-9:
+                st.caption(f"The two maps use different radii ({float(radius):g} µm observed, "
+                           f"{pred.radius_um:g} µm predicted).")
 
 
 def morphology_tab() -> None:
@@ -161,6 +194,8 @@ def differential_tab() -> None:
     else:
         for note in res.notes:
             st.caption(plain(note))
+        for warning in res.warnings:
+            st.warning(plain(warning), icon=":material/warning:")
         fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
         st.plotly_chart(plots.volcano_plot(res, min_abs_log2fc=fc), key="ct_volcano")
         st.markdown(f"**{len(res.significant(0.05, fc))}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "

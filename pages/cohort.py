@@ -32,6 +32,7 @@ from ghist_core.analysis.features import (
     patient_features,
     predicted_slides_from_project,
 )
+from ghist_core.analysis.levels import describe_levels
 from ghist_core.analysis.groups import (
     ByVariable,
     KMeansClusters,
@@ -41,11 +42,16 @@ from ghist_core.analysis.groups import (
 )
 from ghist_core.analysis.survival import compare_groups, fit_cox
 from ghist_core.viz.plots import PLOTLY_EXPORT_CONFIG, PLOTLY_EXPORT_CONFIG_PNG
+from ghist_core.viz.survival_plots import NO_ESTIMATE_MESSAGE
 from ghist_core.errors import GhistError
 from ghist_core.safe_text import plain
 from pages import common as c
 
 # Session keys of this page (set once).
+LEVELS = "cohort_levels"  # groups to compare (widget)
+LEVELS_FOR = "cohort_levels_for"  # the variable LEVELS belongs to
+REFERENCE = "cohort_reference"  # reference group (widget)
+COX_ADJUST = "cohort_cox_adjust"  # further Cox covariates (widget)
 UPLOAD = "cohort_upload"  # (file name, bytes) of an uploaded clinical table
 SALT = "cohort_pseudonym_salt"  # per-session secret for pseudonymised exports; never written
 SOURCE_DEMO = "Demo: TCGA breast cancer (clinical only, no slides)"
@@ -83,8 +89,11 @@ def gene_list(text: str) -> tuple[str, ...]:
 
 
 def csv_button(label: str, df: pd.DataFrame, file_name: str, key: str) -> None:
+    """A CSV download with a stable key that does not rerun the page when clicked
+    (``on_click="ignore"``): a rerun replaced the file the browser was about to fetch, so
+    a quick second click got a 404."""
     st.download_button(label, safe_csv_bytes(df), file_name=file_name, mime="text/csv",
-                       key=key, icon=":material/download:")
+                       key=key, icon=":material/download:", on_click="ignore")
 
 
 def show_figure(fig, key: str) -> None:
@@ -279,16 +288,35 @@ if mode == GROUP_CLINICAL:
     default = "her2_status" if "her2_status" in candidates else candidates[0]
     var = st.selectbox("Variable", candidates, index=candidates.index(default),
                        key="cohort_group_var")
-    counts = table[var].dropna().astype(str).value_counts()
-    levels = sorted(counts.index)
-    a, b = st.columns([3, 1])
-    keep = a.multiselect("Groups to compare", levels, default=levels, key="cohort_levels")
-    ref = b.selectbox("Reference group", keep or levels, key="cohort_reference",
-                      index=(keep or levels).index(counts.loc[keep or levels].idxmax()),
-                      help="Listed first; Cox hazard ratios are relative to it. Default: the "
-                           "largest group.")
     table = table.assign(**{var: table[var].astype("string")})
-    rule = ByVariable(var, tuple([ref] + [g for g in (keep or levels) if g != ref]))
+    lv = describe_levels(table[var])
+    # the group choices belong to the variable: a new variable starts with all its groups
+    if st.session_state.get(LEVELS_FOR) != var or LEVELS not in st.session_state:
+        st.session_state[LEVELS] = list(lv.levels)
+        st.session_state.pop(REFERENCE, None)
+        st.session_state[LEVELS_FOR] = var
+    elif any(g not in lv.levels for g in st.session_state[LEVELS]):  # e.g. another endpoint
+        st.session_state[LEVELS] = [g for g in st.session_state[LEVELS] if g in lv.levels]
+    a, b = st.columns([3, 1])
+    keep = a.multiselect("Groups to compare", lv.levels, key=LEVELS,
+                         format_func=lambda g: f"{g} (n={lv.counts[g]})",
+                         help="All groups by default"
+                              + (", in their natural order." if lv.ordinal else "."))
+    keep = [g for g in lv.levels if g in keep]  # natural order, whatever the clicking order
+    if len(keep) < 2:
+        st.warning("Choose at least two groups to compare.")
+        st.stop()
+    ref_default = describe_levels(table[var], among=keep).default_reference
+    if st.session_state.get(REFERENCE) not in keep:
+        st.session_state[REFERENCE] = ref_default
+    ref = b.selectbox("Reference group", keep, key=REFERENCE,
+                      help="Cox hazard ratios are relative to it. Default: "
+                           + lv.reference_rule() + ".")
+    st.caption(f"Comparing {len(keep)} of {len(lv.levels)} groups"
+               + (" (natural order)" if lv.ordinal else "") + ": "
+               + ", ".join(f"{plain(g)} (n={lv.counts[g]})" for g in keep)
+               + f". Reference: {plain(ref)}.")
+    rule = ByVariable(var, tuple(keep))
 elif mode == GROUP_SPLIT:
     a, b = st.columns(2)
     feat = a.selectbox("Feature", features, key="cohort_feature")
@@ -351,31 +379,45 @@ csv_button("Patient groups (CSV)", assign, "patient_groups.csv", "cohort_dl_assi
 
 # --- 5. Cox ---------------------------------------------------------------------------------
 st.subheader("Cox proportional hazards")
-cov_options = [groups.column] + [c_ for c_ in table.columns
-                                 if c_ not in ("patient_id", "time", "event", groups.column)]
+reference = {groups.column: ref} if isinstance(rule, ByVariable) else {}
+adjust_options = [c_ for c_ in table.columns
+                  if c_ not in ("patient_id", "time", "event", groups.column, pid_col, time_col,
+                                event_col)
+                  and (pd.api.types.is_numeric_dtype(table[c_])
+                       or 2 <= table[c_].nunique() <= 20)]
+if any(v not in adjust_options for v in st.session_state.get(COX_ADJUST, [])):
+    st.session_state[COX_ADJUST] = [v for v in st.session_state[COX_ADJUST] if v in adjust_options]
 a, b = st.columns([3, 1])
-covs = a.multiselect("Covariates", cov_options, default=[groups.column], key="cohort_cox_covs")
+adjust = a.multiselect(f"Model: the grouping ({plain(groups.column)}), adjusted for", adjust_options,
+                       key=COX_ADJUST, placeholder="nothing else (grouping only)",
+                       help="The Cox model always contains the grouping chosen above, with its "
+                            "reference group; add clinical or predicted covariates to adjust for.")
 uni = b.toggle("One model per covariate (univariate)", key="cohort_cox_uni")
-if covs:
-    try:
-        cox = fit_cox(groups.table, "time", "event", covs, univariate=uni)
-    except GhistError as exc:
-        st.error(plain(exc))
-    else:
-        for w in cox.warnings:
-            st.warning(plain(w))
-        for n in cox.notes:
-            st.caption(plain(n))
-        if cox.reference_levels:
-            st.caption("Reference levels: " + ", ".join(f"{plain(k)} = {plain(v)}"
-                                                          for k, v in cox.reference_levels.items()))
+covs = [groups.column, *adjust]
+try:
+    cox = fit_cox(groups.table, "time", "event", covs, univariate=uni, reference=reference)
+except GhistError as exc:
+    st.error(plain(exc))
+else:
+    for w in cox.warnings:
+        st.warning(plain(w))
+    for n in cox.notes:
+        st.caption(plain(n))
+    refs = cox.reference_levels
+    st.markdown(f"**Covariates:** {', '.join(plain(c_) for c_ in covs)}. "
+                + (("**Reference levels (HR = 1):** "
+                    + ", ".join(f"{plain(k)} = {plain(v)}" for k, v in refs.items()) + ".")
+                   if refs else ""))
+    if cox.any_estimable:
         show_figure(cox.plot(), "cohort_forest")
-        st.dataframe(cox.summary.round(4), hide_index=True)
-        csv_button("Hazard ratios (CSV)", cox.summary, "cox_hazard_ratios.csv", "cohort_dl_cox")
-        st.markdown("**Proportional-hazards check** (Grambsch–Therneau test on rank time; "
-                    "p < 0.05: the hazard ratio changes over time)")
-        st.dataframe(cox.ph_check, hide_index=True)
-        csv_button("PH check (CSV)", cox.ph_check, "cox_ph_check.csv", "cohort_dl_ph")
+    else:
+        st.info(NO_ESTIMATE_MESSAGE, icon=":material/info:")
+    st.dataframe(cox.summary.round(4), hide_index=True)
+    csv_button("Hazard ratios (CSV)", cox.summary, "cox_hazard_ratios.csv", "cohort_dl_cox")
+    st.markdown("**Proportional-hazards check** (Grambsch–Therneau test on rank time; "
+                "p < 0.05: the hazard ratio changes over time)")
+    st.dataframe(cox.ph_check, hide_index=True)
+    csv_button("PH check (CSV)", cox.ph_check, "cox_ph_check.csv", "cohort_dl_ph")
 
 # --- 6. patient comparison ------------------------------------------------------------------
 if features:
@@ -387,6 +429,8 @@ if features:
     else:
         st.caption("Mann–Whitney U (2 groups) or Kruskal–Wallis (more), Benjamini–Hochberg "
                    "FDR over features.")
+        for w in fc.warnings:
+            st.warning(plain(w))
         show_figure(fc.plot(), "cohort_features")
         st.dataframe(fc.table, hide_index=True)
         csv_button("Feature tests (CSV)", fc.table, "feature_tests.csv", "cohort_dl_feats")

@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
+from ghist_core.analysis.levels import natural_order
 from ghist_core.analysis.multitest import bh_fdr
 from ghist_core.errors import ClinicalTableError, SurvivalAnalysisError
 
 __all__ = ["GroupTests", "compare_features", "differential_expression", "compare_expression",
-           "pseudobulk"]
+           "pseudobulk", "min_attainable_p"]
 
 Method = Literal["mannwhitney", "welch"]
 _TEST_NAMES = {"mannwhitney": "Mann–Whitney U", "welch": "Welch t"}
@@ -48,6 +49,10 @@ class GroupTests:
     method : the test used.
     data : per-patient values of the features tested and the group (for plots).
     notes : what was matched or left out, in words.
+    min_p : the smallest p-value the test can give with these group sizes
+        (:func:`min_attainable_p`; 0 for Welch's t, which has no floor).
+    warnings : caveats the reader must see, e.g. groups too small for any feature to
+        reach q < alpha whatever the data.
     """
 
     table: pd.DataFrame
@@ -57,6 +62,8 @@ class GroupTests:
     method: str
     data: pd.DataFrame = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    min_p: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def significant(self, alpha: float = 0.05, min_abs_log2fc: float = 0.0) -> pd.DataFrame:
         """Rows with q < ``alpha`` (and |log2FC| ≥ ``min_abs_log2fc`` where there is a fold change)."""
@@ -79,17 +86,61 @@ class GroupTests:
                 f"{len(self.significant())} with q < 0.05>")
 
 
+def min_attainable_p(test: str, sizes: Sequence[int]) -> float:
+    """The smallest two-sided p-value ``test`` can return for groups of these sizes.
+
+    Rank tests have a floor: with 2 and 2 patients the most extreme arrangement (every
+    patient of one group above every patient of the other) is one of C(4, 2) = 6, so
+    Mann–Whitney's exact p is at least 2/6 = 0.33 whatever the data. Computed by running
+    the test itself (as the analysis runs it) on perfectly separated groups without ties.
+    Welch's t-test has no floor (0 is returned).
+
+    ``test`` is ``"mannwhitney"`` / ``"Mann–Whitney U"``, ``"kruskal"`` /
+    ``"Kruskal–Wallis H"`` or ``"welch"`` / ``"Welch t"``.
+    """
+    sizes = [int(n) for n in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        return 1.0
+    samples, start = [], 0
+    for n in sizes:
+        samples.append(np.arange(start, start + n, dtype=float))
+        start += n
+    name = str(test).lower()
+    if name.startswith("mann"):
+        if len(sizes) != 2:
+            raise ValueError("Mann–Whitney U compares exactly two groups.")
+        return float(stats.mannwhitneyu(samples[1], samples[0], alternative="two-sided",
+                                        method="auto").pvalue)
+    if name.startswith("kruskal"):
+        return float(stats.kruskal(*samples).pvalue)
+    if name.startswith("welch"):
+        return 0.0
+    raise ValueError(f"Unknown test {test!r}.")
+
+
+def _floor_warning(test: str, n: dict, min_p: float, alpha: float, what: str) -> list[str]:
+    """A warning when no ``what`` can reach q < alpha because p cannot go below ``min_p``."""
+    if min_p < alpha:
+        return []
+    sizes = " and ".join(f"{k} (n={v})" for k, v in n.items())
+    return [f"With {sizes}, the {test} test cannot give p below {min_p:.2g} even for perfectly "
+            f"separated groups, so no {what} can reach q < {alpha:g} whatever the data: this "
+            "comparison can only rank them. Add patients to the smaller group to test."]
+
+
 def _levels(s: pd.Series) -> list:
     if isinstance(s.dtype, pd.CategoricalDtype):
         return [c for c in s.cat.categories if (s == c).any()]
-    return sorted(s.unique().tolist(), key=str)
+    return natural_order(s)
 
 
-def compare_features(table: pd.DataFrame, group_col: str, features: Sequence[str]) -> GroupTests:
+def compare_features(table: pd.DataFrame, group_col: str, features: Sequence[str], *,
+                     alpha: float = 0.05) -> GroupTests:
     """Does each feature differ between groups? Rank tests (no normality assumption):
     Mann–Whitney U for 2 groups, Kruskal–Wallis H for more; BH over the features tested.
     Patients without a group are left out; an empty group or a constant feature is not
-    tested (said in ``test``)."""
+    tested (said in ``test``). ``.warnings`` says when the groups are too small for any
+    feature to reach q < ``alpha`` (:func:`min_attainable_p`)."""
     if group_col not in table.columns:
         raise SurvivalAnalysisError(f"Column {group_col!r} is not in the table.")
     df = table[table[group_col].notna()]
@@ -118,8 +169,10 @@ def compare_features(table: pd.DataFrame, group_col: str, features: Sequence[str
     out = out.sort_values("p_value", na_position="last").reset_index(drop=True)
     n = {g: int((s == g).sum()) for g in levels}
     method = "Mann–Whitney U" if len(levels) == 2 else "Kruskal–Wallis H"
+    floor = min_attainable_p(method, list(n.values()))
     return GroupTests(table=out, group_col=group_col, groups=levels, n=n, method=method,
-                      data=df[[group_col, *features]].copy())
+                      data=df[[group_col, *features]].copy(), min_p=floor,
+                      warnings=_floor_warning(method, n, floor, alpha, "feature"))
 
 
 def pseudobulk(X: np.ndarray | sparse.spmatrix, groups: Sequence, genes: Sequence[str]) -> pd.DataFrame:
@@ -143,6 +196,7 @@ def differential_expression(
     group_b: str,
     method: Method = "mannwhitney",
     pseudocount: float = 0.01,
+    alpha: float = 0.05,
 ) -> GroupTests:
     """Test every gene (column of ``values``) between samples labelled ``group_a`` and ``group_b``.
 
@@ -150,6 +204,9 @@ def differential_expression(
     ``labels`` is aligned to its rows (a Series indexed like ``values`` or a plain sequence).
     Samples with other labels are ignored. Two-sided Mann–Whitney U or Welch's t-test,
     vectorised over genes, then BH over genes; a gene constant everywhere gets p = 1.
+    ``.min_p`` is the smallest p the test can give with these group sizes and ``.warnings``
+    says when it is ≥ ``alpha`` (e.g. 2 vs 2 patients: Mann–Whitney p ≥ 0.33), so that no
+    gene can be significant whatever the data.
     """
     if method not in _TEST_NAMES:
         raise ValueError(f"Unknown method {method!r}: use 'mannwhitney' or 'welch'.")
@@ -192,8 +249,11 @@ def differential_expression(
     data.columns = data.columns.astype(str)
     data.insert(0, "group", pd.Categorical(lab[a_mask | b_mask].astype(str),
                                            categories=[str(group_a), str(group_b)]))
+    n = {str(group_a): n_a, str(group_b): n_b}
+    floor = min_attainable_p(method, [n_a, n_b])
     return GroupTests(table=table, group_col="group", groups=[str(group_a), str(group_b)],
-                      n={str(group_a): n_a, str(group_b): n_b}, method=_TEST_NAMES[method], data=data)
+                      n=n, method=_TEST_NAMES[method], data=data, min_p=floor,
+                      warnings=_floor_warning(_TEST_NAMES[method], n, floor, alpha, "gene"))
 
 
 def compare_expression(
@@ -205,6 +265,7 @@ def compare_expression(
     group_a: str,
     group_b: str,
     method: Method = "mannwhitney",
+    alpha: float = 0.05,
 ) -> GroupTests:
     """Differential predicted expression between two groups of patients of a clinical table.
 
@@ -236,6 +297,6 @@ def compare_expression(
         notes.append(f"{dup} repeated row(s) of the same patient in the clinical table were counted once.")
     values = expression.set_axis(ids, axis=0).loc[matched]
     res = differential_expression(values, labels.loc[matched], group_a=group_a, group_b=group_b,
-                                  method=method)
+                                  method=method, alpha=alpha)
     res.notes = notes + res.notes
     return res

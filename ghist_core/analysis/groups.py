@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from ghist_core.analysis.levels import natural_order
 from ghist_core.errors import SurvivalAnalysisError
 
 __all__ = ["ByVariable", "SplitAtQuantiles", "Threshold", "KMeansClusters", "Rule", "RiskGroups",
@@ -23,7 +24,11 @@ __all__ = ["ByVariable", "SplitAtQuantiles", "Threshold", "KMeansClusters", "Rul
 
 @dataclass(frozen=True)
 class ByVariable:
-    """Groups are the values of a clinical (or any) column, optionally a chosen subset."""
+    """Groups are the values of a clinical (or any) column, optionally a chosen subset.
+
+    Without ``levels`` the groups are in natural order
+    (:func:`ghist_core.analysis.levels.natural_order`: stage I < II < III, G1 < G2,
+    text order for nominal values); with ``levels`` in the order given."""
 
     column: str
     levels: tuple | None = None
@@ -127,11 +132,7 @@ def make_risk_groups(table: pd.DataFrame, rule: Rule, *, key_added: str = "risk_
             s = s.where(s.isin(rule.levels))
             cats = list(rule.levels)
         else:
-            vals = s.dropna().unique().tolist()
-            try:
-                cats = sorted(vals)
-            except TypeError:
-                cats = sorted(vals, key=str)
+            cats = natural_order(s)
         groups = pd.Categorical(s, categories=cats, ordered=True)
     elif isinstance(rule, SplitAtQuantiles):
         x = _numeric(df, rule.column)

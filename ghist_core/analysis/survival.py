@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ghist_core.analysis.levels import natural_order
 from ghist_core.analysis.multitest import holm
 from ghist_core.errors import SurvivalAnalysisError
 
@@ -213,14 +214,11 @@ def rmst(
 
 
 def _ordered_levels(s: pd.Series) -> list:
+    """Category order for categoricals, else natural order (stage I < II, G1 < G2, text)."""
     if isinstance(s.dtype, pd.CategoricalDtype):
         present = set(s.dropna().unique())
         return [c for c in s.cat.categories if c in present]
-    vals = s.dropna().unique().tolist()
-    try:
-        return sorted(vals)
-    except TypeError:
-        return sorted(vals, key=str)
+    return natural_order(s)
 
 
 # --------------------------------------------------------------------------- group comparison
@@ -460,6 +458,16 @@ class CoxResult:
         kind = "univariate" if self.univariate else "multivariate"
         return f"<CoxResult {kind}: {len(self.summary)} terms, n={self.n}, events={self.events}>"
 
+    @property
+    def any_estimable(self) -> bool:
+        """Whether at least one hazard ratio could be estimated (else the forest plot is a message)."""
+        return bool(self.summary.get("estimable", pd.Series(True, index=self.summary.index)).any())
+
+    def reference_text(self) -> str:
+        """The reference level of each categorical covariate, in words (empty if none)."""
+        return "; ".join(f"{c}: hazard ratios relative to {c} = {lv} (HR = 1)"
+                         for c, lv in self.reference_levels.items())
+
     def plot(self):
         """Forest plot of the hazard ratios (:func:`ghist_core.viz.survival_plots.forest_plot`)."""
         from ghist_core.viz.survival_plots import forest_plot
@@ -472,12 +480,15 @@ class CoxResult:
 _MAX_SE = 5.0
 
 
-def _design(df: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, dict, list[str]]:
-    """Numeric covariates as they are; others one-hot with the first level as reference."""
+def _design(df: pd.DataFrame, covariates: Sequence[str], reference: Mapping[str, Any] | None = None
+            ) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Numeric covariates as they are; others one-hot against their reference level:
+    ``reference[c]`` when given, else the first level (category order, else natural order)."""
     parts, refs, terms = [], {}, []
+    reference = dict(reference or {})
     for c in covariates:
         s = df[c]
-        if not isinstance(s.dtype, pd.CategoricalDtype):
+        if not isinstance(s.dtype, pd.CategoricalDtype) and c not in reference:
             num = pd.to_numeric(s, errors="coerce")
             if num.notna().sum() == s.notna().sum():
                 parts.append(num.rename(c).astype(float))
@@ -488,6 +499,13 @@ def _design(df: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, 
             raise SurvivalAnalysisError(
                 f"Covariate {c!r} has a single value ({levels[0] if levels else 'none'}) "
                 "among the patients used, so it cannot have a hazard ratio.")
+        if c in reference:
+            match = [lv for lv in levels if str(lv) == str(reference[c])]
+            if not match:
+                raise SurvivalAnalysisError(
+                    f"The reference level {reference[c]!r} of {c!r} has no patients among those "
+                    f"used; choose one of {', '.join(map(str, levels))}.")
+            levels = match + [lv for lv in levels if lv is not match[0]]
         refs[c] = levels[0]
         for lv in levels[1:]:
             name = f"{c}={lv}"
@@ -497,12 +515,13 @@ def _design(df: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, 
 
 
 def _fit_one(df: pd.DataFrame, duration_col: str, event_col: str, covariates: Sequence[str],
-             strata: list[str] | None, alpha: float, penalizer: float, label: str):
+             strata: list[str] | None, alpha: float, penalizer: float, label: str,
+             reference: Mapping[str, Any] | None = None):
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
     from lifelines.statistics import proportional_hazard_test
 
-    X, refs, terms = _design(df, covariates)
+    X, refs, terms = _design(df, covariates, reference)
     for t in terms:
         if X[t].nunique() < 2:
             raise SurvivalAnalysisError(f"Term {t!r} is constant among the patients used.")
@@ -554,12 +573,16 @@ def fit_cox(
     univariate: bool = False,
     alpha: float = 0.05,
     penalizer: float = 0.0,
+    reference: Mapping[str, Any] | None = None,
 ) -> CoxResult:
     """Cox proportional-hazards model(s) with hazard ratios, CIs and the PH check.
 
     ``univariate=False`` fits one model with all covariates (each HR adjusted for the
     others); ``univariate=True`` fits one model per covariate. Text covariates are one-hot
-    coded against their first level (sorted order, or category order). Patients missing
+    coded against a reference level: ``reference[covariate]`` when given (e.g. the group
+    the user chose), else their first level (category order, else natural order: Stage I
+    before Stage II, text order for nominal values); ``.reference_levels`` says which.
+    Patients missing
     any covariate are left out and counted in ``.notes`` (for univariate fits the same
     complete-case set is used, so the models are comparable).
     """
@@ -577,7 +600,7 @@ def fit_cox(
         warn.append(f"Only {ev} events for {len(covariates)} covariate(s): fewer than ~10 events "
                     "per covariate makes hazard ratios unstable.")
     if univariate:
-        res = [_fit_one(df, duration_col, event_col, [c], strata, alpha, penalizer, c)
+        res = [_fit_one(df, duration_col, event_col, [c], strata, alpha, penalizer, c, reference)
                for c in covariates]
         summ = pd.concat([r[0] for r in res], ignore_index=True)
         ph = pd.concat([r[1] for r in res], ignore_index=True)
@@ -585,7 +608,7 @@ def fit_cox(
         conc: float | dict = {c: r[3] for c, r in zip(covariates, res)}
     else:
         summ, ph, refs, conc = _fit_one(df, duration_col, event_col, covariates, strata,
-                                        alpha, penalizer, "multivariate")
+                                        alpha, penalizer, "multivariate", reference)
     summ["estimable"] = (summ["se"] < _MAX_SE) & np.isfinite(summ["HR_upper"])
     if not summ["estimable"].all():
         warn.append("No usable hazard ratio for: " + ", ".join(summ.loc[~summ["estimable"],

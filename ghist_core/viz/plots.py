@@ -20,6 +20,7 @@ from ghist_core.viz import palette
 
 if TYPE_CHECKING:
     from ghist_core.analysis.compare import GroupTests
+    from ghist_core.analysis.neighbourhoods import NeighbourhoodMatrix
 
 __all__ = [
     "PLOTLY_EXPORT_CONFIG", "PLOTLY_EXPORT_CONFIG_PNG", "MORPHOLOGY_UNITS", "MORPHOLOGY_LABELS",
@@ -78,18 +79,28 @@ def composition_bars(counts: pd.DataFrame, *, percent: bool = True, title: str |
     return fig
 
 
-def neighbourhood_heatmap(matrix: pd.DataFrame, *, colour_map: str = "viridis") -> go.Figure:
-    """Heatmap of :func:`ghist_core.analysis.features.neighbourhood_by_type` (types in palette order)."""
+def neighbourhood_heatmap(matrix: pd.DataFrame | NeighbourhoodMatrix, *, colour_map: str = "viridis",
+                          title: str | None = None) -> go.Figure:
+    """Heatmap of a neighbourhood composition per cell type (types in palette order).
+
+    ``matrix`` is a :class:`~ghist_core.analysis.neighbourhoods.NeighbourhoodMatrix` (its
+    title says observed or predicted, and the radius, unless ``title`` is given) or a bare
+    centre × neighbour table of % (then only ``title`` labels it)."""
+    kind = None
+    if not isinstance(matrix, pd.DataFrame):
+        kind, title = matrix.kind, title or matrix.title
+        matrix = matrix.matrix
     matrix = matrix.loc[palette.ordered_types(matrix.index), palette.ordered_types(matrix.columns)]
+    what = f"{kind} " if kind else ""
     fig = go.Figure(go.Heatmap(
         z=matrix.to_numpy(), x=[str(c) for c in matrix.columns], y=[str(r) for r in matrix.index],
         colorscale=palette.plotly_colorscale(colour_map), zmin=0,
-        colorbar=dict(title="mean % of<br>neighbours"),
-        hovertemplate="centre %{y}, neighbour %{x}: %{z:.1f} %<extra></extra>",
+        colorbar=dict(title=f"mean % of<br>neighbours{'<br>(' + kind + ')' if kind else ''}"),
+        hovertemplate=f"centre %{{y}}, neighbour %{{x}}: %{{z:.1f}} % ({what}mean)<extra></extra>",
     ))
     fig.update_layout(
-        height=460, xaxis_title="neighbour cell type", yaxis_title="centre cell type",
-        yaxis=dict(autorange="reversed"), margin=dict(l=10, r=10, t=10, b=10),
+        height=460, xaxis_title="neighbour cell type", yaxis_title="centre cell type", title=title,
+        yaxis=dict(autorange="reversed"), margin=dict(l=10, r=10, t=40 if title else 10, b=10),
     )
     return fig
 

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from ghist_core.analysis.survival import CoxResult, GroupComparison
 from ghist_core.viz import palette
 
-__all__ = ["km_plot", "forest_plot"]
+__all__ = ["km_plot", "forest_plot", "NO_ESTIMATE_MESSAGE"]
 
 
 def km_plot(res: GroupComparison, *, show_ci: bool = True, show_censors: bool = True) -> go.Figure:
@@ -83,13 +83,31 @@ def km_plot(res: GroupComparison, *, show_ci: bool = True, show_censors: bool = 
     return go.Figure(data=traces, layout=layout)
 
 
+#: Shown instead of bare axes when a Cox fit has no estimable hazard ratio.
+NO_ESTIMATE_MESSAGE = ("No hazard ratio could be estimated: every term comes from a group "
+                       "without events or separates events perfectly. Merge small groups, "
+                       "choose another reference or another endpoint.")
+
+
 def forest_plot(res: CoxResult) -> go.Figure:
-    """Forest plot: HR (log scale) with CI per term, reference line at HR = 1."""
+    """Forest plot: HR (log scale) with CI per term, reference line at HR = 1, and each
+    categorical covariate's reference level as a hollow marker at 1 labelled "(reference)".
+
+    When no term is estimable the figure carries :data:`NO_ESTIMATE_MESSAGE` (axes hidden)."""
     s = res.summary.iloc[::-1]
     if "estimable" in s:
         s = s[s["estimable"]]
     if s.empty:
-        return go.Figure(layout={"title": "No estimable hazard ratio"})
+        fig = go.Figure()
+        fig.add_annotation(text=NO_ESTIMATE_MESSAGE, x=0.5, y=0.5, xref="paper", yref="paper",
+                           showarrow=False, font={"size": 13})
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+        fig.update_layout(template="simple_white", height=200, title="No estimable hazard ratio",
+                          margin={"l": 20, "r": 20, "t": 50, "b": 20})
+        return fig
+    refs = [f"{c}={lv} (reference)" for c, lv in reversed(list(res.reference_levels.items()))
+            if any(str(t).startswith(f"{c}=") for t in s["covariate"])]
     labels = list(s["covariate"])
     text = [f"{h:.2f} ({lo:.2f}–{hi:.2f}), p={p:.2g}"
             for h, lo, hi, p in zip(s["HR"], s["HR_lower"], s["HR_upper"], s["p"])]
@@ -100,9 +118,16 @@ def forest_plot(res: CoxResult) -> go.Figure:
         error_x={"type": "data", "symmetric": False, "array": s["HR_upper"] - s["HR"],
                  "arrayminus": s["HR"] - s["HR_lower"], "color": "#444", "thickness": 1.5},
         text=text, hovertemplate="%{y}: HR %{text}<extra></extra>", name="HR"))
-    fig.add_trace(go.Scatter(x=[1.0, 1.0], y=[labels[0], labels[-1]], mode="lines",
+    if refs:
+        fig.add_trace(go.Scatter(
+            x=[1.0] * len(refs), y=refs, mode="markers", name="reference",
+            marker={"symbol": "square-open", "size": 10, "color": "#444"},
+            hovertemplate="%{y}: HR = 1 by definition<extra></extra>"))
+    rows = refs + labels
+    fig.add_trace(go.Scatter(x=[1.0, 1.0], y=[rows[0], rows[-1]], mode="lines",
                              line={"dash": "dash", "color": "#888", "width": 1},
                              hoverinfo="skip", showlegend=False, name="HR = 1"))
+    fig.update_yaxes(categoryorder="array", categoryarray=rows)
     lo = float(np.nanmin(np.r_[s["HR_lower"].to_numpy(), 1.0]))
     hi = float(np.nanmax(np.r_[s["HR_upper"].to_numpy(), 1.0]))
     lo = lo if np.isfinite(lo) and lo > 0 else 0.1
@@ -114,11 +139,14 @@ def forest_plot(res: CoxResult) -> go.Figure:
     for y, t in zip(labels, text):
         fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y, text=t,
                            showarrow=False, font={"size": 11})
+    for y in refs:
+        fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y, text="1 (reference)",
+                           showarrow=False, font={"size": 11, "color": "#666"})
     kind = "univariate Cox models" if res.univariate else "multivariate Cox model"
     level = int(round((1 - res.alpha) * 100))
     fig.update_xaxes(type="log", title_text=f"hazard ratio ({level}% CI, log scale)")
     fig.update_layout(template="simple_white", showlegend=False,
                       title=f"Hazard ratios, {kind} (n={res.n}, events={res.events})",
-                      height=max(260, 60 + 34 * len(s)),
+                      height=max(260, 60 + 34 * len(rows)),
                       margin={"l": 160, "r": 230, "t": 60, "b": 50})
     return fig

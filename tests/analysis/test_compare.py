@@ -108,3 +108,44 @@ def test_compare_expression_matches_clinical_labels_loudly():
         compare_expression(vals, clash, id_col="pid", group_col="er", group_a="ER+", group_b="ER-")
     with pytest.raises(ClinicalTableError, match="nope"):
         compare_expression(vals, clin, id_col="pid", group_col="nope", group_a="ER+", group_b="ER-")
+
+
+def test_minimum_attainable_p_floors():
+    from itertools import combinations
+    from math import comb
+
+    from ghist_core.analysis.compare import min_attainable_p
+
+    # 2 vs 2: the most extreme of C(4, 2) = 6 arrangements, two-sided: 2/6
+    assert min_attainable_p("mannwhitney", [2, 2]) == pytest.approx(2 / comb(4, 2))
+    assert min_attainable_p("Mann–Whitney U", [3, 3]) == pytest.approx(2 / comb(6, 3))
+    # it is the smallest p the test returns over every arrangement of 5 patients (3 vs 2)
+    vals = np.arange(5.0)
+    ps = [mannwhitneyu(vals[list(a)], np.delete(vals, list(a)), alternative="two-sided").pvalue
+          for a in combinations(range(5), 3)]
+    assert min(ps) == pytest.approx(min_attainable_p("mannwhitney", [3, 2]))
+    assert min_attainable_p("welch", [2, 2]) == 0.0
+    assert min_attainable_p("kruskal", [2, 2, 2]) == pytest.approx(
+        kruskal([0, 1], [2, 3], [4, 5]).pvalue)
+
+
+def test_two_vs_two_warns_that_nothing_can_be_significant():
+    vals, labels = _data(n=4, g=20)
+    vals.loc[labels == "ER+"] += 100.0  # perfectly separated on every gene: still p = 1/3
+    res = differential_expression(vals, labels, group_a="ER+", group_b="ER-")
+    assert res.min_p == pytest.approx(1 / 3)
+    assert res.table["p_value"].min() == pytest.approx(1 / 3)
+    assert res.significant().empty
+    assert len(res.warnings) == 1
+    w = res.warnings[0]
+    assert "ER+ (n=2) and ER- (n=2)" in w and "0.33" in w and "q < 0.05" in w
+    # enough patients: no warning
+    vals, labels = _data(n=12, g=20)
+    assert differential_expression(vals, labels, group_a="ER+", group_b="ER-").warnings == []
+    # Welch's t has no floor, so no such warning (its p can be small with 2 vs 2)
+    vals, labels = _data(n=4, g=20)
+    assert differential_expression(vals, labels, group_a="ER+", group_b="ER-", method="welch").warnings == []
+    # the feature tests say the same for tiny groups
+    t = pd.DataFrame({"g": ["a", "a", "b", "b"], "x": [1.0, 2.0, 3.0, 4.0]})
+    fc = compare_features(t, "g", ["x"])
+    assert fc.min_p == pytest.approx(1 / 3) and "no feature can reach" in fc.warnings[0]

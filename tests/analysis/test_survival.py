@@ -253,3 +253,45 @@ def test_one_group_all_censored_and_no_event_group():
     assert list(cox.plot().data[0].y) == ["x"]
     with pytest.raises(SurvivalAnalysisError, match="single value"):
         fit_cox(HAND.assign(c=1.0).assign(c="x"), "t", "e", ["c"])
+
+
+def test_cox_reference_is_chosen_and_stated(tcga):
+    # a chosen reference (Stage II) against lifelines fitted with the same dummies
+    cox = fit_cox(tcga, "time", "event", ["stage_group"], reference={"stage_group": "Stage II"})
+    assert cox.reference_levels == {"stage_group": "Stage II"}
+    assert "relative to stage_group = Stage II" in cox.reference_text()
+    s = cox.summary.set_index("covariate")
+    assert list(s.index) == ["stage_group=Stage I", "stage_group=Stage III", "stage_group=Stage IV"]
+    d = tcga.dropna(subset=["stage_group"])
+    X = pd.get_dummies(d["stage_group"], dtype=float).drop(columns="Stage II")
+    X["time"], X["event"] = d["time"], d["event"]
+    ref = CoxPHFitter().fit(X, "time", "event")
+    for lv in ("Stage I", "Stage III", "Stage IV"):
+        assert s.loc[f"stage_group={lv}", "HR"] == pytest.approx(ref.hazard_ratios_[lv], rel=1e-6)
+    # raw sub-stages as text: the default reference is the lowest stage, not the alphabetically first
+    raw = fit_cox(tcga[tcga["ajcc_pathologic_tumor_stage"].isin(["Stage IIA", "Stage IA", "Stage IIIA"])],
+                  "time", "event", ["ajcc_pathologic_tumor_stage"])
+    assert raw.reference_levels == {"ajcc_pathologic_tumor_stage": "Stage IA"}
+    with pytest.raises(SurvivalAnalysisError, match="reference level 'Stage V'"):
+        fit_cox(tcga, "time", "event", ["stage_group"], reference={"stage_group": "Stage V"})
+
+
+def test_forest_plot_says_when_nothing_is_estimable():
+    from ghist_core.viz.survival_plots import NO_ESTIMATE_MESSAGE
+
+    n = 30  # group B has no events: its hazard ratio runs off to 0
+    df = pd.DataFrame({"time": np.arange(1.0, n + 1), "g": ["A"] * 15 + ["B"] * 15,
+                       "event": [int(i % 2 == 0 and i < 15) for i in range(n)]})
+    cox = fit_cox(df, "time", "event", ["g"])
+    assert not cox.any_estimable
+    fig = cox.plot()
+    assert not fig.data  # no bare axes with nothing on them
+    assert fig.layout.annotations[0].text == NO_ESTIMATE_MESSAGE
+    assert fig.layout.xaxis.visible is False and fig.layout.yaxis.visible is False
+    # an estimable fit draws the reference level at HR = 1, labelled
+    df["time"] = np.r_[np.arange(1.0, 16), np.arange(1.5, 16)]  # interleaved follow-up
+    df["event"] = [int(i % 3 == 0) for i in range(n)]
+    cox = fit_cox(df, "time", "event", ["g"])
+    fig = cox.plot()
+    assert cox.any_estimable and list(fig.data[0].y) == ["g=B"]
+    assert list(fig.data[1].y) == ["g=A (reference)"] and list(fig.data[1].x) == [1.0]

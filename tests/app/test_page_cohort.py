@@ -79,7 +79,7 @@ def test_demo_her2_positive_vs_negative(app):
     shown = [df.value for df in at.dataframe if "events" in df.value.columns][0]
     assert shown.set_index("group")["n"].to_dict() == n_by.to_dict()
     assert shown["events"].sum() == 80
-    assert any("her2_status = Negative" in c_ for c_ in _shown(at.caption))
+    assert any("her2_status = Negative" in m_ for m_ in _shown(at.markdown))
     forest = _figure(at, 1)
     assert "Hazard ratios" in forest["layout"]["title"]["text"]
     assert list(forest["data"][0]["y"]) == ["her2_status=Positive"]

@@ -68,3 +68,19 @@ def test_group_colours_are_okabe_ito_in_order():
     assert c["a"] == palette.OKABE_ITO[0] == "#0072B2" and c["b"] == "#D55E00"
     assert c["5"] == palette.OKABE_ITO[0] and c["6"] == palette.OKABE_ITO[1]  # cycles after 8
     assert palette.rgba("#0072B2", 0.5) == "rgba(0,114,178,0.5)"
+
+
+def test_neighbourhood_heatmaps_say_observed_or_predicted():
+    from ghist_core.analysis.neighbourhoods import observed_neighbourhood_by_type, predicted_neighbourhood_by_type
+
+    a = synthetic_prediction(n=600)
+    a.uns["ghist"]["params"] = {"nbhd_radius_um": 50.0}
+    obs = observed_neighbourhood_by_type(a, 30.0)
+    pred = predicted_neighbourhood_by_type(a)
+    fo, fp = plots.neighbourhood_heatmap(obs), plots.neighbourhood_heatmap(pred)
+    assert fo.layout.title.text.startswith("Observed") and "30 µm" in fo.layout.title.text
+    assert fp.layout.title.text.startswith("Predicted by the model") and "50 µm" in fp.layout.title.text
+    assert "(observed)" in fo.data[0].colorbar.title.text and "(predicted)" in fp.data[0].colorbar.title.text
+    order = palette.ordered_types(obs.matrix.index)
+    np.testing.assert_allclose(np.asarray(fo.data[0].z), obs.matrix.loc[order, order].to_numpy())
+    assert list(fo.data[0].y) == order
