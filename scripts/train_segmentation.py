@@ -62,6 +62,8 @@ class TrainConfig:
     workers: int = 4
     arch: dict = field(default_factory=dict)
     init: str = ""                 # start from these weights (safetensors), e.g. an earlier run
+    augment: str = "hed"           # "hed": HED jitter (Tellez); "stain": training.augment.SegAugment (bank
+                                   # re-staining, HED, colour, blur, JPEG, scale jitter; weights/stain_bank.json)
 
 
 # --- data on the device ---------------------------------------------------------------
@@ -71,6 +73,13 @@ class DeviceData:
     def __init__(self, samples, cfg: TrainConfig, device: torch.device) -> None:
         self.crop = int(round(cfg.crop_um / cfg.mpp))
         self.device = device
+        if cfg.augment not in ("hed", "stain"):
+            raise ValueError(f"augment must be 'hed' or 'stain', got {cfg.augment!r}")
+        self.augment = None
+        if cfg.augment == "stain":  # the batch already applies the 8 symmetries
+            from ghist_core.training.augment import AugmentConfig, SegAugment
+
+            self.augment = SegAugment(AugmentConfig(symmetries=False))
         self.groups = []  # (rgb uint8 N3HW, inst int32 NHW, type uint8 NHW, pixel weight)
         by_size: dict[tuple, list] = {}
         for s in samples:
@@ -131,7 +140,11 @@ class DeviceData:
             for lst, x in zip(out, (a, b_, d)):
                 lst.append(x)
         x = torch.cat(out[0]).float() / 255.0
-        return hed_jitter(x, rng), torch.cat(out[1]).contiguous(), torch.cat(out[2]).long()
+        inst_b, types_b = torch.cat(out[1]).contiguous(), torch.cat(out[2]).long()
+        if self.augment is not None:
+            x, inst_b, types_b = self.augment(x, inst_b, types_b, rng)
+            return x, inst_b.contiguous(), types_b.long()
+        return hed_jitter(x, rng), inst_b, types_b
 
 
 def hed_jitter(x: torch.Tensor, rng: np.random.Generator, sigma: float = 0.08, bias: float = 0.02) -> torch.Tensor:
@@ -387,12 +400,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=d.workers)
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--init", default="", help="start from these weights (safetensors)")
+    ap.add_argument("--augment", choices=("hed", "stain"), default=d.augment,
+                    help="colour/scale augmentation: HED jitter, or the stain-bank augmentation of training.augment")
     ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
     a = ap.parse_args(argv)
     cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
                       steps_per_epoch=a.steps_per_epoch, max_epochs=a.max_epochs, max_steps=a.max_steps,
                       time_budget_s=a.time_budget, device=a.device, workers=a.workers,
-                      tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init)
+                      tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
+                      augment=a.augment)
     train(cfg)
 
 

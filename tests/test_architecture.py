@@ -141,7 +141,8 @@ def _report(violations: list[str], rule: str) -> None:
 def test_the_import_scanner_sees_lazy_and_relative_imports() -> None:
     """The rules below are only as good as the scanner: it must see imports inside functions."""
     cli = {i.target for i in IMPORTS if i.module == "ghist_core.cli"}
-    assert {"ghist_core.errors", "ghist_core.pipeline.blocks", "ghist_core.project.store"} <= cli
+    assert "ghist_core.errors" in cli  # module level
+    assert any(t.startswith("ghist_core.project") for t in cli)  # inside the subcommand functions
     assert any(i.module == "ghist_core" and i.target == "importlib" for i in IMPORTS)
 
 
