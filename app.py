@@ -6,6 +6,18 @@ import streamlit as st
 
 st.set_page_config(page_title="GHIST Studio", page_icon="🔬", layout="wide", initial_sidebar_state="expanded")
 
+
+@st.cache_resource(show_spinner=False)
+def _on_server_start() -> int:
+    """Once per server process: delete staged uploads a stopped server or closed tab left behind
+    (whole slides, label images included; docs/SECURITY.md §2)."""
+    from ghist_core.project.uploads import sweep_all_staged_uploads
+
+    return len(sweep_all_staged_uploads())
+
+
+_on_server_start()
+
 _HERE = Path(__file__).resolve().parent
 _pages = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),

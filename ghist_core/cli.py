@@ -2,7 +2,18 @@
 
 Exit codes a scripter can rely on:
 0 all done; 1 some slides failed (the rest finished); 2 bad command line;
-3 bad input (slide, manifest, weights: the message says which); 130 interrupted.
+3 bad input (slide, manifest, weights, --mpp, --project: the message says which);
+4 busy: no slide failed, but another process is running one of them now (its run is in the
+project; run again later, or pass ``--wait``); 130 interrupted.
+
+``ghist predict`` resumes rather than redoes: a slide's latest run with the same model and
+segmenter is reported as it is when finished, and continued from its checkpoints when it was
+interrupted (a killed run is recognised by its dead process), failed or cancelled;
+``--new-run`` always starts a fresh one. A slide is computed by one process at a time (a
+lock per slide under the project, released by the system when the process dies).
+
+Privacy: progress and error messages name a slide by its project id, or by its position
+on the command line ("input 2") before it has one, never by its file name or patient id.
 """
 
 from __future__ import annotations
@@ -12,9 +23,9 @@ import json
 import sys
 from pathlib import Path
 
-from ghist_core.errors import GhistError
+from ghist_core.errors import GhistError, InvalidMppError, SlideBusyError, StoreError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INPUT, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 def _tqdm_progress(desc: str):
@@ -31,29 +42,71 @@ def _tqdm_progress(desc: str):
     return bar, callback
 
 
+def _check_predict_args(args: argparse.Namespace) -> tuple[float | None, str | None]:
+    """Refuse a bad --mpp or --patient before anything is written (exit 3)."""
+    from ghist_core.io.slide import check_mpp
+    from ghist_core.project.slides import check_patient_id
+
+    mpp = check_mpp(args.mpp, "--mpp value (µm per pixel)") if args.mpp is not None else None
+    try:
+        patient = check_patient_id(args.patient) if args.patient is not None else None
+    except StoreError:  # the message would repeat the id: say what is wrong without it
+        raise StoreError("The --patient value is not a usable patient id (1–200 printable characters).") from None
+    return mpp, patient
+
+
+def _check_unchanged(record, patient: str | None, mpp: float | None) -> None:
+    """A slide already in the project keeps its patient and scale: a different --patient/--mpp is refused."""
+    if patient is not None and record.patient_id != patient:
+        raise StoreError(
+            f"Slide {record.slide_id} is already in this project, attached to another patient; --patient was not "
+            "applied. Change its patient on the Home page, or run it without --patient.")
+    if mpp is not None and abs(float(record.mpp) - mpp) > 1e-9 * max(1.0, mpp):
+        raise InvalidMppError(
+            f"Slide {record.slide_id} is already in this project at {record.mpp:g} µm per pixel; --mpp {mpp:g} was "
+            "not applied (its results are at the recorded scale). Run it without --mpp, or delete the slide from "
+            "the project first to add it at another scale.")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ghist_core.pipeline.blocks import predict_slide
+    from ghist_core.pipeline.worker import identifying_strings, predict_slide_locked, redact
     from ghist_core.project.store import Project
 
+    mpp, patient = _check_predict_args(args)
     project = Project.open_or_create(args.project)
-    failed = 0
-    for slide_path in args.slides:
+    failed = busy = 0
+    n = len(args.slides)
+    for i, slide_path in enumerate(args.slides, 1):
+        record = None
         try:
-            record = project.add_slide(slide_path, patient_id=args.patient, mpp=args.mpp)
-            bar, callback = _tqdm_progress(Path(slide_path).name)
+            record = project.add_slide(Path(slide_path).absolute(), patient_id=patient, mpp=mpp)
+            _check_unchanged(record, patient, mpp)
+            bar, callback = _tqdm_progress(f"slide {record.slide_id}")
             try:
-                result = predict_slide(record.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
-                                       device=args.device, progress=callback)
+                done = predict_slide_locked(
+                    project, record.slide_id, model_id=args.model, segmenter_id=args.segmenter, device=args.device,
+                    progress=callback, new_run=args.new_run, wait=args.wait,
+                    on_wait=lambda pid, sid=record.slide_id: print(
+                        f"slide {sid}: waiting for process {pid or '?'} to finish its run", file=sys.stderr))
             finally:
                 bar.close()
-            print(json.dumps({"slide": str(slide_path), "slide_id": record.slide_id, "run_id": result.run_id,
-                              "n_cells": result.n_cells, "h5ad": str(result.h5ad_path)}))
+            print(json.dumps({"input": i, "slide": str(slide_path), "slide_id": record.slide_id, "run_id": done.run_id,
+                              "action": done.action, "n_cells": done.n_cells, "h5ad": str(done.h5ad_path)}))
         except GhistError as exc:
-            failed += 1
-            print(f"error: {slide_path}: {exc}", file=sys.stderr)
-    if failed == len(args.slides):
+            label = f"slide {record.slide_id}" if record is not None else f"input {i}" + (f" of {n}" if n > 1 else "")
+            message = redact(str(exc), identifying_strings(record, slide_path, patient), label)
+            is_busy = isinstance(exc, SlideBusyError)
+            busy += is_busy
+            failed += not is_busy
+            hint = " (or run again with --wait)" if is_busy else ""
+            print(f"error: {label}: {message}{hint}", file=sys.stderr)
+            print(json.dumps({"input": i, "slide_id": record.slide_id if record is not None else None,
+                              "status": "busy" if is_busy else "failed", "error": message}))
+    if failed == n:
         return EXIT_INPUT
-    return EXIT_PARTIAL if failed else EXIT_OK
+    if failed:
+        return EXIT_PARTIAL
+    return EXIT_BUSY if busy else EXIT_OK
 
 
 def cmd_cohort(args: argparse.Namespace) -> int:
@@ -109,7 +162,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ghist", description="GHIST Studio: gene expression and cell types from H&E slides.")
+    parser = argparse.ArgumentParser(
+        prog="ghist", description="GHIST Studio: gene expression and cell types from H&E slides.",
+        epilog="exit codes: 0 done, 1 some slides failed, 2 bad command line, 3 bad input, "
+               "4 a slide is being run by another process, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="segment nuclei and predict expression for one or more slides")
@@ -120,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", default=None, help="nucleus segmenter: weights id (default: bundled) or 'classical'")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel, required when the file does not say")
     p.add_argument("--patient", default=None, help="patient id to attach the slides to")
+    p.add_argument("--new-run", action="store_true",
+                   help="start a fresh run even when the slide has a finished or resumable one")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process is running a slide, wait for it instead of exiting with code 4")
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("cohort", help="predict every slide of a manifest on a Dask cluster")

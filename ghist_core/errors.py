@@ -97,6 +97,10 @@ class RunStateError(StoreError):
     """A run asked to move to a status its current one does not allow (e.g. a finished run requeued)."""
 
 
+class SlideBusyError(StoreError):
+    """Another process is running this slide now (one run per slide at a time)."""
+
+
 class RunCancelledError(GhistError):
     """The user cancelled a running analysis."""
 

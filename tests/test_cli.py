@@ -35,7 +35,49 @@ def test_unreadable_slide_gives_input_error(tmp_path):
     bad.write_text("this is not a slide")
     out = _ghist("predict", str(bad), "--project", str(tmp_path / "proj"))
     assert out.returncode == EXIT_INPUT
-    assert "notes.svs" in out.stderr and "Traceback" not in out.stderr
+    assert "error: input 1: " in out.stderr and "Traceback" not in out.stderr
+    assert "notes" not in out.stderr  # named by position, never by file name (docs/SECURITY.md §3)
+
+
+@pytest.mark.parametrize("mpp", ["1e6", "1e-6", "nan", "-0.5", "0"])
+def test_bad_mpp_is_refused_before_anything_is_written(tmp_path, mpp):
+    slide = tmp_path / "Jane_Doe_1970-01-01.png"
+    slide.write_bytes(b"not even read")
+    out = _ghist("predict", str(slide), "--project", str(tmp_path / "proj"), f"--mpp={mpp}")
+    assert out.returncode == EXIT_INPUT, out.stderr
+    assert "--mpp" in out.stderr and "Traceback" not in out.stderr and "MemoryError" not in out.stderr
+    assert not (tmp_path / "proj").exists()  # no project, no slide, no recorded value
+
+
+def test_project_that_is_a_file_is_a_plain_error(tmp_path):
+    afile = tmp_path / "hostname"
+    afile.write_text("host\n")
+    out = _ghist("predict", str(tmp_path / "x.png"), "--project", str(afile))
+    assert out.returncode == EXIT_INPUT
+    assert "is a file, not a folder" in out.stderr and "Traceback" not in out.stderr
+    out = _ghist("predict", str(tmp_path / "x.png"), "--project", str(afile / "sub"))
+    assert out.returncode == EXIT_INPUT and "Traceback" not in out.stderr
+
+
+def test_patient_and_mpp_of_a_known_slide_are_not_silently_ignored(tmp_path):
+    """A slide already in the project keeps its patient and scale: a different --patient/--mpp is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from ghist_core.project import Project
+
+    png = tmp_path / "s.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png)
+    with Project.create(tmp_path / "proj") as project:
+        rec = project.add_slide(png, patient_id="P-0001", mpp=0.5)
+    for flags, word in ((["--patient", "P-0002"], "--patient"), (["--mpp", "0.25"], "--mpp")):
+        out = _ghist("predict", str(png), "--project", str(tmp_path / "proj"), *flags)
+        assert out.returncode == EXIT_INPUT, out.stderr
+        assert f"slide {rec.slide_id}" in out.stderr and word in out.stderr and "not applied" in out.stderr
+        assert "P-0001" not in out.stderr and "P-0002" not in out.stderr
+    with Project.open(tmp_path / "proj") as project:
+        same = project.get_slide(rec.slide_id)
+        assert (same.patient_id, same.mpp) == ("P-0001", 0.5) and project.list_runs().empty
 
 
 def test_manifest_paths_are_relative_to_the_manifest(tmp_path):

@@ -59,19 +59,15 @@ def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, dev
 
 def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
                  segmenter_id: str | None) -> dict:
-    from ghist_core.pipeline.blocks import predict_slide
+    from ghist_core.pipeline.worker import predict_slide_locked
 
     project = Project.open_or_create(project_folder)
     record = project.add_slide(row.slide_path, patient_id=row.patient_id, mpp=row.mpp)
-    project.mark_interrupted_runs()
-    latest = project.latest_run(record.slide_id)
-    if latest is not None and latest.status is RunStatus.FINISHED:
-        return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": latest.run_id, "n_cells": latest.n_cells,
-                "status": RunStatus.FINISHED}
-    resume = latest.run_id if latest is not None and latest.is_resumable else None
-    result = predict_slide(record.slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
-                           run_id=resume)
-    return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": result.run_id, "n_cells": result.n_cells,
+    # the slide's lock: a duplicate row, a retried task or a `ghist predict` on the same slide waits, then
+    # finds the finished run (or resumes the interrupted one) instead of computing it twice
+    done = predict_slide_locked(project, record.slide_id, model_id=model_id, segmenter_id=segmenter_id,
+                                device=device, wait=True)
+    return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": done.run_id, "n_cells": done.n_cells,
             "status": RunStatus.FINISHED}
 
 

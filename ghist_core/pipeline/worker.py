@@ -1,28 +1,175 @@
-"""Runs outside the Streamlit script: one detached worker process per run.
+"""Runs outside the Streamlit script: one detached worker process per run, and the locked
+"predict this slide" step shared by the worker, ``ghist predict`` and ``ghist cohort``.
 
 The app submits a run and returns at once; the worker records stage and
 progress in the project store, so the page can poll it, a browser refresh
 loses nothing, and a crashed worker leaves a run that can be resumed.
 Cancelling drops a ``CANCEL`` file in the run's folder, which the worker checks
 between blocks.
+
+One run per slide at a time: every process that computes a slide holds its lock
+(:mod:`ghist_core.project.locks`) for the whole run, and a new run is only recorded when
+the slide has no active one (:func:`ghist_core.project.runs.claim_run`).
+
+Privacy: the worker's log (``runs/<id>/worker.log``, its stdout and stderr) names the
+slide by its id: the original file name, the stored copy's name and the patient id are
+replaced wherever they would appear (error messages, warnings, tracebacks).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
-from ghist_core.errors import GhistError
+from ghist_core.errors import GhistError, SlideBusyError
+from ghist_core.io.atomic import remove_temporaries
 from ghist_core.project import Project, RunStatus
+from ghist_core.project import runs as run_store
+from ghist_core.project.locks import lock_slide
 
 CANCEL_FILE = "CANCEL"
+#: The worker's exit status when it found its run taken over by another process (nothing to do).
+WORKER_EXIT_BUSY = 4
 
 
+# --------------------------------------------------------------------------------------------
+# privacy: names never reach logs or error output
+# --------------------------------------------------------------------------------------------
+def identifying_strings(record, *extra: str | os.PathLike | None) -> list[str]:
+    """Strings that would identify a patient in a message about this slide: its original name,
+    the stored copy's name, the sanitised name inside it, their stems (unless a plain short word
+    such as ``slide``), its patient id, and ``extra`` (paths as the user gave them)."""
+    names: list[str] = []
+    for value in (getattr(record, "original_name", None), getattr(record, "path", None), *extra):
+        if value:
+            p = Path(str(value))
+            names += [str(value), str(p.expanduser().absolute()), p.name]
+            sha = getattr(record, "sha256", "") or ""
+            if sha and p.name.startswith(sha[:12] + "_"):
+                names.append(p.name[13:])  # slides/<sha12>_<sanitised original name>
+    for name in list(names):
+        stem = Path(name).stem
+        if len(stem) >= 8 or (len(stem) >= 3 and not stem.isalpha()):
+            names.append(stem)
+    pid = getattr(record, "patient_id", None)
+    if pid and len(pid) >= 3:
+        names.append(pid)
+    return sorted({s for s in names if s and len(s) >= 3}, key=len, reverse=True)
+
+
+def redact(text: str, names: Iterable[str], placeholder: str) -> str:
+    """``text`` with every occurrence of ``names`` (longest first) replaced by ``placeholder``."""
+    names = [n for n in names if n]
+    if not names or not text:
+        return text
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True)))
+    return pattern.sub(placeholder, text)
+
+
+class _RedactingStream(io.TextIOBase):
+    """A text stream that redacts identifying strings before writing to the real one."""
+
+    def __init__(self, target, names: list[str], placeholder: str) -> None:
+        self._target, self._names, self._placeholder = target, names, placeholder
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self._target.write(redact(s, self._names, self._placeholder))
+        return len(s)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# the locked step: resume or start a slide's run, one process at a time
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlideRun:
+    """What :func:`predict_slide_locked` did: ``action`` is ``"new"``, ``"resumed"`` or ``"existing"``
+    (a finished run with the same model and segmenter was already there)."""
+
+    slide_id: int
+    run_id: int
+    n_cells: int | None
+    h5ad_path: Path | None
+    action: str
+
+
+def _same_settings(run, model_id: str | None, segmenter_id: str | None) -> bool:
+    return run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
+
+
+def sweep_slide_temporaries(project: Project, slide_id: int) -> list[Path]:
+    """Delete every ``*.part`` a killed writer left for this slide (results and checkpoints).
+
+    Only call while holding the slide's lock: then no writer of this slide is alive.
+    """
+    from ghist_core.pipeline.blocks import results_dir
+
+    folders = [results_dir(project, slide_id)]
+    for rid in project.list_runs(slide_id)["run_id"]:
+        d = project.folder / "runs" / str(int(rid))
+        folders += [d, d / "blocks"]
+    return [p for f in folders if f.is_dir() for p in remove_temporaries(f, 0.0)]
+
+
+def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | None = None,
+                         segmenter_id: str | None = None, device: str = "auto", progress=None,
+                         new_run: bool = False, wait: bool = False,
+                         on_wait: Callable[[int | None], None] | None = None) -> SlideRun:
+    """Predict a slide already in the project, holding its lock; resume rather than redo.
+
+    Under the lock: runs whose worker died become ``interrupted``; the slide's stale ``*.part``
+    files are swept; then the slide's latest run with the same model and segmenter is reused
+    when finished, resumed from its checkpoints when resumable, and otherwise (or with
+    ``new_run``) a new run starts. Another process running the slide: ``SlideBusyError`` (or,
+    with ``wait``, wait for it).
+    """
+    from ghist_core.pipeline.blocks import predict_slide
+
+    with lock_slide(project.folder, slide_id, wait=wait, on_wait=on_wait):
+        project.mark_interrupted_runs()
+        sweep_slide_temporaries(project, slide_id)
+        latest = project.latest_run(slide_id)
+        if latest is not None and latest.status is RunStatus.RUNNING:  # alive, but not holding the lock
+            raise SlideBusyError(f"Slide {slide_id} is being analysed by another process (run {latest.run_id}, "
+                                 f"process {latest.worker_pid}); wait for it to finish.")
+        same = latest is not None and _same_settings(latest, model_id, segmenter_id)
+        if same and not new_run and latest.status is RunStatus.FINISHED:
+            h5ad = project.result_files(latest.run_id).get("h5ad")
+            if h5ad is not None and h5ad.is_file():
+                return SlideRun(slide_id, latest.run_id, latest.n_cells, h5ad, "existing")
+        resume = latest.run_id if same and not new_run and latest.is_resumable else None
+        if resume is not None:
+            (project.folder / "runs" / str(resume) / CANCEL_FILE).unlink(missing_ok=True)
+        result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
+                               progress=progress, run_id=resume)
+        return SlideRun(slide_id, result.run_id, result.n_cells, result.h5ad_path,
+                        "resumed" if resume is not None else "new")
+
+
+# --------------------------------------------------------------------------------------------
+# the app's side: submit, resume, cancel
+# --------------------------------------------------------------------------------------------
 def _spawn(project_folder: Path, run_id: int, slide_id: int, model_id: str | None, device: str,
            segmenter_id: str | None = None) -> int:
     cmd = [sys.executable, "-m", "ghist_core.pipeline.worker", str(project_folder), str(slide_id), str(run_id), "--device", device]
@@ -38,15 +185,19 @@ def _spawn(project_folder: Path, run_id: int, slide_id: int, model_id: str | Non
 
 def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: str | None = None, device: str = "auto",
                segmenter_id: str | None = None) -> int:
-    """Record a new run for ``slide_id`` and start its worker; returns the run id."""
+    """Record a new run for ``slide_id`` and start its worker; returns the run id.
+
+    A slide that already has an active run (a worker of the app, ``ghist predict`` or a cohort
+    task) gets no second one: its run id is returned.
+    """
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
-    running = project.latest_run(slide.slide_id)
-    if running is not None and running.is_active:
-        return running.run_id  # never start a second run of a slide already running
-    run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
-                               params={"model_id": model_id, "segmenter_id": segmenter_id}, status=RunStatus.QUEUED)
-    _spawn(Path(project_folder), run_id, slide_id, model_id, device, segmenter_id)
+    project.mark_interrupted_runs()
+    run_id, created = run_store.claim_run(
+        project.db, slide.slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
+        params={"model_id": model_id, "segmenter_id": segmenter_id}, status=RunStatus.QUEUED)
+    if created:
+        _spawn(Path(project_folder), run_id, slide_id, model_id, device, segmenter_id)
     return run_id
 
 
@@ -54,8 +205,8 @@ def resume_run(project_folder: str | os.PathLike, run_id: int, *, device: str = 
     """Restart an interrupted, failed or cancelled run where its checkpoints stop."""
     project = Project.open(project_folder)
     run = project.get_run(run_id)
-    if run.status is RunStatus.FINISHED:
-        return run_id
+    if run.status is RunStatus.FINISHED or run.is_active:
+        return run_id  # finished, or a worker has it already
     (project.run_dir(run_id) / CANCEL_FILE).unlink(missing_ok=True)
     project.requeue_run(run_id)
     _spawn(Path(project_folder), run_id, run.slide_id, run.model_id if run.model_id != "bundled" else None, device,
@@ -76,9 +227,10 @@ def _watch_cancel(run_dir: Path, event: threading.Event) -> None:
         time.sleep(0.5)
 
 
+# --------------------------------------------------------------------------------------------
+# the worker process
+# --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from ghist_core.pipeline.blocks import predict_slide
-
     parser = argparse.ArgumentParser(prog="python -m ghist_core.pipeline.worker", description="GHIST Studio run worker")
     parser.add_argument("project")
     parser.add_argument("slide_id", type=int)
@@ -88,19 +240,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmenter", default=None, help="segmenter weights id, or 'classical'")
     args = parser.parse_args(argv)
     project = Project.open(args.project)
+    try:
+        names = identifying_strings(project.get_slide(args.slide_id))
+    except GhistError:
+        names = []
+    placeholder = f"slide {args.slide_id}"
+    sys.stdout = _RedactingStream(sys.stdout, names, placeholder)
+    sys.stderr = _RedactingStream(sys.stderr, names, placeholder)
+    try:
+        return _work(project, args)
+    except Exception as exc:  # e.g. a model that fails to load: never leave a run 'queued' with no worker
+        _fail_if_pending(project, args.run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
+        sys.stderr.write(redact("".join(traceback.format_exception(exc)), names, placeholder))
+        sys.stderr.flush()
+        return 1
+
+
+def _work(project: Project, args: argparse.Namespace) -> int:
+    from ghist_core.pipeline.blocks import predict_slide
+
+    run_dir = project.run_dir(args.run_id)
     cancel = threading.Event()
-    watcher = threading.Thread(target=_watch_cancel, args=(project.run_dir(args.run_id), cancel), daemon=True)
+    watcher = threading.Thread(target=_watch_cancel, args=(run_dir, cancel), daemon=True)
     watcher.start()
     try:
-        predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter, device=args.device,
-                      run_id=args.run_id, cancel=cancel)
+        try:  # one run per slide: wait while another process (ghist predict, another worker) runs it
+            lock = lock_slide(project.folder, args.slide_id, wait=True, stop=cancel.is_set,
+                              on_wait=lambda pid: project.update_run(
+                                  args.run_id, message="Waiting for another run of this slide to finish."))
+        except SlideBusyError:  # cancelled while waiting
+            project.cancel_run(args.run_id)
+            print(f"run {args.run_id} cancelled while waiting for the slide", file=sys.stderr)
+            return 1
+        with lock:
+            project.mark_interrupted_runs()
+            run = project.get_run(args.run_id)
+            if run.status is RunStatus.FINISHED:
+                print(f"run {args.run_id} was finished by another process", file=sys.stderr)
+                return 0
+            if run.status is RunStatus.RUNNING:  # a live process that does not hold the lock has it
+                print(f"run {args.run_id} is run by process {run.worker_pid}; nothing to do", file=sys.stderr)
+                return WORKER_EXIT_BUSY
+            sweep_slide_temporaries(project, args.slide_id)
+            predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
+                          device=args.device, run_id=args.run_id, cancel=cancel)
     except GhistError as exc:
         print(f"run {args.run_id} stopped: {exc}", file=sys.stderr)
         _fail_if_pending(project, args.run_id, str(exc))
         return 1
-    except Exception as exc:  # e.g. a model that fails to load: never leave a run 'queued' with no worker
-        _fail_if_pending(project, args.run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
-        raise
     finally:
         cancel.set()
     return 0

@@ -25,7 +25,8 @@ import pandas as pd
 from ghist_core.errors import RunStateError, StoreError
 from ghist_core.project.db import ProjectDB, to_json, utc_now
 
-__all__ = ["RunStatus", "RunRecord", "TRANSITIONS", "check_transition", "is_resumable", "STALE_HEARTBEAT_S"]
+__all__ = ["RunStatus", "RunRecord", "TRANSITIONS", "check_transition", "is_resumable", "STALE_HEARTBEAT_S",
+           "claim_run", "pid_alive"]
 
 #: A run on another machine whose heartbeat is older than this is considered dead.
 STALE_HEARTBEAT_S = 15 * 60
@@ -186,29 +187,57 @@ def list_runs(db: ProjectDB, slide_id: int | None = None) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # moving through the state machine
 # --------------------------------------------------------------------------------------------
-def start_run(db: ProjectDB, slide_id: int, *, model_id: str | None, weights_sha256: str | None,
-              device: str | None, params: Mapping[str, Any] | None = None,
-              status: str | RunStatus = RunStatus.RUNNING) -> int:
-    """Record a new run (``running`` by this process, or ``queued`` for a worker to pick up)."""
+def _check_initial(status: str | RunStatus) -> RunStatus:
     try:
         st = RunStatus(status)
     except ValueError:
         st = None
     if st not in INITIAL:
         raise RunStateError(f"A new run starts as 'running' or 'queued', not {status!r}.")
+    return st
+
+
+def _insert_run(c: sqlite3.Connection, slide_id: int, st: RunStatus, model_id: str | None,
+                weights_sha256: str | None, device: str | None, params: Mapping[str, Any] | None) -> int:
+    if c.execute("SELECT 1 FROM slides WHERE slide_id = ?", (int(slide_id),)).fetchone() is None:
+        raise StoreError(f"There is no slide {slide_id} in this project.")
     now = utc_now()
     running = st is RunStatus.RUNNING
+    cur = c.execute(
+        "INSERT INTO runs(slide_id, status, model_id, weights_sha256, device, params, progress, created_at, "
+        "started_at, worker_pid, worker_host, heartbeat_at) VALUES (?,?,?,?,?,?,0,?,?,?,?,?)",
+        (int(slide_id), st.value, model_id, weights_sha256, device, to_json(dict(params or {})), now,
+         now if running else None, os.getpid() if running else None,
+         socket.gethostname() if running else None, now if running else None),
+    )
+    return int(cur.lastrowid)
+
+
+def start_run(db: ProjectDB, slide_id: int, *, model_id: str | None, weights_sha256: str | None,
+              device: str | None, params: Mapping[str, Any] | None = None,
+              status: str | RunStatus = RunStatus.RUNNING) -> int:
+    """Record a new run (``running`` by this process, or ``queued`` for a worker to pick up)."""
+    st = _check_initial(status)
     with db.tx() as c:
-        if c.execute("SELECT 1 FROM slides WHERE slide_id = ?", (int(slide_id),)).fetchone() is None:
-            raise StoreError(f"There is no slide {slide_id} in this project.")
-        cur = c.execute(
-            "INSERT INTO runs(slide_id, status, model_id, weights_sha256, device, params, progress, created_at, "
-            "started_at, worker_pid, worker_host, heartbeat_at) VALUES (?,?,?,?,?,?,0,?,?,?,?,?)",
-            (int(slide_id), st.value, model_id, weights_sha256, device, to_json(dict(params or {})), now,
-             now if running else None, os.getpid() if running else None,
-             socket.gethostname() if running else None, now if running else None),
-        )
-        return int(cur.lastrowid)
+        return _insert_run(c, slide_id, st, model_id, weights_sha256, device, params)
+
+
+def claim_run(db: ProjectDB, slide_id: int, *, model_id: str | None, weights_sha256: str | None,
+              device: str | None, params: Mapping[str, Any] | None = None,
+              status: str | RunStatus = RunStatus.QUEUED) -> tuple[int, bool]:
+    """Record a new run unless the slide already has an active one: ``(run_id, created)``.
+
+    Check and insert happen in one write transaction (``BEGIN IMMEDIATE``), so two sessions
+    pressing "Run" at once get the same run. Call :func:`mark_interrupted_runs` first so a
+    dead worker's ``running`` row does not count as active.
+    """
+    st = _check_initial(status)
+    with db.tx() as c:
+        row = c.execute("SELECT run_id FROM runs WHERE slide_id = ? AND status IN (?, ?) ORDER BY run_id DESC "
+                        "LIMIT 1", (int(slide_id), RunStatus.QUEUED.value, RunStatus.RUNNING.value)).fetchone()
+        if row is not None:
+            return int(row[0]), False
+        return _insert_run(c, slide_id, st, model_id, weights_sha256, device, params), True
 
 
 def _update(db: ProjectDB, run_id: int, sets: str, args: tuple, *, to: RunStatus | None = None) -> bool:
@@ -279,7 +308,8 @@ def cancel_run(db: ProjectDB, run_id: int) -> bool:
     return _update(db, run_id, "finished_at = ?", (utc_now(),), to=RunStatus.CANCELLED)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` on this machine exists and is not a zombie."""
     if pid == os.getpid():
         return True
     try:
@@ -310,7 +340,7 @@ def mark_interrupted_runs(db: ProjectDB, *, stale_after_s: float = STALE_HEARTBE
     ).fetchall()
     dead = [
         r["run_id"] for r in rows
-        if (r["worker_host"] == host and (r["worker_pid"] is None or not _pid_alive(int(r["worker_pid"]))))
+        if (r["worker_host"] == host and (r["worker_pid"] is None or not pid_alive(int(r["worker_pid"]))))
         or (r["worker_host"] != host and (r["heartbeat_at"] or "") < cutoff)
     ]
     check_transition(RunStatus.RUNNING, RunStatus.INTERRUPTED)

@@ -1,14 +1,22 @@
 """Browser uploads: staged to disk outside the project, inspected, then added (or found already there).
 
 A browser upload can be gigabytes, so it is written to a staging folder in chunks (constant
-memory) before the store validates and copies it. The staged copy is removed once added or
-refused; :func:`sweep_staged_uploads` clears copies a closed browser tab left behind.
+memory) before the store validates and copies it. A staged copy is a whole slide (its label
+image included), so it never outlives its use: it is removed once added, refused or taken out
+of the uploader, and the sweeps clear what a closed tab or a stopped server left behind:
+
+* every staged file carries the pid of the process that staged it (the app server); when that
+  process is gone the file is abandoned and goes at the next sweep, whatever its age;
+* :func:`sweep_all_staged_uploads` runs when the app starts (once per server process),
+  :func:`sweep_staged_uploads` after every add or discard and once per session; both also
+  remove files untouched for ``STALE_STAGED_S``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,13 +25,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ghist_core.project import slides
+from ghist_core.project.runs import pid_alive
 from ghist_core.project.slides import SlideRecord
 
 __all__ = ["StagedUpload", "AddedUpload", "staging_dir", "stage_upload", "inspect_upload", "add_staged_upload",
-           "upload_and_add", "discard_staged", "sweep_staged_uploads"]
+           "upload_and_add", "discard_staged", "sweep_staged_uploads", "sweep_all_staged_uploads", "staging_root"]
 
 #: A staged upload untouched this long was abandoned (the tab closed before "Add to project").
 STALE_STAGED_S = 24 * 3600.0
+#: ``upload_p<pid>_<random><ext>``: the pid of the process that staged it.
+_OWNED = re.compile(r"^upload_p(\d+)_")
 
 
 @dataclass(frozen=True)
@@ -43,17 +54,22 @@ class AddedUpload:
     is_new: bool
 
 
+def staging_root() -> Path:
+    """``<system temp>/ghist-uploads``: every project's staging folder is inside."""
+    return Path(tempfile.gettempdir()) / "ghist-uploads"
+
+
 def staging_dir(project_folder: str | os.PathLike) -> Path:
     """The staging folder for uploads to one project (stable across processes and restarts)."""
     key = hashlib.sha256(str(Path(project_folder).expanduser().resolve()).encode("utf-8")).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "ghist-uploads" / key
+    return staging_root() / key
 
 
 def stage_upload(name: str, data: BinaryIO | bytes, folder: Path) -> StagedUpload:
     """Copy an upload to ``folder`` in chunks (constant memory), keeping its extension."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # only the app's account may list staged files
     suffix = "".join(Path(name).suffixes[-2:]) if name.lower().endswith(".ome.tif") else Path(name).suffix
-    fd, tmp = tempfile.mkstemp(prefix="upload_", suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"upload_p{os.getpid()}_", suffix=suffix, dir=folder)  # mode 0600
     with os.fdopen(fd, "wb") as out:
         if isinstance(data, (bytes, bytearray)):
             out.write(data)
@@ -100,7 +116,7 @@ def add_staged_upload(project, staged: StagedUpload, *, patient_id: str | None,
         record, is_new = slides.add_slide(project.db, staged.path, patient_id=(patient_id or None),
                                           original_name=staged.name, mpp=mpp)
     finally:
-        discard_staged(staged)
+        discard_staged(staged)  # also sweeps the folder
     return AddedUpload(record, is_new)
 
 
@@ -112,13 +128,20 @@ def upload_and_add(project, name: str, data: BinaryIO | bytes, *, patient_id: st
 
 
 def discard_staged(staged: StagedUpload) -> None:
-    """Remove a staged copy (the user took the file out of the uploader, or it was added)."""
+    """Remove a staged copy (the user took the file out of the uploader, or it was added), then
+    sweep its folder of abandoned ones."""
     staged.path.unlink(missing_ok=True)
+    _sweep_folder(staged.path.parent, STALE_STAGED_S)
 
 
-def sweep_staged_uploads(project_folder: str | os.PathLike, max_age_s: float = STALE_STAGED_S) -> list[Path]:
-    """Delete staged uploads for this project not touched for ``max_age_s``; returns what went."""
-    folder = staging_dir(project_folder)
+def _abandoned(name: str, mtime: float, cutoff: float) -> bool:
+    m = _OWNED.match(name)
+    if m is not None and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+        return True  # the process that staged it (an app server) is gone: nobody can add it any more
+    return mtime <= cutoff
+
+
+def _sweep_folder(folder: Path, max_age_s: float) -> list[Path]:
     if not folder.is_dir():
         return []
     cutoff = time.time() - max_age_s
@@ -126,9 +149,27 @@ def sweep_staged_uploads(project_folder: str | os.PathLike, max_age_s: float = S
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and entry.name.startswith("upload_"):
             try:
-                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                if _abandoned(entry.name, entry.stat(follow_symlinks=False).st_mtime, cutoff):
                     os.unlink(entry.path)
                     gone.append(Path(entry.path))
             except FileNotFoundError:  # another session swept it first
                 pass
+    return gone
+
+
+def sweep_staged_uploads(project_folder: str | os.PathLike, max_age_s: float = STALE_STAGED_S) -> list[Path]:
+    """Delete this project's staged uploads that are abandoned (their server process is gone) or
+    not touched for ``max_age_s``; returns what went."""
+    return _sweep_folder(staging_dir(project_folder), max_age_s)
+
+
+def sweep_all_staged_uploads(max_age_s: float = STALE_STAGED_S) -> list[Path]:
+    """:func:`sweep_staged_uploads` for every project's staging folder (the app runs it at start)."""
+    root = staging_root()
+    if not root.is_dir():
+        return []
+    gone = []
+    for entry in os.scandir(root):
+        if entry.is_dir(follow_symlinks=False):
+            gone += _sweep_folder(Path(entry.path), max_age_s)
     return gone

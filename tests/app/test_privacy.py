@@ -262,6 +262,7 @@ def test_streamlit_config_keeps_xsrf_on_and_hides_error_details() -> None:
     assert server.get("enableCORS", True) is True
     assert cfg.get("client", {}).get("showErrorDetails", "full") in ("none", False, "false")
     assert cfg.get("browser", {}).get("gatherUsageStats") is False
+    assert server.get("address") == "127.0.0.1"  # loopback unless docs/SECURITY.md §1's switch is used
     # no launcher or script switches protection off behind the config's back
     offenders = []
     for p in list(REPO.glob("*.py")) + list(REPO.glob("scripts/*")) + list(REPO.glob("*.sh")) + list(REPO.glob(".ci/*")):
@@ -276,3 +277,78 @@ def test_streamlit_config_keeps_xsrf_on_and_hides_error_details() -> None:
 
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert ".streamlit/secrets.toml" not in tracked
+
+
+# --------------------------------------------------------------------------- staged uploads
+def test_staged_uploads_are_deleted_when_added_cancelled_or_abandoned(tmp_path: Path, demo_slide: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A staged upload is a whole slide (label included): it goes once added, once taken out of the
+    uploader, and, when the app server that staged it is gone, at the next start (any age)."""
+    import subprocess
+    import sys
+
+    from ghist_core.project import uploads
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert uploads.staging_root().is_relative_to(tmp_path)
+    png = _crop(tmp_path, demo_slide, 200).read_bytes()
+    with Project.create(tmp_path / "p") as project:
+        stage = uploads.staging_dir(project.folder)
+        added = uploads.upload_and_add(project, ORIGINAL, png, patient_id=PATIENT, mpp=0.499)
+        assert added.is_new and not list(stage.iterdir())  # added: gone
+        staged = uploads.stage_upload(ORIGINAL, png, stage)
+        assert oct(staged.path.stat().st_mode & 0o777) == "0o600" and ORIGINAL not in staged.path.name
+        uploads.discard_staged(staged)  # taken out of the uploader: gone
+        assert not list(stage.iterdir())
+        # a server process stages an upload, then stops (killed, or the tab's session just ended with it)
+        code = ("import sys; from pathlib import Path; from ghist_core.project import uploads; "
+                "uploads.stage_upload(sys.argv[1], Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]))")
+        (tmp_path / "slide.bin").write_bytes(png)
+        subprocess.run([sys.executable, "-c", code, ORIGINAL, str(tmp_path / "slide.bin"), str(stage)], check=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+        mine = uploads.stage_upload("mine.png", png, stage)  # this (live) process's: kept
+        assert len(list(stage.iterdir())) == 2
+        gone = uploads.sweep_all_staged_uploads()  # what app.py runs once per server start
+        assert len(gone) == 1 and mine.path.exists() and gone[0] != mine.path
+        uploads.discard_staged(mine)
+        assert not list(stage.iterdir())
+
+
+def test_server_listens_on_loopback_only_by_default(tmp_path: Path) -> None:
+    """`streamlit run app.py` with only the repository's config: bound to 127.0.0.1, not 0.0.0.0/::."""
+    import os
+    import subprocess
+    import sys
+
+    from browser_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "GHIST_PROJECTS_DIR": str(tmp_path / "projects"), "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in env.items() if not k.startswith("STREAMLIT_SERVER_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.headless", "true"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        listening: set[str] = set()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not listening and proc.poll() is None:
+            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    local, state = line.split()[1], line.split()[3]
+                    addr, p = local.split(":")
+                    if int(p, 16) == port and state == "0A":  # LISTEN
+                        listening.add(addr)
+            time.sleep(0.3)
+        assert listening, "the server did not start listening"
+        assert listening == {"0100007F"}, listening  # 127.0.0.1 only (no 0.0.0.0, no ::)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
