@@ -84,6 +84,7 @@ class Result:
     errors: list[str] = field(default_factory=list)  # typed error classes seen (one per step)
     detail: str = ""
     seconds: float = 0.0
+    peak_mb: float = 0.0  # peak resident memory of the case (its process, or a preview child it ran)
 
     @property
     def failed(self) -> bool:
@@ -206,6 +207,44 @@ def _png_bomb(width: int, height: int, *, rows_encoded: int = 64) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
 
 
+def _zlib_zero_rows(row: bytes, n_rows: int) -> bytes:
+    """A valid zlib stream of ``row`` repeated ``n_rows`` times, built in milliseconds.
+
+    Each row is compressed after a full flush, so every row's bytes are identical and are
+    simply repeated; the Adler-32 trailer is computed over the real data.
+    """
+    c = zlib.compressobj(9)
+    first = c.compress(row) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(row) + c.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(n_rows):
+        adler = zlib.adler32(row, adler)
+    return first + again * (n_rows - 1) + b"\x03\x00" + struct.pack(">I", adler & 0xFFFFFFFF)
+
+
+def _png_big_blank(width: int, height: int) -> bytes:
+    """A real ``width`` x ``height`` black RGB PNG (every row present), about 70 bytes per row."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = _zlib_zero_rows(b"\0" * (1 + 3 * width), height)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _tiff_page_chain(n_pages: int) -> bytes:
+    """A classic TIFF of ``n_pages`` 4 x 4 grey pages in one IFD chain (a stack, not a slide)."""
+    ifd_len = 2 + 12 * 9 + 4
+    data_off = 8 + n_pages * ifd_len
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    for i in range(n_pages):
+        nxt = 8 + (i + 1) * ifd_len if i + 1 < n_pages else 0
+        tags = [(256, 3, 4), (257, 3, 4), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, data_off),
+                (277, 3, 1), (278, 3, 4), (279, 4, 16)]
+        out += struct.pack("<H", len(tags))
+        for tag, typ, val in tags:
+            out += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val))
+        out += struct.pack("<I", nxt)
+    return bytes(out + bytes(16))
+
+
 def _bitflip(data: bytes, seed: int, n_flips: int, lo: int = 0, hi: int | None = None) -> bytes:
     rng = random.Random(seed)
     b = bytearray(data)
@@ -314,7 +353,7 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     # pixel formats
     tifffile.imwrite(root / "gen_16bit.tif", (img.astype(np.uint16) * 257), photometric="rgb",
                      resolution=(20000, 20000), resolutionunit="CENTIMETER")
-    slide("tiff_16bit", "gen_16bit.tif", "error")
+    slide("tiff_16bit", "gen_16bit.tif", "ok", ref="gen_ref.npy", dims=(512, 384), note="scaled by 65535")
     tifffile.imwrite(root / "gen_float.tif", img.astype(np.float32) / 255, photometric="rgb",
                      resolution=(20000, 20000), resolutionunit="CENTIMETER")
     slide("tiff_float32", "gen_float.tif", "error")
@@ -355,6 +394,54 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     put("tiff_magic_only.svs", b"II*\x00")
     slide("tiff_magic_only", "tiff_magic_only.svs", "error")
 
+    # ---------------------------------------------------------------- issue #20: limits before decoding
+    put("pages_50000.tif", _tiff_page_chain(50_000))
+    slide("tiff_50000_pages", "pages_50000.tif", "error", note="refused by a bounded IFD walk (was 953 s)")
+    strip = _zlib_zero_rows(bytes(3 * 20_000), 20_000)
+    put("zlib_one_strip_20k.tif", _tiff_ifd_file(20_000, 20_000, data=strip, compression=8))
+    slide("tiff_zlib_single_strip_20k", "zlib_one_strip_20k.tif", "error",
+          note=f"one 1.2 GB strip in {len(strip):,} bytes (was 1.9 GB, ~35 min)")
+    white_tile = zlib.compress(np.full((256, 256, 3), 230, np.uint8).tobytes(), 9)
+    n_t20 = (20_480 // 256) ** 2
+    put("mpp40_20k.tif", _tiff_ifd_file(20_480, 20_480, data=white_tile, tile=(256, 256), n_chunks=n_t20,
+                                        compression=8, resolution=(250, 1)))
+    slide("tiff_mpp_40um_20k", "mpp40_20k.tif", "error", note="40 µm/px on 20k px = 82 cm: MissingMppError")
+    slide("tiff_mpp_40um_20k_user_40", "mpp40_20k.tif", "error", mpp=40.0, note="InvalidMppError")
+    # colours: each read back against the reference (the runner compares pixels exactly)
+    tifffile.imwrite(root / "cmyk.tif", np.concatenate([255 - img, np.zeros(img.shape[:2] + (1,), np.uint8)], 2),
+                     photometric="separated", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    slide("tiff_cmyk", "cmyk.tif", "ok", ref="gen_ref.npy", dims=(512, 384), note="was read as RGBA (mean |d| 51)")
+    pal = Image.fromarray(img).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    idx = np.asarray(pal)
+    palette = np.array((pal.getpalette() + [0] * 768)[:768], np.uint16).reshape(256, 3)
+    np.save(root / "pal_ref.npy", palette[idx[:64, :64]].astype(np.uint8))
+    tifffile.imwrite(root / "palette.tif", idx, photometric="palette", colormap=(palette.T * 257).astype(np.uint16),
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    slide("tiff_palette", "palette.tif", "ok", ref="pal_ref.npy", dims=(512, 384), note="was grey indices")
+    grey = img[..., 1]
+    np.save(root / "miw_ref.npy", np.repeat(grey[:64, :64, None], 3, axis=2))
+    tifffile.imwrite(root / "miniswhite.tif", 255 - grey, photometric="miniswhite",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    slide("tiff_miniswhite", "miniswhite.tif", "ok", ref="miw_ref.npy", dims=(512, 384), note="was inverted")
+    twelve = np.rint(img.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    tifffile.imwrite(root / "rgb12.tif", twelve, photometric="rgb", extratags=[(281, 3, 1, 4095, True)],
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    slide("tiff_12bit_max_sample_value", "rgb12.tif", "ok", ref="gen_ref.npy", dims=(512, 384))
+    import imagecodecs
+
+    put("rgb12.png", imagecodecs.png_encode(twelve))
+    slide("png_12bit_in_16bit", "rgb12.png", "ok", mpp=0.5, ref="gen_ref.npy", dims=(512, 384),
+          note="was cut to <= 15")
+    tifffile.imwrite(root / "cielab.tif", img, photometric="cielab", resolution=(20000, 20000),
+                     resolutionunit="CENTIMETER")
+    slide("tiff_cielab", "cielab.tif", "error")
+    put("png_big_22k.png", _png_big_blank(22_000, 22_000))
+    slide("png_22k_blank_under_cap", "png_big_22k.png", "either",
+          mpp=0.25, note="484 Mpx in 1.5 MB (was 4.7 GB in the app process)")
+    png_tall = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 517_821, 8, 2, 0, 0, 0))
+                + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
+    slide("png_1x517821_declared", put("tall.png", png_tall), "error", mpp=0.5, note="once 24 GiB")
+
     # ---------------------------------------------------------------- PNG / JPEG / others
     Image.fromarray(img).save(root / "ok.png")
     slide("png_control", "ok.png", "ok", mpp=0.5, ref="gen_ref.npy", dims=(512, 384))
@@ -372,7 +459,8 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     slide("jpeg_truncated", put("trunc.jpg", jpg[: len(jpg) // 2]), "either", mpp=0.5)
     slide("jpeg_bitflip", put("flip.jpg", _bitflip(jpg, 21, 30, 600)), "either", mpp=0.5)
     Image.fromarray((img[..., 0].astype(np.uint16) * 257)).save(root / "grey16.png")
-    slide("png_16bit_grey", "grey16.png", "error", mpp=0.5)
+    np.save(root / "grey_ref.npy", np.repeat(img[:64, :64, :1], 3, axis=2))
+    slide("png_16bit_grey", "grey16.png", "ok", mpp=0.5, ref="grey_ref.npy", dims=(512, 384))
     Image.fromarray(img).save(root / "ok.gif")
     slide("gif_image", "ok.gif", "error", mpp=0.5)
 
@@ -567,6 +655,28 @@ def _run_clinical_case(case: Case, root: Path, work: Path) -> list[str]:
     return typed
 
 
+def _reset_peak() -> int:
+    """Reset this process's peak RSS (Linux ``clear_refs`` 5); returns the children's peak so far (KiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def _peak_mb(kids_before: int) -> float:
+    """Peak RSS (MiB) since ``_reset_peak``: this process's, or a child's (a preview subprocess) if higher."""
+    own = 0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1])
+    except OSError:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids if kids > kids_before else 0) / 1024.0, 1)
+
+
 def _child_main(root: Path) -> None:
     """Serve cases: one JSON case per stdin line, one marked JSON result per stdout line."""
     work = Path(tempfile.mkdtemp(prefix="hostile_work_"))
@@ -577,6 +687,7 @@ def _child_main(root: Path) -> None:
         if not line.strip():
             continue
         case = Case(**json.loads(line))
+        kids_before = _reset_peak()
         t0 = time.perf_counter()
         try:
             runner = _run_slide_case if case.kind == "slide" else _run_clinical_case
@@ -589,6 +700,7 @@ def _child_main(root: Path) -> None:
             tb = traceback.format_exc(limit=6)
             res = Result(case.name, "crash", [], f"{type(e).__name__}: {str(e)[:300]}\n{tb[-1500:]}")
         res.seconds = time.perf_counter() - t0
+        res.peak_mb = _peak_mb(kids_before)
         sys.stdout.write(_MARK + json.dumps(asdict(res)) + "\n")
         sys.stdout.flush()
     shutil.rmtree(work, ignore_errors=True)
@@ -730,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_corpus(cases, tmp)
         for c, r in zip(cases, results):
             flag = "" if expectation_met(c, r) else "  <-- UNEXPECTED"
-            print(f"{r.outcome:12s} {r.seconds:6.2f}s {c.name:40s} {','.join(r.errors)} {r.detail[:300]}{flag}")
+            print(f"{r.outcome:12s} {r.seconds:6.2f}s {r.peak_mb:7.0f}MB {c.name:40s} {','.join(r.errors)} {r.detail[:300]}{flag}")
         print(json.dumps(summarise(results)), f"{time.perf_counter() - t0:.1f} s")
     return 0
 

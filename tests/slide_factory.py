@@ -199,3 +199,67 @@ def write_large_pyramid_tiff(
                 resolution=(res, res), resolutionunit="CENTIMETER",
             )
     return path
+
+
+# --------------------------------------------------------------------------- colour formats
+def rgb_to_cmyk(rgb: np.ndarray, *, black: bool = False) -> np.ndarray:
+    """uint8 CMYK of ``rgb``: C = 255 - R (K = 0), or with ``black`` the grey part moved to K
+    (C = (255 - R - K) * 255 / (255 - K)), which reads back within 1 level."""
+    inv = 255 - rgb.astype(np.int32)
+    if not black:
+        return np.concatenate([inv, np.zeros(rgb.shape[:2] + (1,), np.int32)], axis=2).astype(np.uint8)
+    k = inv.min(axis=2, keepdims=True)
+    den = np.maximum(255 - k, 1)
+    cmy = np.where(k < 255, np.rint((inv - k) * 255 / den), 0)
+    return np.concatenate([cmy, k], axis=2).astype(np.uint8)
+
+
+def write_tiff_photometric(path: str | Path, data: np.ndarray, photometric: str, *, mpp: float = 0.5,
+                           **kw) -> Path:
+    """A strip TIFF with an explicit photometric (``separated``, ``palette``, ``miniswhite``...)."""
+    path = Path(path)
+    tifffile.imwrite(path, data, photometric=photometric, resolution=(1e4 / mpp, 1e4 / mpp),
+                     resolutionunit="CENTIMETER", **kw)
+    return path
+
+
+def write_png16(path: str | Path, data: np.ndarray, *, sbit: int | None = None) -> Path:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA) via imagecodecs, optionally with an sBIT chunk."""
+    import struct
+    import zlib
+
+    import imagecodecs
+
+    raw = imagecodecs.png_encode(np.ascontiguousarray(data.astype(np.uint16)))
+    if sbit is not None:
+        channels = 1 if data.ndim == 2 else data.shape[2]
+        body = bytes([sbit] * channels)
+        chunk = struct.pack(">I", len(body)) + b"sBIT" + body + struct.pack(">I", zlib.crc32(b"sBIT" + body) & 0xFFFFFFFF)
+        at = 8 + 25  # after the signature and IHDR
+        raw = raw[:at] + chunk + raw[at:]
+    path = Path(path)
+    path.write_bytes(raw)
+    return path
+
+
+def write_tiff_page_chain(path: str | Path, n_pages: int, *, side: int = 4) -> Path:
+    """A classic TIFF of ``n_pages`` tiny grey pages in one IFD chain, written by hand (fast for 50k pages)."""
+    import struct
+
+    entries_per = 9
+    ifd_len = 2 + 12 * entries_per + 4
+    pixels = bytes(side * side)
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    data_off = 8 + n_pages * ifd_len
+    for i in range(n_pages):
+        nxt = 8 + (i + 1) * ifd_len if i + 1 < n_pages else 0
+        tags = [(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+                (273, 4, 1, data_off), (277, 3, 1, 1), (278, 3, 1, side), (279, 4, 1, len(pixels))]
+        out += struct.pack("<H", entries_per)
+        for tag, typ, count, val in tags:
+            out += struct.pack("<HHI", tag, typ, count) + (struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val))
+        out += struct.pack("<I", nxt)
+    out += pixels
+    path = Path(path)
+    path.write_bytes(bytes(out))
+    return path

@@ -13,10 +13,26 @@ Rules kept here:
 - µm per pixel is explicit: from the file's metadata or given by the caller; never a
   guess. A file with no usable scale raises ``MissingMppError`` unless ``mpp=`` is given.
 - Pixels returned are always uint8 H x W x 3 RGB. Greyscale is replicated to RGB;
-  alpha is composited on white (glass); 16-bit and floating-point images raise
-  ``UnsupportedPixelFormatError`` (we do not guess their intensity range).
-- Memory stays bounded: regions are read from the best pyramid level and, for TIFFs,
-  only the tiles/strips that overlap the region are decoded.
+  alpha is composited on white (glass); CMYK becomes RGB, palette images go through their
+  colour map, MinIsWhite is inverted back; samples of more than 8 bits are scaled by their
+  actual bit depth (TIFF MaxSampleValue, else BitsPerSample; PNG sBIT, else the smallest
+  of 8/10/12/14/16 bits holding the image's maximum). Floating-point, signed, CIELab and
+  other photometrics raise ``UnsupportedPixelFormatError`` (a guess gives wrong colours).
+- Limits are checked on the header, before any pixel is decoded: TIFF page count
+  (:data:`MAX_TIFF_PAGES`, by a bounded IFD walk), decoded size of one strip/tile
+  (:data:`MAX_CHUNK_BYTES`), plain-image pixels (:data:`MAX_PLAIN_IMAGE_PIXELS`), PNG data
+  that cannot fill the declared size, a file µm/px that makes the image larger than a glass
+  slide (:data:`MAX_SLIDE_EXTENT_UM`), and analysis reads that would enlarge the image more
+  than :data:`MAX_UPSAMPLE_FACTOR`.
+- Memory stays bounded (measured, ``tests/hostile_corpus.py``): regions are read from the
+  best pyramid level and, for TIFFs, only the tiles/strips that overlap the region are
+  decoded (at most one chunk of <= 256 MiB plus a 32 MiB cache; uncompressed strips are
+  read row by row); thumbnails are made in bands of ~32 Mpx of source. Plain images are
+  never decoded to open them; a thumbnail of one over :data:`MAX_INPROCESS_PLAIN_PIXELS`
+  is made by DCT reduction (JPEG) or in a child process capped at
+  :data:`PREVIEW_MEMORY_BYTES` (PNG; a 22k x 22k PNG peaks at 2.3 GB there, ~8 s), so the
+  app process never holds it; region reads decode it once at <= 4 bytes/px (1.9 GB for
+  22k x 22k), which only the analysis worker does.
 - Associated images (label, macro) are never read or exposed: labels can carry
   patient names.
 """
@@ -31,6 +47,7 @@ import re
 import threading
 import warnings
 import xml.etree.ElementTree as ET
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +70,16 @@ from ghist_core.errors import (
 )
 
 __all__ = [
+    "MAX_CHUNK_BYTES",
+    "MAX_HIGH_BIT_PLAIN_PIXELS",
+    "MAX_INPROCESS_PLAIN_PIXELS",
     "MAX_PLAIN_IMAGE_PIXELS",
     "MAX_REGION_PIXELS",
+    "MAX_SLIDE_EXTENT_UM",
+    "MAX_TIFF_PAGES",
+    "MAX_UPSAMPLE_FACTOR",
+    "PREVIEW_MEMORY_BYTES",
+    "PREVIEW_TIMEOUT_S",
     "PLAUSIBLE_MPP_RANGE",
     "Slide",
     "Tile",
@@ -63,6 +88,7 @@ __all__ = [
     "read_image_array",
     "check_mpp",
     "check_tiff_integrity",
+    "count_tiff_pages",
     "sniff_format",
 ]
 
@@ -81,6 +107,48 @@ MAX_REGION_PIXELS = 1_500_000_000
 #: default many tools write = 353 µm/px) and counts as missing; a value a person or a
 #: caller gives outside it is refused by :func:`check_mpp`.
 PLAUSIBLE_MPP_RANGE = (0.02, 50.0)
+
+#: Largest physical side a slide's own µm/px may imply (10 cm: wider than any glass slide,
+#: whose scan area is at most 75 x 25 mm). A file whose µm/px would make it bigger has a
+#: wrong scale (e.g. 40 µm/px in the tags of a 20k px scan = 80 cm): it counts as missing,
+#: and a value given for it is refused.
+MAX_SLIDE_EXTENT_UM = 100_000.0
+
+#: Largest enlargement an analysis read may ask for (``read_region_mpp``, tiles): reading a
+#: 2 µm/px image at 0.5 µm/px is 4x; beyond that the pixels would be invented, so it is
+#: refused (``InvalidMppError``) rather than run on blurred, upsampled tissue.
+MAX_UPSAMPLE_FACTOR = 4.0
+
+#: Most images (IFDs, "pages") a TIFF may hold. A slide has a handful (pyramid levels,
+#: label, macro); counted by a bounded walk of the IFD chain *before* tifffile parses the
+#: file, so a 50,000-page TIFF is refused in milliseconds instead of parsed for minutes.
+MAX_TIFF_PAGES = 1_000
+
+#: Largest decoded size of ONE TIFF strip or tile (256 MiB). Compressed strips and tiles are
+#: decoded whole, so this bounds the memory of any read; a file whose chunks are bigger
+#: (e.g. a 20k x 20k zlib TIFF written as one 1.2 GB strip) is refused before decoding, with
+#: the command that converts it. Uncompressed strips are read row by row (no such limit).
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+
+#: Plain (PNG/JPEG) images up to this many pixels are decoded inside the calling process
+#: (Pillow keeps <= 4 bytes/px: <= 256 MB). Bigger ones are never decoded to *open* them
+#: (the header and a streaming check suffice); their ``thumbnail`` is made by a separate
+#: process capped at :data:`PREVIEW_MEMORY_BYTES` of address space and
+#: :data:`PREVIEW_TIMEOUT_S`, so the app process never holds the whole image. Reading their
+#: regions (the analysis worker) decodes them once, at <= 4 bytes/px (<= 2 GB at the cap).
+MAX_INPROCESS_PLAIN_PIXELS = 64_000_000
+PREVIEW_MEMORY_BYTES = 3 * 1024 * 1024 * 1024
+PREVIEW_TIMEOUT_S = 120.0
+
+#: Plain images with more than 8 bits per sample (16-bit PNG) are decoded at 6 bytes/px and
+#: scaled to 8 bits, so their cap is a third of :data:`MAX_PLAIN_IMAGE_PIXELS`.
+MAX_HIGH_BIT_PLAIN_PIXELS = MAX_PLAIN_IMAGE_PIXELS // 3
+
+_CONVERT_HINT = (
+    "Convert it to a tiled pyramidal TIFF, which is read piece by piece, e.g. with libvips: "
+    "'vips tiffsave INPUT out.tif --tile --pyramid --compression jpeg --Q 90 --tile-width 256 "
+    "--tile-height 256' (or QuPath: File > Export images > OME TIFF, pyramidal)."
+)
 
 Backend = Literal["openslide", "tifffile", "pillow"]
 
@@ -164,6 +232,128 @@ def _to_rgb8(arr: np.ndarray, where: str) -> np.ndarray:
         f"{where} has {arr.shape[2]} channels per pixel; GHIST Studio needs a brightfield "
         "RGB (H&E) image. Multi-channel fluorescence images are not supported."
     )
+
+
+def _scale_to_8bit(arr: np.ndarray, max_value: int) -> np.ndarray:
+    """Unsigned integer samples whose full scale is ``max_value`` as uint8 (rounded, clipped).
+
+    ``max_value`` is the image's *actual* full scale: 2**bits - 1 for its significant bits
+    (TIFF MaxSampleValue or BitsPerSample, PNG sBIT, see the readers), so 12-bit data in a
+    16-bit container maps 4095 -> 255 instead of being cut to its top byte (<= 15).
+    """
+    if arr.dtype == np.uint8 and max_value == 255:
+        return arr
+    m = max(1, int(max_value))
+    wide = np.minimum(arr.astype(np.uint32, copy=False), m)
+    return ((wide * 255 + m // 2) // m).astype(np.uint8)
+
+
+def _bits_for_max(v: int) -> int:
+    """Smallest of 8, 10, 12, 14, 16 bits that holds ``v`` (for > 8-bit data without a bit depth)."""
+    for bits in (8, 10, 12, 14, 16):
+        if v < (1 << bits):
+            return bits
+    return 16
+
+
+@dataclass(frozen=True)
+class _Colour:
+    """How one TIFF level's decoded samples become RGB (see :meth:`convert`).
+
+    ``kind``: ``"grey" | "miniswhite" | "rgb" | "palette" | "cmyk"``; ``max_value``: the
+    samples' full scale (MaxSampleValue, else 2**BitsPerSample - 1); ``lut``: 8-bit RGB of
+    each palette index; ``alpha``: the samples after the colour ones hold opacity.
+    """
+
+    kind: str
+    max_value: int = 255
+    lut: np.ndarray | None = None
+    alpha: bool = True
+
+    def convert(self, arr: np.ndarray, where: str) -> np.ndarray:
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if self.kind == "palette":
+            assert self.lut is not None
+            idx = np.minimum(arr[..., 0], len(self.lut) - 1)
+            return self.lut[idx]
+        if arr.dtype.kind != "u":
+            raise UnsupportedPixelFormatError(_pixel_format_message(arr.dtype, where))
+        arr = _scale_to_8bit(arr, self.max_value)
+        if self.kind == "miniswhite":  # 0 is white: invert the grey (not the opacity)
+            arr = arr.copy()
+            arr[..., 0] = 255 - arr[..., 0]
+        elif self.kind == "cmyk":
+            c, m, y, k = (arr[..., i].astype(np.uint16) for i in range(4))
+            nk = 255 - k
+            rgb = np.stack([((255 - v) * nk + 127) // 255 for v in (c, m, y)], axis=-1).astype(np.uint8)
+            if self.alpha and arr.shape[-1] > 4:
+                rgb = np.concatenate([rgb, arr[..., 4:5]], axis=-1)
+            arr = rgb
+        if not self.alpha and arr.shape[-1] in (2, 4) and self.kind in ("grey", "miniswhite", "rgb"):
+            arr = arr[..., : arr.shape[-1] - 1]  # an extra sample that is not opacity
+        return _to_rgb8(arr, where)
+
+
+def _tiff_colour(page: Any, where: str) -> _Colour:
+    """The colour rule of a TIFF page, or ``UnsupportedPixelFormatError`` for what we cannot map.
+
+    MinIsBlack/RGB as they are; MinIsWhite inverted; Palette through its ColorMap (16-bit
+    entries scaled to 8 bits; maps written with 8-bit entries kept); CMYK (InkSet 1) to RGB
+    as R = (255 - C)(255 - K) / 255 (Pillow's formula); YCbCr only inside JPEG (decoded to
+    RGB by the codec). Samples of more than 8 bits are scaled by MaxSampleValue when the
+    file has it, else by 2**BitsPerSample - 1. Float samples, CIELab, LogLuv and other
+    photometrics are refused: guessing them gives wrong colours without a warning.
+    """
+    photometric = int(getattr(page, "photometric", 1))
+    bps = getattr(page, "bitspersample", 8)
+    bps = int(bps[0] if isinstance(bps, tuple) else bps)
+    dtype = np.dtype(page.dtype)
+    if dtype.kind not in "ub" or bps > 16:
+        raise UnsupportedPixelFormatError(_pixel_format_message(dtype, where))
+    max_value = (1 << bps) - 1
+    tags = page.tags
+    if "MaxSampleValue" in tags:
+        v = tags["MaxSampleValue"].value
+        v = v[0] if isinstance(v, tuple) and v else v
+        try:
+            v = int(v)
+        except (TypeError, ValueError):
+            v = 0
+        if 0 < v < max_value:
+            max_value = v
+    spp = int(getattr(page, "samplesperpixel", 1))
+    compression = int(getattr(page, "compression", 1))
+    if photometric == 1:
+        return _Colour("grey", max_value)
+    if photometric == 0:
+        return _Colour("miniswhite", max_value)
+    if photometric == 2 or (photometric == 6 and compression in (6, 7, 33003, 33005, 34712)):
+        return _Colour("rgb", max_value)
+    if photometric == 3:
+        cmap = getattr(page, "colormap", None)
+        if cmap is None or spp != 1:
+            raise UnsupportedPixelFormatError(
+                f"{where} is a palette (indexed-colour) image without a usable colour map; "
+                "please export it as 8-bit RGB.")
+        cmap = np.asarray(cmap, dtype=np.uint32)
+        if cmap.ndim != 2 or cmap.shape[0] != 3:
+            raise UnsupportedPixelFormatError(f"{where} has a malformed colour map; please export it as 8-bit RGB.")
+        lut = cmap.T if int(cmap.max(initial=0)) <= 255 else (cmap.T + 128) // 257
+        return _Colour("palette", max_value, lut=np.ascontiguousarray(lut.astype(np.uint8)))
+    if photometric == 5:
+        inkset = tags["InkSet"].value if "InkSet" in tags else 1
+        if int(inkset if not isinstance(inkset, tuple) else inkset[0]) == 1 and spp in (4, 5):
+            return _Colour("cmyk", max_value, alpha=spp == 5)
+        raise UnsupportedPixelFormatError(
+            f"{where} stores separated ink channels other than CMYK ({spp} inks); please export it as 8-bit RGB.")
+    names = {4: "a transparency mask", 6: "uncompressed YCbCr", 8: "CIELab", 9: "ICCLab", 10: "ITULab",
+             32844: "LogL", 32845: "LogLuv", 34892: "linear raw (camera)"}
+    raise UnsupportedPixelFormatError(
+        f"{where} stores its colours as {names.get(photometric, f'photometric type {photometric}')}, which "
+        "GHIST Studio does not convert (a guess would give wrong colours). Please export it as 8-bit RGB.")
 
 
 def _pixel_format_message(dtype: Any, where: str) -> str:
@@ -253,9 +443,31 @@ class Slide:
         self._file_mpp_xy: tuple[float, float] | None = None
 
     # -- set-up shared by backends ---------------------------------------------
+    def _extent_mm(self, mpp_xy: tuple[float, float]) -> float:
+        w0, h0 = self.level_dimensions[0]
+        return max(w0 * mpp_xy[0], h0 * mpp_xy[1]) / 1000.0
+
     def _finish_init(self) -> None:
+        limit_mm = MAX_SLIDE_EXTENT_UM / 1000.0
+        wrong_file_scale = ""
+        if self._file_mpp_xy is not None and self._extent_mm(self._file_mpp_xy) > limit_mm:
+            # a scale that makes the image bigger than a glass slide is a wrong tag, not a fact
+            wrong_file_scale = (
+                f" (it records {self._file_mpp_xy[0]:.4g} µm/px, which would make this "
+                f"{self.level_dimensions[0][0]:,} x {self.level_dimensions[0][1]:,} px image "
+                f"{self._extent_mm(self._file_mpp_xy):,.0f} mm wide: larger than any glass slide, so the value is wrong)"
+            )
+            self._file_mpp_xy = None
         if self._mpp_given is not None:
-            self.mpp_xy = (self._mpp_given, self._mpp_given)
+            given = (self._mpp_given, self._mpp_given)
+            if self._extent_mm(given) > limit_mm:
+                self.close()
+                raise InvalidMppError(
+                    f"{self._mpp_given:g} µm per pixel would make '{self.path.name}' "
+                    f"{self._extent_mm(given):,.0f} mm wide, larger than any glass slide "
+                    f"(limit {limit_mm:.0f} mm). Enter the scan resolution (about 0.25 for 40x, 0.5 for 20x)."
+                )
+            self.mpp_xy = given
             self.mpp_source = "given"
         elif self._file_mpp_xy is not None:
             self.mpp_xy = self._file_mpp_xy
@@ -264,7 +476,7 @@ class Slide:
             self.close()
             raise MissingMppError(
                 f"'{self.path.name}' does not record how many micrometres one pixel spans "
-                "(µm/px), so cell sizes and positions cannot be measured. Enter the scan "
+                f"(µm/px){wrong_file_scale}, so cell sizes and positions cannot be measured. Enter the scan "
                 "resolution (e.g. 0.25 µm/px for 40x, 0.5 µm/px for 20x) and open it again."
             )
         self.mpp = float(self.mpp_xy[0])
@@ -422,10 +634,12 @@ class Slide:
             and abs(lx - ix0) < 1e-6 and abs(ly - iy0) < 1e-6
         ):
             return self._read_level_padded(level, ix0, iy0, ow, oh)
-        # margin as wide as the filter's reach, so neighbouring tiles join without seams
-        m = math.ceil(max(lw / ow, lh / oh, 1.0)) + 1
-        rx0, ry0 = ix0 - m, iy0 - m
-        rx1, ry1 = math.ceil(lx + lw) + m, math.ceil(ly + lh) + m
+        # margin as wide as the filter's reach on each axis, so neighbouring tiles join
+        # without seams (per axis: a 1 x 500k px image must not get a 16k px margin in x)
+        mx = math.ceil(max(lw / ow, 1.0)) + 1
+        my = math.ceil(max(lh / oh, 1.0)) + 1
+        rx0, ry0 = ix0 - mx, iy0 - my
+        rx1, ry1 = math.ceil(lx + lw) + mx, math.ceil(ly + lh) + my
         region = self._read_level_padded(level, rx0, ry0, rx1 - rx0, ry1 - ry0)
         img = Image.fromarray(region)
         box = (lx - rx0, ly - ry0, lx - rx0 + lw, ly - ry0 + lh)
@@ -452,8 +666,24 @@ class Slide:
                 f"A region of {w} x {h} pixels is too large to read at once "
                 f"(limit {MAX_REGION_PIXELS:,} pixels); read it tile by tile instead."
             )
+        self.check_upsampling(t)
         fx, fy = t / self.mpp_xy[0], t / self.mpp_xy[1]
         return self._read_scaled((location_xy_level0[0], location_xy_level0[1], w * fx, h * fy), (w, h))
+
+    def check_upsampling(self, target_mpp: float) -> None:
+        """``InvalidMppError`` when reading at ``target_mpp`` enlarges the slide more than
+        :data:`MAX_UPSAMPLE_FACTOR` (e.g. a file claiming 40 µm/px analysed at 0.5 µm/px is
+        80x): the analysis would run on invented pixels. Called by every analysis read."""
+        t = float(target_mpp)
+        factor = min(self.mpp_xy) / t
+        if factor > MAX_UPSAMPLE_FACTOR * (1 + 1e-9):
+            raise InvalidMppError(
+                f"'{self.path.name}' is {min(self.mpp_xy):.4g} µm per pixel ({self.mpp_source} value); the "
+                f"analysis works at {t:.4g} µm per pixel, which would enlarge the image {factor:.3g} times "
+                f"(the limit is {MAX_UPSAMPLE_FACTOR:g}x). If the µm per pixel is wrong, enter the scan's "
+                "real resolution (about 0.25 for 40x, 0.5 for 20x); otherwise the scan is too coarse for "
+                "nucleus-level analysis."
+            )
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
         """uint8 RGB overview whose longer side is ``max_px`` (never upscaled).
@@ -506,6 +736,7 @@ class Slide:
         if not 0 <= overlap_px < tile_px:
             raise ValueError(f"overlap_px must be in 0..tile_px-1, got {overlap_px}")
         t = self.mpp if target_mpp is None else check_mpp(target_mpp, "target µm per pixel")
+        self.check_upsampling(t)
         stride = tile_px - overlap_px
         w_um, h_um = self.size_um
         w_t, h_t = w_um / t, h_um / t  # slide size in target pixels
@@ -670,7 +901,11 @@ class TiffSlide(Slide):
                 axes = series.axes
             if complaints.messages:
                 raise CorruptSlideError(_corrupt_message(path, RuntimeError(complaints.messages[0])))
-            _check_data_within_file(path, [pg for lv in levels for pg in lv.pages])
+            level_pages = [pg for lv in levels for pg in lv.pages]
+            _check_data_within_file(path, level_pages)
+            for pg in level_pages:
+                if pg is not None:
+                    _check_chunk_sizes(path, pg)
         except SlideError:
             self._close_tif()
             raise
@@ -679,9 +914,16 @@ class TiffSlide(Slide):
             raise CorruptSlideError(_corrupt_message(path, e)) from None
         self._series = series
         self._axes = axes
-        if series.dtype != np.uint8:
+        where = f"'{path.name}'"
+        try:
+            self._colours = [_tiff_colour(lv.keyframe if hasattr(lv, "keyframe") else lv.pages[0], where)
+                             for lv in levels]
+        except SlideError:
             self._close_tif()
-            raise UnsupportedPixelFormatError(_pixel_format_message(series.dtype, f"'{path.name}'"))
+            raise
+        except Exception as e:
+            self._close_tif()
+            raise CorruptSlideError(_corrupt_message(path, e)) from None
         allowed = {"YX", "YXS", "CYX", "YXC", "SYX"}
         if axes not in allowed:
             self._close_tif()
@@ -760,7 +1002,7 @@ class TiffSlide(Slide):
                     return (v, v)
         tags = page.tags
         if "XResolution" in tags and "ResolutionUnit" in tags:
-            unit = int(tags["ResolutionUnit"].value)
+            unit = _tag_int(tags["ResolutionUnit"].value)  # a damaged file may hold a tuple or text
             um_per_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
             if unit == 1 and getattr(t, "is_imagej", False):
                 ij = t.imagej_metadata or {}
@@ -785,8 +1027,8 @@ class TiffSlide(Slide):
                 self._stores[level] = self._levels[level].asarray()
         return self._stores[level]
 
-    def _tiled_page(self, level: int) -> Any | None:
-        """The level's single tiled, interleaved TiffPage, or None (then zarr is used)."""
+    def _chunked_page(self, level: int) -> Any | None:
+        """The level's single interleaved TiffPage (tiled or stripped), or None (then zarr is used)."""
         if level not in self._tiled_pages:
             page = None
             lv = self._levels[level]
@@ -794,8 +1036,8 @@ class TiffSlide(Slide):
             if pages is not None and len(pages) == 1:
                 pg = pages[0]
                 if (
-                    pg is not None and hasattr(pg, "tilewidth") and pg.is_tiled
-                    and pg.imagedepth == 1 and pg.tiledepth == 1
+                    pg is not None and hasattr(pg, "dataoffsets") and pg.imagedepth == 1
+                    and (not pg.is_tiled or pg.tiledepth == 1)
                     and (pg.planarconfig == 1 or pg.samplesperpixel == 1)
                     and not self._channel_first
                 ):
@@ -803,18 +1045,33 @@ class TiffSlide(Slide):
             self._tiled_pages[level] = page
         return self._tiled_pages[level]
 
-    def _decoded_tile(self, level: int, page: Any, index: int) -> np.ndarray:
-        """One decoded TIFF tile (th x tw x samples), from a small LRU cache."""
+    @staticmethod
+    def _chunk_shape(page: Any) -> tuple[int, int]:
+        """(rows, cols) of one tile, or of one strip (rows per strip x image width)."""
+        if page.is_tiled:
+            return int(page.tilelength), int(page.tilewidth)
+        return min(int(page.rowsperstrip or page.imagelength), int(page.imagelength)), int(page.imagewidth)
+
+    def _decoded_chunk(self, level: int, page: Any, index: int) -> np.ndarray:
+        """One decoded TIFF tile or strip (rows x cols x samples, padded), from a small LRU cache.
+
+        The cache keeps ``tile_cache_bytes`` and always the last chunk, so a strip (at most
+        :data:`MAX_CHUNK_BYTES`, checked on open) is decoded once per band of reads.
+        """
         key = (level, index)
         with self._cache_lock:
             hit = self._tile_cache.get(key)
             if hit is not None:
                 self._tile_cache.move_to_end(key)
                 return hit
-        th, tw, spp = page.tilelength, page.tilewidth, page.samplesperpixel
+        th, tw = self._chunk_shape(page)
+        spp = int(page.samplesperpixel)
         offset, nbytes = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        if nbytes == 0:  # sparse tile: nothing scanned there
-            tile = np.full((th, tw, spp), 255, dtype=np.uint8)
+        dtype = np.dtype(page.dtype)
+        if nbytes == 0:  # sparse tile: nothing scanned there, i.e. white glass in this level's colours
+            colour = self._colours[level]
+            white = 0 if colour.kind in ("miniswhite", "cmyk") else colour.max_value
+            tile = np.full((th, tw, spp), white, dtype=np.uint16 if dtype.kind == "b" else dtype)
         else:
             fh = self._tif.filehandle
             with fh.lock:
@@ -825,7 +1082,11 @@ class TiffSlide(Slide):
             arr, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
             if arr is None:
                 raise CorruptSlideError(_corrupt_message(self.path, ValueError("tile could not be decoded")))
-            tile = np.asarray(arr).reshape(th, tw, spp)
+            arr = np.asarray(arr).reshape(-1, tw, spp)
+            if arr.shape[0] < th:  # the last strip is shorter
+                pad = np.zeros((th - arr.shape[0], tw, spp), dtype=arr.dtype)
+                arr = np.concatenate([arr, pad], axis=0)
+            tile = arr[:th]
         with self._cache_lock:
             self._tile_cache[key] = tile
             self._cache_bytes += tile.nbytes
@@ -834,41 +1095,58 @@ class TiffSlide(Slide):
                 self._cache_bytes -= old.nbytes
         return tile
 
-    def _read_tiled(self, level: int, page: Any, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Region from the tiles that overlap it only (loop over tiles, not pixels)."""
-        th, tw = page.tilelength, page.tilewidth
-        across = -(-page.imagewidth // tw)
-        out = np.empty((h, w, page.samplesperpixel), dtype=np.uint8)
+    def _read_chunked(self, level: int, page: Any, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region from the tiles/strips that overlap it only (loop over chunks, not pixels)."""
+        th, tw = self._chunk_shape(page)
+        across = -(-int(page.imagewidth) // tw)
+        out = np.empty((h, w, int(page.samplesperpixel)), dtype=np.dtype(page.dtype))
         for r in range(y // th, (y + h - 1) // th + 1):
             for c in range(x // tw, (x + w - 1) // tw + 1):
-                tile = self._decoded_tile(level, page, r * across + c)
+                tile = self._decoded_chunk(level, page, r * across + c)
                 ty0, tx0 = r * th, c * tw
                 sy0, sx0 = max(y, ty0), max(x, tx0)
                 sy1, sx1 = min(y + h, ty0 + th), min(x + w, tx0 + tw)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
         return out
 
+    def _read_raw_rows(self, page: Any, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region of an uncompressed stripped page, read row by row from the file (no whole strip)."""
+        spp = int(page.samplesperpixel)
+        dtype = np.dtype(page.dtype).newbyteorder(self._tif.byteorder)
+        px_bytes = spp * dtype.itemsize
+        row_bytes = int(page.imagewidth) * px_bytes
+        rps = min(int(page.rowsperstrip or page.imagelength), int(page.imagelength))
+        out = np.empty((h, w, spp), dtype=dtype)
+        fh = self._tif.filehandle
+        offsets = page.dataoffsets
+        with fh.lock:
+            for i, row in enumerate(range(y, y + h)):
+                strip, within = divmod(row, rps)
+                fh.seek(int(offsets[strip]) + within * row_bytes + x * px_bytes)
+                buf = fh.read(w * px_bytes)
+                if len(buf) != w * px_bytes:
+                    raise CorruptSlideError(_corrupt_message(self.path, EOFError("strip data cut short")))
+                out[i] = np.frombuffer(buf, dtype=dtype).reshape(w, spp)
+        return out.astype(dtype.newbyteorder("="), copy=False)
+
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        page = self._tiled_page(level)
-        if page is not None:
-            try:
-                arr = self._read_tiled(level, page, x, y, w, h)
-            except SlideError:
-                raise
-            except Exception as e:
-                raise CorruptSlideError(_corrupt_message(self.path, e)) from None
-            return _to_rgb8(arr, f"'{self.path.name}'")
-        z = self._store(level)
+        where = f"'{self.path.name}'"
+        page = self._chunked_page(level)
         try:
-            if self._channel_first:
-                arr = np.moveaxis(np.asarray(z[:, y : y + h, x : x + w]), 0, -1)
+            if page is not None:
+                arr = self._read_raw_rows(page, x, y, w, h) if _direct_strips(page) else \
+                    self._read_chunked(level, page, x, y, w, h)
             else:
-                arr = np.asarray(z[y : y + h, x : x + w])
+                z = self._store(level)
+                if self._channel_first:
+                    arr = np.moveaxis(np.asarray(z[:, y : y + h, x : x + w]), 0, -1)
+                else:
+                    arr = np.asarray(z[y : y + h, x : x + w])
         except SlideError:
             raise
         except Exception as e:
             raise CorruptSlideError(_corrupt_message(self.path, e)) from None
-        return _to_rgb8(arr, f"'{self.path.name}'")
+        return self._colours[level].convert(arr, where)
 
     def _close_tif(self) -> None:
         tif = getattr(self, "_tif", None)
@@ -913,6 +1191,59 @@ class _TifffileComplaints(logging.Handler):
         self._logger.propagate = self._old_propagate
 
 
+def count_tiff_pages(path: str | os.PathLike, limit: int = MAX_TIFF_PAGES) -> int:
+    """Number of top-level IFDs (pages) in a TIFF, counting at most ``limit + 1``.
+
+    Walks the IFD chain with plain reads (2 small reads per page: no tag parsing), stops at a
+    loop, an offset outside the file or the end of the chain, so it costs milliseconds even
+    for a 50,000-page file, where tifffile's full parse takes minutes.
+    """
+    import struct as _struct
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(16)
+        if head[:2] not in (b"II", b"MM") or len(head) < 8:
+            return 0
+        e = "<" if head[:2] == b"II" else ">"
+        big = _struct.unpack(e + "H", head[2:4])[0] == 43
+        if big:
+            if len(head) < 16:
+                return 0
+            off = _struct.unpack(e + "Q", head[8:16])[0]
+            cnt_fmt, cnt_len, entry_len, next_fmt, next_len = "Q", 8, 20, "Q", 8
+        else:
+            off = _struct.unpack(e + "I", head[4:8])[0]
+            cnt_fmt, cnt_len, entry_len, next_fmt, next_len = "H", 2, 12, "I", 4
+        seen: set[int] = set()
+        n = 0
+        while 0 < off < size and off not in seen and n <= limit:
+            seen.add(off)
+            fh.seek(off)
+            raw = fh.read(cnt_len)
+            if len(raw) < cnt_len:
+                break
+            n += 1
+            n_entries = _struct.unpack(e + cnt_fmt, raw)[0]
+            nxt = off + cnt_len + n_entries * entry_len
+            if nxt + next_len > size:
+                break
+            fh.seek(nxt)
+            off = _struct.unpack(e + next_fmt, fh.read(next_len))[0]
+        return n
+
+
+def _check_page_count(path: Path) -> None:
+    n = count_tiff_pages(path, MAX_TIFF_PAGES)
+    if n > MAX_TIFF_PAGES:
+        raise ImageTooLargeError(
+            f"'{path.name}' holds more than {MAX_TIFF_PAGES:,} images (TIFF pages); a slide has a handful "
+            "(its resolution levels, label and overview). It looks like an image stack or time series, "
+            "which GHIST Studio does not read. Export the one brightfield image you want as a "
+            "tiled pyramidal TIFF or in the scanner's own format."
+        )
+
+
 def check_tiff_integrity(path: str | os.PathLike, *, strict: bool = True) -> None:
     """Raise CorruptSlideError if a TIFF's directories or image data are damaged or cut short.
 
@@ -924,6 +1255,7 @@ def check_tiff_integrity(path: str | os.PathLike, *, strict: bool = True) -> Non
     import tifffile
 
     path = Path(path)
+    _check_page_count(path)
     try:
         pattern = None if strict else _TifffileComplaints.STRUCTURAL
         with _TifffileComplaints(pattern) as complaints, tifffile.TiffFile(str(path)) as tif:
@@ -981,21 +1313,240 @@ def _check_page_layout(path: Path, page: Any, counts: np.ndarray) -> None:
         if needed < 0 or counts.size < needed:
             bad = f"it lists {counts.size} tiles/strips where its size needs {needed}"
         elif int(getattr(page, "compression", 0)) == 1 and counts.size and counts.all():
-            need_bytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(page.dtype).itemsize
+            bps = getattr(page, "bitspersample", 8)
+            bps = int(bps[0] if isinstance(bps, tuple) else bps)
+            if bps < 8:  # bits packed, each row (of each plane) padded to a whole byte
+                spp = int(getattr(page, "samplesperpixel", 1))
+                w, h = int(page.imagewidth), int(page.imagelength)
+                contig = int(getattr(page, "planarconfig", 1)) == 1
+                need_bytes = h * ((w * (spp if contig else 1) * bps + 7) // 8) * (1 if contig else spp)
+            else:
+                need_bytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(page.dtype).itemsize
             if int(counts.sum()) < need_bytes:
                 bad = f"its uncompressed pixel data ({int(counts.sum()):,} bytes) is smaller than the image it declares"
     if bad is not None:
         raise CorruptSlideError(_corrupt_message(path, ValueError(bad)))
 
 
+def _direct_strips(page: Any) -> bool:
+    """True when a page's strips are raw interleaved bytes we can read row by row from the file."""
+    bps = getattr(page, "bitspersample", 8)
+    bps = int(bps[0] if isinstance(bps, tuple) else bps)
+    return bool(
+        hasattr(page, "dataoffsets") and not page.is_tiled and int(page.compression) == 1
+        and bps in (8, 16) and int(getattr(page, "fillorder", 1)) == 1 and int(getattr(page, "predictor", 1)) == 1
+        and int(getattr(page, "imagedepth", 1)) == 1
+        and (int(page.planarconfig) == 1 or int(page.samplesperpixel) == 1)
+        and np.dtype(page.dtype).itemsize * 8 == bps
+    )
+
+
+def _chunk_bytes(page: Any) -> int:
+    """Decoded bytes of one strip or tile of ``page`` (from its header, nothing decoded)."""
+    spp = int(page.samplesperpixel) if int(getattr(page, "planarconfig", 1)) == 1 else 1
+    item = max(1, np.dtype(page.dtype).itemsize)
+    if page.is_tiled:
+        return int(page.tilewidth) * int(page.tilelength) * max(1, int(getattr(page, "tiledepth", 1))) * spp * item
+    rows = min(int(getattr(page, "rowsperstrip", 0) or page.imagelength), int(page.imagelength))
+    return rows * int(page.imagewidth) * max(1, int(getattr(page, "imagedepth", 1))) * spp * item
+
+
+def _check_chunk_sizes(path: Path, page: Any) -> None:
+    """``ImageTooLargeError`` when one strip/tile we would decode whole exceeds :data:`MAX_CHUNK_BYTES`.
+
+    Checked on the header before any pixel is decoded: decoded size of one chunk, and the
+    stored (compressed) byte count of the largest chunk.
+    """
+    kf = getattr(page, "keyframe", None) or page  # a TiffFrame shares its keyframe's layout
+    if not hasattr(page, "dataoffsets") or _direct_strips(kf):
+        return
+    decoded = _chunk_bytes(kf)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    stored = int(counts.max()) if counts.size else 0
+    if decoded > MAX_CHUNK_BYTES or stored > MAX_CHUNK_BYTES:
+        what = "tiles" if kf.is_tiled else "strips"
+        raise ImageTooLargeError(
+            f"'{path.name}' stores its image in {what} of {max(decoded, stored) / 2**20:,.0f} MB that must each be "
+            f"decoded whole; the limit is {MAX_CHUNK_BYTES / 2**20:,.0f} MB per strip or tile (to keep memory "
+            f"bounded). {_CONVERT_HINT}"
+        )
+
+
 # --------------------------------------------------------------------------- Pillow
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+@dataclass(frozen=True)
+class _PngHeader:
+    width: int
+    height: int
+    bit_depth: int
+    colour_type: int
+    interlace: int
+    sbit: tuple[int, ...] | None  # significant bits per channel (sBIT chunk), if any
+
+    def raw_bytes(self) -> int:
+        """Size of the filtered scanlines the IDAT stream must inflate to (PNG spec, 7.2 / Adam7)."""
+        bpp_bits = self.bit_depth * _PNG_CHANNELS.get(self.colour_type, 1)
+        passes = _ADAM7 if self.interlace == 1 else ((0, 0, 1, 1),)
+        total = 0
+        for x0, y0, dx, dy in passes:
+            pw = (self.width - x0 + dx - 1) // dx if self.width > x0 else 0
+            ph = (self.height - y0 + dy - 1) // dy if self.height > y0 else 0
+            if pw and ph:
+                total += ph * (1 + (pw * bpp_bits + 7) // 8)
+        return total
+
+
+#: PNGs whose scanlines inflate to at most this many bytes are fully inflated (streamed,
+#: discarded) when opened, so a file that declares more than it holds is refused on open;
+#: bigger ones get the structural check only (their data is checked when decoded).
+PNG_FULL_CHECK_BYTES = 256 * 1024 * 1024
+
+
+def _scan_png(path: Path) -> _PngHeader:
+    """Check a PNG's chunks (CRCs, end chunk) and, up to :data:`PNG_FULL_CHECK_BYTES`, that its
+    image data inflates to the declared size.
+
+    Streams the file (1 MiB reads, 16 MiB of inflated data at a time, nothing kept), so it
+    runs in constant memory, and a file that declares more pixels than it holds (a cut-short
+    upload, a decompression bomb's lie) is refused here, before anything is allocated.
+    Raises ``CorruptSlideError`` (``ImageTooLargeError`` on a header over the pixel caps).
+    """
+    import struct as _struct
+
+    def bad(why: str) -> CorruptSlideError:
+        return CorruptSlideError(_corrupt_message(path, ValueError(why)))
+
+    header: _PngHeader | None = None
+    sbit: tuple[int, ...] | None = None
+    inflater = zlib.decompressobj()
+    inflated = 0
+    need = 0
+    full_check = True
+    seen_end = False
+    with open(path, "rb") as fh:
+        if fh.read(8) != _PNG_MAGIC:
+            raise bad("not a PNG signature")
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                break
+            length, kind = _struct.unpack(">I4s", head)
+            if length > 0x7FFFFFFF:
+                raise bad(f"chunk length {length} out of range")
+            crc = zlib.crc32(kind)
+            left = length
+            body_start = b""
+            while left:
+                piece = fh.read(min(left, 1 << 20))
+                if not piece:
+                    raise bad("file cut short inside a chunk")
+                left -= len(piece)
+                crc = zlib.crc32(piece, crc)
+                if kind == b"IDAT":
+                    if header is None:
+                        raise bad("image data before the header")
+                    if not full_check:
+                        continue
+                    buf = piece
+                    try:
+                        while buf and inflated < need and not inflater.eof:
+                            out = inflater.decompress(buf, 1 << 24)
+                            inflated += len(out)
+                            buf = inflater.unconsumed_tail
+                    except zlib.error as e:
+                        raise bad(f"damaged image data ({e})") from None
+                elif len(body_start) < 64:
+                    body_start += piece[: 64 - len(body_start)]
+            tail = fh.read(4)
+            if len(tail) < 4:
+                raise bad("file cut short")
+            if _struct.unpack(">I", tail)[0] != (crc & 0xFFFFFFFF):
+                raise bad(f"broken checksum in the {kind.decode('latin-1', 'replace')} chunk")
+            if kind == b"IHDR":
+                if length != 13:
+                    raise bad("malformed header")
+                w, h, depth, ctype, _, _, interlace = _struct.unpack(">IIBBBBB", body_start[:13])
+                if w == 0 or h == 0 or ctype not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+                    raise bad(f"declares an impossible image ({w} x {h}, depth {depth}, colour type {ctype})")
+                header = _PngHeader(w, h, depth, ctype, interlace, None)
+                if w * h > MAX_PLAIN_IMAGE_PIXELS:  # refused on its header, before any inflating
+                    raise ImageTooLargeError(_too_large_message(path, (w, h)))
+                if depth == 16 and w * h > MAX_HIGH_BIT_PLAIN_PIXELS:
+                    raise ImageTooLargeError(_too_large_message(path, (w, h)).replace(
+                        f"{MAX_PLAIN_IMAGE_PIXELS:,} pixels", f"{MAX_HIGH_BIT_PLAIN_PIXELS:,} pixels for 16-bit images"))
+                need = header.raw_bytes()
+                full_check = need <= PNG_FULL_CHECK_BYTES
+            elif kind == b"sBIT":
+                sbit = tuple(body_start[:length])
+            elif kind == b"IEND":
+                seen_end = True
+                break
+    if header is None:
+        raise bad("no image header")
+    if full_check and inflated < need:
+        try:
+            inflated += len(inflater.flush())
+        except zlib.error as e:
+            raise bad(f"damaged image data ({e})") from None
+    if full_check and inflated < need:
+        raise bad(f"its image data holds {inflated:,} of the {need:,} bytes its size needs (cut short)")
+    if not seen_end:
+        raise bad("file cut short (no end chunk)")
+    return _PngHeader(header.width, header.height, header.bit_depth, header.colour_type, header.interlace, sbit)
+
+
+def _pil_to_rgb(img: Image.Image, where: str) -> np.ndarray:
+    """A decoded 8-bit Pillow image (or a crop of one) as uint8 RGB, alpha composited on white."""
+    mode = img.mode
+    if mode in {"RGB", "L", "RGBA", "LA"}:
+        arr = np.asarray(img)
+    elif mode in {"P", "PA"} or "transparency" in img.info:
+        arr = np.asarray(img.convert("RGBA"))
+    elif mode in {"1", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa", "RGBX"}:
+        arr = np.asarray(img.convert("RGBA" if mode in {"La", "RGBa"} else "RGB"))
+    else:
+        raise UnsupportedPixelFormatError(
+            f"{where} uses the pixel mode {mode!r}, which GHIST Studio cannot "
+            "convert to RGB. Please export it as an 8-bit RGB PNG or JPEG."
+        )
+    return _to_rgb8(arr, where)
+
+
 class PillowSlide(Slide):
-    """PNG / JPEG images (decoded whole, so bounded by ``MAX_PLAIN_IMAGE_PIXELS``)."""
+    """PNG / JPEG images.
+
+    Opening reads the header and checks the data (PNG: chunk checksums and that the pixel
+    data inflate to the declared size, streamed; JPEG: a 1/8-scale decode) without holding
+    the image. Pixels are decoded on the first region read, once, and kept as Pillow holds
+    them (<= 4 bytes/px, so <= 2 GB at :data:`MAX_PLAIN_IMAGE_PIXELS`); each region is
+    converted to RGB on its own. ``thumbnail`` of an image over
+    :data:`MAX_INPROCESS_PLAIN_PIXELS` that is not decoded yet is made without decoding it
+    here: JPEG by DCT-domain reduction (1/2 to 1/8 scale, <= 1/4 of the memory), PNG in a
+    child process capped at :data:`PREVIEW_MEMORY_BYTES` and :data:`PREVIEW_TIMEOUT_S`.
+
+    16-bit PNGs are decoded with imagecodecs (Pillow keeps only the top byte of 16-bit RGB)
+    and scaled to 8 bits by their actual bit depth: the sBIT chunk's significant bits when
+    present, otherwise the smallest of 8/10/12/14/16 bits that holds the image's largest
+    value (a brightfield image always has near-white glass, so 12-bit data written in a
+    16-bit container is recognised rather than shown as near-black).
+    """
 
     format: Backend = "pillow"
+    #: Decode in this process whatever the size (set in the bounded preview child).
+    _decode_here_always = False
 
     def __init__(self, path: Path, *, mpp_given: float | None) -> None:
         super().__init__(path, mpp_given=mpp_given)
+        self._img: Image.Image | None = None
+        self._pixels: np.ndarray | None = None
+        self._decode_lock = threading.Lock()
+        self._png: _PngHeader | None = None
+        where = f"'{path.name}'"
+        if sniff_format(path) == "png":
+            self._png = _scan_png(path)  # before Pillow: bounded, and catches cut-short files
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -1011,58 +1562,250 @@ class PillowSlide(Slide):
             self.vendor = (img.format or "image").lower()
             self.properties = {f"pil.{k}": str(v) for k, v in img.info.items() if isinstance(v, (str, int, float, tuple))}
             self.properties["pil.mode"] = img.mode
+            if self._png is not None and self._png.sbit:
+                self.properties["png.sBIT"] = ",".join(map(str, self._png.sbit))
             self.level_dimensions = ((int(w), int(h)),)
-            # Check the unit before the (possibly costly) decode, and before asking for mpp.
-            self._check_mode(img.mode)
-            if mpp_given is None:
-                self._finish_init()  # raises MissingMppError
-            try:
-                img.load()
-            except Exception as e:
-                raise CorruptSlideError(_corrupt_message(path, e)) from None
-            self._pixels = self._to_array(img)
-        self._finish_init()
+            if not self._high_bit():
+                self._check_mode(img.mode)
+            self._finish_init()  # MissingMppError / InvalidMppError before any decoding
+            if self.vendor == "jpeg":
+                self._check_jpeg(img, where)
+
+    # -- checks ------------------------------------------------------------------------
+    def _high_bit(self) -> bool:
+        return self._png is not None and self._png.bit_depth == 16
 
     def _check_mode(self, mode: str) -> None:
         if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F", "I;32", "RGB;16"} or mode.startswith("I;"):
             dtype = "float32" if mode == "F" else ("int32" if mode == "I" else "uint16")
             raise UnsupportedPixelFormatError(_pixel_format_message(dtype, f"'{self.path.name}'"))
-
-    def _to_array(self, img: Image.Image) -> np.ndarray:
-        mode = img.mode
-        if mode in {"RGB", "L", "RGBA", "LA"}:
-            arr = np.asarray(img)
-        elif mode in {"P", "PA"} or "transparency" in img.info:
-            arr = np.asarray(img.convert("RGBA"))
-        elif mode in {"1", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa", "RGBX"}:
-            arr = np.asarray(img.convert("RGBA" if mode in {"La", "RGBa"} else "RGB"))
-        else:
+        if mode not in {"RGB", "L", "RGBA", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa", "RGBX"}:
             raise UnsupportedPixelFormatError(
                 f"'{self.path.name}' uses the pixel mode {mode!r}, which GHIST Studio cannot "
                 "convert to RGB. Please export it as an 8-bit RGB PNG or JPEG."
             )
-        return _to_rgb8(arr, f"'{self.path.name}'")
+
+    def _check_jpeg(self, img: Image.Image, where: str) -> None:
+        """Decode the whole JPEG at 1/8 scale (<= 1/64 of the memory): catches damaged data."""
+        w, h = img.size
+        try:
+            img.draft(img.mode if img.mode in ("RGB", "L", "CMYK") else "RGB", (max(1, w // 8), max(1, h // 8)))
+            img.load()
+        except Exception as e:
+            raise CorruptSlideError(_corrupt_message(self.path, e)) from None
+
+    # -- decoding ------------------------------------------------------------------------
+    def _decode(self) -> None:
+        """Decode the whole image once (Pillow's own storage, or uint8 RGB for 16-bit PNGs)."""
+        with self._decode_lock:
+            if self._img is not None or self._pixels is not None:
+                return
+            where = f"'{self.path.name}'"
+            try:
+                if self._high_bit():
+                    self._pixels = self._decode_16bit(where)
+                    return
+                img = Image.open(self.path)
+                img.load()
+            except SlideError:
+                raise
+            except MemoryError:
+                raise ImageTooLargeError(_too_large_message(self.path, self.dimensions)) from None
+            except Exception as e:
+                raise CorruptSlideError(_corrupt_message(self.path, e)) from None
+            self._img = img
+
+    def _decode_16bit(self, where: str) -> np.ndarray:
+        import imagecodecs
+
+        arr = np.asarray(imagecodecs.png_decode(self.path.read_bytes()))
+        if arr.dtype != np.uint16:
+            raise UnsupportedPixelFormatError(_pixel_format_message(arr.dtype, where))
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        n_colour = arr.shape[2] - (1 if arr.shape[2] in (2, 4) else 0)
+        assert self._png is not None
+        if self._png.sbit and all(1 <= b <= 16 for b in self._png.sbit[:n_colour]):
+            bits = max(self._png.sbit[:n_colour])
+        else:
+            bits = _bits_for_max(int(arr[..., :n_colour].max(initial=0)))
+        self.properties["ghist.significant_bits"] = str(bits)
+        out = np.empty(arr.shape, dtype=np.uint8)
+        colour_max = (1 << bits) - 1
+        for r0 in range(0, arr.shape[0], 1024):  # in bands: no full-size temporaries
+            band = arr[r0 : r0 + 1024]
+            out[r0 : r0 + 1024, :, :n_colour] = _scale_to_8bit(band[..., :n_colour], colour_max)
+            if n_colour < arr.shape[2]:
+                out[r0 : r0 + 1024, :, n_colour:] = _scale_to_8bit(band[..., n_colour:], 65535)
+        del arr
+        return _to_rgb8(out, where)
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return self._pixels[y : y + h, x : x + w].copy()
+        self._decode()
+        if self._pixels is not None:
+            return self._pixels[y : y + h, x : x + w].copy()
+        assert self._img is not None
+        return _pil_to_rgb(self._img.crop((x, y, x + w, y + h)), f"'{self.path.name}'")
+
+    # -- previews ------------------------------------------------------------------------
+    def thumbnail(self, max_px: int = 1024) -> np.ndarray:
+        """As :meth:`Slide.thumbnail`, without decoding a big image in this process (see the class)."""
+        self._check_open()
+        w0, h0 = self.dimensions
+        decoded = self._img is not None or self._pixels is not None
+        if decoded or self._decode_here_always or w0 * h0 <= MAX_INPROCESS_PLAIN_PIXELS:
+            return super().thumbnail(max_px)
+        scale = min(1.0, float(max_px) / max(w0, h0))
+        ow, oh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        if self.vendor == "jpeg":
+            try:
+                with Image.open(self.path) as img:
+                    img.draft(img.mode if img.mode in ("RGB", "L", "CMYK") else "RGB", (ow, oh))
+                    img.load()
+                    small = img.resize((ow, oh), resample=Image.Resampling.BILINEAR, reducing_gap=None)
+                    return _pil_to_rgb(small, f"'{self.path.name}'")
+            except SlideError:
+                raise
+            except Exception as e:
+                raise CorruptSlideError(_corrupt_message(self.path, e)) from None
+        st_ = self.path.stat()
+        key = (str(self.path.resolve()), st_.st_size, st_.st_mtime_ns, int(max_px))
+        with _CHILD_THUMBS_LOCK:
+            hit = _CHILD_THUMBS.get(key)
+        if hit is None:
+            hit = _thumbnail_in_child(self.path, self.mpp, max_px)
+            with _CHILD_THUMBS_LOCK:
+                _CHILD_THUMBS[key] = hit
+                while len(_CHILD_THUMBS) > 16:
+                    _CHILD_THUMBS.popitem(last=False)
+        return hit.copy()
 
     def _close(self) -> None:
-        self._pixels = None  # type: ignore[assignment]
+        if self._img is not None:
+            self._img.close()
+        self._img = None
+        self._pixels = None
+
+
+#: Thumbnails made by preview children, keyed by (file, size, mtime, max_px): opening the same
+#: upload again (inspect, then add to the project) does not decode it again.
+_CHILD_THUMBS: "OrderedDict[tuple[str, int, int, int], np.ndarray]" = OrderedDict()
+_CHILD_THUMBS_LOCK = threading.Lock()
+
+_CHILD_CODE = (
+    "import sys; from ghist_core.io.slide import _thumbnail_child_main; "
+    "sys.exit(_thumbnail_child_main(sys.argv[1:]))"
+)
+
+
+def _thumbnail_child_main(argv: list[str]) -> int:
+    """Child side of :func:`_thumbnail_in_child`: decode here, write the thumbnail, report errors as JSON."""
+    import json
+
+    path, mpp, max_px, out = argv
+    PillowSlide._decode_here_always = True
+    try:
+        with open_slide(path, mpp=float(mpp), backend="pillow") as s:
+            np.save(out, s.thumbnail(int(max_px)))
+    except SlideError as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+        return 3
+    except MemoryError:
+        print(json.dumps({"error": "MemoryError", "message": ""}))
+        return 4
+    return 0
+
+
+def _thumbnail_in_child(path: Path, mpp: float, max_px: int) -> np.ndarray:
+    """The thumbnail of a big plain image, decoded in a child process with bounded memory and time.
+
+    The child's address space is capped at :data:`PREVIEW_MEMORY_BYTES` (``RLIMIT_AS``) and
+    it is killed after :data:`PREVIEW_TIMEOUT_S`; only the thumbnail comes back. Errors come
+    back as the same typed errors; running out of memory or time is ``ImageTooLargeError``.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from ghist_core import errors as _errors
+
+    def limit() -> None:  # runs in the child before exec
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = PREVIEW_MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(PREVIEW_MEMORY_BYTES, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
+    too_big = ImageTooLargeError(
+        f"'{path.name}' ({path.stat().st_size / 1e6:,.1f} MB file, {'{:,} x {:,}'.format(*_png_size(path))} pixels) "
+        f"needs more than {PREVIEW_MEMORY_BYTES / 2**30:.0f} GB of memory or {PREVIEW_TIMEOUT_S:.0f} s to preview "
+        f"as a plain image. {_CONVERT_HINT}"
+    )
+    with tempfile.TemporaryDirectory(prefix="ghist_thumb_") as tmp:
+        out = Path(tmp) / "thumb.npy"
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD_CODE, str(path), repr(float(mpp)), str(int(max_px)), str(out)],
+                capture_output=True, text=True, timeout=PREVIEW_TIMEOUT_S, env=env, preexec_fn=limit,
+            )
+        except subprocess.TimeoutExpired:
+            raise too_big from None
+        if proc.returncode == 0 and out.is_file():
+            arr = np.load(out, allow_pickle=False)
+            if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+                return arr
+        report: dict[str, str] = {}
+        for line in reversed(proc.stdout.strip().splitlines()):
+            try:
+                report = json.loads(line)
+                break
+            except ValueError:
+                continue
+        cls = getattr(_errors, report.get("error", ""), None)
+        if isinstance(cls, type) and issubclass(cls, SlideError) and report.get("message"):
+            raise cls(report["message"])
+        raise too_big  # MemoryError, killed by the limit, or no answer
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    import struct as _struct
+
+    return _struct.unpack(">II", head[16:24]) if len(head) >= 24 else (0, 0)
 
 
 # --------------------------------------------------------------------------- factory
 def _float_or_none(v: Any) -> float | None:
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return f if math.isfinite(f) else None
 
 
 def _rational(v: Any) -> float | None:
     if isinstance(v, tuple) and len(v) == 2:
-        return v[0] / v[1] if v[1] else None
+        num, den = _float_or_none(v[0]), _float_or_none(v[1])
+        return num / den if num is not None and den else None
     return _float_or_none(v)
+
+
+def _tag_int(v: Any) -> int | None:
+    """A TIFF tag value that should be one integer, or None (damaged files hold tuples, text...)."""
+    if isinstance(v, (tuple, list)) and len(v) == 1:
+        v = v[0]
+    if isinstance(v, bool):
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _ome_mpp(xml: str) -> tuple[float, float] | None:
@@ -1098,8 +1841,8 @@ def _too_large_message(path: Path, wh: tuple[int, int] | None) -> str:
     size = f" ({wh[0]:,} x {wh[1]:,} pixels)" if wh else ""
     return (
         f"'{path.name}' is too large to open as a plain image{size}; the limit is "
-        f"{MAX_PLAIN_IMAGE_PIXELS:,} pixels. Save large scans as a tiled pyramidal TIFF "
-        "or in the scanner's own format (e.g. .svs), which are read piece by piece."
+        f"{MAX_PLAIN_IMAGE_PIXELS:,} pixels. Save large scans in the scanner's own format "
+        f"(e.g. .svs) or as a tiled pyramidal TIFF. {_CONVERT_HINT}"
     )
 
 

@@ -209,6 +209,7 @@ def _exercise(path: Path, mpp: float | None) -> None:
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=8),
        st.one_of(st.none(), st.integers(1, len(_TIFF))))
+@example(edits=[(134, 0)], cut=None)  # ResolutionUnit became a tuple: once a TypeError from int()
 def test_open_slide_on_mutated_tiff_headers(tmp_path: Path, edits: list[tuple[int, int]], cut: int | None) -> None:
     """Mutations in the first 400 bytes: the header and first IFD (sizes, offsets, tile sizes)."""
     p = tmp_path / "fuzz.tif"
@@ -235,6 +236,7 @@ def test_open_slide_on_mutated_png(tmp_path: Path, edits: list[tuple[int, int]],
 
 @FUZZ
 @given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+@example(width=1, height=517821, crc_salt=0)  # once tried to allocate 24 GiB (thumbnail margin)
 def test_png_with_any_declared_size(tmp_path: Path, width: int, height: int, crc_salt: int) -> None:
     """IHDR may declare any size (0 to 4 G per side): refused or read, never a crash."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)

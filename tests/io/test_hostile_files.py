@@ -59,7 +59,16 @@ def test_typed_errors_name_the_problem(corpus_run: tuple[list[Case], list[Result
     assert "MissingMppError" in by_name["aperio_mpp_nan"].errors
     assert "InvalidMppError" in by_name["user_mpp_negative"].errors
     assert "UnsupportedSlideError" in by_name["text_named_svs"].errors
-    assert "UnsupportedPixelFormatError" in by_name["tiff_16bit"].errors
+    assert "UnsupportedPixelFormatError" in by_name["tiff_float32"].errors
+    assert "UnsupportedPixelFormatError" in by_name["tiff_cielab"].errors
+    assert "ImageTooLargeError" in by_name["tiff_50000_pages"].errors
+    assert "ImageTooLargeError" in by_name["tiff_zlib_single_strip_20k"].errors
+    assert "MissingMppError" in by_name["tiff_mpp_40um_20k"].errors
+    assert "InvalidMppError" in by_name["tiff_mpp_40um_20k_user_40"].errors
+    assert "CorruptSlideError" in by_name["png_1x517821_declared"].errors
+    for name in ("tiff_16bit", "tiff_cmyk", "tiff_palette", "tiff_miniswhite", "tiff_12bit_max_sample_value",
+                 "png_12bit_in_16bit", "png_16bit_grey"):
+        assert by_name[name].outcome == "ok", name  # read, and equal to the reference pixels
     assert "InvalidFileNameError" in by_name["name_refused_0"].errors
     assert "ClinicalTableError" in by_name["csv_100k_columns"].errors
     assert by_name["csv_formula_injection"].outcome == "ok"  # read, and exported with formulas defused
