@@ -21,6 +21,7 @@ from ghist_core.analysis.neighbourhoods import (
     predicted_neighbourhood_by_type,
 )
 from ghist_core.errors import GhistError
+from ghist_core.export import MAX_REGION_BYTES, RegionComposition, region_composition
 from ghist_core.project import RunStatus
 from ghist_core.viz import plots
 from ghist_core.safe_text import plain
@@ -108,6 +109,49 @@ def composition_tab() -> None:
                         key="ct_comp_patients")
         st.caption(POOLING_RULE)
     st.dataframe(counts.reset_index(), hide_index=True, key="ct_counts_table")
+    region_section()
+
+
+@st.cache_data(show_spinner="Finding the cells inside the region…", max_entries=8)
+def region_result(folder: str, slide_id: int, run_id: int, data: bytes, radius_um: float) -> RegionComposition:
+    """The composition (and observed neighbourhood) of the cells inside the uploaded regions."""
+    adata = c.cached_prediction(folder, slide_id, run_id)
+    return region_composition(adata, data, mpp=float(c.open_project(folder).get_slide(slide_id).mpp),
+                              radius_um=radius_um)
+
+
+def region_section() -> None:
+    """Upload QuPath annotations; composition and neighbourhood of the cells inside them only."""
+    st.subheader("Restrict to a region")
+    st.caption("Draw the region in QuPath (tumour, stroma, invasive margin…) on the same slide, then File ▸ "
+               "Export objects ▸ GeoJSON with the annotations only. Cells count when their centre lies inside "
+               "a polygon (holes excluded).")
+    rc = st.columns(2)
+    sid = rc[0].selectbox("Slide", ids, format_func=lambda i: label_of[i], key="ct_region_slide")
+    radius = rc[1].number_input("Neighbourhood radius (µm)", min_value=5.0, max_value=500.0, step=5.0,
+                                value=float(model_radius_um(c.cached_prediction(folder, sid, run_of[sid]))
+                                            or DEFAULT_RADIUS_UM), key="ct_region_radius")
+    up = st.file_uploader("QuPath annotations (GeoJSON)", type=["geojson", "json"], key="ct_region_file",
+                          max_upload_size=MAX_REGION_BYTES // 2**20)
+    if up is None:
+        return
+    try:
+        res = region_result(folder, sid, run_of[sid], up.getvalue(), float(radius))
+    except GhistError as exc:
+        st.error(plain(exc))
+        return
+    st.markdown(plain(res.describe()))
+    table = res.counts_table()
+    st.plotly_chart(composition_figure(table, st.session_state.get("ct_percent", True),
+                                       f"Inside the region vs the whole slide ({label_of[sid].split(' · ')[0]})"),
+                    key="ct_region_comp")
+    st.dataframe(table.reset_index(), hide_index=True, key="ct_region_table")
+    if res.neighbourhood is not None and len(res.neighbourhood.matrix):
+        st.plotly_chart(plots.neighbourhood_heatmap(
+            res.neighbourhood, title=f"Observed neighbourhood of the cells inside the region, within {float(radius):g} µm"),
+            key="ct_region_nbhd")
+        st.caption(plain(res.neighbourhood.describe()) + " Only cells inside the region are averaged; their "
+                   "neighbours are counted wherever they lie.")
 
 
 ids = list(run_of)

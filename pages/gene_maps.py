@@ -8,7 +8,9 @@ from functools import partial
 
 import streamlit as st
 
+from ghist_core import export
 from ghist_core._keys import OBS_CELL_TYPE
+from ghist_core.errors import GhistError
 from ghist_core.viz import figures, viewer
 
 from ghist_core.viz import palette
@@ -216,3 +218,37 @@ st.caption(
     f"Coordinates in µm on the slide (x right, y down). Expression units: {plain(units)}. Colour limits: 1st–99th "
     "percentile of the values shown. Scroll to zoom, drag to pan; hover a cell for its values."
 )
+
+# --- export this slide -------------------------------------------------------------------------
+#: what the last "Prepare" made: {"tag": (slide, run, format, genes), "download": export.Download}
+EXPORT_READY = "gm_export_ready"
+EXPORT_NAMES = {"h5ad": ".h5ad (scanpy / squidpy)", "csv": "CSV (cells × genes)",
+                "parquet": "Parquet (cells × genes)", "geojson": "QuPath GeoJSON"}
+st.subheader("Export this slide")
+ex = st.columns(2)
+fmt = ex[0].radio("Format", list(EXPORT_NAMES), format_func=EXPORT_NAMES.get, key="gm_export_fmt",
+                  help="Each file is made on the server when you press Prepare, then offered for download.")
+gene_choice = ex[1].radio("Genes", ["chosen", "all"], key="gm_export_genes", disabled=fmt == "h5ad",
+                          format_func=lambda g: (f"The {len(chosen)} shown above ({plain(', '.join(chosen))})" if g == "chosen"
+                                                 else f"All {len(genes)} predicted genes"),
+                          help="The .h5ad always holds every gene. The table and QuPath measurements hold the "
+                               "genes chosen here.")
+export_genes = None if fmt == "h5ad" or gene_choice == "all" else list(chosen)
+export_tag = (slide_key, run_id, fmt, tuple(export_genes) if export_genes is not None else None)
+if st.button(f"Prepare {EXPORT_NAMES[fmt]}", key="gm_export_prepare", icon=":material/build:"):
+    with st.spinner(f"Writing {EXPORT_NAMES[fmt]} for {adata.n_obs:,} cells…"):
+        try:
+            made = export.prepare_slide_download(project, slide_id, fmt, genes=export_genes, adata=adata)
+        except GhistError as exc:
+            st.error(plain(exc))
+        else:
+            old = st.session_state.get(EXPORT_READY)
+            export.discard_download(old["download"] if old else None)
+            st.session_state[EXPORT_READY] = {"tag": export_tag, "download": made}
+ready = st.session_state.get(EXPORT_READY)
+if ready and ready["tag"] == export_tag:
+    made = ready["download"]
+    st.download_button(f"Download {made.file_name} ({made.size_text})", data=made.read_bytes,
+                       file_name=made.file_name, mime=made.mime, key="gm_export_download",
+                       icon=":material/download:", on_click="ignore", type="primary")
+st.caption(f"How to open it: {export.HOW_TO_OPEN[fmt]}")

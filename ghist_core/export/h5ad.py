@@ -71,7 +71,16 @@ def prepare_h5ad(adata: Any, *, overview: Callable[[], tuple[np.ndarray, float]]
     return adata
 
 
-def write_h5ad(adata: Any, path: str | os.PathLike, *, overview: Callable[[], tuple[np.ndarray, float]] | None = None) -> Path:
-    """Write :func:`prepare_h5ad` of ``adata`` to ``path`` (gzip, atomically); returns the path."""
+def write_h5ad(adata: Any, path: str | os.PathLike, *, overview: Callable[[], tuple[np.ndarray, float]] | None = None,
+               mpp: float | None = None) -> Path:
+    """Write :func:`prepare_h5ad` of ``adata`` to ``path`` (gzip, atomically); returns the path.
+
+    ``mpp`` (the slide's µm per level-0 pixel) is recorded in the copy's ``uns["ghist"]["mpp"]``
+    when the prediction lacks it (older results); ``adata`` itself is never changed."""
     out = prepare_h5ad(adata, overview=overview)
+    if mpp is not None:
+        ghist = out.uns.get(K.UNS_GHIST)
+        ghist = dict(ghist) if isinstance(ghist, dict) else {}
+        if not ghist.get("mpp"):
+            out.uns[K.UNS_GHIST] = {**ghist, "mpp": float(mpp)}
     return atomic_write_with(Path(path), lambda p: out.write_h5ad(p, compression="gzip"))

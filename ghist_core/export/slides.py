@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ghist_core import _keys as K
 from ghist_core.errors import ExportError
@@ -34,23 +34,26 @@ def export_file_name(slide_id: int, fmt: str) -> str:
 
 
 def export_slide(project: Project, slide_id: int, fmt: str, out: str | os.PathLike, *,
-                 genes: Iterable[str] | None = None) -> Path:
-    """Write the latest finished prediction of a slide to ``out`` in ``fmt`` (see :data:`FORMATS`)."""
+                 genes: Iterable[str] | None = None, adata: Any | None = None) -> Path:
+    """Write the latest finished prediction of a slide to ``out`` in ``fmt`` (see :data:`FORMATS`).
+
+    ``adata`` is that prediction when the caller holds it already (the app's cached copy):
+    it is read, never changed, and the slide is not loaded a second time."""
     if fmt not in FORMATS:
         raise ExportError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
-    adata = load_prediction(project, slide_id)
-    ghist = dict(adata.uns.get(K.UNS_GHIST, {}))
-    if not ghist.get("mpp"):  # older results: the store knows the slide's µm/px
-        ghist["mpp"] = float(project.get_slide(slide_id).mpp)
-        adata.uns[K.UNS_GHIST] = ghist
+    if adata is None:
+        adata = load_prediction(project, slide_id)
+    ghist = adata.uns.get(K.UNS_GHIST, {})
+    # older results do not record the slide's µm/px: the store knows it
+    mpp = None if isinstance(ghist, dict) and ghist.get("mpp") else float(project.get_slide(slide_id).mpp)
     if fmt == "h5ad":
         def overview():
             rgb, (_, _, right_um, _) = slide_overview_image(project, slide_id, max_px=OVERVIEW_MAX_PX)
             return rgb, rgb.shape[1] / right_um
 
-        return write_h5ad(adata, out, overview=overview)
+        return write_h5ad(adata, out, overview=overview, mpp=mpp)
     if fmt == "geojson":
-        return write_geojson(adata, out, genes)
+        return write_geojson(adata, out, genes, mpp=mpp)
     if fmt == "csv":
         return write_csv(adata, out, genes)
     return write_parquet(adata, out, genes)

@@ -262,8 +262,10 @@ def gene_map(
     data = table.copy()
     data["value"] = data["value"].astype(float).round(3)
     data["r"], data["g"], data["b"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-    types = data["cell_type"].astype(str)  # cell-type names come from the model card: escaped for the tooltip's HTML
-    data["cell_type"] = types.map({t: html_text(t) for t in types.unique()})
+    # the tooltip shows the display name ("T cells"); names come from the model card: escaped for its HTML.
+    # ``table`` (CSV, legend counts, PNG) keeps the short names.
+    types = data["cell_type"].astype(str)
+    data["cell_type"] = types.map({t: html_text(palette.cell_type_label(t)) for t in types.unique()})
 
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64) if n else np.zeros((0, 2))
     bounds = _bounds_from(xy, bounds_um)
@@ -328,11 +330,12 @@ def colour_bar(gm: GeneMap, *, height: int = 90) -> go.Figure:
 
 
 def cell_type_legend(types: Sequence[str], counts: Mapping[str, int] | None = None) -> go.Figure:
-    """One legend of the fixed cell-type colours; with ``counts`` each bar is that type's number of cells."""
+    """One legend of the fixed cell-type colours (display names, "T cells"); with ``counts`` (keyed by
+    the short names) each bar is that type's number of cells."""
     ordered = palette.ordered_types(types)
     n = [int(counts.get(t, 0)) for t in ordered] if counts is not None else [1] * len(ordered)
     fig = go.Figure(go.Bar(
-        x=n, y=ordered, orientation="h", marker_color=[palette.cell_type_colour(t) for t in ordered],
+        x=n, y=[palette.cell_type_label(t) for t in ordered], orientation="h", marker_color=[palette.cell_type_colour(t) for t in ordered],
         text=[f"{v:,}" for v in n] if counts is not None else None, textposition="auto",
         hovertemplate="%{y}: %{x:,} cells<extra></extra>" if counts is not None else "%{y}<extra></extra>",
     ))

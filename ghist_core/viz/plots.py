@@ -2,7 +2,8 @@
 
 Why here: analysis modules compute numbers and never import plotly; these builders draw
 them with the fixed colours of :mod:`ghist_core.viz.palette`, so the pages only show the
-figure. Maps are in :mod:`ghist_core.viz.figures`, survival plots in
+figure. Cell types are shown by their display names (``palette.cell_type_label``: "T" →
+"T cells"); the data keep the short names. Maps are in :mod:`ghist_core.viz.figures`, survival plots in
 :mod:`ghist_core.viz.survival_plots`.
 """
 
@@ -67,9 +68,10 @@ def composition_bars(counts: pd.DataFrame, *, percent: bool = True, title: str |
     fig = go.Figure()
     for t in counts.columns:
         fig.add_bar(
-            x=x, y=values[t].to_numpy(), name=str(t), marker_color=palette.cell_type_colour(t),
+            x=x, y=values[t].to_numpy(), name=palette.cell_type_label(t), marker_color=palette.cell_type_colour(t),
             customdata=counts[t].to_numpy(),
-            hovertemplate=f"{t}: %{{y:.1f}}{' %' if percent else ''} (%{{customdata}} cells)<extra></extra>",
+            hovertemplate=f"{palette.cell_type_label(t)}: %{{y:.1f}}{' %' if percent else ''} "
+                          "(%{customdata} cells)<extra></extra>",
         )
     fig.update_layout(
         barmode="stack", title=title, legend_title_text="cell type", height=420, legend_traceorder="normal",
@@ -93,7 +95,8 @@ def neighbourhood_heatmap(matrix: pd.DataFrame | NeighbourhoodMatrix, *, colour_
     matrix = matrix.loc[palette.ordered_types(matrix.index), palette.ordered_types(matrix.columns)]
     what = f"{kind} " if kind else ""
     fig = go.Figure(go.Heatmap(
-        z=matrix.to_numpy(), x=[str(c) for c in matrix.columns], y=[str(r) for r in matrix.index],
+        z=matrix.to_numpy(), x=[palette.cell_type_label(c) for c in matrix.columns],
+        y=[palette.cell_type_label(r) for r in matrix.index],
         colorscale=palette.plotly_colorscale(colour_map), zmin=0,
         colorbar=dict(title=f"mean % of<br>neighbours{'<br>(' + kind + ')' if kind else ''}"),
         hovertemplate=f"centre %{{y}}, neighbour %{{x}}: %{{z:.1f}} % ({what}mean)<extra></extra>",
@@ -126,7 +129,8 @@ def morphology_violins(obs: pd.DataFrame, feature: str, *, type_key: str = "cell
     for t in palette.ordered_types(cat.categories):
         sel = keep[kept_codes == cat.categories.get_loc(t)]
         fig.add_trace(go.Violin(
-            x=np.full(len(sel), t), y=vals[sel], name=t, line_color=palette.cell_type_colour(t),
+            x=np.full(len(sel), palette.cell_type_label(t)), y=vals[sel], name=palette.cell_type_label(t),
+            line_color=palette.cell_type_colour(t),
             box_visible=True, meanline_visible=True, points=False, spanmode="hard",
         ))
     fig.update_layout(

@@ -259,9 +259,10 @@ def test_gene_maps_page(predicted_project):
     at.radio(key="gm_mode").set_value("Each cell").run()
     at.radio(key="gm_colour_by").set_value("Cell type").run()
     row = deck_specs(at)[0]["layers"][-1]["data"][0]
-    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[row["t"]])
+    short = {palette.cell_type_label(t): t for t in palette.CELL_TYPES}  # tooltips show display names
+    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[short[row["t"]]])
     at.multiselect(key="gm_types").set_value(["T"]).run()
-    assert {d["t"] for d in deck_specs(at)[0]["layers"][-1]["data"]} == {"T"}
+    assert {d["t"] for d in deck_specs(at)[0]["layers"][-1]["data"]} == {"T cells"}
     assert len(at.get("download_button")) == 4
 
 
@@ -271,7 +272,8 @@ def test_cell_types_page(predicted_project):
     figs = plotly_specs(at)
     comp = figs[0]
     assert comp["layout"]["barmode"] == "stack" and "%" in comp["layout"]["yaxis"]["title"]["text"]
-    assert [t["name"] for t in comp["data"]] == list(palette.CELL_TYPES)
+    assert [t["name"] for t in comp["data"]] == [palette.cell_type_label(t) for t in palette.CELL_TYPES]
+    assert "T cells" in [t["name"] for t in comp["data"]]
     totals = np.sum([arr(t["y"]) for t in comp["data"]], axis=0)
     np.testing.assert_allclose(totals, 100.0)
     # lazy tabs: only the open tab is computed and sent

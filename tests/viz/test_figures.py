@@ -85,9 +85,11 @@ def test_gene_map_cell_type_filter_and_unknown_gene():
     assert set(gm.table["cell_type"]) == {"T", "B"}
     spec = json.loads(gm.deck.to_json())
     row = spec["layers"][-1]["data"][0]
-    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[row["t"]])
+    short = {palette.cell_type_label(t): t for t in palette.CELL_TYPES}  # tooltips show display names
+    assert row["t"] in ("T cells", "B cells")
+    assert (row["r"], row["g"], row["b"]) == palette.hex_to_rgb(palette.CELL_TYPE_COLOURS[short[row["t"]]])
     legend = figures.colour_bar(gm)
-    assert list(legend.data[0].y) == ["B", "T"]
+    assert list(legend.data[0].y) == ["B cells", "T cells"]
     with pytest.raises(UnknownGeneError):
         figures.gene_map(a, "NOTAGENE")
 

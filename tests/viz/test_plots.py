@@ -22,7 +22,9 @@ def test_composition_neighbourhood_morphology():
     assert counts.to_numpy().sum() == a.n_obs
     assert list(counts.columns) == sorted(palette.CELL_TYPES)  # analysis sorts, the figure orders
     fig = plots.composition_bars(counts)
-    assert [tr.name for tr in fig.data] == list(palette.CELL_TYPES)
+    # display names ("T cells") in the legend; the data keep the short names
+    assert [tr.name for tr in fig.data] == [palette.cell_type_label(t) for t in palette.CELL_TYPES]
+    assert fig.data[-1].name == "T cells" and fig.data[-1].hovertemplate.startswith("T cells:")
     assert fig.layout.barmode == "stack" and "%" in fig.layout.yaxis.title.text
     total = np.sum([np.asarray(tr.y) for tr in fig.data], axis=0)
     np.testing.assert_allclose(total, 100.0)
@@ -33,9 +35,11 @@ def test_composition_neighbourhood_morphology():
     assert m.loc["T", "B"] == pytest.approx(expected)
     hm = plots.neighbourhood_heatmap(m)
     assert hm.layout.xaxis.title.text == "neighbour cell type"
+    assert "T cells" in hm.data[0].x and "T cells" in hm.data[0].y and "T" not in hm.data[0].y
     v = plots.morphology_violins(a.obs, "area_um2", max_per_type=50)
     assert "µm²" in v.layout.yaxis.title.text
     assert all(len(tr.y) <= 50 for tr in v.data) and len(v.data) == 9
+    assert v.data[-1].name == "T cells" and set(v.data[-1].x) == {"T cells"}
 
 
 def test_volcano_from_differential():
@@ -83,4 +87,4 @@ def test_neighbourhood_heatmaps_say_observed_or_predicted():
     assert "(observed)" in fo.data[0].colorbar.title.text and "(predicted)" in fp.data[0].colorbar.title.text
     order = palette.ordered_types(obs.matrix.index)
     np.testing.assert_allclose(np.asarray(fo.data[0].z), obs.matrix.loc[order, order].to_numpy())
-    assert list(fo.data[0].y) == order
+    assert list(fo.data[0].y) == [palette.cell_type_label(t) for t in order]

@@ -175,14 +175,14 @@ def test_type_filter_stays_with_its_slide_and_close_up(two_slides):
     at.radio(key="gm_mode").set_value("Each cell").run()
     assert len(_cells(at)) == 1200
     at.multiselect(key="gm_types").set_value(["T"]).run()
-    assert {d["t"] for d in _cells(at)} == {"T"}
+    assert {d["t"] for d in _cells(at)} == {"T cells"}  # the tooltip's display name
     at.selectbox(key="gm_slide").set_value(ids[1]).run()
     assert not at.exception
     assert len(_cells(at)) == 1200  # the filter of slide 1 does not hide cells of slide 2
     spec = json.loads(at.get("deck_gl_json_chart")[0].proto.json)
     assert all(str(ids[1]) in layer["id"] for layer in spec["layers"])  # layers belong to the new slide
     at.selectbox(key="gm_slide").set_value(ids[0]).run()
-    assert {d["t"] for d in _cells(at)} == {"T"}  # slide 1 keeps its own choice
+    assert {d["t"] for d in _cells(at)} == {"T cells"}  # slide 1 keeps its own choice
 
     # close-up at 40x: the slide's pixels and nucleus outlines; two genes share one view
     zoom = [s for s in at.select_slider if s.key.startswith("gm_zoom_")][0]
