@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from ghist_core import export
 from ghist_core.errors import GhistError
 from ghist_core.paths import default_project_dir
 from ghist_core.project import RunStatus, overview
@@ -126,6 +127,50 @@ if len(patients):
     })
 else:
     st.caption("No patients yet.")
+
+
+# --- export the whole project ---------------------------------------------------------------
+#: the last project zip prepared: {"tag": (folder, format, genes), "download": export.Download}
+PROJECT_EXPORT = "home_export_ready"
+EXPORT_NAMES = {"h5ad": ".h5ad (scanpy / squidpy)", "csv": "CSV (cells × genes)",
+                "parquet": "Parquet (cells × genes)", "geojson": "QuPath GeoJSON"}
+n_done = int(counts.n_predicted)
+if n_done:
+    st.subheader("Export the whole project")
+    xc = st.columns(2)
+    zfmt = xc[0].radio("Format", list(EXPORT_NAMES), format_func=EXPORT_NAMES.get, key="home_export_fmt",
+                       help="One file per slide with a finished prediction, all in one .zip.")
+    default_genes = ", ".join(st.session_state.get(c.SELECTED_GENES) or [])
+    genes_text = xc[1].text_input("Genes (comma-separated; empty = all)", value=default_genes,
+                                  key="home_export_genes", disabled=zfmt == "h5ad",
+                                  help="The .h5ad always holds every gene; tables and QuPath measurements "
+                                       "hold the genes listed here.")
+    zgenes = None if zfmt == "h5ad" or not genes_text.strip() else [g.strip() for g in genes_text.split(",") if g.strip()]
+    ztag = (str(project.folder), zfmt, tuple(zgenes) if zgenes is not None else None)
+    if st.button(f"Prepare the project as {EXPORT_NAMES[zfmt]} (.zip)", key="home_export_prepare",
+                 icon=":material/folder_zip:"):
+        bar = st.progress(0.0, text="Exporting…")
+        try:
+            made = export.prepare_project_zip(
+                project, zfmt, genes=zgenes,
+                progress=lambda done, total, sid: bar.progress(done / total, text=f"Slide {sid} done ({done} of {total})"))
+        except GhistError as exc:
+            st.error(plain(exc))
+        else:
+            old = st.session_state.get(PROJECT_EXPORT)
+            export.discard_download(old["download"] if old else None)
+            st.session_state[PROJECT_EXPORT] = {"tag": ztag, "download": made}
+        finally:
+            bar.empty()
+    ready = st.session_state.get(PROJECT_EXPORT)
+    if ready and ready["tag"] == ztag:
+        made = ready["download"]
+        st.download_button(f"Download {made.file_name} ({made.size_text})", data=made.read_bytes,
+                           file_name=made.file_name, mime=made.mime, key="home_export_download",
+                           icon=":material/download:", on_click="ignore", type="primary")
+    st.caption(f"{n_done} slide{'s' if n_done != 1 else ''} with a finished prediction, one file each "
+               f"(`slide_ID{export.FORMATS[zfmt]}`, ID as in the table above). "
+               f"How to open them: {export.HOW_TO_OPEN[zfmt]}")
 
 
 # --- edit and delete ------------------------------------------------------------------------
