@@ -35,8 +35,13 @@ def _tqdm_progress(desc: str):
 
     def callback(event) -> None:
         bar.n = round(event.overall * 100, 1)
-        eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
-        bar.set_postfix_str(f"{event.stage}: {event.message}{eta}"[:80])
+        eta = ""
+        if event.eta_s is not None:  # a range from measured seconds per tissue area (pipeline.eta)
+            from ghist_core.project.overview import TimeLeft
+
+            lo, hi = event.eta_low_s, event.eta_high_s
+            eta = TimeLeft(event.eta_s if lo is None else lo, event.eta_s, event.eta_s if hi is None else hi).text()
+        bar.set_postfix_str(f"{event.stage}: {eta + ' · ' if eta else ''}{event.message}"[:80])
         bar.refresh()
 
     return bar, callback

@@ -74,7 +74,8 @@ if is_demo and len(slides):
         if box.button("Open the demo gene map", type="primary", key="home_open_demo_map", icon=":material/map:"):
             st.switch_page("pages/gene_maps.py")
     elif demo_status is not None and demo_status.is_active:
-        box.info("The demo is running.")
+        left = overview.time_left(project, project.latest_run(int(demo["slide_id"])))
+        box.info("The demo is running" + (f": {left.text()}." if left is not None else "."))
         if box.button("Watch progress", key="home_watch_demo"):
             st.switch_page("pages/upload.py")
     else:

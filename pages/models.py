@@ -100,8 +100,8 @@ model_id = st.text_input("Model id (owner/repo or owner/repo@revision)", value=D
 if st.button("Pull", key="models_pull", icon=":material/download:"):
     bar = st.progress(0.0, text="contacting the Hub…")
 
-    def progress(message: str, done: int, total: int) -> None:
-        bar.progress(done / max(total, 1), text=f"{plain(message)} ({done} of {total} files)")
+    def progress(fraction: float, message: str) -> None:  # ghist_core._types.ProgressCallback
+        bar.progress(min(1.0, fraction), text=plain(message))
 
     try:
         got = weights.pull(model_id.strip(), progress=progress)

@@ -237,8 +237,9 @@ def live_runs() -> None:
             if status.is_active:
                 progress = float(run.get("progress") or 0.0)
                 stage = run.get("stage") or RunStatus.QUEUED
-                eta = overview.time_left_s(run)
-                st.progress(min(1.0, progress), text=f"{stage}: {progress:.0%} · time left {c.fmt_seconds(eta)}")
+                left = overview.time_left(proj, run)  # a range from measured blocks; never counts up
+                st.progress(min(1.0, progress), text=f"{stage}: {progress:.0%} · "
+                            f"{left.text() if left is not None else 'time left: estimating…'}")
                 if run.get("message"):
                     st.caption(plain(run["message"]))
                 if st.button("Cancel", key=f"cancel_{rid}", icon=":material/stop:"):

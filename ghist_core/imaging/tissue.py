@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["TissueMaskConfig", "tissue_mask", "otsu_threshold", "boxes_in_tissue", "tissue_fraction"]
+__all__ = ["TissueMaskConfig", "tissue_mask", "otsu_threshold", "boxes_in_tissue", "boxes_tissue_fraction", "tissue_fraction"]
 
 
 @dataclass(frozen=True)
@@ -128,12 +128,21 @@ def boxes_in_tissue(
 
     ``downsample_xy`` is level-0 pixels per mask pixel along x and y. A box is kept
     when the fraction of its mask pixels that are tissue is > ``min_fraction`` (so the
-    default keeps any box with at least one tissue pixel). Uses a summed-area table:
-    one vectorised lookup for all boxes.
+    default keeps any box with at least one tissue pixel); see :func:`boxes_tissue_fraction`.
+    """
+    frac = boxes_tissue_fraction(mask, boxes_level0, downsample_xy)
+    return (frac > 0) & (frac > min_fraction)
+
+
+def boxes_tissue_fraction(mask: np.ndarray, boxes_level0: np.ndarray, downsample_xy: tuple[float, float]) -> np.ndarray:
+    """``(N,)`` fraction (0..1) of each level-0 box's mask pixels that are tissue.
+
+    Uses a summed-area table: one vectorised lookup for all boxes (the pipeline's time-left
+    estimate weighs each block by its tissue from this, once per slide).
     """
     boxes = np.asarray(boxes_level0, dtype=np.float64).reshape(-1, 4)
     if boxes.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=np.float64)
     mh, mw = mask.shape
     sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
@@ -146,5 +155,4 @@ def boxes_in_tissue(
     y1 = np.maximum(y1, y0)
     count = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
     n = (x1 - x0) * (y1 - y0)
-    frac = np.divide(count, n, out=np.zeros(len(n), dtype=np.float64), where=n > 0)
-    return (count > 0) & (frac > min_fraction)
+    return np.divide(count, n, out=np.zeros(len(n), dtype=np.float64), where=n > 0)

@@ -22,12 +22,15 @@ import numpy as np
 import pandas as pd
 
 from ghist_core import _keys as K
+from ghist_core._types import ProgressCallback, ProgressEvent, ProgressEventCallback
 from ghist_core.io.atomic import atomic_write_with, remove_temporaries
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
+from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
 from ghist_core.io.slide import Slide, open_slide
 from ghist_core.project import Project, RunStatus
 from ghist_core.io.tiles import TileGrid
+from ghist_core.imaging.tissue import boxes_tissue_fraction
 
 STAGES: tuple[str, ...] = ("open", "tissue", "segment+predict", "write")
 #: Longest side of the H&E overview stored in ``uns["spatial"]`` (scanpy's "hires" image).
@@ -58,15 +61,6 @@ class PipelineConfig:
 
 
 @dataclass
-class ProgressEvent:
-    stage: str
-    fraction: float          # within the stage, 0..1
-    overall: float           # whole run, 0..1
-    message: str = ""
-    eta_s: float | None = None
-
-
-@dataclass
 class PredictionResult:
     run_id: int
     slide_id: int
@@ -83,29 +77,64 @@ class Block:
     y_um: float
     w_um: float
     h_um: float
+    tissue_um2: float = 0.0  # tissue in the block's core (from the slide's tissue mask), for the time left
 
 
-ProgressFn = Callable[[ProgressEvent], None]
+#: ``progress(event)`` of :func:`predict_slide` (one definition: ``ghist_core._types``).
+ProgressFn = ProgressEventCallback
+
+#: Makes the run's time-left estimator once the blocks are planned: ``(blocks, done flags) -> BlockEta``.
+EtaFactory = Callable[[list[Block], list[bool]], BlockEta]
 
 
 class _Reporter:
-    """Turns stage fractions into overall progress + ETA, and records them in the store."""
+    """Turns stage fractions into overall progress + time left, and records them in the store.
 
-    def __init__(self, project: Project | None, run_id: int | None, callback: ProgressFn | None):
+    The time left comes from :class:`~ghist_core.pipeline.eta.BlockEta` (measured seconds per
+    tissue area; made by :meth:`make_eta` once the blocks are planned), never from elapsed time
+    over overall progress, which counted up while a block was running. It goes to the store as
+    ``runs/<id>/eta.json`` (``project.overview.time_left`` reads it for the pages).
+    """
+
+    def __init__(self, project: Project | None, run_id: int | None, callback: ProgressFn | None,
+                 prior: EtaPrior | None = None, clock: Callable[[], float] = time.monotonic):
         self.project, self.run_id, self.callback = project, run_id, callback
-        self.t0 = time.monotonic()
-        self._last_store = 0.0
+        self.prior, self.clock = prior, clock
+        self.eta: BlockEta | None = None
+        self._last_store = -1e9
+        self._run_dir = project.run_dir(run_id) if project is not None and run_id is not None else None
+        if self._run_dir is not None:
+            from ghist_core.project.overview import clear_time_left
+
+            clear_time_left(self._run_dir)  # a previous attempt's estimate
+
+    def make_eta(self, blocks: list[Block], done: list[bool]) -> BlockEta:
+        """The estimator for this run's blocks (``done``: already checkpointed); the first block starts now."""
+        self.eta = BlockEta([b.tissue_um2 for b in blocks], done=done, prior=self.prior, clock=self.clock)
+        self.eta.begin()
+        return self.eta
+
+    def stage(self, name: str) -> ProgressCallback:
+        """One stage's ``progress(fraction, message)``."""
+        return lambda fraction, message="": self(name, fraction, message)
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         done = sum(_STAGE_WEIGHT[s] for s in STAGES[: STAGES.index(stage)])
         overall = min(1.0, done + _STAGE_WEIGHT[stage] * max(0.0, min(1.0, fraction)))
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed * (1 - overall) / overall if overall > 0.05 else None
-        event = ProgressEvent(stage, fraction, overall, message, eta)
-        now = time.monotonic()
+        if stage == "write" and self.eta is not None and not self.eta.in_tail:
+            self.eta.begin_tail()
+        est = self.eta.estimate() if self.eta is not None else None
+        if stage == "write" and fraction >= 1:
+            est = None
+        event = ProgressEvent(stage, fraction, overall, message, *((est.mid_s, est.low_s, est.high_s) if est else ()))
+        now = self.clock()
         if self.project is not None and self.run_id is not None and (now - self._last_store > 0.5 or fraction >= 1):
             self._last_store = now
             self.project.update_run(self.run_id, stage=stage, progress=overall, message=message)
+            if est is not None and self._run_dir is not None:
+                from ghist_core.project.overview import record_time_left
+
+                record_time_left(self._run_dir, est)
         if self.callback is not None:
             self.callback(event)
 
@@ -124,7 +153,10 @@ def plan_blocks(slide: Slide, config: PipelineConfig) -> list[Block]:
     keep = grid.in_tissue(mask, downsample, slide.mpp, min_fraction=config.min_tissue_fraction)
     if not keep.any():
         raise NoTissueError("Too little tissue was found on this slide to analyse.")
-    return [Block(t.index, float(t.x0), float(t.y0), float(t.w), float(t.h)) for t in grid.iter(keep)]
+    # each block's tissue (for the time left), from the same mask, once per slide
+    frac = boxes_tissue_fraction(mask, grid.cores()[keep] / slide.mpp, downsample)
+    return [Block(t.index, float(t.x0), float(t.y0), float(t.w), float(t.h), float(f * t.w * t.h))
+            for t, f in zip(grid.iter(keep), frac)]
 
 
 def _read_block(slide: Slide, block: Block, mpp: float, margin_um: float) -> tuple[np.ndarray, float, float]:
@@ -189,24 +221,31 @@ def run_blocks(
     model,
     run_dir: Path,
     config: PipelineConfig,
-    report: Callable[[str, float, str], None] = lambda *a: None,
+    progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     *,
     slide_sha256: str = "",
+    make_eta: EtaFactory | None = None,
 ) -> tuple[list[Path], dict]:
     """Segment and predict every tissue block not yet checkpointed in ``run_dir``.
 
     Per block only the block's own pixels are read: the slide's sha256 comes from the
     caller (the store hashed the file once when it was added) instead of being recomputed
     by every ``predict``, and the tissue mask is computed once, in :func:`plan_blocks`.
+    ``progress(fraction, message)`` follows the blocks; ``make_eta(blocks, done)`` (optional) gives
+    the time-left estimator, told about each finished block before ``progress`` is called.
     """
+    report = progress or (lambda fraction, message="": None)
     timings = {"read_s": 0.0, "segment_s": 0.0, "predict_s": 0.0}
     blocks = plan_blocks(slide, config)
     paths = [_block_path(run_dir, b) for b in blocks]
     remove_temporaries(run_dir / "blocks")  # a killed earlier attempt's; this process now owns the run
-    todo = [b for b, p in zip(blocks, paths) if not p.exists()]
+    done = [p.exists() for p in paths]
+    todo = [b for b, d in zip(blocks, done) if not d]
+    position = {b.index: i for i, b in enumerate(blocks)}
     n_done = len(blocks) - len(todo)
-    report("segment+predict", n_done / max(1, len(blocks)), f"{n_done} of {len(blocks)} blocks already done")
+    eta = make_eta(blocks, done) if make_eta is not None else None
+    report(n_done / max(1, len(blocks)), f"{n_done} of {len(blocks)} blocks already done")
     seg_mpp = float(getattr(segmenter, "mpp", slide.mpp))
     t_read = time.perf_counter()
     for block, rgb, origin in _prefetch(slide, todo, seg_mpp, config.margin_um):
@@ -222,7 +261,9 @@ def run_blocks(
         adata.uns.pop(K.UNS_GHIST, None)  # the card is added once, to the merged result
         atomic_write_with(_block_path(run_dir, block), lambda p: adata.write_h5ad(p))
         n_done += 1
-        report("segment+predict", n_done / len(blocks), f"block {n_done} of {len(blocks)}: {adata.n_obs} cells")
+        if eta is not None:
+            eta.block_done(position[block.index])
+        report(n_done / len(blocks), f"block {n_done} of {len(blocks)}: {adata.n_obs} cells")
         t_read = time.perf_counter()
     return paths, timings
 
@@ -322,7 +363,7 @@ def predict_slide(
     else:
         project.resume_run(run_id)
         params = {**project.get_run(run_id).params, **params}
-    report = _Reporter(project, run_id, progress)
+    report = _Reporter(project, run_id, progress, prior=prior_for(str(dev), segmenter))
     try:
         report("open", 0.0, "opening slide")
         t = time.perf_counter()
@@ -332,8 +373,9 @@ def predict_slide(
         with slide:
             report("tissue", 0.0, "finding tissue")
             run_dir = project.run_dir(run_id)
-            paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config, report, cancel,
-                                              slide_sha256=record.sha256)
+            paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config,
+                                              report.stage("segment+predict"), cancel,
+                                              slide_sha256=record.sha256, make_eta=report.make_eta)
             timings.update(block_timings)
             report("write", 0.0, "merging blocks")
             t = time.perf_counter()

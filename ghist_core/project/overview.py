@@ -6,14 +6,18 @@ and "active" mean the same everywhere (through :class:`~ghist_core.project.runs.
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from ghist_core.project.runs import RunStatus
 
 __all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active", "time_left_s",
+           "TimeLeft", "time_left", "record_time_left", "clear_time_left", "ETA_FILE",
            "slide_table", "run_table", "patient_table", "wants_run", "NOT_RUN", "NONE_TEXT"]
 
 #: What the Prediction column says for a slide without any run.
@@ -124,6 +128,97 @@ def time_left_s(run, now: float | None = None) -> float | None:
         return None
     elapsed = (now or time.time()) - t0
     return max(0.0, elapsed * (1.0 - progress) / progress)
+
+
+#: The run's time-left record, next to its checkpoints (``runs/<run_id>/eta.json``), written by the worker.
+ETA_FILE = "eta.json"
+
+
+@dataclass(frozen=True)
+class TimeLeft:
+    """Seconds left for a run as a range, recorded at ``at`` (epoch seconds).
+
+    ``*_s`` hold at ``at``; they fall with the clock afterwards, down to ``floor_*_s`` (what is left
+    once the running block's expected time is used up), and never rise between two records.
+    ``settled``: enough blocks are measured for the range to be the measured spread alone.
+    """
+
+    low_s: float
+    mid_s: float
+    high_s: float
+    floor_low_s: float = 0.0
+    floor_mid_s: float = 0.0
+    floor_high_s: float = 0.0
+    at: float = 0.0
+    settled: bool = False
+    basis: str = "measured"
+    blocks_done: int = 0
+    blocks_total: int = 0
+
+    def at_time(self, now: float | None = None) -> "TimeLeft":
+        """The range ``now`` (never above the recorded one, never below the floors)."""
+        gone = max(0.0, (time.time() if now is None else now) - self.at)
+        return TimeLeft(max(self.floor_low_s, self.low_s - gone), max(self.floor_mid_s, self.mid_s - gone),
+                        max(self.floor_high_s, self.high_s - gone), self.floor_low_s, self.floor_mid_s,
+                        self.floor_high_s, self.at + gone, self.settled, self.basis, self.blocks_done,
+                        self.blocks_total)
+
+    def text(self) -> str:
+        """'about 4–6 min left', 'about 40 s left', 'about 1 h 10 min – 1 h 30 min left'."""
+        lo, hi = _fmt_span(self.low_s, down=True), _fmt_span(self.high_s, down=False)
+        if lo == hi:
+            return f"about {lo} left"
+        if lo.endswith(" min") and hi.endswith(" min") and "h" not in lo + hi:
+            return f"about {lo[:-4]}–{hi} left"
+        if lo.endswith(" s") and hi.endswith(" s"):
+            return f"about {lo[:-2]}–{hi} left"
+        return f"about {lo} – {hi} left"
+
+
+def _fmt_span(s: float, *, down: bool) -> str:
+    """Seconds as '40 s' (below 1 min, to 10 s), 'N min' (below 1 h), 'H h MM min'; low bounds round down."""
+    rnd = math.floor if down else math.ceil
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{max(0, int(rnd(s / 10)) * 10)} s" if down or s > 0 else "0 s"
+    m = int(rnd(s / 60))
+    if m < 60:
+        return f"{m} min"
+    return f"{m // 60} h {m % 60:02d} min"
+
+
+def record_time_left(run_dir: str | Path, estimate, *, now: float | None = None) -> None:
+    """Write the worker's estimate (anything with :class:`TimeLeft`'s fields) for the pages to read."""
+    from ghist_core.io.atomic import atomic_write_text
+
+    fields = {k: getattr(estimate, k) for k in TimeLeft.__dataclass_fields__ if k != "at" and hasattr(estimate, k)}
+    record = TimeLeft(**fields, at=time.time() if now is None else float(now))
+    atomic_write_text(Path(run_dir) / ETA_FILE, json.dumps(asdict(record)))
+
+
+def clear_time_left(run_dir: str | Path) -> None:
+    """Forget a previous attempt's estimate (a resumed run starts a new one), and the temporary
+    file of a write a killed worker left half done."""
+    (Path(run_dir) / ETA_FILE).unlink(missing_ok=True)
+    for part in Path(run_dir).glob(f".{ETA_FILE}.*.part"):
+        part.unlink(missing_ok=True)
+
+
+def time_left(project, run, now: float | None = None) -> TimeLeft | None:
+    """The time left of an active run as a range: the worker's estimate from measured blocks
+    (``runs/<id>/eta.json``) counted down to ``now``; None before it has one (the page says "estimating…")."""
+    get = run.get if hasattr(run, "get") else (lambda k, d=None: getattr(run, k, d))
+    rid = get("run_id")
+    if rid is None or float(get("progress", 0.0) or 0.0) >= 1.0:
+        return None
+    from ghist_core.project.results import run_dir_path
+
+    try:
+        data = json.loads((run_dir_path(project.db, int(rid)) / ETA_FILE).read_text())
+        record = TimeLeft(**{k: data[k] for k in TimeLeft.__dataclass_fields__ if k in data})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return record.at_time(now)
 
 
 def _as_epoch(value) -> float | None:

@@ -22,9 +22,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ghist_core import paths
+from ghist_core._types import ProgressCallback
 from ghist_core.io.atomic import atomic_path, atomic_write_text
 from ghist_core.io.hashing import sha256_file
 from ghist_core.errors import (
@@ -59,8 +60,8 @@ WEIGHTS_SUFFIX = ".safetensors"
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: Progress callback: ``progress(message, done, total)``.
-Progress = Callable[[str, int, int], None]
+#: Progress callback: ``progress(fraction, message)`` (``ghist_core._types.ProgressCallback``), after each file.
+Progress = ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -510,7 +511,7 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
     """Download every model of a Hub repo (default: the project's repo) into the cache and verify it.
 
     The revision is resolved to one commit first, so all files come from the same commit.
-    ``progress(message, done, total)`` is called after each file.
+    ``progress(fraction, message)`` is called after each file (the message names it: "x.json (2 of 4 files)").
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
@@ -552,7 +553,7 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
             if i == 1 and _commit_of(got) not in (None, commit):
                 raise WeightsNotFoundError(f"'{shown_id}' changed on the Hub during the pull; run it again.")
             if progress is not None:
-                progress(fname, i, len(wanted))
+                progress(i / len(wanted), f"{fname} ({i} of {len(wanted)} files)")
     except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
         raise _translate_hub_error(exc, shown_id, "*", s) from None
     resolved = []

@@ -254,7 +254,7 @@ def test_pull_list_and_verify(tmp_path: Path, hub: HubServer) -> None:
     out = _run(
         f"""
         steps = []
-        pulled = W.pull("{REPO}@v1", progress=lambda msg, i, n: steps.append([msg, i, n]))
+        pulled = W.pull("{REPO}@v1", progress=lambda f, msg: steps.append([f, msg]))
         emit({{"pulled": [rw(r) for r in pulled], "steps": steps,
                "listed": [(m["name"], m["source"], m["model_id"], m["kind"]) for m in W.list_models()],
                "verify": W.verify("{REPO}@v1")}})
@@ -264,7 +264,8 @@ def test_pull_list_and_verify(tmp_path: Path, hub: HubServer) -> None:
     m = hub.meta  # type: ignore[attr-defined]
     assert {p["name"]: p["sha256"] for p in out["pulled"]} == m["old"]
     assert all(p["commit"] == m["c_old"] for p in out["pulled"])
-    assert out["steps"][-1][1] == out["steps"][-1][2] == 4  # 2 models x (card + weights)
+    assert out["steps"][-1][0] == 1.0 and out["steps"][-1][1].endswith("(4 of 4 files)")  # 2 models x (card + weights)
+    assert [f for f, _ in out["steps"]] == sorted(f for f, _ in out["steps"])
     assert sorted(out["listed"]) == [
         ["tiny-ghist", "cache", f"{REPO}@v1", "ghist"], ["tiny-seg", "cache", f"{REPO}@v1", "segmentation"]
     ]
