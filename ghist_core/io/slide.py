@@ -6,8 +6,9 @@ known size in micrometres. ``open_slide`` picks a backend from the file's *conte
 (never its name), and every ``Slide`` answers the same calls:
 
 >>> with open_slide("CMU-1-Small-Region.svs") as s:            # doctest: +SKIP
-...     for tile in s.iter_tiles(tile_px=256, target_mpp=0.5):
-...         ...
+...     rgb = s.read_region_mpp((1000, 1500), (256, 256), 0.5)
+
+(Tiles over a slide: ``ghist_core.io.tiles.TileGrid.over_slide``, the one tile grid.)
 
 Rules kept here:
 - µm per pixel is explicit: from the file's metadata or given by the caller; never a
@@ -49,9 +50,9 @@ import warnings
 import xml.etree.ElementTree as ET
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -63,7 +64,6 @@ from ghist_core.errors import (
     ImageTooLargeError,
     InvalidMppError,
     MissingMppError,
-    NoTissueError,
     SlideError,
     UnsupportedPixelFormatError,
     UnsupportedSlideError,
@@ -82,8 +82,6 @@ __all__ = [
     "PREVIEW_TIMEOUT_S",
     "PLAUSIBLE_MPP_RANGE",
     "Slide",
-    "Tile",
-    "TileSpec",
     "open_slide",
     "read_image_array",
     "check_mpp",
@@ -373,47 +371,18 @@ def _plausible_mpp(v: float | None) -> float | None:
         return None
 
 
-# --------------------------------------------------------------------------- tiles
-@dataclass(frozen=True)
-class TileSpec:
-    """Where a tile lies, before its pixels are read.
-
-    ``box_level0`` is ``(x, y, w, h)`` in level-0 pixels (floats: tiles at a target
-    µm/px need not fall on whole level-0 pixels).
-    """
-
-    index: int
-    col: int
-    row: int
-    x_um: float
-    y_um: float
-    mpp: float
-    size_px: int
-    box_level0: tuple[float, float, float, float]
-
-
-@dataclass
-class Tile:
-    """One tile of a slide: ``rgb`` is uint8 H x W x 3 at ``mpp`` µm/px.
-
-    ``x_um``, ``y_um``: top-left corner on the slide in µm; ``col``, ``row``: grid
-    index; ``index``: position in the iteration (0, 1, 2, ...). Tiles are always
-    ``tile_px`` square; parts beyond the slide edge are white (like glass).
-    """
-
-    rgb: np.ndarray
-    mpp: float
-    x_um: float
-    y_um: float
-    col: int
-    row: int
-    index: int
-    box_level0: tuple[float, float, float, float] = field(default=(0.0, 0.0, 0.0, 0.0))
-
-    @property
-    def size_um(self) -> tuple[float, float]:
-        """(width, height) of the tile in µm."""
-        return (self.rgb.shape[1] * self.mpp, self.rgb.shape[0] * self.mpp)
+def _region_size(size_wh: tuple[int, int]) -> tuple[int, int]:
+    """``(w, h)`` of a region read as ints: ``ValueError`` unless positive, ``ImageTooLargeError``
+    beyond :data:`MAX_REGION_PIXELS`."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    if w <= 0 or h <= 0:
+        raise ValueError(f"region size must be positive, got {size_wh}")
+    if w * h > MAX_REGION_PIXELS:
+        raise ImageTooLargeError(
+            f"A region of {w} x {h} pixels is too large to read at once "
+            f"(limit {MAX_REGION_PIXELS:,} pixels); read it tile by tile instead."
+        )
+    return w, h
 
 
 # --------------------------------------------------------------------------- Slide
@@ -593,14 +562,7 @@ class Slide:
         self._check_open()
         if not 0 <= level < self.level_count:
             raise ValueError(f"level must be in 0..{self.level_count - 1}, got {level}")
-        w, h = int(size_wh[0]), int(size_wh[1])
-        if w <= 0 or h <= 0:
-            raise ValueError(f"region size must be positive, got {size_wh}")
-        if w * h > MAX_REGION_PIXELS:
-            raise ImageTooLargeError(
-                f"A region of {w} x {h} pixels is too large to read at once "
-                f"(limit {MAX_REGION_PIXELS:,} pixels); read it tile by tile instead."
-            )
+        w, h = _region_size(size_wh)
         dx, dy = self._ds_xy[level]
         x = int(math.floor(location_xy_level0[0] / dx))
         y = int(math.floor(location_xy_level0[1] / dy))
@@ -658,14 +620,7 @@ class Slide:
         """
         self._check_open()
         t = check_mpp(target_mpp, "target µm per pixel", plausible=False)
-        w, h = int(size_wh_at_target[0]), int(size_wh_at_target[1])
-        if w <= 0 or h <= 0:
-            raise ValueError(f"region size must be positive, got {size_wh_at_target}")
-        if w * h > MAX_REGION_PIXELS:
-            raise ImageTooLargeError(
-                f"A region of {w} x {h} pixels is too large to read at once "
-                f"(limit {MAX_REGION_PIXELS:,} pixels); read it tile by tile instead."
-            )
+        w, h = _region_size(size_wh_at_target)
         self.check_upsampling(t)
         fx, fy = t / self.mpp_xy[0], t / self.mpp_xy[1]
         return self._read_scaled((location_xy_level0[0], location_xy_level0[1], w * fx, h * fy), (w, h))
@@ -713,7 +668,7 @@ class Slide:
             parts.append(self._read_scaled((0.0, r0 * sy, float(w0), (r1 - r0) * sy), (ow, r1 - r0)))
         return np.concatenate(parts, axis=0)
 
-    # -- tissue and tiles ------------------------------------------------------------
+    # -- tissue ----------------------------------------------------------------------
     def tissue_mask(
         self, max_px: int = 1024, config: _tissue.TissueMaskConfig | None = None
     ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -725,108 +680,6 @@ class Slide:
             ds = (self.dimensions[0] / mask.shape[1], self.dimensions[1] / mask.shape[0])
             self._tissue_cache[key] = (mask, ds)
         return self._tissue_cache[key]
-
-    def _grid(
-        self, tile_px: int, overlap_px: int, target_mpp: float | None, tissue_only: bool, thumbnail_px: int
-    ) -> tuple[int, float, np.ndarray, np.ndarray, np.ndarray]:
-        """(tile_px, mpp, cols, rows, boxes N x 4) of the tile grid, as compact arrays."""
-        tile_px, overlap_px = int(tile_px), int(overlap_px)
-        if tile_px <= 0:
-            raise ValueError(f"tile_px must be positive, got {tile_px}")
-        if not 0 <= overlap_px < tile_px:
-            raise ValueError(f"overlap_px must be in 0..tile_px-1, got {overlap_px}")
-        t = self.mpp if target_mpp is None else check_mpp(target_mpp, "target µm per pixel")
-        self.check_upsampling(t)
-        stride = tile_px - overlap_px
-        w_um, h_um = self.size_um
-        w_t, h_t = w_um / t, h_um / t  # slide size in target pixels
-        n_cols = max(1, math.ceil((w_t - overlap_px) / stride - 1e-9))
-        n_rows = max(1, math.ceil((h_t - overlap_px) / stride - 1e-9))
-        cols, rows = np.meshgrid(np.arange(n_cols), np.arange(n_rows))
-        cols, rows = cols.ravel(), rows.ravel()
-        mx, my = self.mpp_xy
-        x_um, y_um = cols * (stride * t), rows * (stride * t)
-        boxes = np.stack(
-            [x_um / mx, y_um / my, np.full(x_um.shape, tile_px * t / mx), np.full(y_um.shape, tile_px * t / my)],
-            axis=1,
-        )
-        if tissue_only:
-            mask, ds = self.tissue_mask(thumbnail_px)
-            keep = _tissue.boxes_in_tissue(mask, boxes, ds)
-            if not keep.any():
-                raise NoTissueError(
-                    f"No tissue was found on '{self.path.name}'. Check that it is a brightfield "
-                    "H&E slide and not an empty or overexposed scan."
-                )
-            cols, rows, boxes = cols[keep], rows[keep], boxes[keep]
-        return tile_px, t, cols, rows, boxes
-
-    @staticmethod
-    def _spec(i: int, tile_px: int, t: float, stride: int, c: int, r: int, box: np.ndarray) -> TileSpec:
-        return TileSpec(
-            index=i, col=int(c), row=int(r), x_um=float(c * (stride * t)), y_um=float(r * (stride * t)),
-            mpp=float(t), size_px=tile_px, box_level0=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
-        )
-
-    def tile_grid(
-        self,
-        tile_px: int = 512,
-        overlap_px: int = 0,
-        target_mpp: float | None = None,
-        tissue_only: bool = True,
-        *,
-        thumbnail_px: int = 1024,
-    ) -> list[TileSpec]:
-        """The tiles ``iter_tiles`` would yield, without reading pixels (for progress bars).
-
-        Tiles are ``tile_px`` square at ``target_mpp`` (default: the slide's mpp) and
-        step by ``tile_px - overlap_px``; the grid covers the whole slide. With
-        ``tissue_only`` tiles whose footprint touches no tissue on the thumbnail mask
-        are skipped, and a slide with no tissue at all raises ``NoTissueError``.
-        """
-        return list(self._iter_specs(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px))
-
-    def _iter_specs(
-        self, tile_px: int, overlap_px: int, target_mpp: float | None, tissue_only: bool, thumbnail_px: int
-    ) -> Iterator[TileSpec]:
-        """``TileSpec`` s made one at a time from the vectorised grid (none kept by ``iter_tiles``)."""
-        tile_px, t, cols, rows, boxes = self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)
-        stride = tile_px - int(overlap_px)
-        for i, (c, r, b) in enumerate(zip(cols, rows, boxes)):
-            yield self._spec(i, tile_px, t, stride, c, r, b)
-
-    def n_tiles(
-        self, tile_px: int = 512, overlap_px: int = 0, target_mpp: float | None = None, tissue_only: bool = True,
-        *, thumbnail_px: int = 1024,
-    ) -> int:
-        """How many tiles ``iter_tiles`` with the same arguments yields."""
-        return int(len(self._grid(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px)[2]))
-
-    def read_tile(self, spec: TileSpec) -> Tile:
-        """Read the pixels of one ``TileSpec``."""
-        self._check_open()
-        rgb = self._read_scaled(spec.box_level0, (spec.size_px, spec.size_px))
-        return Tile(
-            rgb=rgb, mpp=spec.mpp, x_um=spec.x_um, y_um=spec.y_um, col=spec.col, row=spec.row,
-            index=spec.index, box_level0=spec.box_level0,
-        )
-
-    def iter_tiles(
-        self,
-        tile_px: int = 512,
-        overlap_px: int = 0,
-        target_mpp: float | None = None,
-        tissue_only: bool = True,
-        *,
-        thumbnail_px: int = 1024,
-    ) -> Iterator[Tile]:
-        """Stream ``Tile`` s (``tile_px`` square at ``target_mpp``), one at a time.
-
-        Only the current tile (plus a bounded cache of decoded source tiles) is in
-        memory, so peak memory does not grow with the slide. See ``tile_grid``.
-        """
-        for spec in self._iter_specs(tile_px, overlap_px, target_mpp, tissue_only, thumbnail_px):
-            yield self.read_tile(spec)
 
 
 # --------------------------------------------------------------------------- OpenSlide

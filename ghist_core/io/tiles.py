@@ -8,14 +8,21 @@ row/column is clipped to the image, so every pixel is in exactly one core.
 
 Units are grid pixels at ``mpp`` µm/px: the segmenters use working-resolution pixels, the
 pipeline a 1 µm lattice (``mpp=1.0``, i.e. µm). Integer sizes give integer coordinates.
+
+Over a whole slide: ``grid = TileGrid.over_slide(slide, tile_px, halo_px, mpp)``, keep the
+tiles with tissue with ``grid.in_tissue(*slide.tissue_mask(), slide.mpp)``, and read each with
+``grid.read(slide, tile)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ghist_core.io.slide import Slide
 
 __all__ = ["TileGrid", "GridTile"]
 
@@ -82,6 +89,22 @@ class TileGrid:
         """A grid of ``tile_px`` tiles read with ``halo_px`` on every side (core ``tile_px - 2 halo_px``)."""
         return cls(width, height, tile_px - 2 * halo_px, halo_px, **kw)
 
+    @classmethod
+    def over_slide(cls, slide: "Slide", tile_px: int, halo_px: int = 0, mpp: float | None = None) -> "TileGrid":
+        """``tile_px`` tiles (``halo_px`` of it on every side) covering ``slide`` at ``mpp`` µm/px.
+
+        ``mpp`` defaults to the slide's own; ``InvalidMppError`` for a non-positive or
+        non-finite one, or one that would enlarge the slide more than it allows
+        (``Slide.check_upsampling``). Grid pixel (0, 0) is the slide's top-left corner.
+        """
+        from ghist_core.io.slide import check_mpp
+
+        t = float(slide.mpp) if mpp is None else check_mpp(mpp, "target µm per pixel", plausible=False)
+        slide.check_upsampling(t)
+        w_um, h_um = slide.size_um
+        # rounded so a slide exactly N tiles wide does not get an extra sliver column from float error
+        return cls.from_tile(round(w_um / t, 6), round(h_um / t, 6), int(tile_px), int(halo_px), mpp=t)
+
     def _starts(self) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(0, self.width, self.core), np.arange(0, self.height, self.core)
 
@@ -112,6 +135,17 @@ class TileGrid:
         if self.mpp != 1.0 or self.origin_um != (0.0, 0.0):
             boxes = boxes * self.mpp + np.array([self.origin_um[0], self.origin_um[1], 0.0, 0.0])
         return boxes_in_tissue(mask, boxes / level0_mpp, downsample, min_fraction=min_fraction)
+
+    def read(self, slide: "Slide", tile: GridTile) -> np.ndarray:
+        """uint8 RGB of ``tile``'s read box (core + halo, ``read_size`` square) at ``mpp`` µm/px.
+
+        Parts beyond the slide are white. The grid must lie on ``slide`` (e.g. :meth:`over_slide`).
+        """
+        x_um = self.origin_um[0] + tile.read_x0 * self.mpp
+        y_um = self.origin_um[1] + tile.read_y0 * self.mpp
+        mx, my = slide.mpp_xy
+        n = int(round(tile.read_size))
+        return slide.read_region_mpp((x_um / mx, y_um / my), (n, n), self.mpp)
 
     def tiles(self, keep: np.ndarray | None = None) -> list[GridTile]:
         """The tiles (those where ``keep`` is True), indexed 0, 1, 2, ... in row-major order."""

@@ -11,6 +11,7 @@ from skimage.color import rgb2hed
 
 from ghist_core.imaging import stain
 from ghist_core.io.slide import open_slide
+from ghist_core.io.tiles import TileGrid
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +218,7 @@ def test_reinhard_matches_target_statistics(target: np.ndarray, svs_tile: np.nda
 def test_normalizers_apply_tile_by_tile(target: np.ndarray, svs_path: Path, cls: type) -> None:
     norm = cls().fit(target)
     with open_slide(svs_path) as s:
-        for tile in s.iter_tiles(256, 0, 1.0, tissue_only=True):
-            out = norm.transform(tile.rgb)
+        grid = TileGrid.over_slide(s, 256, 0, 1.0)
+        for tile in grid.iter(grid.in_tissue(*s.tissue_mask(), s.mpp)):
+            out = norm.transform(grid.read(s, tile))
             assert out.shape == (256, 256, 3) and out.dtype == np.uint8

@@ -21,6 +21,7 @@ from PIL import Image
 import ghist_core.io.slide as slide_mod
 from ghist_core.errors import CorruptSlideError, ImageTooLargeError, InvalidMppError, MissingMppError
 from ghist_core.io.slide import MAX_TIFF_PAGES, count_tiff_pages, open_slide
+from ghist_core.io.tiles import TileGrid
 from slide_factory import synthetic_he, write_tiff_page_chain
 
 
@@ -120,7 +121,7 @@ def test_analysis_never_upsamples_more_than_the_limit(tmp_path: Path) -> None:
         with pytest.raises(InvalidMppError, match="80 times"):
             s.read_region_mpp((0, 0), (64, 64), 0.5)
         with pytest.raises(InvalidMppError, match="enlarge"):
-            s.tile_grid(256, target_mpp=0.5, tissue_only=False)
+            TileGrid.over_slide(s, 256, 0, 0.5)
         assert s.read_region_mpp((0, 0), (16, 16), 10.0).shape == (16, 16, 3)  # exactly 4x is allowed
         s.thumbnail(64)  # previews are not analysis reads
 

@@ -14,18 +14,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from ghist_core.errors import (
-    CorruptSlideError,
-    EmptyFileError,
-    GhistError,
-    ImageTooLargeError,
-    InvalidMppError,
-    MissingMppError,
-    SlideError,
-    UnsupportedPixelFormatError,
-    UnsupportedSlideError,
-)
+from ghist_core.errors import (CorruptSlideError, EmptyFileError, GhistError, ImageTooLargeError, InvalidMppError,
+                               MissingMppError, SlideError, UnsupportedPixelFormatError, UnsupportedSlideError)
 from ghist_core.io.slide import MAX_PLAIN_IMAGE_PIXELS, open_slide, read_image_array
+from ghist_core.io.tiles import TileGrid
 from slide_factory import gradient_rgb, synthetic_he, write_flat_tiff, write_png
 
 
@@ -284,7 +276,7 @@ def test_invalid_target_mpp_is_refused(svs_path: Path, bad: float) -> None:
         with pytest.raises(InvalidMppError):
             s.read_region_mpp((0, 0), (10, 10), bad)
         with pytest.raises(InvalidMppError):
-            next(s.iter_tiles(256, 0, bad))
+            TileGrid.over_slide(s, 256, 0, bad)
 
 
 def test_placeholder_resolution_is_not_an_mpp(tmp_path: Path) -> None:
@@ -301,3 +293,15 @@ def test_missing_mpp_message_is_actionable(tmp_path: Path) -> None:
         open_slide(p)
     _plain_message(e.value, "scan.png")
     assert "0.25" in str(e.value) and "0.5" in str(e.value)
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, -1), (100_000, 100_000)], ids=["zero", "negative", "too-large"])
+def test_region_size_is_checked_by_both_reads(svs_path: Path, size: tuple[int, int]) -> None:
+    """``read_region`` and ``read_region_mpp`` refuse the same sizes, before allocating anything."""
+    err = ImageTooLargeError if size[0] > 0 and size[1] > 0 else ValueError
+    match = "too large to read at once" if err is ImageTooLargeError else "must be positive"
+    with open_slide(svs_path) as s:
+        with pytest.raises(err, match=match):
+            s.read_region((0, 0), 0, size)
+        with pytest.raises(err, match=match):
+            s.read_region_mpp((0, 0), size, 0.5)
