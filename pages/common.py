@@ -158,16 +158,6 @@ def cached_models() -> list[dict]:
     return weights.list_models()
 
 
-def model_cell_inputs(models: list[dict], model_id: str | None) -> list[str]:
-    """Segmentation-table columns the chosen GHIST model reads (``None`` = the bundled one)."""
-    for m in models:
-        if m.get("kind") not in (None, "ghist"):
-            continue
-        if (model_id is None and m.get("source") == "bundled") or (model_id is not None and model_id in (m.get("model_id"), m.get("name"))):
-            return list((m.get("card") or {}).get("config", {}).get("cell_inputs") or [])
-    return []
-
-
 # --- runs --------------------------------------------------------------------------------
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:

@@ -14,6 +14,7 @@ import streamlit as st
 from ghist_core.errors import GhistError, MissingMppError, SlideError
 from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
+from ghist_core.weights.card import model_cell_inputs
 from pages import common as c
 
 c.init_session()
@@ -50,7 +51,7 @@ with st.expander("Model and device", expanded=False):
                                                        "learned": "learned model", "classical": "fast classical"}[o],
         help="The learned segmenter (CoNSeP AJI 0.50 vs 0.21) takes ~18 s per mm² on 2 CPU cores; "
              "the classical one ~2x less.")
-    reads = c.model_cell_inputs(models, st.session_state[c.MODEL_ID])
+    reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if reads and st.session_state[c.SEGMENTER] == "classical":
         st.warning("This model also reads each nucleus' type probabilities from the learned segmenter, which the "
                    "fast classical segmenter does not give: runs with it would be refused. Choose auto or learned.",

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -147,40 +147,16 @@ class GhistModel:
                 K.GHIST_EXPRESSION_UNITS: expression_units_for(self.net.cfg.spot_aggregate)}
 
     # ------------------------------------------------------------------------------------
-    def predict(
-        self,
-        slide: Any,
-        cells: pd.DataFrame,
-        progress: ProgressFn | None = None,
-        batch_size: int = 16,
-        *,
-        genes: Iterable[str] | None = None,
-        margin_px: int = 32,
-        on_outside: str = "error",
-        chunk_cells: int = 65536,
-        slide_sha256: str | None = None,
-    ):
+    def predict(self, slide: Any, cells: pd.DataFrame, progress: ProgressFn | None = None, batch_size: int = 16,
+                *, slide_sha256: str | None = None, **options: Any):
         """Per-cell expression, type, neighbourhood and morphology for ``cells`` of ``slide``.
 
-        :meth:`predict_arrays`, then :meth:`to_anndata`, then :meth:`provenance` in ``uns``.
+        :meth:`predict_arrays` (the same arguments: ``slide``, ``cells``, ``progress``, ``batch_size``
+        and the keyword ``options`` ``genes``, ``margin_px``, ``on_outside``, ``chunk_cells``), then
+        :meth:`to_anndata`, then :meth:`provenance` in ``uns``.
 
         Parameters
         ----------
-        slide
-            A ``ghist_core.io.slide.Slide`` (or anything with ``mpp``, ``dimensions`` and
-            ``read_region_mpp`` / ``read_region``).
-        cells
-            The segmentation table: ``x_um``, ``y_um`` and ``ray_00..ray_15`` (µm); without rays
-            a disc of ``area_um2`` (else 3 µm radius) is used. ``cell_id`` kept when present.
-        progress
-            ``progress(fraction, message)`` after each batch of tiles.
-        batch_size
-            Tiles per forward pass (device memory).
-        genes
-            Subset of ``model.genes`` to return (``UnknownGeneError`` for others).
-        on_outside
-            ``"error"`` (default: ``ModelInputError``) or ``"drop"`` (warn and skip) for cells
-            whose centre lies outside the slide.
         slide_sha256
             The slide file's sha256 when the caller already knows it (the project store does):
             hashing a whole slide costs a full read, so callers predicting block by block pass it.
@@ -197,8 +173,7 @@ class GhistModel:
         ``uns['ghist']``: ``model_card``, ``weights_sha256``, ``slide_sha256``, ``params``,
         ``timings``, ``expression_units``.
         """
-        pred = self.predict_arrays(slide, cells, progress, batch_size, genes=genes, margin_px=margin_px,
-                                   on_outside=on_outside, chunk_cells=chunk_cells)
+        pred = self.predict_arrays(slide, cells, progress, batch_size, **options)
         a = self.to_anndata(pred)
         a.uns[K.UNS_GHIST] = self.provenance(pred.params, pred.timings,
                                              _slide_sha256(slide) if slide_sha256 is None else str(slide_sha256))
@@ -216,7 +191,30 @@ class GhistModel:
         on_outside: str = "error",
         chunk_cells: int = 65536,
     ) -> "CellPredictions":
-        """The network's per-cell outputs as arrays (same arguments as :meth:`predict`, no AnnData)."""
+        """The network's per-cell outputs as arrays (what :meth:`predict` puts in an AnnData).
+
+        Parameters
+        ----------
+        slide
+            A ``ghist_core.io.slide.Slide`` (or anything with ``mpp``, ``dimensions`` and
+            ``read_region_mpp`` / ``read_region``).
+        cells
+            The segmentation table: ``x_um``, ``y_um`` and ``ray_00..ray_15`` (µm); without rays
+            a disc of ``area_um2`` (else 3 µm radius) is used. ``cell_id`` kept when present.
+        progress
+            ``progress(fraction, message)`` after each batch of tiles.
+        batch_size
+            Tiles per forward pass (device memory).
+        genes
+            Subset of ``model.genes`` to return (``UnknownGeneError`` for others).
+        margin_px
+            Pixels (at the model's µm/px) read around each tile's core, so nuclei on its edge are whole.
+        on_outside
+            ``"error"`` (default: ``ModelInputError``) or ``"drop"`` (warn and skip) for cells
+            whose centre lies outside the slide.
+        chunk_cells
+            Cells per chunk of the context and head computation (memory).
+        """
         t_start = time.perf_counter()
         gene_idx = self._check_genes(genes)
         if on_outside not in ("error", "drop"):

@@ -127,7 +127,9 @@ def renamed_error(exc: GhistError, src: Path, display: str) -> GhistError:
     msg = str(exc)
     for name in (str(src.resolve()), str(src), src.name):
         msg = msg.replace(name, display)
-    msg = msg.replace(f" (looked in {src.parent})", "").replace(str(src.parent), "the upload")
+    msg = msg.replace(f" (looked in {src.parent})", "")
+    if src.parent != Path("."):  # a bare file name has no folder to hide ("." would hit every full stop)
+        msg = msg.replace(str(src.parent), "the upload")
     if msg == str(exc):
         return exc
     try:

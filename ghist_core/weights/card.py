@@ -38,6 +38,7 @@ __all__ = [
     "parse_card",
     "read_card",
     "card_file_hashes",
+    "model_cell_inputs",
 ]
 
 #: Largest card read (a 20,000-gene card is well under 1 MB).
@@ -279,3 +280,18 @@ def card_file_hashes(card: Mapping[str, Any], name: str, *, label: str | None = 
     if isinstance(top, str) and name:
         expected[f"{name}{WEIGHTS_SUFFIX}"] = top.lower()
     return expected
+
+
+def model_cell_inputs(models: list[Mapping[str, Any]], model_id: str | None) -> list[str]:
+    """Segmentation-table columns the chosen GHIST model reads per cell (its card's ``config.cell_inputs``).
+
+    ``models``: the entries of ``weights.resolve.list_models()``; ``model_id`` picks one by its
+    ``model_id`` or ``name`` (``None``: the bundled one). Segmenter entries are passed over; an
+    unknown model or one without cell inputs gives ``[]``.
+    """
+    for m in models:
+        if m.get("kind") not in (None, "ghist"):
+            continue
+        if (model_id is None and m.get("source") == "bundled") or (model_id is not None and model_id in (m.get("model_id"), m.get("name"))):
+            return list((m.get("card") or {}).get("config", {}).get("cell_inputs") or [])
+    return []

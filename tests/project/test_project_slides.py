@@ -130,3 +130,23 @@ def test_add_slide_says_whether_the_file_is_new(project: Project, make_png, tmp_
     assert project.get_slide(rec.slide_id).patient_id is None
     with pytest.raises(StoreError, match="not a usable patient id"):
         project.add_patient("  ")
+
+
+def test_errors_on_a_relative_upload_path_keep_their_full_stops(make_png, tmp_path: Path, monkeypatch) -> None:
+    """A staged file given as a bare name (its folder is "."): only its name is replaced, never every "."."""
+    monkeypatch.chdir(tmp_path)
+    make_png(tmp_path / "upload_x1y2.png")
+    with pytest.raises(MissingMppError) as err:
+        slides._read_slide_facts(Path("upload_x1y2.png"), "biopsy 3.png", None)  # a PNG has no µm per pixel
+    msg = str(err.value)
+    assert "biopsy 3.png" in msg and "upload_x1y2" not in msg
+    assert "the upload" not in msg and "0.25" in msg  # numbers and sentences intact
+    # a staging folder is still hidden, with or without the "(looked in ...)" note
+    missing = SlideError(f"The slide file 'upload_x1y2.png' was not found (looked in {tmp_path}).")
+    assert str(slides.renamed_error(missing, tmp_path / "upload_x1y2.png", "biopsy 3.png")) == (
+        "The slide file 'biopsy 3.png' was not found.")
+    bare = SlideError("The slide file 'upload_x1y2.png' was not found (looked in .). Upload it again.")
+    assert str(slides.renamed_error(bare, Path("upload_x1y2.png"), "biopsy 3.png")) == (
+        "The slide file 'biopsy 3.png' was not found. Upload it again.")
+    inside = SlideError(f"Could not read {tmp_path}/upload_x1y2.png.")
+    assert str(slides.renamed_error(inside, tmp_path / "upload_x1y2.png", "b.png")) == "Could not read b.png."

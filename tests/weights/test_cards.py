@@ -22,6 +22,7 @@ from ghist_core.weights.card import (
     card_sha256,
     check_seal,
     integrity_digest,
+    model_cell_inputs,
     parse_card,
     read_card,
     seal_card,
@@ -292,3 +293,20 @@ def test_any_segmenter_card_gives_a_weights_error_or_a_segmenter(tmp_path_factor
         load_learned_segmenter(str(wp), device="cpu")
     except WeightsError:
         pass
+
+
+def test_model_cell_inputs_reads_the_chosen_card(tmp_path: Path) -> None:
+    """Which cell-table columns a listed GHIST model reads, from its card (``None`` = the bundled one)."""
+    from testkit import make_tiny_ghist
+
+    reads = ("prob_other", "prob_epithelial")
+    make_tiny_ghist(tmp_path / "with", cell_inputs=reads)
+    make_tiny_ghist(tmp_path / "plain")
+    listed = list_models(weights_dir=tmp_path / "with")
+    name = listed[0]["name"]
+    assert model_cell_inputs(listed, None) == list(reads)
+    assert model_cell_inputs(listed, name) == list(reads)
+    assert model_cell_inputs(listed, "some/other-model") == []
+    assert model_cell_inputs(list_models(weights_dir=tmp_path / "plain"), None) == []
+    # a segmenter's entry is never taken for the GHIST model
+    assert model_cell_inputs([{**listed[0], "kind": "segmentation"}], None) == []
