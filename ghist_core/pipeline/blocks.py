@@ -356,6 +356,9 @@ def predict_slide(
             else:
                 segmenter = load_segmenter(segmenter_id, device=str(dev))
     check_segmenter_fits(model, segmenter)
+    with open_slide(project.slide_path(slide_id), mpp=record.mpp) as s:  # an implausible enlargement too
+        s.check_upsampling(min([float(m) for m in (getattr(segmenter, "mpp", None), getattr(model, "mpp", None)) if m]
+                               or [s.mpp]))
     weights_sha = getattr(model, "weights_sha256", "") or ""
     params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id, "segmenter_id": segmenter_id}
     if run_id is None:
