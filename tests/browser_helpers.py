@@ -24,6 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """Terminate ``proc`` (a server this test started), killing it if it is still there after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class StreamlitServer:
     """``streamlit run app.py`` on 127.0.0.1 with its own project folder; stopped on exit."""
 
@@ -55,13 +66,7 @@ class StreamlitServer:
         raise TimeoutError("streamlit did not become healthy")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
     def __enter__(self) -> "StreamlitServer":
@@ -73,6 +78,26 @@ class StreamlitServer:
 
 def launch_browser(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def require_chromium() -> None:
+    """Fail (not skip) when Debian's Chromium is missing: the browser tests must run."""
+    import pytest
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (see scripts/run_tests.sh)")
+
+
+def open_app(p, server: StreamlitServer, viewport: tuple[int, int] = (1400, 1000)):
+    """Chromium (Playwright ``p``) on the app's home page, the title shown and the script idle: ``(browser, page)``."""
+    from playwright.sync_api import expect
+
+    browser = launch_browser(p)
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.goto(server.url, wait_until="domcontentloaded")
+    expect(page.get_by_text("GHIST Studio").first).to_be_visible(timeout=60_000)
+    wait_app_idle(page)
+    return browser, page
 
 
 def wait_app_idle(page, timeout_ms: int = 60_000) -> None:

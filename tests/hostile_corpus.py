@@ -27,6 +27,7 @@ print the counts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -44,7 +45,7 @@ import traceback
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -551,10 +552,28 @@ def _check(cond: bool, what: str) -> None:
         raise AssertionError(what)
 
 
+@contextlib.contextmanager
+def _fresh_project(work: Path, typed: list[str], what: str) -> Iterator[Any]:
+    """An empty project in ``work/project`` (removed after). A ``GhistError`` in the block is the
+    case's typed refusal: its name goes to ``typed`` and the project must be left as it was."""
+    from ghist_core.errors import GhistError
+    from ghist_core.project.store import Project
+
+    project_dir = work / "project"
+    shutil.rmtree(project_dir, ignore_errors=True)
+    with Project.create(project_dir) as p:
+        before = _snapshot(p)
+        try:
+            yield p
+        except GhistError as e:
+            typed.append(type(e).__name__)
+            _check(_snapshot(p) == before, f"a refused {what} left files or rows in the project")
+    shutil.rmtree(project_dir, ignore_errors=True)
+
+
 def _run_slide_case(case: Case, root: Path, work: Path) -> list[str]:
     from ghist_core.errors import GhistError
     from ghist_core.io.slide import open_slide
-    from ghist_core.project.store import Project
 
     typed: list[str] = []
     path = root / case.file
@@ -577,23 +596,15 @@ def _run_slide_case(case: Case, root: Path, work: Path) -> list[str]:
             _check(mid.shape == (32, 32, 3) and mid.dtype == np.uint8, f"mpp region {mid.shape}")
     except GhistError as e:
         typed.append(type(e).__name__)
-    project_dir = work / "project"
-    shutil.rmtree(project_dir, ignore_errors=True)
-    with Project.create(project_dir) as p:
-        before = _snapshot(p)
+    with _fresh_project(work, typed, "slide") as p:
         name = case.upload_name if case.upload_name is not None else Path(case.file).name
-        try:
-            rec = p.add_slide(path, original_name=name, mpp=case.mpp)
-            stored = (p.folder / rec.path).resolve()
-            _check(stored.is_file() and stored.parent == (p.folder / "slides").resolve(),
-                   f"slide stored outside slides/: {rec.path}")
-            _check(".." not in rec.path and not rec.path.startswith("/"), f"unsafe stored path {rec.path}")
-            if case.dims is not None:
-                _check((rec.width, rec.height) == tuple(case.dims), "stored dimensions differ")
-        except GhistError as e:
-            typed.append(type(e).__name__)
-            _check(_snapshot(p) == before, "a refused slide left files or rows in the project")
-    shutil.rmtree(project_dir, ignore_errors=True)
+        rec = p.add_slide(path, original_name=name, mpp=case.mpp)
+        stored = (p.folder / rec.path).resolve()
+        _check(stored.is_file() and stored.parent == (p.folder / "slides").resolve(),
+               f"slide stored outside slides/: {rec.path}")
+        _check(".." not in rec.path and not rec.path.startswith("/"), f"unsafe stored path {rec.path}")
+        if case.dims is not None:
+            _check((rec.width, rec.height) == tuple(case.dims), "stored dimensions differ")
     return typed
 
 
@@ -615,7 +626,6 @@ def _is_formula(cell: str) -> bool:
 def _run_clinical_case(case: Case, root: Path, work: Path) -> list[str]:
     from ghist_core.analysis.clinical import ColumnMapping, guess_mapping, read_clinical_table, safe_csv_bytes, validate_survival
     from ghist_core.errors import GhistError
-    from ghist_core.project.store import Project
 
     typed: list[str] = []
     path = root / case.file
@@ -640,18 +650,10 @@ def _run_clinical_case(case: Case, root: Path, work: Path) -> list[str]:
             _check(not bad, f"validated export keeps formula cells: {bad[:3]}")
     except GhistError as e:
         typed.append(type(e).__name__)
-    project_dir = work / "project"
-    shutil.rmtree(project_dir, ignore_errors=True)
-    with Project.create(project_dir) as p:
-        before = _snapshot(p)
-        try:
-            tid = p.add_clinical_table(path, name="clinical", original_name=name)
-            stored, _ = p.get_clinical_table(tid)
-            _check(stored.resolve().parent == (p.folder / "clinical").resolve(), f"stored outside clinical/: {stored}")
-        except GhistError as e:
-            typed.append(type(e).__name__)
-            _check(_snapshot(p) == before, "a refused table left files or rows in the project")
-    shutil.rmtree(project_dir, ignore_errors=True)
+    with _fresh_project(work, typed, "table") as p:
+        tid = p.add_clinical_table(path, name="clinical", original_name=name)
+        stored, _ = p.get_clinical_table(tid)
+        _check(stored.resolve().parent == (p.folder / "clinical").resolve(), f"stored outside clinical/: {stored}")
     return typed
 
 

@@ -11,57 +11,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ghist_core.viz import palette
-from ghist_core.pipeline.grid import build_grid_pyramid, write_grid
+from apptest_kit import REPO, open_page, register_prediction
 from prediction_factory import synthetic_prediction
-
-REPO = Path(__file__).resolve().parents[2]
-APP = str(REPO / "app.py")
-TIMEOUT = 120
-
-
-@pytest.fixture
-def projects(tmp_path, monkeypatch) -> Path:
-    """A fresh projects folder: the app creates the demo project inside it on first start."""
-    import streamlit as st
-
-    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
-    monkeypatch.chdir(REPO)
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    return tmp_path / "projects"
-
-
-def app() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    return at
-
-
-def open_page(page: str, session: dict | None = None) -> AppTest:
-    at = app()
-    for k, v in (session or {}).items():
-        at.session_state[k] = v
-    at.run()
-    if page != "pages/home.py":
-        at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def register_prediction(project, slide_id: int, adata) -> int:
-    """Record a finished run with a (synthetic) prediction through the store's own API."""
-    from ghist_core.pipeline.blocks import results_dir
-
-    run_id = project.start_run(slide_id, model_id="synthetic", weights_sha256="", device="cpu", params={})
-    out = results_dir(project, slide_id)
-    out.mkdir(parents=True, exist_ok=True)
-    h5 = out / f"run_{run_id}.h5ad"
-    adata.write_h5ad(h5)
-    grid = out / f"run_{run_id}.grid.h5"
-    write_grid(grid, build_grid_pyramid(adata, (25.0, 50.0, 100.0)))
-    project.add_result_file(run_id, "h5ad", h5)
-    project.add_result_file(run_id, "grid", grid)
-    project.finish_run(run_id, n_cells=int(adata.n_obs), timings={})
-    return run_id
 
 
 def elements(at: AppTest, kind: str):

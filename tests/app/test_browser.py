@@ -9,31 +9,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from browser_helpers import REPO, CHROMIUM, StreamlitServer, launch_browser, wait_app_idle, canvas_image, choose_gene  # noqa: F401
+from browser_helpers import REPO, StreamlitServer, canvas_image, choose_gene, open_app, require_chromium, wait_app_idle  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.mark.timeout(600)
 def test_upload_run_and_gene_map(tmp_path, svs_path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (see scripts/run_tests.sh)")
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
-        browser = launch_browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(server.url, wait_until="domcontentloaded")
-        expect(page.get_by_text("GHIST Studio").first).to_be_visible(timeout=60_000)
-        wait_app_idle(page)
+        browser, page = open_app(p, server)
         page.screenshot(path=str(shots / "01_home.png"), full_page=True)
 
         # a new project, then upload the real SVS through the file input

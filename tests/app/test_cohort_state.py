@@ -11,23 +11,18 @@ import re
 import pandas as pd
 import pytest
 from lifelines import CoxPHFitter
-from streamlit.testing.v1 import AppTest
 
+from apptest_kit import open_page_alone
 from ghist_core.analysis.clinical import guess_mapping, load_demo_clinical, validate_survival
-from ghist_core.paths import REPO_DIR
 from ghist_core.viz.survival_plots import NO_ESTIMATE_MESSAGE
 
-PAGE = str(REPO_DIR / "pages" / "cohort.py")
 STAGES = ["Stage I", "Stage II", "Stage III", "Stage IV"]
 
 
 @pytest.fixture()
 def app(tmp_path, monkeypatch):
     monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
-    at = AppTest.from_file(PAGE, default_timeout=90)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page_alone("pages/cohort.py", timeout=90)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from streamlit.testing.v1 import AppTest
 from ghist_core.export import cells_in_regions, read_regions
 from ghist_core.paths import REPO_DIR
 from ghist_core.viz import palette
+from apptest_kit import register_prediction
 from prediction_factory import synthetic_prediction
 
 N_CELLS = 400
@@ -39,7 +40,6 @@ def project(tmp_path, monkeypatch):
     """Two slides with a finished (synthetic) prediction and one without a run, 1 µm per pixel."""
     import streamlit as st
 
-    from ghist_core.pipeline.blocks import results_dir
     from ghist_core.project import uploads
     from ghist_core.project.store import Project
 
@@ -55,12 +55,7 @@ def project(tmp_path, monkeypatch):
         if i == 2:  # no run: never exported
             continue
         a = synthetic_prediction(n=N_CELLS, genes=GENES, seed=i)
-        run = project.start_run(int(rec.slide_id), model_id="synthetic", weights_sha256="", device="cpu", params={})
-        out = results_dir(project, int(rec.slide_id))
-        out.mkdir(parents=True, exist_ok=True)
-        a.write_h5ad(out / f"run_{run}.h5ad")
-        project.add_result_file(run, "h5ad", out / f"run_{run}.h5ad")
-        project.finish_run(run, n_cells=a.n_obs, timings={})
+        register_prediction(project, rec.slide_id, a, grid_sizes_um=None)
         finished.append(int(rec.slide_id))
         adatas[int(rec.slide_id)] = a
     return project, finished, adatas

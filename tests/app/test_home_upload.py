@@ -12,24 +12,12 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+import apptest_kit as kit
+from apptest_kit import REPO
 from ghist_core.project import Project, overview
 
-REPO = Path(__file__).resolve().parents[2]
-APP = str(REPO / "app.py")
-TIMEOUT = 120
 #: how a staged upload is named on disk (uploads.stage_upload); the user must never see it
 STAGED_NAME = re.compile(r"upload_\w+\.png")
-
-
-@pytest.fixture
-def projects(tmp_path, monkeypatch) -> Path:
-    import streamlit as st
-
-    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
-    monkeypatch.chdir(REPO)
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    return tmp_path / "projects"
 
 
 def png_bytes(seed: int = 0, size: int = 96) -> bytes:
@@ -40,13 +28,7 @@ def png_bytes(seed: int = 0, size: int = 96) -> bytes:
 
 
 def open_page(page: str, folder: Path) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["project_dir"] = str(folder)
-    at.run()
-    if page != "pages/home.py":
-        at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return kit.open_page(page, {"project_dir": str(folder)})
 
 
 def finished_run(project: Project, slide_id: int) -> int:
@@ -203,6 +185,20 @@ def test_mpp_prompt_goes_once_answered_and_no_temp_names(projects, tmp_path):
     assert [n for n in at.number_input if "µm per pixel" in n.label]
 
 
+def upload_again(tmp_path: Path, name: str, *, seed: int):
+    """A project holding ``name`` (patient P1, 0.5 µm/px, one finished run), and the Upload page with
+    the same file uploaded again: ``(project, record, at)``."""
+    data = png_bytes(seed)
+    project = Project.open_or_create(tmp_path / "up")
+    src = tmp_path / name
+    src.write_bytes(data)
+    rec = project.add_slide(src, patient_id="P1", mpp=0.5, original_name=name)
+    finished_run(project, rec.slide_id)
+    at = open_page("pages/upload.py", tmp_path / "up")
+    upload_png(at, name, data)
+    return project, rec, at
+
+
 def test_bad_upload_message_names_the_users_file(projects, tmp_path):
     at = open_page("pages/upload.py", tmp_path / "up")
     upload_png(at, "biopsy.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
@@ -211,15 +207,7 @@ def test_bad_upload_message_names_the_users_file(projects, tmp_path):
 
 
 def test_reupload_with_another_mpp_asks_and_updates(projects, tmp_path):
-    data = png_bytes(9)
-    project = Project.open_or_create(tmp_path / "up")
-    src = tmp_path / "slide.png"
-    src.write_bytes(data)
-    rec = project.add_slide(src, patient_id="P1", mpp=0.5, original_name="slide.png")
-    finished_run(project, rec.slide_id)
-
-    at = open_page("pages/upload.py", tmp_path / "up")
-    upload_png(at, "slide.png", data)
+    project, rec, at = upload_again(tmp_path, "slide.png", seed=9)
     assert f"Already in the project as slide {rec.slide_id}" in texts(at)
     [n for n in at.number_input if "µm per pixel" in n.label][0].set_value(0.25).run()
     assert [t for t in at.text_input if t.label == "Patient id"][0].value == "P1"  # the slide's patient
@@ -237,15 +225,7 @@ def test_reupload_with_another_mpp_asks_and_updates(projects, tmp_path):
 
 
 def test_reupload_with_another_patient_can_be_kept_and_starts_no_redundant_run(projects, tmp_path):
-    data = png_bytes(11)
-    project = Project.open_or_create(tmp_path / "up")
-    src = tmp_path / "s.png"
-    src.write_bytes(data)
-    rec = project.add_slide(src, patient_id="P1", mpp=0.5, original_name="s.png")
-    finished_run(project, rec.slide_id)
-
-    at = open_page("pages/upload.py", tmp_path / "up")
-    upload_png(at, "s.png", data)
+    project, rec, at = upload_again(tmp_path, "s.png", seed=11)
     [n for n in at.number_input if "µm per pixel" in n.label][0].set_value(0.5).run()
     [t for t in at.text_input if t.label == "Patient id"][0].set_value("P2").run()
     button(at, "Add to project").click().run()  # "run right away" stays ticked

@@ -11,17 +11,15 @@ import html
 import json
 import re
 import string
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 from streamlit.testing.v1 import AppTest
 
-from ghist_core.paths import REPO_DIR
+from apptest_kit import open_page, open_page_alone
 from ghist_core.safe_text import html_text, plain
 
-APP = str(REPO_DIR / "app.py")
 IMG_MD = "![x](http://127.0.0.1:9/p.png)"
 IMG_HTML = "<img src=x onerror=alert(7)>"
 HOSTILE = [IMG_MD, IMG_HTML, "[link](javascript:alert(1))", "**bold** _it_ `code`", "$x^2$", ":red[red] :material/home:",
@@ -119,31 +117,10 @@ def _assert_literal(at: AppTest, raw: str, *, must_show: bool = True) -> None:
         assert any(plain(raw) in t for t in texts), texts
 
 
-@pytest.fixture
-def projects(tmp_path, monkeypatch) -> Path:
-    import streamlit as st
-
-    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
-    monkeypatch.chdir(REPO_DIR)
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    return tmp_path / "projects"
-
-
-def _open(page: str, session: dict | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    for k, v in (session or {}).items():
-        at.session_state[k] = v
-    at.run()
-    at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def test_hostile_patient_id_and_file_name_render_as_text_on_upload(projects, svs_path, tmp_path) -> None:
     name = f"{IMG_MD} {IMG_HTML}.svs".replace("/", "")  # a file name cannot hold '/'
     pid = f"{IMG_MD}"
-    at = _open("pages/upload.py", {"project_dir": str(tmp_path / "p")})
+    at = open_page("pages/upload.py", {"project_dir": str(tmp_path / "p")})
     at.get("file_uploader")[0].upload(name, svs_path.read_bytes(), "application/octet-stream")
     at.run()
     assert not at.exception
@@ -163,8 +140,7 @@ def test_hostile_patient_id_and_file_name_render_as_text_on_upload(projects, svs
 
 
 def test_hostile_clinical_cells_and_file_name_render_as_text_on_cohort(projects) -> None:
-    at = AppTest.from_file(str(REPO_DIR / "pages" / "cohort.py"), default_timeout=60)
-    at.run()
+    at = open_page_alone("pages/cohort.py", timeout=60)
     rows = "".join(f"P{i:02d},{3 + i},{'Dead' if i % 3 else 'Alive'},{'G3' if i % 2 else 'G1'}\n" for i in range(30))
     data = ("patient_id,time,status,grade\n" + rows + f"{IMG_MD},{IMG_MD},Dead,G1\n").encode()
     fname = "cohort ![f](x.png).csv"
@@ -189,7 +165,7 @@ def test_hostile_model_card_renders_as_text_on_models(projects, tmp_path, monkey
     (bundled / "broken.json").write_text("[1, 2")  # a malformed card next to it: named, the page still works
     monkeypatch.setenv("GHIST_WEIGHTS_DIR", str(bundled))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    at = _open("pages/models.py")
+    at = open_page("pages/models.py")
     _assert_literal(at, IMG_MD)
     _assert_literal(at, IMG_HTML)
     assert any("broken" in w.value and "not valid JSON" in w.value for w in at.warning)

@@ -18,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 from ghist_core.analysis.neighbourhoods import observed_neighbourhood_by_type, predicted_neighbourhood_by_type
 from ghist_core.paths import REPO_DIR
 from ghist_core.viz import palette
+from apptest_kit import register_prediction
 from prediction_factory import synthetic_prediction
 
 PAGE = str(REPO_DIR / "pages" / "cell_types.py")
@@ -47,7 +48,6 @@ def project(tmp_path, monkeypatch):
     """Two ER+ and two ER− patients, one synthetic prediction each, in a real project store."""
     import streamlit as st
 
-    from ghist_core.pipeline.blocks import results_dir
     from ghist_core.project import uploads
     from ghist_core.project.store import Project
 
@@ -59,12 +59,7 @@ def project(tmp_path, monkeypatch):
     for i, pid in enumerate(["P1", "P2", "P3", "P4"]):
         rec = uploads.upload_and_add(project, f"s{i}.png", _png(i), patient_id=pid, mpp=1.0).record
         a = synthetic_prediction(n=600, seed=i)
-        run = project.start_run(int(rec.slide_id), model_id="synthetic", weights_sha256="", device="cpu", params={})
-        out = results_dir(project, int(rec.slide_id))
-        out.mkdir(parents=True, exist_ok=True)
-        a.write_h5ad(out / f"run_{run}.h5ad")
-        project.add_result_file(run, "h5ad", out / f"run_{run}.h5ad")
-        project.finish_run(run, n_cells=a.n_obs, timings={})
+        register_prediction(project, rec.slide_id, a, grid_sizes_um=None)
         adatas[pid] = a
     clin = pd.DataFrame({"patient_id": ["P1", "P2", "P3", "P4"],
                          "er_status": ["Positive", "Positive", "Negative", "Negative"]})

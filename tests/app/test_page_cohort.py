@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_kit import open_page_alone
 from ghist_core.analysis.clinical import guess_mapping, load_demo_clinical, read_clinical_table, validate_survival
 from ghist_core.analysis.groups import ByVariable, make_risk_groups
 from ghist_core.analysis.survival import compare_groups
@@ -42,10 +43,7 @@ def _metrics(at) -> dict:
 @pytest.fixture()
 def app(tmp_path, monkeypatch):
     monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
-    at = AppTest.from_file(PAGE, default_timeout=60)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page_alone("pages/cohort.py", timeout=60)
 
 
 def test_demo_her2_positive_vs_negative(app):
@@ -284,16 +282,9 @@ def test_both_pages_pool_a_patients_slides_the_same_way(tmp_path, monkeypatch):
 def test_browser_upload_group_and_plot(tmp_path):
     """streamlit run app.py on 127.0.0.1 + Chromium: upload a CSV through the real file
     input, pick a grouping, see the KM plot and the numbers."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     from playwright.sync_api import sync_playwright
 
-    from ghist_core.paths import REPO_DIR
+    from browser_helpers import StreamlitServer, launch_browser, wait_app_idle
 
     rng = np.random.default_rng(5)
     n = 60
@@ -305,54 +296,25 @@ def test_browser_upload_group_and_plot(tmp_path):
         f"P{i:03d};{min(a, b):.1f};{'Dead' if a <= b else 'Alive'};{g}\n".replace(".", ",")
         for i, (a, b, g) in enumerate(zip(t, c_, grade))), encoding="cp1252")
     events = int((t <= c_).sum())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GHIST_PROJECTS_DIR": str(tmp_path / "projects"),
-           "PYTHONPATH": str(REPO_DIR)}
-    log = open(tmp_path / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"],
-        cwd=REPO_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                        args=["--headless", "--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-            page.goto(url + "/cohort")
-            page.wait_for_selector('[data-testid="stMetric"]', timeout=90_000)
-            page.get_by_text("My clinical table").click()
-            page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)
-            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
-                str(csv_path))
-            page.wait_for_selector("text=patients usable", timeout=60_000)
-            page.wait_for_selector(idle, timeout=60_000)
-            body = page.locator("body").inner_text()
-            assert f"{n} patients usable, {events} events" in body
-            metrics = page.locator('[data-testid="stMetric"]')
-            page.wait_for_selector('.js-plotly-plot .scatterlayer', timeout=60_000)
-            text = [" ".join(m.split()) for m in metrics.all_inner_texts()]
-            assert f"Patients {n}" in text and f"Events {events}" in text, text
-            legend = page.locator(".js-plotly-plot").first.locator(".legendtext").evaluate_all(
-                "els => els.map(e => e.textContent)")
-            assert sorted(legend) == ["G1 (n=30)", "G3 (n=30)"]
-            page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
-            browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(server.url + "/cohort")
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=90_000)
+        page.get_by_text("My clinical table").click()
+        page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+            str(csv_path))
+        page.wait_for_selector("text=patients usable", timeout=60_000)
+        wait_app_idle(page)
+        body = page.locator("body").inner_text()
+        assert f"{n} patients usable, {events} events" in body
+        metrics = page.locator('[data-testid="stMetric"]')
+        page.wait_for_selector('.js-plotly-plot .scatterlayer', timeout=60_000)
+        text = [" ".join(m.split()) for m in metrics.all_inner_texts()]
+        assert f"Patients {n}" in text and f"Events {events}" in text, text
+        legend = page.locator(".js-plotly-plot").first.locator(".legendtext").evaluate_all(
+            "els => els.map(e => e.textContent)")
+        assert sorted(legend) == ["G1 (n=30)", "G3 (n=30)"]
+        page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
+        browser.close()

@@ -324,7 +324,7 @@ def test_server_listens_on_loopback_only_by_default(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from browser_helpers import free_port
+    from browser_helpers import free_port, stop_process
 
     port = free_port()
     env = {**os.environ, "GHIST_PROJECTS_DIR": str(tmp_path / "projects"), "PYTHONPATH": str(REPO)}
@@ -346,9 +346,4 @@ def test_server_listens_on_loopback_only_by_default(tmp_path: Path) -> None:
         assert listening, "the server did not start listening"
         assert listening == {"0100007F"}, listening  # 127.0.0.1 only (no 0.0.0.0, no ::)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from browser_helpers import REPO, CHROMIUM, StreamlitServer, launch_browser, wait_app_idle, canvas_image
+from apptest_kit import register_prediction
+from browser_helpers import REPO, StreamlitServer, canvas_image, open_app, require_chromium, wait_app_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 BAND_UM = (720.0, 980.0)  # cells only in this x band (right of the centre, in tissue)
@@ -36,8 +37,6 @@ def demo_with_nuclei(projects: Path, demo_slide: Path) -> None:
 
     from ghist_core import _keys as K
     from ghist_core.io.slide import open_slide
-    from ghist_core.pipeline.blocks import results_dir
-    from ghist_core.pipeline.grid import build_grid_pyramid, write_grid
     from ghist_core.project.store import Project
     from ghist_core.segmentation import load_segmenter
     from ghist_core.viz import palette
@@ -60,14 +59,7 @@ def demo_with_nuclei(projects: Path, demo_slide: Path) -> None:
     a.obsm[K.OBSM_SPATIAL] = xy
     a.obsm[K.OBSM_NUCLEUS_RAYS] = cells[[f"ray_{k:02d}" for k in range(16)]].to_numpy(float)
     a.uns["ghist"] = {"expression_units": "log1p counts (synthetic values, real nuclei)"}
-    run_id = project.start_run(rec.slide_id, model_id="synthetic", weights_sha256="", device="cpu", params={})
-    out = results_dir(project, rec.slide_id)
-    out.mkdir(parents=True, exist_ok=True)
-    a.write_h5ad(out / f"run_{run_id}.h5ad")
-    write_grid(out / f"run_{run_id}.grid.h5", build_grid_pyramid(a, (25.0, 50.0, 100.0)))
-    project.add_result_file(run_id, "h5ad", out / f"run_{run_id}.h5ad")
-    project.add_result_file(run_id, "grid", out / f"run_{run_id}.grid.h5")
-    project.finish_run(run_id, n_cells=n, timings={})
+    register_prediction(project, rec.slide_id, a)
 
 
 def set_zoom(page, label: str) -> None:
@@ -83,19 +75,14 @@ def set_zoom(page, label: str) -> None:
 
 @pytest.mark.timeout(600)
 def test_close_up_shows_full_resolution_detail(tmp_path, demo_slide):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (see scripts/run_tests.sh)")
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     demo_with_nuclei(tmp_path / "projects", demo_slide)
     shots = tmp_path / "shots"
     shots.mkdir()
     with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
-        browser = launch_browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(server.url, wait_until="domcontentloaded")
-        expect(page.get_by_text("GHIST Studio").first).to_be_visible(timeout=60_000)
-        wait_app_idle(page)
+        browser, page = open_app(p, server, (1400, 1100))
         page.get_by_role("link", name="Gene maps").click()
         page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)
         wait_app_idle(page)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from ghist_core._keys import OBSM_NUCLEUS_RAYS
 from ghist_core.io.slide import open_slide
 from ghist_core.viz import viewer
 from prediction_factory import synthetic_prediction
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_polygon_vertices_follow_the_rays():
@@ -120,17 +117,12 @@ def test_shared_range_spans_all_genes():
 
 @pytest.fixture
 def two_slides(tmp_path, monkeypatch, demo_slide):
-    import streamlit as st
+    from PIL import Image
 
-    from ghist_core.pipeline.blocks import results_dir
-    from ghist_core.pipeline.grid import build_grid_pyramid, write_grid
+    from apptest_kit import fresh_projects, register_prediction
     from ghist_core.project.store import Project
 
-    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
-    monkeypatch.chdir(REPO)
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    from PIL import Image
+    fresh_projects(tmp_path, monkeypatch)
 
     project = Project.open_or_create(tmp_path / "study")
     with open_slide(demo_slide) as s:  # a second, different file: a PNG of part of the demo
@@ -141,27 +133,15 @@ def two_slides(tmp_path, monkeypatch, demo_slide):
         rec = project.add_slide(path, patient_id=f"P{i}", original_name=f"slide{i}{path.suffix}", mpp=m)
         a = synthetic_prediction(n=1200, genes=("ERBB2", "ESR1", "CD3E"), seed=i)
         a.obsm[OBSM_NUCLEUS_RAYS] = np.full((1200, 16), 3.0)
-        run_id = project.start_run(rec.slide_id, model_id="synthetic", weights_sha256="", device="cpu", params={})
-        out = results_dir(project, rec.slide_id)
-        out.mkdir(parents=True, exist_ok=True)
-        a.write_h5ad(out / f"run_{run_id}.h5ad")
-        write_grid(out / f"run_{run_id}.grid.h5", build_grid_pyramid(a, (25.0, 50.0, 100.0)))
-        project.add_result_file(run_id, "h5ad", out / f"run_{run_id}.h5ad")
-        project.add_result_file(run_id, "grid", out / f"run_{run_id}.grid.h5")
-        project.finish_run(run_id, n_cells=1200, timings={})
+        register_prediction(project, rec.slide_id, a)
         ids.append(int(rec.slide_id))
     return project, ids
 
 
 def _page(project):
-    from streamlit.testing.v1 import AppTest
+    from apptest_kit import open_page
 
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
-    at.session_state["project_dir"] = str(project.folder)
-    at.run()
-    at.switch_page("pages/gene_maps.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page("pages/gene_maps.py", {"project_dir": str(project.folder)})
 
 
 def _cells(at) -> list[dict]:
