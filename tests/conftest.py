@@ -60,25 +60,17 @@ def tiny_ghist(tmp_path_factory) -> Path:
     return folder
 
 
-def _demo_crop_png(out: Path, demo_slide: Path, size: int) -> Path:
-    """A ``size`` x ``size`` px crop of the demo slide from level-0 (600, 1200), saved as a PNG (no µm per pixel in it)."""
-    from PIL import Image
-
-    from ghist_core.io.slide import open_slide
-
-    with open_slide(demo_slide) as s:
-        rgb = s.read_region((600, 1200), 0, (size, size))
-    Image.fromarray(rgb).save(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def small_slide_png(tmp_path_factory, demo_slide: Path) -> Path:
     """A 700 x 700 px crop (≈ 350 µm square, 0.499 µm/px) of the demo slide, as PNG."""
-    return _demo_crop_png(tmp_path_factory.mktemp("small_slide") / "crop.png", demo_slide, 700)
+    from slide_factory import demo_crop_png
+
+    return demo_crop_png(tmp_path_factory.mktemp("small_slide") / "crop.png", demo_slide, (600, 1200), 700)
 
 
 @pytest.fixture(scope="session")
 def demo_png_1000(tmp_path_factory, demo_slide: Path) -> Path:
     """A 1000 x 1000 px H&E crop of the demo slide as a PNG that does not state its µm per pixel."""
-    return _demo_crop_png(tmp_path_factory.mktemp("demo_png") / "he_1000.png", demo_slide, 1000)
+    from slide_factory import demo_crop_png
+
+    return demo_crop_png(tmp_path_factory.mktemp("demo_png") / "he_1000.png", demo_slide, (600, 1200), 1000)

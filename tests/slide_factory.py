@@ -263,3 +263,12 @@ def write_tiff_page_chain(path: str | Path, n_pages: int, *, side: int = 4) -> P
     path = Path(path)
     path.write_bytes(bytes(out))
     return path
+
+
+def demo_crop_png(out: str | Path, demo_slide: str | Path, xy: tuple[int, int], size: int) -> Path:
+    """A ``size`` x ``size`` px crop of the demo slide at level-0 ``xy``, saved as a PNG (which states no µm per pixel)."""
+    from ghist_core.io.slide import open_slide
+
+    with open_slide(demo_slide) as s:
+        Image.fromarray(s.read_region(xy, 0, (size, size))).save(out)
+    return Path(out)

@@ -24,6 +24,7 @@ import pytest
 from ghist_core.cli import EXIT_BUSY, EXIT_INPUT, EXIT_OK
 from ghist_core.project import Project
 from ghist_core.project.locks import lock_slide
+from slide_factory import demo_crop_png
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "Jane_Doe_1970-01-01.png"
@@ -62,27 +63,13 @@ def _no_names(*texts: str) -> None:
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory, demo_slide: Path) -> Path:
     """A 1100 px crop of the demo (0.499 µm/px: 2 x 2 blocks of 512 µm) named like a patient."""
-    from PIL import Image
-
-    from ghist_core.io.slide import open_slide
-
-    folder = tmp_path_factory.mktemp("slide")
-    with open_slide(demo_slide) as s:
-        Image.fromarray(s.read_region((600, 1000), 0, (1100, 1100))).save(folder / NAME)
-    return folder / NAME
+    return demo_crop_png(tmp_path_factory.mktemp("slide") / NAME, demo_slide, (600, 1000), 1100)
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, demo_slide: Path) -> Path:
     """A 400 px crop (one block), same identifying name, for the tests that need no checkpoints."""
-    from PIL import Image
-
-    from ghist_core.io.slide import open_slide
-
-    folder = tmp_path_factory.mktemp("small")
-    with open_slide(demo_slide) as s:
-        Image.fromarray(s.read_region((800, 1400), 0, (400, 400))).save(folder / NAME)
-    return folder / NAME
+    return demo_crop_png(tmp_path_factory.mktemp("small") / NAME, demo_slide, (800, 1400), 400)
 
 
 @pytest.fixture(scope="module")
