@@ -236,10 +236,7 @@ def differential_tab() -> None:
     except GhistError as exc:
         st.warning(plain(exc))
     else:
-        for note in res.notes:
-            st.caption(plain(note))
-        for warning in res.warnings:
-            st.warning(plain(warning), icon=":material/warning:")
+        c.show_messages(res.warnings, res.notes)
         fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
         st.plotly_chart(plots.volcano_plot(res, min_abs_log2fc=fc), key="ct_volcano")
         st.markdown(f"**{len(res.significant(0.05, fc))}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "

@@ -351,10 +351,7 @@ except GhistError as exc:
     st.stop()
 
 st.caption(f"Rule: {plain(groups.description)}")
-for w in res.warnings:
-    st.warning(plain(w))
-for n in res.notes:  # covers patients without a group and without survival data
-    st.caption(plain(n))
+c.show_messages(res.warnings, res.notes)  # notes cover patients without a group and without survival data
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Patients", res.n)
 m2.metric("Events", res.events)
@@ -399,10 +396,7 @@ try:
 except GhistError as exc:
     st.error(plain(exc))
 else:
-    for w in cox.warnings:
-        st.warning(plain(w))
-    for n in cox.notes:
-        st.caption(plain(n))
+    c.show_messages(cox.warnings, cox.notes)
     refs = cox.reference_levels
     st.markdown(f"**Covariates:** {', '.join(plain(c_) for c_ in covs)}. "
                 + (("**Reference levels (HR = 1):** "
@@ -429,8 +423,7 @@ if features:
     else:
         st.caption("Mann–Whitney U (2 groups) or Kruskal–Wallis (more), Benjamini–Hochberg "
                    "FDR over features.")
-        for w in fc.warnings:
-            st.warning(plain(w))
+        c.show_messages(fc.warnings)
         show_figure(fc.plot(), "cohort_features")
         st.dataframe(fc.table, hide_index=True)
         csv_button("Feature tests (CSV)", fc.table, "feature_tests.csv", "cohort_dl_feats")

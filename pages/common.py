@@ -22,6 +22,7 @@ from ghist_core.errors import GhistError
 from ghist_core.paths import DEMO_DIR, default_project_dir
 from ghist_core.project import Project, overview
 from ghist_core.project.uploads import inspect_upload
+from ghist_core.safe_text import plain
 
 # Session keys, set once; every page uses these names.
 PROJECT_DIR = "project_dir"
@@ -223,3 +224,30 @@ def finished_slides_or_stop(project, hint: str = "") -> pd.DataFrame:
         st.page_link("pages/upload.py", label="Upload & predict", icon=":material/upload_file:")
         st.stop()
     return done
+
+
+def show_messages(warnings=(), notes=()) -> None:
+    """A result's warnings (yellow boxes) and notes (captions), data text shown as text."""
+    for w in warnings:
+        st.warning(plain(w), icon=":material/warning:")
+    for n in notes:
+        st.caption(plain(n))
+
+
+def offer_prepared_download(state_key: str, tag: Any, button_key: str) -> None:
+    """The download button of a file made by a 'Prepare' button earlier, while its choices (``tag``) still hold."""
+    ready = st.session_state.get(state_key)
+    if ready and ready["tag"] == tag:
+        made = ready["download"]
+        st.download_button(f"Download {made.file_name} ({made.size_text})", data=made.read_bytes,
+                           file_name=made.file_name, mime=made.mime, key=button_key,
+                           icon=":material/download:", on_click="ignore", type="primary")
+
+
+def keep_prepared_download(state_key: str, tag: Any, made: Any) -> None:
+    """Remember a newly prepared download (the previous one's file is deleted)."""
+    from ghist_core import export
+
+    old = st.session_state.get(state_key)
+    export.discard_download(old["download"] if old else None)
+    st.session_state[state_key] = {"tag": tag, "download": made}

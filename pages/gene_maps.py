@@ -242,13 +242,6 @@ if st.button(f"Prepare {EXPORT_NAMES[fmt]}", key="gm_export_prepare", icon=":mat
         except GhistError as exc:
             st.error(plain(exc))
         else:
-            old = st.session_state.get(EXPORT_READY)
-            export.discard_download(old["download"] if old else None)
-            st.session_state[EXPORT_READY] = {"tag": export_tag, "download": made}
-ready = st.session_state.get(EXPORT_READY)
-if ready and ready["tag"] == export_tag:
-    made = ready["download"]
-    st.download_button(f"Download {made.file_name} ({made.size_text})", data=made.read_bytes,
-                       file_name=made.file_name, mime=made.mime, key="gm_export_download",
-                       icon=":material/download:", on_click="ignore", type="primary")
+            c.keep_prepared_download(EXPORT_READY, export_tag, made)
+c.offer_prepared_download(EXPORT_READY, export_tag, "gm_export_download")
 st.caption(f"How to open it: {export.HOW_TO_OPEN[fmt]}")

@@ -158,17 +158,10 @@ if n_done:
         except GhistError as exc:
             st.error(plain(exc))
         else:
-            old = st.session_state.get(PROJECT_EXPORT)
-            export.discard_download(old["download"] if old else None)
-            st.session_state[PROJECT_EXPORT] = {"tag": ztag, "download": made}
+            c.keep_prepared_download(PROJECT_EXPORT, ztag, made)
         finally:
             bar.empty()
-    ready = st.session_state.get(PROJECT_EXPORT)
-    if ready and ready["tag"] == ztag:
-        made = ready["download"]
-        st.download_button(f"Download {made.file_name} ({made.size_text})", data=made.read_bytes,
-                           file_name=made.file_name, mime=made.mime, key="home_export_download",
-                           icon=":material/download:", on_click="ignore", type="primary")
+    c.offer_prepared_download(PROJECT_EXPORT, ztag, "home_export_download")
     st.caption(f"{n_done} slide{'s' if n_done != 1 else ''} with a finished prediction, one file each "
                f"(`slide_ID{export.FORMATS[zfmt]}`, ID as in the table above). "
                f"How to open them: {export.HOW_TO_OPEN[zfmt]}")
