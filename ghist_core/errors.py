@@ -89,6 +89,10 @@ class StoreError(GhistError):
     """The project store could not be read or written."""
 
 
+class DiskFullError(StoreError, OSError):
+    """Not enough free disk space to write a result (checked before writing, or hit while writing)."""
+
+
 class ProjectNotFoundError(StoreError):
     """The folder is not a GHIST Studio project."""
 
@@ -99,6 +103,10 @@ class RunStateError(StoreError):
 
 class SlideBusyError(StoreError):
     """Another process is running this slide now (one run per slide at a time)."""
+
+
+class PipelineLimitError(GhistError, ValueError):
+    """A run refused before any work because it would exceed a stated limit (e.g. too many blocks)."""
 
 
 class RunCancelledError(GhistError):

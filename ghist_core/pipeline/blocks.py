@@ -23,7 +23,8 @@ import pandas as pd
 
 from ghist_core import _keys as K
 from ghist_core._types import ProgressCallback, ProgressEvent, ProgressEventCallback
-from ghist_core.io.atomic import atomic_write_with, remove_temporaries
+from ghist_core.io.atomic import remove_temporaries
+from ghist_core.io.safe_h5 import check_free_space, estimate_h5ad_bytes, write_h5_isolated
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
@@ -139,8 +140,37 @@ class _Reporter:
             self.callback(event)
 
 
+#: Most blocks a slide may be cut into (tissue or not), checked before any work: 50,000 blocks of
+#: 512 µm cover 131 cm², seven times a 75 × 25 mm glass slide. More means the µm/px is wrong
+#: (``--mpp 250`` on the demo slide planned 592,569 blocks) or the block size is too small.
+MAX_PLANNED_BLOCKS = 50_000
+
+
+def check_block_plan(width_px: int, height_px: int, mpp: float, config: PipelineConfig) -> int:
+    """The number of blocks the slide's grid has; :class:`InvalidMppError` (µm/px outside the
+    plausible range) or :class:`PipelineLimitError` (more than :data:`MAX_PLANNED_BLOCKS`) first."""
+    import math
+
+    from ghist_core.errors import PipelineLimitError
+    from ghist_core.io.slide import check_mpp
+
+    mpp = check_mpp(mpp, "slide's µm per pixel")
+    block = float(config.block_um)
+    if not math.isfinite(block) or block < 32.0:
+        raise PipelineLimitError(f"The block size {config.block_um!r} µm is too small; use at least 32 µm (default 512).")
+    n = math.ceil(width_px * mpp / block) * math.ceil(height_px * mpp / block)
+    if n > MAX_PLANNED_BLOCKS:
+        raise PipelineLimitError(
+            f"At {mpp:g} µm per pixel this {width_px:,} × {height_px:,} px slide would be "
+            f"{width_px * mpp / 1000:,.0f} × {height_px * mpp / 1000:,.0f} mm and need {n:,} blocks of "
+            f"{block:g} µm (limit {MAX_PLANNED_BLOCKS:,}). Check the µm per pixel: a 40x scan is about "
+            "0.25, 20x about 0.5.")
+    return n
+
+
 def plan_blocks(slide: Slide, config: PipelineConfig) -> list[Block]:
     """Blocks covering tissue, in a fixed row-major order (the order checkpoints follow)."""
+    check_block_plan(slide.dimensions[0], slide.dimensions[1], slide.mpp, config)
     w_um, h_um = slide.dimensions[0] * slide.mpp, slide.dimensions[1] * slide.mpp
     mask, downsample = slide.tissue_mask(config.tissue_thumbnail_px)
     if not mask.any():
@@ -259,7 +289,8 @@ def run_blocks(
         adata = model.predict(slide, cells, batch_size=config.batch_size, slide_sha256=slide_sha256)
         timings["predict_s"] += time.perf_counter() - t
         adata.uns.pop(K.UNS_GHIST, None)  # the card is added once, to the merged result
-        atomic_write_with(_block_path(run_dir, block), lambda p: adata.write_h5ad(p))
+        write_h5_isolated(_block_path(run_dir, block), lambda p: adata.write_h5ad(p),
+                          estimated_bytes=estimate_h5ad_bytes(adata), what=f"block {block.index}'s checkpoint")
         n_done += 1
         if eta is not None:
             eta.block_done(position[block.index])
@@ -356,6 +387,7 @@ def predict_slide(
             else:
                 segmenter = load_segmenter(segmenter_id, device=str(dev))
     check_segmenter_fits(model, segmenter)
+    check_block_plan(record.width, record.height, record.mpp, config)  # before the run is recorded
     with open_slide(project.slide_path(slide_id), mpp=record.mpp) as s:  # an implausible enlargement too
         s.check_upsampling(min([float(m) for m in (getattr(segmenter, "mpp", None), getattr(model, "mpp", None)) if m]
                                or [s.mpp]))
@@ -404,8 +436,14 @@ def predict_slide(
             grid_path = out_dir / f"run_{run_id}.grid.h5"
             timings["total_s"] = time.perf_counter() - t_start
             adata.uns[K.UNS_GHIST][K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
-            atomic_write_with(h5ad_path, lambda p: adata.write_h5ad(p, compression="gzip"))
-            write_grid(grid_path, build_grid_pyramid(adata, config.grid_sizes_um))
+            grids = build_grid_pyramid(adata, config.grid_sizes_um)
+            h5ad_bytes = estimate_h5ad_bytes(adata)
+            grid_bytes = sum(estimate_h5ad_bytes(g) for g in grids.values())
+            check_free_space(out_dir, h5ad_bytes + grid_bytes, what="the prediction")  # both, before either
+            write_h5_isolated(h5ad_path, lambda p: adata.write_h5ad(p, compression="gzip"),
+                              estimated_bytes=h5ad_bytes, what="the prediction (.h5ad)")
+            write_h5_isolated(grid_path, lambda p: write_grid(p, grids), estimated_bytes=grid_bytes,
+                              what="the grid summary")
             timings["write_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             project.add_result_file(run_id, "h5ad", h5ad_path)
@@ -417,15 +455,37 @@ def predict_slide(
         project.cancel_run(run_id)
         raise
     except GhistError as exc:
+        _discard_unrecorded(project, run_id, slide_id)
         project.fail_run(run_id, str(exc))
         raise
     except OSError as exc:
+        _discard_unrecorded(project, run_id, slide_id)
         message = f"Could not write results ({exc.strerror or exc}). Check free disk space and permissions."
         project.fail_run(run_id, message)
+        if exc.errno in (28, 122, 27):  # ENOSPC, EDQUOT, EFBIG
+            from ghist_core.errors import DiskFullError
+
+            raise DiskFullError(message) from exc
         raise StoreError(message) from exc
     except Exception as exc:  # unexpected: keep the store consistent, then re-raise
+        _discard_unrecorded(project, run_id, slide_id)
         project.fail_run(run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
         raise
+
+
+def _discard_unrecorded(project: Project, run_id: int, slide_id: int) -> None:
+    """Remove this run's result files that have no row in the store (a failed run leaves no orphan)."""
+    try:
+        recorded = {p.resolve() for p in project.result_files(run_id).values()}
+    except Exception:  # noqa: BLE001 - the store may itself be failing (disk full)
+        recorded = set()
+    out_dir = results_dir(project, slide_id)
+    for p in (out_dir / f"run_{run_id}.h5ad", out_dir / f"run_{run_id}.grid.h5"):
+        if p.exists() and p.resolve() not in recorded:
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def _jsonable(obj):
