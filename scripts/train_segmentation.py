@@ -306,7 +306,6 @@ def train(cfg: TrainConfig) -> dict:
         load_state(model, last)
         state = json.loads(last.with_suffix(".json").read_text())["state"]
         print(f"resumed at epoch {state['epoch']} step {state['step']}", flush=True)
-    seg = LearnedSegmenter(model, device=str(device))
     log_path = out / "log.jsonl"
     budget = cfg.time_budget_s or float("inf")
     elapsed0 = state["elapsed_s"]
@@ -341,6 +340,10 @@ def train(cfg: TrainConfig) -> dict:
                 break
         state["epoch"] += 1
         model.eval()
+        # LearnedSegmenter folds BatchNorm into a *copy* of the network, so it must be made
+        # from the current weights at each validation (one made before training kept scoring
+        # the initial weights, and "best" never moved past epoch 1)
+        seg = LearnedSegmenter(model, device=str(device))
         maps = val_maps(seg, val_native)
         scores = evaluate(maps, seg, PostProcessConfig(), pool)
         state["elapsed_s"] = elapsed0 + time.time() - t0
@@ -359,6 +362,7 @@ def train(cfg: TrainConfig) -> dict:
     # tune the watershed on the validation split with the best weights
     load_state(model, out / "best.safetensors")
     model.eval()
+    seg = LearnedSegmenter(model, device=str(device))  # a copy of the best weights (see above)
     maps = val_maps(seg, val_native)
     best_post, best_scores, grid = PostProcessConfig(), None, []
     if cfg.tune_postprocess:
