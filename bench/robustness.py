@@ -4,8 +4,16 @@ Why: clinical labs feed GHIST Studio files from unknown scanners, share one serv
 lose power mid-run. This measures, in one command, what the tests check on a small scale:
 
 * ``hostile_files``: the generated corpus (``tests/hostile_corpus.py``, ≥ 120 cases) run in
-  a memory-capped child process with a 20 s bound per case: how many ended in a typed
-  error, a correct result, a crash (incl. a wrong result) or a hang.
+  a memory-capped child process with a 20 s bound per case; each case's time and peak
+  resident memory (``VmHWM``, reset before the case) are kept, and each is classed by outcome:
+  typed error, correct result, crash, hang, memory over the stated bound, data left behind
+  (a refused file left files or rows in the project), wrong pixels, script executed (an
+  export kept a spreadsheet formula) or another wrong result.
+* ``limits``: the resource-limit cases of issue #20 (XLSX declaring XFD1048576, quadratic
+  delimiter sniffing, 1e6-row tables, the PH check on 1e6 rows, ``--mpp 250`` and 50 on the
+  demo slide, HDF5 writes onto a full disk and past RLIMIT_FSIZE), each in a fresh child
+  process with a 3 GB address-space cap and a 30 s bound, with its time, peak memory
+  (``ru_maxrss``) and stated memory bound.
 * ``kills``: ≥ 20 prediction-worker runs (``python -m ghist_core.pipeline.worker``) SIGKILLed at random
   moments, at the first checkpoint and while results are written; then
   ``PRAGMA integrity_check``, recorded results vs their sha256, resume, and the resumed
@@ -15,11 +23,15 @@ lose power mid-run. This measures, in one command, what the tests check on a sma
 Baselines measured in the same process: the control cases' (valid files) mean time per
 case, and an uninterrupted run's time; ratios are printed against them.
 
-Run: ``python bench/robustness.py`` (``--kills N``, ``--sessions N``, ``--skip-browser``).
+Run: ``python bench/robustness.py`` (``--kills N``, ``--sessions N``, ``--skip-browser``,
+``--skip-kills``, ``--only hostile,limits``: keep the other sections' previous figures).
 Writes ``bench/results/robustness.json`` as ``{"hostile_files": {"cases", "typed_errors",
-"correct_results", "crashes", "hangs"}, "kills": {"runs", "integrity_ok",
+"correct_results", "crashes", "hangs", "memory_over_bound", "data_left_behind",
+"wrong_pixels", "scripts_executed", "memory_bound_mb", "max_seconds", "max_peak_mb",
+"per_case": [{"name", "kind", "outcome", "seconds", "peak_mb", "errors"}]}, "limits": {same
+counts, "per_case": [... "bound_mb", "note"]}, "kills": {"runs", "integrity_ok",
 "resumed_identical", "lost_results"}, "concurrent_users": {"sessions", "requests",
-"errors"}}``.
+"errors"}}``. "crashes" counts crashes and wrong results of every kind, as before.
 """
 
 from __future__ import annotations
@@ -39,27 +51,355 @@ sys.path.insert(0, str(REPO / "tests"))
 RESULTS = REPO / "bench" / "results" / "robustness.json"
 
 
-def bench_hostile(work: Path) -> dict[str, int]:
-    from hostile_corpus import build_corpus, expectation_met, run_corpus, summarise
+#: Stated memory bound of one hostile-file case (resident set, MB): opening a slide, its
+#: thumbnail and two regions, or reading and validating a clinical table, and adding it to a
+#: project. The child's address space is capped at ``hostile_corpus.MEMORY_LIMIT_MB``.
+HOSTILE_MEMORY_BOUND_MB = 1536
+#: Wall-clock bound of one ``limits`` case, its address-space cap and stated memory bound.
+LIMIT_CASE_TIMEOUT_S = 30.0
+LIMIT_AS_MB = 3072
+_PEAK = "@@PEAK@@ "
+
+
+def _reset_peak() -> None:
+    try:  # Linux: "5" resets VmHWM (peak RSS) to the current RSS
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _serve_hostile(root: Path) -> None:
+    """Child: run hostile cases like ``hostile_corpus``'s own child, adding each case's peak RSS."""
+    import traceback
+    import warnings
+    from dataclasses import asdict
+
+    import hostile_corpus as hc
+
+    warnings.simplefilter("ignore")
+    work = Path(tempfile.mkdtemp(prefix="hostile_work_"))
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        case = hc.Case(**json.loads(line))
+        _reset_peak()
+        t0 = time.perf_counter()
+        try:
+            runner = hc._run_slide_case if case.kind == "slide" else hc._run_clinical_case
+            typed = runner(case, root, work)
+            res = hc.Result(case.name, "typed_error" if typed else "ok", typed)
+        except AssertionError as e:
+            res = hc.Result(case.name, "wrong", [], str(e)[:500])
+        except BaseException as e:  # noqa: BLE001
+            res = hc.Result(case.name, "crash", [], f"{type(e).__name__}: {str(e)[:300]}\n{traceback.format_exc(limit=6)[-1500:]}")
+        res.seconds = time.perf_counter() - t0
+        # one line per case: the parent waits with select() on the pipe, so a second line already
+        # read into its buffer would never wake it
+        sys.stdout.write(_PEAK + json.dumps({"peak_mb": _peak_mb(), "result": asdict(res)}) + "\n")
+        sys.stdout.flush()
+
+
+def _classify(outcome: str, detail: str, peak_mb: float | None, bound_mb: float) -> str:
+    """typed_error / ok / crash / hang / memory_over_bound / data_left_behind / wrong_pixels / script_executed / wrong."""
+    if outcome == "wrong":
+        d = detail.lower()
+        if "left files or rows" in d or "left behind" in d:
+            return "data_left_behind"
+        if "pixels" in d or "region" in d or "thumbnail" in d:
+            return "wrong_pixels"
+        if "formula" in d:
+            return "script_executed"
+        return "wrong"
+    if outcome in ("ok", "typed_error") and peak_mb is not None and peak_mb > bound_mb:
+        return "memory_over_bound"
+    return outcome
+
+
+def _counts(per_case: list[dict]) -> dict:
+    out = {k: sum(c["outcome"] == v for c in per_case) for k, v in (
+        ("typed_errors", "typed_error"), ("correct_results", "ok"), ("hangs", "hang"),
+        ("memory_over_bound", "memory_over_bound"), ("data_left_behind", "data_left_behind"),
+        ("wrong_pixels", "wrong_pixels"), ("scripts_executed", "script_executed"))}
+    out["crashes"] = sum(c["outcome"] in ("crash", "wrong", "data_left_behind", "wrong_pixels", "script_executed")
+                         for c in per_case)
+    out["max_seconds"] = round(max((c["seconds"] for c in per_case), default=0.0), 2)
+    out["max_peak_mb"] = round(max((c["peak_mb"] or 0 for c in per_case), default=0.0), 1)
+    return {"cases": len(per_case), **out}
+
+
+def bench_hostile(work: Path) -> dict:
+    import os
+    import select
+    import subprocess
+    from dataclasses import asdict
+
+    import hostile_corpus as hc
+    from hostile_corpus import build_corpus, expectation_met
 
     from ghist_core.paths import shared_data_dir
 
     svs = shared_data_dir() / "slides" / "CMU-1-Small-Region.svs"
-    cases = build_corpus(work / "hostile", svs)
-    t0 = time.perf_counter()
-    results = run_corpus(cases, work / "hostile")
-    wall = time.perf_counter() - t0
-    summary = summarise(results)
+    root = work / "hostile"
+    cases = build_corpus(root, svs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+
+    def start():
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-hostile", str(root)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env=env, preexec_fn=hc._limit_memory(hc.MEMORY_LIMIT_MB), cwd=str(REPO))
+
+    t_all = time.perf_counter()
+    per_case, results = [], []
+    proc = None
+    fresh = True
+    for case in cases:
+        if proc is None or proc.poll() is not None:
+            proc, fresh = start(), True
+        timeout = hc.CASE_TIMEOUT_S + (15.0 if fresh else 0.0)
+        fresh = False
+        t0 = time.perf_counter()
+        peak = None
+        try:
+            proc.stdin.write(json.dumps(asdict(case)) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        res = None
+        while res is None:
+            left = t0 + timeout - time.perf_counter()
+            if left <= 0:
+                proc.kill()
+                proc.wait()
+                res = hc.Result(case.name, "hang", [], f"no answer within {timeout:.0f} s", time.perf_counter() - t0)
+                break
+            ready, _, _ = select.select([proc.stdout.fileno()], [], [], left)
+            if not ready:
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                rc = proc.wait()
+                res = hc.Result(case.name, "crash", [], f"runner died (exit {rc})", time.perf_counter() - t0)
+            elif line.startswith(_PEAK):
+                msg = json.loads(line[len(_PEAK):])
+                peak, res = msg["peak_mb"], hc.Result(**msg["result"])
+        results.append(res)
+        per_case.append({"name": case.name, "kind": case.kind, "expect": case.expect,
+                         "outcome": _classify(res.outcome, res.detail, peak, HOSTILE_MEMORY_BOUND_MB),
+                         "seconds": round(res.seconds, 3), "peak_mb": None if peak is None else round(peak, 1),
+                         "errors": res.errors, **({"detail": res.detail[:300]} if res.failed else {})})
+    if proc is not None and proc.poll() is None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    wall = time.perf_counter() - t_all
+    summary = {**_counts(per_case), "memory_bound_mb": HOSTILE_MEMORY_BOUND_MB, "time_bound_s": hc.CASE_TIMEOUT_S}
     base = [r.seconds for c, r in zip(cases, results) if c.name.endswith("_control") and r.outcome == "ok"]
     hostile = [r.seconds for c, r in zip(cases, results) if not c.name.endswith("_control")]
     base_s = statistics.mean(base) if base else float("nan")
-    print(f"hostile files: {summary}  ({wall:.1f} s wall)")
+    print(f"hostile files: { {k: v for k, v in summary.items()} }  ({wall:.1f} s wall)")
     print(f"  time per hostile case: median {statistics.median(hostile):.2f} s, max {max(hostile):.2f} s; "
           f"ratio to valid-file baseline ({base_s:.2f} s): median x{statistics.median(hostile) / base_s:.2f}, "
           f"max x{max(hostile) / base_s:.2f}")
-    for c, r in zip(cases, results):
-        if r.failed or not expectation_met(c, r):
-            print(f"  ! {c.name}: {r.outcome} {r.errors} {r.detail[:200]}")
+    for c, r, pc in zip(cases, results, per_case):
+        if r.failed or not expectation_met(c, r) or pc["outcome"] == "memory_over_bound":
+            print(f"  ! {c.name}: {pc['outcome']} {r.errors} {r.detail[:200]} ({pc['peak_mb']} MB)")
+    summary["per_case"] = per_case
+    return summary
+
+
+# ---------------------------------------------------------------------------- limits (issue #20)
+def _limit_case_code(name: str, work: Path) -> str:
+    """Python run in a fresh child for one limits case; prints one JSON line {"outcome", "errors", "note"}."""
+    return f"""
+import errno, io, json, os, resource, shutil, signal, subprocess, sys, time
+from pathlib import Path
+work = Path({str(work)!r}); name = {name!r}
+from ghist_core.errors import GhistError
+def setup():
+    import numpy as np, pandas as pd
+    if name.startswith("xlsx"):
+        import openpyxl
+        wb = openpyxl.Workbook(write_only=name == "xlsx_1m_cells_accepted"); ws = wb.active if name != "xlsx_1m_cells_accepted" else wb.create_sheet()
+        if name == "xlsx_1m_cells_accepted":
+            ws.append([f"c{{j}}" for j in range(20)])
+            for i in range(50_000): ws.append([f"P{{i}}"] + [i * 0.5] * 19)
+        elif name == "xlsx_only_cell_at_xfd1048576":
+            ws["XFD1048576"] = 1
+        else:
+            ws.append(["patient_id", "os_days", "vital_status"])
+            for i in range(30): ws.append([f"P{{i}}", 10 + i, "dead" if i % 2 else "alive"])
+            ws["A1048576" if name == "xlsx_value_at_a1048576" else "XFD1048576"] = "x"
+        b = io.BytesIO(); wb.save(b); return b.getvalue()
+    if name.startswith("csv_sniff"):
+        n = 24 * 1024 if "24kb" in name else 180 * 1024
+        row = '"a;\\t|b",12,"x;\\t|",dead\\n'
+        return ("id,time,note,status\\n" + row * (n // len(row))).encode()
+    if name == "csv_one_line_quotes_180kb":
+        return ('"' + 'a,"b;' * (180 * 1024 // 5)).encode()
+    if name == "csv_1e6_rows":
+        return b"id,t,e\\n" + b"".join(b"P%d,%d,1\\n" % (i, i) for i in range(1_000_000))
+    if name == "csv_100k_rows_49mb":
+        cols = [f"v{{j}}" for j in range(55)]
+        line = ",".join(["P0"] + ["123.4567"] * 54) + "\\n"
+        return (",".join(cols) + "\\n" + line * 100_000).encode()
+    if name in ("ph_check_1e6_rows", "fit_cox_100k_rows"):
+        n = 1_000_000 if name.startswith("ph") else 100_000
+        rng = np.random.default_rng(0); x = rng.normal(size=n)
+        return pd.DataFrame({{"T": rng.exponential(10 * np.exp(-0.5 * x)).round(1) + 0.1,
+                              "E": (rng.random(n) < 0.7).astype(int), "x": x, "g": (rng.random(n) < 0.5).astype(float)}})
+    return None
+data = setup()
+def peak_mb():
+    hwm = 0.0
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    return max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)  # + a forked HDF5 writer
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # peak RSS from here: the operation, not building its input
+except OSError:
+    pass
+resource.setrlimit(resource.RLIMIT_AS, ({LIMIT_AS_MB} * 2**20, {LIMIT_AS_MB} * 2**20))
+outcome, errors, note = "ok", [], ""
+t0 = time.perf_counter()
+try:
+    if name.startswith(("xlsx", "csv")):
+        from ghist_core.analysis.clinical import read_clinical_table
+        df = read_clinical_table(data, name + (".xlsx" if name.startswith("xlsx") else ".csv"))
+        note = f"read {{df.shape[0]}} x {{df.shape[1]}}, delimiter {{df.attrs.get('delimiter')!r}}"
+    elif name == "ph_check_1e6_rows":
+        from lifelines import CoxPHFitter
+        from ghist_core.analysis.survival import ph_check, PH_MAX_N
+        sub = data.sample(n=PH_MAX_N, random_state=1)
+        cph = CoxPHFitter().fit(sub, "T", "E")  # any fitted model: above the bound ph_check refits on its subsample
+        t0 = time.perf_counter()
+        res = ph_check(cph, data, "T", "E", ["x", "g"])
+        note = f"subsample {{res.attrs.get('subsample')}}, p = {{[round(v, 3) for v in res['p']]}}"
+    elif name == "fit_cox_100k_rows":
+        from ghist_core.analysis.survival import fit_cox
+        res = fit_cox(data, "T", "E", ["x", "g"])
+        note = f"HR {{[round(v, 3) for v in res.summary['HR']]}}; {{res.notes[-1] if res.notes else ''}}"
+    elif name.startswith("demo_mpp"):
+        from ghist_core.paths import DEMO_DIR
+        from ghist_core.io.slide import open_slide
+        from ghist_core.pipeline.blocks import PipelineConfig, plan_blocks
+        from ghist_core.project.store import Project
+        mpp = 250.0 if "250" in name else 50.0
+        if mpp == 250.0:  # the CLI's path: the project refuses the slide, nothing recorded
+            p = Project.create(work / ("proj_" + name))
+            try:
+                p.add_slide(DEMO_DIR / "CMU-1-Small-Region.svs", mpp=mpp)
+            finally:
+                c = p._conn(); note = f"slides recorded: {{c.execute('SELECT COUNT(*) FROM slides').fetchone()[0]}}"; p.close()
+        else:
+            with open_slide(DEMO_DIR / "CMU-1-Small-Region.svs", mpp=mpp) as s:
+                plan_blocks(s, PipelineConfig())
+    elif name.startswith("disk_full"):
+        import anndata as ad, numpy as np
+        from ghist_core.io.safe_h5 import write_h5_isolated
+        folder = work / name; folder.mkdir(exist_ok=True)
+        a = ad.AnnData(np.random.default_rng(0).random((20000, 300), dtype=np.float32))
+        if name == "disk_full_rlimit_fsize":
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
+        else:
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True).returncode:
+                print(json.dumps({{"outcome": "skipped", "errors": [], "note": "cannot mount a tmpfs here"}})); sys.exit(0)
+            with open(folder / "filler", "wb") as fh:
+                fh.write(bytes(shutil.disk_usage(folder).free - 6 * 2**20))
+        try:
+            write_h5_isolated(folder / "x.h5ad", lambda p: a.write_h5ad(p, compression="gzip"),
+                              estimated_bytes=0 if name != "disk_full_checked_before" else 25 * 2**20,
+                              margin_bytes=0 if name != "disk_full_checked_before" else 64 * 2**20)
+        finally:
+            left = sorted(p.name for p in folder.iterdir() if p.name != "filler")
+            if name != "disk_full_rlimit_fsize":
+                subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+            if left:
+                print(json.dumps({{"outcome": "data_left_behind", "errors": [], "note": f"left {{left}}", "peak_mb": peak_mb()}})); sys.exit(0)
+except GhistError as e:
+    outcome, errors, note = "typed_error", [type(e).__name__], str(e)[:240]
+print(json.dumps({{"outcome": outcome, "errors": errors, "note": note, "seconds": time.perf_counter() - t0,
+                  "peak_mb": peak_mb()}}))
+"""
+
+
+#: case -> (expected outcome, stated memory bound in MB: peak RSS of the child during the operation,
+#: interpreter, imports and the built input included)
+LIMIT_CASES: dict[str, tuple[str, int]] = {
+    "xlsx_xfd1048576_with_table": ("typed_error", 300),
+    "xlsx_only_cell_at_xfd1048576": ("typed_error", 300),
+    "xlsx_value_at_a1048576": ("typed_error", 300),
+    "xlsx_1m_cells_accepted": ("ok", 1024),
+    "csv_sniff_quotes_24kb": ("ok", 300),
+    "csv_sniff_quotes_180kb": ("ok", 300),
+    "csv_one_line_quotes_180kb": ("either", 300),
+    "csv_1e6_rows": ("typed_error", 400),
+    "csv_100k_rows_49mb": ("ok", 1536),
+    "ph_check_1e6_rows": ("ok", 1024),
+    "fit_cox_100k_rows": ("ok", 1024),
+    "demo_mpp_250": ("typed_error", 600),
+    "demo_mpp_50_block_plan": ("typed_error", 600),
+    "disk_full_checked_before": ("typed_error", 600),
+    "disk_full_during_hdf5_write": ("typed_error", 600),
+    "disk_full_rlimit_fsize": ("typed_error", 600),
+}
+
+
+def bench_limits(work: Path) -> dict:
+    import os
+    import subprocess
+
+    per_case = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for name, (expect, bound) in LIMIT_CASES.items():
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _limit_case_code(name, work)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+        try:
+            out, err = proc.communicate(timeout=LIMIT_CASE_TIMEOUT_S + 60)  # + building the input
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            proc.returncode = None
+        wall = time.perf_counter() - t0
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r = {"outcome": "hang" if proc.returncode is None else "crash", "errors": [],
+                 "note": f"exit {proc.returncode}: {err.strip()[-300:]}"}
+        peak = float(r.get("peak_mb") or 0.0)  # the child's own peak RSS during the operation (VmHWM reset after setup)
+        seconds = float(r.get("seconds", wall))
+        outcome = r["outcome"]
+        if outcome in ("ok", "typed_error") and seconds > LIMIT_CASE_TIMEOUT_S:
+            outcome = "hang"
+        if outcome in ("ok", "typed_error") and expect != "either" and outcome != expect:
+            outcome = "wrong"
+        outcome = _classify(outcome, "", peak, bound) if outcome in ("ok", "typed_error") else outcome
+        per_case.append({"name": name, "expect": expect, "outcome": outcome, "seconds": round(seconds, 3),
+                         "wall_s_incl_setup": round(wall, 2), "peak_mb": round(peak, 1), "bound_mb": bound,
+                         "errors": r.get("errors", []), "note": r.get("note", "")[:240]})
+        print(f"  {name:32s} {outcome:18s} {seconds:7.2f} s  peak {peak:7.1f} MB (bound {bound})  {r.get('note', '')[:110]}")
+    summary = {**_counts([c for c in per_case if c["outcome"] != "skipped"]),
+               "skipped": sum(c["outcome"] == "skipped" for c in per_case),
+               "time_bound_s": LIMIT_CASE_TIMEOUT_S, "address_space_mb": LIMIT_AS_MB}
+    print(f"limits: { {k: v for k, v in summary.items()} }")
+    summary["per_case"] = per_case
     return summary
 
 
@@ -117,15 +457,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--skip-browser", action="store_true", help="keep the previous concurrent_users figures")
+    ap.add_argument("--skip-kills", action="store_true", help="keep the previous kills figures")
+    ap.add_argument("--only", default=None, help="comma-separated sections to run (hostile,limits,kills,browser); "
+                                                   "the others keep their previous figures")
+    ap.add_argument("--serve-hostile", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve_hostile is not None:
+        _serve_hostile(args.serve_hostile)
+        return 0
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    only = set(args.only.split(",")) if args.only else {"hostile", "limits", "kills", "browser"}
+    if args.skip_kills:
+        only.discard("kills")
+    if args.skip_browser:
+        only.discard("browser")
+    out = dict(previous)
     with tempfile.TemporaryDirectory(prefix="ghist_robustness_") as tmp:
         work = Path(tmp)
-        out = {"hostile_files": bench_hostile(work), "kills": bench_kills(work, args.kills)}
-        if args.skip_browser and "concurrent_users" in previous:
-            out["concurrent_users"] = previous["concurrent_users"]
-        else:
+        if "hostile" in only:
+            out["hostile_files"] = bench_hostile(work)
+        if "limits" in only:
+            out["limits"] = bench_limits(work)
+        if "kills" in only:
+            out["kills"] = bench_kills(work, args.kills)
+        if "browser" in only:
             out["concurrent_users"] = bench_browser(work, args.sessions)
+    order = ["hostile_files", "limits", "kills", "concurrent_users"]
+    out = {k: out[k] for k in order if k in out} | {k: v for k, v in out.items() if k not in order}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")
