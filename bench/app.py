@@ -10,6 +10,10 @@
    read the full-resolution window of the demo slide at 10×/20×/40× and build the close-up deck
    (nucleus outlines or points, viewport query on a 1M-cell index), with the JSON size sent.
 
+4. ``--million``: the Gene maps page (AppTest, server side) on a finished 1,000,000-cell run over the
+   1 Gpx synthetic slide of ``bench/pipeline.py --scaling``: whole slide (grid pyramid), zoom, pan;
+   seconds per rerun and objects sent; sets "million_cells" in bench/results/app.json.
+
 Run: ``python bench/app.py`` (about 2–4 minutes on 2 CPU cores); ``python bench/app.py --viewer``
 runs part 3 only and updates its entry in bench/results/app.json.
 """
@@ -34,7 +38,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from ghist_core.viz import palette  # noqa: E402
 from ghist_core._keys import OBSM_NEIGHBOURHOOD, set_obsm_matrix  # noqa: E402
-from ghist_core.pipeline.grid import build_grid_pyramid, write_grid  # noqa: E402
+from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, write_grid  # noqa: E402
 from ghist_core.paths import DEMO_DIR  # noqa: E402
 from browser_helpers import CHROMIUM, StreamlitServer, launch_browser, wait_app_idle  # noqa: E402
 
@@ -190,7 +194,132 @@ def viewer_timings(repeats: int = 5) -> dict:
     return out
 
 
+MILLION = 1_000_000
+
+
+def million_cells(slide_path: Path | None = None, n: int = MILLION, n_genes: int = 272) -> dict:
+    """Gene maps page (AppTest, server side) on a finished 1M-cell run: whole slide through the grid
+    pyramid, then zoom and pan (viewport-limited cells/outlines); seconds per rerun and objects sent."""
+    import shutil
+
+    import streamlit as st
+
+    from ghist_core._keys import OBSM_NUCLEUS_RAYS, OBSM_TYPE_PROBABILITIES
+    from ghist_core.project.store import Project
+    from apptest_kit import open_page, register_prediction
+
+    slide_path = slide_path or REPO / "tmp" / "scaling" / "slides" / "synthetic_1gpx.tif"
+    if not slide_path.is_file():
+        raise SystemExit(f"{slide_path} missing: build it with python bench/pipeline.py --scaling --scaling-sizes 1")
+    out: dict = {"n_cells": n, "n_genes": n_genes, "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+                 "how": "AppTest of app.py -> pages/gene_maps.py (the page's own code and caches, no browser); "
+                        "seconds = wall time of one at.run(); objects = data rows of the deck layers sent"}
+    work = Path(tempfile.mkdtemp(prefix="ghist-bench-million-", dir=REPO / "tmp"))
+    try:
+        t = time.perf_counter()
+        project = Project.open_or_create(work / "projects" / "million", name="million")
+        rec = project.add_slide(slide_path, patient_id="BIG-01", mpp=0.25)
+        w_um, h_um = rec.width * rec.mpp, rec.height * rec.mpp
+        a = synthetic_slide_prediction(n, w_um, h_um, n_genes=n_genes)
+        rng = np.random.default_rng(1)
+        set_obsm_matrix(a, OBSM_NUCLEUS_RAYS, rng.uniform(2, 5, size=(n, 16)).astype(np.float32),
+                        [f"ray_{k:02d}" for k in range(16)])
+        set_obsm_matrix(a, OBSM_TYPE_PROBABILITIES, rng.dirichlet(np.ones(9), n).astype(np.float32), palette.CELL_TYPES)
+        run_id = register_prediction(project, rec.slide_id, a, grid_sizes_um=DEFAULT_GRID_SIZES_UM)
+        out["slide"] = {"name": slide_path.name, "width_px": rec.width, "height_px": rec.height, "mpp": rec.mpp,
+                        "format": rec.format, "vendor": rec.vendor}
+        out["setup_s"] = round(time.perf_counter() - t, 1)
+        res = project.result_files(run_id)
+        out["h5ad_bytes"], out["grid_bytes"] = res["h5ad"].stat().st_size, res["grid"].stat().st_size
+        del a
+        os.environ["GHIST_PROJECTS_DIR"] = str(work / "projects")
+        os.chdir(REPO)
+        st.cache_data.clear()
+        st.cache_resource.clear()
+
+        def sent(at) -> dict:
+            specs = [json.loads(e.proto.json) for e in at.get("deck_gl_json_chart")]
+            layers = [(layer["@@type"], len(layer.get("data") or []) if isinstance(layer.get("data"), list) else 1)
+                      for sp in specs for layer in sp["layers"]]
+            return {"layers": [f"{k}:{v}" for k, v in layers],
+                    "objects": sum(v for k, v in layers if k != "BitmapLayer"),
+                    "json_mb": round(sum(len(e.proto.json) for e in at.get("deck_gl_json_chart")) / 1e6, 3)}
+
+        def timed(at, label: str, repeats: int = 1) -> None:
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                at.run()
+                ts.append(time.perf_counter() - t0)
+                assert not at.exception, [e.value for e in at.exception]
+            out["steps"][label] = {"seconds": [round(v, 3) for v in ts], **sent(at),
+                                   "loadavg": [round(v, 2) for v in os.getloadavg()]}
+            print(f"million {label:34s} {ts} s  {out['steps'][label]['objects']} objects  "
+                  f"{out['steps'][label]['json_mb']} MB")
+
+        out["steps"] = {}
+        t0 = time.perf_counter()
+        at = open_page("pages/gene_maps.py", {"project_dir": str(project.folder)}, timeout=900)
+        out["steps"]["first open (reads the h5ad and grid)"] = {"seconds": [round(time.perf_counter() - t0, 3)], **sent(at)}
+        print("million first open", out["steps"]["first open (reads the h5ad and grid)"])
+        timed(at, "whole slide, rerun", 3)
+        import hashlib
+
+        slide_key = f"{hashlib.sha1(str(project.folder).encode()).hexdigest()[:8]}_{rec.slide_id}"  # as the page keys it
+        cx, cy = w_um / 2, h_um / 2
+        for mag in ("10×", "20×", "40×"):
+            at.session_state[f"gm_zoom_{slide_key}"] = mag
+            timed(at, f"zoom to {mag} (first)")
+            timed(at, f"{mag} rerun (cached)", 2)
+        for k in range(3):  # pans at 40×: a new centre each time (new window read + viewport query)
+            at.session_state[f"gm_cx_{slide_key}"] = cx + 150.0 * (k + 1)
+            at.session_state[f"gm_cy_{slide_key}"] = cy - 100.0 * (k + 1)
+            timed(at, f"pan at 40x #{k + 1}")
+        at.session_state[f"gm_zoom_{slide_key}"] = "Whole slide"
+        timed(at, "back to whole slide", 2)
+        # where a pan's time goes: the same ghist_core calls the page makes, outside Streamlit (median of 5 pans)
+        from ghist_core.pipeline.blocks import load_prediction
+        from ghist_core.viz import viewer
+
+        adata = load_prediction(project, rec.slide_id)
+        index = viewer.CellIndex(adata.obsm["spatial"])
+        gene = str(adata.var_names[0])
+        parts: dict = {}
+        for mag in (10, 20, 40):
+            reads, builds = [], []
+            for k in range(5):
+                centre = (cx + 211.0 * (k + 1), cy + 97.0 * (k + 1))
+                t0 = time.perf_counter()
+                win = viewer.read_project_window(project, rec.slide_id, centre, mag)
+                reads.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                gm = viewer.cell_view(adata, gene, win, index=index)
+                gm.deck.to_json()
+                builds.append(time.perf_counter() - t0)
+            parts[f"{mag}x"] = {"read_window_s": round(statistics.median(reads), 3),
+                                "cells_and_deck_json_s": round(statistics.median(builds), 3),
+                                "objects": int(gm.n_objects), "drawn_as": gm.mode}
+        parts["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+        out["pan_breakdown_direct_calls"] = parts
+        print("million pan breakdown", parts)
+        reruns = [v for k, v in out["steps"].items() if "rerun" in k or "pan" in k or "back" in k]
+        out["max_rerun_s"] = max(max(v["seconds"]) for v in reruns)
+        out["goal"] = "server-side rerun < 0.3 s; per-cell points only when zoomed in"
+        out["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def main() -> None:
+    if "--million" in sys.argv:
+        out = REPO / "bench" / "results" / "app.json"
+        r = million_cells()
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["million_cells"] = r
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if "--viewer" in sys.argv:
         out = REPO / "bench" / "results" / "app.json"
         results = json.loads(out.read_text()) if out.exists() else {}

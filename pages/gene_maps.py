@@ -60,7 +60,8 @@ with st.sidebar:
     colour_by = st.radio("Colour by", ["Expression", "Cell type"], key="gm_colour_by", horizontal=True)
     cmap = st.selectbox("Colour map", list(palette.EXPRESSION_MAPS), key="gm_cmap",
                         help="viridis and cividis stay readable with colour-vision deficiency and in greyscale.")
-    present = palette.ordered_types(adata.obs[OBS_CELL_TYPE].astype(str).unique()) if OBS_CELL_TYPE in adata.obs else []
+    # the distinct values first, then str (str over a 1M-cell column costs 0.2 s on every rerun)
+    present = palette.ordered_types([str(v) for v in adata.obs[OBS_CELL_TYPE].unique()]) if OBS_CELL_TYPE in adata.obs else []
     # the type filter belongs to this slide: restore this slide's choice (all types the first time)
     if st.session_state.get(TYPES_FOR) != slide_key:
         saved = st.session_state.setdefault(TYPES_BY_SLIDE, {}).get(slide_key)

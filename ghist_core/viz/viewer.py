@@ -212,10 +212,14 @@ def cell_view(
     """
     xy = np.asarray(adata.obsm[OBSM_SPATIAL], dtype=np.float64)
     idx = (index or CellIndex(xy)).query(window.bounds_um)
-    types = (adata.obs[OBS_CELL_TYPE].astype(str).to_numpy() if OBS_CELL_TYPE in adata.obs
-             else np.full(adata.n_obs, "unknown", dtype=object))
+    col = adata.obs[OBS_CELL_TYPE] if OBS_CELL_TYPE in adata.obs else None
+
+    def types_of(rows: np.ndarray) -> np.ndarray:  # only the window's cells: str over 1M cells costs 0.2 s a pan
+        return (col.iloc[rows].astype(str).to_numpy() if col is not None
+                else np.full(len(rows), "unknown", dtype=object))
+
     if cell_types is not None:
-        idx = idx[np.isin(types[idx], list(cell_types))]
+        idx = idx[np.isin(types_of(idx), list(cell_types))]
     if len(idx) > max_objects:  # an even subsample keeps the browser within its budget
         idx = idx[np.linspace(0, len(idx) - 1, max_objects).astype(np.int64)]
     values = gene_values(adata, gene)[idx]
@@ -225,7 +229,7 @@ def cell_view(
 
     units = units_label(expression_units(adata))
     vmin, vmax = vrange if vrange is not None else palette.value_range(values)
-    t = types[idx]
+    t = types_of(idx)
     rgb = (palette.cell_type_rgb(t) if colour_by == "cell_type"
            else palette.map_values(values, vmin, vmax, colour_map))
     cell_ids = adata.obs["cell_id"].to_numpy()[idx] if "cell_id" in adata.obs else idx

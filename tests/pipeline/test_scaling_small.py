@@ -1,0 +1,33 @@
+"""The scaling benchmark's synthetic 40× slide (bench/pipeline.py ``make_gigapixel_tiff``), small: a real
+tiled pyramidal TIFF that OpenSlide opens as a generic TIFF with the same pyramid our reader sees."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench_pipeline():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_synthetic_pyramid_opens_through_openslide(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    from ghist_core.io.slide import open_slide
+
+    path = _bench_pipeline().make_gigapixel_tiff(tmp_path / "s.tif", 0.005)  # 2048² px at 0.25 µm/px, 2 levels
+    assert openslide.OpenSlide.detect_format(str(path)) == "generic-tiff"
+    with openslide.OpenSlide(str(path)) as o, open_slide(path) as s:
+        assert o.dimensions == tuple(s.dimensions) == (2048, 2048)
+        assert o.level_count == s.level_count == 2  # the reduced level is visible to OpenSlide too
+        assert o.level_downsamples == pytest.approx(s.level_downsamples)
+        assert float(o.properties["openslide.mpp-x"]) == pytest.approx(0.25) == s.mpp
+        region = o.read_region((1024, 1024), 1, (256, 256)).convert("RGB")
+        assert region.size == (256, 256) and min(region.getextrema()[0]) < 200  # tissue, not blank
