@@ -438,7 +438,7 @@ def build_corpus(folder: str | os.PathLike, svs_path: str | os.PathLike) -> list
     slide("tiff_cielab", "cielab.tif", "error")
     put("png_big_22k.png", _png_big_blank(22_000, 22_000))
     slide("png_22k_blank_under_cap", "png_big_22k.png", "either",
-          mpp=0.25, note="484 Mpx in 1.5 MB (was 4.7 GB in the app process)")
+          mpp=0.25, note="484 Mpx in 1.5 MB (was 4.7 GB in the app process; now over the 256 Mpx plain-image cap)")
     png_tall = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 517_821, 8, 2, 0, 0, 0))
                 + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
     slide("png_1x517821_declared", put("tall.png", png_tall), "error", mpp=0.5, note="once 24 GiB")

@@ -31,9 +31,9 @@ Rules kept here:
   read row by row); thumbnails are made in bands of ~32 Mpx of source. Plain images are
   never decoded to open them; a thumbnail of one over :data:`MAX_INPROCESS_PLAIN_PIXELS`
   is made by DCT reduction (JPEG) or in a child process capped at
-  :data:`PREVIEW_MEMORY_BYTES` (PNG; a 22k x 22k PNG peaks at 2.3 GB there, ~8 s), so the
-  app process never holds it; region reads decode it once at <= 4 bytes/px (1.9 GB for
-  22k x 22k), which only the analysis worker does.
+  :data:`PREVIEW_MEMORY_BYTES` (PNG; a 16k x 16k PNG at the cap peaks at ~1.2 GB there), so the
+  app process never holds it; region reads decode it once at <= 4 bytes/px (about 1 GB at
+  the cap), which only the analysis worker does.
 - Associated images (label, macro) are never read or exposed: labels can carry
   patient names.
 """
@@ -90,9 +90,10 @@ __all__ = [
     "sniff_format",
 ]
 
-#: Largest PNG/JPEG (width x height) we decode: 500 Mpx, i.e. 1.5 GB as RGB. Plain
-#: images are decoded whole, so anything bigger must come as a tiled (pyramidal) TIFF.
-MAX_PLAIN_IMAGE_PIXELS = 500_000_000
+#: Largest PNG/JPEG (width x height) we decode: 256 Mpx (16k x 16k), i.e. 0.8 GB as RGB.
+#: Plain images are decoded whole, so anything bigger must come as a tiled (pyramidal) TIFF;
+#: the cap was 500 Mpx, but a 22k x 22k PNG then needed 2.3 GB and ~17 s just for its preview.
+MAX_PLAIN_IMAGE_PIXELS = 256_000_000
 # Pillow's own bomb guard warns above MAX_IMAGE_PIXELS and refuses above twice that;
 # align it with ours so both agree (we refuse first, with a clearer message).
 Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS
