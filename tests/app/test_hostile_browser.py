@@ -119,7 +119,6 @@ def hf_cache_with(weights: Path, cache: Path) -> None:
 
 def hostile_project(projects: Path, demo_slide: Path, s: dict[str, str], weights: Path) -> str:
     """The app's default project with a hostile patient, clinical table and finished prediction; the patient id."""
-    import anndata as ad
 
     from ghist_core.model import load_ghist
     from ghist_core.pipeline.blocks import results_dir
