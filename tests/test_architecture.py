@@ -248,3 +248,14 @@ def test_the_rules_accept_allowed_imports() -> None:
                Import("ghist_core.viz.figures", "plotly.graph_objects", 1),
                Import("ghist_core.io.slide", "numpy", 1)]
     assert layer_violations(allowed) == [] and extras_violations(allowed) == []
+
+
+def test_test_modules_have_unique_names() -> None:
+    """Test folders have no __init__.py, so two test files with one basename break collection."""
+    tests = Path(__file__).resolve().parent
+    names: dict[str, list[str]] = {}
+    for p in tests.rglob("*.py"):
+        if p.name != "conftest.py":
+            names.setdefault(p.name, []).append(str(p.relative_to(tests)))
+    clashes = {n: ps for n, ps in names.items() if len(ps) > 1}
+    assert not clashes, f"test modules sharing a name: {clashes}"
