@@ -20,16 +20,22 @@ __all__ = ["plain", "html_text"]
 # :colour[...] / :material/icon: directives.
 _MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+# GitHub-flavoured markdown also turns bare URLs, ``www.`` names and e-mail addresses into links,
+# escapes or not; an invisible WORD JOINER (U+2060) inside each breaks that and nothing else.
+_AUTOLINK = re.compile(r"(?i)(https?|ftps?|mailto|file|data|javascript)(?=\\:)|(www)(?=\\\.)|(?=\\@)")
+WORD_JOINER = "\u2060"
 
 
 def plain(value: Any) -> str:
     """``value`` as literal text inside markdown: every markdown/HTML character is escaped.
 
     Newlines become spaces (a line break could start a new block) and control and
-    bidirectional-override characters are dropped.
+    bidirectional-override characters are dropped; bare URLs, ``www.`` names and e-mail
+    addresses get an invisible word joiner so that they are not turned into links.
     """
     text = _CONTROL.sub("", str(value)).replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return _AUTOLINK.sub(lambda m: m.group(0) + WORD_JOINER, escaped)
 
 
 def html_text(value: Any) -> str:

@@ -42,7 +42,7 @@ def _unescaped_specials(md: str) -> list[str]:
 
 def _shown(md: str) -> str:
     """The text a reader sees for backslash-escaped markdown."""
-    return re.sub(r"\\(.)", r"\1", md)
+    return re.sub(r"\\(.)", r"\1", md).replace("\u2060", "")
 
 
 # ------------------------------------------------------------------------------ the helpers
@@ -170,3 +170,14 @@ def test_hostile_model_card_renders_as_text_on_models(projects, tmp_path, monkey
     _assert_literal(at, IMG_HTML)
     assert any("broken" in w.value and "not valid JSON" in w.value for w in at.warning)
     assert at.dataframe[0].value["name"].tolist() == ["broken", "hostile"]
+
+
+@pytest.mark.parametrize("text", ["see http://127.0.0.1:9/p.png now", "HTTPS://host/x", "www.example.org",
+                                  "mail jane.doe@example.org", "javascript:alert(7)"])
+def test_plain_leaves_no_bare_link(text: str) -> None:
+    """GFM turns bare URLs, www. names and e-mail addresses into links even when escaped: plain breaks them."""
+    md = plain(text)
+    assert _shown(md) == text
+    bare = md.replace("\\", "")
+    # no scheme directly followed by ':', no 'www.', no word character directly before '@'
+    assert not re.search(r"(?i)(https?|ftps?|mailto|file|data|javascript):|www\.|\w@", bare), bare
