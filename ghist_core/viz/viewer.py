@@ -236,7 +236,7 @@ def cell_view(
     table = pd.DataFrame({"cell_id": cell_ids, "x_um": np.round(xy[idx, 0], 1), "y_um": np.round(xy[idx, 1], 1),
                           "cell_type": t, "value": values})
     data = pd.DataFrame({"i": cell_ids, "x": table["x_um"], "y": table["y_um"],
-                         "t": pd.Series(t).map({s: html_text(s) for s in set(t)}).to_numpy(),
+                         "t": pd.Series(t).map({s: html_text(palette.cell_type_label(s)) for s in set(t)}).to_numpy(),
                          "v": np.round(values.astype(float), 3),
                          "r": rgb[:, 0], "g": rgb[:, 1], "b": rgb[:, 2]})
     x0, y0, x1, y1 = window.bounds_um
