@@ -64,7 +64,10 @@ def test_xlsx_declaring_xfd1048576_is_refused_in_bounded_memory(tmp_path):
             print("READ")
         except ClinicalTableError as e:
             print("TYPED", e)
-        print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM, not ru_maxrss: rusage survives execve, so a child of a big pytest process would
+        # report the parent's resident size as its own peak
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+        print("PEAK_MB", int(hwm) / 1024)
     """)
     # address space capped too: a regression dies here instead of swapping the machine
     out = subprocess.run([sys.executable, "-c", "import resource; lim = 3 * 2**30; "
