@@ -100,6 +100,15 @@ def open_app(p, server: StreamlitServer, viewport: tuple[int, int] = (1400, 1000
     return browser, page
 
 
+def open_gene_maps(p, server: StreamlitServer, viewport: tuple[int, int] = (1400, 1100)):
+    """Chromium on the Gene maps page with its map drawn and the script idle: ``(browser, page)``."""
+    browser, page = open_app(p, server, viewport)
+    page.get_by_role("link", name="Gene maps").click()
+    page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)
+    wait_app_idle(page)
+    return browser, page
+
+
 def wait_app_idle(page, timeout_ms: int = 60_000) -> None:
     """Wait until Streamlit has finished the current script run."""
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout_ms)

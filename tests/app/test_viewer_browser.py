@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from apptest_kit import register_prediction
-from browser_helpers import REPO, StreamlitServer, canvas_image, open_app, require_chromium, wait_app_idle
+from browser_helpers import REPO, StreamlitServer, canvas_image, open_gene_maps, require_chromium, wait_app_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 BAND_UM = (720.0, 980.0)  # cells only in this x band (right of the centre, in tissue)
@@ -82,10 +82,7 @@ def test_close_up_shows_full_resolution_detail(tmp_path, demo_slide):
     shots = tmp_path / "shots"
     shots.mkdir()
     with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
-        browser, page = open_app(p, server, (1400, 1100))
-        page.get_by_role("link", name="Gene maps").click()
-        page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)
-        wait_app_idle(page)
+        browser, page = open_gene_maps(p, server, (1400, 1100))
         page.wait_for_timeout(2000)
 
         # the whole-slide map, zoomed in the browser about the slide centre to ~40x

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from browser_helpers import REPO, StreamlitServer, canvas_image, choose_gene, open_app, require_chromium, wait_app_idle
+from browser_helpers import REPO, StreamlitServer, canvas_image, choose_gene, open_gene_maps, require_chromium, wait_app_idle
 from testkit import require_shared
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -83,10 +83,7 @@ def test_close_up_of_a_her2st_section_outlines_real_nuclei(tmp_path):
     shots = tmp_path / "shots"
     shots.mkdir()
     with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
-        browser, page = open_app(p, server, (1400, 1100))
-        page.get_by_role("link", name="Gene maps").click()
-        page.wait_for_selector('[data-testid="stDeckGlJsonChart"] canvas', timeout=120_000)
-        wait_app_idle(page)
+        browser, page = open_gene_maps(p, server, (1400, 1100))
         choose_gene(page, "ERBB2")
         wait_app_idle(page)
 
