@@ -172,13 +172,6 @@ def run_field(run: Any, name: str, default: Any = None) -> Any:
     return _get(run, name, default)
 
 
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "estimating…"
-    s = int(round(s))
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
-
-
 def segmenter_id() -> str | None:
     """The nuclei segmenter for new runs: "auto" is the bundled learned model, on GPU and CPU.
 

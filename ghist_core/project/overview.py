@@ -16,7 +16,7 @@ import pandas as pd
 
 from ghist_core.project.runs import RunStatus
 
-__all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active", "time_left_s",
+__all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active",
            "TimeLeft", "time_left", "record_time_left", "clear_time_left", "ETA_FILE",
            "slide_table", "run_table", "patient_table", "wants_run", "NOT_RUN", "NONE_TEXT"]
 
@@ -113,23 +113,6 @@ def any_active(runs: pd.DataFrame) -> bool:
     return bool(len(runs)) and bool(runs["status"].isin(active).any())
 
 
-def time_left_s(run, now: float | None = None) -> float | None:
-    """Seconds left for a run (record, row or dict), from elapsed time and overall progress.
-
-    None until there is enough progress (3%) to say, and once the run is done.
-    """
-    get = run.get if hasattr(run, "get") else (lambda k, d=None: getattr(run, k, d))
-    progress = float(get("progress", 0.0) or 0.0)
-    started = get("started_at") or get("created_at")
-    if started is None or progress < 0.03 or progress >= 1.0:
-        return None
-    t0 = _as_epoch(started)
-    if t0 is None:
-        return None
-    elapsed = (now or time.time()) - t0
-    return max(0.0, elapsed * (1.0 - progress) / progress)
-
-
 #: The run's time-left record, next to its checkpoints (``runs/<run_id>/eta.json``), written by the worker.
 ETA_FILE = "eta.json"
 
@@ -219,15 +202,3 @@ def time_left(project, run, now: float | None = None) -> TimeLeft | None:
     except (OSError, ValueError, TypeError, KeyError):
         return None
     return record.at_time(now)
-
-
-def _as_epoch(value) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        ts = pd.Timestamp(value)
-        if ts.tzinfo is None:
-            ts = ts.tz_localize("UTC")
-        return ts.timestamp()
-    except (ValueError, TypeError):
-        return None

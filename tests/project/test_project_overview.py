@@ -1,11 +1,8 @@
-"""What Home and Upload show, computed on a real store: counts, slides by state, latest runs, time left."""
+"""What Home and Upload show, computed on a real store: counts, slides by state, latest runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pandas as pd
-import pytest
 
 from ghist_core.project import Project, RunStatus, overview
 from project_fixtures import make_png, project  # noqa: F401 (pytest fixtures)
@@ -37,12 +34,3 @@ def test_counts_and_slides_by_state(project: Project, make_png, tmp_path: Path) 
     assert list(overview.finished_slides(project)["slide_id"]) == [a]
 
 
-def test_time_left_from_progress() -> None:
-    t0 = pd.Timestamp("2025-01-01T00:00:00+00:00").timestamp()
-    run = {"progress": 0.25, "started_at": "2025-01-01T00:00:00.000+00:00"}
-    assert overview.time_left_s(run, now=t0 + 60) == pytest.approx(180.0)
-    assert overview.time_left_s(pd.Series(run), now=t0 + 60) == pytest.approx(180.0)
-    assert overview.time_left_s({**run, "progress": 0.01}, now=t0 + 60) is None  # too early to say
-    assert overview.time_left_s({**run, "progress": 1.0}, now=t0 + 60) is None
-    assert overview.time_left_s({"progress": 0.5, "created_at": "2025-01-01T00:00:00"}, now=t0 + 10) == pytest.approx(10.0)
-    assert overview.time_left_s({"progress": 0.5, "started_at": "not a time"}) is None
