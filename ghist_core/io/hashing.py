@@ -8,10 +8,10 @@ import os
 _CHUNK = 1 << 20  # 1 MiB: weights and slides can be large
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = _CHUNK) -> str:
+    """Hex sha256 of a file, read in chunks (1 MiB by default: constant memory)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+        for chunk in iter(lambda: fh.read(chunk_bytes), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -40,7 +40,6 @@ Rules kept here:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -58,6 +57,7 @@ import numpy as np
 from PIL import Image
 
 from ghist_core.imaging import tissue as _tissue
+from ghist_core.io.hashing import sha256_file
 from ghist_core.errors import (
     CorruptSlideError,
     EmptyFileError,
@@ -496,11 +496,7 @@ class Slide:
 
     def sha256(self, chunk_bytes: int = 1 << 20) -> str:
         """SHA-256 of the slide file, read in chunks (constant memory)."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(chunk_bytes), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(self.path, chunk_bytes)
 
     def __repr__(self) -> str:
         w, h = self.dimensions if self.level_dimensions else (0, 0)
