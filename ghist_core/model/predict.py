@@ -52,7 +52,6 @@ def expression_units_for(spot_aggregate: str) -> str:
 
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
-ProgressFn = ProgressCallback  # ghist_core._types: progress(fraction, message)
 
 
 @contextlib.contextmanager
@@ -147,7 +146,7 @@ class GhistModel:
                 K.GHIST_EXPRESSION_UNITS: expression_units_for(self.net.cfg.spot_aggregate)}
 
     # ------------------------------------------------------------------------------------
-    def predict(self, slide: Any, cells: pd.DataFrame, progress: ProgressFn | None = None, batch_size: int = 16,
+    def predict(self, slide: Any, cells: pd.DataFrame, progress: ProgressCallback | None = None, batch_size: int = 16,
                 *, slide_sha256: str | None = None, **options: Any):
         """Per-cell expression, type, neighbourhood and morphology for ``cells`` of ``slide``.
 
@@ -183,7 +182,7 @@ class GhistModel:
         self,
         slide: Any,
         cells: pd.DataFrame,
-        progress: ProgressFn | None = None,
+        progress: ProgressCallback | None = None,
         batch_size: int = 16,
         *,
         genes: Iterable[str] | None = None,
@@ -277,7 +276,7 @@ class GhistModel:
         return cells.loc[~bad].reset_index(drop=True)
 
     def _encode(self, slide: Any, xy: np.ndarray, rays_um: np.ndarray, cell_inputs: np.ndarray | None,
-                margin_px: int, batch_size: int, progress: ProgressFn | None):
+                margin_px: int, batch_size: int, progress: ProgressCallback | None):
         """Encoder features pooled inside each nucleus, tile batch by tile batch (tiles whose cores partition the plane).
 
         Returns ``(emb, tile_feat, tile_of, n_tiles, pooled)``: per-cell embeddings, per-tile

@@ -81,9 +81,6 @@ class Block:
     tissue_um2: float = 0.0  # tissue in the block's core (from the slide's tissue mask), for the time left
 
 
-#: ``progress(event)`` of :func:`predict_slide` (one definition: ``ghist_core._types``).
-ProgressFn = ProgressEventCallback
-
 #: Makes the run's time-left estimator once the blocks are planned: ``(blocks, done flags) -> BlockEta``.
 EtaFactory = Callable[[list[Block], list[bool]], BlockEta]
 
@@ -97,7 +94,7 @@ class _Reporter:
     ``runs/<id>/eta.json`` (``project.overview.time_left`` reads it for the pages).
     """
 
-    def __init__(self, project: Project | None, run_id: int | None, callback: ProgressFn | None,
+    def __init__(self, project: Project | None, run_id: int | None, callback: ProgressEventCallback | None,
                  prior: EtaPrior | None = None, clock: Callable[[], float] = time.monotonic):
         self.project, self.run_id, self.callback = project, run_id, callback
         self.prior, self.clock = prior, clock
@@ -353,7 +350,7 @@ def predict_slide(
     model_id: str | None = None,
     segmenter_id: str | None = None,
     device: str = "auto",
-    progress: ProgressFn | None = None,
+    progress: ProgressEventCallback | None = None,
     cancel: threading.Event | None = None,
     run_id: int | None = None,
     config: PipelineConfig | None = None,
