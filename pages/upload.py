@@ -59,21 +59,48 @@ with st.expander("Model and device", expanded=False):
 
 # --- upload ------------------------------------------------------------------------------
 st.subheader("1 · Add slides")
+# The uploader is an inbox: each file is streamed to a staging file on disk, its bytes are dropped from
+# the server's memory at once (Streamlit would otherwise hold every upload as one ``bytes`` until the
+# server restarts), and a fresh, empty uploader replaces it; the cards below work on the staged copies.
+generation = st.session_state.setdefault("upload_generation", 0)
 files = st.file_uploader(
     "Whole-slide images or H&E images (SVS, NDPI, TIFF, OME-TIFF, PNG, JPEG)",
-    type=c.UPLOAD_TYPES, accept_multiple_files=True, key="upload_files",
+    type=c.UPLOAD_TYPES, accept_multiple_files=True, key=f"upload_files_{generation}",
 )
-staged: dict = st.session_state.setdefault("upload_staged", {})
+staged: dict = st.session_state.setdefault("upload_staged", {})  # file id -> StagedUpload (on disk)
+order: list = st.session_state.setdefault("upload_order", [])  # file ids, in upload order
+file_names: dict = st.session_state.setdefault("upload_names", {})  # file id -> the user's file name
 added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, state, note)
 mpp_answers: dict = st.session_state.setdefault("upload_mpp", {})  # file id -> µm/px the user typed
 known: dict = st.session_state.setdefault("upload_known", {})  # file id -> slide id already holding the file
 pending: dict = st.session_state.setdefault("upload_pending", {})  # file id -> re-upload waiting for "update?"
-current = {getattr(f, "file_id", None) or f"{f.name}:{f.size}" for f in files or []}
-for fid in [k for k in staged if k not in current]:  # removed from the uploader: drop its staged copy
-    uploads.discard_staged(staged.pop(fid))
-for store in (mpp_answers, known, pending):
-    for fid in [k for k in store if k not in current]:
-        store.pop(fid)
+if files:
+    for f in files:
+        fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
+        if fid not in staged and fid not in added and fid not in pending:
+            try:
+                staged[fid] = uploads.stage_upload(f.name, f, uploads.staging_dir(project.folder))
+            except OSError as exc:
+                st.session_state.setdefault("upload_errors", []).append(
+                    f"Could not store the upload {plain(f.name)} for checking ({plain(exc.strerror or 'disk error')}).")
+            else:
+                order.append(fid)
+                file_names[fid] = f.name
+        c.release_upload(f)
+    st.session_state["upload_generation"] = generation + 1
+    st.rerun()
+for message in st.session_state.pop("upload_errors", []):
+    st.error(message)
+
+
+def _forget(fid: str) -> None:
+    """The user removed an upload that was not added: delete its staged copy and its answers."""
+    if fid in staged:
+        uploads.discard_staged(staged.pop(fid))
+    for store in (mpp_answers, known, pending, added, file_names):
+        store.pop(fid, None)
+    if fid in order:
+        order.remove(fid)
 
 
 def _remember_mpp(fid: str) -> None:
@@ -96,19 +123,19 @@ def _start_run_if_wanted(slide_id: int, run_now: bool) -> None:
 _MESSAGES = {"added": "added as slide {sid}", "exists": "already in the project as slide {sid}; nothing was copied",
              "updated": "slide {sid} updated", "kept": "already in the project as slide {sid}, kept as it was"}
 
-for f in files or []:
-    fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
+for fid in list(order):
+    name = file_names.get(fid, "upload")
     if fid in added:
         sid, pid, state, note = added[fid]
         (st.success if state in ("added", "updated") else st.info)(
-            f"{plain(f.name)}: {_MESSAGES[state].format(sid=sid)} (patient {plain(pid or '—')}). {plain(note)}".strip(),
+            f"{plain(name)}: {_MESSAGES[state].format(sid=sid)} (patient {plain(pid or '—')}). {plain(note)}".strip(),
             icon=":material/check_circle:")
         continue
     if fid in pending:  # a re-upload that differs from its slide: update it, or keep it as it is
         p = pending[fid]
         edit = project.plan_slide_edit(p["slide_id"], mpp=p["mpp"], patient_id=p["patient"] or slides.KEEP)
         with st.container(border=True):
-            st.warning(f"**{plain(f.name)}** is already in the project as slide {p['slide_id']}, but "
+            st.warning(f"**{plain(name)}** is already in the project as slide {p['slide_id']}, but "
                        + plain("; ".join(p["diffs"])) + ". Update the slide? " + plain(edit.describe()),
                        icon=":material/help:")
             b = st.columns(2)
@@ -130,25 +157,24 @@ for f in files or []:
                 added[fid] = (rec.slide_id, rec.patient_id, "kept", "")
                 st.rerun()
         continue
-    if fid not in staged:
-        try:
-            staged[fid] = uploads.stage_upload(f.name, f, uploads.staging_dir(project.folder))
-        except OSError as exc:
-            st.error(f"Could not store the upload {plain(f.name)} for checking ({plain(exc.strerror or 'disk error')}).")
-            continue
+    if fid not in staged:  # removed (or refused and dropped) in an earlier run
+        continue
     s = staged[fid]
     if fid not in known:
         rec = project.find_slide_for_file(s.path)
         known[fid] = None if rec is None else int(rec.slide_id)
     existing = project.get_slide(known[fid]) if known[fid] is not None else None
     with st.container(border=True):
-        st.markdown(f"**{plain(f.name)}** · {s.size_bytes / 1e6:,.1f} MB")
+        head = st.columns([5, 1])
+        head[0].markdown(f"**{plain(name)}** · {s.size_bytes / 1e6:,.1f} MB")
+        head[1].button("Remove", key=f"remove_{fid}", on_click=_forget, args=(fid,),
+                       help="Take this file back out without adding it (its uploaded copy is deleted).")
         if existing is not None:
             st.caption(f"Already in the project as slide {existing.slide_id} (patient {plain(existing.patient_id or '—')}, "
                        f"{existing.mpp:.4g} µm per px). A different µm per px or patient id updates that slide.")
         mpp_given = mpp_answers.get(fid)
         try:
-            info = uploads.inspect_upload(s.path, mpp=mpp_given, name=f.name)
+            info = uploads.inspect_upload(s.path, mpp=mpp_given, name=name)
         except MissingMppError as exc:
             st.warning(plain(exc))
             st.number_input("µm per pixel at full resolution", min_value=0.01, max_value=50.0, value=None,
@@ -171,7 +197,7 @@ for f in files or []:
             mpp_answers.pop(fid, None)
             st.rerun()
         default_patient = (existing.patient_id if existing is not None and existing.patient_id
-                           else Path(f.name).stem.split(".")[0][:32])
+                           else Path(name).stem.split(".")[0][:32])
         patient = cols[1].text_input("Patient id", value=default_patient, key=f"patient_{fid}",
                                      help="Slides with the same patient id are grouped in cohort analyses.")
         run_now = cols[1].checkbox("Run the prediction right away", value=True, key=f"runnow_{fid}")
@@ -194,6 +220,9 @@ for f in files or []:
                     added[fid] = (int(record.slide_id), record.patient_id, "added" if result.is_new else "exists", "")
                     _start_run_if_wanted(int(record.slide_id), run_now)
                 st.rerun()  # redraw: the card becomes a one-line confirmation (or the question)
+
+if added:
+    st.button("Clear these messages", key="upload_clear_added", on_click=lambda: [_forget(k) for k in list(added)])
 
 # --- slides waiting for a run -------------------------------------------------------------
 st.subheader("2 · Runs")

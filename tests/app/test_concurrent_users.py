@@ -86,8 +86,7 @@ async def _upload(page, path: Path) -> None:
     from playwright.async_api import expect
 
     await page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
-    await expect(page.locator('[data-testid="stFileUploader"]').get_by_text(path.name).first).to_be_visible(
-        timeout=TIMEOUT_MS)
+    await expect(page.get_by_text(path.name).first).to_be_visible(timeout=TIMEOUT_MS)  # its card (staged)
     await _idle(page)
     await expect(page.get_by_text("512 × 384 px")).to_be_visible(timeout=TIMEOUT_MS)
 

@@ -235,3 +235,22 @@ def test_reupload_with_another_patient_can_be_kept_and_starts_no_redundant_run(p
     assert project.get_slide(rec.slide_id).patient_id == "P1"
     assert len(project.list_runs()) == 1  # the finished run is reused, no second run
     assert any("kept as it was" in i for i in said(at, 'info'))
+
+
+def test_upload_is_staged_and_the_uploader_emptied_then_remove_deletes_it(projects, tmp_path):
+    """The uploader is an inbox: a file goes to a staging file on disk and out of Streamlit's memory
+    (a fresh, empty uploader), its card stays; "Remove" deletes the staged copy and the card."""
+    from ghist_core.project.uploads import staging_dir
+
+    at = open_page("pages/upload.py", tmp_path / "up")
+    upload_png(at, "scan 8.png", png_bytes(8))
+    staged = list(staging_dir(tmp_path / "up").glob("upload_*"))
+    assert len(staged) == 1 and staged[0].read_bytes() == png_bytes(8)
+    assert not at.get("file_uploader")[0].value  # the fresh uploader holds nothing
+    assert "scan 8.png" in texts(at)
+    button(at, "Remove").click().run()
+    assert not at.exception
+    assert not staged[0].exists() and "scan 8.png" not in texts(at)
+    # the next upload works in the new uploader
+    upload_png(at, "scan 9.png", png_bytes(9))
+    assert "scan 9.png" in texts(at) and len(list(staging_dir(tmp_path / "up").glob("upload_*"))) == 1
