@@ -323,8 +323,11 @@ def _scaling_run(slide: str, segmenter: str, key: str) -> dict:
                            segmenter_id="classical" if segmenter == "classical" else None, run_id=resume)
     wall = time.perf_counter() - t
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    ruc = resource.getrusage(resource.RUSAGE_CHILDREN)  # the forked HDF5 writers
     peak = ru.ru_maxrss / 1024
+    peak_writer = ruc.ru_maxrss / 1024
     cpu = ru.ru_utime + ru.ru_stime - cpu0  # all threads of this process: less sensitive to a busy machine than wall time
+    cpu += ruc.ru_utime + ruc.ru_stime
     slide_bytes = project.slide_path(record.slide_id).stat().st_size
     total_bytes = _du(folder)
     run_dir = project.run_dir(result.run_id)
@@ -337,7 +340,8 @@ def _scaling_run(slide: str, segmenter: str, key: str) -> dict:
         "cpu_s": round(cpu, 1), "cpu_s_per_tissue_mpx": round(cpu / tissue_mpx, 3),
         "torch_threads": __import__("torch").get_num_threads(),
         "stages_s": {k: round(float(v), 2) for k, v in result.timings.items()},
-        "peak_rss_mib": round(peak, 1),
+        "peak_rss_mib": round(max(peak, peak_writer), 1), "peak_rss_main_mib": round(peak, 1),
+        "peak_rss_writer_mib": round(peak_writer, 1),
         "project_bytes": total_bytes, "slide_copy_bytes": slide_bytes,
         "results_bytes": total_bytes - slide_bytes, "block_checkpoint_bytes": blocks_bytes,
         "results_bytes_per_gpx": int((total_bytes - slide_bytes) / gpx),

@@ -27,7 +27,8 @@ from ghist_core.io.atomic import remove_temporaries
 from ghist_core.io.safe_h5 import check_free_space, estimate_h5ad_bytes, write_h5_isolated
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
-from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, build_grid_pyramid, read_grid, write_grid
+from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, read_grid, write_grid
+from ghist_core.pipeline.merge import summarise_blocks, write_merged_h5ad
 from ghist_core.io.slide import Slide, open_slide
 from ghist_core.project import Project, RunStatus
 from ghist_core.io.tiles import TileGrid
@@ -286,6 +287,8 @@ def run_blocks(
         adata = model.predict(slide, cells, batch_size=config.batch_size, slide_sha256=slide_sha256)
         timings["predict_s"] += time.perf_counter() - t
         adata.uns.pop(K.UNS_GHIST, None)  # the card is added once, to the merged result
+        if adata.n_obs and K.OBS_CELL_ID in adata.obs:  # slide-wide unique names: the merge copies blocks as they are
+            adata.obs_names = K.obs_names_for(adata.obs[K.OBS_CELL_ID].to_numpy())
         write_h5_isolated(_block_path(run_dir, block), lambda p: adata.write_h5ad(p),
                           estimated_bytes=estimate_h5ad_bytes(adata), what=f"block {block.index}'s checkpoint")
         n_done += 1
@@ -296,19 +299,9 @@ def run_blocks(
     return paths, timings
 
 
-def merge_blocks(paths: list[Path]) -> ad.AnnData:
-    """One AnnData from the block checkpoints (blocks written by an older version are upgraded first)."""
-    parts = [K.upgrade_layout(ad.read_h5ad(p)) for p in paths]
-    parts = [p for p in parts if p.n_vars] or parts
-    merged = (ad.concat(parts, join="outer", merge="first", uns_merge="first", index_unique=None)
-              if parts else ad.AnnData())
-    if K.OBS_CELL_ID in merged.obs:
-        merged.obs_names = K.obs_names_for(merged.obs[K.OBS_CELL_ID].to_numpy())
-    return merged
-
-
-def add_slide_image(adata: ad.AnnData, slide: Slide, library_id: str, max_px: int = HIRES_MAX_PX) -> None:
-    """Store the slide's H&E overview in ``uns["spatial"][library_id]`` for scanpy/squidpy (in place).
+def slide_image_uns(slide: Slide, library_id: str, median_area_um2: float | None,
+                    max_px: int = HIRES_MAX_PX) -> dict:
+    """``uns["spatial"]`` for scanpy/squidpy: the slide's H&E overview and its scale factors.
 
     ``obsm["spatial"]`` is in µm, so ``tissue_hires_scalef`` is overview pixels per µm and
     ``spot_diameter_fullres`` the median nucleus diameter in µm: then
@@ -316,10 +309,18 @@ def add_slide_image(adata: ad.AnnData, slide: Slide, library_id: str, max_px: in
     """
     thumb = slide.thumbnail(max_px)
     px_per_um = thumb.shape[1] / (slide.dimensions[0] * slide.mpp)
+    diameter = (float(2.0 * np.sqrt(median_area_um2 / np.pi)) if median_area_um2
+                else DEFAULT_NUCLEUS_DIAMETER_UM)
+    holder = ad.AnnData()
+    K.set_spatial_image(holder, library_id, thumb, px_per_um, diameter)
+    return dict(holder.uns[K.UNS_SPATIAL])
+
+
+def add_slide_image(adata: ad.AnnData, slide: Slide, library_id: str, max_px: int = HIRES_MAX_PX) -> None:
+    """Store the slide's H&E overview in ``uns["spatial"][library_id]`` (in place; see :func:`slide_image_uns`)."""
     area = adata.obs["area_um2"].to_numpy(np.float64) if "area_um2" in adata.obs and adata.n_obs else np.zeros(0)
     area = area[np.isfinite(area) & (area > 0)]
-    diameter = float(2.0 * np.sqrt(np.median(area) / np.pi)) if len(area) else DEFAULT_NUCLEUS_DIAMETER_UM
-    K.set_spatial_image(adata, library_id, thumb, px_per_um, diameter)
+    adata.uns[K.UNS_SPATIAL] = slide_image_uns(slide, library_id, float(np.median(area)) if len(area) else None, max_px)
 
 
 def library_id_for(slide_id: int) -> str:
@@ -411,10 +412,9 @@ def predict_slide(
             timings.update(block_timings)
             report("write", 0.0, "merging blocks")
             t = time.perf_counter()
-            adata = merge_blocks(paths)
-            add_slide_image(adata, slide, library_id_for(slide_id))
+            summary = summarise_blocks(paths, config.grid_sizes_um)  # one block in memory at a time
             card = dict(getattr(model, "card", {}) or {})
-            adata.uns[K.UNS_GHIST] = _jsonable(
+            ghist_uns = _jsonable(
                 {
                     "model_card": card,
                     "expression_units": card.get("expression_units", ""),
@@ -432,12 +432,14 @@ def predict_slide(
             h5ad_path = out_dir / f"run_{run_id}.h5ad"
             grid_path = out_dir / f"run_{run_id}.grid.h5"
             timings["total_s"] = time.perf_counter() - t_start
-            adata.uns[K.UNS_GHIST][K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
-            grids = build_grid_pyramid(adata, config.grid_sizes_um)
-            h5ad_bytes = estimate_h5ad_bytes(adata)
+            ghist_uns[K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
+            uns = {K.UNS_SPATIAL: slide_image_uns(slide, library_id_for(slide_id), summary.median_area_um2),
+                   K.UNS_GHIST: ghist_uns}
+            grids = summary.grids
+            h5ad_bytes = summary.bytes_on_disk + (1 << 20) * 16  # the blocks' arrays, copied, plus uns
             grid_bytes = sum(estimate_h5ad_bytes(g) for g in grids.values())
             check_free_space(out_dir, h5ad_bytes + grid_bytes, what="the prediction")  # both, before either
-            write_h5_isolated(h5ad_path, lambda p: adata.write_h5ad(p, compression="gzip"),
+            write_h5_isolated(h5ad_path, lambda p: write_merged_h5ad(summary, p, uns),
                               estimated_bytes=h5ad_bytes, what="the prediction (.h5ad)")
             write_h5_isolated(grid_path, lambda p: write_grid(p, grids), estimated_bytes=grid_bytes,
                               what="the grid summary")
@@ -445,9 +447,9 @@ def predict_slide(
             timings["total_s"] = time.perf_counter() - t_start
             project.add_result_file(run_id, "h5ad", h5ad_path)
             project.add_result_file(run_id, "grid", grid_path)
-            project.finish_run(run_id, n_cells=int(adata.n_obs), timings=timings)
-            report("write", 1.0, f"done: {adata.n_obs} cells")
-            return PredictionResult(run_id, slide_id, h5ad_path, grid_path, int(adata.n_obs), timings)
+            project.finish_run(run_id, n_cells=summary.n_cells, timings=timings)
+            report("write", 1.0, f"done: {summary.n_cells} cells")
+            return PredictionResult(run_id, slide_id, h5ad_path, grid_path, summary.n_cells, timings)
     except RunCancelledError:
         project.cancel_run(run_id)
         raise

@@ -23,68 +23,104 @@ from ghist_core.errors import ModelInputError
 DEFAULT_GRID_SIZES_UM: tuple[float, ...] = (25.0, 50.0, 100.0, 200.0, 400.0)
 
 
-def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = K.OBS_CELL_TYPE) -> ad.AnnData:
-    """Mean expression and cell-type counts per ``size_um`` square (vectorised).
+class GridAccumulator:
+    """Grid summaries built block by block: per-square sums are kept, never the cells.
 
-    Returns an AnnData with one row per non-empty square: ``X`` = mean expression
-    of its cells, ``obs`` = ``gx, gy`` (grid index), ``x_um, y_um`` (square
-    centre), ``n_cells`` and ``count_<type>`` per cell type; ``obsm["spatial"]``
-    = square centres; ``uns["grid"]`` = ``{"size_um": size_um}``.
+    Why: a gigapixel slide has millions of cells; the grid needs only sums per square, so memory
+    grows with the number of squares (the tissue area at the grid's size), not with the cells, and
+    the pipeline adds each block as it reads it back. Squares cut by block edges are summed at the end.
     """
-    if size_um <= 0 or not np.isfinite(size_um):
-        raise ModelInputError(f"Grid square size must be a positive number of µm, got {size_um}.")
-    xy = np.asarray(adata.obsm[K.OBSM_SPATIAL], dtype=np.float64)
-    n_genes = adata.n_vars
-    types = (
-        pd.Categorical(adata.obs[type_key]) if type_key in adata.obs and adata.n_obs else pd.Categorical([])
-    )
-    if adata.n_obs == 0:
-        obs = pd.DataFrame({"gx": [], "gy": [], "x_um": [], "y_um": [], "n_cells": []})
-        out = ad.AnnData(X=np.zeros((0, n_genes), np.float32), obs=obs, var=adata.var[[]].copy())
-        out.obsm[K.OBSM_SPATIAL] = np.zeros((0, 2))
-        out.uns[K.UNS_GRID] = {"size_um": float(size_um)}
-        return out
-    gx = np.floor(xy[:, 0] / size_um).astype(np.int64)
-    gy = np.floor(xy[:, 1] / size_um).astype(np.int64)
-    keys = np.stack([gx, gy], axis=1)
-    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    n_sq = len(uniq)
-    # Sparse indicator (squares x cells) turns every per-square sum into one matmul.
-    member = sp.csr_matrix(
-        (np.ones(adata.n_obs, np.float64), (inverse, np.arange(adata.n_obs))), shape=(n_sq, adata.n_obs)
-    )
-    n_cells = np.asarray(member.sum(axis=1)).ravel()
-    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-    means = (member @ X.astype(np.float64)) / n_cells[:, None]
-    obs = pd.DataFrame(
-        {
-            "gx": uniq[:, 0],
-            "gy": uniq[:, 1],
-            "x_um": (uniq[:, 0] + 0.5) * size_um,
-            "y_um": (uniq[:, 1] + 0.5) * size_um,
-            "n_cells": n_cells.astype(np.int64),
-        }
-    )
-    if len(types.categories):
-        onehot = sp.csr_matrix(
-            (np.ones(adata.n_obs), (np.arange(adata.n_obs), types.codes)),
-            shape=(adata.n_obs, len(types.categories)),
-        )
-        counts = np.asarray((member @ onehot).todense()).astype(np.int64)
-        for j, name in enumerate(types.categories):
+
+    def __init__(self, sizes_um: tuple[float, ...], *, type_key: str = K.OBS_CELL_TYPE) -> None:
+        for size in sizes_um:
+            if size <= 0 or not np.isfinite(size):
+                raise ModelInputError(f"Grid square size must be a positive number of µm, got {size}.")
+        self.sizes = tuple(float(s) for s in sizes_um)
+        self.type_key = type_key
+        self.var: pd.DataFrame | None = None
+        self.types: list[str] = []  # every block's categories, in order of first appearance
+        self._parts: dict[float, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]]] = {
+            s: [] for s in self.sizes}
+
+    def add(self, adata: ad.AnnData) -> None:
+        """Add one block's cells (``obsm["spatial"]`` in µm, ``X`` the expression)."""
+        if self.var is None:
+            self.var = adata.var[[]].copy()
+        if adata.n_obs == 0:
+            return
+        xy = np.asarray(adata.obsm[K.OBSM_SPATIAL], dtype=np.float64)
+        X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+        X = X.astype(np.float64)
+        if self.type_key in adata.obs:
+            types = pd.Categorical(adata.obs[self.type_key])
+            names = [str(c) for c in types.categories]
+            self.types += [t for t in names if t not in self.types]
+            onehot = sp.csr_matrix((np.ones(adata.n_obs), (np.arange(adata.n_obs), types.codes)),
+                                   shape=(adata.n_obs, len(names))) if names else None
+        else:
+            names, onehot = [], None
+        for size in self.sizes:
+            keys = np.floor(xy / size).astype(np.int64)
+            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+            member = sp.csr_matrix((np.ones(adata.n_obs), (inverse.ravel(), np.arange(adata.n_obs))),
+                                   shape=(len(uniq), adata.n_obs))
+            counts = (np.asarray((member @ onehot).todense(), dtype=np.int64) if onehot is not None
+                      else np.zeros((len(uniq), 0), np.int64))
+            self._parts[size].append((uniq, member @ X, np.asarray(member.sum(axis=1)).ravel(), counts, names))
+
+    def finish(self) -> dict[float, ad.AnnData]:
+        """One AnnData per size: ``X`` = mean expression per non-empty square, ``obs`` = ``gx, gy``,
+        ``x_um, y_um`` (square centre), ``n_cells``, ``count_<type>``; ``uns["grid"]["size_um"]``."""
+        var = self.var if self.var is not None else pd.DataFrame(index=pd.Index([], dtype=str))
+        return {size: self._finish_size(size, var) for size in self.sizes}
+
+    def _finish_size(self, size: float, var: pd.DataFrame) -> ad.AnnData:
+        parts = self._parts[size]
+        n_genes = var.shape[0]
+        if not parts:
+            obs = pd.DataFrame({"gx": [], "gy": [], "x_um": [], "y_um": [], "n_cells": []})
+            out = ad.AnnData(X=np.zeros((0, n_genes), np.float32), obs=obs, var=var.copy())
+            out.obsm[K.OBSM_SPATIAL] = np.zeros((0, 2))
+            out.uns[K.UNS_GRID] = {"size_um": float(size)}
+            return out
+        keys = np.concatenate([p[0] for p in parts])
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        combine = sp.csr_matrix((np.ones(len(keys)), (inverse, np.arange(len(keys)))), shape=(len(uniq), len(keys)))
+        sums = combine @ np.concatenate([p[1] for p in parts])
+        n_cells = combine @ np.concatenate([p[2] for p in parts])
+        col = {t: j for j, t in enumerate(self.types)}
+        counts = np.zeros((len(keys), len(self.types)), np.int64)
+        row = 0
+        for _uniq, _sums, _n, c, names in parts:  # a loop over blocks, not cells
+            if names:
+                counts[row:row + len(c), [col[t] for t in names]] = c
+            row += len(c)
+        counts = np.asarray(combine @ counts).astype(np.int64) if len(self.types) else counts[:0]
+        obs = pd.DataFrame({"gx": uniq[:, 0], "gy": uniq[:, 1], "x_um": (uniq[:, 0] + 0.5) * size,
+                            "y_um": (uniq[:, 1] + 0.5) * size, "n_cells": np.rint(n_cells).astype(np.int64)})
+        for j, name in enumerate(self.types):
             obs[f"{K.GRID_COUNT_PREFIX}{name}"] = counts[:, j]
-    obs.index = [f"{a}_{b}" for a, b in uniq]
-    out = ad.AnnData(X=means.astype(np.float32), obs=obs, var=adata.var[[]].copy())
-    out.obsm[K.OBSM_SPATIAL] = obs[["x_um", "y_um"]].to_numpy()
-    out.uns[K.UNS_GRID] = {"size_um": float(size_um)}
-    return out
+        obs.index = [f"{a}_{b}" for a, b in uniq]
+        out = ad.AnnData(X=(sums / n_cells[:, None]).astype(np.float32), obs=obs, var=var.copy())
+        out.obsm[K.OBSM_SPATIAL] = obs[["x_um", "y_um"]].to_numpy()
+        out.uns[K.UNS_GRID] = {"size_um": float(size)}
+        return out
+
+
+def build_grid_summary(adata: ad.AnnData, size_um: float, *, type_key: str = K.OBS_CELL_TYPE) -> ad.AnnData:
+    """Mean expression and cell-type counts per ``size_um`` square of one AnnData (see :class:`GridAccumulator`)."""
+    acc = GridAccumulator((size_um,), type_key=type_key)
+    acc.add(adata)
+    return acc.finish()[float(size_um)]
 
 
 def build_grid_pyramid(
     adata: ad.AnnData, sizes_um: tuple[float, ...] = DEFAULT_GRID_SIZES_UM
 ) -> dict[float, ad.AnnData]:
-    return {float(s): build_grid_summary(adata, s) for s in sizes_um}
+    acc = GridAccumulator(tuple(sizes_um))
+    acc.add(adata)
+    return acc.finish()
 
 
 def write_grid(path: str | Path, grids: dict[float, ad.AnnData]) -> Path:

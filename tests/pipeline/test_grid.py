@@ -52,3 +52,26 @@ def test_empty_and_bad_size():
     assert build_grid_summary(empty, 50.0).n_obs == 0
     with pytest.raises(ModelInputError):
         build_grid_summary(_cells(), 0.0)
+
+
+def test_block_by_block_accumulation_equals_the_whole_slide():
+    """Blocks add up to the grid of the concatenated cells, squares cut by block edges included."""
+    from ghist_core.pipeline.grid import GridAccumulator
+
+    a = _cells(2000, seed=3)
+    xy = a.obsm["spatial"]
+    edges = [0, 70, 150, 230, 301]  # block edges that cut 25/50/100 µm squares
+    acc = GridAccumulator((25.0, 50.0, 100.0))
+    for x0, x1 in zip(edges[:-1], edges[1:]):
+        block = a[(xy[:, 0] >= x0) & (xy[:, 0] < x1)].copy()
+        block.obs["cell_type"] = pd.Categorical(block.obs["cell_type"])
+        acc.add(block)
+    acc.add(a[:0].copy())  # an empty block changes nothing
+    whole = build_grid_pyramid(a, (25.0, 50.0, 100.0))
+    for size, g in acc.finish().items():
+        w = whole[size]
+        assert list(g.obs_names) == list(w.obs_names)
+        np.testing.assert_allclose(g.X, w.X, rtol=1e-6)
+        for col in ["n_cells", "count_T", "count_B", "count_Malignant", "x_um", "y_um"]:
+            assert (g.obs[col].to_numpy() == w.obs[col].to_numpy()).all(), col
+        assert g.obs["n_cells"].sum() == a.n_obs

@@ -1,0 +1,147 @@
+"""Block checkpoints → one result, in memory bounded by a block.
+
+Why: a gigapixel slide has one to a few million cells. Loading every block's checkpoint and
+concatenating them (then averaging them onto the grid) held all the cells twice in RAM, so the
+pipeline's peak memory grew with the slide. Here the checkpoints are read one at a time (for the
+grid sums and the slide-wide numbers), and the ``.h5ad`` is written by ``anndata``'s on-disk
+concatenation, which copies the blocks' arrays into the output in bounded pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+
+from ghist_core import _keys as K
+from ghist_core.io.atomic import atomic_path
+from ghist_core.pipeline.grid import GridAccumulator
+
+__all__ = ["BlockSummary", "summarise_blocks", "write_merged_h5ad"]
+
+@dataclass
+class BlockSummary:
+    """What the final result needs from all blocks, gathered one block at a time."""
+
+    paths: list[Path]  # the checkpoints that hold cells, in block order
+    n_cells: int
+    grids: dict[float, ad.AnnData]
+    median_area_um2: float | None
+    obsm_columns: dict = field(default_factory=dict)
+    empty_path: Path | None = None  # a checkpoint to copy the layout from when no block has cells
+    bytes_on_disk: int = 0
+
+
+def _current_layout(path: Path) -> ad.AnnData:
+    """A checkpoint in the current layout with unique ``cell_<id>`` names; rewritten in place if it
+    was not (blocks written by an older version): one block in memory."""
+    a = ad.read_h5ad(path)
+    before = (set(a.obs.columns), list(a.obs_names[:1]))
+    a = K.upgrade_layout(a)
+    if K.OBS_CELL_ID in a.obs and a.n_obs:
+        names = K.obs_names_for(a.obs[K.OBS_CELL_ID].to_numpy())
+        if list(a.obs_names) != names:
+            a.obs_names = names
+    if (set(a.obs.columns), list(a.obs_names[:1])) != before:
+        with atomic_path(path) as tmp:
+            a.write_h5ad(tmp)
+    return a
+
+
+def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> BlockSummary:
+    """Read each checkpoint once: grid sums, cell count, nucleus areas, the obsm column names."""
+    acc = GridAccumulator(tuple(grid_sizes_um))
+    areas: list[np.ndarray] = []
+    keep: list[Path] = []
+    obsm_columns: dict = {}
+    n = 0
+    size = 0
+    for p in paths:
+        a = _current_layout(p)
+        size += p.stat().st_size
+        acc.add(a)
+        if a.n_obs and a.n_vars:
+            keep.append(p)
+            n += a.n_obs
+            if not obsm_columns:
+                obsm_columns = dict(a.uns.get(K.UNS_OBSM_COLUMNS, {}))
+            if "area_um2" in a.obs:
+                areas.append(a.obs["area_um2"].to_numpy(np.float64))
+        del a
+    area = np.concatenate(areas) if areas else np.zeros(0)
+    area = area[np.isfinite(area) & (area > 0)]
+    return BlockSummary(paths=keep, n_cells=n, grids=acc.finish(),
+                        median_area_um2=float(np.median(area)) if len(area) else None,
+                        obsm_columns=obsm_columns, empty_path=paths[0] if paths else None, bytes_on_disk=size)
+
+
+def _concat_obs(paths: list[Path]) -> pd.DataFrame:
+    """The blocks' ``obs`` tables stacked (small: a few numbers per cell); categorical columns keep
+    one category list, the union in order of first appearance."""
+    from anndata.io import read_elem
+
+    frames = []
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            frames.append(read_elem(f["obs"]))
+    categorical = {c for f in frames for c in f.columns if isinstance(f[c].dtype, pd.CategoricalDtype)}
+    cats = {c: list(dict.fromkeys(v for f in frames if c in f for v in f[c].cat.categories)) for c in categorical}
+    for f in frames:
+        for c in categorical & set(f.columns):
+            f[c] = f[c].astype(object)
+    obs = pd.concat(frames)
+    for c in categorical:
+        obs[c] = pd.Categorical(obs[c], categories=cats[c])
+    return obs
+
+
+def _stack_rows(target: h5py.Group, key: str, paths: list[Path], source_key: str, n_rows: int) -> None:
+    """``target[key]`` = the blocks' ``source_key`` arrays stacked by rows, copied one block at a time."""
+    with h5py.File(paths[0], "r") as f:
+        first = f[source_key]
+        shape, dtype = first.shape, first.dtype
+    rows = (n_rows, *shape[1:])
+    chunks = (max(1, min(n_rows, max(1, (1 << 20) // max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)))),
+              *shape[1:]) if n_rows else None
+    out = target.create_dataset(key, shape=rows, dtype=dtype, chunks=chunks, compression="gzip" if n_rows else None)
+    row = 0
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            block = f[source_key][()]
+        out[row:row + len(block)] = block
+        row += len(block)
+    out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+
+def write_merged_h5ad(summary: BlockSummary, out: Path, uns: dict) -> None:
+    """The slide's ``.h5ad`` at ``out``: the blocks' cells copied into it one block at a time
+    (``X`` and every ``obsm`` matrix gzip-compressed in 1 MB chunks), then ``uns``."""
+    from anndata.io import read_elem, write_elem
+
+    full = {**({K.UNS_OBSM_COLUMNS: summary.obsm_columns} if summary.obsm_columns else {}), **uns}
+    if not summary.paths:  # no cells anywhere: the first block's (empty) layout, or an empty AnnData
+        a = ad.read_h5ad(summary.empty_path) if summary.empty_path is not None else ad.AnnData()
+        a.uns.clear()
+        a.uns.update(full)
+        a.write_h5ad(out)
+        return
+    paths = summary.paths
+    with h5py.File(paths[0], "r") as f:
+        var = read_elem(f["var"])
+        obsm_keys = sorted(f["obsm"].keys()) if "obsm" in f else []
+    obs = _concat_obs(paths)
+    with h5py.File(out, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", var)
+        _stack_rows(f, "X", paths, "X", len(obs))
+        write_elem(f, "obsm", {})
+        for key in obsm_keys:
+            _stack_rows(f["obsm"], key, paths, f"obsm/{key}", len(obs))
+        for empty in ("varm", "layers", "obsp", "varp"):
+            write_elem(f, empty, {})
+        write_elem(f, "uns", full)

@@ -1,0 +1,75 @@
+"""Block checkpoints merged on disk equal the in-memory concatenation, old-layout blocks included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ghist_core import _keys as K
+from ghist_core.pipeline.grid import build_grid_pyramid
+from ghist_core.pipeline.merge import summarise_blocks, write_merged_h5ad
+
+GENES = ["ERBB2", "ESR1", "CD3E"]
+
+
+def _block(index: int, n: int, types: list[str], rng, *, legacy: bool = False, present: list[str] | None = None) -> ad.AnnData:
+    ids = index * 1_000_000 + np.arange(n)
+    present = present or types
+    obs = pd.DataFrame({"cell_id": ids, "cell_type": pd.Categorical(rng.choice(present, n), categories=present),
+                        "area_um2": rng.uniform(10, 60, n)}, index=[f"cell_{i}" for i in range(n)])  # block-local names
+    a = ad.AnnData(X=rng.random((n, len(GENES))).astype(np.float32), obs=obs, var=pd.DataFrame(index=GENES))
+    a.obsm["spatial"] = rng.uniform(0, 300, (n, 2)) + [index * 300, 0]
+    probs = rng.dirichlet(np.ones(len(types)), n).astype(np.float32)
+    if legacy:  # a checkpoint written before the obsm layout: prob_<type> columns in obs
+        for j, t in enumerate(types):
+            a.obs[f"prob_{t}"] = probs[:, j]
+    else:
+        K.set_obsm_matrix(a, K.OBSM_TYPE_PROBABILITIES, probs, types)
+    return a
+
+
+def test_merged_file_equals_in_memory_concat(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    types = ["epithelial", "immune", "stromal"]
+    blocks = [_block(0, 40, types, rng), _block(1, 0, types, rng), _block(2, 55, types, rng, legacy=True),
+              _block(3, 30, types, rng, present=types[:2])]  # a block whose categories lack a type
+    paths = []
+    for i, b in enumerate(blocks):
+        p = tmp_path / f"block_{i:06d}.h5ad"
+        b.write_h5ad(p)
+        paths.append(p)
+    summary = summarise_blocks(paths, (50.0, 100.0))
+    assert summary.n_cells == 125 and len(summary.paths) == 3  # the empty block contributes nothing
+    out = tmp_path / "merged.h5ad"
+    write_merged_h5ad(summary, out, {"ghist": {"run_id": 7}})
+    got = ad.read_h5ad(out)
+
+    expected_parts = [K.upgrade_layout(ad.read_h5ad(p)) for p in paths]  # (already rewritten in the new layout)
+    expected = ad.concat([e for e in expected_parts if e.n_obs], join="outer", merge="first", index_unique=None)
+    assert list(got.obs_names) == K.obs_names_for(expected.obs["cell_id"].to_numpy())  # unique, slide-wide
+    np.testing.assert_array_equal(got.X, expected.X)
+    for key in expected.obsm:
+        np.testing.assert_array_equal(got.obsm[key], expected.obsm[key])
+    assert list(got.obs["cell_type"].cat.categories) == types
+    assert (got.obs["cell_type"].astype(str).to_numpy() == expected.obs["cell_type"].astype(str).to_numpy()).all()
+    assert list(got.var_names) == GENES and got.uns["ghist"]["run_id"] == 7
+    assert list(got.uns["obsm_columns"][K.OBSM_TYPE_PROBABILITIES]) == types
+    # the grid, summed block by block, equals the grid of the merged cells
+    whole = build_grid_pyramid(got, (50.0, 100.0))
+    for size, g in summary.grids.items():
+        assert list(g.obs_names) == list(whole[size].obs_names)
+        np.testing.assert_allclose(g.X, whole[size].X, rtol=1e-6)
+    assert summary.median_area_um2 == float(np.median(got.obs["area_um2"]))
+
+
+def test_no_cells_anywhere_gives_an_empty_result(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    p = tmp_path / "block_000000.h5ad"
+    _block(0, 0, ["a"], rng).write_h5ad(p)
+    summary = summarise_blocks([p], (50.0,))
+    write_merged_h5ad(summary, tmp_path / "m.h5ad", {"ghist": {"run_id": 1}})
+    got = ad.read_h5ad(tmp_path / "m.h5ad")
+    assert got.n_obs == 0 and got.uns["ghist"]["run_id"] == 1 and summary.grids[50.0].n_obs == 0
