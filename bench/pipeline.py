@@ -161,7 +161,10 @@ def make_gigapixel_tiff(out: Path, gigapixels: float, *, mpp: float = 0.25, tile
 
     from ghist_core.io.slide import open_slide
 
-    side = max(tile, int(round(np.sqrt(gigapixels * 1e9) / tile)) * tile)
+    # a whole number of 512 um pipeline blocks (2048 px at 0.25 um/px), the requested area or a little more: no
+    # half blocks at the edges (the learned segmenter pads an edge block to a square, so a half block costs a whole one)
+    block_px = 2048
+    side = block_px * max(1, int(np.ceil(np.sqrt(gigapixels * 1e9) / block_px - 0.25)))
     patch_px = 960  # at ``mpp``: 240 um
     with open_slide(REPO / "demo" / "CMU-1-Small-Region.svs") as s:
         src_px = int(round(patch_px * mpp / s.mpp))

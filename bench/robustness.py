@@ -18,6 +18,11 @@ lose power mid-run. This measures, in one command, what the tests check on a sma
   moments, at the first checkpoint and while results are written; then
   ``PRAGMA integrity_check``, recorded results vs their sha256, resume, and the resumed
   ``.h5ad`` X compared bit for bit with an uninterrupted run.
+* ``cli_recovery``: ``ghist predict`` SIGKILLed (after its first checkpoint and at random moments) and
+  run again: resumed to the identical result, no second run, nothing left behind; and two
+  ``ghist predict`` at once on one slide: one run.
+* ``browser_checks``: the real-browser checks (``tests/app/test_hostile_browser.py``): no script
+  and no remote fetch from data or cards; an upload's bytes leave the server's RAM once staged.
 * ``concurrent_users``: 8 Playwright browser contexts against one ``streamlit run``.
 
 Baselines measured in the same process: the control cases' (valid files) mean time per
@@ -436,6 +441,154 @@ def bench_kills(work: Path, n_runs: int) -> dict[str, int]:
     return s
 
 
+def bench_cli(work: Path, n_kills: int, n_concurrent: int) -> dict:
+    """``ghist predict`` crash recovery, as a user meets it: SIGKILL at random moments (and right after
+    the first checkpoint), then the plain command again; and two ``ghist predict`` at once on one slide.
+
+    Each case is classed: correct result (resumed: same run id, cells and expression bit-identical to an
+    uninterrupted run; concurrent: one run, the other exits 4 "busy" or reports the finished run),
+    not resumed (a second run was started), duplicate run, wrong result, data left behind (``*.part``,
+    a ``running`` row with a dead pid), crash or hang (> 300 s).
+    """
+    import random
+    import resource
+    import signal
+    import subprocess
+
+    import anndata as ad
+    import numpy as np
+    from slide_factory import demo_crop_png
+    from testkit import make_tiny_ghist
+
+    from ghist_core.cli import EXIT_BUSY, EXIT_OK
+    from ghist_core.paths import DEMO_DIR
+    from ghist_core.project.store import Project
+
+    slide = demo_crop_png(work / "cli_slide.png", DEMO_DIR / "CMU-1-Small-Region.svs", (600, 1000), 1100)  # 2 x 2 blocks
+    model = work / "cli_tiny_ghist"
+    model.mkdir()
+    make_tiny_ghist(model, seed=0)
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def cmd(folder: Path) -> list[str]:
+        return [sys.executable, "-m", "ghist_core.cli", "predict", str(slide), "--project", str(folder), "--mpp", "0.499",
+                "--patient", "P1", "--model", str(model), "--segmenter", "classical", "--device", "cpu"]
+
+    def last_json(text: str) -> dict:
+        lines = [ln for ln in text.strip().splitlines() if ln.startswith("{")]
+        return json.loads(lines[-1]) if lines else {}
+
+    def peak() -> float:
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    def left_behind(folder: Path) -> list[str]:
+        bad = [str(p.relative_to(folder)) for p in folder.rglob("*.part")]
+        with Project.open(folder) as project:
+            runs = project.list_runs()
+            bad += [f"run {r} still {s}" for r, s in zip(runs["run_id"], runs["status"]) if s != "finished"]
+        return bad
+
+    t0 = time.perf_counter()
+    ref_out = subprocess.run(cmd(work / "cli_ref"), capture_output=True, text=True, env=env, timeout=600)
+    ref_s = time.perf_counter() - t0
+    ref = ad.read_h5ad(last_json(ref_out.stdout)["h5ad"])
+    ref_ids, ref_x = ref.obs["cell_id"].to_numpy(), np.asarray(ref.X)
+    rng = random.Random(7)
+    per_case: list[dict] = []
+    for i in range(n_kills):
+        folder = work / f"cli_kill_{i}"
+        mode = "after first checkpoint" if i == 0 else "random moment"
+        delay = None if i == 0 else round(rng.uniform(0.5, 0.95 * ref_s), 2)
+        errors: list[str] = []
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        while proc.poll() is None:
+            if delay is None and any(folder.glob("runs/*/blocks/block_*.h5ad")):
+                break
+            if delay is not None and time.perf_counter() - t >= delay:
+                break
+            time.sleep(0.01)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        try:
+            out = subprocess.run(cmd(folder), capture_output=True, text=True, env=env, timeout=300)
+        except subprocess.TimeoutExpired:
+            per_case.append({"name": f"cli_kill_{i}", "kind": "cli", "mode": mode, "delay_s": delay, "outcome": "hang",
+                             "seconds": round(time.perf_counter() - t, 2), "peak_mb": round(peak(), 1), "errors": []})
+            continue
+        line = last_json(out.stdout)
+        with Project.open(folder) as project:
+            n_runs = len(project.list_runs())
+        if out.returncode != EXIT_OK or not line:
+            outcome, errors = "crash", [out.stderr[-500:]]
+        elif n_runs != 1:
+            outcome = "not_resumed"
+        else:
+            a = ad.read_h5ad(line["h5ad"])
+            same = np.array_equal(a.obs["cell_id"].to_numpy(), ref_ids) and np.array_equal(np.asarray(a.X), ref_x)
+            outcome = "correct_result" if same else "wrong_result"
+            errors = left_behind(folder)
+            if errors and same:
+                outcome = "data_left_behind"
+        per_case.append({"name": f"cli_kill_{i}", "kind": "cli", "mode": mode, "delay_s": delay, "killed": killed,
+                         "action_after": line.get("action"), "outcome": outcome,
+                         "seconds": round(time.perf_counter() - t, 2), "peak_mb": round(peak(), 1), "errors": errors})
+    for i in range(n_concurrent):
+        folder = work / f"cli_two_{i}"
+        t = time.perf_counter()
+        procs = [subprocess.Popen(cmd(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+        codes = sorted(rc for _, _, rc in outs)
+        with Project.open(folder) as project:
+            n_runs = len(project.list_runs())
+        if codes not in ([EXIT_OK, EXIT_OK], [EXIT_OK, EXIT_BUSY]):
+            outcome = "crash"
+        elif n_runs != 1:
+            outcome = "duplicate_run"
+        else:
+            outcome = "data_left_behind" if left_behind(folder) else "correct_result"
+        per_case.append({"name": f"cli_two_at_once_{i}", "kind": "cli", "exit_codes": codes, "runs": n_runs,
+                         "outcome": outcome, "seconds": round(time.perf_counter() - t, 2), "peak_mb": round(peak(), 1),
+                         "errors": [err[-300:] for _, err, rc in outs if rc not in (EXIT_OK, EXIT_BUSY)]})
+    counts: dict = {}
+    for c in per_case:
+        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
+    summary = {"cases": len(per_case), "by_outcome": counts, "uninterrupted_s": round(ref_s, 2),
+               "resumed_identical": sum(c["outcome"] == "correct_result" for c in per_case if c["name"].startswith("cli_kill")),
+               "duplicate_runs": counts.get("duplicate_run", 0) + counts.get("not_resumed", 0),
+               "max_seconds": max(c["seconds"] for c in per_case), "max_peak_mb": max(c["peak_mb"] for c in per_case),
+               "peak_mb_note": "peak_mb = the largest ru_maxrss of any ghist process so far (an upper bound per case)"}
+    print(f"cli recovery: { {k: v for k, v in summary.items() if k != 'peak_mb_note'} }")
+    summary["per_case"] = per_case
+    return summary
+
+
+def bench_browser_checks(work: Path) -> dict:
+    """The real-browser checks of issue #20 (``tests/app/test_hostile_browser.py``): hostile card, gene,
+    patient and clinical strings render as text, no script runs, nothing is fetched from elsewhere; an
+    upload leaves the server's RAM once staged and "Remove" deletes its staged copy."""
+    import re
+    import subprocess
+
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-rA", "-p", "no:cacheprovider",
+                          "tests/app/test_hostile_browser.py", "-o", "addopts="],
+                         capture_output=True, text=True, cwd=REPO, timeout=1800)
+    text = out.stdout + out.stderr
+    passed = re.findall(r"^PASSED (tests/\S+::\S+)", text, flags=re.M)
+    m = re.search(r"UPLOAD_RAM (\{.*\})", text)
+    ram = json.loads(m.group(1).replace("'", '"')) if m else None
+    res = {"pytest_exit": out.returncode, "summary_line": text.strip().splitlines()[-1] if text.strip() else "",
+           "scripts_executed": 0 if out.returncode == 0 else None, "remote_fetches": 0 if out.returncode == 0 else None,
+           "uploads_left_behind": 0 if out.returncode == 0 else None, "upload_ram_mb": ram,
+           "seconds": round(time.perf_counter() - t, 1), "passed": passed}
+    print(f"browser checks: exit {out.returncode}, {res['summary_line']}, upload RAM {ram}")
+    return res
+
+
 def bench_browser(work: Path, n_sessions: int) -> dict[str, int]:
     from test_concurrent_users import run_sessions
 
@@ -456,9 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--cli-kills", type=int, default=8)
+    ap.add_argument("--cli-concurrent", type=int, default=4)
     ap.add_argument("--skip-browser", action="store_true", help="keep the previous concurrent_users figures")
     ap.add_argument("--skip-kills", action="store_true", help="keep the previous kills figures")
-    ap.add_argument("--only", default=None, help="comma-separated sections to run (hostile,limits,kills,browser); "
+    ap.add_argument("--only", default=None, help="comma-separated sections to run (hostile,limits,kills,cli,browser_checks,browser); "
                                                    "the others keep their previous figures")
     ap.add_argument("--serve-hostile", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -466,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         _serve_hostile(args.serve_hostile)
         return 0
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    only = set(args.only.split(",")) if args.only else {"hostile", "limits", "kills", "browser"}
+    only = set(args.only.split(",")) if args.only else {"hostile", "limits", "kills", "cli", "browser_checks", "browser"}
     if args.skip_kills:
         only.discard("kills")
     if args.skip_browser:
@@ -480,9 +635,13 @@ def main(argv: list[str] | None = None) -> int:
             out["limits"] = bench_limits(work)
         if "kills" in only:
             out["kills"] = bench_kills(work, args.kills)
+        if "cli" in only:
+            out["cli_recovery"] = bench_cli(work, args.cli_kills, args.cli_concurrent)
+        if "browser_checks" in only:
+            out["browser_checks"] = bench_browser_checks(work)
         if "browser" in only:
             out["concurrent_users"] = bench_browser(work, args.sessions)
-    order = ["hostile_files", "limits", "kills", "concurrent_users"]
+    order = ["hostile_files", "limits", "kills", "cli_recovery", "browser_checks", "concurrent_users"]
     out = {k: out[k] for k in order if k in out} | {k: v for k, v in out.items() if k not in order}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")

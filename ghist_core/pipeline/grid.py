@@ -50,7 +50,7 @@ class GridAccumulator:
             return
         xy = np.asarray(adata.obsm[K.OBSM_SPATIAL], dtype=np.float64)
         X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-        X = X.astype(np.float64)
+        X = X.astype(np.float32, copy=False)  # sums of a block's few cells per square: float32 is exact enough
         if self.type_key in adata.obs:
             types = pd.Categorical(adata.obs[self.type_key])
             names = [str(c) for c in types.categories]
@@ -62,7 +62,7 @@ class GridAccumulator:
         for size in self.sizes:
             keys = np.floor(xy / size).astype(np.int64)
             uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-            member = sp.csr_matrix((np.ones(adata.n_obs), (inverse.ravel(), np.arange(adata.n_obs))),
+            member = sp.csr_matrix((np.ones(adata.n_obs, np.float32), (inverse.ravel(), np.arange(adata.n_obs))),
                                    shape=(len(uniq), adata.n_obs))
             counts = (np.asarray((member @ onehot).todense(), dtype=np.int64) if onehot is not None
                       else np.zeros((len(uniq), 0), np.int64))
@@ -72,7 +72,11 @@ class GridAccumulator:
         """One AnnData per size: ``X`` = mean expression per non-empty square, ``obs`` = ``gx, gy``,
         ``x_um, y_um`` (square centre), ``n_cells``, ``count_<type>``; ``uns["grid"]["size_um"]``."""
         var = self.var if self.var is not None else pd.DataFrame(index=pd.Index([], dtype=str))
-        return {size: self._finish_size(size, var) for size in self.sizes}
+        out = {}
+        for size in self.sizes:  # one size at a time, its block sums freed as soon as it is done
+            out[size] = self._finish_size(size, var)
+            self._parts[size] = []
+        return out
 
     def _finish_size(self, size: float, var: pd.DataFrame) -> ad.AnnData:
         parts = self._parts[size]
@@ -86,9 +90,11 @@ class GridAccumulator:
         keys = np.concatenate([p[0] for p in parts])
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         inverse = inverse.ravel()
-        combine = sp.csr_matrix((np.ones(len(keys)), (inverse, np.arange(len(keys)))), shape=(len(uniq), len(keys)))
-        sums = combine @ np.concatenate([p[1] for p in parts])
-        n_cells = combine @ np.concatenate([p[2] for p in parts])
+        combine = sp.csr_matrix((np.ones(len(keys), np.float32), (inverse, np.arange(len(keys)))),
+                                shape=(len(uniq), len(keys)))
+        n_cells = combine @ np.concatenate([p[2] for p in parts]).astype(np.float32)
+        means = combine @ np.concatenate([p[1] for p in parts])
+        means /= n_cells[:, None]
         col = {t: j for j, t in enumerate(self.types)}
         counts = np.zeros((len(keys), len(self.types)), np.int64)
         row = 0
@@ -102,7 +108,7 @@ class GridAccumulator:
         for j, name in enumerate(self.types):
             obs[f"{K.GRID_COUNT_PREFIX}{name}"] = counts[:, j]
         obs.index = [f"{a}_{b}" for a, b in uniq]
-        out = ad.AnnData(X=(sums / n_cells[:, None]).astype(np.float32), obs=obs, var=var.copy())
+        out = ad.AnnData(X=means.astype(np.float32, copy=False), obs=obs, var=var.copy())
         out.obsm[K.OBSM_SPATIAL] = obs[["x_um", "y_um"]].to_numpy()
         out.uns[K.UNS_GRID] = {"size_um": float(size)}
         return out
