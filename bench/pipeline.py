@@ -486,8 +486,10 @@ def _scaling_summary(res_dir: Path) -> dict:
                    "n_cells": [r["n_cells"] for r in rs],
                    "loadavg_1min_during": [r["loadavg_end"][0] for r in rs],
                    "results_bytes_per_gpx": [r["results_bytes_per_gpx"] for r in rs],
-                   "wall_hours_per_tissue_gpx_busy_machine": round(rate * 1e3 / 3600, 2),
-                   "extrapolated_2gpx_all_tissue_wall_h_busy_machine": round(rate * 2e3 / 3600, 2)}
+                   "wall_hours_per_tissue_gpx": round(rate * 1e3 / 3600, 3),
+                   "extrapolated_2gpx_all_tissue_wall_h": round(rate * 2e3 / 3600, 3),
+                   "extrapolated_2gpx_40pct_tissue_wall_h": round(rate * 0.8e3 / 3600, 3),
+                   "wall_s_per_slide_gpx_at_this_layout": round(rs[-1]["seconds"] / rs[-1]["gigapixels"], 1)}
         big = max(rs, key=lambda r: r["gigapixels"])
         if big.get("cpu_s_per_tissue_mpx"):
             c = big["cpu_s_per_tissue_mpx"]
@@ -507,7 +509,9 @@ def _scaling_summary(res_dir: Path) -> dict:
                     "cpu_ms_per_cell_ratio": round((b["cpu_s"] / b["n_cells"]) / (a["cpu_s"] / a["n_cells"]), 3),
                     "cells_per_tissue_mpx_ratio": round((b["n_cells"] / b["tissue_mpx"]) / (a["n_cells"] / a["tissue_mpx"]), 3),
                     "peak_rss_ratio": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
-                    "wall_s_per_tissue_mpx_ratio_busy_machine": round(b["s_per_tissue_mpx"] / a["s_per_tissue_mpx"], 3)}
+                    "wall_s_per_tissue_mpx_ratio": round(b["s_per_tissue_mpx"] / a["s_per_tissue_mpx"], 3),
+                    "flat_within_15pct": bool(abs(b["s_per_tissue_mpx"] / a["s_per_tissue_mpx"] - 1) <= 0.15
+                                              and abs(b["peak_rss_mib"] / a["peak_rss_mib"] - 1) <= 0.15)}
                 # a real 2 Gpx slide: 2-4 M cells (the 1-2 M per Gpx) at the measured CPU cost per cell
                 s["extrapolated_2gpx_2to4M_cells_h_quiet_2_cores"] = [
                     round(b["cpu_s"] / b["n_cells"] * m / 2 / 3600, 2) for m in (2e6, 4e6)]
