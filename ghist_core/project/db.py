@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import random
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -153,6 +155,11 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_m1_initial, _m2
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock (worth waiting for)."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _configure(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -203,18 +210,33 @@ class ProjectDB:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
-        try:
-            conn = self.conn()
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"The project database at {self.path} cannot use write-ahead logging ({mode}).")
-            migrate(conn)
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            raise StoreError(
-                f"The project database {self.path} could not be opened ({exc}). It may be damaged or not a "
-                "GHIST Studio project file."
-            ) from exc
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn = self.conn()
+                # switching a new file to WAL answers "locked" at once, without the busy handler, while
+                # another process creates the same project: retried below until the busy timeout
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"The project database at {self.path} cannot use write-ahead logging ({mode}).")
+                migrate(conn)
+                break
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(0.02 + 0.08 * random.random())
+                    continue
+                self.close()
+                if _is_busy(exc):
+                    raise StoreError(f"The project database {self.path} stayed busy for {BUSY_TIMEOUT_MS / 1000:.0f} s "
+                                     "(another process is creating or upgrading it). Try again.") from exc
+                raise StoreError(f"The project database {self.path} could not be opened ({exc}). It may be damaged "
+                                 "or not a GHIST Studio project file.") from exc
+            except sqlite3.DatabaseError as exc:
+                self.close()
+                raise StoreError(
+                    f"The project database {self.path} could not be opened ({exc}). It may be damaged or not a "
+                    "GHIST Studio project file."
+                ) from exc
         with self.tx() as c:
             c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (utc_now(),))
             c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('name', ?)", (name or folder.name,))

@@ -94,3 +94,29 @@ def test_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "db.sqlite").rename(tmp_path / "project.sqlite")
     with pytest.raises(StoreError, match="newer GHIST Studio"):
         Project.open(tmp_path)
+
+
+def test_processes_creating_one_project_at_once_all_open_it(tmp_path: Path) -> None:
+    """Two ``ghist predict`` on a new project create it at the same moment: SQLite answers the switch to
+    WAL with "database is locked" at once (no busy handler), which used to fail one of them with
+    "may be damaged" (found by bench/robustness.py's cli_recovery). Eight processes released together."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    for trial in range(4):
+        folder, go = tmp_path / f"p{trial}", tmp_path / f"go{trial}"
+        code = ("import os, time\nfrom ghist_core.project.store import Project\n"
+                f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+                f"Project.open_or_create({str(folder)!r}).close()\n")
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(8)]
+        time.sleep(2.5)  # all imported and waiting
+        go.write_text("go")
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), [e.strip().splitlines()[-1] for e in errors if e.strip()]
+        with Project.open(folder) as project:
+            assert project.schema_version == SCHEMA_VERSION
