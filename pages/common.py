@@ -152,12 +152,11 @@ def cached_clinical(path: str, mtime: float) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-@st.cache_resource(show_spinner=False)
 def release_upload(uploaded: Any) -> None:
     """Drop an ``st.file_uploader`` file's bytes from the server's memory (the page has staged it to disk).
 
     Streamlit keeps every upload as one ``bytes`` in its in-memory file manager until the user removes
-    it from the widget, and a closed tab never does (docs/SECURITY.md §8); ``st.chat_input`` frees its
+    it from the widget, and a closed tab never does (docs/SECURITY.md §4a); ``st.chat_input`` frees its
     files the same way once read.
     """
     from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
@@ -169,6 +168,7 @@ def release_upload(uploaded: Any) -> None:
         ctx.uploaded_file_mgr.remove_file(session_id=ctx.session_id, file_id=file_id)
 
 
+@st.cache_resource(show_spinner=False)
 def cached_models() -> list[dict]:
     from ghist_core.weights import resolve as weights
 

@@ -14,7 +14,7 @@ tooltip), Cell types, Cohort (the saved table) and Models; then:
   (``page.on("request")``), nor the app's ``/x`` (the ``src=x`` of the ``onerror`` image),
 * the hostile text is on screen as literal characters (escaped, not rendered), the tooltip included.
 
-The second test measures what Streamlit does with an upload's bytes (docs/SECURITY.md §8).
+The second test measures what Streamlit does with an upload's bytes (docs/SECURITY.md §4a).
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def test_upload_bytes_leave_server_ram_once_staged(tmp_path, monkeypatch):
     and would keep it there while the file is in the widget; a closed tab never gives it back (Streamlit
     1.67 drops a disconnected session from a TTL cache without ``AppSession.shutdown()``). The Upload page
     streams each file to a staging file on disk, drops its bytes from the manager at once and shows a
-    fresh uploader. Measured through the real browser (docs/SECURITY.md §8): after staging, the server's
+    fresh uploader. Measured through the real browser (docs/SECURITY.md §4a): after staging, the server's
     RSS is back near where it started; "Remove" deletes the staged copy; a second upload followed by a
     closed tab leaves no RAM behind once the session has ended.
     """
