@@ -432,7 +432,7 @@ def _scaling_kill_resume(gpx: float, seg: str, kill_at: float = 0.5) -> dict:
            "resume_seconds": r["seconds"], "uninterrupted_seconds": ref["seconds"],
            "killed_plus_resumed_seconds": round(kill["killed_after_s"] + r["seconds"], 1),
            "output_digest": r["output_digest"], "uninterrupted_digest": ref["output_digest"],
-           "identical_output": r["output_digest"]["sha256"] == ref["output_digest"]["sha256"],
+           "identical_output": bool(r["resumed_run"]) and r["output_digest"]["sha256"] == ref["output_digest"]["sha256"],
            "loadavg_end": r["loadavg_end"]}
     done.write_text(json.dumps(rec, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

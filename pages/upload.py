@@ -127,6 +127,9 @@ for fid in list(order):
     name = file_names.get(fid, "upload")
     if fid in added:
         sid, pid, state, note = added[fid]
+        if state == "failed":
+            st.error(f"{plain(name)} was not added: {plain(note)}", icon=":material/error:")
+            continue
         (st.success if state in ("added", "updated") else st.info)(
             f"{plain(name)}: {_MESSAGES[state].format(sid=sid)} (patient {plain(pid or '—')}). {plain(note)}".strip(),
             icon=":material/check_circle:")
@@ -205,9 +208,10 @@ for fid in list(order):
             pid = patient.strip() or None
             try:
                 result = uploads.add_staged_upload(project, s, patient_id=pid, mpp=mpp_given)
-            except GhistError as exc:
+            except GhistError as exc:  # the staged copy is gone: keep the message as the file's line
                 staged.pop(fid, None)
-                st.error(plain(exc))
+                added[fid] = (None, pid, "failed", str(exc))
+                st.rerun()
             else:
                 staged.pop(fid, None)
                 record = result.record

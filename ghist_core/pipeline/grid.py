@@ -44,7 +44,7 @@ class GridAccumulator:
 
     def add(self, adata: ad.AnnData) -> None:
         """Add one block's cells (``obsm["spatial"]`` in µm, ``X`` the expression)."""
-        if self.var is None:
+        if self.var is None or (self.var.shape[0] == 0 and adata.n_vars):  # the genes of the first block with any
             self.var = adata.var[[]].copy()
         if adata.n_obs == 0:
             return

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ghist_core import _keys as K
-from ghist_core.io.atomic import atomic_path
+from ghist_core.errors import StoreError
 from ghist_core.pipeline.grid import GridAccumulator
 
 __all__ = ["BlockSummary", "summarise_blocks", "write_merged_h5ad"]
@@ -34,21 +34,26 @@ class BlockSummary:
     obsm_columns: dict = field(default_factory=dict)
     empty_path: Path | None = None  # a checkpoint to copy the layout from when no block has cells
     bytes_on_disk: int = 0
+    obsm_keys: list[str] = field(default_factory=list)  # the obsm matrices every block with cells has
 
 
 def _current_layout(path: Path) -> ad.AnnData:
-    """A checkpoint in the current layout with unique ``cell_<id>`` names; rewritten in place if it
-    was not (blocks written by an older version): one block in memory."""
+    """A checkpoint in the current layout with unique ``cell_<id>`` names; rewritten in place (in the
+    isolated HDF5 writer) if it was not, as blocks written by an older version: one block in memory."""
+    from ghist_core.io.safe_h5 import estimate_h5ad_bytes, write_h5_isolated
+
     a = ad.read_h5ad(path)
-    before = (set(a.obs.columns), list(a.obs_names[:1]))
+    columns = set(a.obs.columns)
     a = K.upgrade_layout(a)
+    renamed = False
     if K.OBS_CELL_ID in a.obs and a.n_obs:
         names = K.obs_names_for(a.obs[K.OBS_CELL_ID].to_numpy())
         if list(a.obs_names) != names:
             a.obs_names = names
-    if (set(a.obs.columns), list(a.obs_names[:1])) != before:
-        with atomic_path(path) as tmp:
-            a.write_h5ad(tmp)
+            renamed = True
+    if renamed or set(a.obs.columns) != columns:
+        write_h5_isolated(path, lambda p: a.write_h5ad(p), estimated_bytes=estimate_h5ad_bytes(a),
+                          what=f"the upgraded checkpoint {path.name}")
     return a
 
 
@@ -58,25 +63,35 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
     areas: list[np.ndarray] = []
     keep: list[Path] = []
     obsm_columns: dict = {}
+    obsm_keys: set[str] | None = None
+    genes: list[str] | None = None
     n = 0
     size = 0
     for p in paths:
         a = _current_layout(p)
         size += p.stat().st_size
         acc.add(a)
+        if not obsm_columns:
+            obsm_columns = dict(a.uns.get(K.UNS_OBSM_COLUMNS, {}))
         if a.n_obs and a.n_vars:
+            if genes is None:
+                genes = list(a.var_names)
+            elif list(a.var_names) != genes:
+                raise StoreError(f"The run's checkpoints disagree on the genes ({p.name}): they were written by "
+                                 "different models. Start a new run.")
             keep.append(p)
             n += a.n_obs
-            if not obsm_columns:
-                obsm_columns = dict(a.uns.get(K.UNS_OBSM_COLUMNS, {}))
+            obsm_keys = set(a.obsm) if obsm_keys is None else obsm_keys & set(a.obsm)  # what every block has
             if "area_um2" in a.obs:
                 areas.append(a.obs["area_um2"].to_numpy(np.float64))
         del a
     area = np.concatenate(areas) if areas else np.zeros(0)
     area = area[np.isfinite(area) & (area > 0)]
+    keys = sorted(obsm_keys or ())
     return BlockSummary(paths=keep, n_cells=n, grids=acc.finish(),
                         median_area_um2=float(np.median(area)) if len(area) else None,
-                        obsm_columns=obsm_columns, empty_path=paths[0] if paths else None, bytes_on_disk=size)
+                        obsm_columns={k: v for k, v in obsm_columns.items() if not keep or k in keys},
+                        empty_path=paths[0] if paths else None, bytes_on_disk=size, obsm_keys=keys)
 
 
 def _concat_obs(paths: list[Path]) -> pd.DataFrame:
@@ -132,7 +147,7 @@ def write_merged_h5ad(summary: BlockSummary, out: Path, uns: dict) -> None:
     paths = summary.paths
     with h5py.File(paths[0], "r") as f:
         var = read_elem(f["var"])
-        obsm_keys = sorted(f["obsm"].keys()) if "obsm" in f else []
+    obsm_keys = summary.obsm_keys
     obs = _concat_obs(paths)
     with h5py.File(out, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})

@@ -7,6 +7,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 from ghist_core import _keys as K
 from ghist_core.pipeline.grid import build_grid_pyramid
@@ -73,3 +74,26 @@ def test_no_cells_anywhere_gives_an_empty_result(tmp_path: Path):
     write_merged_h5ad(summary, tmp_path / "m.h5ad", {"ghist": {"run_id": 1}})
     got = ad.read_h5ad(tmp_path / "m.h5ad")
     assert got.n_obs == 0 and got.uns["ghist"]["run_id"] == 1 and summary.grids[50.0].n_obs == 0
+
+
+def test_blocks_of_two_versions_merge_on_what_they_share(tmp_path: Path):
+    """A run resumed across versions: an older block without the nucleus outlines must not stop the merge;
+    the result keeps the obsm matrices every block has. Blocks of different genes are refused."""
+    from ghist_core.errors import StoreError
+
+    rng = np.random.default_rng(2)
+    types = ["a", "b"]
+    old, new = _block(0, 20, types, rng), _block(1, 25, types, rng)
+    K.set_obsm_matrix(new, K.OBSM_NUCLEUS_RAYS, rng.random((25, 16)).astype(np.float32), [f"ray_{i}" for i in range(16)])
+    paths = [tmp_path / "block_000000.h5ad", tmp_path / "block_000001.h5ad"]
+    old.write_h5ad(paths[0])
+    new.write_h5ad(paths[1])
+    summary = summarise_blocks(paths, (50.0,))
+    write_merged_h5ad(summary, tmp_path / "m.h5ad", {})
+    got = ad.read_h5ad(tmp_path / "m.h5ad")
+    assert got.n_obs == 45 and K.OBSM_NUCLEUS_RAYS not in got.obsm and K.OBSM_TYPE_PROBABILITIES in got.obsm
+    other = _block(2, 5, types, rng)
+    other = ad.AnnData(X=other.X[:, :2], obs=other.obs, var=pd.DataFrame(index=GENES[:2]), obsm=dict(other.obsm))
+    other.write_h5ad(tmp_path / "block_000002.h5ad")
+    with pytest.raises(StoreError):
+        summarise_blocks([*paths, tmp_path / "block_000002.h5ad"], (50.0,))
