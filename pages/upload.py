@@ -68,8 +68,7 @@ files = st.file_uploader(
     type=c.UPLOAD_TYPES, accept_multiple_files=True, key=f"upload_files_{generation}",
 )
 staged: dict = st.session_state.setdefault("upload_staged", {})  # file id -> StagedUpload (on disk)
-order: list = st.session_state.setdefault("upload_order", [])  # file ids, in upload order
-file_names: dict = st.session_state.setdefault("upload_names", {})  # file id -> the user's file name
+file_names: dict = st.session_state.setdefault("upload_names", {})  # file id -> the user's file name, in upload order
 added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, state, note)
 mpp_answers: dict = st.session_state.setdefault("upload_mpp", {})  # file id -> µm/px the user typed
 known: dict = st.session_state.setdefault("upload_known", {})  # file id -> slide id already holding the file
@@ -84,7 +83,6 @@ if files:
                 st.session_state.setdefault("upload_errors", []).append(
                     f"Could not store the upload {plain(f.name)} for checking ({plain(exc.strerror or 'disk error')}).")
             else:
-                order.append(fid)
                 file_names[fid] = f.name
         c.release_upload(f)
     st.session_state["upload_generation"] = generation + 1
@@ -99,8 +97,6 @@ def _forget(fid: str) -> None:
         uploads.discard_staged(staged.pop(fid))
     for store in (mpp_answers, known, pending, added, file_names):
         store.pop(fid, None)
-    if fid in order:
-        order.remove(fid)
 
 
 def _remember_mpp(fid: str) -> None:
@@ -123,8 +119,7 @@ def _start_run_if_wanted(slide_id: int, run_now: bool) -> None:
 _MESSAGES = {"added": "added as slide {sid}", "exists": "already in the project as slide {sid}; nothing was copied",
              "updated": "slide {sid} updated", "kept": "already in the project as slide {sid}, kept as it was"}
 
-for fid in list(order):
-    name = file_names.get(fid, "upload")
+for fid, name in list(file_names.items()):
     if fid in added:
         sid, pid, state, note = added[fid]
         if state == "failed":

@@ -28,7 +28,7 @@ from ghist_core.io.safe_h5 import check_free_space, estimate_h5ad_bytes, write_h
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, read_grid, write_grid
-from ghist_core.pipeline.merge import summarise_blocks, write_merged_h5ad
+from ghist_core.pipeline.merge import median_nucleus_area, summarise_blocks, write_merged_h5ad
 from ghist_core.io.slide import Slide, open_slide
 from ghist_core.project import Project, RunStatus
 from ghist_core.io.tiles import TileGrid
@@ -318,9 +318,8 @@ def slide_image_uns(slide: Slide, library_id: str, median_area_um2: float | None
 
 def add_slide_image(adata: ad.AnnData, slide: Slide, library_id: str, max_px: int = HIRES_MAX_PX) -> None:
     """Store the slide's H&E overview in ``uns["spatial"][library_id]`` (in place; see :func:`slide_image_uns`)."""
-    area = adata.obs["area_um2"].to_numpy(np.float64) if "area_um2" in adata.obs and adata.n_obs else np.zeros(0)
-    area = area[np.isfinite(area) & (area > 0)]
-    adata.uns[K.UNS_SPATIAL] = slide_image_uns(slide, library_id, float(np.median(area)) if len(area) else None, max_px)
+    area = adata.obs["area_um2"].to_numpy(np.float64) if "area_um2" in adata.obs else np.zeros(0)
+    adata.uns[K.UNS_SPATIAL] = slide_image_uns(slide, library_id, median_nucleus_area(area), max_px)
 
 
 def library_id_for(slide_id: int) -> str:

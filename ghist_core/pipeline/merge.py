@@ -3,8 +3,9 @@
 Why: a gigapixel slide has one to a few million cells. Loading every block's checkpoint and
 concatenating them (then averaging them onto the grid) held all the cells twice in RAM, so the
 pipeline's peak memory grew with the slide. Here the checkpoints are read one at a time (for the
-grid sums and the slide-wide numbers), and the ``.h5ad`` is written by ``anndata``'s on-disk
-concatenation, which copies the blocks' arrays into the output in bounded pieces.
+grid sums and the slide-wide numbers), and the ``.h5ad`` is written with h5py, each block's arrays
+copied into the output in turn (``anndata``'s own ``concat_on_disk`` goes through dask, which hangs
+in the forked HDF5 writer when the run is itself a dask-distributed task).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from ghist_core import _keys as K
 from ghist_core.errors import StoreError
 from ghist_core.pipeline.grid import GridAccumulator
 
-__all__ = ["BlockSummary", "summarise_blocks", "write_merged_h5ad"]
+__all__ = ["BlockSummary", "summarise_blocks", "write_merged_h5ad", "median_nucleus_area"]
+
+
+def median_nucleus_area(area_um2: np.ndarray) -> float | None:
+    """Median of the finite, positive nucleus areas (µm²); None when there are none."""
+    area = np.asarray(area_um2, dtype=np.float64)
+    area = area[np.isfinite(area) & (area > 0)]
+    return float(np.median(area)) if len(area) else None
+
 
 @dataclass
 class BlockSummary:
@@ -85,11 +94,9 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
             if "area_um2" in a.obs:
                 areas.append(a.obs["area_um2"].to_numpy(np.float64))
         del a
-    area = np.concatenate(areas) if areas else np.zeros(0)
-    area = area[np.isfinite(area) & (area > 0)]
     keys = sorted(obsm_keys or ())
     return BlockSummary(paths=keep, n_cells=n, grids=acc.finish(),
-                        median_area_um2=float(np.median(area)) if len(area) else None,
+                        median_area_um2=median_nucleus_area(np.concatenate(areas) if areas else np.zeros(0)),
                         obsm_columns={k: v for k, v in obsm_columns.items() if not keep or k in keys},
                         empty_path=paths[0] if paths else None, bytes_on_disk=size, obsm_keys=keys)
 
@@ -115,14 +122,14 @@ def _concat_obs(paths: list[Path]) -> pd.DataFrame:
 
 
 def _stack_rows(target: h5py.Group, key: str, paths: list[Path], source_key: str, n_rows: int) -> None:
-    """``target[key]`` = the blocks' ``source_key`` arrays stacked by rows, copied one block at a time."""
+    """``target[key]`` = the blocks' ``source_key`` arrays stacked by rows (``n_rows`` > 0), copied one block at a time."""
     with h5py.File(paths[0], "r") as f:
         first = f[source_key]
         shape, dtype = first.shape, first.dtype
-    rows = (n_rows, *shape[1:])
-    chunks = (max(1, min(n_rows, max(1, (1 << 20) // max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)))),
-              *shape[1:]) if n_rows else None
-    out = target.create_dataset(key, shape=rows, dtype=dtype, chunks=chunks, compression="gzip" if n_rows else None)
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    chunk_rows = max(1, min(n_rows, (1 << 20) // row_bytes))  # about 1 MB per chunk
+    out = target.create_dataset(key, shape=(n_rows, *shape[1:]), dtype=dtype, chunks=(chunk_rows, *shape[1:]),
+                                compression="gzip")
     row = 0
     for p in paths:
         with h5py.File(p, "r") as f:

@@ -221,18 +221,15 @@ class ProjectDB:
                     raise StoreError(f"The project database at {self.path} cannot use write-ahead logging ({mode}).")
                 migrate(conn)
                 break
-            except sqlite3.OperationalError as exc:
-                if _is_busy(exc) and time.monotonic() < deadline:
+            except sqlite3.DatabaseError as exc:
+                busy = isinstance(exc, sqlite3.OperationalError) and _is_busy(exc)
+                if busy and time.monotonic() < deadline:
                     time.sleep(0.02 + 0.08 * random.random())
                     continue
                 self.close()
-                if _is_busy(exc):
+                if busy:
                     raise StoreError(f"The project database {self.path} stayed busy for {BUSY_TIMEOUT_MS / 1000:.0f} s "
                                      "(another process is creating or upgrading it). Try again.") from exc
-                raise StoreError(f"The project database {self.path} could not be opened ({exc}). It may be damaged "
-                                 "or not a GHIST Studio project file.") from exc
-            except sqlite3.DatabaseError as exc:
-                self.close()
                 raise StoreError(
                     f"The project database {self.path} could not be opened ({exc}). It may be damaged or not a "
                     "GHIST Studio project file."
