@@ -100,8 +100,17 @@ def job(args: argparse.Namespace) -> None:
     if len(te):
         mm = np.asarray(res.config.get("morph_mean", [0.0, 0.0, 0.0]), np.float32)
         ms = np.asarray(res.config.get("morph_std", [1.0, 1.0, 1.0]), np.float32)
-        data = PatchData.from_pack(pack, te, images, mm, ms, tuple(res.config.get("cell_inputs", ()))).to(dev)
-        pred = predict_spots(res.model, data, batch_size=32, tta=True)
+        data = PatchData.from_pack(pack, te, images, mm, ms, tuple(res.config.get("cell_inputs", ())))
+        if res.config.get("covariates"):
+            from ghist_core.training.her2st import spot_covariates
+
+            data.extras["covariates"] = torch.from_numpy(spot_covariates(pack, res.config["cell_inputs"])[0][te])
+        data = data.to(dev)
+        if args.kind == "ghist":
+            pred, comp = predict_spots(res.model, data, batch_size=32, tta=True, types=True)
+            np.save(out / f"{args.fold}__{args.kind}__types.npy", comp.astype(np.float32))
+        else:
+            pred = predict_spots(res.model, data, batch_size=32, tta=True)
         np.save(out / f"{args.fold}__{args.kind}.npy", pred.astype(np.float32))
     if args.fold == "final":
         state = {k: v.detach().float().cpu().contiguous() for k, v in res.model.state_dict().items()
@@ -353,6 +362,293 @@ def report(args: argparse.Namespace) -> None:
     report_from(preds, pack, Path(args.out), metas, earlier=earlier, note=args.note, name=args.name)
 
 
+# --------------------------------------------------------------------------------------------
+# the clean protocol (issue #17): nested choices, floors with the model's inputs, seeds, paired tests
+# --------------------------------------------------------------------------------------------
+#: outer folds → held-out unit; LOPO B (train C, test B4) *is* LOSO B4, scored once and reported under both
+OUTER_UNITS = {**{f"loso_{s}": s for s in SECTIONS}, "lopo_C": "C"}
+SPLIT_UNITS = {"loso": {s: f"loso_{s}" for s in SECTIONS}, "lopo": {"B": "loso_B4", "C": "lopo_C"}}
+FLOORS = ("ridge_count", "ridge_count_types", "ridge_count_types_colour")
+PROGRAM_KS = (5, 10, 20, 40)
+GOALS = {"loso_mean_pcc": 0.25, "lopo_mean_pcc": 0.20, "ahead_of_floor_by": 0.03, "wilcoxon_p": 0.01,
+         "pc1_share_within": 0.15, "partial_pcc_mean": 0.05}
+
+
+def _cnn_runs(pattern: str, kind: str) -> dict[int, Path]:
+    """``seed -> work dir`` for the job folders matching ``pattern`` (``.../<kind>_s<seed>``)."""
+    import glob
+
+    out = {}
+    for d in sorted(glob.glob(pattern)):
+        tail = Path(d).name.rsplit("_s", 1)
+        if len(tail) == 2 and tail[1].isdigit() and Path(d).is_dir():
+            out[int(tail[1])] = Path(d)
+    return out
+
+
+def _unit_entry(r: np.ndarray, hvg: np.ndarray, top50: np.ndarray, genes: list[str], extra: dict | None = None) -> dict:
+    return {"mean_pcc": float(r[hvg].mean()), "top50_pcc": float(r[top50].mean()),
+            "n_genes_r_gt_0.3": int((r[hvg] > 0.3).sum()),
+            "per_gene": {g: round(float(v), 4) for g, v in zip(genes, r)}, **(extra or {})}
+
+
+def protocol(args: argparse.Namespace) -> dict:
+    """Score every method on every held-out unit under the frozen protocol → ``<out>/<name>.json``."""
+    from ghist_core.paths import shared_data_dir
+    from ghist_core.training.expression_metrics import paired_wilcoxon, pcc_per_gene, specificity
+    from ghist_core.training.her2st import CLINICAL_MARKERS, SpotPack, imageless_log_expression, spot_covariates
+    from ghist_core.training.spot_baselines import ALPHAS, RidgeSpec, choose, fit_predict, gene_programs, inner_folds, inner_scores
+
+    t0 = time.time()
+    pack = SpotPack.load(args.pack)
+    y = pack.targets().astype(np.float64)
+    genes = [str(g) for g in pack.genes]
+    n_hvg = int(pack.n_hvg)
+    hvg = np.arange(n_hvg)
+    cell_inputs = [str(c) for c in (pack.cell_input_names if pack.cell_input_names is not None else [])]
+    cov, cov_names = spot_covariates(pack, cell_inputs)
+    x = np.column_stack([cov, pack.features]).astype(np.float64)
+    n_cov = cov.shape[1]
+    count_col, type_cols, all_cols = (0,), tuple(range(n_cov)), tuple(range(x.shape[1]))
+    basis = gene_programs(imageless_log_expression(Path(args.data or shared_data_dir()) / "her2st", genes), max(PROGRAM_KS))
+    families = {"ridge_count": RidgeSpec("ridge_count", count_col), "ridge_count_types": RidgeSpec("ridge_count_types", type_cols),
+                "ridge_count_types_colour": RidgeSpec("ridge_count_types_colour", all_cols),
+                **{f"programs_k{k}": RidgeSpec(f"programs_k{k}", all_cols, programs=k) for k in PROGRAM_KS}}
+    fl = folds(pack.section, pack.patient)
+    ghist_runs = _cnn_runs(args.ghist_work, "ghist")
+    stnet_runs = _cnn_runs(args.stnet_work, "stnet")
+    markers = [g for g in CLINICAL_MARKERS if g in genes]
+    r_of: dict[str, dict[str, np.ndarray]] = {}  # method -> unit -> r (all genes)
+    pred_of: dict[str, dict[str, np.ndarray]] = {}  # method -> unit -> prediction (seed mean for CNNs)
+    seed_r: dict[str, dict[str, dict[int, np.ndarray]]] = {"model": {}, "stnet_like": {}}
+    types_of: dict[str, dict[str, np.ndarray]] = {}
+    fold_info: dict[str, dict] = {}
+    preds_npz: dict[str, np.ndarray] = {}
+    for fold, unit in OUTER_UNITS.items():
+        tr, te = fl[fold]
+        inner = inner_folds(tr, pack.section, pack.array_xy)
+        grid = [f.with_(alpha=a) for f in families.values() for a in ALPHAS]
+        res = inner_scores(grid, x, y, inner, hvg, basis)
+        best = {name: choose(res, [g for g in grid if g.name == name]) for name in families}
+        floor = choose(res, [best[n] for n in FLOORS])
+        programs = choose(res, [best[n] for n in families if n.startswith("programs_")])
+        top50 = np.argsort(-res.per_gene[floor][hvg], kind="stable")[:50]  # training data only
+        fold_info[unit] = {"fold": fold, "n_train": int(len(tr)), "n_test": int(len(te)), "inner_folds": len(inner),
+                           "inner": "leave one training section out" if len(set(pack.section[tr])) > 1
+                                    else "2x2 spatial blocks of the training section",
+                           "floor": f"{floor.name} (alpha {floor.alpha:g})", "programs": f"{programs.name} (alpha {programs.alpha:g})",
+                           "inner_scores": {n: round(res.score[b], 4) for n, b in best.items()},
+                           "top50_genes": [genes[i] for i in top50]}
+        for name, spec in [*((n, best[n]) for n in FLOORS), ("floor", floor), ("programs_ridge", programs)]:
+            p = fit_predict(spec, x, y, tr, te, basis)
+            pred_of.setdefault(name, {})[unit] = p
+            r_of.setdefault(name, {})[unit] = pcc_per_gene(p, y[te])
+        p = ridge_predictions(pack.features, y, tr, te)
+        pred_of.setdefault("ridge_features", {})[unit] = p
+        r_of.setdefault("ridge_features", {})[unit] = pcc_per_gene(p, y[te])
+        for label, runs, kind in (("model", ghist_runs, "ghist"), ("stnet_like", stnet_runs, "stnet")):
+            ps = {sd: np.load(d / f"{fold}__{kind}.npy").astype(np.float64) for sd, d in runs.items()
+                  if (d / f"{fold}__{kind}.npy").exists()}
+            if not ps:
+                continue
+            for sd, pv in ps.items():
+                seed_r[label].setdefault(unit, {})[sd] = pcc_per_gene(pv, y[te])
+                preds_npz[f"{fold}__{kind}__s{sd}"] = pv.astype(np.float32)
+            pred_of.setdefault(label, {})[unit] = np.mean(list(ps.values()), 0)
+            r_of.setdefault(label, {})[unit] = np.mean(list(seed_r[label][unit].values()), 0)  # mean over seeds of r
+            if kind == "ghist":
+                ts = [np.load(d / f"{fold}__ghist__types.npy") for d in runs.values() if (d / f"{fold}__ghist__types.npy").exists()]
+                if ts:
+                    types_of.setdefault("model", {})[unit] = np.mean(ts, 0)
+        # type composition baselines: ridge on the count / count + types → the deconvolution fractions
+        fr = pack.fractions.astype(np.float64)
+        all_types = np.arange(fr.shape[1])
+        tres = inner_scores([RidgeSpec(n, c, alpha=a) for n, c in (("count", count_col), ("count_types", type_cols)) for a in ALPHAS],
+                            x, fr, inner, all_types)
+        for n in ("count", "count_types"):
+            spec = choose(tres, [s for s in tres.score if s.name == n])
+            types_of.setdefault(f"ridge_{n}", {})[unit] = fit_predict(spec, x, fr, tr, te)
+        preds_npz[f"{fold}__index"] = te
+        fold_info[unit]["top50_idx"] = top50
+        print(f"{fold}: floor {fold_info[unit]['floor']}, programs {fold_info[unit]['programs']} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+    out: dict = {"genes": genes[:n_hvg], "markers_scored": markers}
+    for split, units in SPLIT_UNITS.items():
+        unit_of = {u: OUTER_UNITS[f] for u, f in units.items()}  # split unit -> scored unit
+
+        def entry(method: str, _unit_of=unit_of) -> dict | None:
+            have = {u: su for u, su in _unit_of.items() if su in r_of.get(method, {})}
+            if not have:
+                return None
+            per_unit = {}
+            for u, su in have.items():
+                extra = {}
+                if method in seed_r:
+                    extra["per_seed_mean_pcc"] = {str(sd): float(r[hvg].mean()) for sd, r in sorted(seed_r[method][su].items())}
+                if su != u:
+                    extra["same_fold_as"] = f"loso/{su}"
+                per_unit[u] = _unit_entry(r_of[method][su], hvg, fold_info[su]["top50_idx"], genes, extra)
+            e = {"mean_pcc": float(np.mean([v["mean_pcc"] for v in per_unit.values()])),
+                 "top50_pcc": float(np.mean([v["top50_pcc"] for v in per_unit.values()])),
+                 "complete": len(have) == len(_unit_of), "per_unit": per_unit,
+                 "markers": {g: {u: per_unit[u]["per_gene"][g] for u in per_unit} for g in markers}}
+            if method in seed_r:
+                seeds = sorted(set.intersection(*(set(seed_r[method][su]) for su in have.values())))
+                e["seeds"] = [float(np.mean([seed_r[method][su][sd][hvg].mean() for su in have.values()])) for sd in seeds]
+                e["seed_ids"] = seeds
+            return e
+
+        block: dict = {"model": entry("model"), "floor": entry("floor"), "baselines": {}}
+        if block["floor"] is not None:
+            block["floor"]["chosen"] = {u: fold_info[su]["floor"] for u, su in unit_of.items()}
+        for b in (*FLOORS, "programs_ridge", "stnet_like", "ridge_features"):
+            e = entry(b)
+            if e is not None:
+                if b == "programs_ridge":
+                    e["chosen"] = {u: fold_info[su]["programs"] for u, su in unit_of.items()}
+                block["baselines"][b] = e
+        mean_r = lambda m: np.mean([r_of[m][su] for su in unit_of.values() if su in r_of.get(m, {})], 0)  # noqa: E731
+        if block["model"] is not None and block["model"]["complete"]:
+            test = paired_wilcoxon(mean_r("model")[hvg], mean_r("floor")[hvg])
+            block["wilcoxon_p_vs_floor"] = test.p_value
+            block["paired_vs_floor"] = test.to_dict()
+            block["paired_vs_baselines"] = {b: paired_wilcoxon(mean_r("model")[hvg], mean_r(b)[hvg]).to_dict()
+                                            for b in block["baselines"] if all(su in r_of[b] for su in unit_of.values())}
+        spec_units: dict = {}
+        for m in ("model", "floor", "stnet_like", "programs_ridge"):
+            for u, su in unit_of.items():
+                if su in pred_of.get(m, {}):
+                    te = fl[OUTER_UNITS_FOLD[su]][1]
+                    spec_units.setdefault(m, {})[u] = specificity(pred_of[m][su][:, hvg], y[te][:, hvg], cov[te, 0])
+        block["specificity"] = {}
+        for m, per in spec_units.items():
+            avg = {k: float(np.nanmean([v[k] for v in per.values()])) for k in next(iter(per.values()))}
+            avg["per_unit"] = per
+            if m == "model":
+                block["specificity"].update(avg)
+            else:
+                block["specificity"].setdefault("baselines", {})[m] = avg
+        out[split] = block
+        # the issue's older keys, kept: per_section / per_patient summaries
+        key = "per_section" if split == "loso" else "per_patient"
+        for e in [block["model"], block["floor"], *block["baselines"].values()]:
+            if e is not None:
+                e[key] = {u: {k: v[k] for k in ("mean_pcc", "top50_pcc", "n_genes_r_gt_0.3")} for u, v in e["per_unit"].items()}
+
+    out["types"] = type_agreement(types_of, pack, fl, [str(t) for t in pack.cell_types])
+    out["goals"] = goals(out, markers=("ERBB2", "GRB7"))
+    out["folds"] = {u: {k: v for k, v in i.items() if k != "top50_idx"} for u, i in fold_info.items()}
+    out["protocol"] = protocol_text(args, ghist_runs, stnet_runs, cov_names)
+    from ghist_core.io.atomic import atomic_write_text
+
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outdir / f"{args.name}.json", json.dumps(out, indent=1, allow_nan=False, default=_nan_none) + "\n")
+    np.savez_compressed(outdir / f"{args.name}_preds.npz", **preds_npz)
+    print(f"wrote {outdir / (args.name + '.json')} ({time.time() - t0:.0f} s)", flush=True)
+    for split in SPLIT_UNITS:
+        b = out[split]
+        f = lambda e: "pending" if e is None else f"{e['mean_pcc']:.3f}"  # noqa: E731
+        print(f"{split}: model {f(b['model'])} | floor {f(b['floor'])} | "
+              + " | ".join(f"{k} {f(v)}" for k, v in b["baselines"].items()), flush=True)
+    return out
+
+
+OUTER_UNITS_FOLD = {u: f for f, u in OUTER_UNITS.items()}
+
+
+def _nan_none(v):
+    raise TypeError(f"not JSON: {type(v)}")
+
+
+def type_agreement(types_of: dict, pack, fl: dict, type_names: list[str]) -> dict:
+    """Held-out per-spot agreement of predicted type composition with the deconvolution target."""
+    from ghist_core.training.expression_metrics import pcc_per_gene
+
+    res: dict = {"target": "NNLS fractions of each spot against the GHIST demo Xenium reference (the training target)",
+                 "metric": "Pearson r over the held-out spots per type, then mean over types; mean absolute error"}
+    for m, per in types_of.items():
+        units = {}
+        for u, p in per.items():
+            te = fl[OUTER_UNITS_FOLD[u]][1]
+            t = pack.fractions[te].astype(np.float64)
+            r = pcc_per_gene(p, t)
+            units[u] = {"mean_pcc": float(r.mean()), "mae": float(np.abs(p - t).mean()),
+                        "per_type": {n: round(float(v), 4) for n, v in zip(type_names, r)}}
+        res[m] = {"mean_pcc": float(np.mean([v["mean_pcc"] for v in units.values()])),
+                  "mae": float(np.mean([v["mae"] for v in units.values()])), "per_unit": units}
+    return res
+
+
+def goals(out: dict, markers: tuple[str, ...]) -> dict:
+    """Each goal of the issue, its measured value and whether it is met (None while pending)."""
+    g: dict = {}
+    for split, target in (("loso", GOALS["loso_mean_pcc"]), ("lopo", GOALS["lopo_mean_pcc"])):
+        b = out[split]
+        m, f = b["model"], b["floor"]
+        g[f"{split}_mean_pcc_ge_{target}"] = {"value": None if m is None else m["mean_pcc"],
+                                              "met": None if m is None else m["mean_pcc"] >= target}
+        if m is not None and "paired_vs_floor" in b:
+            d = b["paired_vs_floor"]
+            g[f"{split}_ahead_of_floor_by_{GOALS['ahead_of_floor_by']}_p_lt_{GOALS['wilcoxon_p']}"] = {
+                "value": {"mean_diff": d["mean_diff"], "p": d["p_value"]},
+                "met": d["mean_diff"] >= GOALS["ahead_of_floor_by"] and d["p_value"] < GOALS["wilcoxon_p"]}
+            for gene in markers:
+                if gene in m["markers"]:
+                    diffs = {u: m["markers"][gene][u] - f["markers"][gene][u] for u in m["markers"][gene]}
+                    g[f"{split}_{gene}_ahead_of_floor_every_unit"] = {"value": diffs, "met": all(v > 0 for v in diffs.values())}
+        s = b.get("specificity", {})
+        if "pc1_share_pred" in s:
+            gap = abs(s["pc1_share_pred"] - s["pc1_share_measured"])
+            g[f"{split}_pc1_share_within_{GOALS['pc1_share_within']}"] = {"value": {"pred": s["pc1_share_pred"],
+                                                                                  "measured": s["pc1_share_measured"]},
+                                                                        "met": gap <= GOALS["pc1_share_within"]}
+            g[f"{split}_partial_pcc_mean_ge_{GOALS['partial_pcc_mean']}"] = {"value": s["partial_pcc_mean"],
+                                                                           "met": s["partial_pcc_mean"] >= GOALS["partial_pcc_mean"]}
+    return g
+
+
+def protocol_text(args, ghist_runs: dict, stnet_runs: dict, cov_names: list[str]) -> dict:
+    """What was done, in words, stored with the numbers."""
+    return {
+        "frozen": "Protocol written and fixed before any result of this run was seen (session 7). The GHIST CNN design "
+                  "(session 4's config) was frozen before this run and not changed after it; note that in session 4 it "
+                  "was tuned looking at LOPO B = LOSO B4, so B4 is not a clean unit for the model (every other unit is).",
+        "target": "log1p(1e4 * counts / spot total over all genes)",
+        "genes_rule": "250 HVGs: genes in all 36 HER2ST count matrices, detected in >=10% of spots of the 30 sections "
+                      "without image, top variance of log1p(CP10k) over those spots (imaged sections unused)",
+        "pcc": "Pearson r per gene over the held-out spots of a unit (LOPO C: C2-C6 pooled); constant gene = 0; "
+               "mean_pcc = mean over the 250 HVGs, then over units",
+        "units": "LOSO: B4, C2..C6 (train on the other 5). LOPO: B (train C2-C6, test B4: the same fold as LOSO B4, "
+                 "scored once and reported under both) and C (train B4, test C2-C6)",
+        "inner_cv": "every choice (ridge alpha from 13 values 0.1..1e5, which floor, how many gene programs) by inner "
+                    "cross-validation on the training spots only: leave one training section out; for LOPO C (one "
+                    "training section) its 2x2 spatial blocks. Score = mean r over the 250 HVGs, mean over inner folds",
+        "inputs": f"the model reads pixels, nucleus masks and per nucleus {', '.join(cov_names[1:]) or 'nothing else'}; "
+                  f"the floors read per spot {', '.join(cov_names)} (nuclei within 50 um of the spot centre) and "
+                  "60 colour/texture features (RGB, HED, GLCM, LBP, gradient)",
+        "floor": "ridge on log count | + mean type probabilities | + colour/texture; the per-fold best by inner CV",
+        "programs_ridge": "ridge on count + types + colour predicting the scores of k gene programs (principal axes of "
+                          "log1p CP10k over the 30 sections without image), k in 5/10/20/40 by inner CV",
+        "stnet_like": "ST-Net-style patch CNN (the same encoder, epochs, augmentation, 8-view TTA) that also reads the "
+                      "floors' count and mean type probabilities next to its pooled image feature",
+        "ridge_features": "RidgeCV (GCV) on the 60 colour/texture features only (the earlier baseline)",
+        "seeds": {"model": sorted(ghist_runs), "stnet_like": sorted(stnet_runs)},
+        "cnn_training": "CPU, 1 um/px (128 px = 128 um), 16 epochs, batch 32, lr 2e-3, two single-thread jobs at a time; "
+                        "model per-gene r = mean over seeds of the per-seed r (not a seed ensemble)",
+        "top50": "per fold, the 50 HVGs with the highest inner-CV r of that fold's floor (training data only); "
+                 "every method is scored on the same 50",
+        "paired_test": "two-sided Wilcoxon signed-rank over the 250 HVGs of (model r - floor r), r averaged over the "
+                       "split's units; 'ahead' only where p < 0.01 and the mean difference is positive",
+        "specificity": "per held-out unit: PC1 share of variance of predicted vs measured log expression over spots "
+                       "(250 HVGs, centred); r between predicted and measured gene-gene correlation matrices; mean "
+                       "partial r per gene after regressing log1p(nuclei in spot) out of both",
+        "command": "bash tmp/her2st_cnn/run_ghist_seeds.sh (KIND=ghist, then KIND=stnet) then "
+                   f"python bench/her2st.py protocol --ghist-work '{args.ghist_work}' --stnet-work '{args.stnet_work}'",
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="HER2ST benchmark for GHIST")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -389,8 +685,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", default="")
     p.add_argument("--baselines-from", default="", help="take the ST-Net-like predictions from this preds npz")
     p.add_argument("--baselines-jobs", default="", help="its jobs json")
+    p = sub.add_parser("protocol", parents=[pack, results], help="the clean protocol over ridge floors and CNN jobs")
+    p.add_argument("--data", default="", help="shared data folder (the 30 sections without image); default: ghist_core.paths")
+    p.add_argument("--ghist-work", default="tmp/her2st_cnn/ghist_s*")
+    p.add_argument("--stnet-work", default="tmp/her2st_cnn/stnet_s*")
     args = ap.parse_args(argv)
-    {"run": run, "job": job, "collect": collect, "report": report}[args.cmd](args)
+    {"run": run, "job": job, "collect": collect, "report": report, "protocol": protocol}[args.cmd](args)
 
 
 if __name__ == "__main__":

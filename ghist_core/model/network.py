@@ -135,22 +135,35 @@ class Encoder(nn.Module):
 
 
 class PatchRegressor(nn.Module):
-    """ST-Net-style baseline: the same encoder, global pooling, linear regression of spot expression."""
+    """ST-Net-style baseline: the same encoder, global pooling, linear regression of spot expression.
 
-    def __init__(self, n_genes: int, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.1) -> None:
+    With ``n_covariates`` it also reads per-patch numbers (e.g. the log nucleus count and the mean
+    nucleus type probabilities), standardised by ``cov_mean``/``cov_sd`` and concatenated to the
+    pooled image feature, so that it sees the same inputs as GHIST.
+    """
+
+    def __init__(self, n_genes: int, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.1,
+                 n_covariates: int = 0) -> None:
         super().__init__()
         self.encoder = Encoder(widths)
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(widths[-1], n_genes)
+        self.n_covariates = int(n_covariates)
+        self.head = nn.Linear(widths[-1] + self.n_covariates, n_genes)
         self.register_buffer("norm_mean", torch.full((1, 3, 1, 1), 0.5))
         self.register_buffer("norm_std", torch.full((1, 3, 1, 1), 0.25))
+        self.register_buffer("cov_mean", torch.zeros(self.n_covariates))
+        self.register_buffer("cov_sd", torch.ones(self.n_covariates))
 
-    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        """Patches (uint8 or 0..1 float RGB) → standardised expression of every gene."""
+    def forward(self, rgb: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """Patches (uint8 or 0..1 float RGB) [+ covariates (B, C)] → standardised expression of every gene."""
         x = rgb.float() / 255.0 if rgb.dtype == torch.uint8 else rgb.float()
         x = (x - self.norm_mean) / self.norm_std
-        f = self.encoder(x)[-1].mean((2, 3))
-        return self.head(self.drop(f))
+        f = self.drop(self.encoder(x)[-1].mean((2, 3)))
+        if self.n_covariates:
+            if covariates is None:
+                raise ValueError(f"this regressor reads {self.n_covariates} covariates per patch; none were given")
+            f = torch.cat([f, (covariates.float() - self.cov_mean) / self.cov_sd], 1)
+        return self.head(f)
 
 
 class GhistNet(nn.Module):

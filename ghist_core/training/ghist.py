@@ -91,6 +91,7 @@ class PatchData:
 
     def to(self, device: torch.device) -> "PatchData":
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        kw["extras"] = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.extras.items()}
         return PatchData(**kw)
 
     @classmethod
@@ -185,35 +186,47 @@ def _kl(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (t * (t.log() - log_q)).sum(1)
 
 
-def predict_spots(model: nn.Module, data: PatchData, *, batch_size: int = 32, tta: bool = True) -> np.ndarray:
+def predict_spots(model: nn.Module, data: PatchData, *, batch_size: int = 32, tta: bool = True,
+                  types: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Spot predictions on the ``log1p(CP10k)`` scale for every patch of ``data``.
 
     GHIST: sum or mean (``spot_aggregate``) of the predicted expression of the cells inside the spot (TTA: cell outputs
-    averaged over the 8 dihedral views); patch regressor: its output (TTA-averaged).
+    averaged over the 8 dihedral views); patch regressor: its output (TTA-averaged). ``types=True`` (GHIST only)
+    also returns each spot's predicted type composition: the mean type probability of its cells (S × K).
     """
+    if types and isinstance(model, PatchRegressor):
+        raise TypeError("the patch regressor predicts no cell types")
     model.eval()
     dev = data.images.device
     outs = []
+    comp = []
     ks = range(8) if tta else range(1)
     with torch.no_grad():
         for s in range(0, len(data), batch_size):
             img = data.images[s : s + batch_size]
             if isinstance(model, PatchRegressor):
-                z = torch.stack([model(dihedral(img, k)) for k in ks]).mean(0)
+                cov = data.extras.get("covariates")
+                cov = cov[s : s + batch_size] if cov is not None else None
+                z = torch.stack([model(dihedral(img, k), cov) for k in ks]).mean(0)
                 outs.append((z * model.target_sd + model.target_mean).float().cpu())
                 continue
             inst = data.instances[s : s + batch_size]
             lut = data.lut_inputs[s : s + batch_size] if data.lut_inputs is not None else None
-            acc = None
+            acc = pacc = None
             for k in ks:
                 o = model(dihedral(img, k).float() / 255.0, dihedral(inst, k), lut)
                 acc = o["expr"] if acc is None else acc + o["expr"]
+                pacc = o["type_prob"] if pacc is None else pacc + o["type_prob"]
             expr = acc / len(ks)
             cb, cl = o["cell_batch"], o["cell_label"]
             in_spot = data.lut_in_spot[s + cb, cl]
             seg = torch.where(in_spot, cb, torch.full_like(cb, -1))
             outs.append(torch.log1p(model.spot_expression(expr, seg, img.shape[0])).float().cpu())
+            if types:
+                comp.append(segment_mean(pacc / len(ks), seg, img.shape[0]).float().cpu())
     del dev
+    if types:
+        return torch.cat(outs).numpy(), torch.cat(comp).numpy()
     return torch.cat(outs).numpy()
 
 
@@ -354,7 +367,8 @@ class Trainer:
                     x = img.float() / 255.0
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     if isinstance(model, PatchRegressor):
-                        z = model(x).float()
+                        cov = data.extras.get("covariates")
+                        z = model(x, cov[idx] if cov is not None else None).float()
                         y = (data.spot_target[idx] - stats["mean"]) / stats["var"].sqrt()
                         terms = {"expr": F.mse_loss(z, y)}
                     else:
@@ -433,14 +447,24 @@ def fit_her2st(pack, images: np.ndarray, train_idx: np.ndarray, *, kind: str = "
     cell_sel = np.isin(pack.cell_spot, train_idx)
     mm = pack.cell_morph[cell_sel].mean(0)
     ms = pack.cell_morph[cell_sel].std(0) + 1e-6
-    cell_inputs = tuple(net_kw.get("cell_inputs", ())) if kind != "stnet" else ()
-    data = PatchData.from_pack(pack, train_idx, images, mm, ms, cell_inputs)
+    cell_inputs = tuple(net_kw.get("cell_inputs", ()))
+    data = PatchData.from_pack(pack, train_idx, images, mm, ms, cell_inputs if kind != "stnet" else ())
     if kind == "stnet":
         widths = tuple(net_kw.get("widths", (32, 64, 128, 256)))
-        model: nn.Module = PatchRegressor(len(pack.genes), widths)
+        n_cov = 0
+        if net_kw.get("covariates"):  # the same inputs as GHIST: nucleus count + mean type probabilities
+            from ghist_core.training.her2st import spot_covariates
+
+            cov, _ = spot_covariates(pack, cell_inputs)
+            data.extras["covariates"] = torch.from_numpy(cov[train_idx])
+            n_cov = cov.shape[1]
+        model: nn.Module = PatchRegressor(len(pack.genes), widths, n_covariates=n_cov)
         model.norm_mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
         model.norm_std.copy_(torch.tensor(std).view(1, 3, 1, 1))
-        cfg_dict = {"kind": "stnet", "widths": list(widths)}
+        if n_cov:
+            model.cov_mean.copy_(torch.from_numpy(cov[train_idx].mean(0)))
+            model.cov_sd.copy_(torch.from_numpy(cov[train_idx].std(0) + 1e-6))
+        cfg_dict = {"kind": "stnet", "widths": list(widths), "covariates": bool(n_cov), "cell_inputs": list(cell_inputs)}
         tcfg = TrainConfig(**{**asdict(tcfg), "mode": "patch"})
     else:
         from ghist_core.model.network import GhistConfig

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "spot_covariates",
+    "imageless_log_expression",
     "IMAGE_SECTIONS",
     "HER2ST_MPP",
     "CLINICAL_MARKERS",
@@ -99,6 +101,22 @@ def select_genes(
     imaged = set.intersection(*(set(mats[s].columns) for s in IMAGE_SECTIONS if s in mats))
     extra = [g for g in markers if g in imaged and g not in hvgs]
     return hvgs, extra
+
+
+def imageless_log_expression(root: str | Path, genes: list[str] | np.ndarray) -> np.ndarray:
+    """log1p CP10k of ``genes`` over every spot of the sections *without* an image (30 of 36):
+    data no held-out image ever came from, to learn which genes go together (0 where a
+    section lacks a gene)."""
+    genes = [str(g) for g in genes]
+    out = []
+    for s in list_sections(root):
+        if s in IMAGE_SECTIONS:
+            continue
+        m = load_counts(root, s)
+        out.append(log_cp10k(m.reindex(columns=genes, fill_value=0).to_numpy(np.float64), m.to_numpy(np.float64).sum(1)))
+    if not out:
+        raise FileNotFoundError(f"no HER2ST count matrix without an image under {root}")
+    return np.concatenate(out).astype(np.float32)
 
 
 def extract_patch(image, x_px: float, y_px: float, src_mpp: float, mpp: float = 0.5, size: int = 256) -> np.ndarray:
@@ -232,6 +250,23 @@ def nucleus_type_inputs(pack: SpotPack, images: np.ndarray, segmenter, batch: in
         per_key[s * n_lab:(s + b) * n_lab] = label_type_probabilities(key, tp.transpose(1, 0, 2, 3), b * n_lab)
     v = per_key[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label.astype(np.int64)]
     return v.astype(np.float32), [f"prob_{t}" for t in segmenter.type_names]
+
+
+def spot_covariates(pack: SpotPack, cell_inputs: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, list[str]]:
+    """What GHIST reads besides the pixels, summarised per spot (S × (1 + E)): the log of
+    1 + the number of nuclei within the spot, and the mean of their ``cell_inputs`` columns
+    (0 for a spot without nuclei). The baselines get exactly these, so they see the same inputs."""
+    sel = pack.cell_in_spot
+    spot = pack.cell_spot[sel].astype(np.int64)
+    n = np.bincount(spot, minlength=pack.n_spots).astype(np.float64)
+    cols = [np.log1p(n)]
+    names = ["log1p_nuclei_in_spot"]
+    if cell_inputs:
+        vals = pack.cell_input_columns(list(cell_inputs))[sel].astype(np.float64)
+        sums = np.stack([np.bincount(spot, weights=vals[:, j], minlength=pack.n_spots) for j in range(vals.shape[1])], 1)
+        cols.append(sums / np.maximum(n, 1)[:, None])
+        names += [f"mean_{c}" for c in cell_inputs]
+    return np.column_stack(cols).astype(np.float32), names
 
 
 def patch_features(rgb: np.ndarray) -> np.ndarray:

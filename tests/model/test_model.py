@@ -375,3 +375,40 @@ def test_pack_nucleus_types_match_the_segmenter_cell_table(demo_slide: Path) -> 
         rows = pack.cell_spot == i
         np.testing.assert_allclose(vals[rows], table[names].to_numpy(), atol=1e-5)
     assert vals.std(0).max() > 0.01  # nuclei differ: the test could fail
+
+
+def test_spot_covariates_count_and_mean_types_per_spot() -> None:
+    """The baselines' inputs: log(1 + nuclei in the spot) and the mean of their type probabilities."""
+    from ghist_core.training.her2st import spot_covariates
+
+    vals = np.array([[0.2, 0.8], [0.6, 0.4], [1.0, 0.0]], np.float32)
+    pack = _pack(cell_inputs=vals, cell_input_names=np.array(["prob_a", "prob_b"]))
+    pack.cell_in_spot = np.array([True, True, False])  # the third nucleus (spot 1) is outside its spot
+    cov, names = spot_covariates(pack, ["prob_b"])
+    assert names == ["log1p_nuclei_in_spot", "mean_prob_b"]
+    np.testing.assert_allclose(cov[:, 0], [np.log(3), 0.0])
+    np.testing.assert_allclose(cov[:, 1], [0.6, 0.0])  # spot 1 has no nucleus inside: 0, not NaN
+    assert spot_covariates(pack)[0].shape == (2, 1)
+
+
+def test_patch_regressor_reads_covariates_and_types_come_out_per_spot() -> None:
+    """The ST-Net-like baseline with the model's inputs uses them; GHIST's spot type composition sums to 1."""
+    from ghist_core.model.network import PatchRegressor
+
+    torch.manual_seed(0)
+    reg = PatchRegressor(3, (4, 8), n_covariates=2).eval()
+    img = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    a = reg(img, torch.zeros(2, 2))
+    b = reg(img, torch.tensor([[3.0, -1.0], [0.0, 2.0]]))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="covariates"):
+        reg(img)
+    assert PatchRegressor(3, (4, 8))(img).shape == (2, 3)  # without covariates: as before
+    data, _ = make_synthetic_cells(n_patches=4, size=64, seed=3)
+    data.lut_in_spot = data.lut_morph_ok.clone()
+    expr, comp = predict_spots(_tiny_net(), data, batch_size=2, tta=False, types=True)
+    assert expr.shape[0] == comp.shape[0] == 4 and comp.shape[1] == 3
+    np.testing.assert_allclose(comp.sum(1), 1.0, atol=1e-5)
+    with pytest.raises(TypeError):
+        predict_spots(reg, PatchData(images=img, instances=torch.zeros(2, 32, 32, dtype=torch.int32),
+                                     extras={"covariates": torch.zeros(2, 2)}), types=True)
