@@ -22,6 +22,7 @@ from ghist_core.analysis.neighbourhoods import (
 )
 from ghist_core.errors import GhistError
 from ghist_core.export import MAX_REGION_BYTES, RegionComposition, region_composition
+from ghist_core.model.reliability import Reliability
 from ghist_core.project import RunStatus
 from ghist_core.viz import plots
 from ghist_core.safe_text import plain
@@ -47,6 +48,21 @@ label_of = {int(r["slide_id"]): c.slide_label(r) for _, r in done.iterrows()}
 def slide_summary(folder: str, slide_id: int, run_id: int) -> SlideSummary:
     """Per-slide sums (cells per type, expression sums); patients pool them by one rule."""
     return summarise_slide(c.cached_prediction(folder, slide_id, run_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def run_reliability(folder: str, slide_id: int, run_id: int) -> Reliability:
+    """The held-out reliability in the card of the model that made this run (read without the cells)."""
+    return Reliability.from_h5ad(c.open_project(folder).result_files(run_id).get("h5ad", ""))
+
+
+def model_reliability() -> Reliability:
+    """The reliability all finished slides share (unknown, with a caption, when several models made them)."""
+    rel, n_models = Reliability.shared(run_reliability(folder, s, run_of[s]) for s in ids)
+    if n_models > 1:
+        st.caption(f"These slides were predicted by {n_models} models with different held-out tests, so no "
+                   "gene or cell type is marked reliable here; the Gene maps page shows each slide's own.")
+    return rel
 
 
 def summaries() -> list[tuple[str, str, SlideSummary]]:
@@ -108,6 +124,7 @@ def composition_tab() -> None:
                                            "Cell-type composition per patient (all slides pooled)"),
                         key="ct_comp_patients")
         st.caption(POOLING_RULE)
+    st.caption(plain(model_reliability().describe_types([str(t) for t in counts.columns])))
     st.dataframe(counts.reset_index(), hide_index=True, key="ct_counts_table")
     region_section()
 
@@ -239,17 +256,25 @@ def differential_tab() -> None:
         c.show_messages(res.warnings, res.notes)
         fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
         st.plotly_chart(plots.volcano_plot(res, min_abs_log2fc=fc), key="ct_volcano")
-        st.markdown(f"**{len(res.significant(0.05, fc))}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "
-                    f"({plain(ga)}: {res.n[ga]} patients, {plain(gb)}: {res.n[gb]} patients).")
-        st.dataframe(res.table, hide_index=True, key="ct_de_table", column_config={
+        significant = res.significant(0.05, fc)["feature"].astype(str).tolist()
+        rel = model_reliability()
+        reliable = (f", **{len(rel.reliable_genes(significant))}** of them reliable (held-out prediction better "
+                    "than cell density alone)" if rel.known else ", reliability unknown for this model")
+        st.markdown(f"**{len(significant)}** genes with q < 0.05 and |log2FC| ≥ {fc:g} "
+                    f"({plain(ga)}: {res.n[ga]} patients, {plain(gb)}: {res.n[gb]} patients){reliable}.")
+        table = rel.annotate(res.table, gene_col="feature")
+        st.dataframe(table, hide_index=True, key="ct_de_table", column_config={
             "feature": st.column_config.TextColumn("gene"),
             "mean_a": st.column_config.NumberColumn(f"mean {ga}", format="%.3f"),
             "mean_b": st.column_config.NumberColumn(f"mean {gb}", format="%.3f"),
             "log2fc": st.column_config.NumberColumn("log2 FC", format="%.2f"),
             "p_value": st.column_config.NumberColumn("p", format="%.2e"),
             "q_value": st.column_config.NumberColumn("q (BH)", format="%.2e"),
+            "reliability": st.column_config.TextColumn(
+                "reliability", help="reliable: the model's held-out prediction of this gene beat cell density "
+                                    "alone; not reliable: it did not; unknown: the model card does not say."),
         })
-        st.download_button("Results (CSV)", data=res.table.to_csv(index=False).encode(), file_name="differential.csv",
+        st.download_button("Results (CSV)", data=table.to_csv(index=False).encode(), file_name="differential.csv",
                            mime="text/csv", key="ct_de_csv", on_click="ignore")
 
 

@@ -11,6 +11,7 @@ import streamlit as st
 from ghist_core import export
 from ghist_core._keys import OBS_CELL_TYPE
 from ghist_core.errors import GhistError
+from ghist_core.model.reliability import Reliability
 from ghist_core.viz import figures, viewer
 
 from ghist_core.viz import palette
@@ -44,14 +45,36 @@ run_id = int(c.run_field(run, "run_id"))
 adata = c.cached_prediction(str(project.folder), slide_id, run_id)
 genes = list(map(str, adata.var_names))
 units = figures.expression_units(adata)
+rel = Reliability.from_adata(adata)  # the card's held-out test per gene; unknown for older models
 
 # --- controls ----------------------------------------------------------------------------
-prev = [g for g in (st.session_state[c.SELECTED_GENES] or []) if g in genes]
-default = prev or [g for g in ("ERBB2", "ESR1", "EPCAM", "PTPRC") if g in genes][:1] or genes[:1]
 with st.sidebar:
     st.subheader("Map settings")
-    chosen = st.multiselect("Genes (type to search)", genes, default=default, max_selections=4, key="gm_genes",
-                            help=f"{len(genes)} genes predicted by the model. Pick up to 4 to compare side by side.")
+    show_unreliable = rel.known and st.toggle(
+        "Show genes that are not reliable", value=False, key="gm_show_unreliable",
+        help="Also offer the genes whose held-out prediction was no better than cell density alone; each is "
+             "marked 'not reliable'.")
+    offered = rel.gene_choices(genes, include_unreliable=show_unreliable)
+    prev = [g for g in (st.session_state[c.SELECTED_GENES] or []) if g in offered]
+    preferred = [g for g in ("ERBB2", "ESR1", "EPCAM", "PTPRC") if g in genes]
+    if rel.known:  # the first map is of a reliable gene: a named one if reliable, else the best
+        preferred = rel.reliable_genes(preferred) or rel.reliable_genes(offered)
+    default = prev or preferred[:1] or offered[:1]
+    n_reliable = len(rel.reliable_genes(genes))
+    chosen = st.multiselect("Genes (type to search)", offered, default=default, max_selections=4, key="gm_genes",
+                            format_func=rel.option_label,
+                            help=(f"{len(genes)} genes predicted by the model, {n_reliable} of them reliable "
+                                  "(the number is the held-out r). " if rel.known else
+                                  f"{len(genes)} genes predicted by the model. ")
+                                 + "Pick up to 4 to compare side by side.")
+    if not rel.known:
+        st.caption(plain(rel.describe()))
+    else:
+        if not offered:
+            st.info("No gene of this model beat the cell-density baseline on held-out tissue. Switch on "
+                    "'Show genes that are not reliable' to see them anyway.")
+        with st.expander("What does 'reliable' mean?"):
+            st.markdown(plain(rel.describe()))
     auto_grid = adata.n_obs > figures.MAX_BROWSER_POINTS
     mode_label = st.radio("Show", ["Auto", "Each cell", "Grid summary"], index=0, key="gm_mode", horizontal=True,
                           help=f"Auto draws each cell up to {figures.AUTO_CELL_LIMIT:,} cells and beyond that an overview grid "
@@ -199,6 +222,9 @@ for row in rows:
             what = {"cells": f"{gm.n_objects:,} cells", "outlines": f"{gm.n_objects:,} nuclei outlined"}.get(
                 gm.mode, f"{gm.n_objects:,} squares of {gm.grid_size_um or 0:g} µm (mean of their cells)")
             st.markdown(f"**{plain(gene)}** · {what}")
+            if rel.known:
+                note = plain(rel.label(gene))
+                st.caption(note if rel.is_reliable(gene) else f":material/warning: {note}")
             # keyed by slide and view: a new slide or place is a new chart, never the old image under new cells
             view_tag = f"{mag}_{cx:.0f}_{cy:.0f}" if mag else "all"
             chart_key = f"gm_deck_{slide_key}_{gene}_{view_tag}"
