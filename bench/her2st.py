@@ -1,25 +1,26 @@
-"""HER2ST benchmark: GHIST vs an ST-Net-style patch CNN vs ridge on colour/texture, same splits.
+"""HER2ST benchmark under a clean protocol: GHIST vs floors with the same inputs, same folds.
 
-    # on the GPU machine (all folds + the bundled model, ~7 min on one H100):
-    python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --out OUTDIR --budget-s 300
-    # on a CPU: both CNNs at 1 µm/px (4× fewer pixels), equal epochs, two jobs at a time (~1 h);
-    # this made bench/results/her2st.json and the bundled weights (fold "final")
-    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --name her2st \
+    # 1. the CNN jobs, 3 seeds each (CPU: ~4-5 min a job, two at a time; ~50 + 40 min),
+    #    into tmp/her2st_cnn/<kind>_s<seed>/; rerun the same command to resume
+    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --kinds ghist --seeds 0,1,2 \
         --net '{"spot_aggregate":"mean","tissue_skip":true,"fpn_smooth":false,"fpn_dim":64,"use_reference":false,
                "cell_inputs":["prob_other","prob_inflammatory","prob_epithelial","prob_spindle-shaped"],
                "density_prior":true,"image_dropout":0.5}'
-    # jobs run one by one elsewhere (same --work): score them
-    python bench/her2st.py collect --work WORKDIR --name her2st
-    # anywhere, from the saved predictions: metrics JSON + spatial maps
-    python bench/her2st.py report --preds OUTDIR/her2st_preds.npz --out bench/results
+    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --kinds stnet --seeds 0,1,2 \
+        --only loso_B4,loso_C2,loso_C3,loso_C4,loso_C5,loso_C6,lopo_C \
+        --net '{"covariates":true,"cell_inputs":["prob_other","prob_inflammatory","prob_epithelial","prob_spindle-shaped"]}'
+    # 2. the ridge floors (nested inner CV) + every CNN job found → bench/results/her2st.json
+    python bench/her2st.py protocol
 
 Splits over the six imaged sections (B4; C2–C6): leave-one-section-out (``loso``, 6 folds)
 and leave-one-patient-out (``lopo``: train C → test B4; train B4 → test C2–C6). Per held-out
 section/patient: Pearson r per gene over its spots (log1p CP10k, predicted vs measured;
 a gene constant in the held-out spots counts as r = 0), mean over the 250 HVGs, mean of the
 50 best, number with r > 0.3. ``mean_pcc`` of a split = average over held-out units.
-All three methods see the same training spots of each fold; both CNNs use the same encoder,
-augmentation, epochs budget and 8-view test-time augmentation.
+Every method sees the same training spots of each fold and the same inputs (nucleus count and
+type probabilities; colour for the ridges, pixels for the CNNs); both CNNs use the same encoder,
+augmentation, epochs and 8-view test-time augmentation. The protocol's rules are stored with
+the numbers (``"protocol"`` in the JSON).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ghist_core.training.expression_metrics import pcc_per_gene  # noqa: E402
+
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 
 
@@ -51,14 +54,6 @@ def folds(section: np.ndarray, patient: np.ndarray) -> dict[str, tuple[np.ndarra
         out[f"lopo_{p}"] = (np.flatnonzero(patient != p), np.flatnonzero(patient == p))
     out["final"] = (np.arange(len(section)), np.arange(0))
     return out
-
-
-def pcc_per_gene(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r per column; 0 where either side is constant."""
-    p = pred - pred.mean(0)
-    t = y - y.mean(0)
-    den = np.sqrt((p**2).sum(0) * (t**2).sum(0))
-    return np.where(den > 1e-12, (p * t).sum(0) / np.where(den > 1e-12, den, 1), 0.0)
 
 
 def summarise(r: np.ndarray) -> dict:
@@ -138,159 +133,43 @@ def ridge_predictions(features: np.ndarray, y: np.ndarray, tr: np.ndarray, te: n
 
 
 def run(args: argparse.Namespace) -> None:
+    """Train the CNN jobs (fold × kind × seed) a few at a time; each seed's jobs go to
+    ``<work>/<kind>_s<seed>/`` and a job whose result exists is skipped, so a rerun resumes."""
     from ghist_core.training.her2st import SpotPack
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     pack = SpotPack.load(args.pack)
     fl = folds(pack.section, pack.patient)
     kinds = args.kinds.split(",")
-    jobs = [(f, k) for f in fl for k in kinds if not (f == "final" and k == "stnet")]
-    if args.only:
-        jobs = [j for j in jobs if j[0] in args.only.split(",")]
+    seeds = [int(x) for x in str(args.seeds).split(",")]
+    only = args.only.split(",") if args.only else list(fl)
+    jobs = [(sd, f, k) for f in only for sd in seeds for k in kinds
+            if f in fl and not (f == "final" and k == "stnet")
+            and not (work / f"{k}_s{sd}" / f"{f}__{k}.json").exists()]
+    jobs.sort(key=lambda j: (j[1] == "final", j[0]))  # every held-out fold of seed 0 first, the final fits last
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     procs: list[subprocess.Popen] = []
     codes: list[int] = []
     logf = open(out / f"{args.name}_log.txt", "a")
-    for f, k in jobs:
+    for sd, f, k in jobs:
         while args.parallel and len(procs) >= args.parallel:  # a slot frees when any job ends
             done = [p for p in procs if p.poll() is not None]
             codes += [p.returncode for p in done]
             procs = [p for p in procs if p not in done]
             if not done:
                 time.sleep(2)
-        cmd = [sys.executable, __file__, "job", "--pack", args.pack, "--work", str(work), "--fold", f, "--kind", k,
-               "--epochs", str(args.epochs), "--budget-s", str(args.budget_s), "--batch-size", str(args.batch_size),
-               "--lr", str(args.lr), "--max-train", str(args.max_train), "--net", args.net or "",
-               "--mpp", str(args.mpp), "--seed", str(args.seed), "--train", args.train or ""]
+        cmd = [sys.executable, __file__, "job", "--pack", args.pack, "--work", str(work / f"{k}_s{sd}"), "--fold", f,
+               "--kind", k, "--epochs", str(args.epochs), "--budget-s", str(args.budget_s), "--batch-size",
+               str(args.batch_size), "--lr", str(args.lr), "--max-train", str(args.max_train), "--net", args.net or "",
+               "--mpp", str(args.mpp), "--seed", str(sd), "--train", args.train or ""]
         procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)))
     codes += [p.wait() for p in procs]
     logf.flush()
-    print(f"{len(jobs)} jobs finished in {time.time() - t0:.0f} s, exit codes {codes}", flush=True)
-    collect_and_report(pack, work, out, args.max_train, note=args.note, name=args.name)
-
-
-def collect(args: argparse.Namespace) -> None:
-    """Score the jobs already in ``--work`` (e.g. run one by one in the background)."""
-    from ghist_core.training.her2st import SpotPack
-
-    collect_and_report(SpotPack.load(args.pack), Path(args.work), Path(args.out), args.max_train, note=args.note,
-                       name=args.name)
-
-
-def collect_and_report(pack, work: Path, out: Path, max_train: int = 0, note: str = "", name: str = "her2st") -> dict:
-    """Ridge on every fold + the CNN predictions found in ``work`` → ``out/<name>.json``, maps, preds."""
-    out.mkdir(parents=True, exist_ok=True)
-    fl = folds(pack.section, pack.patient)
-    y = pack.targets()
-    preds: dict[str, np.ndarray] = {}
-    for f, (tr, te) in fl.items():
-        if f == "final":
-            continue
-        if max_train:
-            tr = tr[:: max(1, len(tr) // max_train)]
-            te = te[:max_train]
-        preds[f"{f}__ridge"] = ridge_predictions(pack.features, y, tr, te).astype(np.float32)
-        preds[f"{f}__index"] = te
-        for k in ("ghist", "stnet"):
-            p = work / f"{f}__{k}.npy"
-            if p.exists():
-                preds[f"{f}__{k}"] = np.load(p)
-    metas = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
-    np.savez_compressed(out / f"{name}_preds.npz", **preds)
-    (out / f"{name}_jobs.json").write_text(json.dumps(metas))
-    for fname in ("final.safetensors", "final.pt"):
-        if (work / fname).exists():
-            (out / f"ghist-her2st-{fname}").write_bytes((work / fname).read_bytes())
-    return report_from(preds, pack, out, metas, note=note, name=name)
-
-
-def report_from(preds: dict, pack, out: Path, metas: dict | None = None, earlier: dict | None = None,
-                note: str = "", name: str = "her2st") -> dict:
-    """Metrics JSON in the issue's format + spatial maps PNG."""
-    y = pack.targets()
-    n_hvg = int(pack.n_hvg)
-    genes = [str(g) for g in pack.genes[:n_hvg]]
-    kinds = {"model": "ghist", "stnet_like": "stnet", "ridge_features": "ridge"}
-    res: dict = {"genes": genes}
-    per_gene: dict = {}
-    for split, unit_key in (("loso", "per_section"), ("lopo", "per_patient")):
-        block: dict = {"model": None, "baselines": {}}
-        for label, kind in kinds.items():
-            units = {}
-            for key in sorted(k for k in preds if k.startswith(f"{split}_") and k.endswith(f"__{kind}")):
-                fold = key.split("__")[0]
-                te = preds[f"{fold}__index"]
-                r = pcc_per_gene(preds[key][:, :n_hvg].astype(np.float64), y[te][:, :n_hvg].astype(np.float64))
-                units[fold.split("_", 1)[1]] = summarise(r)
-                per_gene[f"{fold}__{kind}"] = r
-            entry = {"mean_pcc": float(np.mean([u["mean_pcc"] for u in units.values()])) if units else None,
-                     "top50_pcc": float(np.mean([u["top50_pcc"] for u in units.values()])) if units else None,
-                     unit_key: units}
-            if label == "model":
-                block["model"] = entry
-            else:
-                block["baselines"][label] = entry
-        res[split] = block
-    res["protocol"] = {
-        "target": "log1p(1e4 * counts / spot total over all genes)",
-        "genes_rule": "250 HVGs: genes in all 36 HER2ST count matrices, detected in >=10% of spots of the 30 "
-                      "sections without image, top variance of log1p(CP10k) over those spots (imaged sections unused)",
-        "pcc": "Pearson r per gene over the held-out spots (LOPO C: all 5 sections pooled); constant gene = 0",
-        **_input_texts(metas),
-        "tta": "8 dihedral views averaged (both CNNs)",
-        "ridge": "RidgeCV (GCV over 25 alphas 0.1..1e5) on 60 standardised colour/texture features",
-        "sections": list(SECTIONS),
-    }
-    if metas:
-        dev = sorted({m.get("device", "?") for m in metas.values()})
-        res["protocol"]["device"] = dev
-        res["protocol"]["train_seconds"] = {k: round(m["train_s"], 1) for k, m in metas.items()}
-        res["protocol"]["epochs_done"] = {k: m["epochs_done"] for k, m in metas.items()}
-    if earlier:
-        runs = {}
-        for split in ("loso", "lopo"):
-            units = {}
-            for key in sorted(k for k in earlier if k.startswith(f"{split}_")):
-                fold = key.split("__")[0]
-                r = pcc_per_gene(earlier[key][:, :n_hvg].astype(np.float64), y[preds[f"{fold}__index"]][:, :n_hvg].astype(np.float64))
-                units[fold.split("_", 1)[1]] = summarise(r)
-            runs[split] = {"mean_pcc": float(np.mean([u["mean_pcc"] for u in units.values()])), "per_unit": units}
-        res["earlier_ghist_variant"] = runs
-    if note:
-        res["protocol"]["note"] = note
-    from ghist_core.io.atomic import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
-    try:
-        maps_png(preds, pack, out / f"{name}_maps.png", per_gene)
-    except Exception as exc:  # the figure is a bonus; metrics must not be lost for it
-        print(f"maps not drawn: {exc}", flush=True)
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for split in ("loso", "lopo"):
-        b = res[split]
-        print(f"{split}: GHIST {fmt(b['model']['mean_pcc'])} | ST-Net-like {fmt(b['baselines']['stnet_like']['mean_pcc'])} "
-              f"| ridge {fmt(b['baselines']['ridge_features']['mean_pcc'])}", flush=True)
-    return res
-
-
-def _input_texts(metas: dict | None) -> dict[str, str]:
-    """How GHIST saw a spot and made its prediction, as its jobs recorded them (the card config)."""
-    from ghist_core.model.network import GhistConfig
-
-    cfg = GhistConfig.from_dict(next((m["config"] for m in (metas or {}).values() if "patch_px" in m.get("config", {})), {}))
-    return {"model_spot_prediction": f"log1p({cfg.spot_aggregate} of predicted per-cell expression of nuclei with centre "
-                                     f"within {cfg.spot_radius_um:g} um of the spot centre)",
-            "patch": f"{cfg.patch_px} px at {cfg.mpp:g} um/px ({cfg.patch_px * cfg.mpp:g} um) centred on the spot",
-            **({"model_cell_inputs": f"GHIST also reads per nucleus {', '.join(cfg.cell_inputs)}: the type probabilities "
-                                     "of the bundled learned segmenter (weights/nuclei-seg, trained on CoNSeP + MoNuSeg, "
-                                     "no HER2ST), as its cell table gives them"} if cfg.cell_inputs else {}),
-            "model_reference": ("expression = type mixture of per-gene profiles (NNLS on the training spots) + residual"
-                                if cfg.use_reference else "no reference anchor (use_reference=false)")}
+    print(f"{len(jobs)} jobs finished in {time.time() - t0:.0f} s, exit codes {codes}; score them with "
+          f"`python bench/her2st.py protocol`", flush=True)
 
 
 def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3") -> None:
@@ -337,31 +216,6 @@ def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3")
     plt.close(fig)
 
 
-def report(args: argparse.Namespace) -> None:
-    from ghist_core.training.her2st import SpotPack
-
-    pack = SpotPack.load(args.pack)
-    with np.load(args.preds, allow_pickle=False) as z:
-        preds = {k: z[k] for k in z.files}
-    metas = json.loads(Path(args.jobs).read_text()) if args.jobs and Path(args.jobs).exists() else None
-    earlier = None
-    if args.baselines_from:
-        # the ST-Net-like baseline (and the earlier GHIST variant) of another run on the same pack and folds
-        with np.load(args.baselines_from, allow_pickle=False) as z:
-            other = {k: z[k] for k in z.files}
-        for k, v in other.items():
-            if k.endswith("__stnet"):
-                fold = k.split("__")[0]
-                assert np.array_equal(other[f"{fold}__index"], preds[f"{fold}__index"]), "different folds"
-                preds[k] = v
-        earlier = {k.replace("__ghist", "__ghist_earlier"): v for k, v in other.items() if k.endswith("__ghist")}
-        if args.baselines_jobs and Path(args.baselines_jobs).exists():
-            m2 = json.loads(Path(args.baselines_jobs).read_text())
-            metas = {**(metas or {}), **{k: v for k, v in m2.items() if k.endswith("__stnet")},
-                     **{k.replace("__ghist", "__ghist_earlier"): v for k, v in m2.items() if k.endswith("__ghist")}}
-    report_from(preds, pack, Path(args.out), metas, earlier=earlier, note=args.note, name=args.name)
-
-
 # --------------------------------------------------------------------------------------------
 # the clean protocol (issue #17): nested choices, floors with the model's inputs, seeds, paired tests
 # --------------------------------------------------------------------------------------------
@@ -395,7 +249,7 @@ def _unit_entry(r: np.ndarray, hvg: np.ndarray, top50: np.ndarray, genes: list[s
 def protocol(args: argparse.Namespace) -> dict:
     """Score every method on every held-out unit under the frozen protocol → ``<out>/<name>.json``."""
     from ghist_core.paths import shared_data_dir
-    from ghist_core.training.expression_metrics import paired_wilcoxon, pcc_per_gene, specificity
+    from ghist_core.training.expression_metrics import paired_wilcoxon, specificity
     from ghist_core.training.her2st import CLINICAL_MARKERS, SpotPack, imageless_log_expression, spot_covariates
     from ghist_core.training.spot_baselines import ALPHAS, RidgeSpec, choose, fit_predict, gene_programs, inner_folds, inner_scores
 
@@ -546,6 +400,13 @@ def protocol(args: argparse.Namespace) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(outdir / f"{args.name}.json", json.dumps(out, indent=1, allow_nan=False, default=_nan_none) + "\n")
     np.savez_compressed(outdir / f"{args.name}_preds.npz", **preds_npz)
+    try:  # measured vs predicted maps of a held-out section (seed 0 of each CNN)
+        mp = {k.rsplit("__s", 1)[0]: v for k, v in preds_npz.items() if k.endswith("__s0")}
+        mp.update({k: v for k, v in preds_npz.items() if k.endswith("__index")})
+        maps_png(mp, pack, outdir / f"{args.name}_maps.png",
+                 {f"{f}__ghist": seed_r["model"][u][0] for f, u in OUTER_UNITS.items() if 0 in seed_r["model"].get(u, {})})
+    except Exception as exc:  # the figure is a bonus; the metrics are written already
+        print(f"maps not drawn: {exc}", flush=True)
     print(f"wrote {outdir / (args.name + '.json')} ({time.time() - t0:.0f} s)", flush=True)
     for split in SPLIT_UNITS:
         b = out[split]
@@ -564,8 +425,6 @@ def _nan_none(v):
 
 def type_agreement(types_of: dict, pack, fl: dict, type_names: list[str]) -> dict:
     """Held-out per-spot agreement of predicted type composition with the deconvolution target."""
-    from ghist_core.training.expression_metrics import pcc_per_gene
-
     res: dict = {"target": "NNLS fractions of each spot against the GHIST demo Xenium reference (the training target)",
                  "metric": "Pearson r over the held-out spots per type, then mean over types; mean absolute error"}
     for m, per in types_of.items():
@@ -659,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     results.add_argument("--note", default="")
     results.add_argument("--name", default="her2st", help="results file stem in --out")
     train = argparse.ArgumentParser(add_help=False)
-    train.add_argument("--work", default="/tmp/ghist_her2st_jobs")
+    train.add_argument("--work", default="tmp/her2st_cnn")
     train.add_argument("--epochs", type=int, default=60)
     train.add_argument("--budget-s", type=float, default=300.0)
     train.add_argument("--batch-size", type=int, default=32)
@@ -668,29 +527,22 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--net", default="", help="JSON overrides of GhistConfig / encoder widths")
     train.add_argument("--mpp", type=float, default=0.0,
                        help="train both CNNs at this coarser µm/px (a multiple of the pack's; 0 = the pack's)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="(job) the seed of this job")
     train.add_argument("--train", default="", help="JSON overrides of TrainConfig (loss weights, augmentation)")
     p = sub.add_parser("run", parents=[pack, train, results])
     p.add_argument("--parallel", type=int, default=0, help="jobs at once (0 = all; a GPU shares well, a CPU not)")
     p.add_argument("--only", default="", help="comma-separated folds")
-    p.add_argument("--kinds", default="ghist,stnet", help="which CNNs to train (ridge always runs)")
+    p.add_argument("--kinds", default="ghist", help="which CNNs to train: ghist, stnet")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; each seed's jobs in <work>/<kind>_s<seed>")
     p = sub.add_parser("job", parents=[pack, train])
     p.add_argument("--fold", required=True)
     p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
-    p = sub.add_parser("collect", parents=[pack, results], help="score the jobs already in --work")
-    p.add_argument("--work", required=True)
-    p.add_argument("--max-train", type=int, default=0)
-    p = sub.add_parser("report", parents=[pack, results])
-    p.add_argument("--preds", required=True)
-    p.add_argument("--jobs", default="")
-    p.add_argument("--baselines-from", default="", help="take the ST-Net-like predictions from this preds npz")
-    p.add_argument("--baselines-jobs", default="", help="its jobs json")
     p = sub.add_parser("protocol", parents=[pack, results], help="the clean protocol over ridge floors and CNN jobs")
     p.add_argument("--data", default="", help="shared data folder (the 30 sections without image); default: ghist_core.paths")
     p.add_argument("--ghist-work", default="tmp/her2st_cnn/ghist_s*")
     p.add_argument("--stnet-work", default="tmp/her2st_cnn/stnet_s*")
     args = ap.parse_args(argv)
-    {"run": run, "job": job, "collect": collect, "report": report, "protocol": protocol}[args.cmd](args)
+    {"run": run, "job": job, "protocol": protocol}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["pcc_per_gene", "partial_pcc_per_gene", "pc1_share", "gene_corr_fidelity", "PairedTest", "paired_wilcoxon",
-           "specificity"]
+           "specificity", "reliability_table", "BEAT_RULE"]
 
 
 def pcc_per_gene(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -112,3 +112,25 @@ def specificity(pred: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> dict[
     return {"pc1_share_pred": pc1_share(pred), "pc1_share_measured": pc1_share(y),
             "gene_corr_fidelity": gene_corr_fidelity(pred, y),
             "partial_pcc_mean": float(partial_pcc_per_gene(pred, y, covariate).mean())}
+
+
+#: how many of the held-out units a gene must win (with a positive mean difference) to beat the floor
+BEAT_RULE = "beats the floor when its held-out r is higher than the floor's on at least {k} of the {n} units and higher on average"
+
+
+def reliability_table(model_r: dict[str, np.ndarray], floor_r: dict[str, np.ndarray], names: list[str],
+                      min_wins: int | None = None) -> dict[str, dict]:
+    """Per name (gene or type): the model's held-out r (mean and range over units), the floor's
+    mean, and whether the model beats it (``min_wins`` of the units, default all but two, and
+    on average). ``model_r``/``floor_r``: unit → r per name, same units on both sides."""
+    units = sorted(model_r)
+    if set(units) != set(floor_r):
+        raise ValueError(f"model and floor scored on different units: {sorted(model_r)} vs {sorted(floor_r)}")
+    m = np.stack([np.asarray(model_r[u], np.float64) for u in units])
+    f = np.stack([np.asarray(floor_r[u], np.float64) for u in units])
+    k = max(1, len(units) - 2) if min_wins is None else int(min_wins)
+    wins = (m > f).sum(0)
+    beats = (wins >= k) & ((m - f).mean(0) > 0)
+    return {n: {"pcc_mean": round(float(m[:, j].mean()), 4), "pcc_min": round(float(m[:, j].min()), 4),
+                "pcc_max": round(float(m[:, j].max()), 4), "floor_pcc_mean": round(float(f[:, j].mean()), 4),
+                "units_won": int(wins[j]), "beats_floor": bool(beats[j])} for j, n in enumerate(names)}

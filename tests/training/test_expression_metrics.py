@@ -67,3 +67,18 @@ def test_specificity_keys():
     assert s["pc1_share_pred"] == pytest.approx(s["pc1_share_measured"])
     assert s["gene_corr_fidelity"] == pytest.approx(1.0)
     assert s["partial_pcc_mean"] == pytest.approx(1.0)
+
+
+def test_reliability_table_needs_most_units_and_a_positive_mean():
+    from ghist_core.training.expression_metrics import reliability_table
+
+    units = [f"u{i}" for i in range(7)]
+    floor = {u: np.array([0.2, 0.2, 0.2]) for u in units}
+    model = {u: np.array([0.3, 0.25 if i < 4 else 0.1, 0.21 if i < 6 else -0.5]) for i, u in enumerate(units)}
+    t = reliability_table(model, floor, ["good", "half", "wins_but_worse_on_average"])
+    assert t["good"]["beats_floor"] and t["good"]["units_won"] == 7 and t["good"]["pcc_mean"] == pytest.approx(0.3)
+    assert not t["half"]["beats_floor"] and t["half"]["units_won"] == 4
+    assert t["wins_but_worse_on_average"]["units_won"] == 6 and not t["wins_but_worse_on_average"]["beats_floor"]
+    assert t["half"]["pcc_min"] == pytest.approx(0.1) and t["half"]["pcc_max"] == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        reliability_table(model, {"u0": floor["u0"]}, ["a", "b", "c"])
