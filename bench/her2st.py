@@ -508,6 +508,104 @@ def protocol_text(args, ghist_runs: dict, stnet_runs: dict, cov_names: list[str]
     }
 
 
+# --------------------------------------------------------------------------------------------
+# cell level: what the app's maps look like, and whether the type calls make sense
+# --------------------------------------------------------------------------------------------
+#: the bundled learned segmenter's CoNSeP classes each reference type should fall in
+TYPE_GROUPS = {"inflammatory": ("B", "T", "Plasma", "Myeloid", "Macrophage"), "epithelial": ("Malignant", "Epithelial"),
+               "spindle-shaped": ("Fibroblast", "Endothelial")}
+
+
+def cell_outputs(net, pack, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every pack nucleus through ``net`` (no TTA): log1p expression, type probabilities and the
+    pack cell index of each output row (nuclei lost to coarsening are absent)."""
+    import torch
+
+    from ghist_core.training.ghist import PatchData
+
+    cfg = net.cfg
+    factor = int(round(cfg.mpp / pack.mpp))
+    cpack, cimg = pack.coarsened(images, factor)
+    mm = np.zeros(cpack.cell_morph.shape[1], np.float32)
+    data = PatchData.from_pack(cpack, np.arange(cpack.n_spots), cimg, mm, np.ones_like(mm), tuple(cfg.cell_inputs))
+    n_lab = int(pack.instances.max()) + 1
+    key_to_cell = np.full(pack.n_spots * n_lab, -1, np.int64)
+    key_to_cell[pack.cell_spot.astype(np.int64) * n_lab + pack.cell_label] = np.arange(len(pack.cell_spot))
+    expr, prob, cell = [], [], []
+    net.eval()
+    with torch.no_grad():
+        for s in range(0, len(data), batch_size):
+            lut = data.lut_inputs[s:s + batch_size] if data.lut_inputs is not None else None
+            o = net(data.images[s:s + batch_size].float() / 255.0, data.instances[s:s + batch_size], lut)
+            expr.append(torch.log1p(o["expr"]).numpy())
+            prob.append(o["type_prob"].numpy())
+            cell.append(key_to_cell[(s + o["cell_batch"].numpy()).astype(np.int64) * n_lab + o["cell_label"].numpy()])
+    return {"log_expr": np.concatenate(expr), "type_prob": np.concatenate(prob), "cell": np.concatenate(cell)}
+
+
+def cells(args: argparse.Namespace) -> dict:
+    """Cell-level checks of a packaged model on the pack's nuclei → added to ``<out>/<name>.json``."""
+    from ghist_core.io.atomic import atomic_write_text
+    from ghist_core.model.predict import load_ghist
+    from ghist_core.training.expression_metrics import pc1_share
+    from ghist_core.training.her2st import SpotPack
+
+    pack = SpotPack.load(args.pack)
+    model = load_ghist(path=args.weights, device="cpu")
+    net = model.net
+    o = cell_outputs(net, pack, pack.images())
+    n_hvg = int(pack.n_hvg)
+    sec = pack.section[pack.cell_spot[o["cell"]]]
+    y = pack.targets()[:, :n_hvg]
+    per_section = {}
+    for s in SECTIONS:
+        m = sec == s
+        per_section[s] = {"n_cells": int(m.sum()), "pc1_share_cells_pred": pc1_share(o["log_expr"][m][:, :n_hvg]),
+                          "pc1_share_spots_measured": pc1_share(y[pack.section == s])}
+    genes = [str(g) for g in pack.genes]
+    corr = {}
+    for a, b in (("ERBB2", "COL1A1"), ("ERBB2", "MKI67"), ("ERBB2", "ESR1"), ("ERBB2", "GRB7")):
+        if a in genes and b in genes:
+            ia, ib = genes.index(a), genes.index(b)
+            m = sec == "B4"
+            corr[f"{a}~{b}"] = {"cells_pred_B4": float(np.corrcoef(o["log_expr"][m, ia], o["log_expr"][m, ib])[0, 1]),
+                                "spots_measured_B4": float(np.corrcoef(pack.targets()[pack.section == "B4", ia],
+                                                                       pack.targets()[pack.section == "B4", ib])[0, 1])}
+    # type calls against the segmenter's CoNSeP classes (which the model also reads: agreement is partly by design)
+    names = [str(t) for t in model.cell_types]
+    seg_names = [str(n).removeprefix("prob_") for n in pack.cell_input_names]
+    pred_t = o["type_prob"].argmax(1)
+    seg_t = pack.cell_inputs[o["cell"]].argmax(1)
+    table = np.zeros((len(names), len(seg_names)), np.int64)
+    np.add.at(table, (pred_t, seg_t), 1)
+    group_of_type = {t: g for g, ts in TYPE_GROUPS.items() for t in ts}
+    scored = table[:, [seg_names.index(g) for g in TYPE_GROUPS]]
+    agree = sum(table[names.index(t), seg_names.index(g)] for t, g in group_of_type.items() if t in names)
+    total = int(scored.sum())
+    row_share = {g: sum(scored[names.index(t)].sum() for t in ts if t in names) / max(total, 1) for g, ts in TYPE_GROUPS.items()}
+    col_share = {g: scored[:, list(TYPE_GROUPS).index(g)].sum() / max(total, 1) for g in TYPE_GROUPS}
+    res = {"weights": str(args.weights), "weights_sha256": model.weights_sha256, "n_cells": int(len(o["cell"])),
+           "note": "the packaged model over every pack nucleus (all 6 sections, which it was trained on: a check of what "
+                   "its maps look like, not a held-out score); no TTA",
+           "per_section": per_section,
+           "pc1_share_cells_pred_mean": float(np.mean([v["pc1_share_cells_pred"] for v in per_section.values()])),
+           "pc1_share_spots_measured_mean": float(np.mean([v["pc1_share_spots_measured"] for v in per_section.values()])),
+           "gene_pairs": corr,
+           "type_confusion": {"rows_predicted_type": names, "cols_segmenter_class": seg_names, "counts": table.tolist(),
+                              "expected": {g: list(ts) for g, ts in TYPE_GROUPS.items()},
+                              "agreement": agree / max(total, 1), "chance_agreement": float(sum(row_share[g] * col_share[g] for g in TYPE_GROUPS)),
+                              "n_cells_scored": total,
+                              "note": "cells whose segmenter class is 'other' are not scored; the model reads the "
+                                      "segmenter's class probabilities as inputs, so agreement is partly by construction"}}
+    path = Path(args.out) / f"{args.name}.json"
+    out = json.loads(path.read_text())
+    out["cell_level"] = res
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("per_section", "type_confusion")}, indent=1))
+    print(f"type agreement {res['type_confusion']['agreement']:.3f} (chance {res['type_confusion']['chance_agreement']:.3f})")
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="HER2ST benchmark for GHIST")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -541,8 +639,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="", help="shared data folder (the 30 sections without image); default: ghist_core.paths")
     p.add_argument("--ghist-work", default="tmp/her2st_cnn/ghist_s*")
     p.add_argument("--stnet-work", default="tmp/her2st_cnn/stnet_s*")
+    p = sub.add_parser("cells", parents=[pack, results], help="cell-level checks of a packaged model (adds to the JSON)")
+    p.add_argument("--weights", default="weights/ghist-her2st.safetensors")
     args = ap.parse_args(argv)
-    {"run": run, "job": job, "protocol": protocol}[args.cmd](args)
+    {"run": run, "job": job, "protocol": protocol, "cells": cells}[args.cmd](args)
 
 
 if __name__ == "__main__":
