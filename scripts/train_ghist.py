@@ -3,8 +3,9 @@
     # spot-level (weak) training on the HER2ST pack, with checkpoints and resume
     python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --out weights --budget-s 300 \
         --checkpoint-dir runs/ghist --resume
-    # package the final model of a bench run (bench/her2st.py run) with its measured metrics
-    python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --from-run RUN_DIR --out weights
+    # package the protocol's final models (bench/her2st.py run ... --only final, 3 seeds) with the
+    # protocol's metrics and per-gene reliability (bench/results/her2st.json)
+    python scripts/train_ghist.py --from-jobs 'tmp/her2st_cnn/ghist_s*' --out weights
     # cell-level mode on generated data (per-cell targets), a quick demonstration
     python scripts/train_ghist.py --synthetic-cells --epochs 30
 
@@ -87,25 +88,92 @@ def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict
 
 
 def metrics_from_bench(res: dict) -> dict:
-    """LOSO/LOPO summary of a bench/her2st.json for the card."""
-    out = {}
+    """The protocol's summary (bench/her2st.json) for the card: every method's mean r per split,
+    the model's seeds, the paired test against the floor and the specificity numbers."""
+    out: dict = {}
     for split in ("loso", "lopo"):
-        if split in res:
-            b = res[split]
-            out[split] = {"ghist_mean_pcc": b["model"]["mean_pcc"], "ghist_top50_pcc": b["model"]["top50_pcc"],
-                          "stnet_like_mean_pcc": b["baselines"]["stnet_like"]["mean_pcc"],
-                          "ridge_mean_pcc": b["baselines"]["ridge_features"]["mean_pcc"],
-                          "per_unit": b["model"].get("per_section") or b["model"].get("per_patient")}
-    out["protocol"] = "bench/her2st.py; genes: 250 HVGs (see evaluated_genes); Pearson r per gene over held-out spots"
+        b = res.get(split)
+        if not b or not b.get("model"):
+            continue
+        m = b["model"]
+        out[split] = {"model_mean_pcc": m["mean_pcc"], "model_top50_pcc": m["top50_pcc"], "model_seeds": m.get("seeds"),
+                      "floor_mean_pcc": b["floor"]["mean_pcc"], "floor_chosen": b["floor"].get("chosen"),
+                      "baselines_mean_pcc": {k: v["mean_pcc"] for k, v in b["baselines"].items()},
+                      "per_unit_mean_pcc": {u: v["mean_pcc"] for u, v in m["per_unit"].items()},
+                      "paired_vs_floor": b.get("paired_vs_floor"),
+                      "specificity": {k: v for k, v in b.get("specificity", {}).items() if k not in ("per_unit", "baselines")}}
+    out["protocol"] = ("bench/her2st.py protocol (nested inner CV, floors with the model's inputs, 3 seeds, paired "
+                       "Wilcoxon); genes: 250 HVGs (see evaluated_genes); Pearson r per gene over held-out spots")
     return out
+
+
+def reliability_from_bench(res: dict) -> dict:
+    """``gene_reliability`` and ``type_reliability`` card fields from the protocol's per-gene r:
+    the held-out units are the 6 LOSO sections and LOPO patient C (LOPO B is LOSO B4)."""
+    from ghist_core.training.expression_metrics import BEAT_RULE, reliability_table
+
+    def unit_r(entry: dict, names: list[str], key: str = "per_gene") -> dict:
+        units = {**{u: v for u, v in entry["loso"]["per_unit"].items()}, "C": entry["lopo"]["per_unit"]["C"]}
+        return {u: np.array([v[key][n] for n in names]) for u, v in units.items()}
+
+    genes = list(res["loso"]["model"]["per_unit"]["B4"]["per_gene"])
+    model = unit_r({s: res[s]["model"] for s in ("loso", "lopo")}, genes)
+    floor = unit_r({s: res[s]["floor"] for s in ("loso", "lopo")}, genes)
+    table = reliability_table(model, floor, genes)
+    out = {"gene_reliability": {
+        "rule": "held-out Pearson r per gene on HER2ST spots (mean over 3 seeds) on 7 units: 6 leave-one-section-out "
+                "sections and leave-one-patient-out patient C; " + BEAT_RULE.format(k=max(1, len(model) - 2), n=len(model)),
+        "floor": "ridge on the spot's nucleus count (+ mean nucleus type probabilities, + colour/texture), the variant "
+                 "and its strength chosen by inner cross-validation on the training sections of each fold",
+        "units": sorted(model),
+        "genes": json.dumps(table, separators=(",", ":")),  # text: a nested table slows every .h5ad that copies the card
+    }}
+    t = res.get("types", {})
+    if "model" in t and "ridge_count" in t:
+        names = list(next(iter(t["model"]["per_unit"].values()))["per_type"])
+        pm = {u: np.array([v["per_type"][n] for n in names]) for u, v in t["model"]["per_unit"].items()}
+        pb = {u: np.array([v["per_type"][n] for n in names]) for u, v in t["ridge_count"]["per_unit"].items()}
+        tt = reliability_table(pm, pb, names)
+        out["type_reliability"] = {
+            "rule": "held-out per-spot agreement (Pearson r over spots) of the predicted type composition with the "
+                    "reference deconvolution (the training target), 7 units as for genes; "
+                    + BEAT_RULE.format(k=max(1, len(pm) - 2), n=len(pm)).replace("the floor", "the baseline"),
+            "baseline": "ridge on the spot's nucleus count, strength chosen by inner cross-validation",
+            "types": {n: {"pcc_mean": v["pcc_mean"], "baseline_pcc_mean": v["floor_pcc_mean"], "beats_baseline": v["beats_floor"],
+                          "pcc_min": v["pcc_min"], "pcc_max": v["pcc_max"]} for n, v in tt.items()},
+        }
+    return out
+
+
+def load_job_models(pattern: str) -> list[tuple[int, "GhistNet", dict]]:
+    """``(seed, net, job meta)`` of every ``final`` job under the seed folders matching ``pattern``."""
+    import glob
+
+    import torch
+    from safetensors.torch import load_file
+
+    found = []
+    for d in sorted(glob.glob(pattern)):
+        d = Path(d)
+        meta_f, w = d / "final__ghist.json", d / "final.safetensors"
+        if not (meta_f.exists() and w.exists()):
+            continue
+        meta = json.loads(meta_f.read_text())
+        net = GhistNet(GhistConfig.from_dict(meta["config"]))
+        missing = {k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")}
+        net.load_state_dict({**missing, **load_file(str(w))}, strict=True)
+        found.append((int(meta["train_config"]["seed"]), net.eval(), meta))
+    del torch
+    return sorted(found, key=lambda t: t[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pack", type=Path, default=Path(".gpu_data/her2st/pack.npz"))
     ap.add_argument("--out", type=Path, default=Path("weights"))
-    ap.add_argument("--from-run", type=Path, default=None, help="folder of a bench/her2st.py run with the final model")
-    ap.add_argument("--run-command", default="", help="the bench/her2st.py command that made --from-run (for the card)")
+    ap.add_argument("--from-jobs", default="", help="glob of bench/her2st.py run seed folders (e.g. 'tmp/her2st_cnn/ghist_s*'): "
+                    "the lowest seed's final model is the model, the others its ensemble members")
+    ap.add_argument("--run-command", default="", help="the bench/her2st.py command that made --from-jobs (for the card)")
     ap.add_argument("--bench", type=Path, default=Path("bench/results/her2st.json"), help="metrics for the card")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--budget-s", type=float, default=0.0)
@@ -143,27 +211,27 @@ def main(argv: list[str] | None = None) -> int:
     from ghist_core.training.her2st import SpotPack
 
     pack = SpotPack.load(args.pack)
-    if args.from_run:
-        run = args.from_run
-        from safetensors.torch import load_file
-
-        wf = run / "ghist-her2st-final.safetensors"
-        state = load_file(str(wf)) if wf.exists() else torch.load(run / "ghist-her2st-final.pt", weights_only=True)
-        jobs = json.loads((run / "her2st_jobs.json").read_text())
-        meta = jobs["final__ghist"]
+    members: list = []
+    if args.from_jobs:
+        found = load_job_models(args.from_jobs)
+        if not found:
+            raise SystemExit(f"no final__ghist.json + final.safetensors under {args.from_jobs}")
+        seed, net, meta = found[0]
+        members = [n for _, n, _ in found[1:]]
         config = meta["config"]
-        cfg = GhistConfig.from_dict(config)
-        net = GhistNet(cfg)
-        missing = {k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")}
-        net.load_state_dict({**missing, **state}, strict=True)
-        bench_file = args.bench if args.bench.exists() else run / "her2st.json"
-        bench = json.loads(bench_file.read_text()) if bench_file.exists() else None
+        bench = json.loads(args.bench.read_text()) if args.bench.exists() else None
         extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),
-                                  "epochs": meta["epochs_done"], "final_loss": meta["history"][-1] if meta["history"] else None,
-                                  "command": args.run_command or (
-                                      "python bench/her2st.py run --pack .gpu_data/her2st/pack.npz --kinds ghist "
-                                      f"--epochs {meta['train_config']['epochs']} --batch-size {meta['train_config']['batch_size']} "
-                                      f"--budget-s {meta['train_config']['time_budget_s']:.0f}  (fold 'final': all 1193 spots)")}}
+                                  "epochs": meta["epochs_done"], "seed": seed,
+                                  "final_loss": meta["history"][-1] if meta["history"] else None,
+                                  "command": args.run_command or "python bench/her2st.py run --kinds ghist --seeds 0,1,2 "
+                                             "--only final (see bench/her2st.py's docstring for the whole command)"},
+                 "ensemble": {"members": len(found), "seeds": [s for s, _, _ in found],
+                              "rule": f"seeds {', '.join(str(s) for s, _, _ in found)} of the same recipe on all 1193 spots; "
+                                      f"member 0 (seed {seed}) is the model, the others only measure its spread"}}
+        if bench and all(bench.get(sp, {}).get("model") and bench[sp]["model"].get("complete") for sp in ("loso", "lopo")):
+            extra.update(reliability_from_bench(bench))
+        else:
+            print(f"no reliability in the card: {args.bench} lacks a complete protocol run of the model", flush=True)
         card = card_for(pack, config, meta["train_config"], command, metrics_from_bench(bench) if bench else None, extra)
     else:
         from ghist_core.training.ghist import TrainConfig as TC
@@ -183,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
         card = card_for(pack, config, res.train_config, command, metrics_from_bench(bench) if bench else None,
                         {"training_run": {"device": str(dev), "seconds": round(time.time() - t0, 1), "epochs": len(res.history)}})
-    path = save_ghist(net.cpu(), args.out, card)
+    path = save_ghist(net.cpu(), args.out, card, members=[m.cpu() for m in members])
     print(f"wrote {path} and its card")
     return 0
 
