@@ -123,7 +123,13 @@ def canvas_image(page, index: int = 0) -> np.ndarray:
 
 
 def choose_gene(page, gene: str) -> None:
-    """Replace the gene selection in the sidebar multiselect with ``gene``."""
+    """Replace the gene selection in the sidebar multiselect with ``gene`` (any gene: the
+    "Show genes that are not reliable" toggle is switched on first when the model has one)."""
+    toggle = page.locator('[data-testid="stSidebar"] [data-testid="stCheckbox"]').filter(
+        has_text="Show genes that are not reliable")
+    if toggle.count() and not toggle.first.locator("input").is_checked():
+        toggle.first.locator("label").first.click()
+        wait_app_idle(page)
     box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first
     clear = box.locator('[data-testid="stMultiSelectClearAll"], [aria-label="Clear all"], svg[title="Clear all"]')
     if clear.count():
