@@ -7,12 +7,16 @@ Layout (cells × genes)
 ----------------------
 ``X``                                   predicted expression (units in ``uns["ghist"]["expression_units"]``)
 ``obs["cell_id"]``, ``obs["cell_type"]``  id unique per slide; most probable type (categorical)
+``obs["expression_uncertainty"]``       optional (``uncertainty=True`` and a model with ensemble members):
+                                        mean over the genes of the SD across the members of log1p(expression)
 ``obsm["spatial"]``                     centroid ``(x_um, y_um)`` in µm on the slide
 ``obsm["cell_type_probabilities"]``     cells × types, rows sum to 1
 ``obsm["neighbourhood_composition"]``   cells × types, fraction of each type within ``nbhd_radius_um``
 ``obsm["nucleus_rays_um"]``             cells × 16 star contour (µm from the centroid at angles 2πk/16)
 ``uns["obsm_columns"][<obsm key>]``     the column names of each named obsm matrix
-``uns["ghist"]``                        provenance: model card, weights/slide sha256, params, timings
+``uns["ghist"]``                        provenance: model card, weights/slide sha256, params, timings;
+                                        ``uns["ghist"]["uncertainty"]`` when it was asked for: what the
+                                        column holds, or why it is absent
 ``uns["spatial"][library_id]``          scanpy/squidpy image: ``images["hires"]`` (uint8 RGB) and
                                         ``scalefactors`` (``tissue_hires_scalef`` = hires px per µm,
                                         ``spot_diameter_fullres`` in µm)
@@ -29,11 +33,12 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "OBS_CELL_ID", "OBS_CELL_TYPE", "OBS_N_CONTEXT", "OBS_NAME_PREFIX",
+    "OBS_CELL_ID", "OBS_CELL_TYPE", "OBS_N_CONTEXT", "OBS_NAME_PREFIX", "OBS_EXPRESSION_UNCERTAINTY",
+    "OBS_MAP_LAYERS",
     "OBSM_SPATIAL", "OBSM_TYPE_PROBABILITIES", "OBSM_NEIGHBOURHOOD", "OBSM_NUCLEUS_RAYS",
     "UNS_GHIST", "UNS_SPATIAL", "UNS_OBSM_COLUMNS", "SPATIAL_IMAGE", "SCALEF_HIRES", "SPOT_DIAMETER",
     "GHIST_EXPRESSION_UNITS", "GHIST_SLIDE_SHA256", "GHIST_WEIGHTS_SHA256", "GHIST_MODEL_CARD",
-    "GHIST_PARAMS", "GHIST_TIMINGS", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
+    "GHIST_PARAMS", "GHIST_TIMINGS", "GHIST_UNCERTAINTY", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
     "obs_names_for", "obsm_columns", "set_obsm_matrix", "type_probabilities", "neighbourhood_composition",
     "nucleus_rays", "set_spatial_image", "upgrade_layout",
 ]
@@ -43,6 +48,11 @@ OBS_CELL_ID = "cell_id"
 OBS_CELL_TYPE = "cell_type"
 OBS_N_CONTEXT = "n_context_cells"
 OBS_NAME_PREFIX = "cell_"  # obs_names are f"cell_{cell_id}"
+#: per cell, how much the model's ensemble members (seeds) disagree: the mean over the genes of the
+#: standard deviation across members of log1p(predicted expression); ≥ 0, 0 where they agree
+OBS_EXPRESSION_UNCERTAINTY = "expression_uncertainty"
+#: obs columns a map may colour cells by instead of a gene (the grid summary averages them per square)
+OBS_MAP_LAYERS: tuple[str, ...] = (OBS_EXPRESSION_UNCERTAINTY,)
 
 # obsm
 OBSM_SPATIAL = "spatial"
@@ -65,6 +75,7 @@ GHIST_WEIGHTS_SHA256 = "weights_sha256"
 GHIST_MODEL_CARD = "model_card"
 GHIST_PARAMS = "params"
 GHIST_TIMINGS = "timings"
+GHIST_UNCERTAINTY = "uncertainty"  # what obs["expression_uncertainty"] holds, or why it is absent
 
 # grid summaries (pipeline.grid): one row per square
 UNS_GRID = "grid"                 # {"size_um": side of a square}

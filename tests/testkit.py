@@ -24,11 +24,12 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
-def make_tiny_ghist(folder: Path, seed: int = 0, **config) -> Path:
+def make_tiny_ghist(folder: Path, seed: int = 0, members: int = 1, **config) -> Path:
     """A small, randomly initialised but real GHIST model saved as safetensors + card.
 
     Used where the bundled weights would make a test slow; predictions are
     meaningless but every code path (pooling, heads, writing) is the real one.
+    ``members`` > 1 adds ensemble members (seeds ``seed + k``) in the same file.
     """
     import torch
 
@@ -47,4 +48,8 @@ def make_tiny_ghist(folder: Path, seed: int = 0, **config) -> Path:
         **config,
     )
     net = GhistNet(cfg)
-    return save_ghist(net, folder, {"training": {"data": "none: random weights for tests"}})
+    others = []
+    for k in range(1, members):
+        torch.manual_seed(seed + k)
+        others.append(GhistNet(cfg))
+    return save_ghist(net, folder, {"training": {"data": "none: random weights for tests"}}, members=others)

@@ -7,17 +7,23 @@ inside them, batched on the device, then the neighbourhood context (mean embeddi
 cells within ``context_radius_um``, over the whole input, on the CPU with a k-d tree) and
 the heads run in fixed-size chunks. Memory is bounded by the batch size and chunk size,
 not by the slide. Inference runs in float32 without TF32 so CPU and CUDA agree.
+
+A weights file may also hold an *ensemble*: other seeds of the same recipe, stored as
+``member<k>.<tensor>`` (k ≥ 1) and counted in the card's ``"ensemble"``. Member 0 is the model
+(``X``); the others only measure its spread, ``obs["expression_uncertainty"]``, when a
+prediction asks for it (``uncertainty=True``), computed in the same tiles and chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,7 +37,8 @@ from ghist_core.io.hashing import sha256_file
 from ghist_core.model.network import GhistConfig, GhistNet
 from ghist_core.model.pooling import N_RAYS, radius_neighbour_mean, rasterise_stars
 
-__all__ = ["GhistModel", "CellPredictions", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS"]
+__all__ = ["GhistModel", "CellPredictions", "load_ghist", "save_ghist", "ensemble_size", "MODEL_NAME", "EXPRESSION_UNITS",
+           "ENSEMBLE_RULE", "UNCERTAINTY_UNAVAILABLE"]
 
 MODEL_NAME = "ghist-her2st"
 EXPRESSION_UNITS = (
@@ -49,6 +56,12 @@ def expression_units_for(spot_aggregate: str) -> str:
     """What one cell's predicted value means, for a model trained with this ``spot_aggregate``."""
     return EXPRESSION_UNITS_MEAN if spot_aggregate == "mean" else EXPRESSION_UNITS
 
+
+#: the card's ``"ensemble"`` rule when the caller gives none
+ENSEMBLE_RULE = "other seeds of the same recipe; member 0 is the model, the others only measure its spread"
+#: ``uns["ghist"]["uncertainty"]`` when it was asked of a model without ensemble members
+UNCERTAINTY_UNAVAILABLE = "unavailable: the model has one member"
+_MEMBER_KEY = re.compile(r"^member(\d+)\.(.+)$")  # tensor names of ensemble member k ≥ 1
 
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
@@ -89,15 +102,20 @@ class GhistModel:
 
     Attributes
     ----------
-    net : GhistNet (eval mode, on ``device``)
+    net : GhistNet (eval mode, on ``device``): ensemble member 0, the model
+    members : tuple[GhistNet, ...], every ensemble member, ``net`` first (just ``(net,)`` for most
+        weights); the others stay on the CPU until a prediction with ``uncertainty=True`` needs them
     card : dict, the JSON model card
     weights_sha256 : str
     genes, cell_types : list[str]
     mpp, patch_px : the encoder's input scale and tile size
     """
 
-    def __init__(self, net: GhistNet, card: Mapping[str, Any], weights_sha256: str = "", device: str | torch.device = "cpu") -> None:
+    def __init__(self, net: GhistNet, card: Mapping[str, Any], weights_sha256: str = "", device: str | torch.device = "cpu",
+                 members: Sequence[GhistNet] = ()) -> None:
         self.net = net.eval()
+        self._others = tuple(m.eval() for m in members)  # members 1.. (on the CPU until used)
+        self._others_moved = False
         self.card = dict(card)
         self.weights_sha256 = weights_sha256
         self.device = torch.device(device)
@@ -123,7 +141,33 @@ class GhistModel:
     def to(self, device: str | torch.device) -> "GhistModel":
         self.device = torch.device(device)
         self.net.to(self.device)
+        if self._others_moved:
+            for m in self._others:
+                m.to(self.device)
         return self
+
+    @property
+    def members(self) -> tuple[GhistNet, ...]:
+        """Every ensemble member, the model (``net``) first."""
+        return (self.net, *self._others)
+
+    def _nets(self, uncertainty: bool) -> list[GhistNet]:
+        """The members one prediction runs: all of them (on the device) for ``uncertainty``, else the model."""
+        if not (uncertainty and self._others):
+            return [self.net]
+        for m in self._others:
+            m.to(self.device)
+        self._others_moved = True
+        return [self.net, *self._others]
+
+    def uncertainty_note(self) -> str:
+        """``uns["ghist"]["uncertainty"]`` of a prediction that asked for it: what the column holds, or why it is absent."""
+        if not self._others:
+            return UNCERTAINTY_UNAVAILABLE
+        rule = (self.card.get("ensemble") or {}).get("rule", ENSEMBLE_RULE)
+        return (f"obs['{K.OBS_EXPRESSION_UNCERTAINTY}']: per cell, the mean over the genes of the standard deviation "
+                f"(ddof=1) across the {len(self.members)} ensemble members of log1p(predicted expression); "
+                f"X is member 0's prediction. Members: {rule}")
 
     # ------------------------------------------------------------------------------------
     def _check_genes(self, genes: Iterable[str] | None) -> list[int]:
@@ -141,9 +185,12 @@ class GhistModel:
 
     def provenance(self, params: Mapping[str, Any], timings: Mapping[str, float], slide_sha256: str = "") -> dict:
         """``uns["ghist"]``: what made this prediction (card, weights and slide sha256, settings, timings)."""
-        return {K.GHIST_MODEL_CARD: json.loads(json.dumps(self.card)), K.GHIST_WEIGHTS_SHA256: self.weights_sha256,
-                K.GHIST_SLIDE_SHA256: slide_sha256, K.GHIST_PARAMS: dict(params), K.GHIST_TIMINGS: dict(timings),
-                K.GHIST_EXPRESSION_UNITS: expression_units_for(self.net.cfg.spot_aggregate)}
+        out = {K.GHIST_MODEL_CARD: json.loads(json.dumps(self.card)), K.GHIST_WEIGHTS_SHA256: self.weights_sha256,
+               K.GHIST_SLIDE_SHA256: slide_sha256, K.GHIST_PARAMS: dict(params), K.GHIST_TIMINGS: dict(timings),
+               K.GHIST_EXPRESSION_UNITS: expression_units_for(self.net.cfg.spot_aggregate)}
+        if params.get("uncertainty"):
+            out[K.GHIST_UNCERTAINTY] = self.uncertainty_note()
+        return out
 
     # ------------------------------------------------------------------------------------
     def predict(self, slide: Any, cells: pd.DataFrame, progress: ProgressCallback | None = None, batch_size: int = 16,
@@ -151,7 +198,8 @@ class GhistModel:
         """Per-cell expression, type, neighbourhood and morphology for ``cells`` of ``slide``.
 
         :meth:`predict_arrays` (the same arguments: ``slide``, ``cells``, ``progress``, ``batch_size``
-        and the keyword ``options`` ``genes``, ``margin_px``, ``on_outside``, ``chunk_cells``), then
+        and the keyword ``options`` ``genes``, ``margin_px``, ``on_outside``, ``chunk_cells``,
+        ``uncertainty``), then
         :meth:`to_anndata`, then :meth:`provenance` in ``uns``.
 
         Parameters
@@ -165,12 +213,13 @@ class GhistModel:
         -------
         AnnData (cells × genes), see :mod:`ghist_core._keys`: ``X`` float32 ≥ 0 (see
         ``uns['ghist']['expression_units']``); ``obs``: ``cell_id``, ``cell_type``, the
-        segmentation's morphology columns, ``pred_<morph>``, ``n_context_cells``;
+        segmentation's morphology columns, ``pred_<morph>``, ``n_context_cells`` (and
+        ``expression_uncertainty`` with ``uncertainty=True`` and ensemble members);
         ``obsm``: ``spatial`` (x_um, y_um), ``cell_type_probabilities``,
         ``neighbourhood_composition`` (composition within ``nbhd_radius_um``), ``nucleus_rays_um``
         (the contour features were pooled inside), column names in ``uns['obsm_columns']``;
         ``uns['ghist']``: ``model_card``, ``weights_sha256``, ``slide_sha256``, ``params``,
-        ``timings``, ``expression_units``.
+        ``timings``, ``expression_units`` (and ``uncertainty`` when it was asked for).
         """
         pred = self.predict_arrays(slide, cells, progress, batch_size, **options)
         a = self.to_anndata(pred)
@@ -189,6 +238,7 @@ class GhistModel:
         margin_px: int = 32,
         on_outside: str = "error",
         chunk_cells: int = 65536,
+        uncertainty: bool = False,
     ) -> "CellPredictions":
         """The network's per-cell outputs as arrays (what :meth:`predict` puts in an AnnData).
 
@@ -213,6 +263,11 @@ class GhistModel:
             whose centre lies outside the slide.
         chunk_cells
             Cells per chunk of the context and head computation (memory).
+        uncertainty
+            Also run the other ensemble members and return, per cell, the mean over the returned
+            genes of the standard deviation (ddof=1) across all members of log1p(expression)
+            (``CellPredictions.uncertainty``). ``expression`` stays member 0's, identical to a
+            prediction without it. A model with one member returns no uncertainty (``None``).
         """
         t_start = time.perf_counter()
         gene_idx = self._check_genes(genes)
@@ -221,7 +276,8 @@ class GhistModel:
         cfg = self.net.cfg
         params = {"batch_size": int(batch_size), "margin_px": int(margin_px), "mpp": self.mpp, "patch_px": self.patch_px,
                   "context_radius_um": cfg.context_radius_um, "nbhd_radius_um": cfg.nbhd_radius_um,
-                  "device": str(self.device), "n_cells_input": int(len(cells)) if cells is not None else 0}
+                  "device": str(self.device), "n_cells_input": int(len(cells)) if cells is not None else 0,
+                  "uncertainty": bool(uncertainty)}
         if cells is None or len(cells) == 0:
             return self._no_cells(cells, gene_idx, params)
         if not isinstance(cells, pd.DataFrame) or not {"x_um", "y_um"} <= set(cells.columns):
@@ -238,10 +294,12 @@ class GhistModel:
             r = np.sqrt(cells["area_um2"].to_numpy(np.float64) / np.pi) if "area_um2" in cells else np.full(n, 3.0)
             rays_um = np.repeat(r[:, None], N_RAYS, 1)
         rays_um = np.nan_to_num(np.clip(rays_um, 0.0, 40.0))
+        nets = self._nets(uncertainty)
         t_enc = time.perf_counter()
-        emb, tile_feat, tile_of, n_tiles, pooled = self._encode(slide, xy, rays_um, cell_inputs, margin_px, batch_size, progress)
+        emb, tile_feat, tile_of, n_tiles, pooled = self._encode(nets, slide, xy, rays_um, cell_inputs, margin_px,
+                                                                batch_size, progress)
         t_heads = time.perf_counter()
-        out = self._heads(xy, emb, tile_feat, tile_of, cell_inputs, gene_idx, chunk_cells)
+        out = self._heads(nets, xy, emb, tile_feat, tile_of, cell_inputs, gene_idx, chunk_cells)
         params["n_tiles"] = int(n_tiles)
         params["n_cells_without_mask"] = int((~pooled).sum())
         timings = {"encode_s": t_heads - t_enc, "heads_s": time.perf_counter() - t_heads, "total_s": time.perf_counter() - t_start}
@@ -275,12 +333,13 @@ class GhistModel:
         params["n_cells_outside_dropped"] = int(bad.sum())
         return cells.loc[~bad].reset_index(drop=True)
 
-    def _encode(self, slide: Any, xy: np.ndarray, rays_um: np.ndarray, cell_inputs: np.ndarray | None,
-                margin_px: int, batch_size: int, progress: ProgressCallback | None):
+    def _encode(self, nets: Sequence[GhistNet], slide: Any, xy: np.ndarray, rays_um: np.ndarray,
+                cell_inputs: np.ndarray | None, margin_px: int, batch_size: int, progress: ProgressCallback | None):
         """Encoder features pooled inside each nucleus, tile batch by tile batch (tiles whose cores partition the plane).
 
-        Returns ``(emb, tile_feat, tile_of, n_tiles, pooled)``: per-cell embeddings, per-tile
-        features, each cell's tile, the tile count and which cells got a mask.
+        Each tile batch is read and rasterised once and goes through every net of ``nets``.
+        Returns ``(emb, tile_feat, tile_of, n_tiles, pooled)``: per net, per-cell embeddings and
+        per-tile features; each cell's tile, the tile count and which cells got a mask.
         """
         cfg = self.net.cfg
         n = len(xy)
@@ -294,8 +353,9 @@ class GhistModel:
         tile_of = tile_of.ravel()
         order = np.argsort(tile_of, kind="stable")
         bounds = np.searchsorted(tile_of[order], np.arange(len(keys) + 1))
-        emb = torch.zeros(n, cfg.embed_dim, dtype=torch.float32)
-        tile_feat = torch.zeros(len(keys), cfg.widths[-1] + len(cfg.cell_inputs), dtype=torch.float32)  # per tile
+        emb = [torch.zeros(n, cfg.embed_dim, dtype=torch.float32) for _ in nets]
+        tile_feat = [torch.zeros(len(keys), cfg.widths[-1] + len(cfg.cell_inputs), dtype=torch.float32)  # per tile
+                     for _ in nets]
         pooled = np.zeros(n, bool)
         with torch.no_grad(), _exact_float32():
             for b0 in range(0, len(keys), batch_size):  # batches of tiles
@@ -319,42 +379,71 @@ class GhistModel:
                     lut_np = np.zeros((len(rows), int(lens.max()) + 1, cell_inputs.shape[1]), np.float32)
                     lut_np[np.repeat(np.arange(len(rows)), lens), np.arange(len(flat)) - np.repeat(starts[:-1], lens) + 1] = cell_inputs[flat]
                     lut = torch.from_numpy(lut_np).to(self.device)
-                out = self.net.cell_embeddings(self.net.normalise(img), inst, lut)
-                cb = out["cell_batch"].cpu().numpy()
-                cl = out["cell_label"].cpu().numpy()
-                gidx = flat[starts[cb] + cl - 1]
-                emb[torch.from_numpy(gidx)] = out["emb"].float().cpu()
-                tile_feat[b0:b0 + len(rows)] = out["patch_feat"].float().cpu()
+                for m, net in enumerate(nets):
+                    out = net.cell_embeddings(net.normalise(img), inst, lut)
+                    cb = out["cell_batch"].cpu().numpy()
+                    cl = out["cell_label"].cpu().numpy()
+                    gidx = flat[starts[cb] + cl - 1]
+                    emb[m][torch.from_numpy(gidx)] = out["emb"].float().cpu()
+                    tile_feat[m][b0:b0 + len(rows)] = out["patch_feat"].float().cpu()
                 pooled[gidx] = True
                 if progress is not None:
                     progress(min(1.0, (b0 + len(tiles)) / len(keys)), f"{b0 + len(tiles)} of {len(keys)} tiles")
         return emb, tile_feat, tile_of, len(keys), pooled
 
-    def _heads(self, xy: np.ndarray, emb: torch.Tensor, tile_feat: torch.Tensor, tile_of: np.ndarray,
-               cell_inputs: np.ndarray | None, gene_idx: list[int], chunk_cells: int) -> dict[str, np.ndarray]:
-        """Neighbourhood context (CPU k-d tree over all cells), then the heads in ``chunk_cells`` chunks."""
+    def _heads(self, nets: Sequence[GhistNet], xy: np.ndarray, emb: list[torch.Tensor], tile_feat: list[torch.Tensor],
+               tile_of: np.ndarray, cell_inputs: np.ndarray | None, gene_idx: list[int], chunk_cells: int
+               ) -> dict[str, np.ndarray | None]:
+        """Neighbourhood context (CPU k-d tree over all cells), then the heads in ``chunk_cells`` chunks.
+
+        Every output is member 0's; with more ``nets``, each chunk also runs the others and keeps
+        only the per-cell spread of log1p(expression) (Welford over the members: two chunk-sized
+        buffers whatever their number, exactly 0 where they agree).
+        """
         cfg = self.net.cfg
-        n, d = emb.shape
-        ctx, cnt = radius_neighbour_mean(xy, emb.numpy() if cell_inputs is None else np.concatenate([emb.numpy(), cell_inputs], 1),
-                                   cfg.context_radius_um)
-        ctx, ctx_inputs = np.ascontiguousarray(ctx[:, :d]), (None if cell_inputs is None else np.ascontiguousarray(ctx[:, d:]))
+        n, d = emb[0].shape
+        k = len(nets)
+        # one k-d tree for every member's context: the sparse mean is column by column, so member 0's
+        # columns are the same numbers as when it runs alone
+        values = [e.numpy() for e in emb] + ([] if cell_inputs is None else [cell_inputs])
+        ctx, cnt = radius_neighbour_mean(xy, values[0] if len(values) == 1 else np.concatenate(values, 1),
+                                         cfg.context_radius_um)
+        ctx_inputs = None if cell_inputs is None else np.ascontiguousarray(ctx[:, k * d:])
         rows_of = (lambda a, s: None if a is None else torch.from_numpy(a[s:s + chunk_cells]).to(self.device))  # noqa: E731
-        res: dict[str, list[np.ndarray]] = {"expr": [], "type_prob": [], "nbhd": [], "morph": []}
+        res: dict[str, list[np.ndarray]] = {"expr": [], "type_prob": [], "nbhd": [], "morph": [], "spread": []}
         with torch.no_grad(), _exact_float32():
             for s in range(0, n, chunk_cells):
-                o = self.net.heads(emb[s:s + chunk_cells].to(self.device), torch.from_numpy(ctx[s:s + chunk_cells]).to(self.device),
-                                   torch.from_numpy(cnt[s:s + chunk_cells]).to(self.device),
-                                   tile_feat[torch.from_numpy(tile_of[s:s + chunk_cells])].to(self.device),
-                                   rows_of(cell_inputs, s), rows_of(ctx_inputs, s))
-                res["expr"].append(o["expr"][:, gene_idx].clamp(min=0).float().cpu().numpy())
-                res["type_prob"].append(o["type_prob"].float().cpu().numpy())
-                res["nbhd"].append(o["nbhd_logits"].softmax(1).float().cpu().numpy())
-                res["morph"].append(o["morph"].float().cpu().numpy())
+                count, tiles = rows_of(cnt, s), torch.from_numpy(tile_of[s:s + chunk_cells])
+                inputs, ctx_in = rows_of(cell_inputs, s), rows_of(ctx_inputs, s)
+                mean = m2 = None
+                for m, net in enumerate(nets):
+                    own_ctx = np.ascontiguousarray(ctx[s:s + chunk_cells, m * d:(m + 1) * d])  # this member's columns
+                    o = net.heads(emb[m][s:s + chunk_cells].to(self.device), torch.from_numpy(own_ctx).to(self.device),
+                                  count, tile_feat[m][tiles].to(self.device), inputs, ctx_in)
+                    expr = o["expr"][:, gene_idx].clamp(min=0).float()
+                    if m == 0:
+                        res["expr"].append(expr.cpu().numpy())
+                        res["type_prob"].append(o["type_prob"].float().cpu().numpy())
+                        res["nbhd"].append(o["nbhd_logits"].softmax(1).float().cpu().numpy())
+                        res["morph"].append(o["morph"].float().cpu().numpy())
+                    if k > 1:
+                        x = torch.log1p(expr)
+                        if mean is None:
+                            mean, m2 = x, torch.zeros_like(x)
+                        else:
+                            delta = x - mean
+                            mean = mean + delta / (m + 1)
+                            m2 = m2 + delta * (x - mean)
+                    del o, expr
+                if k > 1:
+                    res["spread"].append((m2 / (k - 1)).clamp(min=0).sqrt().mean(1).cpu().numpy())
+                del mean, m2
         return {"expression": np.concatenate(res["expr"]).astype(np.float32),
                 "type_probabilities": np.concatenate(res["type_prob"]).astype(np.float32),
                 "neighbourhood": np.concatenate(res["nbhd"]).astype(np.float32),
                 "morphology": np.concatenate(res["morph"]) * self._morph_std + self._morph_mean,
-                "n_context": cnt}
+                "n_context": cnt,
+                "uncertainty": np.concatenate(res["spread"]).astype(np.float32) if k > 1 else None}
 
     def _no_cells(self, cells: pd.DataFrame | None, gene_idx: list[int], params: dict) -> "CellPredictions":
         k, m = len(self.cell_types), len(self.net.cfg.morph_features)
@@ -385,6 +474,8 @@ class GhistModel:
                 else:
                     obs[f"pred_{name}"] = v.astype(np.float32)
             obs[K.OBS_N_CONTEXT] = pred.n_context.astype(np.int32)
+            if pred.uncertainty is not None:
+                obs[K.OBS_EXPRESSION_UNCERTAINTY] = pred.uncertainty.astype(np.float32)
             obs.index = K.obs_names_for(obs[K.OBS_CELL_ID])
             if not obs.index.is_unique:
                 obs.index = pd.RangeIndex(n).astype(str)
@@ -409,6 +500,7 @@ class CellPredictions:
     neighbourhood: np.ndarray         # (n, types) float32 composition within nbhd_radius_um
     morphology: np.ndarray            # (n, morph features), in their own units
     n_context: np.ndarray             # (n,) cells within context_radius_um (self included)
+    uncertainty: np.ndarray | None = None  # (n,) spread across the ensemble members (uncertainty=True), else None
     params: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
@@ -458,12 +550,46 @@ def _net_from(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> Ghi
     return net.eval()
 
 
+def ensemble_size(card: Mapping[str, Any]) -> int:
+    """The number of ensemble members the card lists (``"ensemble": {"members": k, "rule": ...}``; 1 without)."""
+    ens = card.get("ensemble")
+    if ens is None:
+        return 1
+    k = ens.get("members") if isinstance(ens, Mapping) else None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise WeightsFormatError("The model card's 'ensemble' needs 'members': a whole number of at least 1 "
+                                 "(member 0 is the model, the others seeds of its recipe).")
+    return k
+
+
+def _split_members(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """The state dict of each ensemble member, member 0 first (its tensors are the unprefixed ones)."""
+    k = ensemble_size(card)
+    parts: dict[int, dict[str, torch.Tensor]] = {0: {}}
+    for name, tensor in state.items():
+        hit = _MEMBER_KEY.match(name)
+        if hit is None:
+            parts[0][name] = tensor
+            continue
+        i = int(hit.group(1))
+        if not 1 <= i < k:
+            raise WeightsFormatError(f"The weights hold tensors of ensemble member {i} ({name}), but the model card "
+                                     f"lists {k} member{'s' if k != 1 else ''}: the card and the weights do not belong together.")
+        parts.setdefault(i, {})[hit.group(2)] = tensor
+    missing = [i for i in range(1, k) if i not in parts]
+    if missing:
+        raise WeightsFormatError(f"The model card lists {k} ensemble members but the weights file holds {k - len(missing)} "
+                                 f"(no tensors named member{missing[0]}.*): the card and the weights do not belong together.")
+    return [parts[i] for i in range(k)]
+
+
 def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str | Path | None = None) -> GhistModel:
     """Load GHIST weights (safetensors + JSON card, sha256-checked) ready to ``predict``.
 
     ``path`` points at a ``.safetensors`` file with its card beside it; otherwise
     ``model_id`` is resolved by :func:`ghist_core.weights.resolve.resolve_weights` (``None`` =
-    the bundled ``ghist-her2st``, then the project's Hub repo).
+    the bundled ``ghist-her2st``, then the project's Hub repo). An ensemble's other members
+    (``model.members[1:]``) are checked now and kept on the CPU until ``uncertainty=True`` asks for them.
     """
     from ghist_core.device import pick_device
     from ghist_core.weights.resolve import load_state_dict, resolve_file, resolve_weights
@@ -480,15 +606,41 @@ def load_ghist(model_id: str | None = None, device: str = "auto", *, path: str |
         r = resolve_file(wp)  # card read safely, seal and sha256 checked: unverified weights never load
     else:
         r = resolve_weights(model_id, name=MODEL_NAME, kind="ghist")
-    state = load_state_dict(r)  # safetensors only, re-hashed as it is parsed
-    return GhistModel(_net_from(state, r.card), r.card, r.sha256, dev)
+    parts = _split_members(load_state_dict(r), r.card)  # safetensors only, re-hashed as it is parsed
+    nets = [_net_from(p, r.card) for p in parts]
+    return GhistModel(nets[0], r.card, r.sha256, dev, members=nets[1:])
 
 
-def save_ghist(net: GhistNet, folder: str | Path, card: Mapping[str, Any], name: str = MODEL_NAME) -> Path:
-    """Write ``<name>.safetensors`` + ``<name>.json`` (sealed card with config); returns the weights path."""
-    state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+def _tensors(net: GhistNet, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def save_ghist(net: GhistNet, folder: str | Path, card: Mapping[str, Any], name: str = MODEL_NAME, *,
+               members: Sequence[GhistNet] | None = None) -> Path:
+    """Write ``<name>.safetensors`` + ``<name>.json`` (sealed card with config); returns the weights path.
+
+    ``members``: the ensemble's other members (other seeds of ``net``'s recipe, same config;
+    ``net`` itself is skipped if listed), stored in the same file as ``member<k>.<tensor>``
+    (k = 1, 2, …) and counted in the card's ``"ensemble"`` (``members``, and ``rule`` from
+    ``card["ensemble"]`` or :data:`ENSEMBLE_RULE`). They only measure the model's spread.
+    """
+    others = [m for m in (members or ()) if m is not net]
+    ens = card.get("ensemble")
+    claimed = ens.get("members") if isinstance(ens, Mapping) else None
+    if claimed is not None and claimed != 1 + len(others):
+        raise ValueError(f"The card's ensemble lists {claimed} members but {1 + len(others)} were given.")
+    state = _tensors(net)
+    for k, m in enumerate(others, start=1):
+        if m.cfg.to_dict() != net.cfg.to_dict():
+            raise ValueError(f"Ensemble member {k} has another configuration than member 0; members must be "
+                             "seeds of one recipe.")
+        state.update(_tensors(m, f"member{k}."))
     full = {"kind": "ghist", "name": name, **dict(card)}
     full["config"] = {**net.cfg.to_dict(), **dict(card.get("config", {}))}
+    if others:
+        full["ensemble"] = {"rule": ENSEMBLE_RULE, **(dict(ens) if isinstance(ens, Mapping) else {}),
+                            "members": 1 + len(others)}
     from ghist_core.weights.resolve import save_weights
 
     return save_weights(state, folder, name, full).weights_path  # sealed card: sha256, card_sha256, integrity

@@ -53,6 +53,9 @@ class PipelineConfig:
     min_tissue_fraction: float = 0.02  # a block with less tissue than this is skipped
     grid_sizes_um: tuple[float, ...] = DEFAULT_GRID_SIZES_UM
     batch_size: int = 16
+    #: also run the model's other ensemble members for obs["expression_uncertainty"] (their spread
+    #: per cell); X is unchanged. A run recorded before this setting resumes without it.
+    uncertainty: bool = False
 
     @classmethod
     def from_params(cls, params: dict | None) -> "PipelineConfig":
@@ -284,7 +287,8 @@ def run_blocks(
         cells = segment_block(segmenter, block, rgb, origin, seg_mpp)
         timings["segment_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        adata = model.predict(slide, cells, batch_size=config.batch_size, slide_sha256=slide_sha256)
+        options = {"uncertainty": True} if config.uncertainty else {}  # asked only when on: any model predicts without it
+        adata = model.predict(slide, cells, batch_size=config.batch_size, slide_sha256=slide_sha256, **options)
         timings["predict_s"] += time.perf_counter() - t
         adata.uns.pop(K.UNS_GHIST, None)  # the card is added once, to the merged result
         if adata.n_obs and K.OBS_CELL_ID in adata.obs:  # slide-wide unique names: the merge copies blocks as they are
@@ -432,6 +436,8 @@ def predict_slide(
             grid_path = out_dir / f"run_{run_id}.grid.h5"
             timings["total_s"] = time.perf_counter() - t_start
             ghist_uns[K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
+            if config.uncertainty:  # the blocks' own uns["ghist"] is dropped: say here what the column holds
+                ghist_uns[K.GHIST_UNCERTAINTY] = _uncertainty_note(model, summary)
             uns = {K.UNS_SPATIAL: slide_image_uns(slide, library_id_for(slide_id), summary.median_area_um2),
                    K.UNS_GHIST: ghist_uns}
             grids = summary.grids
@@ -469,6 +475,15 @@ def predict_slide(
         _discard_unrecorded(project, run_id, slide_id)
         project.fail_run(run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
         raise
+
+
+def _uncertainty_note(model, summary) -> str:
+    """``uns["ghist"]["uncertainty"]`` of a merged run that asked for it (see ``GhistModel.uncertainty_note``)."""
+    note = model.uncertainty_note()
+    has = summary.obs_keys is None or K.OBS_EXPRESSION_UNCERTAINTY in summary.obs_keys
+    if not has and not note.startswith("unavailable"):  # a run resumed with the setting changed: the merge dropped it
+        return "unavailable: some of this run's blocks were predicted without it"
+    return note
 
 
 def _discard_unrecorded(project: Project, run_id: int, slide_id: int) -> None:

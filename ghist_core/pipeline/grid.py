@@ -1,8 +1,9 @@
 """Multi-resolution grid summaries of a predicted slide.
 
 A slide of a million cells cannot be sent to a browser as points; a grid of
-squares (mean expression, cell-type counts) at a few sizes can, and the viewer
-picks the finest level that stays under its point budget.
+squares (mean expression, cell-type counts, the mean of each map layer such as
+``expression_uncertainty``) at a few sizes can, and the viewer picks the finest
+level that stays under its point budget.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class GridAccumulator:
         self.type_key = type_key
         self.var: pd.DataFrame | None = None
         self.types: list[str] = []  # every block's categories, in order of first appearance
-        self._parts: dict[float, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]]] = {
-            s: [] for s in self.sizes}
+        # per size, per block: squares, expression sums, cell counts, type counts, type names, map-layer sums
+        self._parts: dict[float, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str],
+                                            dict[str, np.ndarray]]]] = {s: [] for s in self.sizes}
 
     def add(self, adata: ad.AnnData) -> None:
         """Add one block's cells (``obsm["spatial"]`` in µm, ``X`` the expression)."""
@@ -59,6 +61,7 @@ class GridAccumulator:
                                    shape=(adata.n_obs, len(names))) if names else None
         else:
             names, onehot = [], None
+        layers = {c: adata.obs[c].to_numpy(np.float64) for c in K.OBS_MAP_LAYERS if c in adata.obs}
         for size in self.sizes:
             keys = np.floor(xy / size).astype(np.int64)
             uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -66,11 +69,13 @@ class GridAccumulator:
                                    shape=(len(uniq), adata.n_obs))
             counts = (np.asarray((member @ onehot).todense(), dtype=np.int64) if onehot is not None
                       else np.zeros((len(uniq), 0), np.int64))
-            self._parts[size].append((uniq, member @ X, np.asarray(member.sum(axis=1)).ravel(), counts, names))
+            self._parts[size].append((uniq, member @ X, np.asarray(member.sum(axis=1)).ravel(), counts, names,
+                                      {c: member @ v for c, v in layers.items()}))
 
     def finish(self) -> dict[float, ad.AnnData]:
         """One AnnData per size: ``X`` = mean expression per non-empty square, ``obs`` = ``gx, gy``,
-        ``x_um, y_um`` (square centre), ``n_cells``, ``count_<type>``; ``uns["grid"]["size_um"]``."""
+        ``x_um, y_um`` (square centre), ``n_cells``, ``count_<type>``, the mean of each map layer
+        (:data:`ghist_core._keys.OBS_MAP_LAYERS`) every block had; ``uns["grid"]["size_um"]``."""
         var = self.var if self.var is not None else pd.DataFrame(index=pd.Index([], dtype=str))
         out = {}
         for size in self.sizes:  # one size at a time, its block sums freed as soon as it is done
@@ -98,7 +103,7 @@ class GridAccumulator:
         col = {t: j for j, t in enumerate(self.types)}
         counts = np.zeros((len(keys), len(self.types)), np.int64)
         row = 0
-        for _uniq, _sums, _n, c, names in parts:  # a loop over blocks, not cells
+        for _uniq, _sums, _n, c, names, _layers in parts:  # a loop over blocks, not cells
             if names:
                 counts[row:row + len(c), [col[t] for t in names]] = c
             row += len(c)
@@ -107,6 +112,9 @@ class GridAccumulator:
                             "y_um": (uniq[:, 1] + 0.5) * size, "n_cells": np.rint(n_cells).astype(np.int64)})
         for j, name in enumerate(self.types):
             obs[f"{K.GRID_COUNT_PREFIX}{name}"] = counts[:, j]
+        for c in K.OBS_MAP_LAYERS:
+            if all(c in p[5] for p in parts):  # a layer only some blocks have would be a mean over part of a square
+                obs[c] = (combine @ np.concatenate([p[5][c] for p in parts]) / n_cells).astype(np.float32)
         obs.index = [f"{a}_{b}" for a, b in uniq]
         out = ad.AnnData(X=means.astype(np.float32, copy=False), obs=obs, var=var.copy())
         out.obsm[K.OBSM_SPATIAL] = obs[["x_um", "y_um"]].to_numpy()

@@ -44,6 +44,7 @@ class BlockSummary:
     empty_path: Path | None = None  # a checkpoint to copy the layout from when no block has cells
     bytes_on_disk: int = 0
     obsm_keys: list[str] = field(default_factory=list)  # the obsm matrices every block with cells has
+    obs_keys: list[str] | None = None  # the obs columns every block with cells has (None: each block's all)
 
 
 def _current_layout(path: Path) -> ad.AnnData:
@@ -73,6 +74,7 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
     keep: list[Path] = []
     obsm_columns: dict = {}
     obsm_keys: set[str] | None = None
+    obs_keys: list[str] | None = None
     genes: list[str] | None = None
     n = 0
     size = 0
@@ -91,6 +93,8 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
             keep.append(p)
             n += a.n_obs
             obsm_keys = set(a.obsm) if obsm_keys is None else obsm_keys & set(a.obsm)  # what every block has
+            # likewise the obs columns: a run resumed with another setting (e.g. uncertainty) never gets a half-empty column
+            obs_keys = list(a.obs.columns) if obs_keys is None else [c for c in obs_keys if c in a.obs.columns]
             if "area_um2" in a.obs:
                 areas.append(a.obs["area_um2"].to_numpy(np.float64))
         del a
@@ -98,18 +102,19 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
     return BlockSummary(paths=keep, n_cells=n, grids=acc.finish(),
                         median_area_um2=median_nucleus_area(np.concatenate(areas) if areas else np.zeros(0)),
                         obsm_columns={k: v for k, v in obsm_columns.items() if not keep or k in keys},
-                        empty_path=paths[0] if paths else None, bytes_on_disk=size, obsm_keys=keys)
+                        empty_path=paths[0] if paths else None, bytes_on_disk=size, obsm_keys=keys, obs_keys=obs_keys)
 
 
-def _concat_obs(paths: list[Path]) -> pd.DataFrame:
-    """The blocks' ``obs`` tables stacked (small: a few numbers per cell); categorical columns keep
-    one category list, the union in order of first appearance."""
+def _concat_obs(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:
+    """The blocks' ``obs`` tables stacked (small: a few numbers per cell), ``columns`` of them (default
+    all); categorical columns keep one category list, the union in order of first appearance."""
     from anndata.io import read_elem
 
     frames = []
     for p in paths:
         with h5py.File(p, "r") as f:
-            frames.append(read_elem(f["obs"]))
+            frame = read_elem(f["obs"])
+        frames.append(frame if columns is None else frame[columns])
     categorical = {c for f in frames for c in f.columns if isinstance(f[c].dtype, pd.CategoricalDtype)}
     cats = {c: list(dict.fromkeys(v for f in frames if c in f for v in f[c].cat.categories)) for c in categorical}
     for f in frames:
@@ -155,7 +160,7 @@ def write_merged_h5ad(summary: BlockSummary, out: Path, uns: dict) -> None:
     with h5py.File(paths[0], "r") as f:
         var = read_elem(f["var"])
     obsm_keys = summary.obsm_keys
-    obs = _concat_obs(paths)
+    obs = _concat_obs(paths, summary.obs_keys)
     with h5py.File(out, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         write_elem(f, "obs", obs)

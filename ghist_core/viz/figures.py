@@ -27,6 +27,7 @@ import pydeck as pdk
 from PIL import Image, ImageDraw, ImageFont
 from pydeck.bindings.json_tools import default_serialize
 
+from ghist_core import _keys as K
 from ghist_core.safe_text import html_text
 from ghist_core.viz import palette
 from ghist_core.errors import UnknownGeneError
@@ -40,6 +41,11 @@ AUTO_CELL_LIMIT = 50_000
 #: In "auto" mode the grid summary uses the finest square size with at most this many squares,
 #: so opening a big slide stays near a second in a CPU-only browser; "Grid summary" goes finer.
 AUTO_GRID_LIMIT = 10_000
+#: what a map can show besides a gene, by its obs column (:data:`ghist_core._keys.OBS_MAP_LAYERS`):
+#: its label and short units. Maps, close-ups and grid squares take the column name where a gene goes.
+MAP_LAYERS: dict[str, tuple[str, str]] = {
+    K.OBS_EXPRESSION_UNCERTAINTY: ("Expression uncertainty", "SD across seeds, log1p"),
+}
 ColourBy = Literal["expression", "cell_type"]
 Mode = Literal["auto", "cells", "grid"]
 
@@ -63,8 +69,35 @@ def units_label(units: str) -> str:
     return units[:29].rstrip() + "…"
 
 
+def map_layers(adata) -> list[str]:
+    """The map layers (:data:`MAP_LAYERS`) this prediction holds, to offer beside its genes."""
+    return [c for c in MAP_LAYERS if c in adata.obs]
+
+
+def value_name(name: str) -> str:
+    """A gene's name, or a map layer's label ("Expression uncertainty"), for tooltips."""
+    return MAP_LAYERS[name][0] if name in MAP_LAYERS else name
+
+
+def value_label(name: str) -> str:
+    """What a map of ``name`` shows, for titles: "ERBB2 predicted expression" or a layer's label."""
+    return value_name(name) if name in MAP_LAYERS else f"{name} predicted expression"
+
+
+def value_units(adata, name: str) -> str:
+    """Short units of a map of ``name``: the expression's (:func:`units_label`) or the layer's own."""
+    return MAP_LAYERS[name][1] if name in MAP_LAYERS else units_label(expression_units(adata))
+
+
 def gene_values(adata, gene: str) -> np.ndarray:
-    """Dense float vector of one gene's predicted expression (raises UnknownGeneError)."""
+    """Dense float vector of one gene's predicted expression, or of a map layer (:data:`MAP_LAYERS`,
+    an obs column; a grid summary holds its mean per square). Raises UnknownGeneError."""
+    if gene in MAP_LAYERS and gene not in adata.var_names:
+        if gene not in adata.obs:
+            raise UnknownGeneError(
+                f"This prediction has no {MAP_LAYERS[gene][0].lower()}: it needs a model with several ensemble "
+                "members, predicted with the uncertainty setting on.")
+        return adata.obs[gene].to_numpy(np.float32)
     if gene not in adata.var_names:
         raise UnknownGeneError(f"The model does not predict {gene!r}. Pick a gene from the list.")
     j = int(adata.var_names.get_loc(gene))
@@ -232,6 +265,7 @@ def gene_map(
 ) -> GeneMap:
     """Build one gene map of a predicted slide.
 
+    ``gene`` may also be a map layer's obs column (:func:`map_layers`, e.g. ``"expression_uncertainty"``).
     ``image``/``bounds_um`` are the H&E overview and its extent ``(x0, y0, x1, y1)`` in µm;
     ``grids`` the grid summaries by square size (µm), used when ``mode`` resolves to grid.
     ``cell_types`` keeps only those types; ``colour_by="cell_type"`` colours by the fixed palette.
@@ -252,7 +286,8 @@ def gene_map(
         grid_size = pick_grid_size(grids, min(limit, AUTO_GRID_LIMIT) if mode == "auto" else limit)
         table = _grid_table(grids[grid_size], gene, cell_types)
 
-    units = units_label(expression_units(adata))
+    units = value_units(adata, gene)
+    name = value_name(gene)
     vmin, vmax = vrange if vrange is not None else palette.value_range(table["value"].to_numpy())
     if colour_by == "cell_type":
         rgb = palette.cell_type_rgb(table["cell_type"].to_numpy())
@@ -286,7 +321,7 @@ def gene_map(
             get_position="[x, y]", get_fill_color=f"[r, g, b, {alpha}]", get_radius=point_radius_um,
             radius_units="common", radius_min_pixels=1, stroked=False, pickable=True,
         ))
-        tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{html_text(gene)}: {{v}} {html_text(units)}<br/>x {{x}} µm, y {{y}} µm"}
+        tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{html_text(name)}: {{v}} {html_text(units)}<br/>x {{x}} µm, y {{y}} µm"}
     else:
         half = grid_size / 2.0
         data["x0"] = data["x_um"] - half
@@ -299,7 +334,7 @@ def gene_map(
             get_fill_color=f"[r, g, b, {alpha}]", pickable=True,
         ))
         tooltip = {"html": (f"<b>{grid_size:g} µm square</b> at x {{x}} µm, y {{y}} µm<br/>"
-                            f"{{n}} cells, mostly {{t}}<br/>mean {html_text(gene)}: {{v}} {html_text(units)}")}
+                            f"{{n}} cells, mostly {{t}}<br/>mean {html_text(name)}: {{v}} {html_text(units)}")}
     deck = FastDeck(
         frames=frames,
         layers=layers,
@@ -323,7 +358,7 @@ def colour_bar(gm: GeneMap, *, height: int = 90) -> go.Figure:
     ))
     fig.update_layout(
         height=height, margin=dict(l=10, r=10, t=5, b=50),
-        xaxis=dict(title=f"{gm.gene} predicted expression ({gm.units})", range=[gm.vmin, gm.vmax]),
+        xaxis=dict(title=f"{value_label(gm.gene)} ({gm.units})", range=[gm.vmin, gm.vmax]),
         yaxis=dict(showticklabels=False),
     )
     return fig
@@ -392,7 +427,8 @@ def render_png(gm: GeneMap, *, width_px: int = 1200, point_px: int | None = None
     except (TypeError, OSError):
         font = ImageFont.load_default()
     # Pillow's bundled font lacks µ and dashes: keep the PNG's text ASCII ("um")
-    title = f"{gm.gene} - predicted expression ({gm.units})" if gm.colour_by == "expression" else f"{gm.gene} - cell types"
+    title = (f"{value_label(gm.gene).replace(' predicted', ' - predicted')} ({gm.units})" if gm.colour_by == "expression"
+             else f"{gm.gene} - cell types")
     draw.text((6, 4), title, fill="black", font=font)
     if gm.colour_by == "expression":
         lut = palette.colour_lut(gm.colour_map, n=max(2, width_px - 40))

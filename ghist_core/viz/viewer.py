@@ -32,7 +32,7 @@ import pydeck as pdk
 from ghist_core._keys import OBS_CELL_TYPE, OBSM_SPATIAL, nucleus_rays
 from ghist_core.safe_text import html_text
 from ghist_core.viz import palette
-from ghist_core.viz.figures import FastDeck, GeneMap, expression_units, gene_values, image_data_url, units_label
+from ghist_core.viz.figures import FastDeck, GeneMap, gene_values, image_data_url, value_name, value_units
 
 #: Longest side, in screen pixels, of the window read around the centre (a margin around a
 #: ~700 px panel, so a little panning still shows tissue).
@@ -205,6 +205,8 @@ def cell_view(
 ) -> GeneMap:
     """A deck of the full-resolution ``window`` with the cells inside it coloured by ``gene`` or type.
 
+    ``gene`` may also be a map layer's obs column (``figures.map_layers``, e.g. ``"expression_uncertainty"``).
+
     Outlines from :data:`OUTLINE_MIN_MAGNIFICATION` up (``outlines`` forces either way) when the
     prediction stores the star contours, points otherwise; never more than ``max_objects``
     objects (an even subsample beyond, recorded in the table). ``layer_key`` (e.g. the slide
@@ -227,7 +229,8 @@ def cell_view(
     draw_outlines = (window.magnification >= OUTLINE_MIN_MAGNIFICATION) if outlines is None else bool(outlines)
     draw_outlines = draw_outlines and rays is not None and len(idx) <= max_outlines
 
-    units = units_label(expression_units(adata))
+    units = value_units(adata, gene)
+    name = value_name(gene)
     vmin, vmax = vrange if vrange is not None else palette.value_range(values)
     t = types_of(idx)
     rgb = (palette.cell_type_rgb(t) if colour_by == "cell_type"
@@ -265,7 +268,7 @@ def cell_view(
             get_fill_color=f"[r, g, b, {int(round(255 * opacity))}]", get_radius=3.0, radius_units=pdk.types.String("common"),
             radius_min_pixels=2, stroked=False, pickable=True,
         ))
-    tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{html_text(gene)}: {{v}} {html_text(units)}<br/>x {{x}} µm, y {{y}} µm",
+    tooltip = {"html": f"<b>cell {{i}}</b> · {{t}}<br/>{html_text(name)}: {{v}} {html_text(units)}<br/>x {{x}} µm, y {{y}} µm",
                "style": {"fontSize": "12px"}}
     cx, cy = window.centre_um
     deck = FastDeck(

@@ -97,3 +97,31 @@ def test_blocks_of_two_versions_merge_on_what_they_share(tmp_path: Path):
     other.write_h5ad(tmp_path / "block_000002.h5ad")
     with pytest.raises(StoreError):
         summarise_blocks([*paths, tmp_path / "block_000002.h5ad"], (50.0,))
+
+
+def test_obs_columns_every_block_has_are_carried_and_others_dropped(tmp_path: Path):
+    """An optional per-cell column (``expression_uncertainty``) is copied when every block has it, and
+    dropped (never half empty) when a resumed run's blocks disagree; the grid averages it per square."""
+    rng = np.random.default_rng(3)
+    unc = K.OBS_EXPRESSION_UNCERTAINTY
+    blocks = [_block(i, n, ["a", "b"], rng) for i, n in enumerate((30, 0, 25))]
+    for b in blocks:
+        b.obs[unc] = rng.uniform(0, 1, b.n_obs).astype(np.float32)
+    paths = [tmp_path / f"block_{i:06d}.h5ad" for i in range(3)]
+    for b, p in zip(blocks, paths):
+        b.write_h5ad(p)
+    summary = summarise_blocks(paths, (100.0,))
+    write_merged_h5ad(summary, tmp_path / "m.h5ad", {})
+    got = ad.read_h5ad(tmp_path / "m.h5ad")
+    want = np.concatenate([blocks[0].obs[unc], blocks[2].obs[unc]])
+    assert got.obs[unc].dtype == np.float32
+    np.testing.assert_array_equal(got.obs[unc].to_numpy(), want)
+    g = summary.grids[100.0]
+    assert np.average(g.obs[unc], weights=g.obs["n_cells"]) == pytest.approx(float(want.mean()), rel=1e-5)
+    blocks[2].obs = blocks[2].obs.drop(columns=[unc])
+    blocks[2].write_h5ad(paths[2])
+    summary = summarise_blocks(paths, (100.0,))
+    write_merged_h5ad(summary, tmp_path / "m2.h5ad", {})
+    got = ad.read_h5ad(tmp_path / "m2.h5ad")
+    assert unc not in got.obs and {"cell_id", "cell_type", "area_um2"} <= set(got.obs.columns)
+    assert unc not in summary.grids[100.0].obs

@@ -111,3 +111,37 @@ def test_units_label_short_on_axes():
     gm = figures.gene_map(a, "ERBB2")
     assert gm.units == "CP10k scale"
     assert figures.colour_bar(gm).layout.xaxis.title.text == "ERBB2 predicted expression (CP10k scale)"
+
+
+def test_expression_uncertainty_is_a_layer_of_maps_squares_and_close_ups():
+    """The obs column ``expression_uncertainty`` goes where a gene goes: cells, grid squares (their mean), close-ups."""
+    from ghist_core import _keys as K
+    from ghist_core.viz import viewer
+
+    unc = K.OBS_EXPRESSION_UNCERTAINTY
+    a = synthetic_prediction(n=5000)
+    assert figures.map_layers(a) == []
+    with pytest.raises(UnknownGeneError, match="no expression uncertainty"):
+        figures.gene_map(a, unc)
+    u = (a.obsm["spatial"][:, 1] / 800.0).astype(np.float32)  # rises top to bottom
+    a.obs[unc] = u
+    assert figures.map_layers(a) == [unc]
+    gm = figures.gene_map(a, unc, mode="cells")
+    np.testing.assert_array_equal(gm.table["value"].to_numpy(), u)
+    assert gm.units == "SD across seeds, log1p" and gm.gene == unc
+    assert "Expression uncertainty" in gm.deck._tooltip["html"]
+    assert figures.colour_bar(gm).layout.xaxis.title.text == "Expression uncertainty (SD across seeds, log1p)"
+    assert figures.render_png(gm, width_px=300)[:4] == b"\x89PNG"
+    grids = build_grid_pyramid(a, (50.0, 100.0))
+    sq = figures.gene_map(a, unc, grids=grids, limit=1000)
+    assert sq.mode == "grid"
+    row = grids[sq.grid_size_um].obs.iloc[3]
+    s, xy = sq.grid_size_um, a.obsm["spatial"]
+    inside = (np.floor(xy[:, 0] / s) == row["gx"]) & (np.floor(xy[:, 1] / s) == row["gy"])
+    v = sq.table.loc[(sq.table.x_um == row["x_um"]) & (sq.table.y_um == row["y_um"]), "value"].item()
+    assert v == pytest.approx(float(u[inside].mean()), rel=1e-5)
+    w = viewer.Window(np.zeros((10, 10, 3), np.uint8), (100.0, 100.0, 300.0, 300.0), 1.0, 40, (200.0, 200.0))
+    close = viewer.cell_view(a, unc, w)
+    ids = close.table["cell_id"].to_numpy()
+    np.testing.assert_allclose(close.table["value"].to_numpy(), u[np.searchsorted(a.obs["cell_id"].to_numpy(), ids)])
+    assert close.units == "SD across seeds, log1p"
