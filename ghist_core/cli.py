@@ -9,7 +9,9 @@ project; run again later, or pass ``--wait``); 130 interrupted.
 ``ghist predict`` resumes rather than redoes: a slide's latest run with the same model and
 segmenter is reported as it is when finished, and continued from its checkpoints when it was
 interrupted (a killed run is recognised by its dead process), failed or cancelled;
-``--new-run`` always starts a fresh one. A slide is computed by one process at a time (a
+``--new-run`` always starts a fresh one. ``--uncertainty`` asks for the per-cell expression
+uncertainty: a finished run made without it is then not reused (a new run starts), while a run
+made with it also answers a request without it (the same expression). A slide is computed by one process at a time (a
 lock per slide under the project, released by the system when the process dies).
 
 Privacy: progress and error messages name a slide by its project id, or by its position
@@ -74,7 +76,7 @@ def _check_unchanged(record, patient: str | None, mpp: float | None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ghist_core.pipeline.worker import identifying_strings, predict_slide_locked, redact
+    from ghist_core.pipeline.worker import identifying_strings, predict_slide_locked, redact, uncertainty_note
     from ghist_core.project.store import Project
 
     mpp, patient = _check_predict_args(args)
@@ -90,13 +92,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             try:
                 done = predict_slide_locked(
                     project, record.slide_id, model_id=args.model, segmenter_id=args.segmenter, device=args.device,
-                    progress=callback, new_run=args.new_run, wait=args.wait,
+                    progress=callback, new_run=args.new_run, wait=args.wait, uncertainty=args.uncertainty,
                     on_wait=lambda pid, sid=record.slide_id: print(
                         f"slide {sid}: waiting for process {pid or '?'} to finish its run", file=sys.stderr))
             finally:
                 bar.close()
-            print(json.dumps({"input": i, "slide": str(slide_path), "slide_id": record.slide_id, "run_id": done.run_id,
-                              "action": done.action, "n_cells": done.n_cells, "h5ad": str(done.h5ad_path)}))
+            line = {"input": i, "slide": str(slide_path), "slide_id": record.slide_id, "run_id": done.run_id,
+                    "action": done.action, "n_cells": done.n_cells, "h5ad": str(done.h5ad_path)}
+            if args.uncertainty:  # what the column holds, or why the run went on without it (one member)
+                note = uncertainty_note(done.h5ad_path) or "unavailable: this run did not record it"
+                line["uncertainty"] = note
+                if note.startswith("unavailable"):
+                    print(f"note: slide {record.slide_id}: no expression uncertainty: {note}", file=sys.stderr)
+            print(json.dumps(line))
         except GhistError as exc:
             label = f"slide {record.slide_id}" if record is not None else f"input {i}" + (f" of {n}" if n > 1 else "")
             message = redact(str(exc), identifying_strings(record, slide_path, patient), label)
@@ -185,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a fresh run even when the slide has a finished or resumable one")
     p.add_argument("--wait", action="store_true",
                    help="when another process is running a slide, wait for it instead of exiting with code 4")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also record each cell's expression uncertainty (obs 'expression_uncertainty': how much the "
+                        "model's ensemble members, trained with different seeds, disagree). Needs a model with "
+                        "several members (a one-member model runs without it, with a note) and costs about 3x the "
+                        "expression step")
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("cohort", help="predict every slide of a manifest on a Dask cluster")

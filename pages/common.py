@@ -200,12 +200,14 @@ def segmenter_id() -> str | None:
     return "classical" if choice == "classical" else None
 
 
-def submit(project, slide_id: int) -> int:
-    """Start a run of a slide with the session's model, device and segmenter (one worker process)."""
+def submit(project, slide_id: int, *, uncertainty: bool = False) -> int:
+    """Start a run of a slide with the session's model, device and segmenter (one worker process);
+    ``uncertainty`` also records each cell's expression uncertainty (the model's members' spread)."""
     from ghist_core.pipeline import worker as jobs
 
     run_id = jobs.submit_run(project.folder, int(slide_id), model_id=st.session_state[MODEL_ID],
-                             device=st.session_state[DEVICE], segmenter_id=segmenter_id())
+                             device=st.session_state[DEVICE], segmenter_id=segmenter_id(),
+                             uncertainty=uncertainty)
     st.session_state[WATCHED_RUNS] = list({*st.session_state[WATCHED_RUNS], run_id})
     return run_id
 

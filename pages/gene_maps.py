@@ -1,5 +1,6 @@
 """Gene maps: predicted expression of 1–4 genes over the H&E, per cell or as a grid summary,
-and a full-resolution close-up (the slide's own pixels, nucleus outlines) at 5×–40×."""
+and a full-resolution close-up (the slide's own pixels, nucleus outlines) at 5×–40×; a prediction
+with a per-cell expression uncertainty can add it as one more panel."""
 
 from __future__ import annotations
 
@@ -46,6 +47,28 @@ adata = c.cached_prediction(str(project.folder), slide_id, run_id)
 genes = list(map(str, adata.var_names))
 units = figures.expression_units(adata)
 rel = Reliability.from_adata(adata)  # the card's held-out test per gene; unknown for older models
+layers = figures.map_layers(adata)  # e.g. expression_uncertainty: drawn like a gene, but not a gene
+
+
+def _members_text(a) -> str:
+    """How many models the uncertainty compares ("3 models"), from the card's ensemble count."""
+    card = (a.uns.get("ghist") or {}).get("model_card") if isinstance(a.uns.get("ghist"), dict) else None
+    ens = card.get("ensemble") if isinstance(card, dict) else None
+    k = ens.get("members") if isinstance(ens, dict) else None
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        k = 0
+    return f"{k} models" if k > 1 else "several models"
+
+
+LAYER_CHECKBOXES = {"expression_uncertainty": "Add the uncertainty map"}
+LAYER_CAPTIONS = {
+    "expression_uncertainty": (
+        f"How much {_members_text(adata)} trained with different seeds disagree in each cell (standard deviation "
+        "of their log1p expression, averaged over the genes): higher = less certain. It keeps its own colour range "
+        "(other units than expression)."),
+}
 
 # --- controls ----------------------------------------------------------------------------
 with st.sidebar:
@@ -67,6 +90,12 @@ with st.sidebar:
                                   "(the number is the held-out r). " if rel.known else
                                   f"{len(genes)} genes predicted by the model. ")
                                  + "Pick up to 4 to compare side by side.")
+    add_layers = []
+    for layer in layers:  # not a gene: outside the picker, the 4-gene limit and the reliability
+        if st.checkbox(LAYER_CHECKBOXES.get(layer, f"Add the {figures.value_name(layer).lower()} map"),
+                       key=f"gm_layer_{layer}",
+                       help=f"One more panel after the genes: {LAYER_CAPTIONS.get(layer, figures.value_name(layer))}"):
+            add_layers.append(layer)
     if not rel.known:
         st.caption(plain(rel.describe()))
     else:
@@ -120,6 +149,7 @@ if mode == "cells" and auto_grid:
 if not chosen:
     st.info("Pick at least one gene in the sidebar.")
     st.stop()
+panels = [*chosen, *add_layers]  # the genes, then the map layers asked for
 if present and not keep_types:
     st.info("Pick at least one cell type to show in the sidebar.")
     st.stop()
@@ -201,28 +231,32 @@ if mag:
                f"{win.mpp:.3g} µm per pixel. Every panel shows the same place.")
 else:
     view_args, shared_over = None, None
-vrange = None
+vrange = None  # the genes' range; a map layer (other units) always keeps its own
 if scale == "Fixed":
     vrange = (float(min(fixed)), float(max(fixed)) if fixed[1] != fixed[0] else float(fixed[0]) + 1e-6)
 elif scale == "Shared by panels" and colour_by == "Expression":
     vrange = viewer.shared_range(adata, chosen, shared_over)
-per_row = 1 if len(chosen) == 1 else 2
-rows = [chosen[i:i + per_row] for i in range(0, len(chosen), per_row)]
+per_row = 1 if len(panels) == 1 else 2
+rows = [panels[i:i + per_row] for i in range(0, len(panels), per_row)]
 maps: list[figures.GeneMap] = []
 for row in rows:
     cols = st.columns(len(row))
     for col, gene in zip(cols, row):
+        is_layer = gene in add_layers
+        own = None if is_layer else vrange
         if view_args:
-            args = (*key_args, "view", gene, *view_args, colour_by, cmap, filt, show_he, vrange)
+            args = (*key_args, "view", gene, *view_args, colour_by, cmap, filt, show_he, own)
         else:
-            args = (*key_args, "map", gene, mode, colour_by, cmap, filt, show_he, vrange)
+            args = (*key_args, "map", gene, mode, colour_by, cmap, filt, show_he, own)
         gm = draw(*args)
         maps.append(gm)
         with col:
             what = {"cells": f"{gm.n_objects:,} cells", "outlines": f"{gm.n_objects:,} nuclei outlined"}.get(
                 gm.mode, f"{gm.n_objects:,} squares of {gm.grid_size_um or 0:g} µm (mean of their cells)")
-            st.markdown(f"**{plain(gene)}** · {what}")
-            if rel.known:
+            st.markdown(f"**{plain(figures.value_name(gene))}** · {what}")
+            if is_layer:
+                st.caption(plain(LAYER_CAPTIONS.get(gene, figures.value_name(gene))))
+            elif rel.known:
                 note = plain(rel.label(gene))
                 st.caption(note if rel.is_reliable(gene) else f":material/warning: {note}")
             # keyed by slide and view: a new slide or place is a new chart, never the old image under new cells

@@ -14,7 +14,8 @@ import streamlit as st
 from ghist_core.errors import GhistError, MissingMppError, SlideError
 from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
-from ghist_core.weights.card import model_cell_inputs
+from ghist_core.project.runs import run_uncertainty
+from ghist_core.weights.card import model_cell_inputs, model_members
 from pages import common as c
 
 c.init_session()
@@ -56,6 +57,20 @@ with st.expander("Model and device", expanded=False):
         st.warning("This model also reads each nucleus' type probabilities from the learned segmenter, which the "
                    "fast classical segmenter does not give: runs with it would be refused. Choose auto or learned.",
                    icon=":material/warning:")
+    # per-cell uncertainty: the spread of the model's ensemble members (seeds), only when it has several
+    members = model_members(models, st.session_state[c.MODEL_ID])
+    if members < 2:
+        st.session_state["upload_uncertainty"] = False  # a one-member model cannot give it: never left ticked
+    uncertainty = st.checkbox(
+        "Per-cell uncertainty (about 3× slower prediction)", key="upload_uncertainty", disabled=members < 2,
+        help=(f"Also runs the model's {members} members (the same model trained {members} times with different "
+              "random seeds) and records, for each cell, how much they disagree: the spread of their predicted "
+              "expression, averaged over the genes. High values mark cells whose prediction is less certain; "
+              "Gene maps can show it as a map. The expression itself is unchanged. The expression step takes "
+              f"about {members}× as long." if members > 1 else
+              "Not available for this model: it has one member. Per-cell uncertainty compares several copies of "
+              "the model trained with different seeds, so it needs a model with ensemble members."))
+    uncertainty = bool(uncertainty) and members > 1
 
 # --- upload ------------------------------------------------------------------------------
 st.subheader("1 · Add slides")
@@ -107,10 +122,11 @@ def _remember_mpp(fid: str) -> None:
 
 
 def _start_run_if_wanted(slide_id: int, run_now: bool) -> None:
-    """Start a run unless the slide already has a finished or active one (no redundant runs)."""
-    if run_now and overview.wants_run(project, slide_id):
+    """Start a run unless the slide already has a finished or active one (no redundant runs); with the
+    uncertainty ticked, a finished run made without it does not count."""
+    if run_now and overview.wants_run(project, slide_id, uncertainty=uncertainty):
         try:
-            c.submit(project, slide_id)
+            c.submit(project, slide_id, uncertainty=uncertainty)
         except GhistError as exc:
             st.error(plain(exc))
             st.stop()
@@ -232,7 +248,7 @@ for _, row in overview.slides_not_run(project).iterrows():
     cols[0].markdown(f"{plain(c.slide_label(row))} — not run yet")
     if cols[1].button("Run", key=f"run_{row['slide_id']}"):
         try:
-            c.submit(project, int(row["slide_id"]))
+            c.submit(project, int(row["slide_id"]), uncertainty=uncertainty)
         except GhistError as exc:
             st.error(plain(exc))
 
@@ -262,7 +278,8 @@ def live_runs() -> None:
         rid, status = int(run["run_id"]), RunStatus(run["status"])
         label = names.get(int(run["slide_id"]), f"slide {run['slide_id']}")
         with st.container(border=True, key=f"runbox_{rid}"):
-            st.markdown(f"**{plain(label)}** · run {rid} · **{status}**")
+            extra = " · with per-cell uncertainty" if run_uncertainty(run.get("params")) else ""
+            st.markdown(f"**{plain(label)}** · run {rid} · **{status}**{extra}")
             if status.is_active:
                 progress = float(run.get("progress") or 0.0)
                 stage = run.get("stage") or RunStatus.QUEUED

@@ -1,6 +1,6 @@
 """Shared helpers for the pages under Streamlit's AppTest (``tests/app``): a fresh projects folder,
-opening a page through the app's navigation or on its own, and a finished prediction recorded
-through the store's own API."""
+opening a page through the app's navigation or on its own, a finished prediction recorded
+through the store's own API, and the bytes a download button gives on a click."""
 
 from __future__ import annotations
 
@@ -69,3 +69,32 @@ def register_prediction(project: Any, slide_id: int, adata: Any, *,
         project.add_result_file(run_id, "grid", grid)
     project.finish_run(run_id, n_cells=int(adata.n_obs), timings={})
     return run_id
+
+
+#: deferred downloads registered by the pages: file id -> the callable a click runs
+_DEFERRED: dict[str, Any] = {}
+
+
+def record_deferred_downloads(monkeypatch: Any) -> None:
+    """AppTest drops its media manager after each run: keep the callables a download click would run
+    (for :func:`download`); ``monkeypatch`` undoes it after the test."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    original = MediaFileManager.add_deferred
+    _DEFERRED.clear()
+
+    def add_deferred(self, data_callable, *args, **kwargs):
+        file_id = original(self, data_callable, *args, **kwargs)
+        _DEFERRED[file_id] = data_callable
+        return file_id
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", add_deferred)
+
+
+def download(at: AppTest, key: str) -> tuple[str, bytes]:
+    """(label, bytes) of a download button, fetched as the browser would on a click
+    (:func:`record_deferred_downloads` first)."""
+    button = next(b for b in at.get("download_button") if b.key == key)
+    assert button.proto.ignore_rerun  # a click never reruns the page (the file stays the one offered)
+    assert button.proto.deferred_file_id  # read from disk on the click, not held in memory before
+    return button.proto.label, _DEFERRED[button.proto.deferred_file_id]()

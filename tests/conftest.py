@@ -61,6 +61,14 @@ def tiny_ghist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ensemble(tmp_path_factory) -> Path:
+    """Folder holding a tiny GHIST model with 3 ensemble members (seeds), for the per-cell uncertainty."""
+    folder = tmp_path_factory.mktemp("tiny_ensemble")
+    make_tiny_ghist(folder, members=3)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def small_slide_png(tmp_path_factory, demo_slide: Path) -> Path:
     """A 700 x 700 px crop (≈ 350 µm square, 0.499 µm/px) of the demo slide, as PNG."""
     from slide_factory import demo_crop_png

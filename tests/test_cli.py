@@ -88,3 +88,39 @@ def test_manifest_paths_are_relative_to_the_manifest(tmp_path):
     (tmp_path / "bad.csv").write_text("path,patient\nx,y\n")
     with pytest.raises(ClinicalTableError, match="slide_path"):
         read_manifest(tmp_path / "bad.csv")
+
+
+def test_predict_help_describes_uncertainty(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--uncertainty" in help_text and "several members" in help_text and "3x the expression step" in help_text
+
+
+def test_predict_uncertainty_with_a_one_member_model_goes_on_with_a_note(tmp_path, small_slide_png, tiny_ghist, capsys):
+    """``--uncertainty`` on a model without ensemble members: the run finishes without the column and says why."""
+    import json
+
+    import anndata as ad
+
+    from ghist_core import _keys as K
+    from ghist_core.cli import EXIT_OK
+    from ghist_core.project import Project
+
+    argv = ["predict", str(small_slide_png), "--project", str(tmp_path / "proj"), "--mpp", "0.499",
+            "--model", str(tiny_ghist), "--segmenter", "classical", "--device", "cpu", "--uncertainty"]
+    for action in ("new", "existing"):  # asked again: the run that asked for it answers (no pointless rerun)
+        assert main(argv) == EXIT_OK
+        out, err = capsys.readouterr()
+        line = json.loads(out.strip().splitlines()[-1])
+        assert line["action"] == action and line["uncertainty"] == "unavailable: the model has one member"
+        assert f"note: slide {line['slide_id']}: no expression uncertainty: unavailable: the model has one member" in err
+        assert "Traceback" not in err
+    assert K.OBS_EXPRESSION_UNCERTAINTY not in ad.read_h5ad(line["h5ad"]).obs
+    with Project.open(tmp_path / "proj") as project:
+        assert project.get_run(line["run_id"]).params["pipeline"]["uncertainty"] is True
+
+    assert main(argv[:-1]) == EXIT_OK  # without the option: the same run, no note
+    out, err = capsys.readouterr()
+    plain = json.loads(out.strip().splitlines()[-1])
+    assert plain["run_id"] == line["run_id"] and "uncertainty" not in plain and "note:" not in err

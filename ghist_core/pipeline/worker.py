@@ -36,6 +36,7 @@ from ghist_core.io.atomic import remove_temporaries
 from ghist_core.project import Project, RunStatus
 from ghist_core.project import runs as run_store
 from ghist_core.project.locks import lock_slide
+from ghist_core.project.runs import run_uncertainty
 
 CANCEL_FILE = "CANCEL"
 #: The worker's exit status when it found its run taken over by another process (nothing to do).
@@ -105,7 +106,7 @@ class _RedactingStream(io.TextIOBase):
 @dataclass(frozen=True)
 class SlideRun:
     """What :func:`predict_slide_locked` did: ``action`` is ``"new"``, ``"resumed"`` or ``"existing"``
-    (a finished run with the same model and segmenter was already there)."""
+    (a finished run with the same model and segmenter, and the uncertainty if asked, was already there)."""
 
     slide_id: int
     run_id: int
@@ -114,8 +115,34 @@ class SlideRun:
     action: str
 
 
-def _same_settings(run, model_id: str | None, segmenter_id: str | None) -> bool:
-    return run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
+def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertainty: bool = False) -> bool:
+    """Whether ``run`` answers a request for this model, segmenter and uncertainty setting.
+
+    A run with the uncertainty satisfies a request without it (its ``X`` is the same by design:
+    member 0's prediction; the extra column costs nothing to keep), so it is reused or resumed;
+    a run without it never satisfies a request with it.
+    """
+    return (run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
+            and (run_uncertainty(run.params) or not uncertainty))
+
+
+def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
+    """``uns["ghist"]["uncertainty"]`` of a finished run's ``.h5ad`` (what its uncertainty column holds,
+    or why it is absent), read without loading the cells; None when the run did not ask for it."""
+    if h5ad_path is None:
+        return None
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(h5ad_path, "r") as f:
+            node = f.get("uns/ghist/uncertainty")
+            value = read_elem(node) if node is not None else None
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return str(value) if value is not None else None
 
 
 def sweep_slide_temporaries(project: Project, slide_id: int) -> list[Path]:
@@ -135,7 +162,8 @@ def sweep_slide_temporaries(project: Project, slide_id: int) -> list[Path]:
 def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | None = None,
                          segmenter_id: str | None = None, device: str = "auto", progress=None,
                          new_run: bool = False, wait: bool = False,
-                         on_wait: Callable[[int | None], None] | None = None) -> SlideRun:
+                         on_wait: Callable[[int | None], None] | None = None,
+                         uncertainty: bool = False) -> SlideRun:
     """Predict a slide already in the project, holding its lock; resume rather than redo.
 
     Under the lock: runs whose worker died become ``interrupted``; the slide's stale ``*.part``
@@ -143,8 +171,13 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     when finished, resumed from its checkpoints when resumable, and otherwise (or with
     ``new_run``) a new run starts. Another process running the slide: ``SlideBusyError`` (or,
     with ``wait``, wait for it).
+
+    ``uncertainty`` asks for ``obs["expression_uncertainty"]`` (``PipelineConfig.uncertainty``): a
+    latest run made without it is then not reused nor resumed (a new run starts), while a run made
+    with it also answers a request without it (see :func:`_same_settings`). A resumed run keeps the
+    settings it was recorded with.
     """
-    from ghist_core.pipeline.blocks import predict_slide
+    from ghist_core.pipeline.blocks import PipelineConfig, predict_slide
 
     with lock_slide(project.folder, slide_id, wait=wait, on_wait=on_wait):
         project.mark_interrupted_runs()
@@ -153,7 +186,7 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         if latest is not None and latest.status is RunStatus.RUNNING:  # alive, but not holding the lock
             raise SlideBusyError(f"Slide {slide_id} is being analysed by another process (run {latest.run_id}, "
                                  f"process {latest.worker_pid}); wait for it to finish.")
-        same = latest is not None and _same_settings(latest, model_id, segmenter_id)
+        same = latest is not None and _same_settings(latest, model_id, segmenter_id, uncertainty)
         if same and not new_run and latest.status is RunStatus.FINISHED:
             h5ad = project.result_files(latest.run_id).get("h5ad")
             if h5ad is not None and h5ad.is_file():
@@ -161,8 +194,9 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         resume = latest.run_id if same and not new_run and latest.is_resumable else None
         if resume is not None:
             (project.folder / "runs" / str(resume) / CANCEL_FILE).unlink(missing_ok=True)
+        config = None if resume is not None else PipelineConfig(uncertainty=bool(uncertainty))
         result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
-                               progress=progress, run_id=resume)
+                               progress=progress, run_id=resume, config=config)
         return SlideRun(slide_id, result.run_id, result.n_cells, result.h5ad_path,
                         "resumed" if resume is not None else "new")
 
@@ -184,18 +218,20 @@ def _spawn(project_folder: Path, run_id: int, slide_id: int, model_id: str | Non
 
 
 def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: str | None = None, device: str = "auto",
-               segmenter_id: str | None = None) -> int:
+               segmenter_id: str | None = None, uncertainty: bool = False) -> int:
     """Record a new run for ``slide_id`` and start its worker; returns the run id.
 
     A slide that already has an active run (a worker of the app, ``ghist predict`` or a cohort
-    task) gets no second one: its run id is returned.
+    task) gets no second one: its run id is returned. ``uncertainty`` is recorded in the run's
+    params (``{"pipeline": {"uncertainty": ...}}``), from which the worker's pipeline takes its settings.
     """
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
     project.mark_interrupted_runs()
+    params = {"model_id": model_id, "segmenter_id": segmenter_id, "pipeline": {"uncertainty": bool(uncertainty)}}
     run_id, created = run_store.claim_run(
         project.db, slide.slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
-        params={"model_id": model_id, "segmenter_id": segmenter_id}, status=RunStatus.QUEUED)
+        params=params, status=RunStatus.QUEUED)
     if created:
         _spawn(Path(project_folder), run_id, slide_id, model_id, device, segmenter_id)
     return run_id

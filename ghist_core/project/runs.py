@@ -26,7 +26,7 @@ from ghist_core.errors import RunStateError, StoreError
 from ghist_core.project.db import ProjectDB, to_json, utc_now
 
 __all__ = ["RunStatus", "RunRecord", "TRANSITIONS", "check_transition", "is_resumable", "STALE_HEARTBEAT_S",
-           "claim_run", "pid_alive"]
+           "claim_run", "pid_alive", "run_uncertainty"]
 
 #: A run on another machine whose heartbeat is older than this is considered dead.
 STALE_HEARTBEAT_S = 15 * 60
@@ -133,6 +133,14 @@ class RunRecord:
     @property
     def is_resumable(self) -> bool:
         return self.status.is_resumable
+
+
+def run_uncertainty(params: Mapping[str, Any] | None) -> bool:
+    """Whether a run was asked for the per-cell expression uncertainty: its params hold
+    ``{"pipeline": {"uncertainty": true}}`` (the pipeline's ``PipelineConfig.uncertainty``). A run
+    recorded without the setting (before it existed, or not asked) reads as False."""
+    pipeline = params.get("pipeline") if isinstance(params, Mapping) else None
+    return isinstance(pipeline, Mapping) and pipeline.get("uncertainty") is True
 
 
 _RUN_COLS = tuple(f.name for f in fields(RunRecord))

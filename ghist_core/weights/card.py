@@ -39,6 +39,7 @@ __all__ = [
     "read_card",
     "card_file_hashes",
     "model_cell_inputs",
+    "model_members",
 ]
 
 #: Largest card read (a 20,000-gene card is well under 1 MB).
@@ -289,9 +290,27 @@ def model_cell_inputs(models: list[Mapping[str, Any]], model_id: str | None) -> 
     ``model_id`` or ``name`` (``None``: the bundled one). Segmenter entries are passed over; an
     unknown model or one without cell inputs gives ``[]``.
     """
+    card = _chosen_card(models, model_id)
+    return list((card or {}).get("config", {}).get("cell_inputs") or [])
+
+
+def model_members(models: list[Mapping[str, Any]], model_id: str | None) -> int:
+    """How many ensemble members (seeds) the chosen GHIST model holds: its card's ``ensemble.members``.
+
+    Chosen as in :func:`model_cell_inputs`. An unknown model, a card without ``ensemble`` or a
+    malformed count gives 1 (no per-cell uncertainty: that needs more than one member).
+    """
+    ens = (_chosen_card(models, model_id) or {}).get("ensemble")
+    k = ens.get("members") if isinstance(ens, Mapping) else None
+    return k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else 1
+
+
+def _chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:
+    """The card of the GHIST model ``model_id`` (its ``model_id`` or ``name``; None: the bundled one)."""
     for m in models:
         if m.get("kind") not in (None, "ghist"):
             continue
         if (model_id is None and m.get("source") == "bundled") or (model_id is not None and model_id in (m.get("model_id"), m.get("name"))):
-            return list((m.get("card") or {}).get("config", {}).get("cell_inputs") or [])
-    return []
+            card = m.get("card")
+            return card if isinstance(card, Mapping) else None
+    return None

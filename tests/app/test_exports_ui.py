@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 from ghist_core.export import cells_in_regions, read_regions
 from ghist_core.paths import REPO_DIR
 from ghist_core.viz import palette
-from apptest_kit import register_prediction
+from apptest_kit import download, record_deferred_downloads, register_prediction
 from prediction_factory import synthetic_prediction
 
 N_CELLS = 400
@@ -69,33 +69,13 @@ def _open(page: str, project) -> AppTest:
     return at
 
 
-#: deferred downloads registered by the pages: file id -> the callable a click runs
-_DEFERRED: dict[str, object] = {}
-
-
 @pytest.fixture(autouse=True)
 def _record_deferred(monkeypatch):
     """AppTest drops its media manager after each run; keep the callables a click would run."""
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    original = MediaFileManager.add_deferred
-
-    def add_deferred(self, data_callable, *args, **kwargs):
-        file_id = original(self, data_callable, *args, **kwargs)
-        _DEFERRED[file_id] = data_callable
-        return file_id
-
-    monkeypatch.setattr(MediaFileManager, "add_deferred", add_deferred)
-    yield
-    _DEFERRED.clear()
+    record_deferred_downloads(monkeypatch)
 
 
-def _download(at: AppTest, key: str) -> tuple[str, bytes]:
-    """(label, bytes) of a download button, fetched as the browser would on a click."""
-    button = next(b for b in at.get("download_button") if b.key == key)
-    assert button.proto.ignore_rerun  # a click never reruns the page (the file stays the one offered)
-    assert button.proto.deferred_file_id  # read from disk on the click, not held in memory before
-    return button.proto.label, _DEFERRED[button.proto.deferred_file_id]()
+_download = download
 
 
 def _buttons(at: AppTest) -> dict:

@@ -14,17 +14,14 @@ from ghist_core import _keys as K
 from ghist_core.errors import RunCancelledError
 from ghist_core.pipeline.blocks import PipelineConfig, load_grid, predict_slide
 from ghist_core.project.store import Project
-from testkit import make_tiny_ghist
 
 SMALL = PipelineConfig(block_um=128.0, grid_sizes_um=(25.0, 100.0))
 UNC = K.OBS_EXPRESSION_UNCERTAINTY
 
 
 @pytest.fixture(scope="module")
-def ensemble(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ensemble")
-    make_tiny_ghist(folder, members=3)
-    return folder
+def ensemble(tiny_ensemble: Path) -> Path:
+    return tiny_ensemble
 
 
 def _project(tmp_path: Path, png: Path, name: str) -> tuple[Project, int]:
