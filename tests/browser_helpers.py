@@ -122,12 +122,12 @@ def canvas_image(page, index: int = 0) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def choose_gene(page, gene: str) -> None:
-    """Replace the gene selection in the sidebar multiselect with ``gene`` (any gene: the
-    "Show genes that are not reliable" toggle is switched on first when the model has one)."""
+def choose_gene(page, gene: str, include_unreliable: bool = False) -> None:
+    """Replace the gene selection in the sidebar multiselect with ``gene``; ``include_unreliable``
+    first switches on "Show genes that are not reliable" (when the model has reliability)."""
     toggle = page.locator('[data-testid="stSidebar"] [data-testid="stCheckbox"]').filter(
         has_text="Show genes that are not reliable")
-    if toggle.count() and not toggle.first.locator("input").is_checked():
+    if include_unreliable and toggle.count() and not toggle.first.locator("input").is_checked():
         toggle.first.locator("label").first.click()
         wait_app_idle(page)
     box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first
