@@ -15,6 +15,17 @@ SMALL_SLIDE_MPP = 0.499
 SHARED = shared_data_dir()
 
 
+def load_repo_script(relpath: str):
+    """A script of the repo (``bench/…``, ``scripts/…``: not a package) imported as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def require_shared(*parts: str) -> Path:
     """``<shared data>/<parts>``, or skip the calling test naming the missing folder or file."""
     path = SHARED.joinpath(*parts)

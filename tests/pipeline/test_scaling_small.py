@@ -3,19 +3,13 @@ tiled pyramidal TIFF that OpenSlide opens as a generic TIFF with the same pyrami
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from testkit import load_repo_script
 
 
 def _bench_pipeline():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_script("bench/pipeline.py")
 
 
 def test_synthetic_pyramid_opens_through_openslide(tmp_path):

@@ -1,21 +1,15 @@
 """The card's per-gene and per-type reliability, made from a protocol result (bench/her2st.json shape)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
 from ghist_core.model.reliability import Reliability
-
-REPO = Path(__file__).resolve().parents[2]
+from testkit import load_repo_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_ghist", REPO / "scripts" / "train_ghist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_script("scripts/train_ghist.py")
 
 
 def _protocol(model_gain: dict[str, float]) -> dict:
