@@ -56,11 +56,6 @@ def folds(section: np.ndarray, patient: np.ndarray) -> dict[str, tuple[np.ndarra
     return out
 
 
-def summarise(r: np.ndarray) -> dict:
-    top = np.sort(r)[::-1][:50]
-    return {"mean_pcc": float(r.mean()), "top50_pcc": float(top.mean()), "n_genes_r_gt_0.3": int((r > 0.3).sum())}
-
-
 # --------------------------------------------------------------------------------------------
 # one training job (a subprocess, so that many share the GPU)
 # --------------------------------------------------------------------------------------------
@@ -221,6 +216,7 @@ def maps_png(preds: dict, pack, path: Path, per_gene: dict, section: str = "C3")
 # --------------------------------------------------------------------------------------------
 #: outer folds → held-out unit; LOPO B (train C, test B4) *is* LOSO B4, scored once and reported under both
 OUTER_UNITS = {**{f"loso_{s}": s for s in SECTIONS}, "lopo_C": "C"}
+OUTER_UNITS_FOLD = {u: f for f, u in OUTER_UNITS.items()}
 SPLIT_UNITS = {"loso": {s: f"loso_{s}" for s in SECTIONS}, "lopo": {"B": "loso_B4", "C": "lopo_C"}}
 FLOORS = ("ridge_count", "ridge_count_types", "ridge_count_types_colour")
 PROGRAM_KS = (5, 10, 20, 40)
@@ -228,7 +224,7 @@ GOALS = {"loso_mean_pcc": 0.25, "lopo_mean_pcc": 0.20, "ahead_of_floor_by": 0.03
          "pc1_share_within": 0.15, "partial_pcc_mean": 0.05}
 
 
-def _cnn_runs(pattern: str, kind: str) -> dict[int, Path]:
+def _cnn_runs(pattern: str) -> dict[int, Path]:
     """``seed -> work dir`` for the job folders matching ``pattern`` (``.../<kind>_s<seed>``)."""
     import glob
 
@@ -269,8 +265,8 @@ def protocol(args: argparse.Namespace) -> dict:
                 "ridge_count_types_colour": RidgeSpec("ridge_count_types_colour", all_cols),
                 **{f"programs_k{k}": RidgeSpec(f"programs_k{k}", all_cols, programs=k) for k in PROGRAM_KS}}
     fl = folds(pack.section, pack.patient)
-    ghist_runs = _cnn_runs(args.ghist_work, "ghist")
-    stnet_runs = _cnn_runs(args.stnet_work, "stnet")
+    ghist_runs = _cnn_runs(args.ghist_work)
+    stnet_runs = _cnn_runs(args.stnet_work)
     markers = [g for g in CLINICAL_MARKERS if g in genes]
     r_of: dict[str, dict[str, np.ndarray]] = {}  # method -> unit -> r (all genes)
     pred_of: dict[str, dict[str, np.ndarray]] = {}  # method -> unit -> prediction (seed mean for CNNs)
@@ -398,7 +394,7 @@ def protocol(args: argparse.Namespace) -> dict:
 
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outdir / f"{args.name}.json", json.dumps(out, indent=1, allow_nan=False, default=_nan_none) + "\n")
+    atomic_write_text(outdir / f"{args.name}.json", json.dumps(out, indent=1, allow_nan=False) + "\n")
     np.savez_compressed(outdir / f"{args.name}_preds.npz", **preds_npz)
     try:  # measured vs predicted maps of a held-out section (seed 0 of each CNN)
         mp = {k.rsplit("__s", 1)[0]: v for k, v in preds_npz.items() if k.endswith("__s0")}
@@ -414,13 +410,6 @@ def protocol(args: argparse.Namespace) -> dict:
         print(f"{split}: model {f(b['model'])} | floor {f(b['floor'])} | "
               + " | ".join(f"{k} {f(v)}" for k, v in b["baselines"].items()), flush=True)
     return out
-
-
-OUTER_UNITS_FOLD = {u: f for f, u in OUTER_UNITS.items()}
-
-
-def _nan_none(v):
-    raise TypeError(f"not JSON: {type(v)}")
 
 
 def type_agreement(types_of: dict, pack, fl: dict, type_names: list[str]) -> dict:
@@ -503,7 +492,8 @@ def protocol_text(args, ghist_runs: dict, stnet_runs: dict, cov_names: list[str]
         "specificity": "per held-out unit: PC1 share of variance of predicted vs measured log expression over spots "
                        "(250 HVGs, centred); r between predicted and measured gene-gene correlation matrices; mean "
                        "partial r per gene after regressing log1p(nuclei in spot) out of both",
-        "command": "bash tmp/her2st_cnn/run_ghist_seeds.sh (KIND=ghist, then KIND=stnet) then "
+        "command": "the CNN jobs: bench/her2st.py job per fold x seed, the jobs `bench/her2st.py run --seeds 0,1,2` "
+                   "starts (both commands in bench/her2st.py's docstring); then "
                    f"python bench/her2st.py protocol --ghist-work '{args.ghist_work}' --stnet-work '{args.stnet_work}'",
     }
 
@@ -556,7 +546,8 @@ def cells(args: argparse.Namespace) -> dict:
     o = cell_outputs(net, pack, pack.images())
     n_hvg = int(pack.n_hvg)
     sec = pack.section[pack.cell_spot[o["cell"]]]
-    y = pack.targets()[:, :n_hvg]
+    targets = pack.targets()
+    y = targets[:, :n_hvg]
     per_section = {}
     for s in SECTIONS:
         m = sec == s
@@ -569,8 +560,8 @@ def cells(args: argparse.Namespace) -> dict:
             ia, ib = genes.index(a), genes.index(b)
             m = sec == "B4"
             corr[f"{a}~{b}"] = {"cells_pred_B4": float(np.corrcoef(o["log_expr"][m, ia], o["log_expr"][m, ib])[0, 1]),
-                                "spots_measured_B4": float(np.corrcoef(pack.targets()[pack.section == "B4", ia],
-                                                                       pack.targets()[pack.section == "B4", ib])[0, 1])}
+                                "spots_measured_B4": float(np.corrcoef(targets[pack.section == "B4", ia],
+                                                                       targets[pack.section == "B4", ib])[0, 1])}
     # type calls against the segmenter's CoNSeP classes (which the model also reads: agreement is partly by design)
     names = [str(t) for t in model.cell_types]
     seg_names = [str(n).removeprefix("prob_") for n in pack.cell_input_names]
@@ -613,7 +604,6 @@ def main(argv: list[str] | None = None) -> None:
     pack.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
     results = argparse.ArgumentParser(add_help=False)  # every command that writes a results file
     results.add_argument("--out", default="bench/results")
-    results.add_argument("--note", default="")
     results.add_argument("--name", default="her2st", help="results file stem in --out")
     train = argparse.ArgumentParser(add_help=False)
     train.add_argument("--work", default="tmp/her2st_cnn")

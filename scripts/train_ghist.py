@@ -112,13 +112,15 @@ def reliability_from_bench(res: dict) -> dict:
     the held-out units are the 6 LOSO sections and LOPO patient C (LOPO B is LOSO B4)."""
     from ghist_core.training.expression_metrics import BEAT_RULE, reliability_table
 
-    def unit_r(entry: dict, names: list[str], key: str = "per_gene") -> dict:
-        units = {**{u: v for u, v in entry["loso"]["per_unit"].items()}, "C": entry["lopo"]["per_unit"]["C"]}
-        return {u: np.array([v[key][n] for n in names]) for u, v in units.items()}
+    def unit_r(per_unit: dict, names: list[str], key: str) -> dict:
+        return {u: np.array([v[key][n] for n in names]) for u, v in per_unit.items()}
+
+    def held_out(entry: dict) -> dict:
+        return {**entry["loso"]["per_unit"], "C": entry["lopo"]["per_unit"]["C"]}
 
     genes = list(res["loso"]["model"]["per_unit"]["B4"]["per_gene"])
-    model = unit_r({s: res[s]["model"] for s in ("loso", "lopo")}, genes)
-    floor = unit_r({s: res[s]["floor"] for s in ("loso", "lopo")}, genes)
+    model = unit_r(held_out({s: res[s]["model"] for s in ("loso", "lopo")}), genes, "per_gene")
+    floor = unit_r(held_out({s: res[s]["floor"] for s in ("loso", "lopo")}), genes, "per_gene")
     table = reliability_table(model, floor, genes)
     out = {"gene_reliability": {
         "rule": "held-out Pearson r per gene on HER2ST spots (mean over 3 seeds) on 7 units: 6 leave-one-section-out "
@@ -131,8 +133,8 @@ def reliability_from_bench(res: dict) -> dict:
     t = res.get("types", {})
     if "model" in t and "ridge_count" in t:
         names = list(next(iter(t["model"]["per_unit"].values()))["per_type"])
-        pm = {u: np.array([v["per_type"][n] for n in names]) for u, v in t["model"]["per_unit"].items()}
-        pb = {u: np.array([v["per_type"][n] for n in names]) for u, v in t["ridge_count"]["per_unit"].items()}
+        pm = unit_r(t["model"]["per_unit"], names, "per_type")
+        pb = unit_r(t["ridge_count"]["per_unit"], names, "per_type")
         tt = reliability_table(pm, pb, names)
         out["type_reliability"] = {
             "rule": "held-out per-spot agreement (Pearson r over spots) of the predicted type composition with the "
@@ -149,7 +151,6 @@ def load_job_models(pattern: str) -> list[tuple[int, "GhistNet", dict]]:
     """``(seed, net, job meta)`` of every ``final`` job under the seed folders matching ``pattern``."""
     import glob
 
-    import torch
     from safetensors.torch import load_file
 
     found = []
@@ -163,7 +164,6 @@ def load_job_models(pattern: str) -> list[tuple[int, "GhistNet", dict]]:
         missing = {k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")}
         net.load_state_dict({**missing, **load_file(str(w))}, strict=True)
         found.append((int(meta["train_config"]["seed"]), net.eval(), meta))
-    del torch
     return sorted(found, key=lambda t: t[0])
 
 
