@@ -33,11 +33,12 @@ from ghist_core._types import ProgressCallback, ScaledReader
 from ghist_core import _keys as K
 from ghist_core.errors import ModelInputError, UnknownGeneError, WeightsFormatError
 from ghist_core.io.hashing import sha256_file
+from ghist_core.weights.card import ensemble_size
 
 from ghist_core.model.network import GhistConfig, GhistNet
 from ghist_core.model.pooling import N_RAYS, radius_neighbour_mean, rasterise_stars
 
-__all__ = ["GhistModel", "CellPredictions", "load_ghist", "save_ghist", "ensemble_size", "MODEL_NAME", "EXPRESSION_UNITS",
+__all__ = ["GhistModel", "CellPredictions", "load_ghist", "save_ghist", "MODEL_NAME", "EXPRESSION_UNITS",
            "ENSEMBLE_RULE", "UNCERTAINTY_UNAVAILABLE"]
 
 MODEL_NAME = "ghist-her2st"
@@ -548,18 +549,6 @@ def _net_from(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> Ghi
     except RuntimeError as exc:
         raise WeightsFormatError(f"The weights do not fit the GHIST network described by their card: {str(exc)[:300]}") from exc
     return net.eval()
-
-
-def ensemble_size(card: Mapping[str, Any]) -> int:
-    """The number of ensemble members the card lists (``"ensemble": {"members": k, "rule": ...}``; 1 without)."""
-    ens = card.get("ensemble")
-    if ens is None:
-        return 1
-    k = ens.get("members") if isinstance(ens, Mapping) else None
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise WeightsFormatError("The model card's 'ensemble' needs 'members': a whole number of at least 1 "
-                                 "(member 0 is the model, the others seeds of its recipe).")
-    return k
 
 
 def _split_members(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from ghist_core.errors import ModelCardError, WeightsIntegrityError
+from ghist_core.errors import ModelCardError, WeightsFormatError, WeightsIntegrityError
 
 __all__ = [
     "CARD_MAX_BYTES",
@@ -40,6 +40,7 @@ __all__ = [
     "card_file_hashes",
     "model_cell_inputs",
     "model_members",
+    "ensemble_size",
 ]
 
 #: Largest card read (a 20,000-gene card is well under 1 MB).
@@ -300,9 +301,22 @@ def model_members(models: list[Mapping[str, Any]], model_id: str | None) -> int:
     Chosen as in :func:`model_cell_inputs`. An unknown model, a card without ``ensemble`` or a
     malformed count gives 1 (no per-cell uncertainty: that needs more than one member).
     """
-    ens = (_chosen_card(models, model_id) or {}).get("ensemble")
+    try:
+        return ensemble_size(_chosen_card(models, model_id) or {})
+    except WeightsFormatError:
+        return 1
+
+
+def ensemble_size(card: Mapping[str, Any]) -> int:
+    """The number of ensemble members the card lists (``"ensemble": {"members": k, "rule": ...}``; 1 without)."""
+    ens = card.get("ensemble")
+    if ens is None:
+        return 1
     k = ens.get("members") if isinstance(ens, Mapping) else None
-    return k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else 1
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise WeightsFormatError("The model card's 'ensemble' needs 'members': a whole number of at least 1 "
+                                 "(member 0 is the model, the others seeds of its recipe).")
+    return k
 
 
 def _chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:
