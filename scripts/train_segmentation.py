@@ -64,6 +64,8 @@ class TrainConfig:
     init: str = ""                 # start from these weights (safetensors), e.g. an earlier run
     augment: str = "hed"           # "hed": HED jitter (Tellez); "stain": training.augment.SegAugment (bank
                                    # re-staining, HED, colour, blur, JPEG, scale jitter; weights/stain_bank.json)
+    val_restain: int = 0           # also validate on the validation images re-stained to the k training-role
+                                   # bank members farthest from the reference; "best" = mean AJI over all copies
 
 
 # --- data on the device ---------------------------------------------------------------
@@ -194,6 +196,34 @@ def losses(out, inst: torch.Tensor, types: torch.Tensor) -> dict[str, torch.Tens
 
 
 # --- validation -----------------------------------------------------------------------
+def restained_validation(val, k: int) -> dict[str, list]:
+    """The validation images as they are, plus re-stained to the ``k`` *training*-role stain-bank
+    members with the largest mean stain angle to the reference (benchmark members stay unseen),
+    so "best" rewards stain robustness without looking at any test image."""
+    from dataclasses import replace
+
+    from ghist_core.imaging.stain import macenko_restain
+    from ghist_core.training.stain_bank import load_stain_bank, stain_angle_deg
+
+    sets = {"original": list(val)}
+    if k <= 0:
+        return sets
+    bank = load_stain_bank()
+    far = sorted(bank.select("train"), key=lambda m: -float(stain_angle_deg(m.matrix, bank.reference.matrix).mean()))
+    for m in far[:k]:
+        sets[m.name] = [replace(s, rgb=macenko_restain(s.rgb, m.matrix, m.max_c)) for s in val]
+    return sets
+
+
+def evaluate_sets(seg: LearnedSegmenter, sets: dict[str, list], post: PostProcessConfig, pool) -> dict:
+    """``evaluate`` on each validation copy; ``aji`` etc. are means over the copies, per copy AJI kept."""
+    per = {name: evaluate(val_maps(seg, val), seg, post, pool) for name, val in sets.items()}
+    out = {key: float(np.mean([r[key] for r in per.values()])) for key in ("aji", "pq", "dice", "aji_mean")}
+    if len(per) > 1:
+        out.update({f"aji_{name}": r["aji"] for name, r in per.items()})
+    return out
+
+
 def _post_counts(args) -> SegCounts:
     from ghist_core.segmentation.postprocess import hv_watershed
 
@@ -226,6 +256,10 @@ def evaluate(maps, seg: LearnedSegmenter, post: PostProcessConfig, pool) -> dict
     pooled = sum(counts, SegCounts())
     return {"aji": pooled.aji, "pq": pooled.pq, "dice": pooled.dice,
             "aji_mean": float(np.mean([c.aji for c in counts]))}
+
+
+def _mean_scores(rows: list[dict]) -> dict:
+    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -294,6 +328,9 @@ def train(cfg: TrainConfig) -> dict:
     print(f"train images {len(train_s)}, validation images {len(val_native)} "
           f"({sorted({s.source_tile for s in val_native})}), crop {data.crop}px at {cfg.mpp} µm/px", flush=True)
 
+    val_sets = restained_validation(val_native, cfg.val_restain)
+    if cfg.val_restain:
+        print(f"validation also re-stained to {list(val_sets)[1:]}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best_aji": -1.0, "elapsed_s": 0.0, "log": []}
     if cfg.init:
@@ -344,8 +381,7 @@ def train(cfg: TrainConfig) -> dict:
         # from the current weights at each validation (one made before training kept scoring
         # the initial weights, and "best" never moved past epoch 1)
         seg = LearnedSegmenter(model, device=str(device))
-        maps = val_maps(seg, val_native)
-        scores = evaluate(maps, seg, PostProcessConfig(), pool)
+        scores = evaluate_sets(seg, val_sets, PostProcessConfig(), pool)
         state["elapsed_s"] = elapsed0 + time.time() - t0
         rec = {"epoch": state["epoch"], "step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
                **{k: round(v / max(n, 1), 5) for k, v in sums.items()}, **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
@@ -363,19 +399,19 @@ def train(cfg: TrainConfig) -> dict:
     load_state(model, out / "best.safetensors")
     model.eval()
     seg = LearnedSegmenter(model, device=str(device))  # a copy of the best weights (see above)
-    maps = val_maps(seg, val_native)
+    maps = {name: val_maps(seg, val) for name, val in val_sets.items()}
     best_post, best_scores, grid = PostProcessConfig(), None, []
     if cfg.tune_postprocess:
         for npt in (0.4, 0.5, 0.6):
             for mt in (0.0, 0.02, 0.04, 0.06):
                 post = PostProcessConfig(np_threshold=npt, marker_threshold=mt)
-                sc = evaluate(maps, seg, post, pool)
+                sc = _mean_scores([evaluate(m, seg, post, pool) for m in maps.values()])
                 grid.append({"np_threshold": npt, "marker_threshold": mt, **{k: round(v, 4) for k, v in sc.items()}})
                 print("post", grid[-1], flush=True)
                 if best_scores is None or sc["aji"] > best_scores["aji"]:
                     best_post, best_scores = post, sc
     else:
-        best_scores = evaluate(maps, seg, best_post, pool)
+        best_scores = _mean_scores([evaluate(m, seg, best_post, pool) for m in maps.values()])
     if pool:
         pool.shutdown()
     result = {"best_val": best_scores, "postprocess": best_post.to_dict(), "grid": grid, "state": state,
@@ -406,13 +442,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", default="", help="start from these weights (safetensors)")
     ap.add_argument("--augment", choices=("hed", "stain"), default=d.augment,
                     help="colour/scale augmentation: HED jitter, or the stain-bank augmentation of training.augment")
+    ap.add_argument("--val-restain", type=int, default=d.val_restain,
+                    help="also validate on k re-stained copies of the validation images (training-role stains)")
     ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
     a = ap.parse_args(argv)
     cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
                       steps_per_epoch=a.steps_per_epoch, max_epochs=a.max_epochs, max_steps=a.max_steps,
                       time_budget_s=a.time_budget, device=a.device, workers=a.workers,
                       tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
-                      augment=a.augment)
+                      augment=a.augment, val_restain=a.val_restain)
     train(cfg)
 
 

@@ -29,7 +29,7 @@ from ghist_core.segmentation.features import measure_instances, relabel_sequenti
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
 from ghist_core._types import ProgressCallback, SlideLike
 from ghist_core.io.slide import check_mpp
-from ghist_core.segmentation.tiling import (check_rgb, resample_labels, resample_rgb, run_tiled,
+from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_labels, resample_rgb, run_tiled,
                      warn_if_far, working_shape)
 
 DEFAULT_WEIGHTS = "nuclei-seg"
@@ -135,16 +135,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
                     child[i + 1] = nn.Identity()
         fold_batchnorm(child)
     return module
-
-
-def _featureless(rgb: np.ndarray, min_range: int = 12) -> bool:
-    """True for a (nearly) uniform tile: every channel spans fewer than ``min_range`` grey levels.
-
-    Such a tile (black, white or one flat colour, e.g. a scanner's fill or a blank array)
-    has no nuclei; the network, never trained on it, can see some in pure black.
-    """
-    flat = rgb.reshape(-1, rgb.shape[-1])
-    return bool(np.all(flat.max(axis=0).astype(np.int16) - flat.min(axis=0) < min_range))
 
 
 class LearnedSegmenter:
@@ -255,7 +245,7 @@ class LearnedSegmenter:
         warn_if_far(mpp, self.mpp, "The nucleus model")
         hw = rgb.shape[:2]
         work_hw = working_shape(hw, mpp, self.mpp)
-        if min(work_hw) < 4 or _featureless(rgb):
+        if min(work_hw) < 4 or is_featureless(rgb):
             inst = np.zeros(hw, np.int32)
             return inst, self._finish(measure_instances(inst, mpp, type_names=self.type_names), mpp, empty=True)
         npp, hv, tp = self.predict_maps(resample_rgb(rgb, work_hw))
@@ -305,7 +295,7 @@ class LearnedSegmenter:
 
     def _segment_batch(self, tiles: list[np.ndarray], mpp: float) -> list[pd.DataFrame]:
         npp, hv, tp = self.predict_batch(np.stack(tiles))
-        flat = [k for k, t in enumerate(tiles) if _featureless(t)]
+        flat = [k for k, t in enumerate(tiles) if is_featureless(t)]
         if flat:  # a uniform tile (black, white, one colour) holds no nuclei whatever the network says
             npp[flat] = 0.0
         items = [(npp[k], hv[k], tp[k], mpp) for k in range(len(tiles))]

@@ -83,6 +83,27 @@ def is_background(rgb: np.ndarray, *, white: int = 215, min_fraction: float = 0.
     return float(dark.mean()) < min_fraction
 
 
+def is_featureless(rgb: np.ndarray, min_range: int = 12) -> bool:
+    """True for a (nearly) uniform tile: every channel spans fewer than ``min_range`` grey levels.
+
+    Such a tile (black, white or one flat colour, e.g. a scanner's fill or a blank array)
+    has no nuclei; the network, never trained on it, can see some in pure black. An empty
+    array counts as featureless.
+    """
+    flat = rgb.reshape(-1, rgb.shape[-1])
+    if len(flat) == 0:
+        return True
+    return bool(np.all(flat.max(axis=0).astype(np.int16) - flat.min(axis=0) < min_range))
+
+
+def _inside_slide(rgb: np.ndarray, spec: GridTile, width: int, height: int) -> np.ndarray:
+    """The part of a working tile that lies on the slide (the rest was padded with white)."""
+    y0, x0 = max(0, -int(spec.read_y0)), max(0, -int(spec.read_x0))
+    y1 = min(rgb.shape[0], int(height - spec.read_y0))
+    x1 = min(rgb.shape[1], int(width - spec.read_x0))
+    return rgb[y0:max(y0, y1), x0:max(x0, x1)]
+
+
 @dataclass
 class ArraySlide:
     """An in-memory RGB image behaving like a slide (for tests, benchmarks and big tiles)."""
@@ -206,7 +227,9 @@ def run_tiled(slide: SlideLike, work_mpp: float,
     for spec in specs:
         rgb = read_working_tile(slide, spec, work_mpp)
         done += 1
-        if not (skip_background and is_background(rgb)):
+        # a uniform slide area (black fill, one flat colour) holds no nuclei, and judging it on the
+        # in-slide part only keeps the white padding beyond the edge from drawing a false edge
+        if not (skip_background and (is_background(rgb) or is_featureless(_inside_slide(rgb, spec, ww, wh)))):
             batch.append((spec, rgb))
         if len(batch) >= batch_size:
             flush()
