@@ -8,15 +8,20 @@ matched within 6 µm (24 px); F_d and per-type F1 with HoVer-Net's radius of 12 
 (``segment_slide``: reading, network, watershed, measurements) on a mosaic of real H&E
 patches, learned vs classical in the same process.
 
-    python bench/segmentation.py                     # everything on this machine's CPU
+    python bench/segmentation.py                     # everything on this machine's CPU, one JSON
     python bench/segmentation.py --speed-only --device cuda --mosaic-px 8192 --out speed.json
-    python bench/segmentation.py --stain-shift       # AJI/PQ under stain shifts (issue #16)
+    python bench/segmentation.py --only stain_shift  # refresh one block of segmentation.json
 
-Stain shift (``--stain-shift``, ``bench/results/segmentation_stain_shift.json``): the test
-images re-stained (Macenko, ``imaging.stain.macenko_restain``) to each ``"benchmark"`` member
+Stain shift (block ``"stain_shift"``): the test images re-stained (Macenko, ``imaging.stain.macenko_restain``) to each ``"benchmark"`` member
 of the stain bank (``weights/stain_bank.json``: sections and slides whose stains are not in
 the training sets, plus four synthetic extremes), scored for the model and the classical
 baseline, each also with test-time Macenko normalisation to the training reference.
+
+HER2ST sanity check (block ``"her2st_counts"``, needs ``../shared/data/her2st``): nuclei per
+spot (centroids within the 50 µm spot radius) from the model and from the classical segmenter
+on evenly spaced spots of the six HER2ST sections with H&E, a stain and lab neither saw in
+training: rank correlation per section and the ratio of counts. No ground truth: a sanity
+check that the model finds nuclei where the colour-threshold method does.
 """
 
 from __future__ import annotations
@@ -38,10 +43,8 @@ from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, load_segmenter  # noqa: E402
 from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split  # noqa: E402
 from ghist_core.training.segmentation_metrics import DetectionCounts, SegCounts, detection_counts, seg_counts  # noqa: E402
-from ghist_core.io.hashing import sha256_file  # noqa: E402
 
 RESULTS = REPO_DIR / "bench" / "results" / "segmentation.json"
-STAIN_SHIFT_RESULTS = REPO_DIR / "bench" / "results" / "segmentation_stain_shift.json"
 CUDA_RESULTS = REPO_DIR / "bench" / "results" / "segmentation_cuda.json"
 DET_RADIUS_UM = 6.0
 HOVERNET_RADIUS_PX = 12  # at 0.25 µm/px
@@ -105,11 +108,13 @@ def speed(seg, rgb: np.ndarray, **kw) -> dict:
     return {"mpx_per_s": round(mpx / dt, 3), "seconds": round(dt, 2), "mpx": round(mpx, 2), "n_cells": len(cells)}
 
 
-def stain_shift(model, classical, root: Path, *, every: dict[str, int], out: Path, ttn: bool = True) -> dict:
-    """AJI / PQ per stain shift for the model and the classical baseline (+ test-time normalisation).
+def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, ttn: bool = True) -> dict:
+    """AJI / PQ per stain shift for each learned model and the classical baseline (``methods``,
+    by name; ``"classical"`` is the baseline), each also with test-time normalisation.
 
     Subsets: every k-th image of each test split (the same images for every method and
-    shift). The JSON is rewritten after each (dataset, shift), so a killed run keeps what it has.
+    shift). The ``"stain_shift"`` block of ``out`` is rewritten after each (dataset, shift),
+    so a killed run keeps what it has.
     """
     from dataclasses import replace
 
@@ -120,7 +125,6 @@ def stain_shift(model, classical, root: Path, *, every: dict[str, int], out: Pat
     ref = bank.reference
     shifts = bank.select("benchmark")
     keys = ("aji", "pq", "dq", "sq", "dice", "f1_detection", "n_pred", "n_true")
-    methods = {"model": model, "classical": classical}
     res: dict = {"protocol": {
         "shift": "each test image re-stained with imaging.stain.macenko_restain to a benchmark member's stain "
                  "matrix and max concentrations (its own stains estimated per image)",
@@ -128,12 +132,13 @@ def stain_shift(model, classical, root: Path, *, every: dict[str, int], out: Pat
                "(median of the CoNSeP + MoNuSeg train members) before segmentation",
         "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
         "scores": "mean over images (HoVer-Net protocol), as in segmentation.json",
-        "goal": "model worst-case AJI drop <= 0.03 and model AJI >= classical + 0.10 on every shift",
+        "goal": "a model's worst-case AJI drop <= 0.03 and its AJI >= classical + 0.10 on every shift",
         "drops": "against the un-normalised original images of the same method (for *_ttn rows too)",
         "caveat": "the shifts are Macenko re-stainings, which Macenko test-time normalisation can undo almost "
                   "exactly; real lab/scanner differences are not only a 2-stain change, so *_ttn rows flatter TTN"},
-        "weights_sha256": model.card.get("sha256"), "reference": {"stain_matrix": ref.stain_matrix,
-                                                                 "max_concentrations": ref.max_concentrations},
+        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "reference": {"stain_matrix": ref.stain_matrix,
+                      "max_concentrations": ref.max_concentrations},
         "shifts": {m.name: {"source": m.source, "licence": m.licence,
                             "angle_to_reference_deg": np.round(stain_angle_deg(m.matrix, ref.matrix), 1).tolist(),
                             "max_concentrations": m.max_concentrations} for m in shifts},
@@ -158,12 +163,12 @@ def stain_shift(model, classical, root: Path, *, every: dict[str, int], out: Pat
             print(f"{ds} {name}: " + ", ".join(f"{m} AJI {v['aji']:.3f} PQ {v['pq']:.3f}" for m, v in row.items())
                   + f" ({time.perf_counter() - t:.0f} s)", flush=True)
             _stain_shift_summary(res)
-            atomic_write_text(out, json.dumps(res, indent=1))
+            _update(out, "stain_shift", res)
     return res
 
 
 def _stain_shift_summary(res: dict) -> None:
-    """Drops vs the original images, the worst shift per method, and the issue's goals."""
+    """Drops vs the original images, the worst shift per method, and the issue's goals per model."""
     for ds, block in res["datasets"].items():
         sc = block["scores"]
         if "original" not in sc:
@@ -181,103 +186,176 @@ def _stain_shift_summary(res: dict) -> None:
             worst = max(drops, key=drops.get)
             summ[method] = {"aji_original": sc["original"][method]["aji"], "aji_drop_vs_unnormalised_original": drops,
                             "worst_shift": worst, "worst_aji": sc[worst][method]["aji"], "worst_aji_drop": drops[worst],
-                            "worst_pq": min(row[method]["pq"] for name, row in sc.items() if name != "original")}
-        for suffix in ("", "_ttn"):
-            m, c = "model" + suffix, "classical" + suffix
-            if m in summ and c in summ:
-                margins = {name: round(row[m]["aji"] - row[c]["aji"], 4) for name, row in sc.items()}
-                summ["goal" + suffix] = {"worst_drop_le_0.03": summ[m]["worst_aji_drop"] <= 0.03,
-                                         "model_minus_classical_aji": margins,
+                            "worst_pq": min((row[method]["pq"] for name, row in sc.items() if name != "original"),
+                                            default=None)}
+        learned = [m for m in sc["original"] if m != "classical" and not m.endswith("_ttn")]
+        for model in learned:
+            for suffix in ("", "_ttn"):
+                m, c = model + suffix, "classical" + suffix
+                if m in summ and c in summ:
+                    margins = {name: round(row[m]["aji"] - row[c]["aji"], 4) for name, row in sc.items()}
+                    summ["goal:" + m] = {"worst_drop_le_0.03": summ[m]["worst_aji_drop"] <= 0.03,
+                                         "minus_classical_aji": margins,
                                          "ge_classical_plus_0.10_everywhere": min(margins.values()) >= 0.10}
-        if "model_ttn" in sc["original"]:
-            summ["ttn_gain_model_aji"] = {name: round(row["model_ttn"]["aji"] - row["model"]["aji"], 4)
-                                          for name, row in sc.items()}
-    gains = [b["summary"].get("ttn_gain_model_aji") for b in res["datasets"].values() if "summary" in b]
-    if gains and all(gains):
-        # the rule for wiring TTN into segment_tile: it helps on every shift and costs nothing unshifted
-        res["ttn_helps_everywhere"] = all(v > 0 for g in gains for k, v in g.items() if k != "original") and \
-            all(g["original"] >= -0.005 for g in gains)
+            if model + "_ttn" in sc["original"]:
+                summ["ttn_gain_aji:" + model] = {name: round(row[model + "_ttn"]["aji"] - row[model]["aji"], 4)
+                                                 for name, row in sc.items()}
+    # the rule for wiring TTN into segment_tile: it helps on every shift and costs nothing unshifted
+    helps = {}
+    for block in res["datasets"].values():
+        for key, g in block.get("summary", {}).items():
+            if key.startswith("ttn_gain_aji:"):
+                ok = all(v > 0 for k, v in g.items() if k != "original") and g["original"] >= -0.005
+                helps[key.split(":", 1)[1]] = helps.get(key.split(":", 1)[1], True) and ok
+    res["ttn_helps_everywhere"] = helps
+
+
+def her2st_counts(model, classical, root: Path, *, per_section: int = 40, spot_radius_um: float = 50.0) -> dict:
+    """Nuclei per HER2ST spot, model vs classical, on ``per_section`` evenly spaced spots per section."""
+    from PIL import Image
+    from scipy.stats import pearsonr, spearmanr
+
+    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
+
+    Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
+    mpp, size = DATA_MPP * 2, 256  # the segmenters' working 0.5 µm/px: a 128 µm patch around each spot
+    centre = size * mpp / 2.0
+    out: dict = {"protocol": {"spots": f"{per_section} evenly spaced spots per section (sorted by array position)",
+                              "patch": f"{size} px at {mpp} µm/px centred on the spot; nuclei counted when the "
+                                       f"centroid is within {spot_radius_um} µm of the spot centre",
+                              "note": "no ground truth: agreement with the classical segmenter is a sanity check"},
+                 "sections": {}}
+    all_m, all_c = [], []
+    for section in IMAGE_SECTIONS:
+        _, spots = load_section(root, section)
+        spots = spots.sort_index()
+        pick = np.unique(np.linspace(0, len(spots) - 1, min(per_section, len(spots))).round().astype(int))
+        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
+        counts = {"model": [], "classical": []}
+        for i in pick:
+            rgb = extract_patch(img, spots["pixel_x"].iloc[i], spots["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
+            for name, seg in (("model", model), ("classical", classical)):
+                cells = seg.segment_tile(rgb, mpp)[1]
+                d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
+                counts[name].append(int((d <= spot_radius_um).sum()))
+        m, c = np.array(counts["model"]), np.array(counts["classical"])
+        all_m.append(m)
+        all_c.append(c)
+        out["sections"][section] = {"n_spots": len(pick), "median_model": float(np.median(m)),
+                                    "median_classical": float(np.median(c)),
+                                    "spearman": round(float(spearmanr(m, c)[0]), 3),
+                                    "pearson": round(float(pearsonr(m, c)[0]), 3)}
+        print(f"her2st {section}: {out['sections'][section]}", flush=True)
+    m, c = np.concatenate(all_m), np.concatenate(all_c)
+    out["pooled"] = {"n_spots": int(len(m)), "spearman": round(float(spearmanr(m, c)[0]), 3),
+                     "pearson": round(float(pearsonr(m, c)[0]), 3),
+                     "ratio_of_totals_model_to_classical": round(float(m.sum() / max(c.sum(), 1)), 3)}
+    return out
+
+
+def _update(out: Path, block: str, value: dict) -> None:
+    """Replace one block of the results JSON, keeping the rest."""
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    prev[block] = value
+    atomic_write_text(out, json.dumps(prev, indent=1))
+
+
+BLOCKS = ("accuracy", "speed", "stain_shift", "her2st_counts")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=str(shared_data_dir() / "nuclei"))
-    ap.add_argument("--weights", default=None, help="safetensors file (card beside it); default: bundled")
+    ap.add_argument("--her2st-root", default=str(shared_data_dir() / "her2st"))
+    ap.add_argument("--models", default="nuclei-seg,nuclei-seg-stain",
+                    help="comma-separated learned models: bundled names or .safetensors paths (card beside)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--only", default=",".join(BLOCKS),
+                    help=f"comma-separated blocks to (re)compute, the others are kept: {', '.join(BLOCKS)}")
+    ap.add_argument("--speed-only", action="store_true", help="this device's speed into --out (e.g. a CUDA file)")
     ap.add_argument("--mosaic-px", type=int, default=1856)  # one 1024 px tile core at 0.5 µm/px
     ap.add_argument("--classical-mosaic-px", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default=None, help=f"default {RESULTS.name} ({STAIN_SHIFT_RESULTS.name} with --stain-shift)")
-    ap.add_argument("--stain-shift", action="store_true", help="the stain-shift benchmark only")
-    ap.add_argument("--consep-every", type=int, default=4, help="stain shift: every k-th CoNSeP test patch")
-    ap.add_argument("--monuseg-every", type=int, default=2, help="stain shift: every k-th MoNuSeg test tile")
+    ap.add_argument("--out", default=None, help=f"default {RESULTS.name}")
+    ap.add_argument("--consep-every", type=int, default=16, help="stain shift: every k-th CoNSeP test patch")
+    ap.add_argument("--monuseg-every", type=int, default=7, help="stain shift: every k-th MoNuSeg test tile")
     ap.add_argument("--no-ttn", action="store_true", help="stain shift: skip test-time normalisation")
+    ap.add_argument("--her2st-spots", type=int, default=40, help="HER2ST check: spots per section")
     a = ap.parse_args(argv)
+    blocks = [b.strip() for b in a.only.split(",") if b.strip()]
+    unknown = sorted(set(blocks) - set(BLOCKS))
+    if unknown:
+        ap.error(f"unknown block(s) {unknown}; choose from {', '.join(BLOCKS)}")
     root = Path(a.data_root)
-    model = load_segmenter(a.weights, device=a.device)
+    out = Path(a.out or RESULTS)
+    learned = {}
+    for mid in [m.strip() for m in a.models.split(",") if m.strip()]:
+        seg = load_segmenter(mid, device=a.device)
+        learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
     classical = ClassicalSegmenter()
-    if a.stain_shift:
-        stain_shift(model, classical, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every},
-                    out=Path(a.out or STAIN_SHIFT_RESULTS), ttn=not a.no_ttn)
-        return
-    a.out = a.out or str(RESULTS)
-    device_name = torch.cuda.get_device_name(0) if model.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"model {model!r}; device {device_name}", flush=True)
+    methods = {**learned, "classical": classical}
+    model = next(iter(learned.values()))  # the device and speed reference
+    device_name = torch.cuda.get_device_name(0) if model.device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"models {learned}; device {device_name}", flush=True)
 
-    rgb = mosaic(root, a.mosaic_px)
-    if model.device.type == "cuda":  # warm-up: cudnn autotune, allocator
-        model.segment_slide(ArraySlide(rgb[:2048, :2048], DATA_MPP), batch_size=a.batch_size)
-    sp_model = speed(model, rgb, batch_size=a.batch_size)
-    crgb = rgb[: a.classical_mosaic_px, : a.classical_mosaic_px] if a.classical_mosaic_px else rgb
-    sp_classical = speed(classical, crgb)
-    ratio = sp_model["mpx_per_s"] / sp_classical["mpx_per_s"]
-    print(f"speed: model {sp_model}, classical {sp_classical}, ratio model/classical {ratio:.2f}", flush=True)
-    key = "cuda" if model.device.type == "cuda" else "cpu"
-    speed_block = {"device": device_name, "model": sp_model, "classical": sp_classical,
-                   "ratio_model_to_classical": round(ratio, 3), "input_mpp": DATA_MPP}
-    if a.speed_only:  # refresh this device's speed inside an existing results file, else a file of its own
-        out = Path(a.out)
-        prev = json.loads(out.read_text()) if out.exists() else {}
-        if "speed" in prev:
-            prev["speed"][key] = speed_block
+    if a.speed_only or "speed" in blocks:
+        rgb = mosaic(root, a.mosaic_px)
+        if model.device.type == "cuda":  # warm-up: cudnn autotune, allocator
+            model.segment_slide(ArraySlide(rgb[:2048, :2048], DATA_MPP), batch_size=a.batch_size)
+        crgb = rgb[: a.classical_mosaic_px, : a.classical_mosaic_px] if a.classical_mosaic_px else rgb
+        sp = {name: speed(seg, rgb, batch_size=a.batch_size) for name, seg in learned.items()}
+        sp["classical"] = speed(classical, crgb)
+        print(f"speed: {sp}", flush=True)
+        key = "cuda" if model.device.type == "cuda" else "cpu"
+        speed_block = {"device": device_name, **sp, "input_mpp": DATA_MPP,
+                       "ratio_to_classical": {n: round(v["mpx_per_s"] / sp["classical"]["mpx_per_s"], 3)
+                                              for n, v in sp.items() if n != "classical"}}
+        if a.speed_only:  # a device's speed in a file of its own (e.g. segmentation_cuda.json from a GPU)
+            prev = json.loads(out.read_text()) if out.exists() else {}
+            prev[key] = speed_block
+            atomic_write_text(out, json.dumps(prev, indent=1))
+            return
+        cuda = json.loads(CUDA_RESULTS.read_text()).get("cuda") if CUDA_RESULTS.exists() else None
+        _update(out, "speed", {"cpu": speed_block, "cuda": cuda,
+                               "note": "CUDA figures come from segmentation_cuda.json (the last GPU run)"})
+        _update(out, "device", f"cpu: {device_name}" + (f"; cuda: {cuda['device']}" if cuda else ""))
+
+    if "accuracy" in blocks:
+        results: dict = {name: {} for name in methods}
+        for ds in ("consep", "monuseg"):
+            samples = load_split(root, ds, "test")
+            for name, seg in methods.items():
+                t = time.perf_counter()
+                results[name][ds] = evaluate(seg, samples)
+                print(f"{ds} {name}: {results[name][ds]} ({time.perf_counter() - t:.0f} s)", flush=True)
+        _update(out, "accuracy", results)
+        _update(out, "protocol", {
+            "input_mpp": DATA_MPP, "model_mpp": model.mpp,
+            "aji_pq_dice": "mean over images (HoVer-Net protocol); 'pooled' = counts summed over all images",
+            "f1_detection_radius_um": DET_RADIUS_UM, "f_d_radius_px_at_0.25": HOVERNET_RADIUS_PX,
+            "per_type_f1": "HoVer-Net weights (2, 2, 1, 1), radius 12 px",
+            "consep_note": "our CoNSeP copy is 256 px JPEG-derived patches, not the 1000 px tiles: "
+                           "published per-tile figures are a close, not identical, reference",
+            "speed": "megapixels of 0.25 µm/px input per second, segment_slide end to end",
+            "cuda_note": "CUDA figures: H100 80GB, 67 Mpx mosaic, measured with overlap_px=48; "
+                         "the default is now 96 px (exact seams), about 1.24x more network work per Mpx"})
+        _update(out, "reference_hovernet", {"consep": {"aji": 0.547, "pq": 0.547, "dice": 0.853, "f_d": 0.748},
+                                            "monuseg": {"aji": 0.618}})
+
+    if "stain_shift" in blocks:
+        stain_shift(methods, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every},
+                    out=out, ttn=not a.no_ttn)
+
+    if "her2st_counts" in blocks:
+        her2st = Path(a.her2st_root)
+        if (her2st / "images").is_dir():
+            _update(out, "her2st_counts", {name: her2st_counts(seg, classical, her2st, per_section=a.her2st_spots)
+                                           for name, seg in learned.items()})
         else:
-            prev = {key: speed_block}
-        atomic_write_text(out, json.dumps(prev, indent=1))
-        return
-
-    results: dict = {"model": {}, "classical": {}}
-    for ds in ("consep", "monuseg"):
-        samples = load_split(root, ds, "test")
-        for name, seg in (("model", model), ("classical", classical)):
-            t = time.perf_counter()
-            results[name][ds] = evaluate(seg, samples)
-            print(f"{ds} {name}: {results[name][ds]} ({time.perf_counter() - t:.0f} s)", flush=True)
-        r = results["model"][ds]["aji"] - results["classical"][ds]["aji"]
-        print(f"{ds}: AJI model - classical = {r:+.3f}", flush=True)
-    cuda = json.loads(CUDA_RESULTS.read_text()).get("cuda") if CUDA_RESULTS.exists() else None
-    for name in ("model", "classical"):
-        results[name]["mpx_per_s"] = {"cpu": speed_block[name]["mpx_per_s"],
-                                      "cuda": cuda[name]["mpx_per_s"] if cuda else None}
-    weights = Path(a.weights) if a.weights else REPO_DIR / "weights" / "nuclei-seg.safetensors"
-    results.update({
-        "device": f"cpu: {device_name}" + (f"; cuda: {cuda['device']}" if cuda else ""),
-        "weights_sha256": sha256_file(weights),
-        "speed": {"cpu": speed_block, "cuda": cuda},
-        "protocol": {"input_mpp": DATA_MPP, "model_mpp": model.mpp,
-                     "aji_pq_dice": "mean over images (HoVer-Net protocol); 'pooled' = counts summed over all images",
-                     "f1_detection_radius_um": DET_RADIUS_UM, "f_d_radius_px_at_0.25": HOVERNET_RADIUS_PX,
-                     "per_type_f1": "HoVer-Net weights (2, 2, 1, 1), radius 12 px",
-                     "consep_note": "our CoNSeP copy is 256 px JPEG-derived patches, not the 1000 px tiles: "
-                                    "published per-tile figures are a close, not identical, reference",
-                     "speed": "megapixels of 0.25 µm/px input per second, segment_slide end to end",
-                     "cuda_note": "CUDA figures: H100 80GB, 67 Mpx mosaic, measured with overlap_px=48; "
-                                  "the default is now 96 px (exact seams), about 1.24x more network work per Mpx"},
-        "reference_hovernet": {"consep": {"aji": 0.547, "pq": 0.547, "dice": 0.853, "f_d": 0.748},
-                               "monuseg": {"aji": 0.618}},
-    })
-    atomic_write_text(a.out, json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+            print(f"her2st_counts skipped: no {her2st / 'images'}", flush=True)
+    _update(out, "weights_sha256", {name: seg.card.get("sha256") for name, seg in learned.items()})
+    print(json.dumps(json.loads(out.read_text()), indent=1)[:4000])
 
 
 if __name__ == "__main__":

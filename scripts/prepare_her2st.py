@@ -35,11 +35,12 @@ from ghist_core.training.reference import CELL_TYPES, load_reference, nnls_decon
 from ghist_core.paths import shared_data_dir  # noqa: E402
 
 
-def learned_type_inputs(pack: SpotPack, images: np.ndarray, device: str = "auto") -> tuple[np.ndarray, list[str]]:
-    """The bundled learned segmenter's per-nucleus type probabilities for every pack nucleus."""
+def learned_type_inputs(pack: SpotPack, images: np.ndarray, device: str = "auto",
+                        segmenter: str = "nuclei-seg") -> tuple[np.ndarray, list[str]]:
+    """A bundled learned segmenter's per-nucleus type probabilities for every pack nucleus."""
     from ghist_core.segmentation import load_segmenter
 
-    seg = load_segmenter(kind="learned", device=device)
+    seg = load_segmenter(segmenter, kind="learned", device=device)
     if abs(seg.mpp - pack.mpp) > 1e-6:
         raise SystemExit(f"the segmenter reads {seg.mpp} µm/px, the pack is at {pack.mpp}: build the pack at {seg.mpp}")
     return nucleus_type_inputs(pack, images, seg, progress=lambda it: tqdm(it, desc="nucleus types", unit="batch"))
@@ -55,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-spots", type=int, default=0, help="per section, for smoke tests (0 = all)")
     ap.add_argument("--no-cell-inputs", action="store_true", help="skip the learned segmenter's nucleus types")
     ap.add_argument("--cell-inputs-only", action="store_true", help="add the nucleus types to the pack at --out")
+    ap.add_argument("--segmenter", default="nuclei-seg",
+                    help="learned segmenter for the nucleus types (nuclei-seg: the one ghist-her2st was trained with)")
     args = ap.parse_args(argv)
     if args.cell_inputs_only:
         pack = SpotPack.load(args.out)
-        pack.cell_inputs, names = learned_type_inputs(pack, pack.images())
+        pack.cell_inputs, names = learned_type_inputs(pack, pack.images(), segmenter=args.segmenter)
         pack.cell_input_names = np.array(names)
         pack.save(args.out)
         print(f"added {names} for {len(pack.cell_spot)} nuclei to {args.out}", flush=True)
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cell_xy_px=np.concatenate(c_xy), cell_in_spot=np.concatenate(c_in), cell_morph=np.concatenate(c_morph),
     )
     if not args.no_cell_inputs:
-        pack.cell_inputs, names = learned_type_inputs(pack, pack.images())
+        pack.cell_inputs, names = learned_type_inputs(pack, pack.images(), segmenter=args.segmenter)
         pack.cell_input_names = np.array(names)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pack.save(args.out)

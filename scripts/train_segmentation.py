@@ -424,7 +424,8 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The run's ``TrainConfig`` from a command line (``package_segmentation.run_command`` writes one back)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = TrainConfig()
     ap.add_argument("--data-root", default=d.data_root)
@@ -451,7 +452,11 @@ def main(argv: list[str] | None = None) -> None:
                       time_budget_s=a.time_budget, device=a.device, workers=a.workers,
                       tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
                       augment=a.augment, val_restain=a.val_restain)
-    train(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,13 @@ def load_repo_script(relpath: str):
     """A script of the repo (``bench/…``, ``scripts/…``: not a package) imported as a module."""
     import importlib.util
 
+    import sys
+
     path = Path(__file__).resolve().parents[1] / relpath
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    name = f"_repo_script_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the script runs
     spec.loader.exec_module(mod)
     return mod
 

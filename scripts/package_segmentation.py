@@ -1,0 +1,151 @@
+"""Package a segmentation training run as a bundled model: ``weights/<name>.safetensors`` + sealed card.
+
+The card keeps the base model's data and history, adds every run of the chain (its command
+rebuilt from the run's own ``train_config``), the augmentation and stain bank it was trained
+with, and its validation scores; with ``--bench`` also its rows of
+``bench/results/segmentation.json`` (accuracy, stain shift, HER2ST counts, speed).
+
+    python scripts/package_segmentation.py --name nuclei-seg-stain --base weights/nuclei-seg.json \\
+        --runs runs/seg-stain-cpu1 runs/seg-stain-cpu2
+    python bench/segmentation.py                       # scores it next to nuclei-seg and classical
+    python scripts/package_segmentation.py ... --bench bench/results/segmentation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ghist_core.io.atomic import atomic_write_text  # noqa: E402
+from ghist_core.io.hashing import sha256_file  # noqa: E402
+from ghist_core.paths import REPO_DIR  # noqa: E402
+from ghist_core.training.augment import AugmentConfig  # noqa: E402
+from ghist_core.weights.card import seal_card  # noqa: E402
+
+_FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("steps_per_epoch", "--steps-per-epoch"),
+          ("max_epochs", "--max-epochs"), ("time_budget_s", "--time-budget"), ("device", "--device"),
+          ("workers", "--workers"), ("augment", "--augment"), ("val_restain", "--val-restain"),
+          ("max_steps", "--max-steps")]
+_OPTIONAL = ("time_budget_s", "val_restain", "max_steps")  # left out when 0 (their default: no limit / off)
+
+
+def run_command(cfg: dict, out: str, init: str) -> str:
+    """The ``train_segmentation.py`` command line that reproduces a run from its saved config."""
+    parts = ["python scripts/train_segmentation.py", f"--out {out}", "--data-root <nuclei>"]
+    for key, flag in _FLAGS:
+        value = cfg.get(key)
+        if value in (None, 0, 0.0, "") and key in _OPTIONAL:
+            continue
+        parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    if cfg.get("arch"):
+        parts.append(f"--arch '{json.dumps(cfg['arch'], separators=(',', ':'))}'")
+    if cfg.get("tune_postprocess") is False:
+        parts.append("--no-tune")
+    if init:
+        parts.append(f"--init {init}")
+    return " ".join(parts)
+
+
+def _run_record(run: Path) -> tuple[dict, dict]:
+    """(train_config, state) of a run: ``result.json`` of a finished run, else its ``last.json``."""
+    result = run / "result.json"
+    meta = json.loads((result if result.exists() else run / "last.json").read_text())
+    return meta["train_config"], meta["state"]
+
+
+def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weights_sha: str) -> dict:
+    stages, commands = [], list(base.get("command", []))
+    init = f"weights/{base['name']}.safetensors"
+    for run in runs:
+        cfg, state = _run_record(run)
+        rel = f"runs/{run.name}"
+        commands.append(run_command(cfg, rel, init))
+        finished = (run / "result.json").exists()
+        stages.append({"run": rel, "device": cfg.get("device"), "steps": state["step"], "epochs": state["epoch"],
+                       "train_seconds": round(state["elapsed_s"], 1), "init": init,
+                       "finished": finished,
+                       **({} if finished else {"note": f"stopped at epoch {state['epoch']} of {cfg['max_epochs']} "
+                                                       f"(session end); its last weights start the next run"})})
+        init = f"{rel}/last.safetensors"
+    bank_path = REPO_DIR / "weights" / "stain_bank.json"
+    bank = json.loads(bank_path.read_text())
+    members = bank["members"]
+    card = {
+        "name": name,
+        "description": f"{base['name']} fine-tuned with stain-bank augmentation (training/augment.py) for slides "
+                       "from other labs and scanners; same network, same CoNSeP classes",
+        "format": base.get("format"),
+        "mpp": final_card["mpp"],
+        "type_names": final_card["type_names"],
+        "architecture": final_card["architecture"],
+        "postprocess": final_card["postprocess"],
+        "data": {**base["data"],
+                 "selection": "best epoch by the mean validation AJI over the validation images as they are and "
+                              "re-stained to the 3 training-role stain-bank members farthest from the reference "
+                              "(--val-restain 3); post-processing thresholds tuned the same way; no test image"},
+        "base_model": {"name": base["name"], "sha256": base["sha256"]},
+        "command": commands,
+        "training": {"base": base.get("training"), "fine_tune": stages},
+        "augmentation": {**AugmentConfig(symmetries=False).to_dict(),
+                         "symmetries_note": "the 8 flips/rotations are applied by the batch sampler"},
+        "stain_bank": {"file": "weights/stain_bank.json", "sha256": sha256_file(bank_path),
+                       "train_members": [m["name"] for m in members if m["role"] == "train"],
+                       "benchmark_members (never trained on)": [m["name"] for m in members if m["role"] == "benchmark"]},
+        "metrics": {"validation": final_card.get("validation")},
+    }
+    return seal_card(card, weights_sha)
+
+
+def bench_rows(bench: dict, name: str) -> dict:
+    """This model's rows of ``bench/results/segmentation.json``."""
+    out = {}
+    if name in bench.get("accuracy", {}):
+        out["accuracy"] = {ds: {k: v for k, v in r.items() if k != "pooled"} for ds, r in bench["accuracy"][name].items()}
+    shift = bench.get("stain_shift", {})
+    if shift:
+        out["stain_shift"] = {ds: {k: v for k, v in blk.get("summary", {}).items() if name in k}
+                              for ds, blk in shift.get("datasets", {}).items()}
+        out["stain_shift"]["ttn_helps_everywhere"] = shift.get("ttn_helps_everywhere", {}).get(name)
+    if name in bench.get("her2st_counts", {}):
+        out["her2st_counts"] = bench["her2st_counts"][name]["pooled"]
+    speed = bench.get("speed", {})
+    out["speed_mpx_per_s"] = {dev: (blk or {}).get(name, {}).get("mpx_per_s") for dev, blk in speed.items()
+                              if dev in ("cpu", "cuda")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--base", type=Path, required=True, help="card of the model the chain started from")
+    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="the runs in order; the last one is packaged")
+    ap.add_argument("--bench", type=Path, default=None, help="segmentation.json to copy this model's rows from")
+    ap.add_argument("--out-dir", type=Path, default=REPO_DIR / "weights")
+    a = ap.parse_args(argv)
+    base = json.loads(a.base.read_text())
+    final = a.runs[-1]
+    final_card = json.loads((final / "final.json").read_text())
+    weights = a.out_dir / f"{a.name}.safetensors"
+    if not weights.exists() or sha256_file(weights) != sha256_file(final / "final.safetensors"):
+        tmp = weights.with_suffix(".tmp")
+        shutil.copyfile(final / "final.safetensors", tmp)
+        tmp.replace(weights)
+    sha = sha256_file(weights)
+    card = build_card(a.name, base, a.runs, final_card, sha)
+    if a.bench:
+        bench = json.loads(a.bench.read_text())
+        if bench.get("weights_sha256", {}).get(a.name) != sha:
+            raise SystemExit(f"{a.bench} scored other weights for {a.name}; run bench/segmentation.py again")
+        card = seal_card({**card, "benchmark": {"source": "bench/results/segmentation.json",
+                                                **bench_rows(bench, a.name)}}, sha)
+    atomic_write_text(a.out_dir / f"{a.name}.json", json.dumps(card, indent=1))
+    print(f"wrote {weights} ({sha[:12]}) and its card")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Packaging a segmentation run (scripts/package_segmentation.py): the card's commands rebuild the
+runs, the card is sealed, and a benchmark of other weights is refused."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, replace
+
+import pytest
+
+from testkit import load_repo_script
+
+train_seg = load_repo_script("scripts/train_segmentation.py")
+package = load_repo_script("scripts/package_segmentation.py")
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"batch_size": 8, "lr": 4e-4, "steps_per_epoch": 200, "max_epochs": 1000, "time_budget_s": 5400.0,
+     "device": "cpu", "workers": 1, "augment": "stain", "val_restain": 3},
+    {"max_steps": 7, "tune_postprocess": False, "arch": {"widths": [8, 16, 32, 64, 128]}, "mpp": 0.25},
+], ids=["defaults", "stain fine-tune", "smoke"])
+def test_card_command_rebuilds_the_run_config(overrides):
+    cfg = replace(train_seg.TrainConfig(), **overrides)
+    cmd = package.run_command(asdict(cfg), "runs/x", "weights/nuclei-seg.safetensors")
+    argv = [cfg.data_root if t == "<nuclei>" else t for t in shlex.split(cmd)[2:]]
+    back = train_seg.parse_config(argv)
+    assert asdict(back) == {**asdict(cfg), "out": "runs/x", "init": "weights/nuclei-seg.safetensors"}
+
+
+def _fake_run(path, finished: bool, epoch: int = 3):
+    path.mkdir()
+    cfg = asdict(replace(train_seg.TrainConfig(), augment="stain", device="cpu", max_epochs=40))
+    state = {"epoch": epoch, "step": epoch * 100, "elapsed_s": 123.4, "best_aji": 0.4, "log": []}
+    (path / ("result.json" if finished else "last.json")).write_text(json.dumps({"train_config": cfg, "state": state}))
+    if finished:
+        (path / "final.safetensors").write_bytes(b"not really weights")
+        (path / "final.json").write_text(json.dumps({
+            "mpp": 0.5, "type_names": ["other"], "architecture": {"widths": [8]},
+            "postprocess": {"np_threshold": 0.5}, "validation": {"aji": 0.41}}))
+    return path
+
+
+def test_package_writes_a_sealed_card_with_the_chain(tmp_path):
+    from ghist_core.io.hashing import sha256_file
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+    from ghist_core.weights.card import check_seal
+
+    first = _fake_run(tmp_path / "r1", finished=False, epoch=12)
+    second = _fake_run(tmp_path / "r2", finished=True)
+    out = tmp_path / "weights"
+    out.mkdir()
+    package.main(["--name", "seg-test", "--base", str(BUNDLED_WEIGHTS_DIR / "nuclei-seg.json"),
+                  "--runs", str(first), str(second), "--out-dir", str(out)])
+    card = json.loads((out / "seg-test.json").read_text())
+    check_seal(card, "seg-test.json")  # raises unless sealed and unchanged
+    assert card["sha256"] == sha256_file(out / "seg-test.safetensors") == sha256_file(second / "final.safetensors")
+    base = json.loads((BUNDLED_WEIGHTS_DIR / "nuclei-seg.json").read_text())
+    assert card["command"][:len(base["command"])] == base["command"]
+    assert "--init weights/nuclei-seg.safetensors" in card["command"][-2]
+    assert "--init runs/r1/last.safetensors" in card["command"][-1]
+    stages = card["training"]["fine_tune"]
+    assert [s["finished"] for s in stages] == [False, True] and "stopped at epoch 12 of 40" in stages[0]["note"]
+    assert card["stain_bank"]["train_members"] and "synthetic-pink" in card["stain_bank"]["benchmark_members (never trained on)"]
+
+    # a benchmark that scored other weights is refused
+    (tmp_path / "bench.json").write_text(json.dumps({"weights_sha256": {"seg-test": "0" * 64}}))
+    with pytest.raises(SystemExit, match="scored other weights"):
+        package.main(["--name", "seg-test", "--base", str(BUNDLED_WEIGHTS_DIR / "nuclei-seg.json"),
+                      "--runs", str(second), "--out-dir", str(out), "--bench", str(tmp_path / "bench.json")])
