@@ -597,6 +597,61 @@ def cells(args: argparse.Namespace) -> dict:
     return res
 
 
+def segmenter_swap(args: argparse.Namespace) -> dict:
+    """What a packaged model's outputs do when its nucleus-type inputs come from another segmenter.
+
+    ``--pack`` and ``--pack-b`` hold the same spots and nuclei; only ``cell_inputs`` differ
+    (``prepare_her2st.py --cell-inputs-only --segmenter …`` on a copy). Per gene, the correlation
+    across cells and across spots between the two predictions, and each prediction's r with the
+    measured spots (in sample: the packaged model was trained on these spots) → ``"segmenter_swap"``.
+    """
+    from ghist_core.io.atomic import atomic_write_text
+    from ghist_core.model.predict import load_ghist
+    from ghist_core.training.expression_metrics import pcc_per_gene
+    from ghist_core.training.her2st import SpotPack
+
+    pack_a, pack_b = SpotPack.load(args.pack), SpotPack.load(args.pack_b)
+    if not (np.array_equal(pack_a.cell_spot, pack_b.cell_spot) and np.array_equal(pack_a.cell_label, pack_b.cell_label)):
+        raise SystemExit("the two packs do not hold the same nuclei: build --pack-b with --cell-inputs-only on a copy")
+    model = load_ghist(path=args.weights, device="cpu")
+    images = pack_a.images()
+    oa, ob = cell_outputs(model.net, pack_a, images), cell_outputs(model.net, pack_b, images)
+    n_hvg = int(pack_a.n_hvg)
+    la, lb = oa["log_expr"][:, :n_hvg], ob["log_expr"][:, :n_hvg]
+    spot = pack_a.cell_spot[oa["cell"]]
+    inside = pack_a.cell_in_spot[oa["cell"]]
+
+    def spot_mean(x: np.ndarray) -> np.ndarray:
+        sums = np.zeros((pack_a.n_spots, x.shape[1]))
+        np.add.at(sums, spot[inside], x[inside])
+        n = np.bincount(spot[inside], minlength=pack_a.n_spots)[:, None]
+        return sums / np.maximum(n, 1)
+
+    sa, sb = spot_mean(np.expm1(la)), spot_mean(np.expm1(lb))
+    has = np.bincount(spot[inside], minlength=pack_a.n_spots) > 0
+    y = pack_a.targets()[:, :n_hvg]
+    ia, ib = pack_a.cell_inputs[oa["cell"]], pack_b.cell_inputs[oa["cell"]]
+    res = {"weights": str(args.weights), "weights_sha256": model.weights_sha256,
+           "pack_a": str(args.pack), "pack_b": str(args.pack_b), "n_cells": int(len(spot)),
+           "note": "same nuclei (classical segmenter); only the learned segmenter that gives each nucleus' type "
+                   "probabilities differs. In sample: the packaged model was trained on these spots with pack_a's "
+                   "inputs, so r with measured is not a held-out score, only a like-for-like comparison",
+           "type_inputs": {"argmax_agreement": float((ia.argmax(1) == ib.argmax(1)).mean()),
+                           "mean_abs_diff": float(np.abs(ia - ib).mean())},
+           "type_calls_agreement": float((oa["type_prob"].argmax(1) == ob["type_prob"].argmax(1)).mean()),
+           "cells_gene_r_a_vs_b_mean": float(np.nanmean(pcc_per_gene(la, lb))),
+           "spots_gene_r_a_vs_b_mean": float(np.nanmean(pcc_per_gene(np.log1p(sa[has]), np.log1p(sb[has])))),
+           "spots_r_with_measured_mean": {
+               "a": float(np.nanmean(pcc_per_gene(np.log1p(sa[has]), y[has]))),
+               "b": float(np.nanmean(pcc_per_gene(np.log1p(sb[has]), y[has])))}}
+    path = Path(args.out) / f"{args.name}.json"
+    out = json.loads(path.read_text())
+    out["segmenter_swap"] = res
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="HER2ST benchmark for GHIST")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -631,8 +686,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stnet-work", default="tmp/her2st_cnn/stnet_s*")
     p = sub.add_parser("cells", parents=[pack, results], help="cell-level checks of a packaged model (adds to the JSON)")
     p.add_argument("--weights", default="weights/ghist-her2st.safetensors")
+    p = sub.add_parser("swap", parents=[pack, results],
+                       help="a packaged model with nucleus-type inputs from another segmenter (adds to the JSON)")
+    p.add_argument("--pack-b", required=True, help="a copy of --pack whose cell_inputs come from the other segmenter")
+    p.add_argument("--weights", default="weights/ghist-her2st.safetensors")
     args = ap.parse_args(argv)
-    {"run": run, "job": job, "protocol": protocol, "cells": cells}[args.cmd](args)
+    {"run": run, "job": job, "protocol": protocol, "cells": cells, "swap": segmenter_swap}[args.cmd](args)
 
 
 if __name__ == "__main__":
