@@ -32,6 +32,8 @@ BUNDLED_WEIGHTS_DIR = _bundled("weights")
 DEMO_DIR = _bundled("demo")
 #: The project's own Hugging Face Hub repository (used when no model id is given).
 DEFAULT_MODEL_REPO = "ghist-studio/ghist-her2st"
+#: The learned nucleus segmenter used when none is named (a bundled weights name).
+DEFAULT_SEGMENTER = "nuclei-seg"
 
 
 def shared_data_dir() -> Path:

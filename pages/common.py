@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from ghist_core.errors import GhistError
-from ghist_core.paths import DEMO_DIR, default_project_dir
+from ghist_core.paths import DEFAULT_SEGMENTER, DEMO_DIR, default_project_dir
 from ghist_core.project import Project, overview
 from ghist_core.project.uploads import inspect_upload
 from ghist_core.safe_text import plain
@@ -189,7 +189,8 @@ def run_field(run: Any, name: str, default: Any = None) -> Any:
 
 
 def segmenter_id() -> str | None:
-    """The nuclei segmenter for new runs: "auto" is the bundled learned model, on GPU and CPU.
+    """The nuclei segmenter for new runs: ``None`` ("auto": the default learned model, on GPU and
+    CPU), a bundled learned model's name, or ``"classical"``.
 
     With BatchNorm folded and one forward pass per 512 µm block it segments the demo in
     ~20 s on 2 CPU cores (bench/results/pipeline.json), so the better segmenter is also the
@@ -197,7 +198,7 @@ def segmenter_id() -> str | None:
     """
     init_session()
     choice = st.session_state[SEGMENTER]
-    return "classical" if choice == "classical" else None
+    return None if choice in ("auto", None) else str(choice)
 
 
 def submit(project, slide_id: int, *, uncertainty: bool = False) -> int:

@@ -15,7 +15,7 @@ from ghist_core.errors import GhistError, MissingMppError, SlideError
 from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
 from ghist_core.project.runs import run_uncertainty
-from ghist_core.weights.card import model_cell_inputs, model_members
+from ghist_core.weights.card import is_segmenter, model_cell_inputs, model_members, segmenter_choices
 from pages import common as c
 
 c.init_session()
@@ -33,7 +33,7 @@ if "upload_swept" not in st.session_state:  # once per session: copies a closed 
 with st.expander("Model and device", expanded=False):
     models = c.cached_models()
     names = ["bundled default"] + [f"{m['model_id']}" if m["source"] != "bundled" else m["name"] for m in models
-                                   if m.get("kind") in (None, "ghist")]
+                                   if m.get("kind") in (None, "ghist") and not is_segmenter(m)]
     choice = st.selectbox("Model", names, key="upload_model", help="The GHIST model that predicts expression.")
     st.session_state[c.MODEL_ID] = None if choice == "bundled default" else choice
     from ghist_core.device import device_summary
@@ -45,17 +45,21 @@ with st.expander("Model and device", expanded=False):
                                           key="upload_device",
                                           help="auto picks a CUDA GPU when there is one, else the CPU.")
     st.caption("CUDA GPU: " + (dev.get("cuda_device", "available") if dev.get("cuda_available") else "not available"))
-    seg_opts = ["auto", "learned", "classical"]
+    learned = dict(segmenter_choices(models))
+    seg_opts = ["auto", *learned, "classical"]
+    if st.session_state[c.SEGMENTER] not in seg_opts:  # e.g. a choice from an older session
+        st.session_state[c.SEGMENTER] = "auto"
+    labels = {"auto": f"auto ({c.DEFAULT_SEGMENTER})", "classical": "fast classical", **learned}
     st.session_state[c.SEGMENTER] = st.radio(
         "Nuclei segmentation", seg_opts, index=seg_opts.index(st.session_state[c.SEGMENTER]), horizontal=True,
-        key="upload_segmenter", format_func=lambda o: {"auto": "auto (learned model)",
-                                                       "learned": "learned model", "classical": "fast classical"}[o],
-        help="The learned segmenter (CoNSeP AJI 0.50 vs 0.21) takes ~18 s per mm² on 2 CPU cores; "
-             "the classical one ~2x less.")
+        key="upload_segmenter", format_func=labels.get,
+        help="Learned models: CoNSeP AJI about 0.5 against 0.21 for the classical one, ~18 s per mm² on 2 CPU "
+             "cores (the classical one ~2x less). A stain-robust model was also trained on re-stained images and "
+             "holds up better on slides from other labs and scanners (README, 'Stain shift').")
     reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if reads and st.session_state[c.SEGMENTER] == "classical":
         st.warning("This model also reads each nucleus' type probabilities from the learned segmenter, which the "
-                   "fast classical segmenter does not give: runs with it would be refused. Choose auto or learned.",
+                   "fast classical segmenter does not give: runs with it would be refused. Choose auto or a learned model.",
                    icon=":material/warning:")
     # per-cell uncertainty: the spread of the model's ensemble members (seeds), only when it has several
     members = model_members(models, st.session_state[c.MODEL_ID])

@@ -25,7 +25,7 @@ from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.io.hashing import sha256_file  # noqa: E402
 from ghist_core.paths import REPO_DIR  # noqa: E402
 from ghist_core.training.augment import AugmentConfig  # noqa: E402
-from ghist_core.weights.card import seal_card  # noqa: E402
+from ghist_core.weights.card import SEGMENTATION_KIND, seal_card  # noqa: E402
 
 _FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("steps_per_epoch", "--steps-per-epoch"),
           ("max_epochs", "--max-epochs"), ("time_budget_s", "--time-budget"), ("device", "--device"),
@@ -77,6 +77,7 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
     members = bank["members"]
     card = {
         "name": name,
+        "kind": SEGMENTATION_KIND,
         "description": f"{base['name']} fine-tuned with stain-bank augmentation (training/augment.py) for slides "
                        "from other labs and scanners; same network, same CoNSeP classes",
         "format": base.get("format"),

@@ -537,6 +537,8 @@ def _net_from(state: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> Ghi
         raise WeightsFormatError("The model card has no 'config' section; these are not GHIST weights.")
     try:
         cfg = GhistConfig.from_dict(dict(card["config"]))
+        if int(cfg.patch_px) < 1 or not float(cfg.mpp) > 0:  # read by GhistModel, not by the network
+            raise ValueError(f"patch_px {cfg.patch_px!r} and mpp {cfg.mpp!r} must be positive numbers")
         net = GhistNet(cfg)
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:  # wrong types
         raise WeightsFormatError(f"The model card describes no usable GHIST network ({str(exc)[:200]}).") from None

@@ -17,7 +17,7 @@ def load_segmenter(model_id: str | None = None, device: str = "auto", kind: str 
     """The segmenter to use: ``kind="learned"`` (bundled or given weights) or ``"classical"``.
 
     ``model_id`` may be a path to a ``.safetensors`` file (its JSON card beside it) or a
-    weights name in the bundled ``weights/`` folder; ``None`` means ``nuclei-seg``.
+    weights name in the bundled ``weights/`` folder; ``None`` means ``ghist_core.paths.DEFAULT_SEGMENTER``.
     Raises ``WeightsNotFoundError`` when no learned weights can be found.
     """
     if kind == "classical":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ghist_core.device import autocast_for, pick_device
 from ghist_core.errors import WeightsFormatError, WeightsNotFoundError
-from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
 from ghist_core._types import ProgressCallback, SlideLike
@@ -32,7 +32,6 @@ from ghist_core.io.slide import check_mpp
 from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_labels, resample_rgb, run_tiled,
                      warn_if_far, working_shape)
 
-DEFAULT_WEIGHTS = "nuclei-seg"
 #: CoNSeP's four nucleus classes, in the order of the type head's channels 1..4.
 CONSEP_TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
 
@@ -324,7 +323,7 @@ class LearnedSegmenter:
 
 def _resolve(model_id: str | None) -> Path:
     if model_id is None:
-        return BUNDLED_WEIGHTS_DIR / f"{DEFAULT_WEIGHTS}.safetensors"
+        return BUNDLED_WEIGHTS_DIR / f"{DEFAULT_SEGMENTER}.safetensors"
     p = Path(model_id)
     if p.suffix == ".safetensors" or p.exists():
         return p

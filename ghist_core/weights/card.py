@@ -41,7 +41,13 @@ __all__ = [
     "model_cell_inputs",
     "model_members",
     "ensemble_size",
+    "SEGMENTATION_KIND",
+    "is_segmenter",
+    "segmenter_choices",
 ]
+
+#: ``kind`` of a nucleus-segmentation card (GHIST cards say ``"ghist"``).
+SEGMENTATION_KIND = "segmentation"
 
 #: Largest card read (a 20,000-gene card is well under 1 MB).
 CARD_MAX_BYTES = 8 * 1024 * 1024
@@ -319,10 +325,32 @@ def ensemble_size(card: Mapping[str, Any]) -> int:
     return k
 
 
+def is_segmenter(entry: Mapping[str, Any]) -> bool:
+    """A ``list_models`` entry of a nucleus segmenter: ``kind`` says so, or (older cards without a
+    kind) the card carries the watershed's ``postprocess`` settings."""
+    card = entry.get("card")
+    return entry.get("kind") == SEGMENTATION_KIND or (
+        entry.get("kind") is None and isinstance(card, Mapping) and "postprocess" in card)
+
+
+def segmenter_choices(models: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(weights name, label)`` of the bundled learned segmenters, for a picker.
+
+    The label says what the card says: stain-robust when it was trained with the stain bank.
+    """
+    out = []
+    for m in models:
+        if m.get("source") == "bundled" and is_segmenter(m) and not m.get("error"):
+            card = m.get("card") or {}
+            robust = "stain_bank" in card
+            out.append((str(m["name"]), f"learned {m['name']}" + (" (stain-robust)" if robust else "")))
+    return out
+
+
 def _chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:
     """The card of the GHIST model ``model_id`` (its ``model_id`` or ``name``; None: the bundled one)."""
     for m in models:
-        if m.get("kind") not in (None, "ghist"):
+        if m.get("kind") not in (None, "ghist") or is_segmenter(m):
             continue
         if (model_id is None and m.get("source") == "bundled") or (model_id is not None and model_id in (m.get("model_id"), m.get("name"))):
             card = m.get("card")

@@ -419,5 +419,5 @@ def test_upload_page_warns_when_the_model_needs_the_learned_segmenter(projects, 
     at.radio(key="upload_segmenter").set_value("classical").run()
     assert not at.exception
     assert [w for w in at.warning if "learned segmenter" in w.value]
-    at.radio(key="upload_segmenter").set_value("learned").run()
+    at.radio(key="upload_segmenter").set_value("auto").run()
     assert not [w for w in at.warning if "learned segmenter" in w.value]

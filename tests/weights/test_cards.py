@@ -310,3 +310,32 @@ def test_model_cell_inputs_reads_the_chosen_card(tmp_path: Path) -> None:
     assert model_cell_inputs(list_models(weights_dir=tmp_path / "plain"), None) == []
     # a segmenter's entry is never taken for the GHIST model
     assert model_cell_inputs([{**listed[0], "kind": "segmentation"}], None) == []
+
+
+# --- segmenters among the models -----------------------------------------------------------------
+def test_segmenters_are_told_apart_from_expression_models():
+    """The bundled segmentation cards say kind "segmentation"; older cards without a kind are
+    recognised by their watershed settings; GHIST cards never count as segmenters."""
+    from ghist_core.weights.card import is_segmenter, model_cell_inputs, segmenter_choices
+    from ghist_core.weights.resolve import list_models
+
+    models = [m for m in list_models() if m["source"] == "bundled"]
+    kinds = {m["name"]: is_segmenter(m) for m in models}
+    assert kinds["nuclei-seg"] and not kinds["ghist-her2st"]
+    names = [n for n, _ in segmenter_choices(models)]
+    assert "nuclei-seg" in names and "ghist-her2st" not in names
+    # a kind-less card with watershed settings (an older segmenter card) is a segmenter, one without is not
+    assert is_segmenter({"kind": None, "card": {"postprocess": {}}})
+    assert not is_segmenter({"kind": None, "card": {"config": {}}})
+    # the expression model is found whatever order the segmenters come in
+    assert model_cell_inputs(list(reversed(models)), None) == model_cell_inputs(models, None) != []
+
+
+def test_segmenter_labels_say_which_is_stain_robust():
+    from ghist_core.weights.card import segmenter_choices
+
+    entries = [{"name": "a", "source": "bundled", "kind": "segmentation", "card": {"stain_bank": {}}, "error": None},
+               {"name": "b", "source": "bundled", "kind": "segmentation", "card": {}, "error": None},
+               {"name": "c", "source": "cache", "kind": "segmentation", "card": {}, "error": None},
+               {"name": "d", "source": "bundled", "kind": "segmentation", "card": {}, "error": "edited"}]
+    assert segmenter_choices(entries) == [("a", "learned a (stain-robust)"), ("b", "learned b")]
