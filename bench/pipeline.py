@@ -613,6 +613,7 @@ def main() -> None:
         print(json.dumps(_one_run(slide, device, None if seg == "-" else seg, None if mpp == "-" else float(mpp))))
         return
 
+    from ghist_core.paths import DEFAULT_SEGMENTER
     from ghist_core.weights.resolve import list_models
 
     out = Path(args.out) if args.out else REPO / "bench" / "results" / ("pipeline.json" if args.device == "cpu" else f"pipeline_{args.device}.json")
@@ -646,7 +647,7 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
         return
 
-    learned_seg = any(m.get("name") == "nuclei-seg" for m in list_models())
+    learned_seg = any(m.get("name") == DEFAULT_SEGMENTER for m in list_models())
     results: dict = {"device": args.device, "machine": platform.processor() or platform.machine(), "slides": {}}
     if args.device == "cuda":
         import torch

@@ -385,8 +385,11 @@ def predict_slide(
         if segmenter is None:
             if segmenter_id == "classical":  # the fast QuPath-style baseline, no weights needed
                 segmenter = load_segmenter(kind="classical")
-            else:
-                segmenter = load_segmenter(segmenter_id, device=str(dev))
+            else:  # "auto": the segmenter the model's nucleus-type inputs were trained on, else the default
+                from ghist_core.weights.card import trained_segmenter
+
+                segmenter = load_segmenter(segmenter_id or trained_segmenter(getattr(model, "card", None)),
+                                           device=str(dev))
     check_segmenter_fits(model, segmenter)
     check_block_plan(record.width, record.height, record.mpp, config)  # before the run is recorded
     with open_slide(project.slide_path(slide_id), mpp=record.mpp) as s:  # an implausible enlargement too
@@ -423,6 +426,7 @@ def predict_slide(
                     "expression_units": card.get("expression_units", ""),
                     "weights_sha256": weights_sha,
                     "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or "",
+                    "segmenter": str(getattr(segmenter, "name", "") or ""),
                     "slide_sha256": record.sha256,
                     "slide_id": int(slide_id),
                     "run_id": int(run_id),

@@ -172,6 +172,12 @@ class LearnedSegmenter:
         return self.cfg.mpp
 
     @property
+    def weights_sha256(self) -> str:
+        """The sha256 of the weights (from the sealed card; "" for a network built in code), so a run
+        records which segmenter made its cells."""
+        return str((self.card or {}).get("sha256", ""))
+
+    @property
     def type_names(self) -> tuple[str, ...]:
         return self.cfg.type_names
 

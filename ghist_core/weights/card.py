@@ -44,6 +44,7 @@ __all__ = [
     "SEGMENTATION_KIND",
     "is_segmenter",
     "segmenter_choices",
+    "trained_segmenter",
 ]
 
 #: ``kind`` of a nucleus-segmentation card (GHIST cards say ``"ghist"``).
@@ -345,6 +346,20 @@ def segmenter_choices(models: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
             robust = "stain_bank" in card
             out.append((str(m["name"]), f"learned {m['name']}" + (" (stain-robust)" if robust else "")))
     return out
+
+
+def trained_segmenter(card: Mapping[str, Any] | None) -> str | None:
+    """The learned segmenter whose nucleus types a GHIST model was trained on (its card's
+    ``segmenter``), when the model reads them (``config.cell_inputs``); else ``None``.
+
+    Such a model is run on cells from that segmenter unless the user names another: another
+    segmenter's type probabilities are inputs the model never saw (on HER2ST nuclei nuclei-seg
+    and nuclei-seg-stain give the same type for 31 % of them; bench/results/her2st.json).
+    """
+    if not card or not (card.get("config") or {}).get("cell_inputs"):
+        return None
+    name = card.get("segmenter")
+    return name if isinstance(name, str) and name else None
 
 
 def _chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:

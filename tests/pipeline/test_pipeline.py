@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -75,6 +76,21 @@ def test_model_reading_nucleus_types_needs_the_learned_segmenter(tmp_path, small
     adata = ad.read_h5ad(result.h5ad_path)
     assert adata.n_obs == result.n_cells > 20 and np.isfinite(adata.X).all()
     assert list(adata.uns["ghist"]["model_card"]["config"]["cell_inputs"]) == list(names)
+    # "auto" (no segmenter named): the default learned segmenter for a card that names none ...
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
+
+    def sha(name):
+        return json.loads((BUNDLED_WEIGHTS_DIR / f"{name}.json").read_text())["sha256"]
+
+    assert adata.uns["ghist"]["segmenter_sha256"] == sha(DEFAULT_SEGMENTER)
+    # ... and the segmenter whose types the model was trained on when its card names one
+    from ghist_core.weights.card import seal_card
+
+    card_path = next(model_dir.glob("*.json"))
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps(seal_card({**card, "segmenter": "nuclei-seg"}, card["sha256"])))
+    pinned = predict_slide(record.slide_id, project, model_id=str(model_dir), device="cpu", config=SMALL)
+    assert ad.read_h5ad(pinned.h5ad_path).uns["ghist"]["segmenter_sha256"] == sha("nuclei-seg") != sha(DEFAULT_SEGMENTER)
 
 
 def test_blank_slide_fails_cleanly_and_is_recorded(tmp_path, tiny_ghist):

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from ghist_core.errors import ModelInputError, WeightsIntegrityError, WeightsNotFoundError
-from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 from ghist_core.segmentation import ArraySlide, MppWarning, load_segmenter
 from ghist_core.segmentation.features import RAY_COLUMNS
 from ghist_core.io.hashing import sha256_file
 from ghist_core.io.slide import open_slide
 
-WEIGHTS = BUNDLED_WEIGHTS_DIR / "nuclei-seg.safetensors"
+WEIGHTS = BUNDLED_WEIGHTS_DIR / f"{DEFAULT_SEGMENTER}.safetensors"
+BUNDLED = ["nuclei-seg", "nuclei-seg-stain"]
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,21 @@ def demo_region(demo_slide):
     return rgb, mpp
 
 
-def test_bundled_weights_and_card():
-    card = json.loads(WEIGHTS.with_suffix(".json").read_text())
-    assert WEIGHTS.stat().st_size < 30e6
-    assert card["sha256"] == sha256_file(WEIGHTS)
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_weights_and_card(name):
+    weights = BUNDLED_WEIGHTS_DIR / f"{name}.safetensors"
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert weights.stat().st_size < 30e6
+    assert card["sha256"] == sha256_file(weights)
     for key in ("architecture", "postprocess", "mpp", "type_names", "data", "command", "metrics"):
         assert key in card
+    assert card["kind"] == "segmentation"
+
+
+def test_the_default_segmenter_is_the_stain_robust_one(seg):
+    """load_segmenter() with no name gives DEFAULT_SEGMENTER, whose card records its stain-bank training."""
+    assert seg.card["name"] == DEFAULT_SEGMENTER == "nuclei-seg-stain"
+    assert "stain_bank" in seg.card and seg.card["base_model"]["name"] == "nuclei-seg"
 
 
 def test_segments_demo_tile(seg, demo_region):

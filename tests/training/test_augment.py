@@ -223,21 +223,15 @@ def _aji(seg, rgb, gt) -> float:
     return seg_counts(gt, seg.segment_tile(rgb, 0.25)[0]).aji
 
 
-# Measured on this crop (AJI 0.597 unshifted): drops 0.083 (her2st-B4), 0.071 (C6), 0.036 (cmu1),
-# 0.017 (tiatoolbox), 0.003 (pale), 0.005 (hema-heavy), -0.022 (blue); pink: 0.271.
-MARGIN = 0.10
+# Measured on this crop with the default nuclei-seg-stain (AJI 0.590 unshifted): drops -0.018 (her2st-B4),
+# -0.009 (C6), -0.004 (cmu1), -0.021 (tiatoolbox), 0.006 (pale), -0.019 (hema-heavy), -0.001 (blue),
+# 0.009 (pink). The original nuclei-seg lost 0.083, 0.071, 0.036, 0.017, 0.003, 0.005, -0.022 and 0.271.
+MARGIN = 0.05
 
 
-@pytest.mark.parametrize("name", [m.name for m in BANK.select("benchmark") if m.name != "synthetic-pink"])
+@pytest.mark.parametrize("name", [m.name for m in BANK.select("benchmark")])
 def test_restained_tile_keeps_its_nuclei(monuseg_crop, name):
+    """The default segmenter keeps its AJI on a tile re-stained to each stain it never trained on."""
     seg, rgb, gt = monuseg_crop
     m = BANK.get(name)
-    assert _aji(seg, macenko_restain(rgb, m.matrix, m.max_c), gt) >= _aji(seg, rgb, gt) - MARGIN
-
-
-@pytest.mark.xfail(strict=True, reason="the bundled nuclei-seg loses ~0.27 AJI on pink-shifted stain (issue #16); "
-                                       "a model fine-tuned with training/augment.py should pass: then drop this mark")
-def test_pink_restained_tile_keeps_its_nuclei(monuseg_crop):
-    seg, rgb, gt = monuseg_crop
-    m = BANK.get("synthetic-pink")
     assert _aji(seg, macenko_restain(rgb, m.matrix, m.max_c), gt) >= _aji(seg, rgb, gt) - MARGIN
