@@ -1,7 +1,8 @@
 """Nucleus segmentation and classification.
 
 ``load_segmenter()`` gives the learned HoVer-Net-style model trained on CoNSeP + MoNuSeg
-(bundled weights); ``load_segmenter(kind="classical")`` the QuPath-style baseline. Both offer
+(bundled weights: ``nuclei-seg-stain``, the stain-robust fine-tune of ``nuclei-seg``; see
+``ghist_core.paths.DEFAULT_SEGMENTER``); ``load_segmenter(kind="classical")`` the QuPath-style baseline. Both offer
 ``segment_tile(rgb, mpp) -> (instances, cells)`` and ``segment_slide(slide, ...) -> cells``.
 """
 
