@@ -616,6 +616,8 @@ def segmenter_swap(args: argparse.Namespace) -> dict:
     model = load_ghist(path=args.weights, device="cpu")
     images = pack_a.images()
     oa, ob = cell_outputs(model.net, pack_a, images), cell_outputs(model.net, pack_b, images)
+    if not np.array_equal(oa["cell"], ob["cell"]):
+        raise SystemExit("the two runs returned different nuclei; they must be the same to compare them")
     n_hvg = int(pack_a.n_hvg)
     la, lb = oa["log_expr"][:, :n_hvg], ob["log_expr"][:, :n_hvg]
     spot = pack_a.cell_spot[oa["cell"]]

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mosaic-px", type=int, default=1856)  # one 1024 px tile core at 0.5 µm/px
     ap.add_argument("--classical-mosaic-px", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default=None, help=f"default {RESULTS.name}")
+    ap.add_argument("--out", default=None, help=f"default {RESULTS.name} ({CUDA_RESULTS.name} with --speed-only)")
     ap.add_argument("--consep-every", type=int, default=16, help="stain shift: every k-th CoNSeP test patch")
     ap.add_argument("--monuseg-every", type=int, default=7, help="stain shift: every k-th MoNuSeg test tile")
     ap.add_argument("--no-ttn", action="store_true", help="stain shift: skip test-time normalisation")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown block(s) {unknown}; choose from {', '.join(BLOCKS)}")
     root = Path(a.data_root)
-    out = Path(a.out or RESULTS)
+    out = Path(a.out or (CUDA_RESULTS if a.speed_only else RESULTS))
     learned = {}
     for mid in [m.strip() for m in a.models.split(",") if m.strip()]:
         seg = load_segmenter(mid, device=a.device)
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     device_name = torch.cuda.get_device_name(0) if model.device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"models {learned}; device {device_name}", flush=True)
+    shas = {name: seg.card.get("sha256") for name, seg in learned.items()}  # stamped on every block written
 
     if a.speed_only or "speed" in blocks:
         rgb = mosaic(root, a.mosaic_px)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         sp["classical"] = speed(classical, crgb)
         print(f"speed: {sp}", flush=True)
         key = "cuda" if model.device.type == "cuda" else "cpu"
-        speed_block = {"device": device_name, **sp, "input_mpp": DATA_MPP,
+        speed_block = {"device": device_name, **sp, "input_mpp": DATA_MPP, "weights_sha256": shas,
                        "ratio_to_classical": {n: round(v["mpx_per_s"] / sp["classical"]["mpx_per_s"], 3)
                                               for n, v in sp.items() if n != "classical"}}
         if a.speed_only:  # a device's speed in a file of its own (e.g. segmentation_cuda.json from a GPU)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.perf_counter()
                 results[name][ds] = evaluate(seg, samples)
                 print(f"{ds} {name}: {results[name][ds]} ({time.perf_counter() - t:.0f} s)", flush=True)
-        _update(out, "accuracy", results)
+        _update(out, "accuracy", {**results, "weights_sha256": shas})
         _update(out, "protocol", {
             "input_mpp": DATA_MPP, "model_mpp": model.mpp,
             "aji_pq_dice": "mean over images (HoVer-Net protocol); 'pooled' = counts summed over all images",
@@ -353,11 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     if "her2st_counts" in blocks:
         her2st = Path(a.her2st_root)
         if (her2st / "images").is_dir():
-            _update(out, "her2st_counts", {name: her2st_counts(seg, classical, her2st, per_section=a.her2st_spots)
-                                           for name, seg in learned.items()})
+            _update(out, "her2st_counts", {**{name: her2st_counts(seg, classical, her2st, per_section=a.her2st_spots)
+                                              for name, seg in learned.items()}, "weights_sha256": shas})
         else:
             print(f"her2st_counts skipped: no {her2st / 'images'}", flush=True)
-    _update(out, "weights_sha256", {name: seg.card.get("sha256") for name, seg in learned.items()})
+    _update(out, "weights_sha256", shas)  # of this run's models; each block carries the ones it scored
     print(json.dumps(json.loads(out.read_text()), indent=1)[:4000])
 
 

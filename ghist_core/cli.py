@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", required=True, help="project folder (created if missing)")
     p.add_argument("--model", default=None, help="model id owner/repo@revision or a local folder (default: bundled)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--segmenter", default=None, help="nucleus segmenter: weights id (default: bundled) or 'classical'")
+    p.add_argument("--segmenter", default=None, help="nucleus segmenter: 'auto' (default: the one the model was trained on, else "
+                        "nuclei-seg-stain), a bundled learned model (nuclei-seg-stain, nuclei-seg) or 'classical'")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel, required when the file does not say")
     p.add_argument("--patient", default=None, help="patient id to attach the slides to")
     p.add_argument("--new-run", action="store_true",
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster")
     c.add_argument("--model", default=None)
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    c.add_argument("--segmenter", default=None, help="nucleus segmenter: weights id (default: bundled) or 'classical'")
+    c.add_argument("--segmenter", default=None, help="nucleus segmenter: 'auto' (default: the one the model was trained on, else "
+                        "nuclei-seg-stain), a bundled learned model (nuclei-seg-stain, nuclei-seg) or 'classical'")
     c.set_defaults(func=cmd_cohort)
 
     w = sub.add_parser("weights", help="list, pull or verify model weights")

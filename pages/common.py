@@ -189,8 +189,9 @@ def run_field(run: Any, name: str, default: Any = None) -> Any:
 
 
 def segmenter_id() -> str | None:
-    """The nuclei segmenter for new runs: ``None`` ("auto": the default learned model, on GPU and
-    CPU), a bundled learned model's name, or ``"classical"``.
+    """The nuclei segmenter for new runs: ``None`` ("auto": the learned model the expression model
+    was trained on, else the default one; ``weights.card.run_segmenter``), a bundled learned
+    model's name, or ``"classical"``.
 
     With BatchNorm folded and one forward pass per 512 µm block it segments the demo in
     ~20 s on 2 CPU cores (bench/results/pipeline.json), so the better segmenter is also the

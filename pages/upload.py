@@ -15,8 +15,8 @@ from ghist_core.errors import GhistError, MissingMppError, SlideError
 from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
 from ghist_core.project.runs import run_uncertainty
-from ghist_core.weights.card import (is_segmenter, model_cell_inputs, model_members, segmenter_choices,
-                                     trained_segmenter)
+from ghist_core.weights.card import (chosen_card, is_expression_model, model_cell_inputs, model_members,
+                                     run_segmenter, segmenter_choices, trained_segmenter)
 from pages import common as c
 
 c.init_session()
@@ -34,7 +34,7 @@ if "upload_swept" not in st.session_state:  # once per session: copies a closed 
 with st.expander("Model and device", expanded=False):
     models = c.cached_models()
     names = ["bundled default"] + [f"{m['model_id']}" if m["source"] != "bundled" else m["name"] for m in models
-                                   if m.get("kind") in (None, "ghist") and not is_segmenter(m)]
+                                   if is_expression_model(m)]
     choice = st.selectbox("Model", names, key="upload_model", help="The GHIST model that predicts expression.")
     st.session_state[c.MODEL_ID] = None if choice == "bundled default" else choice
     from ghist_core.device import device_summary
@@ -50,10 +50,13 @@ with st.expander("Model and device", expanded=False):
     seg_opts = ["auto", *learned, "classical"]
     if st.session_state[c.SEGMENTER] not in seg_opts:  # e.g. a choice from an older session
         st.session_state[c.SEGMENTER] = "auto"
-    model_card = next((m.get("card") for m in models if not is_segmenter(m) and (
-        m["name"] == st.session_state[c.MODEL_ID] if st.session_state[c.MODEL_ID] else m["source"] == "bundled")), None)
-    own = trained_segmenter(model_card)  # the segmenter whose nucleus types the model was trained on
-    labels = {"auto": f"auto ({own or c.DEFAULT_SEGMENTER})", "classical": "fast classical", **learned}
+    card = chosen_card(models, st.session_state[c.MODEL_ID])
+    try:  # "auto" gives this model the segmenter its nucleus types were trained on (own), else the default
+        own, auto = trained_segmenter(card), run_segmenter(None, card)
+    except GhistError as exc:
+        st.error(str(exc), icon=":material/error:")
+        own, auto = None, c.DEFAULT_SEGMENTER
+    labels = {"auto": f"auto ({auto})", "classical": "fast classical", **learned}
     st.session_state[c.SEGMENTER] = st.radio(
         "Nuclei segmentation", seg_opts, index=seg_opts.index(st.session_state[c.SEGMENTER]), horizontal=True,
         key="upload_segmenter", format_func=labels.get,
@@ -62,9 +65,11 @@ with st.expander("Model and device", expanded=False):
              "holds up better on slides from other labs and scanners (README, 'Stain shift').")
     reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if own and st.session_state[c.SEGMENTER] in learned and st.session_state[c.SEGMENTER] != own:
+        robust = "stain-robust" in learned[st.session_state[c.SEGMENTER]]
         st.info(f"This model was trained on the nucleus types of {own}; {st.session_state[c.SEGMENTER]} gives "
-                "different types (on HER2ST nuclei they agree for about a third), so expect different expression. "
-                "It segments slides from other labs better.", icon=":material/info:")
+                "different types (on HER2ST nuclei they agree for about a third), so expect different expression."
+                + (" It segments slides from other labs and scanners better." if robust else ""),
+                icon=":material/info:")
     if reads and st.session_state[c.SEGMENTER] == "classical":
         st.warning("This model also reads each nucleus' type probabilities from the learned segmenter, which the "
                    "fast classical segmenter does not give: runs with it would be refused. Choose auto or a learned model.",

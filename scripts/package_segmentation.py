@@ -41,7 +41,7 @@ def run_command(cfg: dict, out: str, init: str) -> str:
         value = cfg.get(key)
         if value in (None, 0, 0.0, "") and key in _OPTIONAL:
             continue
-        parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+        parts.append(f"{flag} {value!r}" if isinstance(value, float) else f"{flag} {value}")
     if cfg.get("arch"):
         parts.append(f"--arch '{json.dumps(cfg['arch'], separators=(',', ':'))}'")
     if cfg.get("tune_postprocess") is False:
@@ -58,8 +58,16 @@ def _run_record(run: Path) -> tuple[dict, dict]:
     return meta["train_config"], meta["state"]
 
 
+def _selection(cfg: dict) -> str:
+    k = int(cfg.get("val_restain") or 0)
+    copies = (f"the validation images as they are and re-stained to the {k} training-role stain-bank members "
+              f"farthest from the reference (--val-restain {k})") if k else "the validation images"
+    return f"best epoch by the mean validation AJI over {copies}; post-processing thresholds tuned the same way; no test image"
+
+
 def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weights_sha: str) -> dict:
     stages, commands = [], list(base.get("command", []))
+    last_cfg = _run_record(runs[-1])[0]
     init = f"weights/{base['name']}.safetensors"
     for run in runs:
         cfg, state = _run_record(run)
@@ -78,45 +86,59 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
     card = {
         "name": name,
         "kind": SEGMENTATION_KIND,
-        "description": f"{base['name']} fine-tuned with stain-bank augmentation (training/augment.py) for slides "
-                       "from other labs and scanners; same network, same CoNSeP classes",
+        "description": f"{base['name']} fine-tuned with " + (
+            "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
+            if last_cfg.get("augment") == "stain" else f"{last_cfg.get('augment')} augmentation") +
+            "; same network, same CoNSeP classes",
         "format": base.get("format"),
         "mpp": final_card["mpp"],
         "type_names": final_card["type_names"],
         "architecture": final_card["architecture"],
         "postprocess": final_card["postprocess"],
-        "data": {**base["data"],
-                 "selection": "best epoch by the mean validation AJI over the validation images as they are and "
-                              "re-stained to the 3 training-role stain-bank members farthest from the reference "
-                              "(--val-restain 3); post-processing thresholds tuned the same way; no test image"},
+        "data": {**base["data"], "selection": _selection(last_cfg)},
         "base_model": {"name": base["name"], "sha256": base["sha256"]},
         "command": commands,
         "training": {"base": base.get("training"), "fine_tune": stages},
-        "augmentation": {**AugmentConfig(symmetries=False).to_dict(),
-                         "symmetries_note": "the 8 flips/rotations are applied by the batch sampler"},
-        "stain_bank": {"file": "weights/stain_bank.json", "sha256": sha256_file(bank_path),
-                       "train_members": [m["name"] for m in members if m["role"] == "train"],
-                       "benchmark_members (never trained on)": [m["name"] for m in members if m["role"] == "benchmark"]},
+        **({"augmentation": {**AugmentConfig(symmetries=False).to_dict(),
+                             "symmetries_note": "the 8 flips/rotations are applied by the batch sampler"},
+            "stain_bank": {"file": "weights/stain_bank.json", "sha256": sha256_file(bank_path),
+                           "train_members": [m["name"] for m in members if m["role"] == "train"],
+                           "benchmark_members (never trained on)": [m["name"] for m in members
+                                                                    if m["role"] == "benchmark"]}}
+           if last_cfg.get("augment") == "stain" else {"augmentation": {"kind": last_cfg.get("augment")}}),
         "metrics": {"validation": final_card.get("validation")},
     }
     return seal_card(card, weights_sha)
 
 
-def bench_rows(bench: dict, name: str) -> dict:
-    """This model's rows of ``bench/results/segmentation.json``."""
+def bench_rows(bench: dict, name: str, sha: str) -> dict:
+    """This model's rows of ``bench/results/segmentation.json``; every block copied must have
+    scored these weights (each block records the sha256 of the weights it scored)."""
+    def scored(block: str) -> dict:
+        blk = bench.get(block) or {}
+        if blk and (blk.get("weights_sha256") or {}).get(name) != sha:
+            raise SystemExit(f"block '{block}' of the benchmark scored other weights for {name}; "
+                             f"run bench/segmentation.py --only {block} again")
+        return blk
+
     out = {}
-    if name in bench.get("accuracy", {}):
-        out["accuracy"] = {ds: {k: v for k, v in r.items() if k != "pooled"} for ds, r in bench["accuracy"][name].items()}
-    shift = bench.get("stain_shift", {})
+    acc = scored("accuracy")
+    if name in acc:
+        out["accuracy"] = {ds: {k: v for k, v in r.items() if k != "pooled"} for ds, r in acc[name].items()}
+    shift = scored("stain_shift")
     if shift:
-        out["stain_shift"] = {ds: {k: v for k, v in blk.get("summary", {}).items() if name in k}
+        out["stain_shift"] = {ds: {k: v for k, v in blk.get("summary", {}).items()
+                                   if k.split(":")[-1].removesuffix("_ttn") == name}
                               for ds, blk in shift.get("datasets", {}).items()}
         out["stain_shift"]["ttn_helps_everywhere"] = shift.get("ttn_helps_everywhere", {}).get(name)
-    if name in bench.get("her2st_counts", {}):
-        out["her2st_counts"] = bench["her2st_counts"][name]["pooled"]
+    counts = scored("her2st_counts")
+    if name in counts:
+        out["her2st_counts"] = counts[name]["pooled"]
     speed = bench.get("speed", {})
-    out["speed_mpx_per_s"] = {dev: (blk or {}).get(name, {}).get("mpx_per_s") for dev, blk in speed.items()
-                              if dev in ("cpu", "cuda")}
+    cpu = speed.get("cpu") or {}
+    if cpu and (cpu.get("weights_sha256") or {}).get(name) == sha:
+        out["speed_mpx_per_s"] = {"cpu": cpu.get(name, {}).get("mpx_per_s"),
+                                  "cuda_same_network": ((speed.get("cuda") or {}).get("model") or {}).get("mpx_per_s")}
     return out
 
 
@@ -131,19 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     base = json.loads(a.base.read_text())
     final = a.runs[-1]
     final_card = json.loads((final / "final.json").read_text())
-    weights = a.out_dir / f"{a.name}.safetensors"
-    if not weights.exists() or sha256_file(weights) != sha256_file(final / "final.safetensors"):
-        tmp = weights.with_suffix(".tmp")
-        shutil.copyfile(final / "final.safetensors", tmp)
-        tmp.replace(weights)
-    sha = sha256_file(weights)
+    sha = sha256_file(final / "final.safetensors")
     card = build_card(a.name, base, a.runs, final_card, sha)
-    if a.bench:
+    if a.bench:  # every check before anything is written: weights and card change together or not at all
         bench = json.loads(a.bench.read_text())
         if bench.get("weights_sha256", {}).get(a.name) != sha:
             raise SystemExit(f"{a.bench} scored other weights for {a.name}; run bench/segmentation.py again")
         card = seal_card({**card, "benchmark": {"source": "bench/results/segmentation.json",
-                                                **bench_rows(bench, a.name)}}, sha)
+                                                **bench_rows(bench, a.name, sha)}}, sha)
+    weights = a.out_dir / f"{a.name}.safetensors"
+    if not weights.exists() or sha256_file(weights) != sha:
+        tmp = weights.with_suffix(".tmp")
+        shutil.copyfile(final / "final.safetensors", tmp)
+        tmp.replace(weights)
     atomic_write_text(a.out_dir / f"{a.name}.json", json.dumps(card, indent=1))
     print(f"wrote {weights} ({sha[:12]}) and its card")
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.training.her2st import (  # noqa: E402
-    HER2ST_MPP, IMAGE_SECTIONS, SpotPack, encode_jpeg, extract_patch, load_section, nucleus_type_inputs, patch_features,
+    HER2ST_MPP, IMAGE_SECTIONS, PROTOCOL_SEGMENTER, SpotPack, encode_jpeg, extract_patch, load_section, nucleus_type_inputs, patch_features,
     select_genes,
 )
 from ghist_core.model.pooling import N_RAYS, rasterise_stars  # noqa: E402
@@ -36,7 +36,7 @@ from ghist_core.paths import shared_data_dir  # noqa: E402
 
 
 def learned_type_inputs(pack: SpotPack, images: np.ndarray, device: str = "auto",
-                        segmenter: str = "nuclei-seg") -> tuple[np.ndarray, list[str]]:
+                        segmenter: str = PROTOCOL_SEGMENTER) -> tuple[np.ndarray, list[str]]:
     """A bundled learned segmenter's per-nucleus type probabilities for every pack nucleus."""
     from ghist_core.segmentation import load_segmenter
 
@@ -56,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-spots", type=int, default=0, help="per section, for smoke tests (0 = all)")
     ap.add_argument("--no-cell-inputs", action="store_true", help="skip the learned segmenter's nucleus types")
     ap.add_argument("--cell-inputs-only", action="store_true", help="add the nucleus types to the pack at --out")
-    ap.add_argument("--segmenter", default="nuclei-seg",
-                    help="learned segmenter for the nucleus types (nuclei-seg: the one ghist-her2st was trained with)")
+    ap.add_argument("--segmenter", default=PROTOCOL_SEGMENTER,
+                    help=f"learned segmenter for the nucleus types ({PROTOCOL_SEGMENTER}: the protocol's, "
+                         "which ghist-her2st was trained on)")
     args = ap.parse_args(argv)
     if args.cell_inputs_only:
         pack = SpotPack.load(args.out)
         pack.cell_inputs, names = learned_type_inputs(pack, pack.images(), segmenter=args.segmenter)
         pack.cell_input_names = np.array(names)
+        pack.cell_input_segmenter = args.segmenter
         pack.save(args.out)
         print(f"added {names} for {len(pack.cell_spot)} nuclei to {args.out}", flush=True)
         return 0
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_cell_inputs:
         pack.cell_inputs, names = learned_type_inputs(pack, pack.images(), segmenter=args.segmenter)
         pack.cell_input_names = np.array(names)
+        pack.cell_input_segmenter = args.segmenter
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pack.save(args.out)
     meta = {"n_spots": pack.n_spots, "n_cells": int(len(pack.cell_spot)), "genes": genes, "n_hvg": len(hvgs),

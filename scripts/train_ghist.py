@@ -45,9 +45,9 @@ def card_for(pack, config: dict, train_config: dict, command: str, metrics: dict
     card = {
         "kind": "ghist",
         "name": "ghist-her2st",
-        # the segmenter whose nucleus types the pack holds (prepare_her2st.py --segmenter, default nuclei-seg):
-        # the pipeline's "auto" runs this model on it (weights.card.trained_segmenter)
-        **({"segmenter": str(getattr(pack, "segmenter", "") or "nuclei-seg")} if cfg.cell_inputs else {}),
+        # the segmenter whose nucleus types the pack holds (prepare_her2st.py --segmenter): the pipeline's
+        # "auto" runs this model on it (weights.card.trained_segmenter)
+        **({"segmenter": pack.cell_input_segmenter} if cfg.cell_inputs else {}),
         "description": "GHIST-style per-cell expression, cell type, neighbourhood and morphology from H&E; "
                        f"trained weakly on HER2ST spots ({how} of the predicted cells per spot).",
         "genes": [str(g) for g in pack.genes],

@@ -290,7 +290,7 @@ def write_final(model: SegNet, out: Path, result: dict) -> Path:
              for k, v in model.state_dict().items()}
     path = out / "final.safetensors"
     save_file(state, str(path))
-    card = {"name": "nuclei-seg", "architecture": result["architecture"], "postprocess": result["postprocess"],
+    card = {"name": out.resolve().name, "kind": "segmentation", "architecture": result["architecture"], "postprocess": result["postprocess"],
             "mpp": result["architecture"]["mpp"], "type_names": result["architecture"]["type_names"],
             "validation": result["best_val"], "train_config": result["train_config"],
             "val_tiles": result["val_tiles"], "trained_on": result["device"]}

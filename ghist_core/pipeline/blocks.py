@@ -30,6 +30,7 @@ from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, read_grid, write_grid
 from ghist_core.pipeline.merge import median_nucleus_area, summarise_blocks, write_merged_h5ad
 from ghist_core.io.slide import Slide, open_slide
+from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
 from ghist_core.io.tiles import TileGrid
 from ghist_core.imaging.tissue import boxes_tissue_fraction
@@ -344,7 +345,7 @@ def check_segmenter_fits(model, segmenter) -> None:
 
         raise ModelInputError(
             f"This GHIST model reads each nucleus' type probabilities from the learned segmenter ({', '.join(missing)}); "
-            "the chosen segmenter does not provide them. Choose the learned segmenter, or a model without cell inputs.")
+            "the chosen segmenter does not provide them. Choose auto or a learned segmenter, or a model without cell inputs.")
 
 
 def predict_slide(
@@ -383,20 +384,23 @@ def predict_slide(
 
         model = model or load_ghist(model_id, device=str(dev))
         if segmenter is None:
-            if segmenter_id == "classical":  # the fast QuPath-style baseline, no weights needed
-                segmenter = load_segmenter(kind="classical")
-            else:  # "auto": the segmenter the model's nucleus-type inputs were trained on, else the default
-                from ghist_core.weights.card import trained_segmenter
+            from ghist_core.weights.card import run_segmenter
 
-                segmenter = load_segmenter(segmenter_id or trained_segmenter(getattr(model, "card", None)),
-                                           device=str(dev))
+            # "auto" (None): the segmenter the model's nucleus-type inputs were trained on, else the default
+            name = run_segmenter(segmenter_id, getattr(model, "card", None))
+            if name == "classical":  # the fast QuPath-style baseline, no weights needed
+                segmenter = load_segmenter(kind="classical")
+            else:
+                segmenter = load_segmenter(name, device=str(dev))
     check_segmenter_fits(model, segmenter)
     check_block_plan(record.width, record.height, record.mpp, config)  # before the run is recorded
     with open_slide(project.slide_path(slide_id), mpp=record.mpp) as s:  # an implausible enlargement too
         s.check_upsampling(min([float(m) for m in (getattr(segmenter, "mpp", None), getattr(model, "mpp", None)) if m]
                                or [s.mpp]))
     weights_sha = getattr(model, "weights_sha256", "") or ""
-    params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id, "segmenter_id": segmenter_id}
+    params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id,
+              "segmenter_id": None if segmenter_id == "auto" else segmenter_id,
+              "segmenter": str(getattr(segmenter, "name", "") or "classical"), "default_segmenter": DEFAULT_SEGMENTER}
     if run_id is None:
         run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256=weights_sha, device=str(dev), params=params)
     else:
@@ -426,7 +430,7 @@ def predict_slide(
                     "expression_units": card.get("expression_units", ""),
                     "weights_sha256": weights_sha,
                     "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or "",
-                    "segmenter": str(getattr(segmenter, "name", "") or ""),
+                    "segmenter": str(getattr(segmenter, "name", "") or "classical"),
                     "slide_sha256": record.sha256,
                     "slide_id": int(slide_id),
                     "run_id": int(run_id),

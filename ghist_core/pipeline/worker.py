@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 from ghist_core.errors import GhistError, SlideBusyError
 from ghist_core.io.atomic import remove_temporaries
+from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
 from ghist_core.project import runs as run_store
 from ghist_core.project.locks import lock_slide
@@ -115,6 +116,10 @@ class SlideRun:
     action: str
 
 
+#: "auto" before runs recorded the default segmenter (session 8): runs without the field used it
+PRE_STAIN_DEFAULT_SEGMENTER = "nuclei-seg"
+
+
 def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertainty: bool = False) -> bool:
     """Whether ``run`` answers a request for this model, segmenter and uncertainty setting.
 
@@ -122,8 +127,10 @@ def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertai
     member 0's prediction; the extra column costs nothing to keep), so it is reused or resumed;
     a run without it never satisfies a request with it.
     """
+    same_auto = segmenter_id is not None or (  # "auto" means what it meant when the run was made
+        run.params.get("default_segmenter", PRE_STAIN_DEFAULT_SEGMENTER) == DEFAULT_SEGMENTER)
     return (run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
-            and (run_uncertainty(run.params) or not uncertainty))
+            and same_auto and (run_uncertainty(run.params) or not uncertainty))
 
 
 def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
@@ -228,7 +235,8 @@ def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: st
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
     project.mark_interrupted_runs()
-    params = {"model_id": model_id, "segmenter_id": segmenter_id, "pipeline": {"uncertainty": bool(uncertainty)}}
+    params = {"model_id": model_id, "segmenter_id": segmenter_id, "default_segmenter": DEFAULT_SEGMENTER,
+              "pipeline": {"uncertainty": bool(uncertainty)}}
     run_id, created = run_store.claim_run(
         project.db, slide.slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
         params=params, status=RunStatus.QUEUED)

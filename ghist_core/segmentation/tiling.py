@@ -96,11 +96,17 @@ def is_featureless(rgb: np.ndarray, min_range: int = 12) -> bool:
     return bool(np.all(flat.max(axis=0).astype(np.int16) - flat.min(axis=0) < min_range))
 
 
-def _inside_slide(rgb: np.ndarray, spec: GridTile, width: int, height: int) -> np.ndarray:
-    """The part of a working tile that lies on the slide (the rest was padded with white)."""
+def _inside_slide(rgb: np.ndarray, spec: GridTile, width: int, height: int, seam_px: int = 3) -> np.ndarray:
+    """The part of a working tile that lies on the slide (the rest was padded with white).
+
+    A resampled read blends the padding into the slide's last pixels, so ``seam_px`` more are
+    left out on each side where the slide ends inside the tile.
+    """
     y0, x0 = max(0, -int(spec.read_y0)), max(0, -int(spec.read_x0))
     y1 = min(rgb.shape[0], int(height - spec.read_y0))
     x1 = min(rgb.shape[1], int(width - spec.read_x0))
+    y0, x0 = y0 + (seam_px if y0 > 0 else 0), x0 + (seam_px if x0 > 0 else 0)
+    y1, x1 = y1 - (seam_px if y1 < rgb.shape[0] else 0), x1 - (seam_px if x1 < rgb.shape[1] else 0)
     return rgb[y0:max(y0, y1), x0:max(x0, x1)]
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "imageless_log_expression",
     "IMAGE_SECTIONS",
     "HER2ST_MPP",
+    "PROTOCOL_SEGMENTER",
     "CLINICAL_MARKERS",
     "list_sections",
     "load_counts",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 IMAGE_SECTIONS: tuple[str, ...] = ("B4", "C2", "C3", "C4", "C5", "C6")
+#: The learned segmenter whose nucleus types the clean protocol's packs hold (and so the bundled
+#: ghist-her2st was trained on): scripts/prepare_her2st.py's default.
+PROTOCOL_SEGMENTER = "nuclei-seg"
 HER2ST_MPP = 0.688  # from the 200 µm spot pitch ≈ 290.8 px (README of the data)
 #: Clinically used markers appended to the HVGs when present in HER2ST.
 CLINICAL_MARKERS: tuple[str, ...] = (
@@ -177,6 +181,9 @@ class SpotPack:
     cell_morph: np.ndarray
     cell_inputs: np.ndarray | None = None
     cell_input_names: np.ndarray | None = None
+    #: the learned segmenter (bundled weights name) that gave ``cell_inputs``; "" in packs made before
+    #: it was recorded, which all used PROTOCOL_SEGMENTER
+    cell_input_segmenter: str = ""
 
     def save(self, path: str | Path) -> None:
         from ghist_core.io.atomic import atomic_path
@@ -184,7 +191,8 @@ class SpotPack:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **{k: getattr(self, k) for k in self.__dataclass_fields__
-                                           if getattr(self, k) is not None})
+                                           if getattr(self, k) is not None and not (isinstance(getattr(self, k), str)
+                                                                                    and not getattr(self, k))})
 
     @classmethod
     def load(cls, path: str | Path) -> "SpotPack":
@@ -192,6 +200,10 @@ class SpotPack:
             kw = {k: z[k] for k in cls.__dataclass_fields__ if k in z.files}  # older packs lack cell_inputs
         kw["n_hvg"] = int(kw["n_hvg"])
         kw["mpp"] = float(kw["mpp"])
+        if "cell_input_segmenter" in kw:
+            kw["cell_input_segmenter"] = str(kw["cell_input_segmenter"])
+        elif kw.get("cell_inputs") is not None:
+            kw["cell_input_segmenter"] = PROTOCOL_SEGMENTER
         return cls(**kw)
 
     @property

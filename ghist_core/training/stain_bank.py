@@ -10,7 +10,7 @@ Members have a ``role``:
 * ``"train"``: for re-staining augmentation during training (CoNSeP and MoNuSeg *train*
   tiles, HER2ST patient C sections C2-C5);
 * ``"benchmark"``: held out of the augmentation, used only by the stain-shift benchmark
-  (``bench/segmentation.py --stain-shift``): HER2ST B4 and C6, the CMU-1 SVS and the
+  (``bench/segmentation.py --only stain_shift``): HER2ST B4 and C6, the CMU-1 SVS and the
   TIAToolbox target image, plus four synthetic extremes derived from the training
   reference (pale, over-stained haematoxylin, blue-shifted, pink-shifted);
 * ``"reference"``: the median of the CoNSeP + MoNuSeg train members (test-time normalisation target);

@@ -45,6 +45,9 @@ __all__ = [
     "is_segmenter",
     "segmenter_choices",
     "trained_segmenter",
+    "run_segmenter",
+    "chosen_card",
+    "is_expression_model",
 ]
 
 #: ``kind`` of a nucleus-segmentation card (GHIST cards say ``"ghist"``).
@@ -298,7 +301,7 @@ def model_cell_inputs(models: list[Mapping[str, Any]], model_id: str | None) -> 
     ``model_id`` or ``name`` (``None``: the bundled one). Segmenter entries are passed over; an
     unknown model or one without cell inputs gives ``[]``.
     """
-    card = _chosen_card(models, model_id)
+    card = chosen_card(models, model_id)
     return list((card or {}).get("config", {}).get("cell_inputs") or [])
 
 
@@ -309,7 +312,7 @@ def model_members(models: list[Mapping[str, Any]], model_id: str | None) -> int:
     malformed count gives 1 (no per-cell uncertainty: that needs more than one member).
     """
     try:
-        return ensemble_size(_chosen_card(models, model_id) or {})
+        return ensemble_size(chosen_card(models, model_id) or {})
     except WeightsFormatError:
         return 1
 
@@ -348,9 +351,13 @@ def segmenter_choices(models: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+_SEGMENTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
 def trained_segmenter(card: Mapping[str, Any] | None) -> str | None:
     """The learned segmenter whose nucleus types a GHIST model was trained on (its card's
-    ``segmenter``), when the model reads them (``config.cell_inputs``); else ``None``.
+    ``segmenter``, a bundled weights name), when the model reads them (``config.cell_inputs``);
+    else ``None``. A card naming anything but a plain weights name is a ``ModelCardError``.
 
     Such a model is run on cells from that segmenter unless the user names another: another
     segmenter's type probabilities are inputs the model never saw (on HER2ST nuclei nuclei-seg
@@ -359,13 +366,35 @@ def trained_segmenter(card: Mapping[str, Any] | None) -> str | None:
     if not card or not (card.get("config") or {}).get("cell_inputs"):
         return None
     name = card.get("segmenter")
-    return name if isinstance(name, str) and name else None
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _SEGMENTER_NAME.match(name) or name.endswith(".safetensors"):
+        raise ModelCardError(f"The model card names its segmenter {str(name)[:60]!r}, which is not the name of a "
+                             "bundled segmenter (e.g. 'nuclei-seg').")
+    return name
 
 
-def _chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:
+def run_segmenter(segmenter_id: str | None, card: Mapping[str, Any] | None) -> str:
+    """The segmenter a run of the model with this ``card`` uses: ``"classical"``, the learned model
+    named, or for ``None``/``"auto"`` the one the model was trained on, else the default learned one.
+    The one rule for the pipeline, the CLI and the Upload page."""
+    from ghist_core.paths import DEFAULT_SEGMENTER
+
+    if segmenter_id in (None, "", "auto"):
+        return trained_segmenter(card) or DEFAULT_SEGMENTER
+    return str(segmenter_id)
+
+
+def is_expression_model(entry: Mapping[str, Any]) -> bool:
+    """A ``list_models`` entry the GHIST picker may offer: a GHIST card (or an older one without a
+    kind) that is not a segmenter and whose card could be trusted."""
+    return entry.get("kind") in (None, "ghist") and not is_segmenter(entry) and not entry.get("error")
+
+
+def chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:
     """The card of the GHIST model ``model_id`` (its ``model_id`` or ``name``; None: the bundled one)."""
     for m in models:
-        if m.get("kind") not in (None, "ghist") or is_segmenter(m):
+        if not is_expression_model(m):
             continue
         if (model_id is None and m.get("source") == "bundled") or (model_id is not None and model_id in (m.get("model_id"), m.get("name"))):
             card = m.get("card")

@@ -421,3 +421,20 @@ def test_upload_page_warns_when_the_model_needs_the_learned_segmenter(projects, 
     assert [w for w in at.warning if "learned segmenter" in w.value]
     at.radio(key="upload_segmenter").set_value("auto").run()
     assert not [w for w in at.warning if "learned segmenter" in w.value]
+
+
+def test_upload_page_offers_each_bundled_segmenter_and_says_what_auto_runs(projects):
+    """The bundled GHIST model was trained on nuclei-seg's nucleus types: "auto" says it runs nuclei-seg,
+    both learned models are offered by name, and choosing the stain-robust one says what changes."""
+    at = open_page("pages/upload.py")
+    radio = at.radio(key="upload_segmenter")
+    assert list(radio.options) == ["auto (nuclei-seg)", "learned nuclei-seg", "learned nuclei-seg-stain (stain-robust)",
+                                   "fast classical"] or list(radio.options) == [
+        "auto (nuclei-seg)", "learned nuclei-seg-stain (stain-robust)", "learned nuclei-seg", "fast classical"]
+    assert not [i for i in at.info if "trained on the nucleus types" in i.value]
+    radio.set_value("nuclei-seg-stain").run()
+    assert not at.exception
+    note = [i.value for i in at.info if "trained on the nucleus types of nuclei-seg" in i.value]
+    assert note and "other labs" in note[0]
+    at.radio(key="upload_segmenter").set_value("nuclei-seg").run()
+    assert not [i for i in at.info if "trained on the nucleus types" in i.value]

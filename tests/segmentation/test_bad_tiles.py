@@ -16,10 +16,13 @@ from ghist_core.errors import GhistError, InvalidMppError, ModelInputError
 from ghist_core.segmentation import MppWarning, load_segmenter
 
 
-@pytest.fixture(scope="module", params=["learned", "classical"])
+@pytest.fixture(scope="module", params=["learned", "nuclei-seg", "classical"])
 def seg(request):
+    """The default learned segmenter, the original one (which "auto" still runs for ghist-her2st), classical."""
     if request.param == "learned":
         return load_segmenter(device="cpu")
+    if request.param == "nuclei-seg":
+        return load_segmenter("nuclei-seg", device="cpu")
     return load_segmenter(kind="classical")
 
 
@@ -135,11 +138,13 @@ def test_numeric_mpp_forms_are_accepted(seg, mpp):
     _check_result(seg, rgb.shape, _run(seg, rgb, mpp))
 
 
+@pytest.mark.parametrize("mpp", [0.5, 0.25, 0.8])
 @pytest.mark.parametrize("value", [0, 255, (200, 120, 160)], ids=["black", "white", "flat pink"])
-def test_blank_slide_gives_an_empty_cell_table(seg, value):
-    """A uniform slide smaller than a tile is read padded with white; uniformity is judged on the
-    slide's own pixels, so the black/white edge of the padding draws no nuclei (it drew 7)."""
+def test_blank_slide_gives_an_empty_cell_table(seg, value, mpp):
+    """A uniform slide smaller than a tile is read padded with white (and resampled when its µm/px
+    is not the segmenter's); uniformity is judged on the slide's own pixels away from the padding,
+    so the black/white edge draws no nuclei (it drew 7 at 0.5 µm/px, 2 at 0.25)."""
     from ghist_core.segmentation import ArraySlide
 
-    cells = seg.segment_slide(ArraySlide(np.full((300, 420, 3), value, np.uint8), 0.5))
+    cells = seg.segment_slide(ArraySlide(np.full((300, 420, 3), value, np.uint8), mpp))
     assert len(cells) == 0 and {"cell_id", "x_um", "y_um"} <= set(cells.columns)

@@ -69,3 +69,16 @@ def test_package_writes_a_sealed_card_with_the_chain(tmp_path):
     with pytest.raises(SystemExit, match="scored other weights"):
         package.main(["--name", "seg-test", "--base", str(BUNDLED_WEIGHTS_DIR / "nuclei-seg.json"),
                       "--runs", str(second), "--out-dir", str(out), "--bench", str(tmp_path / "bench.json")])
+
+
+def test_bench_rows_copy_only_this_model_and_only_blocks_that_scored_it():
+    sha = "a" * 64
+    summary = {"nuclei-seg": {"worst_aji": 0.2}, "nuclei-seg-stain": {"worst_aji": 0.3},
+               "nuclei-seg-stain_ttn": {"worst_aji": 0.35}, "goal:nuclei-seg": {}, "goal:nuclei-seg-stain": {}}
+    bench = {"accuracy": {"nuclei-seg": {"consep": {"aji": 0.5, "pooled": {}}}, "weights_sha256": {"nuclei-seg": sha}},
+             "stain_shift": {"weights_sha256": {"nuclei-seg": sha}, "datasets": {"consep": {"summary": summary}}}}
+    rows = package.bench_rows(bench, "nuclei-seg", sha)
+    assert rows["accuracy"] == {"consep": {"aji": 0.5}}
+    assert set(rows["stain_shift"]["consep"]) == {"nuclei-seg", "goal:nuclei-seg"}  # not nuclei-seg-stain's rows
+    with pytest.raises(SystemExit, match="accuracy"):
+        package.bench_rows(bench, "nuclei-seg", "b" * 64)

@@ -339,3 +339,29 @@ def test_segmenter_labels_say_which_is_stain_robust():
                {"name": "c", "source": "cache", "kind": "segmentation", "card": {}, "error": None},
                {"name": "d", "source": "bundled", "kind": "segmentation", "card": {}, "error": "edited"}]
     assert segmenter_choices(entries) == [("a", "learned a (stain-robust)"), ("b", "learned b")]
+
+
+def test_run_segmenter_is_the_one_rule_for_auto():
+    """auto → the segmenter a type-reading model was trained on, else the default; a named one as named;
+    a card naming a path or junk as its segmenter is a ModelCardError (never a file to load)."""
+    from ghist_core.errors import ModelCardError
+    from ghist_core.paths import DEFAULT_SEGMENTER
+    from ghist_core.weights.card import run_segmenter, trained_segmenter
+
+    typed = {"config": {"cell_inputs": ["prob_other"]}, "segmenter": "nuclei-seg"}
+    assert trained_segmenter(typed) == "nuclei-seg"
+    assert run_segmenter(None, typed) == run_segmenter("auto", typed) == "nuclei-seg"
+    assert run_segmenter("nuclei-seg-stain", typed) == "nuclei-seg-stain" and run_segmenter("classical", typed) == "classical"
+    # a model that reads no nucleus types, or a card that names no segmenter: the default
+    assert trained_segmenter({"config": {"cell_inputs": []}, "segmenter": "nuclei-seg"}) is None
+    assert run_segmenter(None, {"config": {"cell_inputs": []}, "segmenter": "nuclei-seg"}) == DEFAULT_SEGMENTER
+    assert run_segmenter(None, {"config": {"cell_inputs": ["prob_other"]}}) == DEFAULT_SEGMENTER
+    assert run_segmenter(None, None) == DEFAULT_SEGMENTER
+    for bad in ("../../etc/x", "/tmp/evil.safetensors", "x.safetensors", "", 3, ["nuclei-seg"]):
+        with pytest.raises(ModelCardError):
+            trained_segmenter({**typed, "segmenter": bad})
+    # the bundled expression model names the segmenter of its training pack
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+
+    card = json.loads((BUNDLED_WEIGHTS_DIR / "ghist-her2st.json").read_text())
+    assert run_segmenter(None, card) == "nuclei-seg"
