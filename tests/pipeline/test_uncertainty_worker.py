@@ -40,9 +40,12 @@ def test_run_uncertainty_reads_old_runs_as_without(params, expected) -> None:
 
 
 def test_same_settings_compares_the_uncertainty() -> None:
+    from ghist_core.paths import DEFAULT_SEGMENTER
+
     def run(uncertainty: bool | None) -> SimpleNamespace:
         pipeline = {} if uncertainty is None else {"pipeline": {"uncertainty": uncertainty}}
-        return SimpleNamespace(params={"model_id": "m", "segmenter_id": None, **pipeline})
+        return SimpleNamespace(params={"model_id": "m", "segmenter_id": None, "default_segmenter": DEFAULT_SEGMENTER,
+                                       **pipeline})
 
     for old in (None, False):  # without: answers only a request without
         assert worker._same_settings(run(old), "m", None)
@@ -50,6 +53,19 @@ def test_same_settings_compares_the_uncertainty() -> None:
     assert worker._same_settings(run(True), "m", None, uncertainty=True)
     assert worker._same_settings(run(True), "m", None)  # with: answers both (same X)
     assert not worker._same_settings(run(True), "other", None, uncertainty=True)
+
+
+def test_same_settings_does_not_reuse_an_auto_run_made_under_another_default() -> None:
+    """"auto" meant nuclei-seg before the default segmenter changed: such a run (no default recorded)
+    does not answer an "auto" request now; a run that named its segmenter still answers the same name."""
+    from ghist_core.paths import DEFAULT_SEGMENTER
+
+    old_auto = SimpleNamespace(params={"model_id": "m", "segmenter_id": None})
+    assert DEFAULT_SEGMENTER != worker.PRE_STAIN_DEFAULT_SEGMENTER
+    assert not worker._same_settings(old_auto, "m", None)
+    named = SimpleNamespace(params={"model_id": "m", "segmenter_id": "nuclei-seg"})
+    assert worker._same_settings(named, "m", "nuclei-seg")
+    assert not worker._same_settings(named, "m", None)
 
 
 def _project(tmp_path: Path, png: Path) -> tuple[Project, int]:
