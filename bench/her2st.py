@@ -533,9 +533,18 @@ def cell_outputs(net, pack, images: np.ndarray, batch_size: int = 32) -> dict[st
     return {"log_expr": np.concatenate(expr), "type_prob": np.concatenate(prob), "cell": np.concatenate(cell)}
 
 
+def _add_block(args: argparse.Namespace, key: str, value: dict) -> None:
+    """Add (or replace) one block of the results file ``<out>/<name>.json`` a protocol run wrote."""
+    from ghist_core.io.atomic import atomic_write_text
+
+    path = Path(args.out) / f"{args.name}.json"
+    out = json.loads(path.read_text())
+    out[key] = value
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+
+
 def cells(args: argparse.Namespace) -> dict:
     """Cell-level checks of a packaged model on the pack's nuclei → added to ``<out>/<name>.json``."""
-    from ghist_core.io.atomic import atomic_write_text
     from ghist_core.model.predict import load_ghist
     from ghist_core.training.expression_metrics import pc1_share
     from ghist_core.training.her2st import SpotPack
@@ -588,10 +597,7 @@ def cells(args: argparse.Namespace) -> dict:
                               "n_cells_scored": total,
                               "note": "cells whose segmenter class is 'other' are not scored; the model reads the "
                                       "segmenter's class probabilities as inputs, so agreement is partly by construction"}}
-    path = Path(args.out) / f"{args.name}.json"
-    out = json.loads(path.read_text())
-    out["cell_level"] = res
-    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    _add_block(args, "cell_level", res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("per_section", "type_confusion")}, indent=1))
     print(f"type agreement {res['type_confusion']['agreement']:.3f} (chance {res['type_confusion']['chance_agreement']:.3f})")
     return res
@@ -605,10 +611,9 @@ def segmenter_swap(args: argparse.Namespace) -> dict:
     across cells and across spots between the two predictions, and each prediction's r with the
     measured spots (in sample: the packaged model was trained on these spots) → ``"segmenter_swap"``.
     """
-    from ghist_core.io.atomic import atomic_write_text
     from ghist_core.model.predict import load_ghist
     from ghist_core.training.expression_metrics import pcc_per_gene
-    from ghist_core.training.her2st import SpotPack
+    from ghist_core.training.her2st import SpotPack, spot_means
 
     pack_a, pack_b = SpotPack.load(args.pack), SpotPack.load(args.pack_b)
     if not (np.array_equal(pack_a.cell_spot, pack_b.cell_spot) and np.array_equal(pack_a.cell_label, pack_b.cell_label)):
@@ -623,13 +628,7 @@ def segmenter_swap(args: argparse.Namespace) -> dict:
     spot = pack_a.cell_spot[oa["cell"]]
     inside = pack_a.cell_in_spot[oa["cell"]]
 
-    def spot_mean(x: np.ndarray) -> np.ndarray:
-        sums = np.zeros((pack_a.n_spots, x.shape[1]))
-        np.add.at(sums, spot[inside], x[inside])
-        n = np.bincount(spot[inside], minlength=pack_a.n_spots)[:, None]
-        return sums / np.maximum(n, 1)
-
-    sa, sb = spot_mean(np.expm1(la)), spot_mean(np.expm1(lb))
+    sa, sb = (spot_means(spot[inside], np.expm1(x[inside]), pack_a.n_spots) for x in (la, lb))
     has = np.bincount(spot[inside], minlength=pack_a.n_spots) > 0
     y = pack_a.targets()[:, :n_hvg]
     ia, ib = pack_a.cell_inputs[oa["cell"]], pack_b.cell_inputs[oa["cell"]]
@@ -646,10 +645,7 @@ def segmenter_swap(args: argparse.Namespace) -> dict:
            "spots_r_with_measured_mean": {
                "a": float(np.nanmean(pcc_per_gene(np.log1p(sa[has]), y[has]))),
                "b": float(np.nanmean(pcc_per_gene(np.log1p(sb[has]), y[has])))}}
-    path = Path(args.out) / f"{args.name}.json"
-    out = json.loads(path.read_text())
-    out["segmenter_swap"] = res
-    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    _add_block(args, "segmenter_swap", res)
     print(json.dumps(res, indent=1))
     return res
 

@@ -213,8 +213,11 @@ def _stain_shift_summary(res: dict) -> None:
     res["ttn_helps_everywhere"] = helps
 
 
-def her2st_counts(model, classical, root: Path, *, per_section: int = 40, spot_radius_um: float = 50.0) -> dict:
-    """Nuclei per HER2ST spot, model vs classical, on ``per_section`` evenly spaced spots per section."""
+def her2st_counts(learned: dict, classical, root: Path, *, per_section: int = 40,
+                  spot_radius_um: float = 50.0) -> dict:
+    """Nuclei per HER2ST spot, each learned model (``learned``, by name) vs classical, on
+    ``per_section`` evenly spaced spots per section. Each section is decoded once and each patch
+    segmented once per segmenter (the classical counts are shared by every model's comparison)."""
     from PIL import Image
     from scipy.stats import pearsonr, spearmanr
 
@@ -223,36 +226,42 @@ def her2st_counts(model, classical, root: Path, *, per_section: int = 40, spot_r
     Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
     mpp, size = DATA_MPP * 2, 256  # the segmenters' working 0.5 µm/px: a 128 µm patch around each spot
     centre = size * mpp / 2.0
-    out: dict = {"protocol": {"spots": f"{per_section} evenly spaced spots per section (sorted by array position)",
-                              "patch": f"{size} px at {mpp} µm/px centred on the spot; nuclei counted when the "
-                                       f"centroid is within {spot_radius_um} µm of the spot centre",
-                              "note": "no ground truth: agreement with the classical segmenter is a sanity check"},
-                 "sections": {}}
-    all_m, all_c = [], []
+    segs = {**learned, "classical": classical}
+    counts: dict[str, dict[str, np.ndarray]] = {name: {} for name in segs}
     for section in IMAGE_SECTIONS:
         _, spots = load_section(root, section)
         spots = spots.sort_index()
         pick = np.unique(np.linspace(0, len(spots) - 1, min(per_section, len(spots))).round().astype(int))
         img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
-        counts = {"model": [], "classical": []}
+        per = {name: [] for name in segs}
         for i in pick:
             rgb = extract_patch(img, spots["pixel_x"].iloc[i], spots["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
-            for name, seg in (("model", model), ("classical", classical)):
+            for name, seg in segs.items():
                 cells = seg.segment_tile(rgb, mpp)[1]
                 d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
-                counts[name].append(int((d <= spot_radius_um).sum()))
-        m, c = np.array(counts["model"]), np.array(counts["classical"])
-        all_m.append(m)
-        all_c.append(c)
-        out["sections"][section] = {"n_spots": len(pick), "median_model": float(np.median(m)),
-                                    "median_classical": float(np.median(c)),
-                                    "spearman": round(float(spearmanr(m, c)[0]), 3),
-                                    "pearson": round(float(pearsonr(m, c)[0]), 3)}
-        print(f"her2st {section}: {out['sections'][section]}", flush=True)
-    m, c = np.concatenate(all_m), np.concatenate(all_c)
-    out["pooled"] = {"n_spots": int(len(m)), "spearman": round(float(spearmanr(m, c)[0]), 3),
-                     "pearson": round(float(pearsonr(m, c)[0]), 3),
-                     "ratio_of_totals_model_to_classical": round(float(m.sum() / max(c.sum(), 1)), 3)}
+                per[name].append(int((d <= spot_radius_um).sum()))
+        for name in segs:
+            counts[name][section] = np.array(per[name])
+    out = {}
+    for name in learned:
+        res: dict = {"protocol": {"spots": f"{per_section} evenly spaced spots per section (sorted by array position)",
+                                  "patch": f"{size} px at {mpp} µm/px centred on the spot; nuclei counted when the "
+                                           f"centroid is within {spot_radius_um} µm of the spot centre",
+                                  "note": "no ground truth: agreement with the classical segmenter is a sanity check"},
+                     "sections": {}}
+        for section in IMAGE_SECTIONS:
+            m, c = counts[name][section], counts["classical"][section]
+            res["sections"][section] = {"n_spots": len(m), "median_model": float(np.median(m)),
+                                        "median_classical": float(np.median(c)),
+                                        "spearman": round(float(spearmanr(m, c)[0]), 3),
+                                        "pearson": round(float(pearsonr(m, c)[0]), 3)}
+            print(f"her2st {name} {section}: {res['sections'][section]}", flush=True)
+        m = np.concatenate([counts[name][sec] for sec in IMAGE_SECTIONS])
+        c = np.concatenate([counts["classical"][sec] for sec in IMAGE_SECTIONS])
+        res["pooled"] = {"n_spots": int(len(m)), "spearman": round(float(spearmanr(m, c)[0]), 3),
+                         "pearson": round(float(pearsonr(m, c)[0]), 3),
+                         "ratio_of_totals_model_to_classical": round(float(m.sum() / max(c.sum(), 1)), 3)}
+        out[name] = res
     return out
 
 
@@ -354,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     if "her2st_counts" in blocks:
         her2st = Path(a.her2st_root)
         if (her2st / "images").is_dir():
-            _update(out, "her2st_counts", {**{name: her2st_counts(seg, classical, her2st, per_section=a.her2st_spots)
-                                              for name, seg in learned.items()}, "weights_sha256": shas})
+            _update(out, "her2st_counts", {**her2st_counts(learned, classical, her2st, per_section=a.her2st_spots),
+                                           "weights_sha256": shas})
         else:
             print(f"her2st_counts skipped: no {her2st / 'images'}", flush=True)
     _update(out, "weights_sha256", shas)  # of this run's models; each block carries the ones it scored

@@ -67,10 +67,10 @@ def _selection(cfg: dict) -> str:
 
 def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weights_sha: str) -> dict:
     stages, commands = [], list(base.get("command", []))
-    last_cfg = _run_record(runs[-1])[0]
+    records = [_run_record(run) for run in runs]
+    last_cfg = records[-1][0]
     init = f"weights/{base['name']}.safetensors"
-    for run in runs:
-        cfg, state = _run_record(run)
+    for run, (cfg, state) in zip(runs, records):
         rel = f"runs/{run.name}"
         commands.append(run_command(cfg, rel, init))
         finished = (run / "result.json").exists()

@@ -215,13 +215,18 @@ def restained_validation(val, k: int) -> dict[str, list]:
     return sets
 
 
-def evaluate_sets(seg: LearnedSegmenter, sets: dict[str, list], post: PostProcessConfig, pool) -> dict:
-    """``evaluate`` on each validation copy; ``aji`` etc. are means over the copies, per copy AJI kept."""
-    per = {name: evaluate(val_maps(seg, val), seg, post, pool) for name, val in sets.items()}
+def evaluate_sets(maps: dict[str, list], seg: LearnedSegmenter, post: PostProcessConfig, pool) -> dict:
+    """``evaluate`` on each validation copy's maps; ``aji`` etc. are means over the copies, per copy AJI kept."""
+    per = {name: evaluate(m, seg, post, pool) for name, m in maps.items()}
     out = {key: float(np.mean([r[key] for r in per.values()])) for key in ("aji", "pq", "dice", "aji_mean")}
     if len(per) > 1:
         out.update({f"aji_{name}": r["aji"] for name, r in per.items()})
     return out
+
+
+def set_maps(seg: LearnedSegmenter, sets: dict[str, list]) -> dict[str, list]:
+    """``val_maps`` of every validation copy (the network once per copy; the watershed runs per setting)."""
+    return {name: val_maps(seg, val) for name, val in sets.items()}
 
 
 def _post_counts(args) -> SegCounts:
@@ -256,10 +261,6 @@ def evaluate(maps, seg: LearnedSegmenter, post: PostProcessConfig, pool) -> dict
     pooled = sum(counts, SegCounts())
     return {"aji": pooled.aji, "pq": pooled.pq, "dice": pooled.dice,
             "aji_mean": float(np.mean([c.aji for c in counts]))}
-
-
-def _mean_scores(rows: list[dict]) -> dict:
-    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -381,7 +382,7 @@ def train(cfg: TrainConfig) -> dict:
         # from the current weights at each validation (one made before training kept scoring
         # the initial weights, and "best" never moved past epoch 1)
         seg = LearnedSegmenter(model, device=str(device))
-        scores = evaluate_sets(seg, val_sets, PostProcessConfig(), pool)
+        scores = evaluate_sets(set_maps(seg, val_sets), seg, PostProcessConfig(), pool)
         state["elapsed_s"] = elapsed0 + time.time() - t0
         rec = {"epoch": state["epoch"], "step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
                **{k: round(v / max(n, 1), 5) for k, v in sums.items()}, **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
@@ -399,19 +400,19 @@ def train(cfg: TrainConfig) -> dict:
     load_state(model, out / "best.safetensors")
     model.eval()
     seg = LearnedSegmenter(model, device=str(device))  # a copy of the best weights (see above)
-    maps = {name: val_maps(seg, val) for name, val in val_sets.items()}
+    maps = set_maps(seg, val_sets)
     best_post, best_scores, grid = PostProcessConfig(), None, []
     if cfg.tune_postprocess:
         for npt in (0.4, 0.5, 0.6):
             for mt in (0.0, 0.02, 0.04, 0.06):
                 post = PostProcessConfig(np_threshold=npt, marker_threshold=mt)
-                sc = _mean_scores([evaluate(m, seg, post, pool) for m in maps.values()])
+                sc = evaluate_sets(maps, seg, post, pool)
                 grid.append({"np_threshold": npt, "marker_threshold": mt, **{k: round(v, 4) for k, v in sc.items()}})
                 print("post", grid[-1], flush=True)
                 if best_scores is None or sc["aji"] > best_scores["aji"]:
                     best_post, best_scores = post, sc
     else:
-        best_scores = _mean_scores([evaluate(m, seg, best_post, pool) for m in maps.values()])
+        best_scores = evaluate_sets(maps, seg, best_post, pool)
     if pool:
         pool.shutdown()
     result = {"best_val": best_scores, "postprocess": best_post.to_dict(), "grid": grid, "state": state,

@@ -398,9 +398,10 @@ def predict_slide(
         s.check_upsampling(min([float(m) for m in (getattr(segmenter, "mpp", None), getattr(model, "mpp", None)) if m]
                                or [s.mpp]))
     weights_sha = getattr(model, "weights_sha256", "") or ""
+    segmenter_name = str(getattr(segmenter, "name", "") or "classical")
     params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id,
               "segmenter_id": None if segmenter_id == "auto" else segmenter_id,
-              "segmenter": str(getattr(segmenter, "name", "") or "classical"), "default_segmenter": DEFAULT_SEGMENTER}
+              "segmenter": segmenter_name, "default_segmenter": DEFAULT_SEGMENTER}
     if run_id is None:
         run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256=weights_sha, device=str(dev), params=params)
     else:
@@ -430,7 +431,7 @@ def predict_slide(
                     "expression_units": card.get("expression_units", ""),
                     "weights_sha256": weights_sha,
                     "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or "",
-                    "segmenter": str(getattr(segmenter, "name", "") or "classical"),
+                    "segmenter": segmenter_name,
                     "slide_sha256": record.sha256,
                     "slide_id": int(slide_id),
                     "run_id": int(run_id),

@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_SECTIONS",
     "HER2ST_MPP",
     "PROTOCOL_SEGMENTER",
+    "spot_means",
     "CLINICAL_MARKERS",
     "list_sections",
     "load_counts",
@@ -190,9 +191,9 @@ class SpotPack:
 
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **{k: getattr(self, k) for k in self.__dataclass_fields__
-                                           if getattr(self, k) is not None and not (isinstance(getattr(self, k), str)
-                                                                                    and not getattr(self, k))})
+                fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+                np.savez_compressed(fh, **{k: v for k, v in fields.items() if v is not None and not (
+                    isinstance(v, str) and v == "")})  # unset optional fields are left out, as old packs lack them
 
     @classmethod
     def load(cls, path: str | Path) -> "SpotPack":
@@ -264,6 +265,16 @@ def nucleus_type_inputs(pack: SpotPack, images: np.ndarray, segmenter, batch: in
     return v.astype(np.float32), [f"prob_{t}" for t in segmenter.type_names]
 
 
+def spot_means(spot: np.ndarray, values: np.ndarray, n_spots: int) -> np.ndarray:
+    """Mean of per-cell rows ``values`` (cells × columns) over the cells of each spot (``spot``: each
+    cell's spot index), float64, 0 for a spot without cells. One bincount per column, not per cell."""
+    spot = np.asarray(spot, np.int64)
+    vals = np.asarray(values, np.float64)
+    n = np.bincount(spot, minlength=n_spots).astype(np.float64)
+    sums = np.stack([np.bincount(spot, weights=vals[:, j], minlength=n_spots) for j in range(vals.shape[1])], 1)
+    return sums / np.maximum(n, 1)[:, None]
+
+
 def spot_covariates(pack: SpotPack, cell_inputs: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, list[str]]:
     """What GHIST reads besides the pixels, summarised per spot (S × (1 + E)): the log of
     1 + the number of nuclei within the spot, and the mean of their ``cell_inputs`` columns
@@ -274,9 +285,7 @@ def spot_covariates(pack: SpotPack, cell_inputs: tuple[str, ...] | list[str] = (
     cols = [np.log1p(n)]
     names = ["log1p_nuclei_in_spot"]
     if cell_inputs:
-        vals = pack.cell_input_columns(list(cell_inputs))[sel].astype(np.float64)
-        sums = np.stack([np.bincount(spot, weights=vals[:, j], minlength=pack.n_spots) for j in range(vals.shape[1])], 1)
-        cols.append(sums / np.maximum(n, 1)[:, None])
+        cols.append(spot_means(spot, pack.cell_input_columns(list(cell_inputs))[sel], pack.n_spots))
         names += [f"mean_{c}" for c in cell_inputs]
     return np.column_stack(cols).astype(np.float32), names
 
