@@ -137,8 +137,13 @@ def bench_rows(bench: dict, name: str, sha: str) -> dict:
     speed = bench.get("speed", {})
     cpu = speed.get("cpu") or {}
     if cpu and (cpu.get("weights_sha256") or {}).get(name) == sha:
-        out["speed_mpx_per_s"] = {"cpu": cpu.get(name, {}).get("mpx_per_s"),
-                                  "cuda_same_network": ((speed.get("cuda") or {}).get("model") or {}).get("mpx_per_s")}
+        app = (cpu.get("app") or {}).get(name) or {}
+        out["speed_mpx_per_s"] = {
+            "cpu": {"segment_slide": cpu.get(name, {}).get("mpx_per_s"), "batch_size": cpu.get(name, {}).get("batch_size"),
+                    "app_segmentation": app.get("segmentation_mpx_per_s"), "app_whole_run": app.get("whole_run_mpx_per_s"),
+                    "device": cpu.get("device")},
+            "cuda_same_network": ((speed.get("cuda") or {}).get("model") or {}).get("mpx_per_s"),
+            "what": speed.get("what", "")}
     return out
 
 

@@ -121,3 +121,18 @@ def test_seams_tiled_equals_one_pass(seg, demo_region):
     o = one[["x_um", "y_um"]].to_numpy()
     dd = np.hypot(o[:, None, 0] - xy[None, :, 0], o[:, None, 1] - xy[None, :, 1]).min(axis=1)
     assert (dd < 2.0).mean() > 0.95
+
+
+def test_cpu_batch_size_changes_speed_not_nuclei(seg, demo_region):
+    """The CPU runs one tile per forward pass (faster there: bench/segmentation.py); a batch of 8,
+    the GPU's size, must give the same nuclei."""
+    rgb, mpp = demo_region
+    slide = ArraySlide(rgb, mpp)
+    assert seg.batch_size == (8 if seg.device.type == "cuda" else 1)
+    default = seg.segment_slide(slide, tile_px=448, overlap_px=96)
+    eight = seg.segment_slide(slide, tile_px=448, overlap_px=96, batch_size=8)
+    assert len(default) > 20 and len(default) == len(eight)
+    a, b = default[["x_um", "y_um"]].to_numpy(), eight[["x_um", "y_um"]].to_numpy()
+    nearest = np.hypot(a[:, None, 0] - b[None, :, 0], a[:, None, 1] - b[None, :, 1]).min(axis=1)
+    assert (nearest < 0.5).mean() >= 0.99
+    assert (default["type"].to_numpy() == eight["type"].to_numpy()).mean() >= 0.99
