@@ -101,6 +101,11 @@ class RunStateError(StoreError):
     """A run asked to move to a status its current one does not allow (e.g. a finished run requeued)."""
 
 
+class RunWeightsChangedError(RunStateError):
+    """A run's checkpoints were made by other weights than the ones now loaded: resuming it would
+    mix two models' cells in one result, so a new run is needed."""
+
+
 class SlideBusyError(StoreError):
     """Another process is running this slide now (one run per slide at a time)."""
 

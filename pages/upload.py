@@ -16,7 +16,7 @@ from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
 from ghist_core.project.runs import run_uncertainty
 from ghist_core.weights.card import (chosen_card, is_expression_model, model_cell_inputs, model_members,
-                                     run_segmenter, segmenter_choices, trained_segmenter)
+                                     is_stain_robust, run_segmenter, segmenter_choices, trained_segmenter)
 from pages import common as c
 
 c.init_session()
@@ -60,12 +60,13 @@ with st.expander("Model and device", expanded=False):
     st.session_state[c.SEGMENTER] = st.radio(
         "Nuclei segmentation", seg_opts, index=seg_opts.index(st.session_state[c.SEGMENTER]), horizontal=True,
         key="upload_segmenter", format_func=labels.get,
-        help="Learned models: CoNSeP AJI about 0.5 against 0.21 for the classical one, ~18 s per mm² on 2 CPU "
-             "cores (the classical one ~2x less). A stain-robust model was also trained on re-stained images and "
+        help="Learned models: CoNSeP AJI about 0.5 against 0.21 for the classical one. On 2 CPU cores a whole "
+             "run takes about 11 s per mm² of tissue, 8 s of it segmentation (the classical segmenter is about "
+             "3x faster; README, 'Speed'). A stain-robust model was also trained on re-stained images and "
              "holds up better on slides from other labs and scanners (README, 'Stain shift').")
     reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if own and st.session_state[c.SEGMENTER] in learned and st.session_state[c.SEGMENTER] != own:
-        robust = "stain-robust" in learned[st.session_state[c.SEGMENTER]]
+        robust = any(m.get("name") == st.session_state[c.SEGMENTER] and is_stain_robust(m.get("card")) for m in models)
         st.info(f"This model was trained on the nucleus types of {own}; {st.session_state[c.SEGMENTER]} gives "
                 "different types (on HER2ST nuclei they agree for about a third), so expect different expression."
                 + (" It segments slides from other labs and scanners better." if robust else ""),

@@ -25,7 +25,7 @@ from ghist_core import _keys as K
 from ghist_core._types import ProgressCallback, ProgressEvent, ProgressEventCallback
 from ghist_core.io.atomic import remove_temporaries
 from ghist_core.io.safe_h5 import check_free_space, estimate_h5ad_bytes, write_h5_isolated
-from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, StoreError
+from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, RunWeightsChangedError, StoreError
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, read_grid, write_grid
 from ghist_core.pipeline.merge import median_nucleus_area, summarise_blocks, write_merged_h5ad
@@ -231,6 +231,40 @@ def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float,
     return cells
 
 
+#: the weights that made a run's checkpoints, written before its first block
+MADE_BY_FILE = "made_by.json"
+
+
+def check_made_by(run_dir: Path, stamp: dict[str, str]) -> None:
+    """Stamp ``run_dir`` with the weights about to make its blocks, or check a resumed run's stamp.
+
+    Blocks are checkpointed one by one, so a run resumed after the bundled weights changed (an
+    update, another segmenter as the default) would merge cells from two models into one result.
+    A run stamped with other weights raises :class:`RunWeightsChangedError` before any work;
+    its blocks are left as they are.
+    """
+    import json
+
+    from ghist_core.io.atomic import atomic_write_text
+
+    path = run_dir / MADE_BY_FILE
+    if path.exists():
+        try:
+            made_by = json.loads(path.read_text())
+        except (OSError, ValueError):
+            made_by = {}
+        changed = [k for k, v in stamp.items() if made_by.get(k) != v]
+        if changed:
+            was = ", ".join(f"{k} {str(made_by.get(k))[:12]}" for k in changed)
+            now = ", ".join(f"{k} {str(stamp[k])[:12]}" for k in changed)
+            raise RunWeightsChangedError(
+                f"This run's finished blocks were made with other weights ({was}; now {now}). "
+                "Resuming would mix two models in one result: start a new run instead.")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(stamp, indent=1, sort_keys=True))
+
+
 def _block_path(run_dir: Path, block: Block) -> Path:
     return run_dir / "blocks" / f"block_{block.index:06d}.h5ad"
 
@@ -417,6 +451,8 @@ def predict_slide(
         with slide:
             report("tissue", 0.0, "finding tissue")
             run_dir = project.run_dir(run_id)
+            check_made_by(run_dir, {"weights_sha256": weights_sha, "segmenter": segmenter_name,
+                                    "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or ""})
             paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config,
                                               report.stage("segment+predict"), cancel,
                                               slide_sha256=record.sha256, make_eta=report.make_eta)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ghist_core.errors import GhistError, SlideBusyError
+from ghist_core.errors import GhistError, RunWeightsChangedError, SlideBusyError
 from ghist_core.io.atomic import remove_temporaries
 from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
@@ -202,8 +202,15 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         if resume is not None:
             (project.folder / "runs" / str(resume) / CANCEL_FILE).unlink(missing_ok=True)
         config = None if resume is not None else PipelineConfig(uncertainty=bool(uncertainty))
-        result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
-                               progress=progress, run_id=resume, config=config)
+        try:
+            result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
+                                   progress=progress, run_id=resume, config=config)
+        except RunWeightsChangedError:  # made by other weights: kept as it is (failed, saying why), a new run starts
+            if resume is None:
+                raise
+            resume = None
+            result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
+                                   progress=progress, config=PipelineConfig(uncertainty=bool(uncertainty)))
         return SlideRun(slide_id, result.run_id, result.n_cells, result.h5ad_path,
                         "resumed" if resume is not None else "new")
 

@@ -44,6 +44,7 @@ __all__ = [
     "SEGMENTATION_KIND",
     "is_segmenter",
     "segmenter_choices",
+    "is_stain_robust",
     "trained_segmenter",
     "run_segmenter",
     "chosen_card",
@@ -345,10 +346,14 @@ def segmenter_choices(models: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     out = []
     for m in models:
         if m.get("source") == "bundled" and is_segmenter(m) and not m.get("error"):
-            card = m.get("card") or {}
-            robust = "stain_bank" in card
+            robust = is_stain_robust(m.get("card"))
             out.append((str(m["name"]), f"learned {m['name']}" + (" (stain-robust)" if robust else "")))
     return out
+
+
+def is_stain_robust(card: Mapping[str, Any] | None) -> bool:
+    """Whether a segmenter was trained with the stain bank's re-staining (its card records the bank)."""
+    return bool(card) and "stain_bank" in card
 
 
 _SEGMENTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

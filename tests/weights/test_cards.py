@@ -341,6 +341,15 @@ def test_segmenter_labels_say_which_is_stain_robust():
     assert segmenter_choices(entries) == [("a", "learned a (stain-robust)"), ("b", "learned b")]
 
 
+def test_stain_robust_is_read_from_the_card_not_a_label():
+    from ghist_core.weights.card import is_stain_robust
+    from ghist_core.weights.resolve import list_models
+
+    bundled = {m["name"]: m for m in list_models() if m["source"] == "bundled"}
+    assert is_stain_robust(bundled["nuclei-seg-stain"]["card"]) and not is_stain_robust(bundled["nuclei-seg"]["card"])
+    assert not is_stain_robust(None) and not is_stain_robust({})
+
+
 def test_run_segmenter_is_the_one_rule_for_auto():
     """auto → the segmenter a type-reading model was trained on, else the default; a named one as named;
     a card naming a path or junk as its segmenter is a ModelCardError (never a file to load)."""
