@@ -61,8 +61,8 @@ with st.expander("Model and device", expanded=False):
         "Nuclei segmentation", seg_opts, index=seg_opts.index(st.session_state[c.SEGMENTER]), horizontal=True,
         key="upload_segmenter", format_func=labels.get,
         help="Learned models: CoNSeP AJI about 0.5 against 0.21 for the classical one. On 2 CPU cores a whole "
-             "run takes about 11 s per mm² of tissue, 8 s of it segmentation (the classical segmenter is about "
-             "3x faster; README, 'Speed'). A stain-robust model was also trained on re-stained images and "
+             "run takes about 10-11 s per mm² of tissue, 7-8 s of it segmentation (the classical segmenter is 3-4x "
+             "faster; README, 'Speed'). A stain-robust model was also trained on re-stained images and "
              "holds up better on slides from other labs and scanners (README, 'Stain shift').")
     reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if own and st.session_state[c.SEGMENTER] in learned and st.session_state[c.SEGMENTER] != own:

@@ -10,6 +10,7 @@ uninterrupted run. Memory depends on the block size, never on the slide size.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ import pandas as pd
 
 from ghist_core import _keys as K
 from ghist_core._types import ProgressCallback, ProgressEvent, ProgressEventCallback
-from ghist_core.io.atomic import remove_temporaries
+from ghist_core.io.atomic import atomic_write_text, remove_temporaries
 from ghist_core.io.safe_h5 import check_free_space, estimate_h5ad_bytes, write_h5_isolated
 from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, RunWeightsChangedError, StoreError
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
@@ -235,31 +236,37 @@ def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float,
 MADE_BY_FILE = "made_by.json"
 
 
-def check_made_by(run_dir: Path, stamp: dict[str, str]) -> None:
-    """Stamp ``run_dir`` with the weights about to make its blocks, or check a resumed run's stamp.
+def check_made_by(run_dir: Path, stamp: dict[str, str], recorded_weights_sha256: str = "") -> None:
+    """Raise :class:`RunWeightsChangedError` when ``run_dir``'s checkpoints were made by other weights.
 
-    Blocks are checkpointed one by one, so a run resumed after the bundled weights changed (an
-    update, another segmenter as the default) would merge cells from two models into one result.
-    A run stamped with other weights raises :class:`RunWeightsChangedError` before any work;
-    its blocks are left as they are.
+    Blocks are checkpointed one by one, so a run resumed after the weights changed (an update,
+    another default segmenter) would merge cells from two models into one result. The stamp
+    (:func:`stamp_made_by`) says which weights made them; a run from before stamps existed is
+    judged by the model weights the store recorded for it (``recorded_weights_sha256``, when
+    known). A run with no checkpoint yet has nothing to mix and always passes. Nothing is written.
     """
-    import json
-
-    from ghist_core.io.atomic import atomic_write_text
-
+    if not any((run_dir / "blocks").glob("block_*.h5ad")):
+        return
     path = run_dir / MADE_BY_FILE
-    if path.exists():
-        try:
-            made_by = json.loads(path.read_text())
-        except (OSError, ValueError):
-            made_by = {}
-        changed = [k for k, v in stamp.items() if made_by.get(k) != v]
-        if changed:
-            was = ", ".join(f"{k} {str(made_by.get(k))[:12]}" for k in changed)
-            now = ", ".join(f"{k} {str(stamp[k])[:12]}" for k in changed)
-            raise RunWeightsChangedError(
-                f"This run's finished blocks were made with other weights ({was}; now {now}). "
-                "Resuming would mix two models in one result: start a new run instead.")
+    try:
+        made_by = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        made_by = {}
+    if not made_by and recorded_weights_sha256:
+        made_by = {"weights_sha256": recorded_weights_sha256}
+    changed = [k for k in made_by if k in stamp and made_by[k] != stamp[k]]
+    if changed:
+        was = ", ".join(f"{k} {str(made_by[k])[:12]}" for k in changed)
+        now = ", ".join(f"{k} {str(stamp[k])[:12]}" for k in changed)
+        raise RunWeightsChangedError(
+            f"This run's finished blocks were made with other weights ({was}; now {now}). "
+            "Resuming would mix two models in one result: start a new run instead.")
+
+
+def stamp_made_by(run_dir: Path, stamp: dict[str, str]) -> None:
+    """Record the weights about to make ``run_dir``'s blocks (kept once a block exists)."""
+    path = run_dir / MADE_BY_FILE
+    if path.exists() and any((run_dir / "blocks").glob("block_*.h5ad")):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(stamp, indent=1, sort_keys=True))
@@ -436,6 +443,10 @@ def predict_slide(
     params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id,
               "segmenter_id": None if segmenter_id == "auto" else segmenter_id,
               "segmenter": segmenter_name, "default_segmenter": DEFAULT_SEGMENTER}
+    stamp = {"weights_sha256": weights_sha, "segmenter": segmenter_name,
+             "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or ""}
+    if run_id is not None:  # before the run changes state: a refused resume leaves it as it was
+        check_made_by(project.run_dir(run_id), stamp, project.get_run(run_id).weights_sha256 or "")
     if run_id is None:
         run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256=weights_sha, device=str(dev), params=params)
     else:
@@ -451,8 +462,7 @@ def predict_slide(
         with slide:
             report("tissue", 0.0, "finding tissue")
             run_dir = project.run_dir(run_id)
-            check_made_by(run_dir, {"weights_sha256": weights_sha, "segmenter": segmenter_name,
-                                    "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or ""})
+            stamp_made_by(run_dir, stamp)
             paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config,
                                               report.stage("segment+predict"), cancel,
                                               slide_sha256=record.sha256, make_eta=report.make_eta)

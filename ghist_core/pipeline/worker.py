@@ -205,7 +205,7 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         try:
             result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
                                    progress=progress, run_id=resume, config=config)
-        except RunWeightsChangedError:  # made by other weights: kept as it is (failed, saying why), a new run starts
+        except RunWeightsChangedError:  # made by other weights: left as it is, a new run starts
             if resume is None:
                 raise
             resume = None
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _work(project: Project, args: argparse.Namespace) -> int:
-    from ghist_core.pipeline.blocks import predict_slide
+    from ghist_core.pipeline.blocks import PipelineConfig, predict_slide
 
     run_dir = project.run_dir(args.run_id)
     cancel = threading.Event()
@@ -333,8 +333,15 @@ def _work(project: Project, args: argparse.Namespace) -> int:
                 print(f"run {args.run_id} is run by process {run.worker_pid}; nothing to do", file=sys.stderr)
                 return WORKER_EXIT_BUSY
             sweep_slide_temporaries(project, args.slide_id)
-            predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
-                          device=args.device, run_id=args.run_id, cancel=cancel)
+            try:
+                predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
+                              device=args.device, run_id=args.run_id, cancel=cancel)
+            except RunWeightsChangedError as exc:  # Resume of a run the current weights did not make
+                project.fail_run(args.run_id, f"{exc} A new run was started.")
+                print(f"run {args.run_id} not resumed: {exc} Starting a new run.", file=sys.stderr)
+                config = PipelineConfig.from_params(run.params.get("pipeline"))
+                predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
+                              device=args.device, cancel=cancel, config=config)
     except GhistError as exc:
         print(f"run {args.run_id} stopped: {exc}", file=sys.stderr)
         _fail_if_pending(project, args.run_id, str(exc))

@@ -169,9 +169,9 @@ class LearnedSegmenter:
 
     @property
     def batch_size(self) -> int:
-        """Tiles per forward pass on this device: 8 on a GPU; 1 on a CPU, where a batch of 8
-        1024 px tiles overflows the caches and runs 1.45x slower (1.18 vs 1.71 Mpx/s end to end
-        on 2 cores, bench/segmentation.py) with the same nuclei."""
+        """Tiles per ``segment_slide`` forward pass: 8 on CUDA; 1 elsewhere, where a batch of 8
+        1024 px tiles overflows a CPU's caches (1.05 vs 1.62 Mpx/s on 2 cores, the same nuclei:
+        bench/results/segmentation.json, speed.cpu.batch_8_on_cpu)."""
         return 8 if self.device.type == "cuda" else 1
 
     @property

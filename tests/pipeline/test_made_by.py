@@ -5,50 +5,107 @@ Resume) or left as it is while a new run starts (``ghist predict`` / the worker'
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from ghist_core.errors import RunCancelledError, RunWeightsChangedError
-from ghist_core.pipeline.blocks import MADE_BY_FILE, check_made_by, predict_slide
+from ghist_core.pipeline.blocks import MADE_BY_FILE, check_made_by, predict_slide, stamp_made_by
 from ghist_core.pipeline.worker import predict_slide_locked
 from ghist_core.project import Project
 from slide_factory import demo_crop_png
 
+REPO = Path(__file__).resolve().parents[2]
 
-def test_stamp_is_written_once_and_checked(tmp_path: Path) -> None:
+
+def _block(run_dir: Path) -> None:
+    (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
+    (run_dir / "blocks" / "block_000000.h5ad").write_bytes(b"a checkpoint")
+
+
+def test_stamp_is_checked_once_a_block_exists(tmp_path: Path) -> None:
+    run = tmp_path / "run"
     stamp = {"weights_sha256": "a" * 64, "segmenter": "classical", "segmenter_sha256": ""}
-    check_made_by(tmp_path / "run", stamp)
-    assert json.loads((tmp_path / "run" / MADE_BY_FILE).read_text()) == stamp
-    check_made_by(tmp_path / "run", dict(stamp))  # the same weights resume
+    other = {**stamp, "weights_sha256": "b" * 64}
+    stamp_made_by(run, stamp)
+    assert json.loads((run / MADE_BY_FILE).read_text()) == stamp
+    check_made_by(run, other)  # no checkpoint yet: nothing to mix
+    stamp_made_by(run, other)  # re-stamped by whoever makes the first block
+    assert json.loads((run / MADE_BY_FILE).read_text()) == other
+    _block(run)
+    stamp_made_by(run, stamp)  # kept once a block exists
+    check_made_by(run, dict(other))  # the same weights resume
     with pytest.raises(RunWeightsChangedError, match="start a new run"):
-        check_made_by(tmp_path / "run", {**stamp, "weights_sha256": "b" * 64})
+        check_made_by(run, stamp)
     with pytest.raises(RunWeightsChangedError, match="segmenter"):
-        check_made_by(tmp_path / "run", {**stamp, "segmenter": "nuclei-seg-stain"})
+        check_made_by(run, {**other, "segmenter": "nuclei-seg-stain"})
+
+
+def test_an_unstamped_run_is_judged_by_the_weights_the_store_recorded(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _block(run)
+    stamp = {"weights_sha256": "a" * 64, "segmenter": "classical", "segmenter_sha256": ""}
+    check_made_by(run, stamp)  # nothing recorded: nothing to judge by
+    check_made_by(run, stamp, "a" * 64)
+    with pytest.raises(RunWeightsChangedError):
+        check_made_by(run, stamp, "c" * 64)
+
+
+def _run_with_one_block(project: Project, slide_id: int, model: Path) -> int:
+    """A run cancelled once its first block is checkpointed (resumable, stamped, one block)."""
+    cancel = threading.Event()
+
+    def progress(*_args, **_kw) -> None:
+        if any(project.folder.glob("runs/*/blocks/block_*.h5ad")):
+            cancel.set()
+
+    with pytest.raises(RunCancelledError):
+        predict_slide(slide_id, project, model_id=str(model), segmenter_id="classical", device="cpu",
+                      cancel=cancel, progress=progress)
+    return int(project.list_runs()["run_id"].max())
 
 
 def test_a_run_made_by_other_weights_is_not_resumed(tmp_path: Path, demo_slide: Path, tiny_ghist: Path) -> None:
     png = demo_crop_png(tmp_path / "crop.png", demo_slide, (600, 1000), 1100)  # 2 x 2 blocks
     project = Project.create(tmp_path / "proj")
     slide_id = project.add_slide(png, mpp=0.499).slide_id
-    cancel = threading.Event()
-    cancel.set()  # stops before the first block: a cancelled, resumable run, already stamped
-    with pytest.raises(RunCancelledError):
-        predict_slide(slide_id, project, model_id=str(tiny_ghist), segmenter_id="classical", device="cpu",
-                      cancel=cancel)
-    (old,) = project.list_runs()["run_id"].tolist()
+    old = _run_with_one_block(project, slide_id, tiny_ghist)
     stamp_path = project.run_dir(old) / MADE_BY_FILE
     stamp = json.loads(stamp_path.read_text())
     assert stamp["segmenter"] == "classical-watershed" and len(stamp["weights_sha256"]) == 64
     stamp_path.write_text(json.dumps({**stamp, "weights_sha256": "0" * 64}))  # as if the weights were updated since
 
-    with pytest.raises(RunWeightsChangedError):  # the app's Resume of that very run
+    with pytest.raises(RunWeightsChangedError):  # resuming that very run
         predict_slide(slide_id, project, model_id=str(tiny_ghist), segmenter_id="classical", device="cpu", run_id=old)
-    run = project.get_run(old)
-    assert run.status == "failed" and "other weights" in (run.error or "")
+    assert project.get_run(old).status == "cancelled"  # refused before the run changed state
 
     done = predict_slide_locked(project, slide_id, model_id=str(tiny_ghist), segmenter_id="classical", device="cpu")
     assert done.action == "new" and done.run_id != old and done.n_cells > 20
-    assert json.loads(stamp_path.read_text())["weights_sha256"] == "0" * 64  # the old run is left as it was
+    assert project.get_run(old).status == "cancelled"  # left as it was, its blocks too
+    assert json.loads(stamp_path.read_text())["weights_sha256"] == "0" * 64
+    assert len(list(project.run_dir(old).glob("blocks/block_*.h5ad"))) >= 1
     assert json.loads((project.run_dir(done.run_id) / MADE_BY_FILE).read_text()) == stamp
+
+
+def test_the_apps_resume_of_such_a_run_starts_a_new_one(tmp_path: Path, demo_slide: Path, tiny_ghist: Path) -> None:
+    """The app's Resume spawns a worker for the run: it says why it is not resumed and runs a new one."""
+    png = demo_crop_png(tmp_path / "crop.png", demo_slide, (600, 1000), 1100)
+    project = Project.create(tmp_path / "proj")
+    slide_id = project.add_slide(png, mpp=0.499).slide_id
+    old = _run_with_one_block(project, slide_id, tiny_ghist)
+    stamp_path = project.run_dir(old) / MADE_BY_FILE
+    stamp_path.write_text(json.dumps({**json.loads(stamp_path.read_text()), "segmenter": "nuclei-seg"}))
+    project.requeue_run(old)  # what worker.resume_run does before it spawns the worker
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "ghist_core.pipeline.worker", str(project.folder), str(slide_id),
+                          str(old), "--model", str(tiny_ghist), "--segmenter", "classical", "--device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = project.get_run(old)
+    assert run.status == "failed" and "other weights" in run.error and "A new run was started" in run.error
+    new = project.latest_run(slide_id)
+    assert new.run_id != old and new.status == "finished" and new.n_cells > 20
