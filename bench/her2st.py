@@ -127,28 +127,37 @@ def ridge_predictions(features: np.ndarray, y: np.ndarray, tr: np.ndarray, te: n
     return m.predict((features[te] - mu) / sd)
 
 
+def plan_jobs(fold_names: list[str], work: Path, kinds: list[str], seeds: list[int],
+              only: list[str] | None = None) -> list[tuple[int, str, str]]:
+    """``(seed, fold, kind)`` jobs still to train, held-out folds of every seed first, final fits last.
+
+    By default the folds the protocol scores (:data:`OUTER_UNITS`) and the final fit: LOPO B is
+    LOSO B4 (the same training and test spots), scored once, so it is not trained twice. The
+    ST-Net-like baseline has no final fit. A job whose result exists is skipped (resume).
+    """
+    wanted = only or [*OUTER_UNITS, "final"]
+    jobs = [(sd, f, k) for f in wanted for sd in seeds for k in kinds
+            if f in fold_names and not (f == "final" and k == "stnet")
+            and not (work / f"{k}_s{sd}" / f"{f}__{k}.json").exists()]
+    return sorted(jobs, key=lambda j: (j[1] == "final", j[0]))
+
+
 def run(args: argparse.Namespace) -> None:
     """Train the CNN jobs (fold × kind × seed) a few at a time; each seed's jobs go to
-    ``<work>/<kind>_s<seed>/`` and a job whose result exists is skipped, so a rerun resumes."""
+    ``<work>/<kind>_s<seed>/`` and a job whose result exists is skipped, so a rerun resumes.
+    The jobs' log is ``<work>/run_log.txt``."""
     from ghist_core.training.her2st import SpotPack
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     pack = SpotPack.load(args.pack)
-    fl = folds(pack.section, pack.patient)
-    kinds = args.kinds.split(",")
-    seeds = [int(x) for x in str(args.seeds).split(",")]
-    only = args.only.split(",") if args.only else list(fl)
-    jobs = [(sd, f, k) for f in only for sd in seeds for k in kinds
-            if f in fl and not (f == "final" and k == "stnet")
-            and not (work / f"{k}_s{sd}" / f"{f}__{k}.json").exists()]
-    jobs.sort(key=lambda j: (j[1] == "final", j[0]))  # every held-out fold of seed 0 first, the final fits last
+    jobs = plan_jobs(list(folds(pack.section, pack.patient)), work, args.kinds.split(","),
+                     [int(x) for x in str(args.seeds).split(",")], args.only.split(",") if args.only else None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     procs: list[subprocess.Popen] = []
     codes: list[int] = []
-    logf = open(out / f"{args.name}_log.txt", "a")
+    logf = open(work / "run_log.txt", "a")
     for sd, f, k in jobs:
         while args.parallel and len(procs) >= args.parallel:  # a slot frees when any job ends
             done = [p for p in procs if p.poll() is not None]
