@@ -245,7 +245,7 @@ def check_made_by(run_dir: Path, stamp: dict[str, str], recorded_weights_sha256:
     judged by the model weights the store recorded for it (``recorded_weights_sha256``, when
     known). A run with no checkpoint yet has nothing to mix and always passes. Nothing is written.
     """
-    if not any((run_dir / "blocks").glob("block_*.h5ad")):
+    if not _has_checkpoints(run_dir):
         return
     path = run_dir / MADE_BY_FILE
     try:
@@ -266,7 +266,7 @@ def check_made_by(run_dir: Path, stamp: dict[str, str], recorded_weights_sha256:
 def stamp_made_by(run_dir: Path, stamp: dict[str, str]) -> None:
     """Record the weights about to make ``run_dir``'s blocks (kept once a block exists)."""
     path = run_dir / MADE_BY_FILE
-    if path.exists() and any((run_dir / "blocks").glob("block_*.h5ad")):
+    if path.exists() and _has_checkpoints(run_dir):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(stamp, indent=1, sort_keys=True))
@@ -274,6 +274,11 @@ def stamp_made_by(run_dir: Path, stamp: dict[str, str]) -> None:
 
 def _block_path(run_dir: Path, block: Block) -> Path:
     return run_dir / "blocks" / f"block_{block.index:06d}.h5ad"
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    """Whether any block of the run is checkpointed (the files :func:`_block_path` names)."""
+    return any((run_dir / "blocks").glob("block_*.h5ad"))
 
 
 def _prefetch(slide: Slide, blocks: list[Block], mpp: float, margin_um: float) -> Iterator[tuple[Block, np.ndarray, tuple[float, float]]]:
@@ -445,11 +450,10 @@ def predict_slide(
               "segmenter": segmenter_name, "default_segmenter": DEFAULT_SEGMENTER}
     stamp = {"weights_sha256": weights_sha, "segmenter": segmenter_name,
              "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or ""}
-    if run_id is not None:  # before the run changes state: a refused resume leaves it as it was
-        check_made_by(project.run_dir(run_id), stamp, project.get_run(run_id).weights_sha256 or "")
     if run_id is None:
         run_id = project.start_run(slide_id, model_id=model_id or "bundled", weights_sha256=weights_sha, device=str(dev), params=params)
-    else:
+    else:  # checked before the run changes state: a refused resume leaves it as it was
+        check_made_by(project.run_dir(run_id), stamp, project.get_run(run_id).weights_sha256 or "")
         project.resume_run(run_id)
         params = {**project.get_run(run_id).params, **params}
     report = _Reporter(project, run_id, progress, prior=prior_for(str(dev), segmenter))
@@ -476,7 +480,7 @@ def predict_slide(
                     "model_card": card,
                     "expression_units": card.get("expression_units", ""),
                     "weights_sha256": weights_sha,
-                    "segmenter_sha256": getattr(segmenter, "weights_sha256", "") or "",
+                    "segmenter_sha256": stamp["segmenter_sha256"],
                     "segmenter": segmenter_name,
                     "slide_sha256": record.sha256,
                     "slide_id": int(slide_id),
