@@ -16,7 +16,8 @@ from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
 from ghist_core.project.runs import run_uncertainty
 from ghist_core.weights.card import (chosen_card, is_expression_model, model_cell_inputs, model_members,
-                                     is_stain_robust, run_segmenter, segmenter_choices, trained_segmenter)
+                                     is_stain_robust, run_segmenter, segmenter_card, segmenter_choices,
+                                     trained_segmenter)
 from pages import common as c
 
 c.init_session()
@@ -66,7 +67,7 @@ with st.expander("Model and device", expanded=False):
              "holds up better on slides from other labs and scanners (README, 'Stain shift').")
     reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if own and st.session_state[c.SEGMENTER] in learned and st.session_state[c.SEGMENTER] != own:
-        robust = any(m.get("name") == st.session_state[c.SEGMENTER] and is_stain_robust(m.get("card")) for m in models)
+        robust = is_stain_robust(segmenter_card(models, st.session_state[c.SEGMENTER]))
         st.info(f"This model was trained on the nucleus types of {own}; {st.session_state[c.SEGMENTER]} gives "
                 "different types (on HER2ST nuclei they agree for about a third), so expect different expression."
                 + (" It segments slides from other labs and scanners better." if robust else ""),

@@ -9,6 +9,10 @@ with, and its validation scores; with ``--bench`` also its rows of
         --runs runs/seg-stain-cpu1 runs/seg-stain-cpu2
     python bench/segmentation.py                       # scores it next to nuclei-seg and classical
     python scripts/package_segmentation.py ... --bench bench/results/segmentation.json
+    python scripts/package_segmentation.py --refresh-bench weights/nuclei-seg.json --bench bench/results/segmentation.json
+
+``--refresh-bench`` renews only the benchmark rows of a card that is already bundled (its training
+runs need not be on this machine), after checking that the benchmark scored its weights.
 """
 
 from __future__ import annotations
@@ -147,25 +151,56 @@ def bench_rows(bench: dict, name: str, sha: str) -> dict:
     return out
 
 
+def with_bench(card: dict, bench_path: Path, sha: str) -> dict:
+    """``card`` sealed with this model's rows of ``bench_path``; refused unless the benchmark scored ``sha``."""
+    name = card["name"]
+    bench = json.loads(bench_path.read_text())
+    if bench.get("weights_sha256", {}).get(name) != sha:
+        raise SystemExit(f"{bench_path} scored other weights for {name}; run bench/segmentation.py again")
+    rows = bench_rows(bench, name, sha)
+    out = {**card, "benchmark": {"source": "bench/results/segmentation.json", **rows}}
+    if "speed_mpx_per_s" in (card.get("metrics") or {}) and "speed_mpx_per_s" in rows:
+        out["metrics"] = {**card["metrics"], "speed_mpx_per_s": rows["speed_mpx_per_s"]}
+    return seal_card(out, sha)
+
+
+def refresh_bench(card_path: Path, bench_path: Path) -> Path:
+    """Renew the benchmark rows of an already bundled card; its weights file must match the card."""
+    text = card_path.read_text()
+    card = json.loads(text)
+    weights = card_path.with_name(f"{card['name']}.safetensors")
+    sha = sha256_file(weights) if weights.is_file() else ""
+    if sha != card.get("sha256"):
+        raise SystemExit(f"{weights} does not match the sha256 in {card_path}; package the model first")
+    new = with_bench(card, bench_path, sha)
+    atomic_write_text(card_path, json.dumps(new, indent=1) + ("\n" if text.endswith("\n") else ""))
+    return card_path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--base", type=Path, required=True, help="card of the model the chain started from")
-    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="the runs in order; the last one is packaged")
+    ap.add_argument("--name")
+    ap.add_argument("--base", type=Path, help="card of the model the chain started from")
+    ap.add_argument("--runs", type=Path, nargs="+", help="the runs in order; the last one is packaged")
     ap.add_argument("--bench", type=Path, default=None, help="segmentation.json to copy this model's rows from")
+    ap.add_argument("--refresh-bench", type=Path, default=None, metavar="CARD",
+                    help="only renew the benchmark rows of this bundled card (needs --bench)")
     ap.add_argument("--out-dir", type=Path, default=REPO_DIR / "weights")
     a = ap.parse_args(argv)
+    if a.refresh_bench:
+        if not a.bench:
+            ap.error("--refresh-bench needs --bench")
+        print(f"renewed the benchmark rows of {refresh_bench(a.refresh_bench, a.bench)}")
+        return
+    if not (a.name and a.base and a.runs):
+        ap.error("--name, --base and --runs are required (or --refresh-bench CARD --bench JSON)")
     base = json.loads(a.base.read_text())
     final = a.runs[-1]
     final_card = json.loads((final / "final.json").read_text())
     sha = sha256_file(final / "final.safetensors")
     card = build_card(a.name, base, a.runs, final_card, sha)
     if a.bench:  # every check before anything is written: weights and card change together or not at all
-        bench = json.loads(a.bench.read_text())
-        if bench.get("weights_sha256", {}).get(a.name) != sha:
-            raise SystemExit(f"{a.bench} scored other weights for {a.name}; run bench/segmentation.py again")
-        card = seal_card({**card, "benchmark": {"source": "bench/results/segmentation.json",
-                                                **bench_rows(bench, a.name, sha)}}, sha)
+        card = with_bench(card, a.bench, sha)
     weights = a.out_dir / f"{a.name}.safetensors"
     if not weights.exists() or sha256_file(weights) != sha:
         tmp = weights.with_suffix(".tmp")

@@ -396,6 +396,14 @@ def is_expression_model(entry: Mapping[str, Any]) -> bool:
     return entry.get("kind") in (None, "ghist") and not is_segmenter(entry) and not entry.get("error")
 
 
+def segmenter_card(models: list[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
+    """The card of the listed segmentation model called ``name`` (None when there is none)."""
+    for m in models:
+        if m.get("name") == name and is_segmenter(m) and isinstance(m.get("card"), Mapping):
+            return m["card"]
+    return None
+
+
 def chosen_card(models: list[Mapping[str, Any]], model_id: str | None) -> Mapping[str, Any] | None:
     """The card of the GHIST model ``model_id`` (its ``model_id`` or ``name``; None: the bundled one)."""
     for m in models:

@@ -82,3 +82,33 @@ def test_bench_rows_copy_only_this_model_and_only_blocks_that_scored_it():
     assert set(rows["stain_shift"]["consep"]) == {"nuclei-seg", "goal:nuclei-seg"}  # not nuclei-seg-stain's rows
     with pytest.raises(SystemExit, match="accuracy"):
         package.bench_rows(bench, "nuclei-seg", "b" * 64)
+
+
+def test_refresh_bench_renews_only_the_rows_of_a_bundled_card(tmp_path):
+    from ghist_core.io.hashing import sha256_file
+    from ghist_core.weights.card import check_seal, seal_card
+
+    (tmp_path / "seg-x.safetensors").write_bytes(b"weights of seg-x")
+    sha = sha256_file(tmp_path / "seg-x.safetensors")
+    card_path = tmp_path / "seg-x.json"
+    old = seal_card({"name": "seg-x", "kind": "segmentation", "metrics": {"speed_mpx_per_s": {"cpu": 0.1}},
+                     "benchmark": {"accuracy": {"consep": {"aji": 0.1}}}}, sha)
+    card_path.write_text(json.dumps(old, indent=1) + "\n")
+    speed = {"cpu": {"seg-x": {"mpx_per_s": 1.6, "batch_size": 1}, "weights_sha256": {"seg-x": sha},
+                     "app": {"seg-x": {"segmentation_mpx_per_s": 2.1, "whole_run_mpx_per_s": 1.5}}, "device": "cpu"}}
+    bench = {"weights_sha256": {"seg-x": sha}, "speed": speed,
+             "accuracy": {"seg-x": {"consep": {"aji": 0.5, "pooled": {}}}, "weights_sha256": {"seg-x": sha}}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    package.main(["--refresh-bench", str(card_path), "--bench", str(tmp_path / "bench.json")])
+    new = json.loads(card_path.read_text())
+    check_seal(new, "seg-x.json")
+    assert new["benchmark"]["accuracy"] == {"consep": {"aji": 0.5}}
+    assert new["metrics"]["speed_mpx_per_s"]["cpu"]["app_whole_run"] == 1.5
+    assert {k: v for k, v in new.items() if k not in ("benchmark", "metrics", "card_sha256", "integrity")} == \
+        {k: v for k, v in old.items() if k not in ("benchmark", "metrics", "card_sha256", "integrity")}
+
+    (tmp_path / "seg-x.safetensors").write_bytes(b"other weights")  # the card no longer describes the file
+    with pytest.raises(SystemExit, match="does not match"):
+        package.main(["--refresh-bench", str(card_path), "--bench", str(tmp_path / "bench.json")])
+    with pytest.raises(SystemExit):
+        package.main(["--refresh-bench", str(card_path)])  # --bench is required

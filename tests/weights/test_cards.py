@@ -342,11 +342,14 @@ def test_segmenter_labels_say_which_is_stain_robust():
 
 
 def test_stain_robust_is_read_from_the_card_not_a_label():
-    from ghist_core.weights.card import is_stain_robust
+    from ghist_core.weights.card import is_stain_robust, segmenter_card
     from ghist_core.weights.resolve import list_models
 
-    bundled = {m["name"]: m for m in list_models() if m["source"] == "bundled"}
-    assert is_stain_robust(bundled["nuclei-seg-stain"]["card"]) and not is_stain_robust(bundled["nuclei-seg"]["card"])
+    models = list_models()
+    assert is_stain_robust(segmenter_card(models, "nuclei-seg-stain"))
+    assert not is_stain_robust(segmenter_card(models, "nuclei-seg"))
+    assert segmenter_card(models, "ghist-her2st") is None  # an expression model is no segmenter
+    assert segmenter_card(models, "no-such-model") is None
     assert not is_stain_robust(None) and not is_stain_robust({})
 
 
