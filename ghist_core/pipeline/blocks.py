@@ -247,20 +247,53 @@ def check_made_by(run_dir: Path, stamp: dict[str, str], recorded_weights_sha256:
     """
     if not _has_checkpoints(run_dir):
         return
-    path = run_dir / MADE_BY_FILE
-    try:
-        made_by = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        made_by = {}
-    if not made_by and recorded_weights_sha256:
-        made_by = {"weights_sha256": recorded_weights_sha256}
-    changed = [k for k in made_by if k in stamp and made_by[k] != stamp[k]]
+    made_by = read_made_by(run_dir, recorded_weights_sha256)
+    changed = made_by_changes(made_by, stamp)
     if changed:
         was = ", ".join(f"{k} {str(made_by[k])[:12]}" for k in changed)
         now = ", ".join(f"{k} {str(stamp[k])[:12]}" for k in changed)
         raise RunWeightsChangedError(
             f"This run's finished blocks were made with other weights ({was}; now {now}). "
             "Resuming would mix two models in one result: start a new run instead.")
+
+
+def read_made_by(run_dir: Path, recorded_weights_sha256: str = "") -> dict[str, str]:
+    """The stamp of ``run_dir`` (:func:`stamp_made_by`); for a run from before stamps, the model
+    weights the store recorded (when known); else empty."""
+    path = run_dir / MADE_BY_FILE
+    try:
+        made_by = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        made_by = {}
+    if not isinstance(made_by, dict):
+        made_by = {}
+    if not made_by and recorded_weights_sha256:
+        made_by = {"weights_sha256": recorded_weights_sha256}
+    return made_by
+
+
+def made_by_changes(made_by: dict[str, str], stamp: dict[str, str]) -> list[str]:
+    """The fields of ``stamp`` that differ from what ``made_by`` recorded (unrecorded fields are not judged)."""
+    return [k for k in made_by if k in stamp and made_by[k] != stamp[k]]
+
+
+def stamp_now(model_id: str | None, segmenter_id: str | None) -> dict[str, str]:
+    """The stamp a new run with these settings would get now, read from the sealed cards (the model's
+    weights are hashed, no network is built): the model's sha256, the segmenter's name and sha256.
+    Raises the typed weights errors of :func:`~ghist_core.weights.resolve.resolve_weights`."""
+    from ghist_core.model.predict import MODEL_NAME
+    from ghist_core.segmentation import ClassicalSegmenter
+    from ghist_core.segmentation.model import segmenter_weights_path
+    from ghist_core.weights.card import read_card, run_segmenter
+    from ghist_core.weights.resolve import resolve_weights
+
+    model = resolve_weights(model_id, name=MODEL_NAME, kind="ghist")
+    name = run_segmenter(segmenter_id, model.card)
+    if name == "classical":
+        return {"weights_sha256": model.sha256, "segmenter": ClassicalSegmenter.name, "segmenter_sha256": ""}
+    card = read_card(segmenter_weights_path(name).with_suffix(".json"))
+    return {"weights_sha256": model.sha256, "segmenter": str(card.get("name", "learned")),
+            "segmenter_sha256": str(card.get("sha256", ""))}
 
 
 def stamp_made_by(run_dir: Path, stamp: dict[str, str]) -> None:

@@ -133,6 +133,22 @@ def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertai
             and same_auto and (run_uncertainty(run.params) or not uncertainty))
 
 
+def _made_by_current_weights(project: Project, run, model_id: str | None, segmenter_id: str | None) -> bool:
+    """Whether a finished ``run`` was made by the weights a new run would use now.
+
+    After the bundled model or segmenter changed (an update; "auto" picking another segmenter), the
+    old result is kept but is no longer the answer to a new request. When the weights cannot be
+    resolved now (offline, say) the run counts as current: a run to replace it could not start either.
+    """
+    from ghist_core.pipeline.blocks import made_by_changes, read_made_by, stamp_now
+
+    try:
+        now = stamp_now(model_id, segmenter_id)
+    except GhistError:
+        return True
+    return not made_by_changes(read_made_by(project.run_dir(run.run_id), run.weights_sha256 or ""), now)
+
+
 def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
     """``uns["ghist"]["uncertainty"]`` of a finished run's ``.h5ad`` (what its uncertainty column holds,
     or why it is absent), read without loading the cells; None when the run did not ask for it."""
@@ -176,7 +192,8 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     Under the lock: runs whose worker died become ``interrupted``; the slide's stale ``*.part``
     files are swept; then the slide's latest run with the same model and segmenter is reused
     when finished, resumed from its checkpoints when resumable, and otherwise (or with
-    ``new_run``) a new run starts. Another process running the slide: ``SlideBusyError`` (or,
+    ``new_run``) a new run starts. A finished run made by other weights than a new run would use
+    (an update of the model or segmenter) is kept but not reused. Another process running the slide: ``SlideBusyError`` (or,
     with ``wait``, wait for it).
 
     ``uncertainty`` asks for ``obs["expression_uncertainty"]`` (``PipelineConfig.uncertainty``): a
@@ -194,7 +211,8 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
             raise SlideBusyError(f"Slide {slide_id} is being analysed by another process (run {latest.run_id}, "
                                  f"process {latest.worker_pid}); wait for it to finish.")
         same = latest is not None and _same_settings(latest, model_id, segmenter_id, uncertainty)
-        if same and not new_run and latest.status is RunStatus.FINISHED:
+        if same and not new_run and latest.status is RunStatus.FINISHED and _made_by_current_weights(
+                project, latest, model_id, segmenter_id):
             h5ad = project.result_files(latest.run_id).get("h5ad")
             if h5ad is not None and h5ad.is_file():
                 return SlideRun(slide_id, latest.run_id, latest.n_cells, h5ad, "existing")

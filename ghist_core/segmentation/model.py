@@ -337,7 +337,8 @@ class LearnedSegmenter:
                          batch_size=batch_size or self.batch_size, progress=progress)
 
 
-def _resolve(model_id: str | None) -> Path:
+def segmenter_weights_path(model_id: str | None) -> Path:
+    """Where ``load_segmenter(model_id)`` looks for the weights (their card lies beside them)."""
     if model_id is None:
         return BUNDLED_WEIGHTS_DIR / f"{DEFAULT_SEGMENTER}.safetensors"
     p = Path(model_id)
@@ -350,7 +351,7 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
     """Build the model from ``<name>.safetensors`` + ``<name>.json`` (sealed card with config and sha256)."""
     from ghist_core.weights.resolve import load_state_dict, resolve_file
 
-    path = _resolve(model_id)
+    path = segmenter_weights_path(model_id)
     card_path = path.with_suffix(".json")
     if not path.exists() or not card_path.exists():
         raise WeightsNotFoundError(

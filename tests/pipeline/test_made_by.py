@@ -109,3 +109,30 @@ def test_the_apps_resume_of_such_a_run_starts_a_new_one(tmp_path: Path, demo_sli
     assert run.status == "failed" and "other weights" in run.error and "A new run was started" in run.error
     new = project.latest_run(slide_id)
     assert new.run_id != old and new.status == "finished" and new.n_cells > 20
+
+
+def test_a_finished_run_made_by_other_weights_is_kept_but_not_reused(tmp_path: Path, demo_slide: Path,
+                                                                     tiny_ghist: Path) -> None:
+    """After a model update ``ghist predict`` makes a new run; the old result stays as it was."""
+    from ghist_core.pipeline.blocks import stamp_now
+
+    png = demo_crop_png(tmp_path / "crop.png", demo_slide, (600, 1000), 600)  # one block
+    project = Project.create(tmp_path / "proj")
+    slide_id = project.add_slide(png, mpp=0.499).slide_id
+    kw = dict(model_id=str(tiny_ghist), segmenter_id="classical", device="cpu")
+    first = predict_slide_locked(project, slide_id, **kw)
+    stamp_path = project.run_dir(first.run_id) / MADE_BY_FILE
+    assert json.loads(stamp_path.read_text()) == stamp_now(str(tiny_ghist), "classical")  # what a run records
+    assert predict_slide_locked(project, slide_id, **kw).action == "existing"
+
+    stamp_path.write_text(json.dumps({**json.loads(stamp_path.read_text()), "weights_sha256": "0" * 64}))
+    second = predict_slide_locked(project, slide_id, **kw)
+    assert second.action == "new" and second.run_id != first.run_id
+    assert project.get_run(first.run_id).status == "finished" and first.h5ad_path.is_file()  # kept as it was
+
+    # a run from before stamps: judged by the weights the store recorded for it
+    (project.run_dir(second.run_id) / MADE_BY_FILE).unlink()
+    assert predict_slide_locked(project, slide_id, **kw).action == "existing"
+    with project.db.tx() as c:
+        c.execute("UPDATE runs SET weights_sha256 = ? WHERE run_id = ?", ("1" * 64, second.run_id))
+    assert predict_slide_locked(project, slide_id, **kw).action == "new"
