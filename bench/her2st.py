@@ -1,16 +1,28 @@
 """HER2ST benchmark under a clean protocol: GHIST vs floors with the same inputs, same folds.
 
+    # 0. the spot pack, with the default segmenter's nucleus types (scripts/prepare_her2st.py)
+    python scripts/prepare_her2st.py --segmenter nuclei-seg-stain --out .gpu_data/her2st/pack_stain.npz
     # 1. the CNN jobs, 3 seeds each (CPU: ~4-5 min a job, two at a time; ~50 + 40 min),
-    #    into tmp/her2st_cnn/<kind>_s<seed>/; rerun the same command to resume
-    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --kinds ghist --seeds 0,1,2 \
+    #    into <work>/<kind>_s<seed>/; rerun the same command to resume
+    python bench/her2st.py run --pack .gpu_data/her2st/pack_stain.npz --work tmp/her2st_cnn_stain \
+        --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --kinds ghist --seeds 0,1,2 \
         --net '{"spot_aggregate":"mean","tissue_skip":true,"fpn_smooth":false,"fpn_dim":64,"use_reference":false,
                "cell_inputs":["prob_other","prob_inflammatory","prob_epithelial","prob_spindle-shaped"],
                "density_prior":true,"image_dropout":0.5}'
-    python bench/her2st.py run --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --kinds stnet --seeds 0,1,2 \
+    python bench/her2st.py run --pack .gpu_data/her2st/pack_stain.npz --work tmp/her2st_cnn_stain \
+        --mpp 1.0 --epochs 16 --budget-s 0 --parallel 2 --kinds stnet --seeds 0,1,2 \
         --only loso_B4,loso_C2,loso_C3,loso_C4,loso_C5,loso_C6,lopo_C \
         --net '{"covariates":true,"cell_inputs":["prob_other","prob_inflammatory","prob_epithelial","prob_spindle-shaped"]}'
     # 2. the ridge floors (nested inner CV) + every CNN job found → bench/results/her2st.json
-    python bench/her2st.py protocol
+    python bench/her2st.py protocol --pack .gpu_data/her2st/pack_stain.npz \
+        --ghist-work 'tmp/her2st_cnn_stain/ghist_s*' --stnet-work 'tmp/her2st_cnn_stain/stnet_s*'
+    # 3. the bundled model from the jobs' final fits, then its cell-level checks (added to the JSON)
+    python scripts/train_ghist.py --pack .gpu_data/her2st/pack_stain.npz --from-jobs 'tmp/her2st_cnn_stain/ghist_s*'
+    python bench/her2st.py cells --pack .gpu_data/her2st/pack_stain.npz
+    python bench/her2st.py swap --pack .gpu_data/her2st/pack_stain.npz --pack-b .gpu_data/her2st/pack.npz
+
+``pack.npz`` there is the same pack with ``nuclei-seg``'s types (``--segmenter nuclei-seg``), the
+segmenter of the model before session 10 (``her2st_nuclei_seg_types.json`` holds its protocol).
 
 Splits over the six imaged sections (B4; C2–C6): leave-one-section-out (``loso``, 6 folds)
 and leave-one-patient-out (``lopo``: train C → test B4; train B4 → test C2–C6). Per held-out
@@ -399,6 +411,8 @@ def protocol(args: argparse.Namespace) -> dict:
     out["goals"] = goals(out, markers=("ERBB2", "GRB7"))
     out["folds"] = {u: {k: v for k, v in i.items() if k != "top50_idx"} for u, i in fold_info.items()}
     out["protocol"] = protocol_text(args, ghist_runs, stnet_runs, cov_names)
+    out["protocol"]["pack"] = {"path": str(args.pack), "cell_input_segmenter": pack.cell_input_segmenter,
+                               "n_spots": int(pack.n_spots)}
     from ghist_core.io.atomic import atomic_write_text
 
     outdir = Path(args.out)
@@ -503,7 +517,8 @@ def protocol_text(args, ghist_runs: dict, stnet_runs: dict, cov_names: list[str]
                        "partial r per gene after regressing log1p(nuclei in spot) out of both",
         "command": "the CNN jobs: bench/her2st.py job per fold x seed, the jobs `bench/her2st.py run --seeds 0,1,2` "
                    "starts (both commands in bench/her2st.py's docstring); then "
-                   f"python bench/her2st.py protocol --ghist-work '{args.ghist_work}' --stnet-work '{args.stnet_work}'",
+                   f"python bench/her2st.py protocol --pack {args.pack} --ghist-work '{args.ghist_work}' "
+                   f"--stnet-work '{args.stnet_work}'",
     }
 
 

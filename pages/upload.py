@@ -68,9 +68,12 @@ with st.expander("Model and device", expanded=False):
     reads = model_cell_inputs(models, st.session_state[c.MODEL_ID])
     if own and st.session_state[c.SEGMENTER] in learned and st.session_state[c.SEGMENTER] != own:
         robust = is_stain_robust(segmenter_card(models, st.session_state[c.SEGMENTER]))
+        own_robust = is_stain_robust(segmenter_card(models, own))
         st.info(f"This model was trained on the nucleus types of {own}; {st.session_state[c.SEGMENTER]} gives "
                 "different types (on HER2ST nuclei they agree for about a third), so expect different expression."
-                + (" It segments slides from other labs and scanners better." if robust else ""),
+                + (" It segments slides from other labs and scanners better." if robust and not own_robust else
+                   " It also holds up less well on slides from other labs and scanners (README, 'Stain shift')."
+                   if own_robust and not robust else ""),
                 icon=":material/info:")
     if reads and st.session_state[c.SEGMENTER] == "classical":
         st.warning("This model also reads each nucleus' type probabilities from the learned segmenter, which the "

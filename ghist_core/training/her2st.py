@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_SECTIONS",
     "HER2ST_MPP",
     "PROTOCOL_SEGMENTER",
+    "UNRECORDED_PACK_SEGMENTER",
     "spot_means",
     "CLINICAL_MARKERS",
     "list_sections",
@@ -44,8 +45,11 @@ __all__ = [
 
 IMAGE_SECTIONS: tuple[str, ...] = ("B4", "C2", "C3", "C4", "C5", "C6")
 #: The learned segmenter whose nucleus types the clean protocol's packs hold (and so the bundled
-#: ghist-her2st was trained on): scripts/prepare_her2st.py's default.
-PROTOCOL_SEGMENTER = "nuclei-seg"
+#: ghist-her2st was trained on): scripts/prepare_her2st.py's default; the default segmenter since
+#: session 10 (docs/DECISIONS.md: the switch rule).
+PROTOCOL_SEGMENTER = "nuclei-seg-stain"
+#: The segmenter of packs made before the pack recorded it (sessions 4-9 all used this one).
+UNRECORDED_PACK_SEGMENTER = "nuclei-seg"
 HER2ST_MPP = 0.688  # from the 200 µm spot pitch ≈ 290.8 px (README of the data)
 #: Clinically used markers appended to the HVGs when present in HER2ST.
 CLINICAL_MARKERS: tuple[str, ...] = (
@@ -182,8 +186,8 @@ class SpotPack:
     cell_morph: np.ndarray
     cell_inputs: np.ndarray | None = None
     cell_input_names: np.ndarray | None = None
-    #: the learned segmenter (bundled weights name) that gave ``cell_inputs``; "" in packs made before
-    #: it was recorded, which all used PROTOCOL_SEGMENTER
+    #: the learned segmenter (bundled weights name) that gave ``cell_inputs``; packs made before it
+    #: was recorded all used UNRECORDED_PACK_SEGMENTER
     cell_input_segmenter: str = ""
 
     def save(self, path: str | Path) -> None:
@@ -204,7 +208,7 @@ class SpotPack:
         if "cell_input_segmenter" in kw:
             kw["cell_input_segmenter"] = str(kw["cell_input_segmenter"])
         elif kw.get("cell_inputs") is not None:
-            kw["cell_input_segmenter"] = PROTOCOL_SEGMENTER
+            kw["cell_input_segmenter"] = UNRECORDED_PACK_SEGMENTER
         return cls(**kw)
 
     @property

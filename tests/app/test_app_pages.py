@@ -424,17 +424,17 @@ def test_upload_page_warns_when_the_model_needs_the_learned_segmenter(projects, 
 
 
 def test_upload_page_offers_each_bundled_segmenter_and_says_what_auto_runs(projects):
-    """The bundled GHIST model was trained on nuclei-seg's nucleus types: "auto" says it runs nuclei-seg,
-    both learned models are offered by name, and choosing the stain-robust one says what changes."""
+    """The bundled GHIST model was trained on nuclei-seg-stain's nucleus types: "auto" says it runs
+    nuclei-seg-stain, both learned models are offered by name, and choosing the other one says what changes."""
     at = open_page("pages/upload.py")
     radio = at.radio(key="upload_segmenter")
-    assert list(radio.options) == ["auto (nuclei-seg)", "learned nuclei-seg", "learned nuclei-seg-stain (stain-robust)",
+    assert list(radio.options) == ["auto (nuclei-seg-stain)", "learned nuclei-seg", "learned nuclei-seg-stain (stain-robust)",
                                    "fast classical"] or list(radio.options) == [
-        "auto (nuclei-seg)", "learned nuclei-seg-stain (stain-robust)", "learned nuclei-seg", "fast classical"]
+        "auto (nuclei-seg-stain)", "learned nuclei-seg-stain (stain-robust)", "learned nuclei-seg", "fast classical"]
     assert not [i for i in at.info if "trained on the nucleus types" in i.value]
-    radio.set_value("nuclei-seg-stain").run()
+    radio.set_value("nuclei-seg").run()
     assert not at.exception
-    note = [i.value for i in at.info if "trained on the nucleus types of nuclei-seg" in i.value]
-    assert note and "other labs" in note[0]
-    at.radio(key="upload_segmenter").set_value("nuclei-seg").run()
+    note = [i.value for i in at.info if "trained on the nucleus types of nuclei-seg-stain" in i.value]
+    assert note and "less well on slides from other labs" in note[0]  # nuclei-seg is not the stain-robust one
+    at.radio(key="upload_segmenter").set_value("nuclei-seg-stain").run()
     assert not [i for i in at.info if "trained on the nucleus types" in i.value]

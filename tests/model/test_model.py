@@ -299,10 +299,12 @@ def test_spot_pack_cell_inputs_round_trip_and_lookup(tmp_path: Path) -> None:
     old.save(tmp_path / "old.npz")
     with pytest.raises(KeyError, match="prepare_her2st"):
         type(pack).load(tmp_path / "old.npz").cell_input_columns(["prob_a"])
-    # which segmenter gave the inputs survives too; a pack from before it was recorded used the protocol's
-    from ghist_core.training.her2st import PROTOCOL_SEGMENTER
+    # which segmenter gave the inputs survives too; a pack from before it was recorded used nuclei-seg
+    from ghist_core.paths import DEFAULT_SEGMENTER
+    from ghist_core.training.her2st import PROTOCOL_SEGMENTER, UNRECORDED_PACK_SEGMENTER
 
-    assert back.cell_input_segmenter == PROTOCOL_SEGMENTER == "nuclei-seg"
+    assert back.cell_input_segmenter == UNRECORDED_PACK_SEGMENTER == "nuclei-seg"
+    assert PROTOCOL_SEGMENTER == DEFAULT_SEGMENTER == "nuclei-seg-stain"  # new packs: the app's default
     pack.cell_input_segmenter = "nuclei-seg-stain"
     pack.save(tmp_path / "p2.npz")
     assert type(pack).load(tmp_path / "p2.npz").cell_input_segmenter == "nuclei-seg-stain"

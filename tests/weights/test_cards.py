@@ -376,4 +376,4 @@ def test_run_segmenter_is_the_one_rule_for_auto():
     from ghist_core.paths import BUNDLED_WEIGHTS_DIR
 
     card = json.loads((BUNDLED_WEIGHTS_DIR / "ghist-her2st.json").read_text())
-    assert run_segmenter(None, card) == "nuclei-seg"
+    assert run_segmenter(None, card) == "nuclei-seg-stain" == DEFAULT_SEGMENTER  # retrained on it (session 10)
