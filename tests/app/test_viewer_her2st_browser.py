@@ -7,7 +7,7 @@ reads the learned segmenter's per-nucleus inputs, so the classical segmenter can
 On Gene maps, ERBB2 at 40×: the page reports outlined nuclei and the close-up canvas carries
 fine detail (its Laplacian variance is well above that of the same picture at a quarter of its
 resolution, which is what an overview enlarged to 40× would show). Set
-``GHIST_DOCS_SCREENSHOTS=1`` to copy the map screenshot to ``docs/viewer_her2st_test.png``.
+``GHIST_DOCS_SCREENSHOTS=1`` to refresh the README's figure ``docs/viewer_her2st.png`` (the page as shown).
 """
 
 from __future__ import annotations
@@ -104,5 +104,5 @@ def test_close_up_of_a_her2st_section_outlines_real_nuclei(tmp_path):
         lv_full, lv_low = laplacian_var(centre), laplacian_var(low_res(centre))
         assert lv_full > 2.0 * lv_low, (lv_full, lv_low)
         if os.environ.get("GHIST_DOCS_SCREENSHOTS"):
-            shutil.copy(shots / "close_up.png", REPO / "docs" / "viewer_her2st_test.png")
+            shutil.copy(shots / "viewer_page.png", REPO / "docs" / "viewer_her2st.png")
         browser.close()
