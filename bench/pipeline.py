@@ -24,7 +24,9 @@ CPU seconds, s per tissue Mpx, cells/s, peak RSS, project disk); finished runs a
 interrupted one resumes from its checkpoints, so ``nohup nice python bench/pipeline.py --scaling ...``
 can be restarted; it sets the "scaling" key and keeps the rest.
 
-Writes bench/results/pipeline.json (or pipeline_<device>.json for a GPU run).
+Writes bench/results/pipeline.json (or pipeline_<device>.json for a GPU run); the default mode keeps
+the file's "eta" and "scaling" blocks. With the classical segmenter every mode runs the bundled
+model's timing twin without cell inputs (the bundled model reads the learned segmenter's types).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def _one_run(slide: str, device: str, segmenter: str | None, mpp: float | None) 
         record = project.add_slide(slide, patient_id="BENCH", mpp=mpp)
         add_s = time.perf_counter() - t
         t = time.perf_counter()
-        result = predict_slide(record.slide_id, project, device=device, segmenter_id=segmenter)
+        result = predict_slide(record.slide_id, project, device=device, segmenter_id=segmenter,
+                               model_id=_model_for(segmenter))
         wall = time.perf_counter() - t
         with open_slide(project.slide_path(record.slide_id), mpp=record.mpp) as s:
             mpx = s.dimensions[0] * s.dimensions[1] / 1e6
@@ -244,6 +247,15 @@ def _nocell_ghist(folder: Path) -> Path:
     return folder
 
 
+def _model_for(segmenter: str | None) -> str | None:
+    """The model a run with ``segmenter`` uses here: the bundled one, or with the classical segmenter
+    its timing twin without cell inputs (the bundled model refuses the classical segmenter)."""
+    if segmenter != "classical":
+        return None
+    sha = json.loads((REPO / "weights" / "ghist-her2st.json").read_text())["sha256"][:12]
+    return str(_nocell_ghist(SCALING_WORK / f"ghist_nocell_{sha}"))
+
+
 def _output_digest(h5ad: Path) -> dict:
     """sha256 of a result's numbers (X, cell ids and positions, every obsm matrix): equal digests = same output."""
     import hashlib
@@ -314,7 +326,7 @@ def _scaling_run(slide: str, segmenter: str, key: str) -> dict:
     project.mark_interrupted_runs(stale_after_s=0)  # a killed earlier child of this key: resume it (nohup-safe)
     last = project.latest_run(record.slide_id)
     resume = last.run_id if last is not None and last.status.is_resumable else None
-    model_id = None if segmenter == "learned" else str(_nocell_ghist(SCALING_WORK / "ghist_nocell"))
+    model_id = _model_for(None if segmenter == "learned" else segmenter)
     with open_slide(project.slide_path(record.slide_id), mpp=record.mpp) as s:
         blocks = plan_blocks(s, PipelineConfig())
         tissue_mpx = sum(b.tissue_um2 for b in blocks) / s.mpp ** 2 / 1e6
@@ -566,7 +578,7 @@ def _cohort(device: str, segmenter: str | None, n_slides: int = 8) -> dict:
         for workers in (1, 2):
             t = time.perf_counter()
             summary = run_cohort(rows, Path(tmp) / f"project_{workers}", n_workers=workers, device=device,
-                                 segmenter_id=segmenter, echo=lambda _l: None)
+                                 segmenter_id=segmenter, model_id=_model_for(segmenter), echo=lambda _l: None)
             out[f"workers_{workers}_s"] = round(time.perf_counter() - t, 2)
             out[f"workers_{workers}_finished"] = summary["finished"]
     out["slides"] = n_slides
@@ -648,7 +660,9 @@ def main() -> None:
         return
 
     learned_seg = any(m.get("name") == DEFAULT_SEGMENTER for m in list_models())
-    results: dict = {"device": args.device, "machine": platform.processor() or platform.machine(), "slides": {}}
+    kept = json.loads(out.read_text()) if out.is_file() else {}  # the --eta and --scaling blocks stay
+    results: dict = {**{k: kept[k] for k in ("eta", "scaling") if k in kept},
+                     "device": args.device, "machine": platform.processor() or platform.machine(), "slides": {}}
     if args.device == "cuda":
         import torch
 

@@ -44,8 +44,9 @@ __all__ = ["BlockEta", "EtaPrior", "PRIORS", "prior_for", "MIN_BLOCKS", "MIN_TIS
 MIN_BLOCKS = 5
 #: Share of this process's tissue the measured blocks must hold before the estimate is settled.
 MIN_TISSUE_SHARE = 0.10
-#: Merge + write time as a share of the blocks' time (bench/results/pipeline.json: 0.61 s / 13.8 s).
-TAIL_SHARE = 0.04
+#: Merge + write time as a share of the blocks' time (bench/results/pipeline.json, session 10:
+#: 0.90 s / 15.3 s learned, 0.72 s / 11.7 s classical).
+TAIL_SHARE = 0.06
 #: Widening of the range before the estimate is settled (measured rate) and at the very start (prior).
 WIDEN_MEASURED, WIDEN_PRIOR = 1.5, 2.0
 
@@ -60,12 +61,14 @@ class EtaPrior:
 
 #: (device kind, segmenter kind) -> prior. Device kind is "cpu" or "cuda" ("mps" and others use the CPU's,
 #: the slower, so the first estimate errs long). From the bench on the demo slide (0.61 mm² of tissue,
-#: bench/results/pipeline.json, 2 CPU cores): classical 13.8 s, learned 23.6 s of segment+predict.
+#: bench/results/pipeline.json, 2 CPU cores, session 10): classical 11.7 s, learned 15.3 s of
+#: segment+predict. A slide dense with tissue runs faster per mm² (about 10 s with the learned segmenter:
+#: bench/results/segmentation.json, speed.cpu.app); the ×2 range at the start covers both.
 #: CUDA: bench/results/segmentation_cuda.json, learned segmentation 19.6 Mpx/s at 0.5 µm/px ≈ 0.2 s/mm²,
 #: times 5 for reading, prediction and checkpoints (a rough figure; the ×2 range at the start covers it).
 PRIORS: dict[tuple[str, str], EtaPrior] = {
-    ("cpu", "classical"): EtaPrior(23.0, "bench/results/pipeline.json classical_baseline (CPU)"),
-    ("cpu", "learned"): EtaPrior(39.0, "bench/results/pipeline.json ghist_studio (CPU)"),
+    ("cpu", "classical"): EtaPrior(19.0, "bench/results/pipeline.json classical_baseline (CPU)"),
+    ("cpu", "learned"): EtaPrior(25.0, "bench/results/pipeline.json ghist_studio (CPU)"),
     ("cuda", "classical"): EtaPrior(15.0, "CPU classical segmentation, prediction on the GPU (rough)"),
     ("cuda", "learned"): EtaPrior(1.0, "bench/results/segmentation_cuda.json learned × 5 (rough)"),
 }
