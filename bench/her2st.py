@@ -51,6 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ghist_core.training.expression_metrics import pcc_per_gene  # noqa: E402
+from ghist_core.training.her2st import PROTOCOL_PACK  # noqa: E402
+
+#: where `run` trains the CNN jobs (<work>/<kind>_s<seed>; git-ignored) and `protocol` finds them
+PROTOCOL_WORK = "tmp/her2st_cnn_stain"
 
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 
@@ -567,6 +571,14 @@ def _add_block(args: argparse.Namespace, key: str, value: dict) -> None:
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
+def _check_pack_fits(pack, card, path) -> None:
+    """Refuse a pack whose nucleus types come from another segmenter than the model was trained on."""
+    want = (card or {}).get("segmenter")
+    if want and pack.cell_input_segmenter and pack.cell_input_segmenter != want:
+        raise SystemExit(f"{path} holds {pack.cell_input_segmenter}'s nucleus types, the model was trained on "
+                         f"{want}'s: pass --pack with its training pack")
+
+
 def cells(args: argparse.Namespace) -> dict:
     """Cell-level checks of a packaged model on the pack's nuclei → added to ``<out>/<name>.json``."""
     from ghist_core.model.predict import load_ghist
@@ -575,6 +587,7 @@ def cells(args: argparse.Namespace) -> dict:
 
     pack = SpotPack.load(args.pack)
     model = load_ghist(path=args.weights, device="cpu")
+    _check_pack_fits(pack, model.card, args.pack)
     net = model.net
     o = cell_outputs(net, pack, pack.images())
     n_hvg = int(pack.n_hvg)
@@ -643,6 +656,7 @@ def segmenter_swap(args: argparse.Namespace) -> dict:
     if not (np.array_equal(pack_a.cell_spot, pack_b.cell_spot) and np.array_equal(pack_a.cell_label, pack_b.cell_label)):
         raise SystemExit("the two packs do not hold the same nuclei: build --pack-b with --cell-inputs-only on a copy")
     model = load_ghist(path=args.weights, device="cpu")
+    _check_pack_fits(pack_a, model.card, args.pack)
     images = pack_a.images()
     oa, ob = cell_outputs(model.net, pack_a, images), cell_outputs(model.net, pack_b, images)
     if not np.array_equal(oa["cell"], ob["cell"]):
@@ -678,12 +692,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="HER2ST benchmark for GHIST")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pack = argparse.ArgumentParser(add_help=False)
-    pack.add_argument("--pack", default=".gpu_data/her2st/pack.npz")
+    pack.add_argument("--pack", default=PROTOCOL_PACK)
     results = argparse.ArgumentParser(add_help=False)  # every command that writes a results file
     results.add_argument("--out", default="bench/results")
     results.add_argument("--name", default="her2st", help="results file stem in --out")
     train = argparse.ArgumentParser(add_help=False)
-    train.add_argument("--work", default="tmp/her2st_cnn")
+    train.add_argument("--work", default=PROTOCOL_WORK)
     train.add_argument("--epochs", type=int, default=60)
     train.add_argument("--budget-s", type=float, default=300.0)
     train.add_argument("--batch-size", type=int, default=32)
@@ -704,8 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kind", choices=("ghist", "stnet"), required=True)
     p = sub.add_parser("protocol", parents=[pack, results], help="the clean protocol over ridge floors and CNN jobs")
     p.add_argument("--data", default="", help="shared data folder (the 30 sections without image); default: ghist_core.paths")
-    p.add_argument("--ghist-work", default="tmp/her2st_cnn/ghist_s*")
-    p.add_argument("--stnet-work", default="tmp/her2st_cnn/stnet_s*")
+    p.add_argument("--ghist-work", default=f"{PROTOCOL_WORK}/ghist_s*")
+    p.add_argument("--stnet-work", default=f"{PROTOCOL_WORK}/stnet_s*")
     p = sub.add_parser("cells", parents=[pack, results], help="cell-level checks of a packaged model (adds to the JSON)")
     p.add_argument("--weights", default="weights/ghist-her2st.safetensors")
     p = sub.add_parser("swap", parents=[pack, results],

@@ -25,7 +25,7 @@ interrupted one resumes from its checkpoints, so ``nohup nice python bench/pipel
 can be restarted; it sets the "scaling" key and keeps the rest.
 
 Writes bench/results/pipeline.json (or pipeline_<device>.json for a GPU run); the default mode keeps
-the file's "eta" and "scaling" blocks. With the classical segmenter every mode runs the bundled
+the file's "eta" and "scaling" blocks (and "cohort" with --skip-cohort). With the classical segmenter every mode runs the bundled
 model's timing twin without cell inputs (the bundled model reads the learned segmenter's types).
 """
 
@@ -96,7 +96,8 @@ def _eta_run(slide: str, device: str, segmenter: str | None, block_um: float) ->
             events.append([time.perf_counter() - t0, e.stage, e.overall, e.eta_low_s, e.eta_s, e.eta_high_s])
 
         result = predict_slide(record.slide_id, project, device=device, segmenter_id=segmenter,
-                               config=PipelineConfig(block_um=block_um), progress=progress)
+                               model_id=_model_for(segmenter), config=PipelineConfig(block_um=block_um),
+                               progress=progress)
         total = time.perf_counter() - t0
     return {"total_s": total, "events": events, "n_cells": result.n_cells,
             "blocks": sum(1 for e in events if e[1] == "segment+predict") - 1}
@@ -660,8 +661,9 @@ def main() -> None:
         return
 
     learned_seg = any(m.get("name") == DEFAULT_SEGMENTER for m in list_models())
-    kept = json.loads(out.read_text()) if out.is_file() else {}  # the --eta and --scaling blocks stay
-    results: dict = {**{k: kept[k] for k in ("eta", "scaling") if k in kept},
+    kept = json.loads(out.read_text()) if out.is_file() else {}  # the --eta and --scaling blocks stay,
+    keep = ("eta", "scaling", "cohort") if args.skip_cohort else ("eta", "scaling")  # and the cohort when skipped
+    results: dict = {**{k: kept[k] for k in keep if k in kept},
                      "device": args.device, "machine": platform.processor() or platform.machine(), "slides": {}}
     if args.device == "cuda":
         import torch

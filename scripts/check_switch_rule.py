@@ -38,8 +38,9 @@ def check(current: dict, new: dict) -> tuple[bool, list[str]]:
         close = m1 >= m0 - MAX_DROP
         ahead = p is not None and p < MAX_P and m1 > floor
         ok &= close and ahead
+        p_text = "none (no paired test)" if p is None else f"{p:.2g}"
         lines.append(f"{split}: mean r {m1:.4f} (current {m0:.4f}; needs >= {m0 - MAX_DROP:.4f}: {close}); "
-                     f"own floor {floor:.4f}, Wilcoxon p {p:.2g} (needs < {MAX_P} and ahead: {ahead}); "
+                     f"own floor {floor:.4f}, Wilcoxon p {p_text} (needs < {MAX_P} and ahead: {ahead}); "
                      f"seeds {[round(s, 4) for s in new[split]['model'].get('seeds', [])]}")
     (g0, n0), (g1, n1) = genes_beating_floor(current), genes_beating_floor(new)
     kept = g1 >= (1 - MAX_RELIABLE_LOSS) * g0

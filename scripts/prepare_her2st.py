@@ -1,6 +1,6 @@
 """Build the compact HER2ST training pack for GHIST (spot patches, nuclei, targets, features).
 
-    python scripts/prepare_her2st.py --out .gpu_data/her2st/pack.npz
+    python scripts/prepare_her2st.py          # → .gpu_data/her2st/pack_stain.npz (nuclei-seg-stain's types)
 
 Per spot of the six imaged sections (B4, C2–C6): a 256 px patch at 0.5 µm/px centred on the
 spot (JPEG q92), nuclei from ``ClassicalSegmenter.segment_tile`` drawn back from their star
@@ -27,7 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.training.her2st import (  # noqa: E402
-    HER2ST_MPP, IMAGE_SECTIONS, PROTOCOL_SEGMENTER, SpotPack, encode_jpeg, extract_patch, load_section, nucleus_type_inputs, patch_features,
+    HER2ST_MPP, IMAGE_SECTIONS, PROTOCOL_PACK, PROTOCOL_SEGMENTER, SpotPack, encode_jpeg, extract_patch, load_section, nucleus_type_inputs, patch_features,
     select_genes,
 )
 from ghist_core.model.pooling import N_RAYS, rasterise_stars  # noqa: E402
@@ -49,7 +49,7 @@ def learned_type_inputs(pack: SpotPack, images: np.ndarray, device: str = "auto"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=shared_data_dir())
-    ap.add_argument("--out", type=Path, default=Path(".gpu_data/her2st/pack.npz"))
+    ap.add_argument("--out", type=Path, default=Path(PROTOCOL_PACK))
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--patch", type=int, default=256)
     ap.add_argument("--n-hvg", type=int, default=250)

@@ -1,11 +1,11 @@
 """Train GHIST and write bundled weights (safetensors + JSON card).
 
     # spot-level (weak) training on the HER2ST pack, with checkpoints and resume
-    python scripts/train_ghist.py --pack .gpu_data/her2st/pack.npz --out weights --budget-s 300 \
+    python scripts/train_ghist.py --pack .gpu_data/her2st/pack_stain.npz --out weights --budget-s 300 \
         --checkpoint-dir runs/ghist --resume
     # package the protocol's final models (bench/her2st.py run ... --only final, 3 seeds) with the
     # protocol's metrics and per-gene reliability (bench/results/her2st.json)
-    python scripts/train_ghist.py --from-jobs 'tmp/her2st_cnn/ghist_s*' --out weights
+    python scripts/train_ghist.py --from-jobs 'tmp/her2st_cnn_stain/ghist_s*' --out weights
     # cell-level mode on generated data (per-cell targets), a quick demonstration
     python scripts/train_ghist.py --synthetic-cells --epochs 30
 
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.model.network import GhistConfig, GhistNet  # noqa: E402
 from ghist_core.model.predict import expression_units_for  # noqa: E402
+from ghist_core.training.her2st import PROTOCOL_PACK  # noqa: E402
 
 HER2ST_CITATION = ("Andersson A. et al. Spatial deconvolution of HER2-positive breast cancer delineates tumor-associated "
                    "cell type interactions. Nat Commun 12, 6012 (2021); data almaan/her2st @85df741 (no licence stated)")
@@ -150,6 +151,15 @@ def reliability_from_bench(res: dict) -> dict:
     return out
 
 
+def check_scored_pack(bench: dict | None, pack_segmenter: str, bench_path, pack_path) -> None:
+    """Refuse to package when the protocol scored a pack with another segmenter's nucleus types than
+    ``--pack`` holds: the card's ``segmenter`` comes from the pack, and "auto" runs the model on it."""
+    scored = ((bench or {}).get("protocol") or {}).get("pack") or {}
+    if scored.get("cell_input_segmenter") and scored["cell_input_segmenter"] != pack_segmenter:
+        raise SystemExit(f"{bench_path} scored a pack with {scored['cell_input_segmenter']}'s nucleus types, "
+                         f"{pack_path} holds {pack_segmenter}'s: pass the protocol's --pack")
+
+
 def load_job_models(pattern: str) -> list[tuple[int, "GhistNet", dict]]:
     """``(seed, net, job meta)`` of every ``final`` job under the seed folders matching ``pattern``."""
     import glob
@@ -172,9 +182,9 @@ def load_job_models(pattern: str) -> list[tuple[int, "GhistNet", dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pack", type=Path, default=Path(".gpu_data/her2st/pack.npz"))
+    ap.add_argument("--pack", type=Path, default=Path(PROTOCOL_PACK))
     ap.add_argument("--out", type=Path, default=Path("weights"))
-    ap.add_argument("--from-jobs", default="", help="glob of bench/her2st.py run seed folders (e.g. 'tmp/her2st_cnn/ghist_s*'): "
+    ap.add_argument("--from-jobs", default="", help="glob of bench/her2st.py run seed folders (e.g. 'tmp/her2st_cnn_stain/ghist_s*'): "
                     "the lowest seed's final model is the model, the others its ensemble members")
     ap.add_argument("--run-command", default="", help="the bench/her2st.py command that made --from-jobs (for the card)")
     ap.add_argument("--bench", type=Path, default=Path("bench/results/her2st.json"), help="metrics for the card")
@@ -223,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         members = [n for _, n, _ in found[1:]]
         config = meta["config"]
         bench = json.loads(args.bench.read_text()) if args.bench.exists() else None
+        check_scored_pack(bench, pack.cell_input_segmenter, args.bench, args.pack)
         extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),
                                   "epochs": meta["epochs_done"], "seed": seed,
                                   "final_loss": meta["history"][-1] if meta["history"] else None,

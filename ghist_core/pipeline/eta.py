@@ -27,7 +27,7 @@ and predicts the remaining blocks' seconds from their tissue. Rules (each one te
 * **Resumed runs.** Blocks already checkpointed count as done (their tissue is not left to
   do); they carry no timing, so only blocks finished by this process are measured.
 * **Tail.** Merging and writing the result take :data:`TAIL_SHARE` of the blocks' total time
-  (bench: write_s / segment+predict ≈ 0.04); during the write stage that tail counts down.
+  (bench: write_s / the blocks' time ≈ 0.06); during the write stage that tail counts down.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ MIN_BLOCKS = 5
 #: Share of this process's tissue the measured blocks must hold before the estimate is settled.
 MIN_TISSUE_SHARE = 0.10
 #: Merge + write time as a share of the blocks' time (bench/results/pipeline.json, session 10:
-#: 0.90 s / 15.3 s learned, 0.72 s / 11.7 s classical).
+#: write_s / (total_s - write_s) = 0.90 s / 14.4 s learned, 0.72 s / 11.0 s classical).
 TAIL_SHARE = 0.06
 #: Widening of the range before the estimate is settled (measured rate) and at the very start (prior).
 WIDEN_MEASURED, WIDEN_PRIOR = 1.5, 2.0
@@ -61,14 +61,15 @@ class EtaPrior:
 
 #: (device kind, segmenter kind) -> prior. Device kind is "cpu" or "cuda" ("mps" and others use the CPU's,
 #: the slower, so the first estimate errs long). From the bench on the demo slide (0.61 mm² of tissue,
-#: bench/results/pipeline.json, 2 CPU cores, session 10): classical 11.7 s, learned 15.3 s of
-#: segment+predict. A slide dense with tissue runs faster per mm² (about 10 s with the learned segmenter:
+#: bench/results/pipeline.json, 2 CPU cores, session 10): classical 11.0 s, learned 14.4 s for the
+#: blocks (open, tissue, read, segment, predict, checkpoints: total_s - write_s; the write is the
+#: tail above). A slide dense with tissue runs faster per mm² (about 10 s with the learned segmenter:
 #: bench/results/segmentation.json, speed.cpu.app); the ×2 range at the start covers both.
 #: CUDA: bench/results/segmentation_cuda.json, learned segmentation 19.6 Mpx/s at 0.5 µm/px ≈ 0.2 s/mm²,
 #: times 5 for reading, prediction and checkpoints (a rough figure; the ×2 range at the start covers it).
 PRIORS: dict[tuple[str, str], EtaPrior] = {
-    ("cpu", "classical"): EtaPrior(19.0, "bench/results/pipeline.json classical_baseline (CPU)"),
-    ("cpu", "learned"): EtaPrior(25.0, "bench/results/pipeline.json ghist_studio (CPU)"),
+    ("cpu", "classical"): EtaPrior(18.0, "bench/results/pipeline.json classical_baseline (CPU)"),
+    ("cpu", "learned"): EtaPrior(24.0, "bench/results/pipeline.json ghist_studio (CPU)"),
     ("cuda", "classical"): EtaPrior(15.0, "CPU classical segmentation, prediction on the GPU (rough)"),
     ("cuda", "learned"): EtaPrior(1.0, "bench/results/segmentation_cuda.json learned × 5 (rough)"),
 }

@@ -31,6 +31,7 @@ __all__ = [
     "HER2ST_MPP",
     "PROTOCOL_SEGMENTER",
     "UNRECORDED_PACK_SEGMENTER",
+    "PROTOCOL_PACK",
     "spot_means",
     "CLINICAL_MARKERS",
     "list_sections",
@@ -50,6 +51,8 @@ IMAGE_SECTIONS: tuple[str, ...] = ("B4", "C2", "C3", "C4", "C5", "C6")
 PROTOCOL_SEGMENTER = "nuclei-seg-stain"
 #: The segmenter of packs made before the pack recorded it (sessions 4-9 all used this one).
 UNRECORDED_PACK_SEGMENTER = "nuclei-seg"
+#: Where scripts/prepare_her2st.py writes the protocol's pack (git-ignored), and the scripts read it.
+PROTOCOL_PACK = ".gpu_data/her2st/pack_stain.npz"
 HER2ST_MPP = 0.688  # from the 200 µm spot pitch ≈ 290.8 px (README of the data)
 #: Clinically used markers appended to the HVGs when present in HER2ST.
 CLINICAL_MARKERS: tuple[str, ...] = (

@@ -397,9 +397,11 @@ def is_expression_model(entry: Mapping[str, Any]) -> bool:
 
 
 def segmenter_card(models: list[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
-    """The card of the listed segmentation model called ``name`` (None when there is none)."""
+    """The card of the bundled segmentation model called ``name`` (the ones :func:`segmenter_choices`
+    offers; None when there is none)."""
     for m in models:
-        if m.get("name") == name and is_segmenter(m) and isinstance(m.get("card"), Mapping):
+        if (m.get("name") == name and m.get("source") == "bundled" and is_segmenter(m) and not m.get("error")
+                and isinstance(m.get("card"), Mapping)):
             return m["card"]
     return None
 

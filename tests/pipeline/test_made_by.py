@@ -136,3 +136,21 @@ def test_a_finished_run_made_by_other_weights_is_kept_but_not_reused(tmp_path: P
     with project.db.tx() as c:
         c.execute("UPDATE runs SET weights_sha256 = ? WHERE run_id = ?", ("1" * 64, second.run_id))
     assert predict_slide_locked(project, slide_id, **kw).action == "new"
+
+
+def test_stamp_now_is_what_a_run_of_the_bundled_model_records(tmp_path: Path, demo_slide: Path) -> None:
+    """"auto" with the bundled model: the learned segmenter its card names, read from the cards alone."""
+    from ghist_core.pipeline.blocks import stamp_now
+    from ghist_core.weights.card import run_segmenter
+
+    png = demo_crop_png(tmp_path / "crop.png", demo_slide, (600, 1000), 300)
+    project = Project.create(tmp_path / "proj")
+    slide_id = project.add_slide(png, mpp=0.499).slide_id
+    done = predict_slide_locked(project, slide_id, device="cpu")
+    recorded = json.loads((project.run_dir(done.run_id) / MADE_BY_FILE).read_text())
+    now = stamp_now(None, None)
+    assert recorded == now and len(now["segmenter_sha256"]) == 64
+    from ghist_core.model import load_ghist
+
+    assert now["segmenter"] == run_segmenter(None, load_ghist(device="cpu").card)
+    assert predict_slide_locked(project, slide_id, device="cpu").action == "existing"

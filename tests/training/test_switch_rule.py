@@ -31,3 +31,34 @@ def test_a_result_against_itself_switches_and_a_worse_one_keeps(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(worse))
     assert rule.main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
     assert rule.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+
+
+def test_the_rule_counts_reliable_genes_and_reports_a_missing_test():
+    res = json.loads(BENCH.read_text())
+    fewer = copy.deepcopy(res)
+    for split in ("loso", "lopo"):  # every gene now loses to the floor on every unit
+        for unit in fewer[split]["floor"]["per_unit"].values():
+            unit["per_gene"] = {g: 1.0 for g in unit["per_gene"]}
+    ok, lines = rule.check(res, fewer)
+    assert not ok and lines[2].startswith("genes beating the floor: 0/") and lines[2].endswith("False")
+    untested = copy.deepcopy(res)
+    untested["lopo"]["wilcoxon_p_vs_floor"] = None
+    ok, lines = rule.check(res, untested)
+    assert not ok and "p none" in lines[1].lower()
+
+
+def test_packaging_and_cell_checks_refuse_a_pack_of_another_segmenter():
+    from types import SimpleNamespace
+
+    import pytest
+
+    train = load_repo_script("scripts/train_ghist.py")
+    bench = load_repo_script("bench/her2st.py")
+    scored = {"protocol": {"pack": {"cell_input_segmenter": "nuclei-seg-stain"}}}
+    train.check_scored_pack(scored, "nuclei-seg-stain", "b.json", "p.npz")
+    train.check_scored_pack({}, "nuclei-seg", "b.json", "p.npz")  # an older result names no pack: no claim
+    with pytest.raises(SystemExit, match="nuclei-seg-stain's nucleus types"):
+        train.check_scored_pack(scored, "nuclei-seg", "b.json", "p.npz")
+    bench._check_pack_fits(SimpleNamespace(cell_input_segmenter="nuclei-seg-stain"), {"segmenter": "nuclei-seg-stain"}, "p")
+    with pytest.raises(SystemExit, match="trained on nuclei-seg-stain"):
+        bench._check_pack_fits(SimpleNamespace(cell_input_segmenter="nuclei-seg"), {"segmenter": "nuclei-seg-stain"}, "p")
