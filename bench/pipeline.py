@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -126,6 +127,7 @@ def _eta_at(events: list[list], total: float, share: float) -> dict:
 def _eta_bench(slide: str, device: str, segmenter: str, block_um: float) -> dict:
     seg = "-" if segmenter == "learned" else segmenter  # the bundled model reads the learned segmenter's types
     cmd = [sys.executable, __file__, "--eta-child", slide, device, seg, str(block_um)]
+    load = [round(v, 2) for v in os.getloadavg()]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed: {out.stderr[-2000:]}")
@@ -138,7 +140,8 @@ def _eta_bench(slide: str, device: str, segmenter: str, block_um: float) -> dict
         "points": points,
         "goal": "predicted time left within ±25 % of the actual from 25 % done on",
         "goal_met": bool(errs) and max(errs) <= 0.25,
-        "note": "run nice'd on 2 CPU cores shared with other jobs; 'error' = (predicted − actual) / actual",
+        "machine_load_before": load, "cpus": os.cpu_count(),
+        "note": "'error' = (predicted − actual) / actual; load average (1, 5, 15 min) before the run in machine_load_before",
     }
 
 
