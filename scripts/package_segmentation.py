@@ -34,8 +34,8 @@ from ghist_core.weights.card import SEGMENTATION_KIND, seal_card  # noqa: E402
 _FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("steps_per_epoch", "--steps-per-epoch"),
           ("max_epochs", "--max-epochs"), ("time_budget_s", "--time-budget"), ("device", "--device"),
           ("workers", "--workers"), ("augment", "--augment"), ("val_restain", "--val-restain"),
-          ("max_steps", "--max-steps")]
-_OPTIONAL = ("time_budget_s", "val_restain", "max_steps")  # left out when 0 (their default: no limit / off)
+          ("max_steps", "--max-steps"), ("type_weights", "--type-weights")]
+_OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights")  # left out when 0 / "" (default: off)
 
 
 def run_command(cfg: dict, out: str, init: str) -> str:

@@ -66,6 +66,8 @@ class TrainConfig:
                                    # re-staining, HED, colour, blur, JPEG, scale jitter; weights/stain_bank.json)
     val_restain: int = 0           # also validate on the validation images re-stained to the k training-role
                                    # bank members farthest from the reference; "best" = mean AJI over all copies
+    type_weights: str = ""         # "": plain type cross-entropy; "balanced": each nucleus type weighted by
+                                   # 1/sqrt of its share of the training nucleus pixels (rare "other" counts more)
 
 
 # --- data on the device ---------------------------------------------------------------
@@ -94,6 +96,16 @@ class DeviceData:
                                 float(len(group) * max(h, self.crop) * max(w, self.crop))))
         weights = np.array([g[3] for g in self.groups])
         self.p = weights / weights.sum()
+        self.type_pixels = sum(torch.bincount(t[t != IGNORE].long().flatten(), minlength=256)[:IGNORE].cpu()
+                               for _, _, t, _ in self.groups)  # per type id, over the training images
+
+    def class_weights(self, n_classes: int, rule: str) -> torch.Tensor | None:
+        """Type cross-entropy weights (background 1): None for plain, or ``balanced_type_weights``."""
+        if not rule:
+            return None
+        if rule != "balanced":
+            raise ValueError(f"type_weights must be '' or 'balanced', got {rule!r}")
+        return balanced_type_weights(self.type_pixels[:n_classes].numpy()).to(self.device)
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` random crops; gathers and the 8 flips/rotations run per group, not per sample."""
@@ -168,8 +180,24 @@ def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gx, gy
 
 
-def losses(out, inst: torch.Tensor, types: torch.Tensor) -> dict[str, torch.Tensor]:
-    """HoVer-Net losses: NP (BCE + Dice), HV (MSE + 2 x gradient MSE in nuclei), TP (CE + Dice)."""
+def balanced_type_weights(pixels: np.ndarray) -> torch.Tensor:
+    """Weights for classes ``0..K-1`` (0 = background, kept at 1): each nucleus type 1/sqrt of its share
+    of the nucleus pixels, scaled to mean 1 over the types present (so at most the number of types);
+    absent types get 1."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    w = np.ones(len(pixels))
+    nuc = pixels[1:]
+    present = nuc > 0
+    if present.any():
+        share = nuc[present] / nuc[present].sum()
+        raw = 1.0 / np.sqrt(share)
+        w[1:][present] = raw / raw.mean()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def losses(out, inst: torch.Tensor, types: torch.Tensor, class_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """HoVer-Net losses: NP (BCE + Dice), HV (MSE + 2 x gradient MSE in nuclei), TP (CE + Dice);
+    ``class_weights`` (per type, optional) weight the type cross-entropy."""
     np_logit, hv, tp = (o.float() for o in out)
     fg = (inst > 0).float()[:, None]
     hv_t = hv_targets(inst)
@@ -183,8 +211,10 @@ def losses(out, inst: torch.Tensor, types: torch.Tensor) -> dict[str, torch.Tens
     _, gyt = _sobel(hv_t[:, 1:])
     l_msge = (((gxp - gxt) ** 2 + (gyp - gyt) ** 2) * fg).sum() / fg.sum().clamp_min(1)
     valid = types != IGNORE
-    l_ce = F.cross_entropy(tp, torch.where(valid, types, 0), reduction="none")
-    l_ce = (l_ce * valid).sum() / valid.sum().clamp_min(1)
+    target = torch.where(valid, types, 0)
+    l_ce = F.cross_entropy(tp, target, weight=class_weights, reduction="none")
+    norm = valid.float() if class_weights is None else class_weights[target] * valid
+    l_ce = (l_ce * valid).sum() / norm.sum().clamp_min(1)
     prob = torch.softmax(tp, dim=1)
     onehot = F.one_hot(torch.where(valid, types, 0), tp.shape[1]).permute(0, 3, 1, 2).float() * valid[:, None]
     prob = prob * valid[:, None]
@@ -326,6 +356,9 @@ def train(cfg: TrainConfig) -> dict:
         names = {s.name for s in tr}
         train_s += [s for s in load_split(cfg.data_root, ds, "train", mpp=cfg.mpp) if s.name in names]
     data = DeviceData(train_s, cfg, device)
+    type_w = data.class_weights(arch.n_types, cfg.type_weights)
+    if type_w is not None:
+        print(f"type cross-entropy weights {[round(float(v), 3) for v in type_w]}", flush=True)
     print(f"train images {len(train_s)}, validation images {len(val_native)} "
           f"({sorted({s.source_tile for s in val_native})}), crop {data.crop}px at {cfg.mpp} µm/px", flush=True)
 
@@ -364,7 +397,7 @@ def train(cfg: TrainConfig) -> dict:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
                 outs = model(x)
-            ls = losses(outs, inst, types)
+            ls = losses(outs, inst, types, type_w)
             opt.zero_grad(set_to_none=True)
             ls["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -446,13 +479,15 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                     help="colour/scale augmentation: HED jitter, or the stain-bank augmentation of training.augment")
     ap.add_argument("--val-restain", type=int, default=d.val_restain,
                     help="also validate on k re-stained copies of the validation images (training-role stains)")
+    ap.add_argument("--type-weights", choices=("", "balanced"), default=d.type_weights,
+                    help="weight the type cross-entropy: 'balanced' = 1/sqrt of each type's share of nucleus pixels")
     ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
     a = ap.parse_args(argv)
     cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
                       steps_per_epoch=a.steps_per_epoch, max_epochs=a.max_epochs, max_steps=a.max_steps,
                       time_budget_s=a.time_budget, device=a.device, workers=a.workers,
                       tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
-                      augment=a.augment, val_restain=a.val_restain)
+                      augment=a.augment, val_restain=a.val_restain, type_weights=a.type_weights)
     return cfg
 
 

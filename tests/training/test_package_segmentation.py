@@ -18,7 +18,7 @@ package = load_repo_script("scripts/package_segmentation.py")
 @pytest.mark.parametrize("overrides", [
     {},
     {"batch_size": 8, "lr": 4e-4, "steps_per_epoch": 200, "max_epochs": 1000, "time_budget_s": 5400.0,
-     "device": "cpu", "workers": 1, "augment": "stain", "val_restain": 3},
+     "device": "cpu", "workers": 1, "augment": "stain", "val_restain": 3, "type_weights": "balanced"},
     {"max_steps": 7, "tune_postprocess": False, "arch": {"widths": [8, 16, 32, 64, 128]}, "mpp": 0.25},
 ], ids=["defaults", "stain fine-tune", "smoke"])
 def test_card_command_rebuilds_the_run_config(overrides):
