@@ -62,3 +62,23 @@ def test_packaging_and_cell_checks_refuse_a_pack_of_another_segmenter():
     bench._check_pack_fits(SimpleNamespace(cell_input_segmenter="nuclei-seg-stain"), {"segmenter": "nuclei-seg-stain"}, "p")
     with pytest.raises(SystemExit, match="trained on nuclei-seg-stain"):
         bench._check_pack_fits(SimpleNamespace(cell_input_segmenter="nuclei-seg"), {"segmenter": "nuclei-seg-stain"}, "p")
+
+
+def test_the_bundled_card_is_the_committed_protocols_model():
+    """The card's reliability, metrics and segmenter are what the committed protocol result gives."""
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+
+    train = load_repo_script("scripts/train_ghist.py")
+    res = json.loads(BENCH.read_text())
+    card = json.loads((BUNDLED_WEIGHTS_DIR / "ghist-her2st.json").read_text())
+
+    def genes(block):
+        g = block["genes"]
+        return json.loads(g) if isinstance(g, str) else g
+
+    expected = train.reliability_from_bench(res)
+    assert genes(card["gene_reliability"]) == genes(expected["gene_reliability"])
+    assert card["segmenter"] == res["protocol"]["pack"]["cell_input_segmenter"]
+    for split in ("loso", "lopo"):
+        assert card["metrics"][split]["model_mean_pcc"] == res[split]["model"]["mean_pcc"]
+        assert card["metrics"][split]["model_seeds"] == res[split]["model"]["seeds"]
