@@ -96,8 +96,6 @@ class DeviceData:
                                 float(len(group) * max(h, self.crop) * max(w, self.crop))))
         weights = np.array([g[3] for g in self.groups])
         self.p = weights / weights.sum()
-        self.type_pixels = sum(torch.bincount(t[t != IGNORE].long().flatten(), minlength=256)[:IGNORE].cpu()
-                               for _, _, t, _ in self.groups)  # per type id, over the training images
 
     def class_weights(self, n_classes: int, rule: str) -> torch.Tensor | None:
         """Type cross-entropy weights (background 1): None for plain, or ``balanced_type_weights``."""
@@ -105,7 +103,9 @@ class DeviceData:
             return None
         if rule != "balanced":
             raise ValueError(f"type_weights must be '' or 'balanced', got {rule!r}")
-        return balanced_type_weights(self.type_pixels[:n_classes].numpy()).to(self.device)
+        pixels = sum(torch.bincount(t[t != IGNORE].long().flatten(), minlength=256)[:IGNORE].cpu()
+                     for _, _, t, _ in self.groups)  # per type id, over the training images
+        return balanced_type_weights(pixels[:n_classes].numpy()).to(self.device)
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` random crops; gathers and the 8 flips/rotations run per group, not per sample."""
@@ -216,7 +216,7 @@ def losses(out, inst: torch.Tensor, types: torch.Tensor, class_weights: torch.Te
     norm = valid.float() if class_weights is None else class_weights[target] * valid
     l_ce = (l_ce * valid).sum() / norm.sum().clamp_min(1)
     prob = torch.softmax(tp, dim=1)
-    onehot = F.one_hot(torch.where(valid, types, 0), tp.shape[1]).permute(0, 3, 1, 2).float() * valid[:, None]
+    onehot = F.one_hot(target, tp.shape[1]).permute(0, 3, 1, 2).float() * valid[:, None]
     prob = prob * valid[:, None]
     inter = (prob * onehot).sum(dim=(0, 2, 3))
     l_tdice = (1 - (2 * inter + 1) / (prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1)).mean()

@@ -338,17 +338,18 @@ def is_segmenter(entry: Mapping[str, Any]) -> bool:
         entry.get("kind") is None and isinstance(card, Mapping) and "postprocess" in card)
 
 
+def _bundled_segmenters(models: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The listed bundled learned segmenters that loaded without error (what the pickers offer)."""
+    return [m for m in models if m.get("source") == "bundled" and is_segmenter(m) and not m.get("error")]
+
+
 def segmenter_choices(models: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """``(weights name, label)`` of the bundled learned segmenters, for a picker.
 
     The label says what the card says: stain-robust when it was trained with the stain bank.
     """
-    out = []
-    for m in models:
-        if m.get("source") == "bundled" and is_segmenter(m) and not m.get("error"):
-            robust = is_stain_robust(m.get("card"))
-            out.append((str(m["name"]), f"learned {m['name']}" + (" (stain-robust)" if robust else "")))
-    return out
+    return [(str(m["name"]), f"learned {m['name']}" + (" (stain-robust)" if is_stain_robust(m.get("card")) else ""))
+            for m in _bundled_segmenters(models)]
 
 
 def is_stain_robust(card: Mapping[str, Any] | None) -> bool:
@@ -399,9 +400,8 @@ def is_expression_model(entry: Mapping[str, Any]) -> bool:
 def segmenter_card(models: list[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
     """The card of the bundled segmentation model called ``name`` (the ones :func:`segmenter_choices`
     offers; None when there is none)."""
-    for m in models:
-        if (m.get("name") == name and m.get("source") == "bundled" and is_segmenter(m) and not m.get("error")
-                and isinstance(m.get("card"), Mapping)):
+    for m in _bundled_segmenters(models):
+        if m.get("name") == name and isinstance(m.get("card"), Mapping):
             return m["card"]
     return None
 
