@@ -571,12 +571,14 @@ def _add_block(args: argparse.Namespace, key: str, value: dict) -> None:
     atomic_write_text(path, json.dumps(out, indent=1) + "\n")
 
 
-def _check_pack_fits(pack, card, path) -> None:
+def _require_training_pack(pack, card, path) -> None:
     """Refuse a pack whose nucleus types come from another segmenter than the model was trained on."""
-    want = (card or {}).get("segmenter")
-    if want and pack.cell_input_segmenter and pack.cell_input_segmenter != want:
-        raise SystemExit(f"{path} holds {pack.cell_input_segmenter}'s nucleus types, the model was trained on "
-                         f"{want}'s: pass --pack with its training pack")
+    from ghist_core.training.her2st import PackSegmenterError
+
+    try:
+        pack.require_segmenter((card or {}).get("segmenter"), path=path, wanted_by="the model was trained on")
+    except PackSegmenterError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cells(args: argparse.Namespace) -> dict:
@@ -587,7 +589,7 @@ def cells(args: argparse.Namespace) -> dict:
 
     pack = SpotPack.load(args.pack)
     model = load_ghist(path=args.weights, device="cpu")
-    _check_pack_fits(pack, model.card, args.pack)
+    _require_training_pack(pack, model.card, args.pack)
     net = model.net
     o = cell_outputs(net, pack, pack.images())
     n_hvg = int(pack.n_hvg)
@@ -656,7 +658,7 @@ def segmenter_swap(args: argparse.Namespace) -> dict:
     if not (np.array_equal(pack_a.cell_spot, pack_b.cell_spot) and np.array_equal(pack_a.cell_label, pack_b.cell_label)):
         raise SystemExit("the two packs do not hold the same nuclei: build --pack-b with --cell-inputs-only on a copy")
     model = load_ghist(path=args.weights, device="cpu")
-    _check_pack_fits(pack_a, model.card, args.pack)
+    _require_training_pack(pack_a, model.card, args.pack)
     images = pack_a.images()
     oa, ob = cell_outputs(model.net, pack_a, images), cell_outputs(model.net, pack_b, images)
     if not np.array_equal(oa["cell"], ob["cell"]):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghist_core.model.network import GhistConfig, GhistNet  # noqa: E402
 from ghist_core.model.predict import expression_units_for  # noqa: E402
-from ghist_core.training.her2st import PROTOCOL_PACK  # noqa: E402
+from ghist_core.training.her2st import PROTOCOL_PACK, PackSegmenterError  # noqa: E402
 
 HER2ST_CITATION = ("Andersson A. et al. Spatial deconvolution of HER2-positive breast cancer delineates tumor-associated "
                    "cell type interactions. Nat Commun 12, 6012 (2021); data almaan/her2st @85df741 (no licence stated)")
@@ -151,15 +151,6 @@ def reliability_from_bench(res: dict) -> dict:
     return out
 
 
-def check_scored_pack(bench: dict | None, pack_segmenter: str, bench_path, pack_path) -> None:
-    """Refuse to package when the protocol scored a pack with another segmenter's nucleus types than
-    ``--pack`` holds: the card's ``segmenter`` comes from the pack, and "auto" runs the model on it."""
-    scored = ((bench or {}).get("protocol") or {}).get("pack") or {}
-    if scored.get("cell_input_segmenter") and scored["cell_input_segmenter"] != pack_segmenter:
-        raise SystemExit(f"{bench_path} scored a pack with {scored['cell_input_segmenter']}'s nucleus types, "
-                         f"{pack_path} holds {pack_segmenter}'s: pass the protocol's --pack")
-
-
 def load_job_models(pattern: str) -> list[tuple[int, "GhistNet", dict]]:
     """``(seed, net, job meta)`` of every ``final`` job under the seed folders matching ``pattern``."""
     import glob
@@ -233,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         members = [n for _, n, _ in found[1:]]
         config = meta["config"]
         bench = json.loads(args.bench.read_text()) if args.bench.exists() else None
-        check_scored_pack(bench, pack.cell_input_segmenter, args.bench, args.pack)
+        scored = ((bench or {}).get("protocol") or {}).get("pack") or {}  # older results name no pack
+        try:
+            pack.require_segmenter(scored.get("cell_input_segmenter"), path=args.pack,
+                                   wanted_by=f"{args.bench} scored (the card's segmenter comes from the pack)")
+        except PackSegmenterError as e:
+            raise SystemExit(str(e)) from None
         extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),
                                   "epochs": meta["epochs_done"], "seed": seed,
                                   "final_loss": meta["history"][-1] if meta["history"] else None,

@@ -326,33 +326,54 @@ class ReinhardNormalizer:
 # --------------------------------------------------------------------------- stain matrices
 # (appended for issue #16: stain bank, re-staining augmentation and the stain-shift benchmark)
 def macenko_stains(
-    rgb: np.ndarray, *, od_threshold: float = 0.15, alpha: float = 1.0, min_pixels: int = 100
+    rgb: np.ndarray | list[np.ndarray], *, od_threshold: float = 0.15, alpha: float = 1.0, min_pixels: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(stain_matrix (2, 3), max_concentrations (2,))`` of one H&E image by Macenko's method.
+    """``(stain_matrix (2, 3), max_concentrations (2,))`` of an H&E image by Macenko's method.
 
-    The same estimate :class:`MacenkoNormalizer` fits. Raises ``ValueError`` when the image
-    has fewer than ``min_pixels`` stained (non-glass) pixels.
+    The same estimate :class:`MacenkoNormalizer` fits. ``rgb`` may also be a list of images
+    (the patches of one slide): their tissue pixels are pooled into one estimate, since a
+    lab's stain belongs to the whole slide and a small patch holds too little of both stains
+    for a stable fit. Raises ``ValueError`` when there are fewer than ``min_pixels`` stained
+    (non-glass) pixels.
     """
-    got = MacenkoNormalizer(od_threshold, alpha, min_pixels)._fit_image(rgb)
-    if got is None:
+    images = rgb if isinstance(rgb, (list, tuple)) else [rgb]
+    od = np.concatenate([_tissue_od(np.asarray(im), od_threshold) for im in images]) if images else np.zeros((0, 3))
+    if od.shape[0] < min_pixels:
         raise ValueError("The image has too little stained tissue to estimate stain vectors.")
+    got = _macenko_fit(od, alpha)
     return got.stain_matrix, got.max_concentrations
 
 
 def macenko_restain(
-    rgb: np.ndarray, stain_matrix: np.ndarray, max_concentrations: np.ndarray, **fit_kw
+    rgb: np.ndarray, stain_matrix: np.ndarray, max_concentrations: np.ndarray, *,
+    source: tuple[np.ndarray, np.ndarray] | None = None, keep_residual: bool = False, **fit_kw
 ) -> np.ndarray:
     """``rgb`` (uint8) re-stained to a given stain matrix and concentration scale (uint8 out).
 
-    The image's own stains are estimated (Macenko), its concentrations scaled to
-    ``max_concentrations`` and recomposed with ``stain_matrix``: the transform of a
-    :class:`MacenkoNormalizer` whose reference is the given matrix instead of an image.
-    Glass (too few stained pixels) is returned unchanged.
+    The image's own stains (``source``: ``(stain_matrix, max_concentrations)`` as
+    :func:`macenko_stains` gives, e.g. fitted once on the whole slide; default: estimated on
+    ``rgb`` itself) give its concentrations, which are scaled to ``max_concentrations`` and
+    recomposed with ``stain_matrix``. ``keep_residual`` adds back the part of the optical
+    density the two stain vectors do not explain (scanner tint, pigment, a third dye), which
+    a change of H&E stain leaves as it is; without it that part is dropped, so even a
+    re-staining to the image's own stains changes it. Glass (too few stained pixels) is
+    returned unchanged when the stains are estimated here.
     """
-    norm = MacenkoNormalizer(**fit_kw)
-    norm.stain_matrix_ = np.asarray(stain_matrix, dtype=np.float64)
-    norm.max_concentrations_ = np.asarray(max_concentrations, dtype=np.float64)
-    return norm.transform(rgb)
+    a = np.asarray(rgb)
+    if source is None:
+        got = MacenkoNormalizer(**fit_kw)._fit_image(a)
+        if got is None:
+            return a.astype(np.uint8, copy=True)
+        src, src_max = got.stain_matrix, got.max_concentrations
+    else:
+        src, src_max = (np.asarray(v, dtype=np.float64) for v in source)
+    od = rgb_to_od(a).reshape(-1, 3)
+    conc = od @ np.linalg.pinv(src)
+    new_od = (conc * (np.asarray(max_concentrations, dtype=np.float64) / src_max)) @ np.asarray(
+        stain_matrix, dtype=np.float64)
+    if keep_residual:
+        new_od += od - conc @ src
+    return od_to_rgb(new_od).reshape(a.shape)
 
 
 def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None):

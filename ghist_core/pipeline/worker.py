@@ -219,18 +219,28 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         resume = latest.run_id if same and not new_run and latest.is_resumable else None
         if resume is not None:
             (project.folder / "runs" / str(resume) / CANCEL_FILE).unlink(missing_ok=True)
-        config = None if resume is not None else PipelineConfig(uncertainty=bool(uncertainty))
+        result, resumed = _resume_or_start(project, slide_id, resume, PipelineConfig(uncertainty=bool(uncertainty)),
+                                           model_id=model_id, segmenter_id=segmenter_id, device=device,
+                                           progress=progress)
+        return SlideRun(slide_id, result.run_id, result.n_cells, result.h5ad_path, "resumed" if resumed else "new")
+
+
+def _resume_or_start(project: Project, slide_id: int, run_id: int | None, new_config, **kw):
+    """``(result, resumed)``: run ``run_id`` to the end from its checkpoints, or, when it is None or its
+    checkpoints were made by other weights than the ones now in use, a new run with ``new_config``.
+
+    The one place both the worker and :func:`predict_slide_locked` decide that; a run that cannot be
+    resumed is marked failed with the reason (its files stay), so the project says why it stopped.
+    ``kw``: :func:`~ghist_core.pipeline.blocks.predict_slide`'s other arguments.
+    """
+    from ghist_core.pipeline.blocks import predict_slide
+
+    if run_id is not None:
         try:
-            result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
-                                   progress=progress, run_id=resume, config=config)
-        except RunWeightsChangedError:  # made by other weights: left as it is, a new run starts
-            if resume is None:
-                raise
-            resume = None
-            result = predict_slide(slide_id, project, model_id=model_id, segmenter_id=segmenter_id, device=device,
-                                   progress=progress, config=PipelineConfig(uncertainty=bool(uncertainty)))
-        return SlideRun(slide_id, result.run_id, result.n_cells, result.h5ad_path,
-                        "resumed" if resume is not None else "new")
+            return predict_slide(slide_id, project, run_id=run_id, **kw), True
+        except RunWeightsChangedError as exc:  # made by other weights: a new run starts
+            project.fail_run(run_id, f"{exc} A new run was started.")  # no-op for a status that can't fail
+    return predict_slide(slide_id, project, config=new_config, **kw), False
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _work(project: Project, args: argparse.Namespace) -> int:
-    from ghist_core.pipeline.blocks import PipelineConfig, predict_slide
+    from ghist_core.pipeline.blocks import PipelineConfig
 
     run_dir = project.run_dir(args.run_id)
     cancel = threading.Event()
@@ -351,15 +361,8 @@ def _work(project: Project, args: argparse.Namespace) -> int:
                 print(f"run {args.run_id} is run by process {run.worker_pid}; nothing to do", file=sys.stderr)
                 return WORKER_EXIT_BUSY
             sweep_slide_temporaries(project, args.slide_id)
-            try:
-                predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
-                              device=args.device, run_id=args.run_id, cancel=cancel)
-            except RunWeightsChangedError as exc:  # Resume of a run the current weights did not make
-                project.fail_run(args.run_id, f"{exc} A new run was started.")
-                print(f"run {args.run_id} not resumed: {exc} Starting a new run.", file=sys.stderr)
-                config = PipelineConfig.from_params(run.params.get("pipeline"))
-                predict_slide(args.slide_id, project, model_id=args.model, segmenter_id=args.segmenter,
-                              device=args.device, cancel=cancel, config=config)
+            _resume_or_start(project, args.slide_id, args.run_id, PipelineConfig.from_params(run.params.get("pipeline")),
+                             model_id=args.model, segmenter_id=args.segmenter, device=args.device, cancel=cancel)
     except GhistError as exc:
         print(f"run {args.run_id} stopped: {exc}", file=sys.stderr)
         _fail_if_pending(project, args.run_id, str(exc))

@@ -41,6 +41,7 @@ __all__ = [
     "log_cp10k",
     "extract_patch",
     "SpotPack",
+    "PackSegmenterError",
     "nucleus_type_inputs",
 ]
 
@@ -154,6 +155,10 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+class PackSegmenterError(ValueError):
+    """A spot pack holds another segmenter's nucleus types than a model or a protocol result needs."""
+
+
 @dataclass
 class SpotPack:
     """Everything training needs, in plain arrays (saved as one ``.npz``, no pickle).
@@ -213,6 +218,14 @@ class SpotPack:
         elif kw.get("cell_inputs") is not None:
             kw["cell_input_segmenter"] = UNRECORDED_PACK_SEGMENTER
         return cls(**kw)
+
+    def require_segmenter(self, wanted: str | None, *, path, wanted_by: str) -> None:
+        """Raise :class:`PackSegmenterError` when this pack's nucleus types come from another
+        segmenter than ``wanted`` (a model's training segmenter, or the one a protocol scored);
+        the model reads those types, so the two must match. ``None``/empty claims nothing."""
+        if wanted and self.cell_input_segmenter and self.cell_input_segmenter != wanted:
+            raise PackSegmenterError(f"{path} holds {self.cell_input_segmenter}'s nucleus types; {wanted_by} "
+                                     f"{wanted}'s: pass the --pack made with {wanted}")
 
     @property
     def n_spots(self) -> int:

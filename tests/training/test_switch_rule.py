@@ -47,21 +47,44 @@ def test_the_rule_counts_reliable_genes_and_reports_a_missing_test():
     assert not ok and "p none" in lines[1].lower()
 
 
-def test_packaging_and_cell_checks_refuse_a_pack_of_another_segmenter():
-    from types import SimpleNamespace
+def _tiny_pack(folder: Path, segmenter: str, name: str = "p.npz"):
+    """A two-spot pack saved and loaded for real, its nucleus types from ``segmenter`` ("" = not recorded)."""
+    import numpy as np
 
+    from ghist_core.training.her2st import SpotPack
+
+    s, n = 2, 2
+    z = np.zeros(s)
+    pack = SpotPack(genes=np.array(["a"]), n_hvg=1, cell_types=np.array(["t"]), mpp=0.5,
+                    jpeg_buf=np.zeros(0, np.uint8), jpeg_off=np.zeros(s + 1, np.int64),
+                    instances=np.ones((s, 8, 8), np.uint16), counts=np.ones((s, 1)), totals=np.ones(s),
+                    fractions=np.ones((s, 1)), features=z[:, None], section=np.array(["s"] * s),
+                    patient=np.array(["p"] * s), array_xy=np.zeros((s, 2)), cell_spot=np.arange(n),
+                    cell_label=np.ones(n, int), cell_xy_px=np.zeros((n, 2)), cell_in_spot=np.ones(n, bool),
+                    cell_morph=np.zeros((n, 3)), cell_inputs=np.full((n, 1), 0.5, np.float32),
+                    cell_input_names=np.array(["prob_t"]), cell_input_segmenter=segmenter)
+    pack.save(folder / name)
+    return SpotPack.load(folder / name)
+
+
+def test_a_pack_of_another_segmenter_is_refused(tmp_path):
+    """A real saved pack says whose nucleus types it holds: the check passes for that segmenter or
+    no claim, raises the typed error otherwise, and the two scripts turn it into a clear exit."""
     import pytest
 
-    train = load_repo_script("scripts/train_ghist.py")
+    from ghist_core.training.her2st import PackSegmenterError
+
+    pack = _tiny_pack(tmp_path, "nuclei-seg-stain")
+    pack.require_segmenter("nuclei-seg-stain", path="p.npz", wanted_by="x")
+    pack.require_segmenter(None, path="p.npz", wanted_by="x")  # an older result names no segmenter: no claim
+    with pytest.raises(PackSegmenterError, match="holds nuclei-seg-stain's nucleus types"):
+        pack.require_segmenter("nuclei-seg", path="p.npz", wanted_by="x")
+    old = _tiny_pack(tmp_path, "", name="old.npz")
+    assert old.cell_input_segmenter == "nuclei-seg"  # packs from before the field: the segmenter of that time
     bench = load_repo_script("bench/her2st.py")
-    scored = {"protocol": {"pack": {"cell_input_segmenter": "nuclei-seg-stain"}}}
-    train.check_scored_pack(scored, "nuclei-seg-stain", "b.json", "p.npz")
-    train.check_scored_pack({}, "nuclei-seg", "b.json", "p.npz")  # an older result names no pack: no claim
-    with pytest.raises(SystemExit, match="nuclei-seg-stain's nucleus types"):
-        train.check_scored_pack(scored, "nuclei-seg", "b.json", "p.npz")
-    bench._check_pack_fits(SimpleNamespace(cell_input_segmenter="nuclei-seg-stain"), {"segmenter": "nuclei-seg-stain"}, "p")
-    with pytest.raises(SystemExit, match="trained on nuclei-seg-stain"):
-        bench._check_pack_fits(SimpleNamespace(cell_input_segmenter="nuclei-seg"), {"segmenter": "nuclei-seg-stain"}, "p")
+    bench._require_training_pack(pack, {"segmenter": "nuclei-seg-stain"}, "p")
+    with pytest.raises(SystemExit, match="the model was trained on nuclei-seg's"):
+        bench._require_training_pack(pack, {"segmenter": "nuclei-seg"}, "p")
 
 
 def test_the_bundled_card_is_the_committed_protocols_model():
