@@ -92,7 +92,8 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
         "kind": SEGMENTATION_KIND,
         "description": f"{base['name']} fine-tuned with " + (
             "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
-            if last_cfg.get("augment") == "stain" else f"{last_cfg.get('augment')} augmentation") +
+            + (" and stains sampled near each image's own" if last_cfg.get("augment") == "stain-wide" else "")
+            if last_cfg.get("augment") in ("stain", "stain-wide") else f"{last_cfg.get('augment')} augmentation") +
             "; same network, same CoNSeP classes",
         "format": base.get("format"),
         "mpp": final_card["mpp"],
@@ -103,13 +104,13 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
         "base_model": {"name": base["name"], "sha256": base["sha256"]},
         "command": commands,
         "training": {"base": base.get("training"), "fine_tune": stages},
-        **({"augmentation": {**AugmentConfig(symmetries=False).to_dict(),
+        **({"augmentation": {**AugmentConfig.preset(last_cfg["augment"]).to_dict(), "preset": last_cfg["augment"],
                              "symmetries_note": "the 8 flips/rotations are applied by the batch sampler"},
             "stain_bank": {"file": "weights/stain_bank.json", "sha256": sha256_file(bank_path),
                            "train_members": [m["name"] for m in members if m["role"] == "train"],
                            "benchmark_members (never trained on)": [m["name"] for m in members
                                                                     if m["role"] == "benchmark"]}}
-           if last_cfg.get("augment") == "stain" else {"augmentation": {"kind": last_cfg.get("augment")}}),
+           if last_cfg.get("augment") in ("stain", "stain-wide") else {"augmentation": {"kind": last_cfg.get("augment")}}),
         "metrics": {"validation": final_card.get("validation")},
     }
     return seal_card(card, weights_sha)

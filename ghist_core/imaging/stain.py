@@ -376,7 +376,7 @@ def macenko_restain(
     return od_to_rgb(new_od).reshape(a.shape)
 
 
-def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None):
+def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None, *, keep_residual: bool = False):
     """Batched re-staining in torch: concentrations under ``source_matrix``, ``* scale + bias``,
     recomposed with ``target_matrix``.
 
@@ -384,7 +384,9 @@ def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None
     of k stains (k = 2 Macenko H/E, k = 3 HED); ``scale``/``bias``: (k,) or (B, k) or None.
     Same OD convention as :func:`rgb_to_od` (``x * 255`` as 8-bit intensity). Macenko
     re-staining is ``scale = target_max / source_max``; HED jitter (Tellez) is
-    ``source = target = RGB_FROM_HED`` with a random per-image scale and bias. Float out, 0..1.
+    ``source = target = RGB_FROM_HED`` with a random per-image scale and bias. ``keep_residual``
+    adds back the OD the ``k`` source stains do not explain (as :func:`macenko_restain`; only
+    meaningful for k < 3). Float out, 0..1.
     """
     import torch
 
@@ -397,11 +399,14 @@ def stain_transform_torch(x, source_matrix, target_matrix, scale=None, bias=None
     src = src.expand(b, *src.shape[-2:]) if src.ndim == 2 else src
     tgt = tgt.expand(b, *tgt.shape[-2:]) if tgt.ndim == 2 else tgt
     od = -torch.log((x.float().clamp(0, 1) * 255.0 + 1.0) / 256.0)  # B x 3 x H x W
-    conc = torch.einsum("bchw,bck->bkhw", od, torch.linalg.pinv(src))  # pinv: B x 3 x k
+    conc0 = torch.einsum("bchw,bck->bkhw", od, torch.linalg.pinv(src))  # pinv: B x 3 x k
     k = src.shape[-2]
+    conc = conc0
     if scale is not None:
         conc = conc * torch.as_tensor(np.array(scale), dtype=dt, device=dev).reshape(-1, k, 1, 1)
     if bias is not None:
         conc = conc + torch.as_tensor(np.array(bias), dtype=dt, device=dev).reshape(-1, k, 1, 1)
     od2 = torch.einsum("bkhw,bkc->bchw", conc, tgt)
+    if keep_residual:
+        od2 = od2 + od - torch.einsum("bkhw,bkc->bchw", conc0, src)
     return ((256.0 * torch.exp(-od2) - 1.0) / 255.0).clamp(0, 1)

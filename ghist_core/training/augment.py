@@ -10,7 +10,8 @@ map)`` samples, in two parts that never mix:
   aligned. HV targets are *recomputed* from the augmented instance map
   (``segmentation_data.hv_targets``), never transformed: flips change their signs.
 * **colour** (:meth:`SegAugment.colour`): Macenko re-staining towards a random member of the
-  stain bank (``weights/stain_bank.json``, role ``"train"``) at a random intensity, HED-space
+  stain bank (``weights/stain_bank.json``, role ``"train"``) at a random intensity, optionally
+  towards a random stain sampled near the image's own (``p_stain_sample``), HED-space
   jitter (per-stain scale and shift, Tellez et al. 2018), brightness / contrast /
   saturation / hue, Gaussian blur and JPEG artefacts. Masks are untouched.
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from ghist_core.imaging.stain import hed_jitter_torch, stain_transform_torch
 from ghist_core.training.stain_bank import StainBank, load_stain_bank
 
-__all__ = ["AugmentConfig", "SegAugment", "augment_sample"]
+__all__ = ["AugmentConfig", "SegAugment", "augment_sample", "sample_stains"]
 
 
 @dataclass
@@ -58,6 +59,11 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.3, 1.2)  # px at the working resolution
     p_jpeg: float = 0.25
     jpeg_quality: tuple[int, int] = (35, 90)
+    # sampled stains (preset "stain-wide"; off by default so the recorded "stain" runs stay as they were):
+    # re-staining to a random stain near the image's own, not only to the bank's few training stains
+    p_stain_sample: float = 0.0
+    stain_angle_deg: float = 20.0           # each stain vector turned by U(0, a) degrees, random direction
+    stain_intensity: tuple[float, float] = (0.4, 2.5)  # x each stain's concentration, log-uniform, per stain
 
     @classmethod
     def off(cls, **on) -> "AugmentConfig":
@@ -65,8 +71,37 @@ class AugmentConfig:
         base = dict(symmetries=False, p_scale=0.0, p_restain=0.0, p_hed=0.0, p_colour=0.0, p_blur=0.0, p_jpeg=0.0)
         return cls(**{**base, **on})
 
+    @classmethod
+    def preset(cls, name: str) -> "AugmentConfig":
+        """The named configurations of ``train_segmentation.py --augment`` (the batch sampler
+        applies the 8 symmetries, so they are off here): ``"stain"`` (bank re-staining, HED,
+        colour, blur, JPEG, scale; the bundled ``nuclei-seg-stain``) and ``"stain-wide"`` (the
+        same plus sampled stains: vectors turned up to 20°, each stain's amount x 0.4-2.5, chosen
+        as a physically plausible span before any run, not from the stain-shift benchmark)."""
+        if name == "stain":
+            return cls(symmetries=False)
+        if name == "stain-wide":
+            return cls(symmetries=False, p_stain_sample=0.5)
+        raise ValueError(f"unknown augmentation preset {name!r}; choose 'stain' or 'stain-wide'")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sample_stains(matrix: np.ndarray, rng: np.random.Generator, n: int, max_angle_deg: float) -> np.ndarray:
+    """``n`` stain matrices (n x k x 3) near ``matrix`` (k x 3 unit OD vectors, or n x k x 3, one per
+    sample): each vector turned by an angle ~ U(0, max_angle_deg) towards a random direction
+    perpendicular to it, then kept in the positive OD octant (a dye absorbs, it never adds light)
+    and renormalised."""
+    m = np.broadcast_to(np.asarray(matrix, dtype=np.float64), (n,) + np.shape(matrix)[-2:])
+    k = m.shape[1]
+    d = rng.normal(size=(n, k, 3))
+    d -= np.sum(d * m, axis=-1, keepdims=True) * m  # perpendicular to each vector
+    d /= np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-12)
+    ang = np.deg2rad(rng.uniform(0.0, max_angle_deg, size=(n, k, 1)))
+    out = np.cos(ang) * m + np.sin(ang) * d
+    out = np.maximum(out, 1e-3)
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
 
 def _pick(rng: np.random.Generator, b: int, p: float) -> np.ndarray:
@@ -165,6 +200,17 @@ class SegAugment:
                 src, src_max = np.asarray(source_stains[0])[sel], np.asarray(source_stains[1])[sel]
             idx = torch.from_numpy(sel).to(x.device)
             x[idx] = stain_transform_torch(x[idx], src, tgt, scale=tgt_max / src_max)
+        sel = _pick(rng, b, c.p_stain_sample) if self.bank is not None else np.zeros(0, int)
+        if len(sel):  # a random stain near the image's own; what the two stains do not explain is kept
+            if source_stains is None:
+                src = np.broadcast_to(self.reference_[0], (len(sel), 2, 3))
+            else:
+                src = np.asarray(source_stains[0])[sel]
+            tgt = sample_stains(src, rng, len(sel), c.stain_angle_deg)
+            lo, hi = np.log(c.stain_intensity[0]), np.log(c.stain_intensity[1])
+            scale = np.exp(rng.uniform(lo, hi, (len(sel), 2)))
+            idx = torch.from_numpy(sel).to(x.device)
+            x[idx] = stain_transform_torch(x[idx], src, tgt, scale=scale, keep_residual=True)
         sel = _pick(rng, b, c.p_hed)
         if len(sel):
             alpha = torch.from_numpy(rng.uniform(1 - c.hed_sigma, 1 + c.hed_sigma, (len(sel), 3))).float().to(x.device)

@@ -270,3 +270,63 @@ def test_restained_tile_keeps_its_nuclei(monuseg_crop, name):
     seg, rgb, gt = monuseg_crop
     m = BANK.get(name)
     assert _aji(seg, macenko_restain(rgb, m.matrix, m.max_c), gt) >= _aji(seg, rgb, gt) - MARGIN
+
+
+# --- sampled stains (preset "stain-wide") --------------------------------------------------------
+def test_sampled_stains_stay_near_and_physical():
+    """Each sampled vector is unit length, in the positive OD octant and at most the asked angle away,
+    and the angles fill the range (not all tiny)."""
+    from ghist_core.training.augment import sample_stains
+
+    ref = BANK.reference.matrix
+    got = sample_stains(ref, np.random.default_rng(0), 500, 20.0)
+    assert got.shape == (500, 2, 3)
+    assert np.allclose(np.linalg.norm(got, axis=-1), 1.0) and (got > 0).all()
+    ang = np.degrees(np.arccos(np.clip(np.sum(got * ref, axis=-1), -1, 1)))
+    assert ang.max() <= 20.0 + 1e-6 and np.percentile(ang, 90) > 15.0
+    per_sample = sample_stains(np.stack([ref, ref[::-1]]), np.random.default_rng(1), 2, 5.0)
+    assert np.degrees(np.arccos(np.clip(np.sum(per_sample[1] * ref[::-1], axis=-1), -1, 1))).max() <= 5.0 + 1e-6
+
+
+def test_stain_preset_is_unchanged_and_wide_adds_sampled_stains():
+    """Runs recorded with --augment stain resume with exactly the configuration they started with."""
+    assert AugmentConfig.preset("stain") == AugmentConfig(symmetries=False)
+    wide = AugmentConfig.preset("stain-wide")
+    assert wide.p_stain_sample > 0 and {k: v for k, v in wide.to_dict().items() if k != "p_stain_sample"} == {
+        k: v for k, v in AugmentConfig.preset("stain").to_dict().items() if k != "p_stain_sample"}
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        AugmentConfig.preset("strong")
+
+
+def test_keep_residual_makes_the_identity_exact():
+    """Re-staining to the same stains with the residual kept gives the image back; without it, not."""
+    rgb = _real_he_patch()[:128, :128]
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    m = BANK.reference.matrix
+    back = stain_transform_torch(x, m, m, keep_residual=True)
+    assert (back - x).abs().max().item() < 1e-3
+    assert (stain_transform_torch(x, m, m) - x).abs().mean().item() > 2e-3
+
+
+def test_sampled_stain_augmentation_moves_colour_only():
+    """Only the sampled-stain step on: masks untouched, and on an image made of two known stains the
+    stains are turned by at most the configured angle (Macenko's re-estimate is good to ~4°)."""
+    rng = np.random.default_rng(5)
+    src = BANK.reference
+    conc = np.stack([rng.gamma(1.5, 0.5, 16384), rng.gamma(2.0, 0.3, 16384)], axis=1)
+    conc[:4000, 1] *= 0.05
+    conc[4000:8000, 0] *= 0.05
+    rgb = np.clip(256 * np.exp(-(conc @ src.matrix)) - 1, 0, 255).round().astype(np.uint8).reshape(128, 128, 3)
+    aug = SegAugment(AugmentConfig.off(p_stain_sample=1.0, stain_angle_deg=12.0), bank=BANK)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().repeat(6, 1, 1, 1) / 255
+    inst = torch.zeros(6, 128, 128, dtype=torch.int32)
+    inst[:, 10:30, 10:30] = 1
+    y, inst2, _ = aug(x, inst, None, np.random.default_rng(3))
+    assert torch.equal(inst2, inst)
+    turned = []
+    for i in range(6):
+        out = (y[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        assert np.abs(out.astype(int) - rgb.astype(int)).mean() > 2.0
+        turned.append(stain_angle_deg(macenko_stains(out)[0], src.matrix))
+    turned = np.array(turned)
+    assert (turned < 12.0 + 4.0).all() and turned.max() > 4.0, turned
