@@ -179,6 +179,16 @@ def test_macenko_stains_recover_a_known_stain():
     assert (stain_angle_deg(got, m) < 4.0).all()
 
 
+def _two_stain_image(matrix: np.ndarray, seed: int) -> np.ndarray:
+    """128 x 128 uint8 image made of exactly two stains (``matrix``), with pure-haematoxylin and
+    pure-eosin pixels, so Macenko's estimate of it is good to a few degrees."""
+    rng = np.random.default_rng(seed)
+    conc = np.stack([rng.gamma(1.5, 0.5, 16384), rng.gamma(2.0, 0.3, 16384)], axis=1)
+    conc[:4000, 1] *= 0.05
+    conc[4000:8000, 0] *= 0.05
+    return np.clip(256 * np.exp(-(conc @ matrix)) - 1, 0, 255).round().astype(np.uint8).reshape(128, 128, 3)
+
+
 def _real_he_patch() -> np.ndarray:
     """A 512 px tissue region of the bundled real Aperio slide (no shared data needed)."""
     from ghist_core.io.slide import open_slide
@@ -216,12 +226,8 @@ def test_stains_pooled_over_patches_are_the_whole_image_fit():
 
 def test_restain_torch_matches_target_and_numpy():
     """Re-staining to a bank member moves the image's Macenko estimate to that member's stains."""
-    rng = np.random.default_rng(1)
     src = BANK.reference
-    conc = np.stack([rng.gamma(1.5, 0.5, 16384), rng.gamma(2.0, 0.3, 16384)], axis=1)
-    conc[:4000, 1] *= 0.05
-    conc[4000:8000, 0] *= 0.05
-    rgb = np.clip(256 * np.exp(-(conc @ src.matrix)) - 1, 0, 255).round().astype(np.uint8).reshape(128, 128, 3)
+    rgb = _two_stain_image(src.matrix, seed=1)
     tgt = BANK.get("synthetic-pink")
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     y = stain_transform_torch(x, src.matrix, tgt.matrix, scale=tgt.max_c / src.max_c)
@@ -311,12 +317,8 @@ def test_keep_residual_makes_the_identity_exact():
 def test_sampled_stain_augmentation_moves_colour_only():
     """Only the sampled-stain step on: masks untouched, and on an image made of two known stains the
     stains are turned by at most the configured angle (Macenko's re-estimate is good to ~4°)."""
-    rng = np.random.default_rng(5)
     src = BANK.reference
-    conc = np.stack([rng.gamma(1.5, 0.5, 16384), rng.gamma(2.0, 0.3, 16384)], axis=1)
-    conc[:4000, 1] *= 0.05
-    conc[4000:8000, 0] *= 0.05
-    rgb = np.clip(256 * np.exp(-(conc @ src.matrix)) - 1, 0, 255).round().astype(np.uint8).reshape(128, 128, 3)
+    rgb = _two_stain_image(src.matrix, seed=5)
     aug = SegAugment(AugmentConfig.off(p_stain_sample=1.0, stain_angle_deg=12.0), bank=BANK)
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().repeat(6, 1, 1, 1) / 255
     inst = torch.zeros(6, 128, 128, dtype=torch.int32)
