@@ -18,6 +18,10 @@ the training sets, plus four synthetic extremes), their own stains fitted once p
 image, scored for the model and the classical baseline, each also with test-time Macenko
 normalisation to the training reference.
 
+Scale shift (block ``"scale_shift"``): the same test subsets enlarged or shrunk (x 0.67, 1.5, 2)
+and segmented at the stated µm/px, so nuclei look smaller or larger than in training, as large
+tumour nuclei or a mis-stated µm/px make them look.
+
 HER2ST sanity check (block ``"her2st_counts"``, needs ``../shared/data/her2st``): nuclei per
 spot (centroids within the 50 µm spot radius) from the model and from the classical segmenter
 on evenly spaced spots of the six HER2ST sections with H&E, a stain and lab neither saw in
@@ -288,6 +292,54 @@ def _stain_shift_summary(res: dict) -> None:
     res["ttn_helps_everywhere"] = helps
 
 
+ZOOMS = (0.67, 1.5, 2.0)
+
+
+def scale_shift(methods: dict, root: Path, *, every: dict[str, int], zooms=ZOOMS) -> dict:
+    """AJI when nuclei look smaller or larger than in training: each test image enlarged (or
+    shrunk) by ``zoom`` and segmented at the *stated* 0.25 µm/px, so its nuclei appear ``zoom``
+    times their size, as large tumour nuclei or a slide whose µm/px is mis-stated do. An enlarged
+    image is cropped to its centre (same field size), a shrunk one kept whole. Same subsets as
+    the stain shift; the goal mirrors it: the model >= classical + 0.10 at every zoom."""
+    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
+    from ghist_core.training.segmentation_metrics import seg_counts
+
+    def zoomed(s, z: float):
+        h, w = s.inst.shape
+        hw = (int(round(h * z)), int(round(w * z)))
+        rgb, gt = resample_rgb(s.rgb, hw), resample_labels(s.inst, hw)
+        if z > 1:
+            y0, x0 = (hw[0] - h) // 2, (hw[1] - w) // 2
+            rgb, gt = rgb[y0:y0 + h, x0:x0 + w], gt[y0:y0 + h, x0:x0 + w]
+        return np.ascontiguousarray(rgb), np.ascontiguousarray(gt)
+
+    res: dict = {"protocol": {
+        "what": "test images resampled by each zoom and segmented at the stated 0.25 µm/px, so nuclei appear "
+                "zoom x their size (enlarged images cropped to the original field, shrunk ones whole)",
+        "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
+        "scores": "AJI, mean over images", "goal": "model AJI >= classical + 0.10 at every zoom",
+        "zooms": [1.0, *zooms]},
+        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "datasets": {}}
+    for ds, k in every.items():
+        samples = load_split(root, ds, "test")[::k]
+        rows = {}
+        for z in (1.0, *zooms):
+            t = time.perf_counter()
+            pairs = [(s.rgb, s.inst) if z == 1.0 else zoomed(s, z) for s in samples]
+            rows[str(z)] = {name: round(float(np.mean([seg_counts(gt, seg.segment_tile(rgb, DATA_MPP)[0]).aji
+                                                       for rgb, gt in pairs])), 4)
+                            for name, seg in methods.items()}
+            print(f"{ds} zoom {z}: {rows[str(z)]} ({time.perf_counter() - t:.0f} s)", flush=True)
+        learned = [m for m in methods if m != "classical"]
+        summary = {m: {"worst_zoom": min(rows, key=lambda z: rows[z][m]), "worst_aji": min(r[m] for r in rows.values()),
+                       "minus_classical_aji": {z: round(r[m] - r["classical"], 4) for z, r in rows.items()},
+                       "ge_classical_plus_0.10_everywhere": all(r[m] - r["classical"] >= 0.10 for r in rows.values())}
+                   for m in learned}
+        res["datasets"][ds] = {"n_images": len(samples), "aji": rows, "summary": summary}
+    return res
+
+
 def her2st_counts(learned: dict, classical, root: Path, *, per_section: int = 40,
                   spot_radius_um: float = 50.0) -> dict:
     """Nuclei per HER2ST spot, each learned model (``learned``, by name) vs classical, on
@@ -347,7 +399,7 @@ def _update(out: Path, block: str, value: dict) -> None:
     atomic_write_text(out, json.dumps(prev, indent=1))
 
 
-BLOCKS = ("accuracy", "speed", "stain_shift", "her2st_counts")
+BLOCKS = ("accuracy", "speed", "stain_shift", "scale_shift", "her2st_counts")
 SPEED_NOTE = ("megapixels of 0.25 µm/px input per second on a mosaic of real CoNSeP patches. Per model: "
               "segment_slide (the API) at the segmenter's own batch size per device; 'app': the app's "
               "whole pipeline (predict_slide on the mosaic as a tiled TIFF: blocks, segmentation, "
@@ -371,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classical-mosaic-px", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None, help="default: the segmenter's own per device")
     ap.add_argument("--out", default=None, help=f"default {RESULTS.name} ({CUDA_RESULTS.name} with --speed-only)")
-    ap.add_argument("--consep-every", type=int, default=4, help="stain shift: every k-th CoNSeP test patch")
-    ap.add_argument("--monuseg-every", type=int, default=2, help="stain shift: every k-th MoNuSeg test tile")
+    ap.add_argument("--consep-every", type=int, default=4, help="stain and scale shift: every k-th CoNSeP test patch")
+    ap.add_argument("--monuseg-every", type=int, default=2, help="stain and scale shift: every k-th MoNuSeg test tile")
     ap.add_argument("--no-ttn", action="store_true", help="stain shift: skip test-time normalisation")
     ap.add_argument("--her2st-spots", type=int, default=40, help="HER2ST check: spots per section")
     a = ap.parse_args(argv)
@@ -449,6 +501,10 @@ def main(argv: list[str] | None = None) -> None:
     if "stain_shift" in blocks:
         stain_shift(methods, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every},
                     out=out, ttn=not a.no_ttn)
+
+    if "scale_shift" in blocks:
+        _update(out, "scale_shift", scale_shift(methods, root, every={"consep": a.consep_every,
+                                                                       "monuseg": a.monuseg_every}))
 
     if "her2st_counts" in blocks:
         her2st = Path(a.her2st_root)

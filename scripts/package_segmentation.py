@@ -92,8 +92,9 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
         "kind": SEGMENTATION_KIND,
         "description": f"{base['name']} fine-tuned with " + (
             "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
-            + (" and stains sampled near each image's own" if last_cfg.get("augment") == "stain-wide" else "")
-            if last_cfg.get("augment") in ("stain", "stain-wide") else f"{last_cfg.get('augment')} augmentation") +
+            + (", stains sampled near each image's own and nuclei 0.67-2x their size"
+               if last_cfg.get("augment") == "wide" else "")
+            if last_cfg.get("augment") in ("stain", "wide") else f"{last_cfg.get('augment')} augmentation") +
             "; same network, same CoNSeP classes",
         "format": base.get("format"),
         "mpp": final_card["mpp"],
@@ -110,7 +111,7 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
                            "train_members": [m["name"] for m in members if m["role"] == "train"],
                            "benchmark_members (never trained on)": [m["name"] for m in members
                                                                     if m["role"] == "benchmark"]}}
-           if last_cfg.get("augment") in ("stain", "stain-wide") else {"augmentation": {"kind": last_cfg.get("augment")}}),
+           if last_cfg.get("augment") in ("stain", "wide") else {"augmentation": {"kind": last_cfg.get("augment")}}),
         "metrics": {"validation": final_card.get("validation")},
     }
     return seal_card(card, weights_sha)
@@ -136,6 +137,12 @@ def bench_rows(bench: dict, name: str, sha: str) -> dict:
                                    if k.split(":")[-1].removesuffix("_ttn") == name}
                               for ds, blk in shift.get("datasets", {}).items()}
         out["stain_shift"]["ttn_helps_everywhere"] = shift.get("ttn_helps_everywhere", {}).get(name)
+        out["stain_shift"]["protocol_version"] = (shift.get("protocol") or {}).get("version", 1)
+    scale = scored("scale_shift")
+    if scale:
+        out["scale_shift"] = {ds: {"aji": {z: row.get(name) for z, row in blk["aji"].items()},
+                                   **(blk.get("summary", {}).get(name) or {})}
+                              for ds, blk in scale.get("datasets", {}).items()}
     counts = scored("her2st_counts")
     if name in counts:
         out["her2st_counts"] = counts[name]["pooled"]

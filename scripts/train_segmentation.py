@@ -64,7 +64,7 @@ class TrainConfig:
     init: str = ""                 # start from these weights (safetensors), e.g. an earlier run
     augment: str = "hed"           # "hed": HED jitter (Tellez); "stain": training.augment.SegAugment (bank
                                    # re-staining, HED, colour, blur, JPEG, scale jitter; weights/stain_bank.json);
-                                   # "stain-wide": that plus sampled stains (AugmentConfig.preset)
+                                   # "wide": that plus sampled stains and a wider scale range (AugmentConfig.preset)
     val_restain: int = 0           # also validate on the validation images re-stained to the k training-role
                                    # bank members farthest from the reference; "best" = mean AJI over all copies
     type_weights: str = ""         # "": plain type cross-entropy; "balanced": each nucleus type weighted by
@@ -78,8 +78,8 @@ class DeviceData:
     def __init__(self, samples, cfg: TrainConfig, device: torch.device) -> None:
         self.crop = int(round(cfg.crop_um / cfg.mpp))
         self.device = device
-        if cfg.augment not in ("hed", "stain", "stain-wide"):
-            raise ValueError(f"augment must be 'hed', 'stain' or 'stain-wide', got {cfg.augment!r}")
+        if cfg.augment not in ("hed", "stain", "wide"):
+            raise ValueError(f"augment must be 'hed', 'stain' or 'wide', got {cfg.augment!r}")
         self.augment = None
         if cfg.augment != "hed":  # the batch already applies the 8 symmetries
             from ghist_core.training.augment import AugmentConfig, SegAugment
@@ -476,9 +476,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--workers", type=int, default=d.workers)
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--init", default="", help="start from these weights (safetensors)")
-    ap.add_argument("--augment", choices=("hed", "stain", "stain-wide"), default=d.augment,
+    ap.add_argument("--augment", choices=("hed", "stain", "wide"), default=d.augment,
                     help="colour/scale augmentation: HED jitter, the stain-bank augmentation of training.augment, "
-                         "or that plus stains sampled near the image's own (AugmentConfig.preset)")
+                         "or that plus stains sampled near the image's own and nuclei 0.67-2x their size (AugmentConfig.preset)")
     ap.add_argument("--val-restain", type=int, default=d.val_restain,
                     help="also validate on k re-stained copies of the validation images (training-role stains)")
     ap.add_argument("--type-weights", choices=("", "balanced"), default=d.type_weights,

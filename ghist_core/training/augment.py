@@ -59,7 +59,7 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.3, 1.2)  # px at the working resolution
     p_jpeg: float = 0.25
     jpeg_quality: tuple[int, int] = (35, 90)
-    # sampled stains (preset "stain-wide"; off by default so the recorded "stain" runs stay as they were):
+    # sampled stains (preset "wide"; off by default so the recorded "stain" runs stay as they were):
     # re-staining to a random stain near the image's own, not only to the bank's few training stains
     p_stain_sample: float = 0.0
     stain_angle_deg: float = 20.0           # each stain vector turned by U(0, a) degrees, random direction
@@ -75,14 +75,15 @@ class AugmentConfig:
     def preset(cls, name: str) -> "AugmentConfig":
         """The named configurations of ``train_segmentation.py --augment`` (the batch sampler
         applies the 8 symmetries, so they are off here): ``"stain"`` (bank re-staining, HED,
-        colour, blur, JPEG, scale; the bundled ``nuclei-seg-stain``) and ``"stain-wide"`` (the
-        same plus sampled stains: vectors turned up to 20°, each stain's amount x 0.4-2.5, chosen
-        as a physically plausible span before any run, not from the stain-shift benchmark)."""
+        colour, blur, JPEG, scale x 0.8-1.25; the bundled ``nuclei-seg-stain``) and ``"wide"``
+        (the same plus sampled stains: vectors turned up to 20°, each stain's amount x 0.4-2.5;
+        and nuclei from 0.67x to 2x their size, for large tumour nuclei and a mis-stated µm/px;
+        spans set as physically plausible before any run, not from a benchmark)."""
         if name == "stain":
             return cls(symmetries=False)
-        if name == "stain-wide":
-            return cls(symmetries=False, p_stain_sample=0.5)
-        raise ValueError(f"unknown augmentation preset {name!r}; choose 'stain' or 'stain-wide'")
+        if name == "wide":
+            return cls(symmetries=False, p_stain_sample=0.5, scale_range=(0.67, 2.0))
+        raise ValueError(f"unknown augmentation preset {name!r}; choose 'stain' or 'wide'")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,3 +34,4 @@ def test_api_speed_reports_the_batch_it_ran(region):
     seg = load_segmenter("nuclei-seg-stain", device="cpu")
     assert bench.speed(seg, rgb[:600, :600])["batch_size"] == seg.batch_size == 1
     assert bench.speed(seg, rgb[:600, :600], batch_size=8)["batch_size"] == 8
+

@@ -61,8 +61,9 @@ def test_symmetries_move_image_and_masks_together(seed, hw, n, b):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), hw=sizes, b=st.integers(1, 4), symmetries=st.booleans())
-def test_scale_jitter_moves_image_and_masks_together(seed, hw, b, symmetries):
+@given(seed=st.integers(0, 2**31 - 1), hw=sizes, b=st.integers(1, 4), symmetries=st.booleans(),
+       scale_range=st.sampled_from([(0.75, 1.33), (0.67, 2.0)]))  # the "stain" and "wide" presets' spans
+def test_scale_jitter_moves_image_and_masks_together(seed, hw, b, symmetries, scale_range):
     """Image = its own pixel coordinates, instance map = a unique id per pixel (y * W + x).
 
     Bilinear sampling of a linear image is exact, so after the augmentation the image tells
@@ -76,7 +77,7 @@ def test_scale_jitter_moves_image_and_masks_together(seed, hw, b, symmetries):
     x = torch.stack([xx / w, yy / h, torch.zeros_like(xx)])[None].repeat(b, 1, 1, 1)
     inst = (yy * w + xx).long()[None].repeat(b, 1, 1) + 1  # 1.. so 0 stays "outside"
     types = inst % 7
-    aug = SegAugment(AugmentConfig.off(symmetries=symmetries, p_scale=1.0, scale_range=(0.75, 1.33)))
+    aug = SegAugment(AugmentConfig.off(symmetries=symmetries, p_scale=1.0, scale_range=scale_range))
     xo, io_, to = aug.geometric(x, inst, types, np.random.default_rng(seed))
     assert torch.equal(to, io_ % 7)
     inside = io_ > 0
@@ -278,7 +279,7 @@ def test_restained_tile_keeps_its_nuclei(monuseg_crop, name):
     assert _aji(seg, macenko_restain(rgb, m.matrix, m.max_c), gt) >= _aji(seg, rgb, gt) - MARGIN
 
 
-# --- sampled stains (preset "stain-wide") --------------------------------------------------------
+# --- sampled stains and wider scale (preset "wide") --------------------------------------------------------
 def test_sampled_stains_stay_near_and_physical():
     """Each sampled vector is unit length, in the positive OD octant and at most the asked angle away,
     and the angles fill the range (not all tiny)."""
@@ -294,12 +295,14 @@ def test_sampled_stains_stay_near_and_physical():
     assert np.degrees(np.arccos(np.clip(np.sum(per_sample[1] * ref[::-1], axis=-1), -1, 1))).max() <= 5.0 + 1e-6
 
 
-def test_stain_preset_is_unchanged_and_wide_adds_sampled_stains():
+def test_stain_preset_is_unchanged_and_wide_adds_sampled_stains_and_scale():
     """Runs recorded with --augment stain resume with exactly the configuration they started with."""
     assert AugmentConfig.preset("stain") == AugmentConfig(symmetries=False)
-    wide = AugmentConfig.preset("stain-wide")
-    assert wide.p_stain_sample > 0 and {k: v for k, v in wide.to_dict().items() if k != "p_stain_sample"} == {
-        k: v for k, v in AugmentConfig.preset("stain").to_dict().items() if k != "p_stain_sample"}
+    wide = AugmentConfig.preset("wide")
+    changed = {"p_stain_sample", "scale_range"}
+    assert wide.p_stain_sample > 0 and wide.scale_range == (0.67, 2.0)
+    assert {k: v for k, v in wide.to_dict().items() if k not in changed} == {
+        k: v for k, v in AugmentConfig.preset("stain").to_dict().items() if k not in changed}
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         AugmentConfig.preset("strong")
 
