@@ -1,4 +1,5 @@
-"""The close-up viewer on a real HER2ST section with a real prediction, in a real browser.
+"""The close-up viewer on a real HER2ST section (and on the bundled demo slide) with a real prediction,
+in a real browser.
 
 A 700 × 700 px crop (≈ 480 µm square at 0.688 µm/px, the full-resolution her2st images' scale;
 see ``../shared/data/her2st/README.md``) of section C3 around the middle of its spots, predicted
@@ -7,7 +8,8 @@ reads the learned segmenter's per-nucleus inputs, so the classical segmenter can
 On Gene maps, ERBB2 at 40×: the page reports outlined nuclei and the close-up canvas carries
 fine detail (its Laplacian variance is well above that of the same picture at a quarter of its
 resolution, which is what an overview enlarged to 40× would show). Set
-``GHIST_DOCS_SCREENSHOTS=1`` to refresh the README's figure ``docs/viewer_her2st.png`` (the page as shown).
+``GHIST_DOCS_SCREENSHOTS=1`` to refresh the README's figures ``docs/viewer_her2st.png`` and
+``docs/viewer_demo.png`` (the page as shown).
 """
 
 from __future__ import annotations
@@ -64,18 +66,17 @@ def set_zoom(page, label: str) -> None:
     wait_app_idle(page)
 
 
-@pytest.mark.timeout(1200)
-def test_close_up_of_a_her2st_section_outlines_real_nuclei(tmp_path):
-    her2st = require_shared("her2st", "images", "C3.jpg").parent.parent
+def _close_up_outlines_real_nuclei(tmp_path: Path, crop: Path, mpp: float, patient: str, name: str,
+                                   figure: str) -> None:
+    """Predict ``crop`` with the bundled models, open Gene maps at 40× on ERBB2 and check the close-up."""
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     from ghist_core.pipeline.blocks import load_prediction, predict_slide
     from ghist_core.project.store import Project
 
-    crop = her2st_crop(her2st, tmp_path / "C3_crop.png")
-    project = Project.open_or_create(tmp_path / "projects" / "demo", name="HER2ST C3")  # the app opens "demo" first
-    rec = project.add_slide(crop, patient_id="HER2ST-C", original_name="C3 crop", mpp=HER2ST_MPP)
+    project = Project.open_or_create(tmp_path / "projects" / "demo", name=name)  # the app opens "demo" first
+    rec = project.add_slide(crop, patient_id=patient, original_name=name, mpp=mpp)
     predict_slide(rec.slide_id, project, device="cpu")  # bundled learned segmenter + ghist-her2st
     adata = load_prediction(project, rec.slide_id)
     assert adata.n_obs > 50 and "ERBB2" in adata.var_names
@@ -104,5 +105,25 @@ def test_close_up_of_a_her2st_section_outlines_real_nuclei(tmp_path):
         lv_full, lv_low = laplacian_var(centre), laplacian_var(low_res(centre))
         assert lv_full > 2.0 * lv_low, (lv_full, lv_low)
         if os.environ.get("GHIST_DOCS_SCREENSHOTS"):
-            shutil.copy(shots / "viewer_page.png", REPO / "docs" / "viewer_her2st.png")
+            shutil.copy(shots / "viewer_page.png", REPO / "docs" / figure)
         browser.close()
+
+
+@pytest.mark.timeout(1200)
+def test_close_up_of_a_her2st_section_outlines_real_nuclei(tmp_path):
+    her2st = require_shared("her2st", "images", "C3.jpg").parent.parent
+    crop = her2st_crop(her2st, tmp_path / "C3_crop.png")
+    _close_up_outlines_real_nuclei(tmp_path, crop, HER2ST_MPP, "HER2ST-C", "C3 crop", "viewer_her2st.png")
+
+
+@pytest.mark.timeout(1200)
+def test_close_up_of_the_demo_slide_outlines_real_nuclei(tmp_path, demo_slide):
+    """The same on the bundled demo slide (runs without the shared data): a 1,000 px square of tissue."""
+    from ghist_core.io.slide import open_slide
+
+    with open_slide(demo_slide) as s:
+        mpp = s.mpp
+        rgb = s.read_region((600, 900), 0, (1000, 1000))[..., :3]
+    crop = tmp_path / "demo_crop.png"
+    Image.fromarray(np.ascontiguousarray(rgb)).save(crop)
+    _close_up_outlines_real_nuclei(tmp_path, crop, mpp, "DEMO-01", "CMU-1 region", "viewer_demo.png")
