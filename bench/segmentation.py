@@ -201,6 +201,16 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
                             "max_concentrations": m.max_concentrations} for m in shifts},
         "datasets": {}}
 
+    def fit(images):  # the stains of one source image; None for glass (left as it is, as v1 did)
+        try:
+            return macenko_stains(images)
+        except ValueError:
+            return None
+
+    def restain(im, target, src):
+        return im if src is None else macenko_restain(im, target.matrix, target.max_c, source=src,
+                                                      keep_residual=True)
+
     def score(samples, imgs) -> dict:
         cur = [replace(s, rgb=im) for s, im in zip(samples, imgs)]
         row = {}
@@ -218,12 +228,13 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
             if s.source_tile in chosen:
                 slot[s.name] = len(tiles[s.source_tile])
                 tiles[s.source_tile].append(s.rgb)
-        own = {t: macenko_stains(ims) for t, ims in tiles.items()}
+        own = {t: fit(ims) for t, ims in tiles.items()}
         block = res["datasets"][ds] = {"n_images": len(samples), "n_source_images": len(tiles),
                                        "names": [s.name for s in samples], "scores": {}}
         t = time.perf_counter()
-        block["controls"] = {"own_stains_per_patch": score(samples, [macenko_restain(s.rgb, *macenko_stains(s.rgb))
-                                                                     for s in samples])}
+        per_patch = [fit(s.rgb) for s in samples]
+        block["controls"] = {"own_stains_per_patch": score(samples, [
+            s.rgb if f is None else macenko_restain(s.rgb, *f) for s, f in zip(samples, per_patch)])}
         print(f"{ds} control own_stains_per_patch: " + ", ".join(
             f"{m} AJI {v['aji']:.3f}" for m, v in block["controls"]["own_stains_per_patch"].items())
             + f" ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -233,14 +244,12 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
             if shift is None:
                 whole = tiles
             else:
-                whole = {tl: [macenko_restain(im, shift.matrix, shift.max_c, source=own[tl], keep_residual=True)
-                              for im in ims] for tl, ims in tiles.items()}
+                whole = {tl: [restain(im, shift, own[tl]) for im in ims] for tl, ims in tiles.items()}
             imgs = [whole[s.source_tile][slot[s.name]] for s in samples]
             row = score(samples, imgs)
             if ttn:
-                fits = {tl: macenko_stains(ims) for tl, ims in whole.items()}
-                normed = [macenko_restain(im, ref.matrix, ref.max_c, source=fits[s.source_tile], keep_residual=True)
-                          for s, im in zip(samples, imgs)]
+                fits = {tl: fit(ims) for tl, ims in whole.items()}
+                normed = [restain(im, ref, fits[s.source_tile]) for s, im in zip(samples, imgs)]
                 row.update({m + "_ttn": v for m, v in score(samples, normed).items()})
             block["scores"][name] = row
             print(f"{ds} {name}: " + ", ".join(f"{m} AJI {v['aji']:.3f} PQ {v['pq']:.3f}" for m, v in row.items())

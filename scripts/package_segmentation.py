@@ -92,7 +92,7 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
         "kind": SEGMENTATION_KIND,
         "description": f"{base['name']} fine-tuned with " + (
             "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
-            + (", stains sampled near each image's own and nuclei 0.67-2x their size"
+            + (", sampled stains and nuclei 0.67-2x their size"
                if last_cfg.get("augment") == "wide" else "")
             if last_cfg.get("augment") in ("stain", "wide") else f"{last_cfg.get('augment')} augmentation") +
             "; same network, same CoNSeP classes",

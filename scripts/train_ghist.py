@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         scored = ((bench or {}).get("protocol") or {}).get("pack") or {}  # older results name no pack
         try:
             pack.require_segmenter(scored.get("cell_input_segmenter"), path=args.pack,
-                                   wanted_by=f"{args.bench} scored (the card's segmenter comes from the pack)")
+                                   wanted_by=f"the protocol result {args.bench} scored")
         except PackSegmenterError as e:
             raise SystemExit(str(e)) from None
         extra = {"training_run": {"device": meta.get("device"), "seconds": round(meta["train_s"], 1),

@@ -478,7 +478,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--init", default="", help="start from these weights (safetensors)")
     ap.add_argument("--augment", choices=("hed", "stain", "wide"), default=d.augment,
                     help="colour/scale augmentation: HED jitter, the stain-bank augmentation of training.augment, "
-                         "or that plus stains sampled near the image's own and nuclei 0.67-2x their size (AugmentConfig.preset)")
+                         "or that plus sampled stains and nuclei 0.67-2x their size (AugmentConfig.preset)")
     ap.add_argument("--val-restain", type=int, default=d.val_restain,
                     help="also validate on k re-stained copies of the validation images (training-role stains)")
     ap.add_argument("--type-weights", choices=("", "balanced"), default=d.type_weights,

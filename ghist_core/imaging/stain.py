@@ -357,7 +357,8 @@ def macenko_restain(
     density the two stain vectors do not explain (scanner tint, pigment, a third dye), which
     a change of H&E stain leaves as it is; without it that part is dropped, so even a
     re-staining to the image's own stains changes it. Glass (too few stained pixels) is
-    returned unchanged when the stains are estimated here.
+    returned unchanged when the stains are estimated here; ``fit_kw`` (``MacenkoNormalizer``'s
+    settings) only matter then.
     """
     a = np.asarray(rgb)
     if source is None:

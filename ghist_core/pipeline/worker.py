@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import re
 import subprocess
@@ -38,6 +39,8 @@ from ghist_core.project import Project, RunStatus
 from ghist_core.project import runs as run_store
 from ghist_core.project.locks import lock_slide
 from ghist_core.project.runs import run_uncertainty
+
+_log = logging.getLogger(__name__)
 
 CANCEL_FILE = "CANCEL"
 #: The worker's exit status when it found its run taken over by another process (nothing to do).
@@ -193,7 +196,8 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     files are swept; then the slide's latest run with the same model and segmenter is reused
     when finished, resumed from its checkpoints when resumable, and otherwise (or with
     ``new_run``) a new run starts. A finished run made by other weights than a new run would use
-    (an update of the model or segmenter) is kept but not reused. Another process running the slide: ``SlideBusyError`` (or,
+    (an update of the model or segmenter) is kept but not reused; an unfinished one is marked
+    failed with that reason (its files stay; a cancelled one stays cancelled) and a new run starts. Another process running the slide: ``SlideBusyError`` (or,
     with ``wait``, wait for it).
 
     ``uncertainty`` asks for ``obs["expression_uncertainty"]`` (``PipelineConfig.uncertainty``): a
@@ -201,7 +205,7 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     with it also answers a request without it (see :func:`_same_settings`). A resumed run keeps the
     settings it was recorded with.
     """
-    from ghist_core.pipeline.blocks import PipelineConfig, predict_slide
+    from ghist_core.pipeline.blocks import PipelineConfig
 
     with lock_slide(project.folder, slide_id, wait=wait, on_wait=on_wait):
         project.mark_interrupted_runs()
@@ -239,7 +243,8 @@ def _resume_or_start(project: Project, slide_id: int, run_id: int | None, new_co
         try:
             return predict_slide(slide_id, project, run_id=run_id, **kw), True
         except RunWeightsChangedError as exc:  # made by other weights: a new run starts
-            project.fail_run(run_id, f"{exc} A new run was started.")  # no-op for a status that can't fail
+            project.fail_run(run_id, f"{exc} A new run was started.")  # no-op for a cancelled run
+            _log.warning("run %s not resumed: %s Starting a new run.", run_id, exc)
     return predict_slide(slide_id, project, config=new_config, **kw), False
 
 

@@ -11,7 +11,7 @@ map)`` samples, in two parts that never mix:
   (``segmentation_data.hv_targets``), never transformed: flips change their signs.
 * **colour** (:meth:`SegAugment.colour`): Macenko re-staining towards a random member of the
   stain bank (``weights/stain_bank.json``, role ``"train"``) at a random intensity, optionally
-  towards a random stain sampled near the image's own (``p_stain_sample``), HED-space
+  towards a random stain sampled near the source stains (``p_stain_sample``), HED-space
   jitter (per-stain scale and shift, Tellez et al. 2018), brightness / contrast /
   saturation / hue, Gaussian blur and JPEG artefacts. Masks are untouched.
 
@@ -60,7 +60,8 @@ class AugmentConfig:
     p_jpeg: float = 0.25
     jpeg_quality: tuple[int, int] = (35, 90)
     # sampled stains (preset "wide"; off by default so the recorded "stain" runs stay as they were):
-    # re-staining to a random stain near the image's own, not only to the bank's few training stains
+    # re-staining to a random stain near the source stains (the images' own when the caller gives
+    # them, else the bank's training reference), not only to the bank's few training stains
     p_stain_sample: float = 0.0
     stain_angle_deg: float = 20.0           # each stain vector turned by U(0, a) degrees, random direction
     stain_intensity: tuple[float, float] = (0.4, 2.5)  # x each stain's concentration, log-uniform, per stain
@@ -76,7 +77,8 @@ class AugmentConfig:
         """The named configurations of ``train_segmentation.py --augment`` (the batch sampler
         applies the 8 symmetries, so they are off here): ``"stain"`` (bank re-staining, HED,
         colour, blur, JPEG, scale x 0.8-1.25; the bundled ``nuclei-seg-stain``) and ``"wide"``
-        (the same plus sampled stains: vectors turned up to 20°, each stain's amount x 0.4-2.5;
+        (the same plus stains sampled near the source stains: vectors turned up to 20°, each
+        stain's amount x 0.4-2.5;
         and nuclei from 0.67x to 2x their size, for large tumour nuclei and a mis-stated µm/px;
         spans set as physically plausible before any run, not from a benchmark)."""
         if name == "stain":
@@ -123,7 +125,7 @@ class SegAugment:
 
     def __init__(self, config: AugmentConfig | None = None, bank: StainBank | None = None) -> None:
         self.config = config or AugmentConfig()
-        if bank is None and self.config.p_restain > 0:
+        if bank is None and (self.config.p_restain > 0 or self.config.p_stain_sample > 0):
             bank = load_stain_bank()
         self.bank = bank
         if bank is not None:
@@ -202,7 +204,7 @@ class SegAugment:
             idx = torch.from_numpy(sel).to(x.device)
             x[idx] = stain_transform_torch(x[idx], src, tgt, scale=tgt_max / src_max)
         sel = _pick(rng, b, c.p_stain_sample) if self.bank is not None else np.zeros(0, int)
-        if len(sel):  # a random stain near the image's own; what the two stains do not explain is kept
+        if len(sel):  # a random stain near the source's; what the two stains do not explain is kept
             if source_stains is None:
                 src = np.broadcast_to(self.reference_[0], (len(sel), 2, 3))
             else:

@@ -221,11 +221,13 @@ class SpotPack:
 
     def require_segmenter(self, wanted: str | None, *, path, wanted_by: str) -> None:
         """Raise :class:`PackSegmenterError` when this pack's nucleus types come from another
-        segmenter than ``wanted`` (a model's training segmenter, or the one a protocol scored);
-        the model reads those types, so the two must match. ``None``/empty claims nothing."""
-        if wanted and self.cell_input_segmenter and self.cell_input_segmenter != wanted:
-            raise PackSegmenterError(f"{path} holds {self.cell_input_segmenter}'s nucleus types; {wanted_by} "
-                                     f"{wanted}'s: pass the --pack made with {wanted}")
+        segmenter than ``wanted`` (a model's training segmenter, or the one a protocol scored), or
+        it has none; the model reads those types, so the two must match. ``None``/empty
+        ``wanted`` claims nothing."""
+        if wanted and self.cell_input_segmenter != wanted:
+            have = f"{self.cell_input_segmenter}'s" if self.cell_input_segmenter else "no"
+            raise PackSegmenterError(f"{path} holds {have} nucleus types; {wanted_by} {wanted}'s: "
+                                     f"pass the --pack made with {wanted}")
 
     @property
     def n_spots(self) -> int:

@@ -91,6 +91,24 @@ def test_a_run_made_by_other_weights_is_not_resumed(tmp_path: Path, demo_slide: 
     assert json.loads((project.run_dir(done.run_id) / MADE_BY_FILE).read_text()) == stamp
 
 
+def test_ghist_predict_marks_an_unfinished_run_of_other_weights_failed(tmp_path: Path, demo_slide: Path,
+                                                                         tiny_ghist: Path) -> None:
+    """An unfinished (resumable) run made by other weights: ``predict_slide_locked`` says why it is not
+    resumed on the run itself, keeps its blocks and finishes a new run."""
+    png = demo_crop_png(tmp_path / "crop.png", demo_slide, (600, 1000), 1100)
+    project = Project.create(tmp_path / "proj")
+    slide_id = project.add_slide(png, mpp=0.499).slide_id
+    old = _run_with_one_block(project, slide_id, tiny_ghist)
+    stamp_path = project.run_dir(old) / MADE_BY_FILE
+    stamp_path.write_text(json.dumps({**json.loads(stamp_path.read_text()), "weights_sha256": "0" * 64}))
+    project.requeue_run(old)  # resumable again, as after a crash
+    done = predict_slide_locked(project, slide_id, model_id=str(tiny_ghist), segmenter_id="classical", device="cpu")
+    assert done.action == "new" and done.run_id != old and done.n_cells > 20
+    run = project.get_run(old)
+    assert run.status == "failed" and "other weights" in run.error and "A new run was started" in run.error
+    assert len(list(project.run_dir(old).glob("blocks/block_*.h5ad"))) >= 1
+
+
 def test_the_apps_resume_of_such_a_run_starts_a_new_one(tmp_path: Path, demo_slide: Path, tiny_ghist: Path) -> None:
     """The app's Resume spawns a worker for the run: it says why it is not resumed and runs a new one."""
     png = demo_crop_png(tmp_path / "crop.png", demo_slide, (600, 1000), 1100)

@@ -62,7 +62,7 @@ def test_symmetries_move_image_and_masks_together(seed, hw, n, b):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), hw=sizes, b=st.integers(1, 4), symmetries=st.booleans(),
-       scale_range=st.sampled_from([(0.75, 1.33), (0.67, 2.0)]))  # the "stain" and "wide" presets' spans
+       scale_range=st.sampled_from([(0.75, 1.33), (0.67, 2.0)]))  # about the "stain" preset's span; "wide"'s
 def test_scale_jitter_moves_image_and_masks_together(seed, hw, b, symmetries, scale_range):
     """Image = its own pixel coordinates, instance map = a unique id per pixel (y * W + x).
 
@@ -305,6 +305,7 @@ def test_stain_preset_is_unchanged_and_wide_adds_sampled_stains_and_scale():
         k: v for k, v in AugmentConfig.preset("stain").to_dict().items() if k not in changed}
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         AugmentConfig.preset("strong")
+    assert SegAugment(AugmentConfig.off(p_stain_sample=1.0)).bank is not None  # sampled stains need the bank
 
 
 def test_keep_residual_makes_the_identity_exact():
