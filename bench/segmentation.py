@@ -311,17 +311,18 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], zooms=ZOOMS
     times their size, as large tumour nuclei or a slide whose µm/px is mis-stated do. An enlarged
     image is cropped to its centre (same field size), a shrunk one kept whole. Same subsets as
     the stain shift; the goal mirrors it: the model >= classical + 0.10 at every zoom."""
-    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
-    from ghist_core.training.segmentation_metrics import seg_counts
+    from dataclasses import replace
 
-    def zoomed(s, z: float):
+    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
+
+    def zoomed(s, z: float):  # the sample with nuclei z x their size (instance ids, so types, kept)
         h, w = s.inst.shape
         hw = (int(round(h * z)), int(round(w * z)))
         rgb, gt = resample_rgb(s.rgb, hw), resample_labels(s.inst, hw)
         if z > 1:
             y0, x0 = (hw[0] - h) // 2, (hw[1] - w) // 2
             rgb, gt = rgb[y0:y0 + h, x0:x0 + w], gt[y0:y0 + h, x0:x0 + w]
-        return np.ascontiguousarray(rgb), np.ascontiguousarray(gt)
+        return replace(s, rgb=np.ascontiguousarray(rgb), inst=np.ascontiguousarray(gt))
 
     res: dict = {"protocol": {
         "what": "test images resampled by each zoom and segmented at the stated 0.25 µm/px, so nuclei appear "
@@ -336,10 +337,8 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], zooms=ZOOMS
         rows = {}
         for z in (1.0, *zooms):
             t = time.perf_counter()
-            pairs = [(s.rgb, s.inst) if z == 1.0 else zoomed(s, z) for s in samples]
-            rows[str(z)] = {name: round(float(np.mean([seg_counts(gt, seg.segment_tile(rgb, DATA_MPP)[0]).aji
-                                                       for rgb, gt in pairs])), 4)
-                            for name, seg in methods.items()}
+            cur = samples if z == 1.0 else [zoomed(s, z) for s in samples]
+            rows[str(z)] = {name: evaluate(seg, cur)["aji"] for name, seg in methods.items()}
             print(f"{ds} zoom {z}: {rows[str(z)]} ({time.perf_counter() - t:.0f} s)", flush=True)
         learned = [m for m in methods if m != "classical"]
         summary = {m: {"worst_zoom": min(rows, key=lambda z: rows[z][m]), "worst_aji": min(r[m] for r in rows.values()),

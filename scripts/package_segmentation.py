@@ -35,6 +35,9 @@ _FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("st
           ("max_epochs", "--max-epochs"), ("time_budget_s", "--time-budget"), ("device", "--device"),
           ("workers", "--workers"), ("augment", "--augment"), ("val_restain", "--val-restain"),
           ("max_steps", "--max-steps"), ("type_weights", "--type-weights")]
+_STAIN_WORDS = "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
+#: the card's words for the training.augment presets (the other --augment kinds are named as they are)
+_AUGMENT_WORDS = {"stain": _STAIN_WORDS, "wide": _STAIN_WORDS + ", sampled stains and nuclei 0.67-2x their size"}
 _OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights")  # left out when 0 / "" (default: off)
 
 
@@ -90,12 +93,9 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
     card = {
         "name": name,
         "kind": SEGMENTATION_KIND,
-        "description": f"{base['name']} fine-tuned with " + (
-            "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
-            + (", sampled stains and nuclei 0.67-2x their size"
-               if last_cfg.get("augment") == "wide" else "")
-            if last_cfg.get("augment") in ("stain", "wide") else f"{last_cfg.get('augment')} augmentation") +
-            "; same network, same CoNSeP classes",
+        "description": f"{base['name']} fine-tuned with "
+                       + _AUGMENT_WORDS.get(last_cfg.get("augment"), f"{last_cfg.get('augment')} augmentation")
+                       + "; same network, same CoNSeP classes",
         "format": base.get("format"),
         "mpp": final_card["mpp"],
         "type_names": final_card["type_names"],
@@ -111,7 +111,7 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
                            "train_members": [m["name"] for m in members if m["role"] == "train"],
                            "benchmark_members (never trained on)": [m["name"] for m in members
                                                                     if m["role"] == "benchmark"]}}
-           if last_cfg.get("augment") in ("stain", "wide") else {"augmentation": {"kind": last_cfg.get("augment")}}),
+           if last_cfg.get("augment") in _AUGMENT_WORDS else {"augmentation": {"kind": last_cfg.get("augment")}}),
         "metrics": {"validation": final_card.get("validation")},
     }
     return seal_card(card, weights_sha)

@@ -205,6 +205,12 @@ def _macenko_fit(od: np.ndarray, alpha: float) -> _MacenkoFit:
     return _MacenkoFit(stains, np.maximum(max_c, 1e-6))
 
 
+def _fit_pooled(images, od_threshold: float, alpha: float, min_pixels: int) -> _MacenkoFit | None:
+    """Macenko fit of the tissue pixels of ``images`` pooled; None when fewer than ``min_pixels``."""
+    od = np.concatenate([_tissue_od(np.asarray(im), od_threshold) for im in images]) if images else np.zeros((0, 3))
+    return _macenko_fit(od, alpha) if od.shape[0] >= min_pixels else None
+
+
 class MacenkoNormalizer:
     """Macenko stain normalisation: fit on a reference image, transform tiles.
 
@@ -233,10 +239,7 @@ class MacenkoNormalizer:
         return f"<MacenkoNormalizer {state}, od_threshold={self.od_threshold}, alpha={self.alpha}>"
 
     def _fit_image(self, rgb: np.ndarray) -> _MacenkoFit | None:
-        od = _tissue_od(rgb, self.od_threshold)
-        if od.shape[0] < self.min_pixels:
-            return None
-        return _macenko_fit(od, self.alpha)
+        return _fit_pooled([rgb], self.od_threshold, self.alpha, self.min_pixels)
 
     def fit(self, reference_rgb: np.ndarray) -> "MacenkoNormalizer":
         """Learn the reference's stain vectors and concentration scale; returns self."""
@@ -336,11 +339,9 @@ def macenko_stains(
     for a stable fit. Raises ``ValueError`` when there are fewer than ``min_pixels`` stained
     (non-glass) pixels.
     """
-    images = rgb if isinstance(rgb, (list, tuple)) else [rgb]
-    od = np.concatenate([_tissue_od(np.asarray(im), od_threshold) for im in images]) if images else np.zeros((0, 3))
-    if od.shape[0] < min_pixels:
+    got = _fit_pooled(rgb if isinstance(rgb, (list, tuple)) else [rgb], od_threshold, alpha, min_pixels)
+    if got is None:
         raise ValueError("The image has too little stained tissue to estimate stain vectors.")
-    got = _macenko_fit(od, alpha)
     return got.stain_matrix, got.max_concentrations
 
 

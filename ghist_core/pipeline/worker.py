@@ -197,8 +197,8 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     when finished, resumed from its checkpoints when resumable, and otherwise (or with
     ``new_run``) a new run starts. A finished run made by other weights than a new run would use
     (an update of the model or segmenter) is kept but not reused; an unfinished one is marked
-    failed with that reason (its files stay; a cancelled one stays cancelled) and a new run starts. Another process running the slide: ``SlideBusyError`` (or,
-    with ``wait``, wait for it).
+    failed with that reason (its files stay; a cancelled one stays cancelled) and a new run starts.
+    Another process running the slide: ``SlideBusyError`` (or, with ``wait``, wait for it).
 
     ``uncertainty`` asks for ``obs["expression_uncertainty"]`` (``PipelineConfig.uncertainty``): a
     latest run made without it is then not reused nor resumed (a new run starts), while a run made

@@ -196,19 +196,12 @@ class SegAugment:
         if len(sel):
             k = rng.integers(0, len(self.targets_), size=len(sel))
             tgt, tgt_max = self.targets_[k], self.targets_max_[k] * rng.uniform(*c.restain_intensity, (len(sel), 1))
-            if source_stains is None:
-                src = np.broadcast_to(self.reference_[0], (len(sel), 2, 3))
-                src_max = np.broadcast_to(self.reference_[1], (len(sel), 2))
-            else:
-                src, src_max = np.asarray(source_stains[0])[sel], np.asarray(source_stains[1])[sel]
+            src, src_max = self._source(sel, source_stains)
             idx = torch.from_numpy(sel).to(x.device)
             x[idx] = stain_transform_torch(x[idx], src, tgt, scale=tgt_max / src_max)
         sel = _pick(rng, b, c.p_stain_sample) if self.bank is not None else np.zeros(0, int)
         if len(sel):  # a random stain near the source's; what the two stains do not explain is kept
-            if source_stains is None:
-                src = np.broadcast_to(self.reference_[0], (len(sel), 2, 3))
-            else:
-                src = np.asarray(source_stains[0])[sel]
+            src, _ = self._source(sel, source_stains)
             tgt = sample_stains(src, rng, len(sel), c.stain_angle_deg)
             lo, hi = np.log(c.stain_intensity[0]), np.log(c.stain_intensity[1])
             scale = np.exp(rng.uniform(lo, hi, (len(sel), 2)))
@@ -234,6 +227,14 @@ class SegAugment:
             idx = torch.from_numpy(sel).to(x.device)
             x[idx] = _jpeg(x[idx], q)
         return x.clamp_(0, 1)
+
+    def _source(self, sel: np.ndarray, source_stains) -> tuple[np.ndarray, np.ndarray]:
+        """The stains (matrices, max concentrations) of the images ``sel`` are decomposed with: the
+        caller's ``source_stains`` when given, else the bank's training reference."""
+        if source_stains is None:
+            return (np.broadcast_to(self.reference_[0], (len(sel), 2, 3)),
+                    np.broadcast_to(self.reference_[1], (len(sel), 2)))
+        return np.asarray(source_stains[0])[sel], np.asarray(source_stains[1])[sel]
 
     def _colour_jitter(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Hue rotation and saturation (one 3 x 3 matrix per image in YIQ), contrast, brightness."""
