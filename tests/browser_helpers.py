@@ -114,6 +114,53 @@ def wait_app_idle(page, timeout_ms: int = 60_000) -> None:
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout_ms)
 
 
+def wait_rerun(page, start_ms: int = 2_000, timeout_ms: int = 60_000) -> None:
+    """After an input: give the rerun it triggers up to ``start_ms`` to begin, then wait until it ends
+    (``wait_app_idle`` alone can return before the rerun has started)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]', timeout=start_ms)
+    except PlaywrightTimeout:
+        pass  # it finished already, or the input triggered none
+    wait_app_idle(page, timeout_ms)
+
+
+def page_report(page, log_path: Path | None = None, chars: int = 3_000) -> str:
+    """What the page shows (its main text, any exception box) and the server log's tail, for a failure message."""
+    parts = []
+    for sel in ('[data-testid="stException"]', '[data-testid="stSidebar"]', '[data-testid="stMain"]'):
+        try:
+            loc = page.locator(sel)
+            if loc.count():
+                parts.append(f"--- {sel}:\n{loc.first.inner_text(timeout=5_000)[:chars]}")
+        except Exception as e:  # noqa: BLE001 (a report must not hide the failure it reports)
+            parts.append(f"--- {sel}: unreadable ({e})")
+    if log_path is not None and Path(log_path).exists():
+        parts.append(f"--- server log tail:\n{Path(log_path).read_text(errors='replace')[-chars:]}")
+    return "\n".join(parts)
+
+
+ZOOM_LABELS = ["Whole slide", "5×", "10×", "20×", "40×"]
+
+
+def set_zoom(page, label: str, log_path: Path | None = None) -> None:
+    """Move the Gene maps sidebar's Zoom slider to ``label`` with the keyboard (Home = whole slide)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    wait_rerun(page)
+    thumb = page.locator('[data-testid="stSidebar"]').get_by_role("slider").first
+    try:
+        thumb.wait_for(state="attached", timeout=90_000)
+    except PlaywrightTimeout as e:
+        raise AssertionError("no Zoom slider in the sidebar; the page shows:\n" + page_report(page, log_path)) from e
+    thumb.focus()
+    thumb.press("Home")
+    for _ in range(ZOOM_LABELS.index(label)):
+        thumb.press("ArrowRight")
+    wait_rerun(page)
+
+
 def canvas_image(page, index: int = 0) -> np.ndarray:
     """Screenshot of the n-th deck.gl map (the element, as the user sees it)."""
     el = page.locator('[data-testid="stDeckGlJsonChart"]').nth(index)
@@ -129,7 +176,7 @@ def choose_gene(page, gene: str, include_unreliable: bool = False) -> None:
         has_text="Show genes that are not reliable")
     if include_unreliable and toggle.count() and not toggle.first.locator("input").is_checked():
         toggle.first.locator("label").first.click()
-        wait_app_idle(page)
+        wait_rerun(page)
     box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first
     clear = box.locator('[data-testid="stMultiSelectClearAll"], [aria-label="Clear all"], svg[title="Clear all"]')
     if clear.count():
@@ -143,5 +190,6 @@ def choose_gene(page, gene: str, include_unreliable: bool = False) -> None:
     box.locator("input").first.fill(gene)
     page.keyboard.press("Enter")
     page.keyboard.press("Escape")
+    wait_rerun(page)
 
 

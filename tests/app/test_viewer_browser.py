@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from apptest_kit import register_prediction
-from browser_helpers import REPO, StreamlitServer, canvas_image, open_gene_maps, require_chromium, wait_app_idle
+from browser_helpers import REPO, StreamlitServer, canvas_image, open_gene_maps, require_chromium, set_zoom, wait_app_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 BAND_UM = (720.0, 980.0)  # cells only in this x band (right of the centre, in tissue)
@@ -62,17 +62,6 @@ def demo_with_nuclei(projects: Path, demo_slide: Path) -> None:
     register_prediction(project, rec.slide_id, a)
 
 
-def set_zoom(page, label: str) -> None:
-    """Move the sidebar's Zoom slider to ``label`` with the keyboard (Home = whole slide)."""
-    thumb = page.locator('[data-testid="stSidebar"]').get_by_role("slider").first
-    thumb.focus()
-    thumb.press("Home")
-    steps = ["Whole slide", "5×", "10×", "20×", "40×"].index(label)
-    for _ in range(steps):
-        thumb.press("ArrowRight")
-    wait_app_idle(page)
-
-
 @pytest.mark.timeout(600)
 def test_close_up_shows_full_resolution_detail(tmp_path, demo_slide):
     require_chromium()
@@ -96,7 +85,7 @@ def test_close_up_shows_full_resolution_detail(tmp_path, demo_slide):
         overview = canvas_image(page)
         Image.fromarray(overview).save(shots / "overview_zoomed.png")
 
-        set_zoom(page, "40×")
+        set_zoom(page, "40×", tmp_path / "streamlit.log")
         expect(page.get_by_text("40× close-up").first).to_be_visible(timeout=60_000)
         page.wait_for_timeout(2500)
         close = canvas_image(page)

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from browser_helpers import REPO, StreamlitServer, canvas_image, choose_gene, open_gene_maps, require_chromium, wait_app_idle
+from browser_helpers import REPO, StreamlitServer, canvas_image, choose_gene, open_gene_maps, require_chromium, set_zoom
 from testkit import require_shared
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -56,16 +56,6 @@ def her2st_crop(her2st: Path, out: Path, section: str = "C3", side: int = SIDE_P
     return out
 
 
-def set_zoom(page, label: str) -> None:
-    """Move the sidebar's Zoom slider to ``label`` with the keyboard (Home = whole slide)."""
-    thumb = page.locator('[data-testid="stSidebar"]').get_by_role("slider").first
-    thumb.focus()
-    thumb.press("Home")
-    for _ in range(["Whole slide", "5×", "10×", "20×", "40×"].index(label)):
-        thumb.press("ArrowRight")
-    wait_app_idle(page)
-
-
 def _close_up_outlines_real_nuclei(tmp_path: Path, crop: Path, mpp: float, patient: str, name: str,
                                    figure: str) -> None:
     """Predict ``crop`` with the bundled models, open Gene maps at 40× on ERBB2 and check the close-up."""
@@ -86,9 +76,7 @@ def _close_up_outlines_real_nuclei(tmp_path: Path, crop: Path, mpp: float, patie
     with StreamlitServer(tmp_path / "projects", tmp_path / "streamlit.log") as server, sync_playwright() as p:
         browser, page = open_gene_maps(p, server, (1400, 1100))
         choose_gene(page, "ERBB2", include_unreliable=True)  # ERBB2 does not beat the floor
-        wait_app_idle(page)
-
-        set_zoom(page, "40×")
+        set_zoom(page, "40×", tmp_path / "streamlit.log")
         expect(page.get_by_text("40× close-up").first).to_be_visible(timeout=60_000)
         label = page.get_by_text(re.compile(r"[\d,]+ nuclei outlined")).first
         expect(label).to_be_visible(timeout=60_000)
