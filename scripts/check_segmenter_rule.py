@@ -1,0 +1,105 @@
+"""The pre-declared rule for adopting a new default segmenter (docs/DECISIONS.md, 2026-12-05,
+sessions 10 and 11): reads one ``bench/segmentation.py`` result in which the incumbent and the
+candidate were scored in the same run.
+
+    python scripts/check_segmenter_rule.py RESULT.json --current nuclei-seg-stain --candidate nuclei-seg-wide
+
+Prints each criterion and ADOPT or KEEP; exit status 0 for ADOPT, 1 for KEEP, 2 when a block the
+rule needs is missing. Adoption of a segmenter also needs the #17 re-run on its pack
+(``scripts/check_switch_rule.py``); this script judges the segmentation half only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+#: the rule's thresholds, as written before the run
+MAX_ACCURACY_DROP = 0.005  # test AJI, per set
+MAX_SPEARMAN_DROP = 0.1  # HER2ST nuclei per spot, agreement with the classical segmenter
+SETS = ("consep", "monuseg")
+STAIN_PROTOCOL = 2
+
+
+class RuleInputError(ValueError):
+    """The result file lacks a block, a set or a model the rule needs."""
+
+
+def _need(d: dict, *keys: str):
+    cur = d
+    for k in keys:
+        if not isinstance(cur, dict) or k not in cur:
+            raise RuleInputError(f"missing {'/'.join(keys)} (at {k!r}) in the result")
+        cur = cur[k]
+    return cur
+
+
+def worst_stain_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
+    """The lowest AJI over the shifts (the unshifted original and test-time normalisation excluded)."""
+    if _need(res, "stain_shift", "protocol", "version") != STAIN_PROTOCOL:
+        raise RuleInputError(f"stain_shift is not protocol version {STAIN_PROTOCOL}")
+    scores = _need(res, "stain_shift", "datasets", ds, "scores")
+    per = {shift: _need(row, model, "aji") for shift, row in scores.items() if shift != "original"}
+    if not per:
+        raise RuleInputError(f"stain_shift/{ds} has no shifted rows")
+    worst = min(per, key=per.get)
+    return per[worst], worst
+
+
+def worst_scale_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
+    """The lowest AJI over the zooms (1x included, as the block reports it)."""
+    rows = _need(res, "scale_shift", "datasets", ds, "aji")
+    per = {z: _need(row, model) for z, row in rows.items()}
+    worst = min(per, key=per.get)
+    return per[worst], worst
+
+
+def check(res: dict, current: str, candidate: str) -> tuple[bool, list[str]]:
+    """(adopt?, one line per criterion)."""
+    lines, ok = [], True
+
+    def verdict(name: str, passed: bool, detail: str) -> None:
+        nonlocal ok
+        ok &= passed
+        lines.append(f"{'PASS' if passed else 'FAIL'}  {name}: {detail}")
+
+    for ds in SETS:
+        a0, a1 = _need(res, "accuracy", current, ds, "aji"), _need(res, "accuracy", candidate, ds, "aji")
+        verdict(f"1. {ds} test AJI", a1 >= a0 - MAX_ACCURACY_DROP,
+                f"{a1:.4f} (current {a0:.4f}, needs >= {a0 - MAX_ACCURACY_DROP:.4f})")
+    for ds in SETS:
+        (w0, s0), (w1, s1) = worst_stain_aji(res, ds, current), worst_stain_aji(res, ds, candidate)
+        verdict(f"2. {ds} worst stain-shift AJI", w1 >= w0, f"{w1:.4f} ({s1}) vs current {w0:.4f} ({s0})")
+    f0 = _need(res, "accuracy", current, "consep", "per_type_f1", "other")
+    f1 = _need(res, "accuracy", candidate, "consep", "per_type_f1", "other")
+    verdict("3. CoNSeP 'other' F1 higher", f1 > f0, f"{f1:.4f} vs current {f0:.4f}")
+    r0 = _need(res, "her2st_counts", current, "pooled", "spearman")
+    r1 = _need(res, "her2st_counts", candidate, "pooled", "spearman")
+    verdict("4. HER2ST count Spearman with classical", r1 >= r0 - MAX_SPEARMAN_DROP,
+            f"{r1:.3f} (current {r0:.3f}, needs >= {r0 - MAX_SPEARMAN_DROP:.3f})")
+    for ds in SETS:
+        (w0, z0), (w1, z1) = worst_scale_aji(res, ds, current), worst_scale_aji(res, ds, candidate)
+        verdict(f"5. {ds} worst scale-shift AJI", w1 >= w0, f"{w1:.4f} (zoom {z1}) vs current {w0:.4f} (zoom {z0})")
+    return ok, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("result", type=Path, help="a bench/segmentation.py JSON with both models")
+    ap.add_argument("--current", default="nuclei-seg-stain")
+    ap.add_argument("--candidate", required=True, help="the candidate's name in the result (its file stem)")
+    a = ap.parse_args(argv)
+    try:
+        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate)
+    except (RuleInputError, OSError, json.JSONDecodeError) as e:
+        print(f"cannot judge: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print("ADOPT (the segmentation half; the #17 re-run decides the rest)" if ok else "KEEP")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The pre-declared segmenter adoption rule (scripts/check_segmenter_rule.py) judges one
+bench/segmentation.py result by the thresholds written in docs/DECISIONS.md, can say KEEP, and
+refuses a result that lacks what it needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from testkit import load_repo_script
+
+rule = load_repo_script("scripts/check_segmenter_rule.py")
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "results" / "segmentation.json"
+
+
+def _as_candidate(res: dict, src: str, name: str) -> dict:
+    """``res`` with a copy of model ``src``'s rows under ``name`` in every block the rule reads."""
+    out = copy.deepcopy(res)
+    out["accuracy"][name] = copy.deepcopy(res["accuracy"][src])
+    out["her2st_counts"][name] = copy.deepcopy(res["her2st_counts"][src])
+    for ds in rule.SETS:
+        for row in out["stain_shift"]["datasets"][ds]["scores"].values():
+            row[name] = copy.deepcopy(row[src])
+        for row in out["scale_shift"]["datasets"][ds]["aji"].values():
+            row[name] = row[src]
+    return out
+
+
+def test_the_committed_result_is_judged_criterion_by_criterion():
+    """On the committed run, nuclei-seg-stain against nuclei-seg (when that run scored both; in the
+    session-11 run it was better under every stain shift and worse at 2x zoom)."""
+    res = json.loads(BENCH.read_text())
+    ok, lines = rule.check(res, "nuclei-seg", "nuclei-seg-stain")
+    assert len(lines) == 8 and all(ln.split()[0] in ("PASS", "FAIL") for ln in lines)
+    assert ok == all(ln.startswith("PASS") for ln in lines)
+
+
+def test_a_copy_of_the_incumbent_keeps_and_a_clear_improvement_adopts(tmp_path):
+    res = _as_candidate(json.loads(BENCH.read_text()), "nuclei-seg-stain", "cand")
+    ok, lines = rule.check(res, "nuclei-seg-stain", "cand")
+    assert not ok and sum(ln.startswith("FAIL") for ln in lines) == 1 and "'other' F1" in \
+        next(ln for ln in lines if ln.startswith("FAIL"))  # equal is not higher
+
+    better = copy.deepcopy(res)
+    better["accuracy"]["cand"]["consep"]["per_type_f1"]["other"] += 0.01
+    better["accuracy"]["cand"]["consep"]["aji"] -= 0.004  # within the allowed 0.005
+    assert rule.check(better, "nuclei-seg-stain", "cand")[0]
+
+    worse = copy.deepcopy(better)
+    worse["accuracy"]["cand"]["monuseg"]["aji"] -= 0.006
+    assert not rule.check(worse, "nuclei-seg-stain", "cand")[0]
+    pale = copy.deepcopy(better)
+    pale["stain_shift"]["datasets"]["consep"]["scores"]["cmu1-svs"]["cand"]["aji"] -= 0.2
+    ok, lines = rule.check(pale, "nuclei-seg-stain", "cand")
+    assert not ok and any(ln.startswith("FAIL  2. consep") and "cmu1-svs" in ln for ln in lines)
+
+    (tmp_path / "good.json").write_text(json.dumps(better))
+    (tmp_path / "bad.json").write_text(json.dumps(worse))
+    assert rule.main([str(tmp_path / "good.json"), "--candidate", "cand"]) == 0
+    assert rule.main([str(tmp_path / "bad.json"), "--candidate", "cand"]) == 1
+
+
+def test_a_result_missing_a_block_or_model_cannot_be_judged(tmp_path, capsys):
+    res = _as_candidate(json.loads(BENCH.read_text()), "nuclei-seg-stain", "cand")
+    del res["scale_shift"]
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    assert rule.main([str(tmp_path / "r.json"), "--candidate", "cand"]) == 2
+    assert "missing scale_shift" in capsys.readouterr().err
+    assert rule.main([str(BENCH), "--candidate", "not-scored"]) == 2
+    old = _as_candidate(json.loads(BENCH.read_text()), "nuclei-seg-stain", "cand")
+    old["stain_shift"]["protocol"]["version"] = 1
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert rule.main([str(tmp_path / "v1.json"), "--candidate", "cand"]) == 2
