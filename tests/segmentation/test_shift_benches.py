@@ -12,7 +12,8 @@ bench = load_repo_script("bench/segmentation.py")
 def test_scale_shift_keeps_the_truth_aligned_with_the_zoomed_image(demo_slide, tmp_path):
     """A one-image split whose truth is the classical segmenter's own nuclei: at zoom 1 it scores
     AJI 1; enlarged 2x and cropped, the truth is cropped the same way, so the classical segmenter
-    still matches most of it (a shifted crop would score near 0); the summary names the worst zoom."""
+    still matches most of it (a shifted crop would score near 0); the summary names the worst zoom;
+    the block is in the result file."""
     import numpy as np
     from PIL import Image
 
@@ -27,8 +28,12 @@ def test_scale_shift_keeps_the_truth_aligned_with_the_zoomed_image(demo_slide, t
     Image.fromarray(rgb).save(folder / "demo.png")
     Image.fromarray(inst.astype(np.uint16)).save(folder / "demo.inst.png")
     seg = load_segmenter("nuclei-seg-stain", device="cpu")
+    out = tmp_path / "result.json"
     res = bench.scale_shift({"nuclei-seg-stain": seg, "classical": classical}, tmp_path, every={"monuseg": 1},
-                            zooms=(2.0,))
+                            zooms=(2.0,), out=out)
+    import json
+
+    assert json.loads(out.read_text())["scale_shift"] == json.loads(json.dumps(res))  # written as it went
     rows = res["datasets"]["monuseg"]["aji"]
     assert rows["1.0"]["classical"] == 1.0
     assert 0.3 < rows["2.0"]["classical"] < 1.0
