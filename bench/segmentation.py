@@ -32,6 +32,7 @@ check that the model finds nuclei where the colour-threshold method does.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -57,11 +58,12 @@ HOVERNET_RADIUS_PX = 12  # at 0.25 µm/px
 
 def evaluate(seg, samples) -> dict:
     """Scores of one segmenter on one split (per-image mean and pooled)."""
-    per, pooled = [], SegCounts()
+    per, pooled, scales = [], SegCounts(), []
     det6, det_hn = DetectionCounts(), DetectionCounts()
     name_to_int = {n: i + 1 for i, n in enumerate(CONSEP_TYPES)}
     for s in samples:
         inst, cells = seg.segment_tile(s.rgb, DATA_MPP)
+        scales.append(cells.attrs.get("nucleus_scale", 1.0))
         c = seg_counts(s.inst, inst)
         per.append(c)
         pooled = pooled + c
@@ -75,6 +77,8 @@ def evaluate(seg, samples) -> dict:
            "f1_detection": round(det6.f1, 4), "f_d": round(det_hn.f1, 4),
            "pooled": {k: round(v, 4) for k, v in pooled.scores().items()},
            "n_images": len(samples), "n_true": int(pooled.tp + pooled.fn), "n_pred": int(pooled.tp + pooled.fp)}
+    if getattr(seg, "nucleus_scale", 1.0) == "auto":  # how often the scale check moved off 1
+        out["nucleus_scale_moved"] = round(float(np.mean([f != 1.0 for f in scales])) if scales else 0.0, 4)
     if samples and samples[0].types is not None:
         out["per_type_f1"] = None  # the classical baseline has no classifier
     if samples and samples[0].types is not None and getattr(seg, "type_names", ()):
@@ -216,7 +220,7 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
         row = {}
         for mname, seg in methods.items():
             r = evaluate(seg, cur)
-            row[mname] = {key: r[key] for key in keys}
+            row[mname] = {key: r[key] for key in (*keys, "nucleus_scale_moved") if key in r}
         return row
 
     for ds, k in every.items():
@@ -341,7 +345,11 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path |
         for z in (1.0, *zooms):
             t = time.perf_counter()
             cur = samples if z == 1.0 else [zoomed(s, z) for s in samples]
-            rows[str(z)] = {name: evaluate(seg, cur)["aji"] for name, seg in methods.items()}
+            scored = {name: evaluate(seg, cur) for name, seg in methods.items()}
+            rows[str(z)] = {name: r["aji"] for name, r in scored.items()}
+            moved = {name: r["nucleus_scale_moved"] for name, r in scored.items() if "nucleus_scale_moved" in r}
+            if moved:
+                block.setdefault("nucleus_scale_moved", {})[str(z)] = moved
             print(f"{ds} zoom {z}: {rows[str(z)]} ({time.perf_counter() - t:.0f} s)", flush=True)
             block["summary"] = {
                 m: {"worst_zoom": min(rows, key=lambda z: rows[z][m]), "worst_aji": min(r[m] for r in rows.values()),
@@ -440,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--monuseg-every", type=int, default=2, help="stain and scale shift: every k-th MoNuSeg test tile")
     ap.add_argument("--no-ttn", action="store_true", help="stain shift: skip test-time normalisation")
     ap.add_argument("--her2st-spots", type=int, default=40, help="HER2ST check: spots per section")
+    ap.add_argument("--auto-scale", action="store_true",
+                    help="also score each learned model as '<name>+auto-scale': segment_tile(..., nucleus_scale='auto') "
+                         "(accuracy, stain and scale shift)")
     a = ap.parse_args(argv)
     blocks = [b.strip() for b in a.only.split(",") if b.strip()]
     unknown = sorted(set(blocks) - set(BLOCKS))
@@ -452,7 +463,12 @@ def main(argv: list[str] | None = None) -> None:
         seg = load_segmenter(mid, device=a.device)
         learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
     classical = ClassicalSegmenter()
-    methods = {**learned, "classical": classical}
+    variants = {}
+    if a.auto_scale:  # the same network with the nucleus-scale check (segment_tile only: not the speed block)
+        for name, seg in learned.items():
+            variants[f"{name}+auto-scale"] = v = copy.copy(seg)
+            v.nucleus_scale = "auto"
+    methods = {**learned, **variants, "classical": classical}
     model = next(iter(learned.values()))  # the device and speed reference
     device_name = torch.cuda.get_device_name(0) if model.device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

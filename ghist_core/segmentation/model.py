@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ghist_core.device import autocast_for, pick_device
-from ghist_core.errors import WeightsFormatError, WeightsNotFoundError
+from ghist_core.errors import ModelInputError, WeightsFormatError, WeightsNotFoundError
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
@@ -31,6 +32,19 @@ from ghist_core._types import ProgressCallback, SlideLike
 from ghist_core.io.slide import check_mpp
 from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_labels, resample_rgb, run_tiled,
                      warn_if_far, working_shape)
+
+#: ``segment_tile(..., nucleus_scale="auto")``: the factors tried and the nuclear-pixel certainty
+#: gain a factor other than 1 needs. Chosen on the validation split (66 images of the training
+#: tiles, zoomed x1-x2) before any test image was scored: docs/DECISIONS.md, session 12.
+SCALE_FACTORS = (1.0, 2.0 / 3.0)
+SCALE_MARGIN = 0.01
+
+
+def nucleus_certainty(np_prob: np.ndarray) -> float:
+    """Mean |2p - 1| of a nuclear-pixel probability map: how sure the network is, pixel by pixel,
+    of nucleus versus background. Higher when nuclei reach it at the size it was trained on."""
+    return float(np.abs(2.0 * np.asarray(np_prob, np.float32) - 1.0).mean()) if np.size(np_prob) else 0.0
+
 
 #: CoNSeP's four nucleus classes, in the order of the type head's channels 1..4.
 CONSEP_TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
@@ -159,6 +173,8 @@ class LearnedSegmenter:
         self.workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 1) // 2))
         self._pool: ThreadPoolExecutor | None = None
         self.name = self.card.get("name", "learned")
+        #: ``segment_tile``'s default ``nucleus_scale`` (1.0: as stated; "auto": the scale check)
+        self.nucleus_scale: float | str = 1.0
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -247,27 +263,66 @@ class LearnedSegmenter:
         return np_out[:h, :w], hv_out[:, :h, :w], tp_out[:, :h, :w]
 
     # --- public API -----------------------------------------------------------------------
-    def segment_tile(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, pd.DataFrame]:
+    def segment_tile(self, rgb: np.ndarray, mpp: float, *, nucleus_scale: float | str | None = None
+                     ) -> tuple[np.ndarray, pd.DataFrame]:
         """Instances (int32, same H x W as ``rgb``) and one row per nucleus.
 
         The image is resampled to the model's µm/px (a warning beyond 2x). When the input is
         finer than the model, the maps are upsampled before the watershed, so boundaries keep
         the input's detail.
+
+        ``nucleus_scale`` (None: :attr:`nucleus_scale`, 1.0 unless set) segments as if the
+        pixels were ``nucleus_scale`` x ``mpp``: below 1, nuclei reach the network smaller, as
+        for nuclei that look larger than the training nuclei (large tumour nuclei, a mis-stated
+        µm/px). Measurements stay in the true ``mpp``. ``"auto"`` tries each of
+        :data:`SCALE_FACTORS` and keeps 1.0 unless another raises the network's nuclear-pixel
+        certainty by more than :data:`SCALE_MARGIN` (rule chosen on the validation split,
+        docs/DECISIONS.md). The factor used is in ``cells.attrs["nucleus_scale"]``.
         """
         rgb = check_rgb(rgb)
         mpp = check_mpp(mpp)
         warn_if_far(mpp, self.mpp, "The nucleus model")
+        scale = self.nucleus_scale if nucleus_scale is None else nucleus_scale
         hw = rgb.shape[:2]
-        work_hw = working_shape(hw, mpp, self.mpp)
-        if min(work_hw) < 4 or is_featureless(rgb):
-            inst = np.zeros(hw, np.int32)
-            return inst, self._finish(measure_instances(inst, mpp, type_names=self.type_names), mpp, empty=True)
-        npp, hv, tp = self.predict_maps(resample_rgb(rgb, work_hw))
-        if work_hw != hw and mpp < self.mpp:
+        if is_featureless(rgb):
+            return self._empty(hw, mpp)
+        if isinstance(scale, str) and scale == "auto":
+            tried = {f: m for f in SCALE_FACTORS if (m := self._maps_at(rgb, mpp * f)) is not None}
+            if not tried:
+                return self._empty(hw, mpp)
+            cert = {f: nucleus_certainty(m[0]) for f, m in tried.items()}
+            f = max(cert, key=cert.get)
+            if f != 1.0 and 1.0 in cert and cert[f] <= cert[1.0] + SCALE_MARGIN:
+                f = 1.0
+            maps = tried[f]
+        else:
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0.1 <= float(scale) <= 10.0:
+                raise ModelInputError(f"nucleus_scale must be 'auto' or a number between 0.1 and 10, not {scale!r}.")
+            f = float(scale)
+            maps = self._maps_at(rgb, mpp * f)
+            if maps is None:
+                return self._empty(hw, mpp)
+        inst, cells = self._instances(maps, hw, mpp, mpp * f)
+        cells.attrs["nucleus_scale"] = f
+        return inst, cells
+
+    def _maps_at(self, rgb: np.ndarray, seg_mpp: float) -> tuple | None:
+        """Network maps of ``rgb`` read as ``seg_mpp`` µm/px (None when that is under 4 working px)."""
+        work_hw = working_shape(rgb.shape[:2], seg_mpp, self.mpp)
+        if min(work_hw) < 4:
+            return None
+        return self.predict_maps(resample_rgb(rgb, work_hw))
+
+    def _instances(self, maps: tuple, hw: tuple[int, int], mpp: float, seg_mpp: float
+                   ) -> tuple[np.ndarray, pd.DataFrame]:
+        """Instances at the input's H x W from maps made at ``seg_mpp``; cells measured at ``mpp``."""
+        npp, hv, tp = maps
+        work_hw = npp.shape
+        if work_hw != hw and seg_mpp < self.mpp:
             up = lambda a: F.interpolate(torch.from_numpy(a)[None], size=hw, mode="bilinear",
                                          align_corners=False)[0].numpy()
             npp, hv, tp = up(npp[None])[0], up(hv), up(tp)
-            inst = hv_watershed(npp, hv, mpp, self._post_at(mpp))
+            inst = hv_watershed(npp, hv, seg_mpp, self._post_at(seg_mpp))
             cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names)
         else:
             inst_w = hv_watershed(npp, hv, self.mpp, self.post)
@@ -286,6 +341,12 @@ class LearnedSegmenter:
                 for c in prob_cols:
                     cells[c] = lookup[c].to_numpy()
         return inst, self._finish(cells, mpp)
+
+    def _empty(self, hw: tuple[int, int], mpp: float) -> tuple[np.ndarray, pd.DataFrame]:
+        inst = np.zeros(hw, np.int32)
+        cells = self._finish(measure_instances(inst, mpp, type_names=self.type_names), mpp, empty=True)
+        cells.attrs["nucleus_scale"] = 1.0
+        return inst, cells
 
     def _post_at(self, mpp: float) -> PostProcessConfig:
         """Thresholds for maps upsampled to ``mpp``: gradients shrink with the scale, sigma grows."""
