@@ -1,0 +1,82 @@
+"""``segment_tile(..., nucleus_scale=)``: segmenting as if the pixels were f x the stated µm/px
+keeps the instances aligned with the input, measures in the true µm/px, and the "auto" check
+keeps the stated scale on ordinary tissue and moves off it when nuclei look twice their size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ghist_core.errors import ModelInputError
+from ghist_core.io.slide import open_slide
+from ghist_core.segmentation import load_segmenter
+from ghist_core.segmentation.model import SCALE_FACTORS, nucleus_certainty
+from ghist_core.segmentation.tiling import resample_rgb
+
+
+@pytest.fixture(scope="module")
+def seg():
+    return load_segmenter("nuclei-seg-stain", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def region(demo_slide):
+    """200 µm of the demo slide at its own 0.5 µm/px and the same tissue enlarged 2x (nuclei look
+    twice their size when the stated µm/px is kept)."""
+    with open_slide(demo_slide) as s:
+        mpp = s.mpp
+        rgb = np.ascontiguousarray(s.read_region((900, 1300), 0, (400, 400))[..., :3])
+    return rgb, resample_rgb(rgb, (800, 800)), mpp
+
+
+def test_factor_one_is_the_plain_call(seg, region):
+    rgb, _, mpp = region
+    a, ca = seg.segment_tile(rgb, mpp)
+    b, cb = seg.segment_tile(rgb, mpp, nucleus_scale=1.0)
+    assert np.array_equal(a, b) and ca.attrs["nucleus_scale"] == cb.attrs["nucleus_scale"] == 1.0
+
+
+def test_a_factor_measures_in_the_true_mpp(seg, region):
+    """The enlarged tile segmented with f = 1/2 finds about the same nuclei as the native tile,
+    at twice the pixel positions and (in the stated µm/px) four times the area."""
+    rgb, big, mpp = region
+    inst1, c1 = seg.segment_tile(rgb, mpp)
+    inst2, c2 = seg.segment_tile(big, mpp, nucleus_scale=0.5)
+    assert inst2.shape == big.shape[:2] and c2.attrs["nucleus_scale"] == 0.5
+    assert 0.8 < len(c2) / len(c1) < 1.25
+    ratio = float(np.median(c2["area_um2"]) / np.median(c1["area_um2"]))
+    assert 3.0 < ratio < 5.3, ratio
+    # each native nucleus has a nucleus of the enlarged tile at twice its position (within 3 µm)
+    p1 = c1[["x_um", "y_um"]].to_numpy() * 2
+    p2 = c2[["x_um", "y_um"]].to_numpy()
+    d = np.sqrt(((p1[:, None, :] - p2[None, :, :]) ** 2).sum(-1)).min(1)
+    assert np.median(d) < 3.0
+
+
+def test_auto_keeps_the_stated_scale_on_tissue_and_moves_for_large_nuclei(seg, region):
+    rgb, big, mpp = region
+    _, native = seg.segment_tile(rgb, mpp, nucleus_scale="auto")
+    assert native.attrs["nucleus_scale"] == 1.0
+    _, enlarged = seg.segment_tile(big, mpp, nucleus_scale="auto")
+    assert enlarged.attrs["nucleus_scale"] in SCALE_FACTORS and enlarged.attrs["nucleus_scale"] < 1.0
+    _, plain = seg.segment_tile(big, mpp)
+    assert len(enlarged) < len(plain)  # the plain call cuts the large nuclei into more pieces
+
+
+def test_the_segmenter_default_and_bad_factors(seg, region):
+    rgb, _, mpp = region
+    seg2 = __import__("copy").copy(seg)
+    seg2.nucleus_scale = 0.5
+    assert seg2.segment_tile(rgb[:128, :128], mpp)[1].attrs["nucleus_scale"] == 0.5
+    assert seg.nucleus_scale == 1.0  # the copy's setting is its own
+    for bad in ("bigger", -1, 0.0, float("nan"), 50, True, None.__class__):
+        with pytest.raises(ModelInputError):
+            seg.segment_tile(rgb[:64, :64], mpp, nucleus_scale=bad)
+    inst, cells = seg.segment_tile(np.full((64, 64, 3), 255, np.uint8), mpp, nucleus_scale="auto")
+    assert inst.max() == 0 and len(cells) == 0 and cells.attrs["nucleus_scale"] == 1.0
+
+
+def test_certainty_is_higher_for_confident_maps():
+    assert nucleus_certainty(np.array([0.0, 1.0])) == 1.0
+    assert nucleus_certainty(np.full((4, 4), 0.5)) == 0.0
+    assert nucleus_certainty(np.zeros((0,))) == 0.0
