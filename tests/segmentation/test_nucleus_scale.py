@@ -10,7 +10,7 @@ import pytest
 from ghist_core.errors import ModelInputError
 from ghist_core.io.slide import open_slide
 from ghist_core.segmentation import load_segmenter
-from ghist_core.segmentation.model import SCALE_FACTORS, nucleus_certainty
+from ghist_core.segmentation.model import SCALE_FACTORS, foreground_certainty
 from ghist_core.segmentation.tiling import resample_rgb
 
 
@@ -77,6 +77,7 @@ def test_the_segmenter_default_and_bad_factors(seg, region):
 
 
 def test_certainty_is_higher_for_confident_maps():
-    assert nucleus_certainty(np.array([0.0, 1.0])) == 1.0
-    assert nucleus_certainty(np.full((4, 4), 0.5)) == 0.0
-    assert nucleus_certainty(np.zeros((0,))) == 0.0
+    assert foreground_certainty(np.array([0.0, 1.0])) == 1.0
+    assert foreground_certainty(np.array([0.1, 0.6, 0.8])) == pytest.approx(0.7)
+    assert foreground_certainty(np.full((4, 4), 0.5)) == 0.0  # nothing called nucleus
+    assert foreground_certainty(np.zeros((0,))) == 0.0
