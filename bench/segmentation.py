@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     learned = {}
     for mid in [m.strip() for m in a.models.split(",") if m.strip()]:
         seg = load_segmenter(mid, device=a.device)
+        seg.nucleus_scale = 1.0  # each model as stated; --auto-scale adds its scale-checked twin
         learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
     classical = ClassicalSegmenter()
     variants = {}

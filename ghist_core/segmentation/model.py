@@ -178,8 +178,9 @@ class LearnedSegmenter:
         self.workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 1) // 2))
         self._pool: ThreadPoolExecutor | None = None
         self.name = self.card.get("name", "learned")
-        #: ``segment_tile``'s default ``nucleus_scale`` (1.0: as stated; "auto": the scale check)
-        self.nucleus_scale: float | str = 1.0
+        #: ``segment_tile``'s default ``nucleus_scale`` ("auto": the scale check, adopted by the rule in
+        #: docs/DECISIONS.md, session 12; 1.0: as stated). ``segment_slide`` does not use it yet.
+        self.nucleus_scale: float | str = "auto"
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -276,7 +277,7 @@ class LearnedSegmenter:
         finer than the model, the maps are upsampled before the watershed, so boundaries keep
         the input's detail.
 
-        ``nucleus_scale`` (None: :attr:`nucleus_scale`, 1.0 unless set) segments as if the
+        ``nucleus_scale`` (None: :attr:`nucleus_scale`, ``"auto"`` unless set) segments as if the
         pixels were ``nucleus_scale`` x ``mpp``: below 1, nuclei reach the network smaller, as
         for nuclei that look larger than the training nuclei (large tumour nuclei, a mis-stated
         µm/px). Measurements stay in the true ``mpp``. ``"auto"`` keeps 1.0 unless the nuclei

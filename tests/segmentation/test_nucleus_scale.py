@@ -29,7 +29,10 @@ def region(demo_slide):
     return rgb, resample_rgb(rgb, (800, 800)), mpp
 
 
-def test_factor_one_is_the_plain_call(seg, region):
+def test_the_default_is_the_check_and_keeps_factor_one_on_ordinary_tissue(seg, region):
+    """Adopted by the pre-declared rule (docs/DECISIONS.md, session 12): the plain call checks the
+    scale, and on the demo tissue as scanned it keeps the stated one, nucleus for nucleus."""
+    assert seg.nucleus_scale == "auto"
     rgb, _, mpp = region
     a, ca = seg.segment_tile(rgb, mpp)
     b, cb = seg.segment_tile(rgb, mpp, nucleus_scale=1.0)
@@ -59,7 +62,7 @@ def test_auto_keeps_the_stated_scale_on_tissue_and_moves_for_large_nuclei(seg, r
     assert native.attrs["nucleus_scale"] == 1.0
     _, enlarged = seg.segment_tile(big, mpp, nucleus_scale="auto")
     assert enlarged.attrs["nucleus_scale"] in SCALE_FACTORS and enlarged.attrs["nucleus_scale"] < 1.0
-    _, plain = seg.segment_tile(big, mpp)
+    _, plain = seg.segment_tile(big, mpp, nucleus_scale=1.0)
     assert len(enlarged) < len(plain)  # the plain call cuts the large nuclei into more pieces
 
 
@@ -68,7 +71,7 @@ def test_the_segmenter_default_and_bad_factors(seg, region):
     seg2 = __import__("copy").copy(seg)
     seg2.nucleus_scale = 0.5
     assert seg2.segment_tile(rgb[:128, :128], mpp)[1].attrs["nucleus_scale"] == 0.5
-    assert seg.nucleus_scale == 1.0  # the copy's setting is its own
+    assert seg.nucleus_scale == "auto"  # the copy's setting is its own
     for bad in ("bigger", -1, 0.0, float("nan"), 50, True, None.__class__):
         with pytest.raises(ModelInputError):
             seg.segment_tile(rgb[:64, :64], mpp, nucleus_scale=bad)
