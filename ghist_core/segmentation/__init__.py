@@ -4,6 +4,8 @@
 (bundled weights: ``nuclei-seg-stain``, the stain-robust fine-tune of ``nuclei-seg``; see
 ``ghist_core.paths.DEFAULT_SEGMENTER``); ``load_segmenter(kind="classical")`` the QuPath-style baseline. Both offer
 ``segment_tile(rgb, mpp) -> (instances, cells)`` and ``segment_slide(slide, ...) -> cells``.
+The learned model's ``segment_tile`` also checks the nucleus scale by default
+(``nucleus_scale="auto"``; ``cells.attrs["nucleus_scale"]`` says which it used).
 """
 
 from __future__ import annotations
