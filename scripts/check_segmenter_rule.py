@@ -41,6 +41,9 @@ def worst_stain_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
     if _need(res, "stain_shift", "protocol", "version") != STAIN_PROTOCOL:
         raise RuleInputError(f"stain_shift is not protocol version {STAIN_PROTOCOL}")
     scores = _need(res, "stain_shift", "datasets", ds, "scores")
+    missing = set(_need(res, "stain_shift", "shifts")) - set(scores)
+    if missing:  # a run killed part-way writes the shifts it has done
+        raise RuleInputError(f"stain_shift/{ds} lacks shift(s) {sorted(missing)}: the run did not finish")
     per = {shift: _need(row, model, "aji") for shift, row in scores.items() if shift != "original"}
     if not per:
         raise RuleInputError(f"stain_shift/{ds} has no shifted rows")
@@ -51,6 +54,9 @@ def worst_stain_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
 def worst_scale_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
     """The lowest AJI over the zooms (1x included, as the block reports it)."""
     rows = _need(res, "scale_shift", "datasets", ds, "aji")
+    missing = {str(float(z)) for z in _need(res, "scale_shift", "protocol", "zooms")} - set(rows)
+    if missing or not rows:
+        raise RuleInputError(f"scale_shift/{ds} lacks zoom(s) {sorted(missing)}: the run did not finish")
     per = {z: _need(row, model) for z, row in rows.items()}
     worst = min(per, key=per.get)
     return per[worst], worst

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         fracs.append(fr.astype(np.float32))
         for i in range(len(cnt)):
             rgb = extract_patch(img, spots["pixel_x"].iloc[i], spots["pixel_y"].iloc[i], HER2ST_MPP, args.mpp, args.patch)
-            # as stated (no scale check): the app segments slides through segment_slide, which does not use it
-            _, cells = seg.segment_tile(rgb, args.mpp, nucleus_scale=1.0)
+            _, cells = seg.segment_tile(rgb, args.mpp)
             xy = cells[["x_px", "y_px"]].to_numpy(np.float64)
             rays = cells[ray_cols].to_numpy(np.float64) / args.mpp
             lab = np.arange(1, len(cells) + 1)

@@ -290,17 +290,19 @@ class LearnedSegmenter:
         mpp = check_mpp(mpp)
         warn_if_far(mpp, self.mpp, "The nucleus model")
         scale = self.nucleus_scale if nucleus_scale is None else nucleus_scale
+        auto = isinstance(scale, str) and scale == "auto"
+        if not auto and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                         or not 0.1 <= float(scale) <= 10.0):
+            raise ModelInputError(f"nucleus_scale must be 'auto' or a number between 0.1 and 10, not {scale!r}.")
+        f = 1.0 if auto else float(scale)
         hw = rgb.shape[:2]
         if is_featureless(rgb):
-            return self._empty(hw, mpp)
-        if isinstance(scale, str) and scale == "auto":
+            return self._empty(hw, mpp, f)
+        if auto:
             return self._segment_auto(rgb, hw, mpp)
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0.1 <= float(scale) <= 10.0:
-            raise ModelInputError(f"nucleus_scale must be 'auto' or a number between 0.1 and 10, not {scale!r}.")
-        f = float(scale)
         maps = self._maps_at(rgb, mpp * f)
         if maps is None:
-            return self._empty(hw, mpp)
+            return self._empty(hw, mpp, f)
         inst, cells = self._instances(maps, hw, mpp, mpp * f)
         cells.attrs["nucleus_scale"] = f
         return inst, cells
@@ -353,7 +355,8 @@ class LearnedSegmenter:
             else:  # coarser input: measure at the input's scale, types from the working map
                 work_cells = measure_instances(inst_w, self.mpp, type_probs=tp, type_names=self.type_names)
                 inst = resample_labels(inst_w, hw)
-                kept = np.unique(inst)[1:]
+                kept = np.unique(inst)
+                kept = kept[kept > 0]  # the ids that survive resampling (label 0 may be absent)
                 inst = relabel_sequential(inst)
                 cells = measure_instances(inst, mpp, type_names=())
                 prob_cols = [f"prob_{n}" for n in self.type_names]
@@ -363,10 +366,10 @@ class LearnedSegmenter:
                     cells[c] = lookup[c].to_numpy()
         return inst, self._finish(cells, mpp)
 
-    def _empty(self, hw: tuple[int, int], mpp: float) -> tuple[np.ndarray, pd.DataFrame]:
+    def _empty(self, hw: tuple[int, int], mpp: float, factor: float = 1.0) -> tuple[np.ndarray, pd.DataFrame]:
         inst = np.zeros(hw, np.int32)
         cells = self._finish(measure_instances(inst, mpp, type_names=self.type_names), mpp, empty=True)
-        cells.attrs["nucleus_scale"] = 1.0
+        cells.attrs["nucleus_scale"] = factor
         return inst, cells
 
     def _post_at(self, mpp: float) -> PostProcessConfig:

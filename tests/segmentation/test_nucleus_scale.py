@@ -10,7 +10,7 @@ import pytest
 from ghist_core.errors import ModelInputError
 from ghist_core.io.slide import open_slide
 from ghist_core.segmentation import load_segmenter
-from ghist_core.segmentation.model import SCALE_FACTORS, foreground_certainty
+from ghist_core.segmentation.model import SCALE_FACTORS, SCALE_MIN_AREA_PX, foreground_certainty
 from ghist_core.segmentation.tiling import resample_rgb
 
 
@@ -77,6 +77,9 @@ def test_the_segmenter_default_and_bad_factors(seg, region):
             seg.segment_tile(rgb[:64, :64], mpp, nucleus_scale=bad)
     inst, cells = seg.segment_tile(np.full((64, 64, 3), 255, np.uint8), mpp, nucleus_scale="auto")
     assert inst.max() == 0 and len(cells) == 0 and cells.attrs["nucleus_scale"] == 1.0
+    with pytest.raises(ModelInputError):  # checked before the tile is found blank
+        seg.segment_tile(np.full((64, 64, 3), 255, np.uint8), mpp, nucleus_scale="bigger")
+    assert seg.segment_tile(np.full((64, 64, 3), 255, np.uint8), mpp, nucleus_scale=0.5)[1].attrs["nucleus_scale"] == 0.5
 
 
 def test_certainty_is_higher_for_confident_maps():
@@ -84,3 +87,35 @@ def test_certainty_is_higher_for_confident_maps():
     assert foreground_certainty(np.array([0.1, 0.6, 0.8])) == pytest.approx(0.7)
     assert foreground_certainty(np.full((4, 4), 0.5)) == 0.0  # nothing called nucleus
     assert foreground_certainty(np.zeros((0,))) == 0.0
+
+
+@pytest.mark.parametrize("area_px, gain, calls, factor", [
+    (SCALE_MIN_AREA_PX - 1, 0.2, 1, 1.0),    # nuclei small at factor 1: nothing else is tried
+    (SCALE_MIN_AREA_PX + 1, 0.005, 2, 1.0),  # tried, but the certainty gain is within the margin
+    (SCALE_MIN_AREA_PX + 1, 0.02, 2, 2 / 3),  # tried and clearly surer: moves
+])
+def test_the_auto_rule_gate_and_margin(seg, region, monkeypatch, area_px, gain, calls, factor):
+    """The rule itself, on stand-in maps: the area gate (working px at factor 1) and the margin."""
+    import copy
+
+    import pandas as pd
+
+    from ghist_core.segmentation.model import SCALE_MARGIN
+
+    assert gain != SCALE_MARGIN
+    rgb, _, mpp = region
+    s = copy.copy(seg)
+    seen = []
+
+    def maps_at(image, seg_mpp):
+        f = seg_mpp / mpp
+        seen.append(f)
+        return (np.full((8, 8), 0.7 if f == 1.0 else 0.7 + gain, np.float32), None, None)
+
+    def instances(maps, hw, true_mpp, seg_mpp):
+        return np.zeros(hw, np.int32), pd.DataFrame({"area_um2": [area_px * s.mpp ** 2] * 3})
+
+    monkeypatch.setattr(s, "_maps_at", maps_at)
+    monkeypatch.setattr(s, "_instances", instances)
+    _, cells = s.segment_tile(rgb, mpp, nucleus_scale="auto")
+    assert len(seen) == calls and cells.attrs["nucleus_scale"] == pytest.approx(factor)
