@@ -106,6 +106,7 @@ class _Reporter:
         self.prior, self.clock = prior, clock
         self.eta: BlockEta | None = None
         self._last_store = -1e9
+        self._eta_recorded = False
         self._run_dir = project.run_dir(run_id) if project is not None and run_id is not None else None
         if self._run_dir is not None:
             from ghist_core.project.overview import clear_time_left
@@ -132,13 +133,16 @@ class _Reporter:
             est = None
         event = ProgressEvent(stage, fraction, overall, message, *((est.mid_s, est.low_s, est.high_s) if est else ()))
         now = self.clock()
-        if self.project is not None and self.run_id is not None and (now - self._last_store > 0.5 or fraction >= 1):
+        first_eta = est is not None and not self._eta_recorded  # the pages show it as soon as it exists
+        if self.project is not None and self.run_id is not None and (now - self._last_store > 0.5 or fraction >= 1
+                                                                     or first_eta):
             self._last_store = now
             self.project.update_run(self.run_id, stage=stage, progress=overall, message=message)
             if est is not None and self._run_dir is not None:
                 from ghist_core.project.overview import record_time_left
 
                 record_time_left(self._run_dir, est)
+                self._eta_recorded = True
         if self.callback is not None:
             self.callback(event)
 

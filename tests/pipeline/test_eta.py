@@ -242,3 +242,27 @@ def test_pipeline_events_and_store_carry_the_range(tmp_path, small_slide_png, ti
     assert all(e.eta_s is None for e in events if e.stage in ("open", "tissue"))
     assert shown and all(t is not None and t.low_s <= t.mid_s <= t.high_s for t in shown)
     assert events[-1].stage == "write" and events[-1].fraction == 1.0 and events[-1].eta_s is None
+
+
+def test_the_first_estimate_reaches_the_store_even_within_the_write_throttle(tmp_path) -> None:
+    """The reporter writes to the store at most every 0.5 s, but the first estimate goes out at
+    once: on a fast machine the first block can end within 0.5 s of the previous write, and the
+    pages would show "estimating…" with an estimate already made (a clean-clone run caught it)."""
+    from ghist_core.pipeline.blocks import Block, _Reporter
+    from ghist_core.project.store import Project
+
+    project = Project.create(tmp_path / "p")
+    slide = tmp_path / "s.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(slide)
+    rec = project.add_slide(slide, patient_id="P-1", mpp=0.5)
+    run_id = project.start_run(rec.slide_id, model_id="m", weights_sha256="0" * 64, device="cpu")
+    clock = FakeClock()
+    rep = _Reporter(project, run_id, None, prior=EtaPrior(10.0), clock=clock)
+    rep("tissue", 1.0)  # a store write now
+    blocks = [Block(i, 0.0, 10.0 * i, 10.0, 10.0, 100.0) for i in range(3)]
+    rep.make_eta(blocks, [False] * 3)
+    clock.advance(0.1)  # well within the 0.5 s throttle
+    rep("segment+predict", 0.2)
+    assert overview.time_left(project, project.latest_run(rec.slide_id)) is not None
