@@ -464,12 +464,8 @@ def main(argv: list[str] | None = None) -> None:
         seg.nucleus_scale = 1.0  # each model as stated; --auto-scale adds its scale-checked twin
         learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
     classical = ClassicalSegmenter()
-    variants = {}
+    variants = {}  # the same network with the nucleus-scale check (segment_tile only: not the speed block)
     if a.auto_scale:
-        from ghist_core.segmentation import model as seg_model
-
-        scale_rule = {"factors": list(seg_model.SCALE_FACTORS), "margin": seg_model.SCALE_MARGIN,
-                      "min_area_px": seg_model.SCALE_MIN_AREA_PX, "statistic": "foreground_certainty"}  # the same network with the nucleus-scale check (segment_tile only: not the speed block)
         for name, seg in learned.items():
             variants[f"{name}+auto-scale"] = v = copy.copy(seg)
             v.nucleus_scale = "auto"
@@ -539,7 +535,9 @@ def main(argv: list[str] | None = None) -> None:
     if "scale_shift" in blocks:
         scale_shift(methods, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every}, out=out)
     if variants:  # which scale-check rule the '+auto-scale' rows ran (the rule lives in code, not weights)
-        _update(out, "auto_scale_rule", scale_rule)
+        from ghist_core.segmentation.model import SCALE_RULE
+
+        _update(out, "auto_scale_rule", SCALE_RULE)
 
     if "her2st_counts" in blocks:
         her2st = Path(a.her2st_root)

@@ -41,6 +41,9 @@ from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_
 SCALE_FACTORS = (1.0, 2.0 / 3.0)
 SCALE_MARGIN = 0.01
 SCALE_MIN_AREA_PX = 60.0
+#: the same rule as a record (a benchmark stamps it on the rows it ran with it)
+SCALE_RULE = {"factors": list(SCALE_FACTORS), "margin": SCALE_MARGIN, "min_area_px": SCALE_MIN_AREA_PX,
+              "statistic": "foreground_certainty"}
 
 
 def foreground_certainty(np_prob: np.ndarray) -> float:
