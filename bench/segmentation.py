@@ -361,6 +361,137 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path |
     return res
 
 
+def _whole_images(root: Path, ds: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, rgb, instances) of each whole test image: a MoNuSeg tile, or a CoNSeP source tile's
+    16 patches put back 4 x 4 (the patches are not a contiguous grid, so the mosaic has seams;
+    the truth is stitched the same way, ids offset per patch)."""
+    samples = load_split(root, ds, "test")
+    if ds != "consep":
+        return [(s.name, s.rgb, s.inst) for s in samples]
+    out = []
+    by_tile: dict[str, list] = {}
+    for s in samples:
+        by_tile.setdefault(s.source_tile, []).append(s)
+    for tile, parts in sorted(by_tile.items()):
+        parts = sorted(parts, key=lambda s: s.name)[:16]
+        side = 4 * 256
+        rgb, inst, next_id = np.full((side, side, 3), 255, np.uint8), np.zeros((side, side), np.int32), 0
+        for k, s in enumerate(parts):
+            y, x = divmod(k, 4)
+            sl = (slice(y * 256, (y + 1) * 256), slice(x * 256, (x + 1) * 256))
+            rgb[sl] = s.rgb
+            inst[sl] = np.where(s.inst > 0, s.inst + next_id, 0)
+            next_id += int(s.inst.max())
+        out.append((tile, rgb, inst))
+    return out
+
+
+def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 2.0), spots: int = 20,
+                out: Path | None = None) -> dict:
+    """The nucleus-scale check on the slide path (``segment_slide``, which the app runs per block):
+    whole test images enlarged or shrunk by each zoom (not cropped) and segmented at the stated
+    0.25 µm/px with ``nucleus_scale=1.0`` and ``"auto"``. No instance map comes out of the slide
+    path, so the scores are detection F1 (centroids within 6 µm of the true scale), the
+    predicted/true count and the median area ratio. Then the HER2ST sections: nuclei per spot
+    from 512 µm regions (an app block) through ``segment_slide`` both ways, rank-correlated with
+    the classical segmenter. Rule: docs/DECISIONS.md, session 13."""
+    from ghist_core.segmentation.model import SCALE_RULE
+    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
+    from ghist_core.training.segmentation_metrics import centroids, match_centroids
+
+    settings = {"as_stated": 1.0, "auto": "auto"}
+    res: dict = {"protocol": {
+        "what": "segment_slide(ArraySlide(image, 0.25)) on whole test images resampled by each zoom (not cropped), "
+                "nucleus_scale 1.0 (as stated) vs 'auto' in the same run",
+        "images": "CoNSeP: each test source tile's 16 patches put back 4 x 4 (1024 px, seams between patches); "
+                  "MoNuSeg: the 14 test tiles",
+        "scores": f"detection F1 (Hungarian matching of centroids within {DET_RADIUS_UM} um x zoom stated um), "
+                  "n_pred / n_true, median predicted / true area, pooled over the images of a set",
+        "rule": "docs/DECISIONS.md, session 13", "auto_scale_rule": SCALE_RULE},
+        "weights_sha256": model.card.get("sha256"), "datasets": {}}
+    for ds in ("consep", "monuseg"):
+        images = _whole_images(root, ds)
+        block = res["datasets"][ds] = {"n_images": len(images)}
+        if not images:
+            continue
+        for z in zooms:
+            row: dict = {}
+            for name, setting in settings.items():
+                det, n_pred, n_true, area_ratio, moved, t = DetectionCounts(), 0, 0, [], [], time.perf_counter()
+                for _, rgb, inst in images:
+                    if z != 1.0:
+                        hw = (int(round(rgb.shape[0] * z)), int(round(rgb.shape[1] * z)))
+                        rgb, inst = resample_rgb(rgb, hw), resample_labels(inst, hw)
+                    cells = model.segment_slide(ArraySlide(rgb, DATA_MPP), nucleus_scale=setting)
+                    _, gc = centroids(inst)
+                    pc = cells[["x_um", "y_um"]].to_numpy() / DATA_MPP
+                    ia, _ = match_centroids(gc, pc, DET_RADIUS_UM * z / DATA_MPP)
+                    det = det + DetectionCounts(np.zeros(len(ia), int), np.zeros(len(ia), int),
+                                                np.zeros(len(gc) - len(ia), int), np.zeros(len(pc) - len(ia), int))
+                    n_pred, n_true = n_pred + len(pc), n_true + len(gc)
+                    true_area = np.bincount(inst.ravel())[1:]
+                    true_area = true_area[true_area > 0] * DATA_MPP ** 2
+                    if len(cells) and len(true_area):
+                        area_ratio.append(float(cells["area_um2"].median() / np.median(true_area)))
+                    moved.append(float((cells["nucleus_scale"] != 1.0).mean()) if len(cells) else 0.0)
+                row[name] = {"f1_detection": round(det.f1, 4), "count_ratio": round(n_pred / max(n_true, 1), 3),
+                             "median_area_ratio": round(float(np.median(area_ratio)), 3) if area_ratio else None,
+                             "cells_moved": round(float(np.mean(moved)), 4), "seconds": round(time.perf_counter() - t, 1)}
+            row["f1_auto_minus_as_stated"] = round(row["auto"]["f1_detection"] - row["as_stated"]["f1_detection"], 4)
+            block[str(z)] = row
+            print(f"slide_scale {ds} zoom {z}: {row}", flush=True)
+            if out is not None:
+                _update(out, "slide_scale", res)
+    if (her2st_root / "images").is_dir():
+        res["her2st"] = _her2st_slide_counts(model, ClassicalSegmenter(), her2st_root, settings, spots)
+        print(f"slide_scale her2st: {res['her2st']['pooled']}", flush=True)
+        if out is not None:
+            _update(out, "slide_scale", res)
+    return res
+
+
+def _her2st_slide_counts(model, classical, root: Path, settings: dict, spots: int,
+                         spot_radius_um: float = 50.0, region_um: float = 512.0) -> dict:
+    """Nuclei per spot in an app-sized region around each of ``spots`` evenly spaced spots per
+    HER2ST section, through ``segment_slide`` with each setting, vs the classical segmenter."""
+    from PIL import Image
+    from scipy.stats import spearmanr
+
+    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
+
+    Image.MAX_IMAGE_PIXELS = None
+    mpp = model.mpp
+    size = int(round(region_um / mpp))
+    centre = size * mpp / 2.0
+    counts = {n: [] for n in (*settings, "classical")}
+    moved = []
+    for section in IMAGE_SECTIONS:
+        _, table = load_section(root, section)
+        table = table.sort_index()
+        pick = np.unique(np.linspace(0, len(table) - 1, min(spots, len(table))).round().astype(int))
+        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
+        for i in pick:
+            rgb = extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
+            for name, setting in settings.items():  # as the app segments a block: one forward pass
+                cells = model.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=setting, overlap_px=0,
+                                            tile_px=-(-size // model.stride) * model.stride)
+                d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
+                counts[name].append(int((d <= spot_radius_um).sum()))
+                if setting == "auto":
+                    moved.append(float((cells["nucleus_scale"] != 1.0).mean()) if len(cells) else 0.0)
+            cells = classical.segment_tile(rgb, mpp)[1]
+            d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
+            counts["classical"].append(int((d <= spot_radius_um).sum()))
+    c = np.array(counts["classical"])
+    pooled = {name: round(float(spearmanr(np.array(counts[name]), c)[0]), 3) for name in settings}
+    return {"protocol": f"{spots} evenly spaced spots per section; a {region_um:g} um region at {mpp} um/px around "
+                        f"each through segment_slide in one pass (as the app's blocks); nuclei with centroid within {spot_radius_um} um of the spot "
+                        "centre; Spearman with the classical segmenter's count (segment_tile), pooled",
+            "n_spots": len(c), "pooled": {"spearman_with_classical": pooled,
+                                          "cells_moved_auto": round(float(np.mean(moved)), 4),
+                                          "regions_with_any_moved": round(float(np.mean(np.array(moved) > 0)), 4)}}
+
+
 def her2st_counts(learned: dict, classical, root: Path, *, per_section: int = 40,
                   spot_radius_um: float = 50.0) -> dict:
     """Nuclei per HER2ST spot, each learned model (``learned``, by name) vs classical, on
@@ -420,7 +551,7 @@ def _update(out: Path, block: str, value: dict) -> None:
     atomic_write_text(out, json.dumps(prev, indent=1))
 
 
-BLOCKS = ("accuracy", "speed", "stain_shift", "scale_shift", "her2st_counts")
+BLOCKS = ("accuracy", "speed", "stain_shift", "scale_shift", "her2st_counts", "slide_scale")
 SPEED_NOTE = ("megapixels of 0.25 µm/px input per second on a mosaic of real CoNSeP patches. Per model: "
               "segment_slide (the API) at the segmenter's own batch size per device; 'app': the app's "
               "whole pipeline (predict_slide on the mosaic as a tiled TIFF: blocks, segmentation, "
@@ -538,6 +669,9 @@ def main(argv: list[str] | None = None) -> None:
         from ghist_core.segmentation.model import SCALE_RULE
 
         _update(out, "auto_scale_rule", SCALE_RULE)
+
+    if "slide_scale" in blocks:
+        slide_scale(model, root, Path(a.her2st_root), out=out)
 
     if "her2st_counts" in blocks:
         her2st = Path(a.her2st_root)

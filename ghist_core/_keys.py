@@ -38,7 +38,7 @@ __all__ = [
     "OBSM_SPATIAL", "OBSM_TYPE_PROBABILITIES", "OBSM_NEIGHBOURHOOD", "OBSM_NUCLEUS_RAYS",
     "UNS_GHIST", "UNS_SPATIAL", "UNS_OBSM_COLUMNS", "SPATIAL_IMAGE", "SCALEF_HIRES", "SPOT_DIAMETER",
     "GHIST_EXPRESSION_UNITS", "GHIST_SLIDE_SHA256", "GHIST_WEIGHTS_SHA256", "GHIST_MODEL_CARD",
-    "GHIST_PARAMS", "GHIST_TIMINGS", "GHIST_UNCERTAINTY", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
+    "GHIST_PARAMS", "GHIST_TIMINGS", "GHIST_UNCERTAINTY", "GHIST_NUCLEUS_SCALE", "OBS_NUCLEUS_SCALE", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
     "obs_names_for", "obsm_columns", "set_obsm_matrix", "type_probabilities", "neighbourhood_composition",
     "nucleus_rays", "set_spatial_image", "upgrade_layout",
 ]
@@ -51,6 +51,7 @@ OBS_NAME_PREFIX = "cell_"  # obs_names are f"cell_{cell_id}"
 #: per cell, how much the model's ensemble members (seeds) disagree: the mean over the genes of the
 #: standard deviation across members of log1p(predicted expression); ≥ 0, 0 where they agree
 OBS_EXPRESSION_UNCERTAINTY = "expression_uncertainty"
+OBS_NUCLEUS_SCALE = "nucleus_scale"  # per cell: the factor its nucleus was segmented at (1: as stated)
 #: obs columns a map may colour cells by instead of a gene (the grid summary averages them per square)
 OBS_MAP_LAYERS: tuple[str, ...] = (OBS_EXPRESSION_UNCERTAINTY,)
 
@@ -76,6 +77,7 @@ GHIST_MODEL_CARD = "model_card"
 GHIST_PARAMS = "params"
 GHIST_TIMINGS = "timings"
 GHIST_UNCERTAINTY = "uncertainty"  # what obs["expression_uncertainty"] holds, or why it is absent
+GHIST_NUCLEUS_SCALE = "nucleus_scale"  # the scale check's setting, rule and share of cells it moved
 
 # grid summaries (pipeline.grid): one row per square
 UNS_GRID = "grid"                 # {"size_um": side of a square}

@@ -48,6 +48,8 @@ genes = list(map(str, adata.var_names))
 units = figures.expression_units(adata)
 rel = Reliability.from_adata(adata)  # the card's held-out test per gene; unknown for older models
 layers = figures.map_layers(adata)  # e.g. expression_uncertainty: drawn like a gene, but not a gene
+if (scale_note := figures.nucleus_scale_note(adata)) is not None:
+    st.info(plain(scale_note), icon=":material/straighten:")
 
 
 def _members_text(a) -> str:

@@ -66,6 +66,9 @@ _MEMBER_KEY = re.compile(r"^member(\d+)\.(.+)$")  # tensor names of ensemble mem
 
 RAY_COLUMNS = [f"ray_{k:02d}" for k in range(N_RAYS)]
 MORPH_COLUMNS = ("area_um2", "perimeter_um", "eccentricity", "solidity")
+#: the segmenter's per-cell columns copied to ``obs`` as they are when present (the factor each
+#: nucleus was segmented at: ``LearnedSegmenter.segment_slide(..., nucleus_scale=)``)
+SEGMENTATION_COLUMNS = (K.OBS_NUCLEUS_SCALE,)
 
 
 @contextlib.contextmanager
@@ -468,6 +471,9 @@ class GhistModel:
             for c in MORPH_COLUMNS:
                 if c in cells.columns:
                     obs[c] = cells[c].to_numpy(np.float64)
+            for c in SEGMENTATION_COLUMNS:
+                if c in cells.columns:
+                    obs[c] = cells[c].to_numpy(np.float32)
             for j, name in enumerate(self.net.cfg.morph_features):
                 v = pred.morphology[:, j]
                 if name == "log_area_um2":

@@ -58,10 +58,16 @@ class PipelineConfig:
     #: also run the model's other ensemble members for obs["expression_uncertainty"] (their spread
     #: per cell); X is unchanged. A run recorded before this setting resumes without it.
     uncertainty: bool = False
+    #: the learned segmenter's ``nucleus_scale`` per block ("auto": the scale check, which segments
+    #: blocks of large nuclei at 2/3; 1.0: as the slide's µm/px says). A run recorded before this
+    #: setting resumes at 1.0, as its first blocks were made.
+    nucleus_scale: float | str = "auto"
 
     @classmethod
     def from_params(cls, params: dict | None) -> "PipelineConfig":
         known = {k: v for k, v in (params or {}).items() if k in cls.__dataclass_fields__}
+        if "block_um" in known and "nucleus_scale" not in known:  # predict_slide records every setting: an
+            known["nucleus_scale"] = 1.0  # older run's; a queued run's params (just "uncertainty") get the default
         if "grid_sizes_um" in known:
             known["grid_sizes_um"] = tuple(float(v) for v in known["grid_sizes_um"])
         return cls(**known)
@@ -209,19 +215,21 @@ def _read_block(slide: Slide, block: Block, mpp: float, margin_um: float) -> tup
     return rgb, loc[0] * slide.mpp, loc[1] * slide.mpp
 
 
-def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float, float], mpp: float) -> pd.DataFrame:
+def segment_block(segmenter, block: Block, rgb: np.ndarray, origin: tuple[float, float], mpp: float,
+                  nucleus_scale: float | str = 1.0) -> pd.DataFrame:
     """Nuclei whose centroid lies in the block's core, with centroids in slide µm.
 
     The block (with its margin) goes through the segmenter's own tiled loop, so
-    seams inside a block are merged the same way as on a whole slide.
+    seams inside a block are merged the same way as on a whole slide. ``nucleus_scale`` goes to
+    a segmenter that takes it (the learned one).
     """
     from ghist_core.segmentation import ArraySlide
 
-    kw = {}
+    kw = {"nucleus_scale": nucleus_scale} if hasattr(segmenter, "nucleus_scale") else {}
     if getattr(segmenter, "one_tile_per_block", False):
         # the block's margin is the network's context: one forward pass over the whole block,
         # not 2 x 2 overlapping tiles (3.4x the pixels for a 512 µm block)
-        kw = {"tile_px": -(-max(rgb.shape[:2]) // segmenter.stride) * segmenter.stride, "overlap_px": 0}
+        kw |= {"tile_px": -(-max(rgb.shape[:2]) // segmenter.stride) * segmenter.stride, "overlap_px": 0}
     cells = segmenter.segment_slide(ArraySlide(rgb, mpp), **kw).copy()
     cells["x_um"] = origin[0] + cells["x_um"].to_numpy()
     cells["y_um"] = origin[1] + cells["y_um"].to_numpy()
@@ -368,7 +376,7 @@ def run_blocks(
         if cancel is not None and cancel.is_set():
             raise RunCancelledError("The run was cancelled; finished blocks are kept and it can be resumed.")
         t = time.perf_counter()
-        cells = segment_block(segmenter, block, rgb, origin, seg_mpp)
+        cells = segment_block(segmenter, block, rgb, origin, seg_mpp, config.nucleus_scale)
         timings["segment_s"] += time.perf_counter() - t
         t = time.perf_counter()
         options = {"uncertainty": True} if config.uncertainty else {}  # asked only when on: any model predicts without it
@@ -532,6 +540,8 @@ def predict_slide(
             grid_path = out_dir / f"run_{run_id}.grid.h5"
             timings["total_s"] = time.perf_counter() - t_start
             ghist_uns[K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
+            if hasattr(segmenter, "nucleus_scale"):
+                ghist_uns[K.GHIST_NUCLEUS_SCALE] = nucleus_scale_record(config.nucleus_scale, summary)
             if config.uncertainty:  # the blocks' own uns["ghist"] is dropped: say here what the column holds
                 ghist_uns[K.GHIST_UNCERTAINTY] = _uncertainty_note(model, summary)
             uns = {K.UNS_SPATIAL: slide_image_uns(slide, library_id_for(slide_id), summary.median_area_um2),
@@ -571,6 +581,15 @@ def predict_slide(
         _discard_unrecorded(project, run_id, slide_id)
         project.fail_run(run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
         raise
+
+
+def nucleus_scale_record(setting: float | str, summary) -> dict:
+    """``uns["ghist"]["nucleus_scale"]``: the setting, the scale check's rule and the share of cells
+    it segmented at another factor (per cell: ``obs["nucleus_scale"]``)."""
+    from ghist_core.segmentation.model import SCALE_RULE
+
+    share = summary.n_rescaled / summary.n_cells if summary.n_cells else 0.0
+    return {"setting": setting, "rule": dict(SCALE_RULE), "cells_rescaled_fraction": round(float(share), 4)}
 
 
 def _uncertainty_note(model, summary) -> str:

@@ -45,6 +45,7 @@ class BlockSummary:
     bytes_on_disk: int = 0
     obsm_keys: list[str] = field(default_factory=list)  # the obsm matrices every block with cells has
     obs_keys: list[str] | None = None  # the obs columns every block with cells has (None: each block's all)
+    n_rescaled: int = 0  # cells the scale check segmented at a factor other than 1 (obs "nucleus_scale")
 
 
 def _current_layout(path: Path) -> ad.AnnData:
@@ -76,7 +77,7 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
     obsm_keys: set[str] | None = None
     obs_keys: list[str] | None = None
     genes: list[str] | None = None
-    n = 0
+    n = n_rescaled = 0
     size = 0
     for p in paths:
         a = _current_layout(p)
@@ -97,12 +98,15 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
             obs_keys = list(a.obs.columns) if obs_keys is None else [c for c in obs_keys if c in a.obs.columns]
             if "area_um2" in a.obs:
                 areas.append(a.obs["area_um2"].to_numpy(np.float64))
+            if K.OBS_NUCLEUS_SCALE in a.obs:
+                n_rescaled += int((a.obs[K.OBS_NUCLEUS_SCALE].to_numpy() != 1.0).sum())
         del a
     keys = sorted(obsm_keys or ())
     return BlockSummary(paths=keep, n_cells=n, grids=acc.finish(),
                         median_area_um2=median_nucleus_area(np.concatenate(areas) if areas else np.zeros(0)),
                         obsm_columns={k: v for k, v in obsm_columns.items() if not keep or k in keys},
-                        empty_path=paths[0] if paths else None, bytes_on_disk=size, obsm_keys=keys, obs_keys=obs_keys)
+                        empty_path=paths[0] if paths else None, bytes_on_disk=size, obsm_keys=keys, obs_keys=obs_keys,
+                        n_rescaled=n_rescaled)
 
 
 def _concat_obs(paths: list[Path], columns: list[str] | None = None) -> pd.DataFrame:

@@ -4,8 +4,10 @@
 (bundled weights: ``nuclei-seg-stain``, the stain-robust fine-tune of ``nuclei-seg``; see
 ``ghist_core.paths.DEFAULT_SEGMENTER``); ``load_segmenter(kind="classical")`` the QuPath-style baseline. Both offer
 ``segment_tile(rgb, mpp) -> (instances, cells)`` and ``segment_slide(slide, ...) -> cells``.
-The learned model's ``segment_tile`` also checks the nucleus scale by default
-(``nucleus_scale="auto"``; ``cells.attrs["nucleus_scale"]`` says which it used).
+The learned model also checks the nucleus scale by default (``nucleus_scale="auto"``: where
+nuclei look larger than its training nuclei it segments the image shrunk to 2/3);
+``segment_tile``'s ``cells.attrs["nucleus_scale"]`` and ``segment_slide``'s column
+``nucleus_scale`` say which factor it used.
 """
 
 from __future__ import annotations

@@ -121,12 +121,13 @@ def label_type_probabilities(labels: np.ndarray, type_probs: np.ndarray, n_label
 
 
 def measure_instances(instances: np.ndarray, mpp: float, *, type_probs: np.ndarray | None = None,
-                      type_names: Sequence[str] = ()) -> pd.DataFrame:
+                      type_names: Sequence[str] = (), type_weights: Sequence[float] | None = None) -> pd.DataFrame:
     """One row per instance of ``instances`` (int labels, 0 = background).
 
     Columns: ``id``, ``x_px``, ``y_px``, ``area_um2``, ``perimeter_um``, ``eccentricity``,
     ``solidity``, ``type``, ``prob_<type>`` (when ``type_probs`` of shape C x H x W with
-    background at index 0 is given) and ``ray_00`` .. ``ray_15`` in µm.
+    background at index 0 is given; ``type`` is the argmax of the probabilities times
+    ``type_weights`` when given) and ``ray_00`` .. ``ray_15`` in µm.
 
     Perimeter is the Crofton-style estimate (pixel-edge count x π/4); solidity is the area of
     the 16-ray star polygon over the area of its convex hull.
@@ -201,7 +202,8 @@ def measure_instances(instances: np.ndarray, mpp: float, *, type_probs: np.ndarr
     frame = pd.DataFrame(cols)
     if type_probs is not None and len(type_names):
         probs = label_type_probabilities(flat, type_probs, n_max + 1)[labels]
-        frame["type"] = np.asarray(type_names, dtype=object)[probs.argmax(axis=1)]
+        decide = probs * np.asarray(type_weights, np.float64) if type_weights is not None else probs
+        frame["type"] = np.asarray(type_names, dtype=object)[decide.argmax(axis=1)]
         for k, name in enumerate(type_names):
             frame[f"prob_{name}"] = probs[:, k]
     else:

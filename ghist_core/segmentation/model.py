@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ghist_core._keys import OBS_NUCLEUS_SCALE
 from ghist_core.device import autocast_for, pick_device
 from ghist_core.errors import ModelInputError, WeightsFormatError, WeightsNotFoundError
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
@@ -52,6 +53,21 @@ def foreground_certainty(np_prob: np.ndarray) -> float:
     p = np.asarray(np_prob, np.float32)
     fg = p > 0.5
     return float(p[fg].mean()) if fg.any() else 0.0
+
+
+def check_nucleus_scale(scale: object) -> float | str:
+    """``"auto"`` or a factor between 0.1 and 10 (as a float), else a ModelInputError."""
+    if isinstance(scale, str) and scale == "auto":
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0.1 <= float(scale) <= 10.0:
+        raise ModelInputError(f"nucleus_scale must be 'auto' or a number between 0.1 and 10, not {scale!r}.")
+    return float(scale)
+
+
+def nucleus_scale_is_large(cells: pd.DataFrame, work_mpp: float) -> bool:
+    """True when the median nucleus (``area_um2``) is at least :data:`SCALE_MIN_AREA_PX` working px:
+    only then does the scale check try another factor."""
+    return bool(len(cells)) and float(cells["area_um2"].median()) / work_mpp ** 2 >= SCALE_MIN_AREA_PX
 
 
 #: CoNSeP's four nucleus classes, in the order of the type head's channels 1..4.
@@ -181,8 +197,8 @@ class LearnedSegmenter:
         self.workers = workers if workers is not None else min(8, max(1, (os.cpu_count() or 1) // 2))
         self._pool: ThreadPoolExecutor | None = None
         self.name = self.card.get("name", "learned")
-        #: ``segment_tile``'s default ``nucleus_scale`` ("auto": the scale check, adopted by the rule in
-        #: docs/DECISIONS.md, session 12; 1.0: as stated). ``segment_slide`` does not use it yet.
+        #: the default ``nucleus_scale`` of ``segment_tile`` and ``segment_slide`` ("auto": the scale
+        #: check, adopted by the rules in docs/DECISIONS.md, sessions 12 and 13; 1.0: as stated)
         self.nucleus_scale: float | str = "auto"
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
@@ -292,11 +308,8 @@ class LearnedSegmenter:
         rgb = check_rgb(rgb)
         mpp = check_mpp(mpp)
         warn_if_far(mpp, self.mpp, "The nucleus model")
-        scale = self.nucleus_scale if nucleus_scale is None else nucleus_scale
-        auto = isinstance(scale, str) and scale == "auto"
-        if not auto and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                         or not 0.1 <= float(scale) <= 10.0):
-            raise ModelInputError(f"nucleus_scale must be 'auto' or a number between 0.1 and 10, not {scale!r}.")
+        scale = check_nucleus_scale(self.nucleus_scale if nucleus_scale is None else nucleus_scale)
+        auto = scale == "auto"
         f = 1.0 if auto else float(scale)
         hw = rgb.shape[:2]
         if is_featureless(rgb):
@@ -318,19 +331,27 @@ class LearnedSegmenter:
             return self._empty(hw, mpp)
         inst, cells = self._instances(maps1, hw, mpp, mpp)
         cells.attrs["nucleus_scale"] = 1.0
-        if not len(cells) or float(cells["area_um2"].median()) / self.mpp ** 2 < SCALE_MIN_AREA_PX:
+        if not nucleus_scale_is_large(cells, self.mpp):
             return inst, cells
-        best, best_cert, best_maps = 1.0, foreground_certainty(maps1[0]) + SCALE_MARGIN, None
-        for f in SCALE_FACTORS:
-            if f == 1.0 or (maps := self._maps_at(rgb, mpp * f)) is None:
-                continue
-            if (cert := foreground_certainty(maps[0])) > best_cert:
-                best, best_cert, best_maps = f, cert, maps
+        best, best_maps = self._better_scale(rgb, mpp, foreground_certainty(maps1[0]), self._maps_at)
         if best_maps is None:
             return inst, cells
         inst, cells = self._instances(best_maps, hw, mpp, mpp * best)
         cells.attrs["nucleus_scale"] = best
         return inst, cells
+
+    @staticmethod
+    def _better_scale(rgb: np.ndarray, mpp: float, certainty_at_1: float, maps_at) -> tuple[float, tuple | None]:
+        """The scale check's choice among :data:`SCALE_FACTORS` other than 1: ``(factor, its maps)``,
+        or ``(1.0, None)`` when none beats ``certainty_at_1`` by :data:`SCALE_MARGIN`.
+        ``maps_at(rgb, seg_mpp)`` makes the maps (None when the image would be too small)."""
+        best, best_cert, best_maps = 1.0, certainty_at_1 + SCALE_MARGIN, None
+        for f in SCALE_FACTORS:
+            if f == 1.0 or (maps := maps_at(rgb, mpp * f)) is None:
+                continue
+            if (cert := foreground_certainty(maps[0])) > best_cert:
+                best, best_cert, best_maps = f, cert, maps
+        return best, best_maps
 
     def _maps_at(self, rgb: np.ndarray, seg_mpp: float) -> tuple | None:
         """Network maps of ``rgb`` read as ``seg_mpp`` µm/px (None when that is under 4 working px)."""
@@ -338,6 +359,14 @@ class LearnedSegmenter:
         if min(work_hw) < 4:
             return None
         return self.predict_maps(resample_rgb(rgb, work_hw))
+
+    def _block_maps_at(self, rgb: np.ndarray, seg_mpp: float) -> tuple | None:
+        """As :meth:`_maps_at` in one forward pass (``segment_slide``'s tiles are sized for one)."""
+        work_hw = working_shape(rgb.shape[:2], seg_mpp, self.mpp)
+        if min(work_hw) < 4:
+            return None
+        npp, hv, tp = self.predict_batch(resample_rgb(rgb, work_hw)[None])
+        return npp[0], hv[0], tp[0]
 
     def _instances(self, maps: tuple, hw: tuple[int, int], mpp: float, seg_mpp: float
                    ) -> tuple[np.ndarray, pd.DataFrame]:
@@ -349,14 +378,17 @@ class LearnedSegmenter:
                                          align_corners=False)[0].numpy()
             npp, hv, tp = up(npp[None])[0], up(hv), up(tp)
             inst = hv_watershed(npp, hv, seg_mpp, self._post_at(seg_mpp))
-            cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names)
+            cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
+                                 type_weights=self.post.type_weights)
         else:
             inst_w = hv_watershed(npp, hv, self.mpp, self.post)
             if work_hw == hw:
                 inst = inst_w
-                cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names)
+                cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
+                                 type_weights=self.post.type_weights)
             else:  # coarser input: measure at the input's scale, types from the working map
-                work_cells = measure_instances(inst_w, self.mpp, type_probs=tp, type_names=self.type_names)
+                work_cells = measure_instances(inst_w, self.mpp, type_probs=tp, type_names=self.type_names,
+                                 type_weights=self.post.type_weights)
                 inst = resample_labels(inst_w, hw)
                 kept = np.unique(inst)
                 kept = kept[kept > 0]  # the ids that survive resampling (label 0 may be absent)
@@ -379,7 +411,8 @@ class LearnedSegmenter:
         """Thresholds for maps upsampled to ``mpp``: gradients shrink with the scale, sigma grows."""
         f = self.mpp / mpp
         p = self.post
-        return PostProcessConfig(p.np_threshold, p.marker_threshold / f, p.sigma_px * f, p.min_area_um2, p.min_marker_um2)
+        return PostProcessConfig(p.np_threshold, p.marker_threshold / f, p.sigma_px * f, p.min_area_um2, p.min_marker_um2,
+                                 p.type_weights)
 
     def _finish(self, cells: pd.DataFrame, mpp: float, empty: bool = False) -> pd.DataFrame:
         cells.insert(1, "cell_id", cells["id"].to_numpy())
@@ -393,9 +426,17 @@ class LearnedSegmenter:
     def _post_one(self, maps: tuple[np.ndarray, np.ndarray, np.ndarray, float]) -> pd.DataFrame:
         npp, hv, tp, mpp = maps
         inst = hv_watershed(npp, hv, mpp, self.post)
-        return measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names)
+        return measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
+                                 type_weights=self.post.type_weights)
 
-    def _segment_batch(self, tiles: list[np.ndarray], mpp: float) -> list[pd.DataFrame]:
+    def _segment_batch(self, tiles: list[np.ndarray], mpp: float, nucleus_scale: float | str = 1.0
+                       ) -> list[pd.DataFrame]:
+        """One table per working tile (``x_px``/``y_px`` in the tile's pixels), each cell with the
+        ``nucleus_scale`` it was segmented at; ``"auto"``: the scale check per tile, as in
+        :meth:`segment_tile`."""
+        if nucleus_scale not in ("auto", 1.0):  # a fixed factor: every tile read at f x mpp
+            return [self._tile_at(t, mpp, float(nucleus_scale), self._block_maps_at(t, mpp * nucleus_scale))
+                    for t in tiles]
         npp, hv, tp = self.predict_batch(np.stack(tiles))
         flat = [k for k, t in enumerate(tiles) if is_featureless(t)]
         if flat:  # a uniform tile (black, white, one colour) holds no nuclei whatever the network says
@@ -404,24 +445,47 @@ class LearnedSegmenter:
         if self.workers > 1 and len(items) > 1:  # scipy / skimage release the GIL in their C loops
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers)
-            return list(self._pool.map(self._post_one, items))
-        return [self._post_one(it) for it in items]
+            tables = list(self._pool.map(self._post_one, items))
+        else:
+            tables = [self._post_one(it) for it in items]
+        for k, table in enumerate(tables):
+            table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
+            if nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp):
+                f, maps = self._better_scale(tiles[k], mpp, foreground_certainty(npp[k]), self._block_maps_at)
+                if maps is not None:
+                    tables[k] = self._tile_at(tiles[k], mpp, f, maps)[table.columns]
+        return tables
+
+    def _tile_at(self, tile: np.ndarray, mpp: float, f: float, maps: tuple | None) -> pd.DataFrame:
+        """The table of one working tile from its ``maps`` made at factor ``f`` (as ``_segment_batch``'s)."""
+        if maps is None or is_featureless(tile):
+            _, cells = self._empty(tile.shape[:2], mpp, f)
+        else:
+            _, cells = self._instances(maps, tile.shape[:2], mpp, mpp * f)
+        cells[OBS_NUCLEUS_SCALE] = np.float32(f)
+        return cells.drop(columns=["cell_id", "x_um", "y_um"])
 
     def segment_slide(self, slide: SlideLike, *, progress: ProgressCallback | None = None, tile_px: int = 1024,
-                      overlap_px: int = 96, batch_size: int | None = None, device: str | None = None) -> pd.DataFrame:
+                      overlap_px: int = 96, batch_size: int | None = None, device: str | None = None,
+                      nucleus_scale: float | str | None = None) -> pd.DataFrame:
         """Cell table of a whole slide, centroids in µm (tiles batched on the device, AMP on CUDA;
         ``batch_size`` None: the device's :attr:`batch_size`).
 
         ``overlap_px`` (working px; 96 px = 48 µm at 0.5 µm/px) must exceed the largest
         nucleus diameter for seams to be exact (see ``tiling.py``) and gives the network
-        context, so nuclei near a seam come out as in one pass.
+        context, so nuclei near a seam come out as in one pass. ``nucleus_scale`` (None:
+        :attr:`nucleus_scale`): as in :meth:`segment_tile`, decided per tile (in the app, per
+        block; adopted by the rule in docs/DECISIONS.md, session 13); column ``nucleus_scale``
+        says which factor each cell was segmented at.
         """
+        nucleus_scale = check_nucleus_scale(self.nucleus_scale if nucleus_scale is None else nucleus_scale)
         if device is not None and device != "auto" and pick_device(device) != self.device:
             self.device = pick_device(device)
             self.model = self.model.to(self.device)
         s = self.model.stride
         tile_px = max(s * 4, int(math.ceil(tile_px / s) * s))
-        return run_tiled(slide, self.mpp, self._segment_batch, tile_px=tile_px, overlap_px=overlap_px,
+        segment = lambda tiles, mpp: self._segment_batch(tiles, mpp, nucleus_scale)
+        return run_tiled(slide, self.mpp, segment, tile_px=tile_px, overlap_px=overlap_px,
                          batch_size=batch_size or self.batch_size, progress=progress)
 
 

@@ -60,6 +60,26 @@ def expression_units(adata) -> str:
     return str(units) if units else "model output units"
 
 
+def nucleus_scale_note(adata) -> str | None:
+    """What the page says when the segmenter's scale check segmented some nuclei at another factor
+    (``obs["nucleus_scale"]``): they looked larger than its training nuclei, the sign of large tumour
+    nuclei or of a µm per pixel that is too large. None when every nucleus was segmented as stated."""
+    if not hasattr(adata, "obs") or K.OBS_NUCLEUS_SCALE not in adata.obs or not adata.n_obs:
+        return None
+    f = adata.obs[K.OBS_NUCLEUS_SCALE].to_numpy(np.float64)
+    moved = f != 1.0
+    if not moved.any():
+        return None
+    factors = ", ".join(f"{v:.2g}" for v in np.unique(np.round(f[moved], 3)))
+    g = adata.uns.get(K.UNS_GHIST, {}) if isinstance(adata.uns.get(K.UNS_GHIST), Mapping) else {}
+    mpp = g.get("mpp")
+    at = f" at {float(mpp):.3g} µm per pixel" if isinstance(mpp, (int, float)) else ""
+    return (f"{moved.mean():.0%} of the nuclei were segmented at {factors}× scale: in those regions the nuclei looked "
+            f"larger than the ones the segmenter was trained on, so it read the image shrunk (its scale check; "
+            f"per cell in obs['{K.OBS_NUCLEUS_SCALE}']). Large tumour nuclei do this; so does a wrong resolution. "
+            f"If this slide was not scanned{at}, correct its µm per pixel on Upload & predict and run it again.")
+
+
 def units_label(units: str) -> str:
     """A short form of the units for axes and colour bars (the full sentence goes in captions)."""
     if len(units) <= 32:

@@ -44,6 +44,7 @@ def test_predict_slide_writes_h5ad_grid_and_records_the_run(tmp_path, small_slid
     assert meta["slide_sha256"] == record.sha256 and len(meta["weights_sha256"]) == 64
     assert meta["timings"]["total_s"] > 0
     assert "expression_units" in meta
+    assert "nucleus_scale" not in meta and "nucleus_scale" not in adata.obs  # the classical segmenter has no scale check
     # the store knows about it, and the loaders find it
     run = project.get_run(result.run_id)
     assert run.status == "finished" and run.n_cells == result.n_cells
@@ -76,6 +77,10 @@ def test_model_reading_nucleus_types_needs_the_learned_segmenter(tmp_path, small
     adata = ad.read_h5ad(result.h5ad_path)
     assert adata.n_obs == result.n_cells > 20 and np.isfinite(adata.X).all()
     assert list(adata.uns["ghist"]["model_card"]["config"]["cell_inputs"]) == list(names)
+    # the learned segmenter's scale check: on by default, recorded per cell and for the run
+    scale = adata.uns["ghist"]["nucleus_scale"]
+    assert scale["setting"] == "auto" and scale["rule"]["factors"][0] == 1.0
+    assert scale["cells_rescaled_fraction"] == pytest.approx(float((adata.obs["nucleus_scale"] != 1.0).mean()))
     # "auto" (no segmenter named): the default learned segmenter for a card that names none ...
     from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 
@@ -139,3 +144,38 @@ def test_killed_worker_resumes_to_identical_output(tmp_path, small_slide_png, ti
     np.testing.assert_allclose(a.obsm["spatial"], b.obsm["spatial"])
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
     assert not list(project.folder.rglob("*.part"))
+
+
+def test_large_looking_nuclei_are_segmented_at_a_smaller_scale_and_the_run_says_so(tmp_path, small_slide_png):
+    """The demo tissue enlarged 2x but stated at the original µm/px (nuclei look twice their size, as
+    large tumour nuclei or a wrong µm/px make them look): the app's run segments them at 2/3,
+    records the factor per cell and the share in uns, and the page's note says what to check. The
+    same slide with the check turned off (nucleus_scale 1.0) cuts them into more pieces."""
+    from PIL import Image
+    from testkit import make_tiny_ghist
+
+    from ghist_core.segmentation.model import SCALE_FACTORS
+    from ghist_core.viz.figures import nucleus_scale_note
+
+    big = tmp_path / "enlarged.png"
+    with Image.open(small_slide_png) as im:
+        im.convert("RGB").resize((im.width * 2, im.height * 2), Image.Resampling.BILINEAR).save(big)
+    model_dir = tmp_path / "typed_model"
+    make_tiny_ghist(model_dir, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial",
+                                            "prob_spindle-shaped"), tissue_skip=True)
+    project, record = _project_with_slide(tmp_path, big)
+    config = PipelineConfig(block_um=256.0, grid_sizes_um=(100.0,))
+    auto = ad.read_h5ad(predict_slide(record.slide_id, project, model_id=str(model_dir), device="cpu",
+                                      config=config).h5ad_path)
+    moved = auto.obs["nucleus_scale"].to_numpy() != 1.0
+    assert moved.mean() > 0.5 and np.allclose(auto.obs["nucleus_scale"].to_numpy()[moved], SCALE_FACTORS[1])
+    assert auto.uns["ghist"]["nucleus_scale"]["cells_rescaled_fraction"] == pytest.approx(float(moved.mean()), abs=1e-4)
+    note = nucleus_scale_note(auto)
+    assert note is not None and "0.67× scale" in note and "µm per pixel" in note
+    plain = ad.read_h5ad(predict_slide(record.slide_id, project, model_id=str(model_dir), device="cpu",
+                                       config=PipelineConfig(block_um=256.0, grid_sizes_um=(100.0,),
+                                                             nucleus_scale=1.0)).h5ad_path)
+    assert (plain.obs["nucleus_scale"] == 1.0).all() and nucleus_scale_note(plain) is None
+    record_plain = plain.uns["ghist"]["nucleus_scale"]
+    assert record_plain["setting"] == 1.0 and record_plain["cells_rescaled_fraction"] == 0.0
+    assert plain.n_obs > auto.n_obs

@@ -119,3 +119,73 @@ def test_the_auto_rule_gate_and_margin(seg, region, monkeypatch, area_px, gain, 
     monkeypatch.setattr(s, "_instances", instances)
     _, cells = s.segment_tile(rgb, mpp, nucleus_scale="auto")
     assert len(seen) == calls and cells.attrs["nucleus_scale"] == pytest.approx(factor)
+
+
+# --- the slide path: segment_slide(..., nucleus_scale=), per tile (in the app, per block) ---------
+
+def _slide_cells(seg, rgb, mpp, scale):
+    from ghist_core.segmentation import ArraySlide
+
+    return seg.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=scale)
+
+
+def test_slide_auto_is_the_default_and_the_stated_scale_on_ordinary_tissue(seg, region):
+    """Adopted by the pre-declared rule (docs/DECISIONS.md, session 13): the plain segment_slide call
+    checks the scale; on the demo tissue as scanned it keeps factor 1, the same nuclei as asking
+    for 1.0, each marked with the factor it was segmented at."""
+    from ghist_core.segmentation import ArraySlide
+
+    rgb, _, mpp = region
+    a, b = seg.segment_slide(ArraySlide(rgb, mpp)), _slide_cells(seg, rgb, mpp, 1.0)
+    assert len(a) == len(b) > 50
+    assert np.allclose(a[["x_um", "y_um", "area_um2"]].to_numpy(), b[["x_um", "y_um", "area_um2"]].to_numpy())
+    assert (a["nucleus_scale"] == 1.0).all() and (b["nucleus_scale"] == 1.0).all()
+
+
+def test_slide_auto_moves_where_nuclei_look_twice_their_size(seg, region):
+    """The 2x-enlarged tissue as a slide: "auto" segments it at 2/3 (fewer, larger pieces than the
+    plain call, which cuts large nuclei up), the same as asking for 2/3 outright."""
+    _, big, mpp = region
+    auto, plain, fixed = (_slide_cells(seg, big, mpp, s) for s in ("auto", 1.0, SCALE_FACTORS[1]))
+    assert np.allclose(auto["nucleus_scale"], SCALE_FACTORS[1])
+    assert len(auto) < len(plain) and auto["area_um2"].median() > plain["area_um2"].median()
+    assert len(auto) == len(fixed)
+    assert np.allclose(auto[["x_um", "y_um"]].to_numpy(), fixed[["x_um", "y_um"]].to_numpy())
+
+
+def test_slide_factor_keeps_positions_and_true_units(seg, region):
+    """The enlarged tissue at factor 1/2 finds the native nuclei again at twice their positions and
+    four times their area in the stated µm/px: coordinates and measurements are not in the shrunk
+    image's pixels."""
+    rgb, big, mpp = region
+    c1, c2 = _slide_cells(seg, rgb, mpp, 1.0), _slide_cells(seg, big, mpp, 0.5)
+    assert 0.8 < len(c2) / len(c1) < 1.25
+    assert 3.0 < float(c2["area_um2"].median() / c1["area_um2"].median()) < 5.3
+    assert c2["x_um"].max() <= big.shape[1] * mpp and c2["y_um"].max() <= big.shape[0] * mpp
+    p1, p2 = c1[["x_um", "y_um"]].to_numpy() * 2, c2[["x_um", "y_um"]].to_numpy()
+    assert np.median(np.sqrt(((p1[:, None, :] - p2[None, :, :]) ** 2).sum(-1)).min(1)) < 3.0
+
+
+def test_slide_bad_factor_and_blank_slide(seg, region):
+    rgb, _, mpp = region
+    for bad in ("bigger", 0.0, float("nan"), True):
+        with pytest.raises(ModelInputError):
+            _slide_cells(seg, rgb, mpp, bad)
+    for scale in ("auto", 0.5):
+        blank = _slide_cells(seg, np.full((300, 300, 3), 255, np.uint8), mpp, scale)
+        assert len(blank) == 0 and "x_um" in blank
+
+
+def test_pipeline_config_resumes_an_old_run_at_the_stated_scale():
+    """A run recorded before the setting resumes as its first blocks were made (factor 1); a new run
+    and a new run's recorded params keep the default."""
+    from dataclasses import asdict
+
+    from ghist_core.pipeline.blocks import PipelineConfig
+
+    assert PipelineConfig().nucleus_scale == "auto"
+    assert PipelineConfig.from_params({"block_um": 512.0}).nucleus_scale == 1.0
+    assert PipelineConfig.from_params(None).nucleus_scale == "auto"
+    assert PipelineConfig.from_params({"uncertainty": True}).nucleus_scale == "auto"  # a queued run's params
+    assert PipelineConfig.from_params(asdict(PipelineConfig())).nucleus_scale == "auto"
+    assert PipelineConfig.from_params({"nucleus_scale": 1.0}).nucleus_scale == 1.0

@@ -49,6 +49,37 @@ def test_the_default_segmenter_is_the_stain_robust_one(seg):
     assert "stain_bank" in seg.card and seg.card["base_model"]["name"] == "nuclei-seg"
 
 
+def test_type_is_the_weighted_argmax_of_the_probabilities(seg, demo_region):
+    """The default card's per-type decision weights (chosen on the validation split, docs/DECISIONS.md,
+    session 13) decide the type label; the probabilities stay the network's. Without weights the
+    label is the plain argmax; on stand-in probabilities a weight flips a label."""
+    import copy
+    import dataclasses
+
+    from ghist_core.segmentation.features import measure_instances
+
+    rgb, mpp = demo_region
+    w = np.asarray(seg.post.type_weights, np.float64)
+    assert len(w) == len(seg.type_names) and seg.card["postprocess"]["type_weights"] == list(w)
+    _, cells = seg.segment_tile(rgb, mpp)
+    probs = cells[[f"prob_{t}" for t in seg.type_names]].to_numpy()
+    names = np.asarray(seg.type_names, dtype=object)
+    assert (cells["type"].to_numpy() == names[(probs * w).argmax(1)]).all()
+    plain = copy.copy(seg)
+    plain.post = dataclasses.replace(seg.post, type_weights=None)
+    _, cells_plain = plain.segment_tile(rgb, mpp)
+    assert np.allclose(cells_plain[[f"prob_{t}" for t in seg.type_names]].to_numpy(), probs)
+    assert (cells_plain["type"].to_numpy() == names[probs.argmax(1)]).all()
+    # on stand-in probabilities a weight flips the label
+    inst = np.zeros((8, 8), np.int32)
+    inst[2:5, 2:5] = 1
+    tp = np.zeros((3, 8, 8), np.float32)
+    tp[1], tp[2] = 0.4, 0.6  # background 0; type "a" 0.4, type "b" 0.6
+    assert measure_instances(inst, 0.5, type_probs=tp, type_names=("a", "b"))["type"].tolist() == ["b"]
+    assert measure_instances(inst, 0.5, type_probs=tp, type_names=("a", "b"),
+                             type_weights=(2.0, 1.0))["type"].tolist() == ["a"]
+
+
 def test_segments_demo_tile(seg, demo_region):
     rgb, mpp = demo_region
     inst, cells = seg.segment_tile(rgb, mpp)

@@ -78,3 +78,56 @@ def test_stain_shift_fits_each_source_image_once_and_scores_every_shift(demo_sli
     assert block["summary"]["nuclei-seg-stain"]["worst_shift"] in shifts
     written = json.loads(out.read_text())["stain_shift"]
     assert written["protocol"]["version"] == 2 and written["datasets"]["consep"]["names"] == block["names"]
+
+
+def test_slide_scale_scores_the_slide_path_both_ways(demo_slide, tmp_path):
+    """A one-image split whose truth is the model's own nuclei (segment_tile, as stated): through
+    segment_slide at zoom 1 both settings find them again (centroids line up, in the image's µm);
+    at zoom 2 the check moves most cells and matches the enlarged truth better than the stated
+    scale, which cuts the large nuclei up; the block is written; no HER2ST folder, no HER2ST part."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ghist_core.segmentation.tiling import resample_rgb
+
+    with open_slide(demo_slide) as s:  # 0.5 µm/px tissue enlarged 2x: nuclei at their size for 0.25 µm/px
+        rgb = resample_rgb(np.ascontiguousarray(s.read_region((900, 1300), 0, (300, 300))[..., :3]), (600, 600))
+    seg = load_segmenter("nuclei-seg-stain", device="cpu")
+    truth = seg.segment_tile(rgb, 0.25, nucleus_scale=1.0)[0]
+    folder = tmp_path / "monuseg" / "test"
+    folder.mkdir(parents=True)
+    Image.fromarray(rgb).save(folder / "demo.png")
+    Image.fromarray(truth.astype(np.uint16)).save(folder / "demo.inst.png")
+    (tmp_path / "consep" / "test").mkdir(parents=True)  # an empty set is skipped, not a crash
+    out = tmp_path / "result.json"
+    res = bench.slide_scale(seg, tmp_path, tmp_path / "no_her2st", zooms=(1.0, 2.0), out=out)
+    assert json.loads(out.read_text())["slide_scale"] == json.loads(json.dumps(res))
+    one, two = res["datasets"]["monuseg"]["1.0"], res["datasets"]["monuseg"]["2.0"]
+    assert one["as_stated"]["f1_detection"] > 0.9 and one["auto"]["f1_detection"] > 0.9
+    assert one["auto"]["cells_moved"] == 0.0 and two["auto"]["cells_moved"] > 0.5
+    assert two["auto"]["f1_detection"] > two["as_stated"]["f1_detection"]
+    assert two["as_stated"]["count_ratio"] > two["auto"]["count_ratio"]
+    assert "her2st" not in res and res["datasets"]["consep"]["n_images"] == 0
+
+
+def test_whole_images_puts_consep_patches_back_with_distinct_ids(tmp_path):
+    """Two patches of one source tile become one image: pixels in place, truth ids offset so the
+    second patch's nuclei are not the first's."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "consep" / "test"
+    folder.mkdir(parents=True)
+    for k in range(2):
+        rgb = np.full((256, 256, 3), 60 * (k + 1), np.uint8)
+        inst = np.zeros((256, 256), np.uint16)
+        inst[10:20, 10:20], inst[50:60, 50:60] = 1, 2
+        Image.fromarray(rgb).save(folder / f"test_1_{k:03d}.png")
+        Image.fromarray(inst).save(folder / f"test_1_{k:03d}.inst.png")
+        (folder / f"test_1_{k:03d}.type.json").write_text('{"1": 1, "2": 3}')
+    [(name, rgb, inst)] = bench._whole_images(tmp_path, "consep")
+    assert name == "test_1" and rgb.shape == (1024, 1024, 3) and inst.shape == (1024, 1024)
+    assert rgb[0, 0, 0] == 60 and rgb[0, 256, 0] == 120 and rgb[300, 0, 0] == 255
+    assert inst[15, 15] == 1 and inst[15, 256 + 15] == 3 and sorted(np.unique(inst)) == [0, 1, 2, 3, 4]
