@@ -70,6 +70,41 @@ def nucleus_scale_is_large(cells: pd.DataFrame, work_mpp: float) -> bool:
     return bool(len(cells)) and float(cells["area_um2"].median()) / work_mpp ** 2 >= SCALE_MIN_AREA_PX
 
 
+#: test-time views as (transpose, flip left-right, flip up-down); the first k are used for k copies
+TTA_VIEWS = ((False, False, False), (False, True, False), (False, False, True), (False, True, True),
+             (True, False, False), (True, True, False), (True, False, True), (True, True, True))
+TTA_COPIES = (1, 2, 4, 8)
+
+
+def _view(x: torch.Tensor, view: tuple[bool, bool, bool]) -> torch.Tensor:
+    """An image batch (B x C x H x W) transposed and/or flipped."""
+    transpose, flip_lr, flip_ud = view
+    if transpose:
+        x = x.transpose(-1, -2)
+    if flip_lr:
+        x = x.flip(-1)
+    if flip_ud:
+        x = x.flip(-2)
+    return x
+
+
+def _unview_maps(npp: torch.Tensor, hv: torch.Tensor, tp: torch.Tensor, view: tuple[bool, bool, bool]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maps made on ``_view(x, view)`` back in ``x``'s frame: a flip also negates the HV channel
+    along it (channel 0 is x, 1 is y) and a transpose swaps the two."""
+    transpose, flip_lr, flip_ud = view
+    if flip_ud:
+        npp, hv, tp = npp.flip(-2), hv.flip(-2), tp.flip(-2)
+        hv = torch.stack([hv[:, 0], -hv[:, 1]], dim=1)
+    if flip_lr:
+        npp, hv, tp = npp.flip(-1), hv.flip(-1), tp.flip(-1)
+        hv = torch.stack([-hv[:, 0], hv[:, 1]], dim=1)
+    if transpose:
+        npp, tp = npp.transpose(-1, -2), tp.transpose(-1, -2)
+        hv = torch.stack([hv[:, 1], hv[:, 0]], dim=1).transpose(-1, -2)
+    return npp, hv, tp
+
+
 #: CoNSeP's four nucleus classes, in the order of the type head's channels 1..4.
 CONSEP_TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
 
@@ -200,6 +235,9 @@ class LearnedSegmenter:
         #: the default ``nucleus_scale`` of ``segment_tile`` and ``segment_slide`` ("auto": the scale
         #: check, adopted by the rules in docs/DECISIONS.md, sessions 12 and 13; 1.0: as stated)
         self.nucleus_scale: float | str = "auto"
+        #: copies ``segment_tile`` averages its maps over (:data:`TTA_VIEWS`; ``segment_slide`` always
+        #: makes one pass, for speed)
+        self.tta: int = 1
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -234,12 +272,15 @@ class LearnedSegmenter:
 
     # --- network maps -------------------------------------------------------------------
     @torch.inference_mode()
-    def predict_batch(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict_batch(self, tiles: np.ndarray, *, tta: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maps for a batch of same-size working tiles (B x H x W x 3 uint8).
 
         Returns NP probability (B x H x W), HV (B x 2 x H x W) and type probabilities
-        (B x C x H x W), float32 numpy.
+        (B x C x H x W), float32 numpy. ``tta`` (1, 2, 4 or 8): the maps averaged over that many
+        flipped / transposed copies (:data:`TTA_VIEWS`), each mapped back (HV signs and axes too).
         """
+        if tta not in TTA_COPIES:
+            raise ModelInputError(f"tta must be one of {TTA_COPIES}, not {tta!r}.")
         b, h, w, _ = tiles.shape
         s = self.model.stride
         ph, pw = (-h) % s, (-w) % s
@@ -248,25 +289,32 @@ class LearnedSegmenter:
         if ph or pw:
             mode = "reflect" if (ph < h and pw < w) else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.device):
-            np_logit, hv, tp = self.model(x)
-        np_prob = torch.sigmoid(np_logit.float())[:, 0, :h, :w]
-        hv = hv.float()[:, :, :h, :w].clamp_(-1, 1)
-        tp = torch.softmax(tp.float(), dim=1)[:, :, :h, :w]
+        np_sum = hv_sum = tp_sum = None
+        for view in TTA_VIEWS[:tta]:
+            with autocast_for(self.device):
+                np_logit, hv, tp = self.model(_view(x, view).contiguous(memory_format=torch.channels_last))
+            np_prob, hv, tp = _unview_maps(torch.sigmoid(np_logit.float()), hv.float(), torch.softmax(tp.float(), dim=1),
+                                           view)
+            np_sum = np_prob if np_sum is None else np_sum + np_prob
+            hv_sum = hv if hv_sum is None else hv_sum + hv
+            tp_sum = tp if tp_sum is None else tp_sum + tp
+        np_prob = (np_sum / tta)[:, 0, :h, :w]
+        hv = (hv_sum / tta)[:, :, :h, :w].clamp_(-1, 1)
+        tp = (tp_sum / tta)[:, :, :h, :w]
         return np_prob.cpu().numpy(), hv.cpu().numpy(), tp.cpu().numpy()
 
-    def predict_maps(self, rgb_work: np.ndarray, *, margin: int = 32, batch_size: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict_maps(self, rgb_work: np.ndarray, *, margin: int = 32, batch_size: int | None = None,
+                     tta: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maps of one working-resolution image of any size (tiled with ``margin`` px of context;
-        ``batch_size`` None: the device's :attr:`batch_size`)."""
+        ``batch_size`` None: the device's :attr:`batch_size`; ``tta`` None: :attr:`tta`)."""
         batch_size = batch_size or self.batch_size
+        tta = self.tta if tta is None else tta
         h, w = rgb_work.shape[:2]
         t = self.tile_px
         if h <= t and w <= t:
             pad_h, pad_w = max(0, 32 - h), max(0, 32 - w)  # smaller than the field: pad with glass
             img = np.pad(rgb_work, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255) if (pad_h or pad_w) else rgb_work
-            npp, hv, tp = self.predict_batch(img[None])
+            npp, hv, tp = self.predict_batch(img[None], tta=tta)
             return npp[0, :h, :w], hv[0, :, :h, :w], tp[0, :, :h, :w]
         core = t - 2 * margin
         ny, nx = math.ceil(h / core), math.ceil(w / core)
@@ -279,7 +327,7 @@ class LearnedSegmenter:
         for i in range(0, len(boxes), batch_size):
             chunk = boxes[i:i + batch_size]
             batch = np.stack([padded[y:y + t, x:x + t] for y, x in chunk])
-            npp, hv, tp = self.predict_batch(batch)
+            npp, hv, tp = self.predict_batch(batch, tta=tta)
             for k, (y, x) in enumerate(chunk):
                 sl = (slice(y, y + core), slice(x, x + core))
                 np_out[sl] = npp[k, margin:margin + core, margin:margin + core]
