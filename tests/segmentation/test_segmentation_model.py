@@ -167,3 +167,32 @@ def test_cpu_batch_size_changes_speed_not_nuclei(seg, demo_region):
     nearest = np.hypot(a[:, None, 0] - b[None, :, 0], a[:, None, 1] - b[None, :, 1]).min(axis=1)
     assert (nearest < 0.5).mean() >= 0.99
     assert (default["type"].to_numpy() == eight["type"].to_numpy()).mean() >= 0.99
+
+
+def test_test_time_augmentation_maps_each_view_back(seg, demo_region):
+    """Two copies = the mean of the plain maps and of the left-right mirrored tile's maps mirrored
+    back, with the horizontal HV channel negated (done here by hand in numpy); a transposed view
+    comes back with H and V swapped; segment_tile keeps one pass unless asked (validation chose 1)."""
+    rgb, _ = demo_region
+    tile = np.ascontiguousarray(rgb[:160, :192, :3])
+    n1, h1, t1 = seg.predict_batch(tile[None])
+    nm, hm, tm = seg.predict_batch(np.ascontiguousarray(tile[:, ::-1])[None])
+    hm_back = hm[:, :, :, ::-1] * np.array([-1.0, 1.0], np.float32)[None, :, None, None]
+    n2, h2, t2 = seg.predict_batch(tile[None], tta=2)
+    assert np.allclose(n2, (n1 + nm[:, :, ::-1]) / 2, atol=1e-5)
+    inside = (np.abs(h1) < 1) & (np.abs(hm_back) < 1)  # each pass is clamped to -1..1 after, not before, the mean
+    assert inside.mean() > 0.9 and np.allclose(h2[inside], ((h1 + hm_back) / 2)[inside], atol=1e-5)
+    assert np.allclose(t2, (t1 + tm[:, :, :, ::-1]) / 2, atol=1e-5)
+    # the transposed view by hand: maps of tile.T, transposed back, H and V swapped
+    from ghist_core.segmentation.model import TTA_VIEWS, _unview_maps
+
+    import torch
+
+    assert TTA_VIEWS[4] == (True, False, False)
+    nt, ht, tt = seg.predict_batch(np.ascontiguousarray(tile.transpose(1, 0, 2))[None])
+    back = _unview_maps(torch.from_numpy(nt)[:, None], torch.from_numpy(ht), torch.from_numpy(tt), TTA_VIEWS[4])
+    assert np.allclose(back[0][:, 0].numpy(), nt.transpose(0, 2, 1))
+    assert np.allclose(back[1].numpy(), ht[:, ::-1].transpose(0, 1, 3, 2))
+    assert seg.tta == 1
+    with pytest.raises(ModelInputError):
+        seg.predict_batch(tile[None], tta=3)
