@@ -76,7 +76,8 @@ def _check_unchanged(record, patient: str | None, mpp: float | None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ghist_core.pipeline.worker import identifying_strings, predict_slide_locked, redact, uncertainty_note
+    from ghist_core.pipeline.worker import (identifying_strings, predict_slide_locked, redact, rescaled_share,
+                                            uncertainty_note)
     from ghist_core.project.store import Project
 
     mpp, patient = _check_predict_args(args)
@@ -104,6 +105,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 line["uncertainty"] = note
                 if note.startswith("unavailable"):
                     print(f"note: slide {record.slide_id}: no expression uncertainty: {note}", file=sys.stderr)
+            share = rescaled_share(done.h5ad_path)
+            if share is not None:
+                line["nuclei_rescaled"] = share
+                if share > 0:  # nuclei looked larger than the segmenter's training nuclei
+                    print(f"note: slide {record.slide_id}: {share:.0%} of the nuclei looked large and were segmented "
+                          f"at a smaller scale (obs 'nucleus_scale'); if {record.mpp:.4g} µm per pixel is not this "
+                          "slide's resolution, correct it (--mpp, in a new project) and run it again", file=sys.stderr)
             print(json.dumps(line))
         except GhistError as exc:
             label = f"slide {record.slide_id}" if record is not None else f"input {i}" + (f" of {n}" if n > 1 else "")

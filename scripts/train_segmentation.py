@@ -31,7 +31,8 @@ from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.imaging.stain import hed_jitter_torch  # noqa: E402
 from ghist_core.device import autocast_for, pick_device  # noqa: E402
 from ghist_core.paths import shared_data_dir  # noqa: E402
-from ghist_core.training.segmentation_data import (DATA_MPP, load_split, split_by_tile, hv_targets)  # noqa: E402
+from ghist_core.training.segmentation_data import (DATA_MPP, VALIDATION_FRACTION, load_split, split_by_tile,  # noqa: E402
+                                                    hv_targets)
 from ghist_core.training.segmentation_metrics import SegCounts, seg_counts  # noqa: E402
 from ghist_core.segmentation.model import LearnedSegmenter, SegNet, SegNetConfig  # noqa: E402
 from ghist_core.segmentation.postprocess import PostProcessConfig  # noqa: E402
@@ -54,7 +55,7 @@ class TrainConfig:
     max_epochs: int = 200
     max_steps: int = 0             # 0 = no limit (smoke runs set a few)
     time_budget_s: float = 0.0     # wall-clock budget for the training loop; 0 = none
-    val_fraction: float = 0.15
+    val_fraction: float = VALIDATION_FRACTION
     seed: int = 0
     device: str = "auto"
     amp: bool = True

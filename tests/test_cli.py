@@ -114,6 +114,7 @@ def test_predict_uncertainty_with_a_one_member_model_goes_on_with_a_note(tmp_pat
         out, err = capsys.readouterr()
         line = json.loads(out.strip().splitlines()[-1])
         assert line["action"] == action and line["uncertainty"] == "unavailable: the model has one member"
+        assert "nuclei_rescaled" not in line  # the classical segmenter has no scale check
         assert f"note: slide {line['slide_id']}: no expression uncertainty: unavailable: the model has one member" in err
         assert "Traceback" not in err
     assert K.OBS_EXPRESSION_UNCERTAINTY not in ad.read_h5ad(line["h5ad"]).obs
@@ -124,3 +125,29 @@ def test_predict_uncertainty_with_a_one_member_model_goes_on_with_a_note(tmp_pat
     out, err = capsys.readouterr()
     plain = json.loads(out.strip().splitlines()[-1])
     assert plain["run_id"] == line["run_id"] and "uncertainty" not in plain and "note:" not in err
+
+
+def test_predict_says_when_nuclei_looked_large(tmp_path, small_slide_png, capsys):
+    """The demo tissue enlarged 2x but given at 0.499 µm/px (nuclei look twice their size): the learned
+    segmenter's scale check segments most of them at a smaller scale, the JSON line gives the share
+    and stderr says to check the µm per pixel."""
+    import json
+
+    from PIL import Image
+    from testkit import make_tiny_ghist
+
+    from ghist_core.cli import EXIT_OK
+
+    big = tmp_path / "enlarged.png"
+    with Image.open(small_slide_png) as im:
+        im.convert("RGB").resize((im.width * 2, im.height * 2), Image.Resampling.BILINEAR).save(big)
+    model = tmp_path / "typed_model"
+    make_tiny_ghist(model, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped"),
+                    tissue_skip=True)
+    argv = ["predict", str(big), "--project", str(tmp_path / "proj"), "--mpp", "0.499", "--model", str(model),
+            "--device", "cpu"]
+    assert main(argv) == EXIT_OK
+    out, err = capsys.readouterr()
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["nuclei_rescaled"] > 0.5
+    assert f"note: slide {line['slide_id']}: " in err and "0.499 µm per pixel" in err and "Traceback" not in err

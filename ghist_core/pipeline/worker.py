@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ghist_core import _keys as K
 from ghist_core.errors import GhistError, RunWeightsChangedError, SlideBusyError
 from ghist_core.io.atomic import remove_temporaries
 from ghist_core.paths import DEFAULT_SEGMENTER
@@ -152,9 +153,9 @@ def _made_by_current_weights(project: Project, run, model_id: str | None, segmen
     return not made_by_changes(read_made_by(project.run_dir(run.run_id), run.weights_sha256 or ""), now)
 
 
-def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
-    """``uns["ghist"]["uncertainty"]`` of a finished run's ``.h5ad`` (what its uncertainty column holds,
-    or why it is absent), read without loading the cells; None when the run did not ask for it."""
+def ghist_uns_entry(h5ad_path: str | os.PathLike | None, key: str):
+    """``uns["ghist"][key]`` of a finished run's ``.h5ad``, read without loading the cells; None when
+    absent or unreadable."""
     if h5ad_path is None:
         return None
     import h5py
@@ -162,13 +163,30 @@ def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
 
     try:
         with h5py.File(h5ad_path, "r") as f:
-            node = f.get("uns/ghist/uncertainty")
-            value = read_elem(node) if node is not None else None
+            node = f.get(f"uns/ghist/{key}")
+            return read_elem(node) if node is not None else None
     except (OSError, KeyError, ValueError, TypeError):
         return None
+
+
+def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
+    """``uns["ghist"]["uncertainty"]`` of a finished run's ``.h5ad`` (what its uncertainty column holds,
+    or why it is absent); None when the run did not ask for it."""
+    value = ghist_uns_entry(h5ad_path, K.GHIST_UNCERTAINTY)
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return str(value) if value is not None else None
+
+
+def rescaled_share(h5ad_path: str | os.PathLike | None) -> float | None:
+    """The share of a finished run's nuclei that the scale check segmented at another factor
+    (``uns["ghist"]["nucleus_scale"]``); None when the run has no such record (classical segmenter,
+    or made before the check)."""
+    value = ghist_uns_entry(h5ad_path, K.GHIST_NUCLEUS_SCALE)
+    try:
+        return float(value["cells_rescaled_fraction"]) if isinstance(value, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def sweep_slide_temporaries(project: Project, slide_id: int) -> list[Path]:

@@ -31,7 +31,7 @@ class PostProcessConfig:
     min_marker_um2: float = 1.0
     #: a nucleus' type is the argmax of its mean type probabilities times these weights (one per
     #: type; None: unweighted), a class-prior correction chosen on the validation split
-    #: (scripts/choose_type_weights.py); the probabilities themselves are not changed
+    #: (scripts/choose_on_validation.py type-weights); the probabilities themselves are not changed
     type_weights: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:

@@ -70,6 +70,20 @@ def load_split(root: str | Path, dataset: str, split: str, *, mpp: float = DATA_
     return samples
 
 
+#: the share of each training set's source tiles held out for validation (training script default)
+VALIDATION_FRACTION = 0.15
+
+
+def validation_samples(root: str | Path, datasets: tuple[str, ...] = ("consep", "monuseg"), *,
+                       val_fraction: float = VALIDATION_FRACTION, seed: int = 0) -> list[NucleiSample]:
+    """The training script's validation images (whole source tiles of each ``train`` split, held out
+    by :func:`split_by_tile`), for choices that must never see a test image."""
+    out: list[NucleiSample] = []
+    for ds in datasets:
+        out += split_by_tile(load_split(root, ds, "train"), val_fraction, seed)[1]
+    return out
+
+
 def split_by_tile(samples: list[NucleiSample], val_fraction: float, seed: int = 0
                   ) -> tuple[list[NucleiSample], list[NucleiSample]]:
     """(train, validation), whole source tiles to one side, chosen by a seeded shuffle."""

@@ -1,0 +1,178 @@
+"""Inference options of the learned segmenter chosen on the validation split only (the training
+script's held-out source tiles, ``validation_samples``); the test images are scored once, after.
+Rules: docs/DECISIONS.md, session 13.
+
+    python scripts/choose_on_validation.py type-weights [--model nuclei-seg-stain] [--out ...]
+    python scripts/choose_on_validation.py tta [--model nuclei-seg-stain] [--out ...]
+
+``type-weights``: per-type decision weights for the nucleus type (the argmax of the mean type
+probabilities times a weight per type), a correction of the training set's class prior (CoNSeP's
+"other" is 1.9 % of the training nuclei, 6.4 % of the test nuclei); coordinate ascent on the mean
+per-type F1 of the validation patches, then the test patches scored once, unweighted and weighted.
+Nuclei, probabilities and F_d do not move. Writes ``bench/results/segmentation_type_weights.json``.
+
+``tta``: test-time augmentation for ``segment_tile``: mean validation AJI with 1, 2, 4 and 8
+flipped/transposed copies, as stated, the card's thresholds; the pick is the highest mean or the
+cheapest within 0.002 of it. Writes ``bench/results/segmentation_tta_choice.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ghist_core.io.atomic import atomic_write_text  # noqa: E402
+from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
+from ghist_core.segmentation import load_segmenter  # noqa: E402
+from ghist_core.segmentation.model import TTA_COPIES  # noqa: E402
+from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split, validation_samples  # noqa: E402
+from ghist_core.training.segmentation_metrics import (DetectionCounts, centroids, match_centroids,  # noqa: E402
+                                                      seg_counts)
+
+RESULTS = REPO_DIR / "bench" / "results"
+
+
+# --- type-weights ---------------------------------------------------------------------------
+HOVERNET_RADIUS_PX = 12  # at 0.25 µm/px, as bench/segmentation.py
+LOG2_GRID = np.arange(-2.0, 4.01, 0.5)
+FIXED = CONSEP_TYPES.index("epithelial")  # the weights are scale-free: one type stays at 1
+SWEEPS = 3
+
+
+def matched(seg, samples) -> list[tuple]:
+    """Per image: (true types of matched, true types of unmatched, probabilities of matched and of
+    unmatched predictions), from one segmentation at the stated scale."""
+    out = []
+    cols = [f"prob_{n}" for n in CONSEP_TYPES]
+    for s in samples:
+        inst, cells = seg.segment_tile(s.rgb, DATA_MPP, nucleus_scale=1.0)
+        gi, gc = centroids(s.inst)
+        pi, pc = centroids(inst)
+        ia, ib = match_centroids(gc, pc, HOVERNET_RADIUS_PX)
+        probs = cells.set_index("id").loc[pi, cols].to_numpy(np.float64) if len(pi) else np.zeros((0, 4))
+        gt = s.types[gi]
+        ua, ub = np.setdiff1d(np.arange(len(gi)), ia), np.setdiff1d(np.arange(len(pi)), ib)
+        out.append((gt[ia], gt[ua], probs[ib], probs[ub]))
+    return out
+
+
+def scores(images: list[tuple], weights: np.ndarray) -> dict:
+    """HoVer-Net per-type F1 and their mean with types = argmax(probabilities x weights)."""
+    det = DetectionCounts()
+    for gt_m, gt_u, p_m, p_u in images:
+        det = det + DetectionCounts(gt_m, (p_m * weights).argmax(1) + 1 if len(p_m) else np.zeros(0, int),
+                                    gt_u, (p_u * weights).argmax(1) + 1 if len(p_u) else np.zeros(0, int))
+    f1 = {n: round(det.type_f1(i + 1), 4) for i, n in enumerate(CONSEP_TYPES)}
+    return {"per_type_f1": f1, "mean_type_f1": round(float(np.mean(list(f1.values()))), 4), "f_d": round(det.f1, 4)}
+
+
+def choose(images: list[tuple]) -> tuple[np.ndarray, list[dict]]:
+    """Coordinate ascent over log2 weights (one type fixed at 1), ties to the smaller |k|."""
+    k = np.zeros(len(CONSEP_TYPES))
+    trace = []
+    for sweep in range(SWEEPS):
+        for t in range(len(CONSEP_TYPES)):
+            if t == FIXED:
+                continue
+            best = None
+            for v in sorted(LOG2_GRID, key=abs):
+                trial = k.copy()
+                trial[t] = v
+                m = scores(images, 2.0 ** trial)["mean_type_f1"]
+                if best is None or m > best[0] + 1e-12:
+                    best = (m, v)
+            k[t] = best[1]
+            trace.append({"sweep": sweep, "type": CONSEP_TYPES[t], "log2_weight": float(best[1]), "mean_type_f1": best[0]})
+    return 2.0 ** k, trace
+
+
+
+def run_type_weights(seg, root: Path, out: Path) -> dict:
+    val = validation_samples(root, ("consep",))
+    test = load_split(root, "consep", "test")
+    t = time.perf_counter()
+    val_images = matched(seg, val)
+    weights, trace = choose(val_images)
+    print(f"chosen weights {dict(zip(CONSEP_TYPES, weights.round(3)))} ({time.perf_counter() - t:.0f} s)", flush=True)
+    test_images = matched(seg, test)
+    ones = np.ones(len(CONSEP_TYPES))
+    res = {
+        "rule": "docs/DECISIONS.md, session 13 (per-type decision weights)",
+        "model": seg.card.get("name"), "weights_sha256": seg.card.get("sha256"),
+        "validation": {"images": len(val), "tiles": sorted({s.source_tile for s in val}),
+                       "unweighted": scores(val_images, ones), "chosen": scores(val_images, weights), "trace": trace},
+        "chosen_weights": {n: float(w) for n, w in zip(CONSEP_TYPES, weights)},
+        "test": {"images": len(test), "unweighted": scores(test_images, ones), "chosen": scores(test_images, weights)},
+    }
+    u, c = res["test"]["unweighted"], res["test"]["chosen"]
+    res["verdict"] = {
+        "other_f1_higher": c["per_type_f1"]["other"] > u["per_type_f1"]["other"],
+        "mean_type_f1_higher": c["mean_type_f1"] > u["mean_type_f1"],
+        "no_type_down_more_than_0.02": all(c["per_type_f1"][n] >= u["per_type_f1"][n] - 0.02 for n in CONSEP_TYPES),
+    }
+    res["verdict"]["adopt"] = all(res["verdict"].values())
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(json.dumps({k: res[k] for k in ("chosen_weights", "test", "verdict")}, indent=1))
+    return res
+
+
+# --- tta ------------------------------------------------------------------------------------
+TOLERANCE = 0.002
+
+
+def pick(mean_aji: dict[int, float], tolerance: float = TOLERANCE) -> int:
+    """The cheapest number of copies whose mean AJI is within ``tolerance`` of the best."""
+    best = max(mean_aji.values())
+    return min(k for k, v in mean_aji.items() if v >= best - tolerance)
+
+
+
+def run_tta(seg, root: Path, out: Path) -> dict:
+    seg.nucleus_scale = 1.0
+    val = validation_samples(root, ("consep", "monuseg"))
+    rows = {}
+    for k in TTA_COPIES:
+        seg.tta = k
+        t = time.perf_counter()
+        per = {ds: [seg_counts(s.inst, seg.segment_tile(s.rgb, DATA_MPP)[0]).aji for s in val if s.dataset == ds]
+               for ds in ("consep", "monuseg")}
+        allv = per["consep"] + per["monuseg"]
+        rows[k] = {"mean_aji": round(float(np.mean(allv)), 4),
+                   **{f"{ds}_mean_aji": round(float(np.mean(v)), 4) for ds, v in per.items()},
+                   "seconds": round(time.perf_counter() - t, 1)}
+        print(k, rows[k], flush=True)
+    chosen = pick({k: r["mean_aji"] for k, r in rows.items()})
+    res = {"rule": "docs/DECISIONS.md, session 13 (test-time augmentation)", "model": seg.card.get("name"),
+           "weights_sha256": seg.card.get("sha256"), "images": len(val),
+           "tiles": sorted({s.source_tile for s in val}), "copies": {str(k): r for k, r in rows.items()},
+           "tolerance": TOLERANCE, "chosen_copies": chosen}
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    atomic_write_text(out, json.dumps({**prev, **res}, indent=1))  # keeps a recorded second design
+    print(f"chosen: {chosen} copies", flush=True)
+    return res
+
+
+JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
+        "tta": (run_tta, "segmentation_tta_choice.json")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("job", choices=sorted(JOBS))
+    ap.add_argument("--model", default="nuclei-seg-stain")
+    ap.add_argument("--data-root", default=str(shared_data_dir() / "nuclei"))
+    ap.add_argument("--out", default=None, help="default: bench/results/<the job's file>")
+    a = ap.parse_args(argv)
+    run, name = JOBS[a.job]
+    run(load_segmenter(a.model, device="cpu"), Path(a.data_root), Path(a.out) if a.out else RESULTS / name)
+
+
+if __name__ == "__main__":
+    main()
