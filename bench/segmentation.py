@@ -387,7 +387,7 @@ def _whole_images(root: Path, ds: str) -> list[tuple[str, np.ndarray, np.ndarray
 
 
 def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 2.0), spots: int = 20,
-                out: Path | None = None) -> dict:
+                out: Path | None = None, speed_px: int = 4096) -> dict:
     """The nucleus-scale check on the slide path (``segment_slide``, which the app runs per block):
     whole test images enlarged or shrunk by each zoom (not cropped) and segmented at the stated
     0.25 µm/px with ``nucleus_scale=1.0`` and ``"auto"``. No instance map comes out of the slide
@@ -447,7 +447,26 @@ def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 
         print(f"slide_scale her2st: {res['her2st']['pooled']}", flush=True)
         if out is not None:
             _update(out, "slide_scale", res)
+    if speed_px and any((root / "consep").glob("*/*.inst.png")):
+        res["speed"] = slide_scale_speed(model, root, speed_px, settings)
+        print(f"slide_scale speed: {res['speed']}", flush=True)
+        if out is not None:
+            _update(out, "slide_scale", res)
     return res
+
+
+def slide_scale_speed(model, root: Path, side_px: int, settings: dict) -> dict:
+    """What the check costs: ``segment_slide`` throughput with each setting on a CoNSeP mosaic as it is
+    (nothing moves) and enlarged 2x (the check moves most tiles: one more pass at 44 % of the pixels
+    and a second watershed), Mpx of input per second, same process, after a warm-up."""
+    from ghist_core.segmentation.tiling import resample_rgb
+
+    half = mosaic(root, side_px // 2)
+    out = {"what": f"segment_slide on a {side_px} px mosaic of CoNSeP patches at 0.25 um/px: as it is, and a "
+                   f"{side_px // 2} px mosaic enlarged 2x (nuclei look twice their size)"}
+    for label, rgb in (("x1", mosaic(root, side_px)), ("x2", resample_rgb(half, (side_px, side_px)))):
+        out[label] = {name: speed(model, rgb, nucleus_scale=setting) for name, setting in settings.items()}
+    return out
 
 
 def _her2st_slide_counts(model, classical, root: Path, settings: dict, spots: int,

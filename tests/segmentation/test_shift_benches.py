@@ -102,14 +102,14 @@ def test_slide_scale_scores_the_slide_path_both_ways(demo_slide, tmp_path):
     Image.fromarray(truth.astype(np.uint16)).save(folder / "demo.inst.png")
     (tmp_path / "consep" / "test").mkdir(parents=True)  # an empty set is skipped, not a crash
     out = tmp_path / "result.json"
-    res = bench.slide_scale(seg, tmp_path, tmp_path / "no_her2st", zooms=(1.0, 2.0), out=out)
+    res = bench.slide_scale(seg, tmp_path, tmp_path / "no_her2st", zooms=(1.0, 2.0), out=out, speed_px=0)
     assert json.loads(out.read_text())["slide_scale"] == json.loads(json.dumps(res))
     one, two = res["datasets"]["monuseg"]["1.0"], res["datasets"]["monuseg"]["2.0"]
     assert one["as_stated"]["f1_detection"] > 0.9 and one["auto"]["f1_detection"] > 0.9
     assert one["auto"]["cells_moved"] == 0.0 and two["auto"]["cells_moved"] > 0.5
     assert two["auto"]["f1_detection"] > two["as_stated"]["f1_detection"]
     assert two["as_stated"]["count_ratio"] > two["auto"]["count_ratio"]
-    assert "her2st" not in res and res["datasets"]["consep"]["n_images"] == 0
+    assert "her2st" not in res and "speed" not in res and res["datasets"]["consep"]["n_images"] == 0
 
 
 def test_whole_images_puts_consep_patches_back_with_distinct_ids(tmp_path):
