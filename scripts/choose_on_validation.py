@@ -4,6 +4,7 @@ Rules: docs/DECISIONS.md, session 13.
 
     python scripts/choose_on_validation.py type-weights [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py tta [--model nuclei-seg-stain] [--out ...]
+    python scripts/choose_on_validation.py watershed [--model nuclei-seg-stain] [--out ...]
 
 ``type-weights``: per-type decision weights for the nucleus type (the argmax of the mean type
 probabilities times a weight per type), a correction of the training set's class prior (CoNSeP's
@@ -14,6 +15,10 @@ Nuclei, probabilities and F_d do not move. Writes ``bench/results/segmentation_t
 ``tta``: test-time augmentation for ``segment_tile``: mean validation AJI with 1, 2, 4 and 8
 flipped/transposed copies, as stated, the card's thresholds; the pick is the highest mean or the
 cheapest within 0.002 of it. Writes ``bench/results/segmentation_tta_choice.json``.
+
+``watershed``: the five watershed settings on a grid, on the training script's selection data
+(validation images as they are and re-stained), by the mean per-image AJI. Writes
+``bench/results/segmentation_watershed_choice.json``.
 """
 
 from __future__ import annotations
@@ -159,8 +164,52 @@ def run_tta(seg, root: Path, out: Path) -> dict:
     return res
 
 
+# --- watershed ------------------------------------------------------------------------------
+WATERSHED_GRID = {"np_threshold": (0.4, 0.5), "marker_threshold": (0.01, 0.02, 0.03), "sigma_px": (0.7, 1.0, 1.5),
+                  "min_marker_um2": (0.5, 1.0, 2.0), "min_area_um2": (2.0, 4.0, 8.0)}
+
+
+def run_watershed(seg, root: Path, out: Path, restained: int = 3, workers: int = 2) -> dict:
+    """Every setting of :data:`WATERSHED_GRID` on the training script's own selection data (the
+    validation images as they are and re-stained to its ``restained`` far training-role stains),
+    maps made once; the best mean per-image AJI over the copies wins, ties to the card's setting."""
+    import dataclasses
+    import itertools
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    import train_segmentation as training
+
+    seg.nucleus_scale = 1.0
+    card_post = seg.post
+    t = time.perf_counter()
+    maps = training.set_maps(seg, training.restained_validation(validation_samples(root), restained))
+    print(f"maps of {sum(len(m) for m in maps.values())} images ({time.perf_counter() - t:.0f} s)", flush=True)
+    keys = list(WATERSHED_GRID)
+    rows = []
+    with ProcessPoolExecutor(workers) as pool:
+        for values in itertools.product(*WATERSHED_GRID.values()):
+            post = dataclasses.replace(card_post, **dict(zip(keys, values)))
+            sc = training.evaluate_sets(maps, seg, post, pool)
+            rows.append({**dict(zip(keys, values)), "aji_mean": round(sc["aji_mean"], 4), "aji": round(sc["aji"], 4),
+                         "pq": round(sc["pq"], 4), "is_card": all(getattr(post, k) == getattr(card_post, k) for k in keys)})
+            print(rows[-1], flush=True)
+    seg.post = card_post
+    best = max(rows, key=lambda r: (r["aji_mean"], r["is_card"]))
+    card_row = next((r for r in rows if r["is_card"]), None)
+    res = {"rule": "docs/DECISIONS.md, session 13 (wider watershed tuning)", "model": seg.card.get("name"),
+           "weights_sha256": seg.card.get("sha256"), "criterion": "mean over the copies of the mean per-image AJI",
+           "copies": list(maps), "images_per_copy": len(next(iter(maps.values()))),
+           "card": {k: getattr(card_post, k) for k in keys}, "card_row": card_row,
+           "chosen": {k: best[k] for k in keys}, "chosen_row": best, "grid": rows}
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(f"chosen {res['chosen']} ({best['aji_mean']}; card {card_row and card_row['aji_mean']})", flush=True)
+    return res
+
+
 JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
-        "tta": (run_tta, "segmentation_tta_choice.json")}
+        "tta": (run_tta, "segmentation_tta_choice.json"),
+        "watershed": (run_watershed, "segmentation_watershed_choice.json")}
 
 
 def main(argv: list[str] | None = None) -> None:
