@@ -121,11 +121,17 @@ def speed(seg, rgb: np.ndarray, **kw) -> dict:
             "batch_size": kw.get("batch_size") or getattr(seg, "batch_size", None)}
 
 
-def app_speed(learned: dict, rgb: np.ndarray, work: Path, mpp: float = DATA_MPP) -> dict:
+def app_speed(learned: dict, rgb: np.ndarray, work: Path, mpp: float = DATA_MPP,
+              nucleus_scale: float | str | None = None) -> dict:
     """What a user waits for: the app's whole pipeline (``predict_slide``: tissue mask, 512 µm
     blocks read from a real tiled TIFF in a prefetch thread, segmentation, the bundled expression
     model, checkpoints, merge) on the mosaic, once per learned segmenter. Throughput of the
-    segmentation stage alone (``segment_s``) and of the whole run (``total_s``)."""
+    segmentation stage alone (``segment_s``) and of the whole run (``total_s``). ``nucleus_scale``
+    None: the app's default (``PipelineConfig``), recorded in the result."""
+    import warnings
+
+    from ghist_core.pipeline.blocks import PipelineConfig
+
     import tifffile
 
     from ghist_core.model import load_ghist
@@ -141,9 +147,12 @@ def app_speed(learned: dict, rgb: np.ndarray, work: Path, mpp: float = DATA_MPP)
     device = next(iter(learned.values())).device
     model = load_ghist(None, device=str(device))
     mpx = rgb.shape[0] * rgb.shape[1] / 1e6
-    out: dict = {"mpx": round(mpx, 2), "model": model.card.get("name", "bundled")}
+    config = PipelineConfig() if nucleus_scale is None else PipelineConfig(nucleus_scale=nucleus_scale)
+    out: dict = {"mpx": round(mpx, 2), "model": model.card.get("name", "bundled"), "nucleus_scale": config.nucleus_scale}
     for name, seg in learned.items():
-        result = predict_slide(slide_id, project, segmenter=seg, model=model, device=str(device))
+        with warnings.catch_warnings():  # the expression model reads the 0.25 µm/px mosaic at 1 µm/px, as intended
+            warnings.simplefilter("ignore")
+            result = predict_slide(slide_id, project, segmenter=seg, model=model, device=str(device), config=config)
         t = result.timings
         out[name] = {"n_cells": result.n_cells, "segmentation_mpx_per_s": round(mpx / t["segment_s"], 3),
                      "whole_run_mpx_per_s": round(mpx / t["total_s"], 3),
@@ -461,11 +470,19 @@ def slide_scale_speed(model, root: Path, side_px: int, settings: dict) -> dict:
     and a second watershed), Mpx of input per second, same process, after a warm-up."""
     from ghist_core.segmentation.tiling import resample_rgb
 
+    import tempfile
+
     half = mosaic(root, side_px // 2)
     out = {"what": f"segment_slide on a {side_px} px mosaic of CoNSeP patches at 0.25 um/px: as it is, and a "
-                   f"{side_px // 2} px mosaic enlarged 2x (nuclei look twice their size)"}
+                   f"{side_px // 2} px mosaic enlarged 2x (nuclei look twice their size); 'app': the app's whole run "
+                   f"(predict_slide, as the speed block) on a {2 * side_px} px mosaic as it is, each setting"}
     for label, rgb in (("x1", mosaic(root, side_px)), ("x2", resample_rgb(half, (side_px, side_px)))):
         out[label] = {name: speed(model, rgb, nucleus_scale=setting) for name, setting in settings.items()}
+    rgb = mosaic(root, 2 * side_px)
+    out["app"] = {}
+    for name, setting in settings.items():
+        with tempfile.TemporaryDirectory(prefix="ghist-speed-") as work:
+            out["app"][name] = app_speed({"model": model}, rgb, Path(work), nucleus_scale=setting)["model"]
     return out
 
 
@@ -576,7 +593,9 @@ SPEED_NOTE = ("megapixels of 0.25 µm/px input per second on a mosaic of real Co
               "whole pipeline (predict_slide on the mosaic as a tiled TIFF: blocks, segmentation, "
               "expression, checkpoints, merge), its segmentation stage and the whole run. Until "
               "session 9 the CPU figure was segment_slide on a 1856 px mosaic at batch 8 (0.52 Mpx/s): "
-              "at that size tile margins are 5x the pixels, and batch 8 overflows a CPU's caches")
+              "at that size tile margins are 5x the pixels, and batch 8 overflows a CPU's caches. segment_slide rows "
+              "run as stated (nucleus_scale 1.0); app rows at the app's setting, recorded in app.nucleus_scale (runs "
+              "before session 13: 1.0); the scale check's cost: slide_scale.speed in segmentation_slide_scale.json")
 
 
 def main(argv: list[str] | None = None) -> None:
