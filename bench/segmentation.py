@@ -620,6 +620,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--auto-scale", action="store_true",
                     help="also score each learned model as '<name>+auto-scale': segment_tile(..., nucleus_scale='auto') "
                          "(accuracy, stain and scale shift)")
+    ap.add_argument("--post-variant", default=None,
+                    help="also score each learned model as '<name>+post' with these watershed settings (a JSON object "
+                         "of PostProcessConfig fields, e.g. from bench/results/segmentation_watershed_choice.json)")
     a = ap.parse_args(argv)
     blocks = [b.strip() for b in a.only.split(",") if b.strip()]
     unknown = sorted(set(blocks) - set(BLOCKS))
@@ -638,6 +641,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale"] = v = copy.copy(seg)
             v.nucleus_scale = "auto"
+    if a.post_variant:
+        from dataclasses import replace
+
+        settings = json.loads(a.post_variant)
+        for name, seg in learned.items():
+            variants[f"{name}+post"] = v = copy.copy(seg)
+            v.post = replace(seg.post, **settings)
     methods = {**learned, **variants, "classical": classical}
     model = next(iter(learned.values()))  # the device and speed reference
     device_name = torch.cuda.get_device_name(0) if model.device.type == "cuda" else \
