@@ -109,7 +109,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if share is not None:
                 line["nuclei_rescaled"] = share
                 if share > 0:  # nuclei looked larger than the segmenter's training nuclei
-                    print(f"note: slide {record.slide_id}: {share:.0%} of the nuclei looked large and were segmented "
+                    part = f"{share:.0%}" if share >= 0.005 else "under 1%"
+                    print(f"note: slide {record.slide_id}: {part} of the nuclei looked large and were segmented "
                           f"at a smaller scale (obs 'nucleus_scale'); if {record.mpp:.4g} µm per pixel is not this "
                           "slide's resolution, correct it (--mpp, in a new project) and run it again", file=sys.stderr)
             print(json.dumps(line))

@@ -59,15 +59,17 @@ class PipelineConfig:
     #: per cell); X is unchanged. A run recorded before this setting resumes without it.
     uncertainty: bool = False
     #: the learned segmenter's ``nucleus_scale`` per block ("auto": the scale check, which segments
-    #: blocks of large nuclei at 2/3; 1.0: as the slide's µm/px says). A run recorded before this
-    #: setting resumes at 1.0, as its first blocks were made.
+    #: blocks of large nuclei at 2/3; 1.0: as the slide's µm/px says). Every run records it (the app's
+    #: queued runs too: ``worker.submit_run``); a run recorded before it resumes at 1.0, as its first
+    #: blocks were made.
     nucleus_scale: float | str = "auto"
 
     @classmethod
     def from_params(cls, params: dict | None) -> "PipelineConfig":
+        """The settings a run recorded (``params["pipeline"]``); one it does not hold predates it, so
+        the run resumes as it began: the default, or ``nucleus_scale`` 1.0."""
         known = {k: v for k, v in (params or {}).items() if k in cls.__dataclass_fields__}
-        if "block_um" in known and "nucleus_scale" not in known:  # predict_slide records every setting: an
-            known["nucleus_scale"] = 1.0  # older run's; a queued run's params (just "uncertainty") get the default
+        known.setdefault("nucleus_scale", 1.0)
         if "grid_sizes_um" in known:
             known["grid_sizes_um"] = tuple(float(v) for v in known["grid_sizes_um"])
         return cls(**known)
@@ -588,8 +590,10 @@ def nucleus_scale_record(setting: float | str, summary) -> dict:
     it segmented at another factor (per cell: ``obs["nucleus_scale"]``)."""
     from ghist_core.segmentation.model import SCALE_RULE
 
-    share = summary.n_rescaled / summary.n_cells if summary.n_cells else 0.0
-    return {"setting": setting, "rule": dict(SCALE_RULE), "cells_rescaled_fraction": round(float(share), 4)}
+    record = {"setting": setting, "rule": dict(SCALE_RULE)}
+    if summary.n_rescaled is not None:  # None: some blocks predate the column, so the share is unknown
+        record["cells_rescaled_fraction"] = round(summary.n_rescaled / summary.n_cells, 4) if summary.n_cells else 0.0
+    return record
 
 
 def _uncertainty_note(model, summary) -> str:

@@ -45,7 +45,9 @@ class BlockSummary:
     bytes_on_disk: int = 0
     obsm_keys: list[str] = field(default_factory=list)  # the obsm matrices every block with cells has
     obs_keys: list[str] | None = None  # the obs columns every block with cells has (None: each block's all)
-    n_rescaled: int = 0  # cells the scale check segmented at a factor other than 1 (obs "nucleus_scale")
+    #: cells the scale check segmented at a factor other than 1 (obs "nucleus_scale"); None when some
+    #: block with cells lacks the column (made before it), so the merged result has no such column
+    n_rescaled: int | None = 0
 
 
 def _current_layout(path: Path) -> ad.AnnData:
@@ -101,6 +103,8 @@ def summarise_blocks(paths: list[Path], grid_sizes_um: tuple[float, ...]) -> Blo
             if K.OBS_NUCLEUS_SCALE in a.obs:
                 n_rescaled += int((a.obs[K.OBS_NUCLEUS_SCALE].to_numpy() != 1.0).sum())
         del a
+    if obs_keys is not None and K.OBS_NUCLEUS_SCALE not in obs_keys and n_rescaled:
+        n_rescaled = None
     keys = sorted(obsm_keys or ())
     return BlockSummary(paths=keep, n_cells=n, grids=acc.finish(),
                         median_area_um2=median_nucleus_area(np.concatenate(areas) if areas else np.zeros(0)),

@@ -287,14 +287,17 @@ def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: st
     """Record a new run for ``slide_id`` and start its worker; returns the run id.
 
     A slide that already has an active run (a worker of the app, ``ghist predict`` or a cohort
-    task) gets no second one: its run id is returned. ``uncertainty`` is recorded in the run's
-    params (``{"pipeline": {"uncertainty": ...}}``), from which the worker's pipeline takes its settings.
+    task) gets no second one: its run id is returned. ``uncertainty`` and the pipeline's
+    ``nucleus_scale`` are recorded in the run's params (``{"pipeline": {...}}``), from which the
+    worker's pipeline takes its settings (so a resumed run keeps them).
     """
+    from ghist_core.pipeline.blocks import PipelineConfig
+
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
     project.mark_interrupted_runs()
     params = {"model_id": model_id, "segmenter_id": segmenter_id, "default_segmenter": DEFAULT_SEGMENTER,
-              "pipeline": {"uncertainty": bool(uncertainty)}}
+              "pipeline": {"uncertainty": bool(uncertainty), "nucleus_scale": PipelineConfig().nucleus_scale}}
     run_id, created = run_store.claim_run(
         project.db, slide.slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
         params=params, status=RunStatus.QUEUED)

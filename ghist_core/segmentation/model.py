@@ -34,7 +34,7 @@ from ghist_core.io.slide import check_mpp
 from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_labels, resample_rgb, run_tiled,
                      warn_if_far, working_shape)
 
-#: ``segment_tile(..., nucleus_scale="auto")``: the factors tried, the foreground-certainty gain a
+#: ``nucleus_scale="auto"`` (``segment_tile``, and per tile ``segment_slide``): the factors tried, the foreground-certainty gain a
 #: factor other than 1 needs, and the median nucleus area (working px, at factor 1) below which
 #: nuclei are not large and nothing is tried. Chosen on the validation split (66 images of the
 #: training tiles, zoomed x0.67-x2, as they are and in 6 other stains) before this design's
@@ -409,10 +409,13 @@ class LearnedSegmenter:
         return self.predict_maps(resample_rgb(rgb, work_hw))
 
     def _block_maps_at(self, rgb: np.ndarray, seg_mpp: float) -> tuple | None:
-        """As :meth:`_maps_at` in one forward pass (``segment_slide``'s tiles are sized for one)."""
+        """As :meth:`_maps_at` in one forward pass when the tile does not grow (``segment_slide``'s tiles
+        are sized for one pass; a factor above 1 enlarges them, so those are tiled)."""
         work_hw = working_shape(rgb.shape[:2], seg_mpp, self.mpp)
         if min(work_hw) < 4:
             return None
+        if max(work_hw) > max(rgb.shape[:2]):
+            return self._maps_at(rgb, seg_mpp)
         npp, hv, tp = self.predict_batch(resample_rgb(rgb, work_hw)[None])
         return npp[0], hv[0], tp[0]
 
@@ -483,7 +486,8 @@ class LearnedSegmenter:
         ``nucleus_scale`` it was segmented at; ``"auto"``: the scale check per tile, as in
         :meth:`segment_tile`."""
         if nucleus_scale not in ("auto", 1.0):  # a fixed factor: every tile read at f x mpp
-            return [self._tile_at(t, mpp, float(nucleus_scale), self._block_maps_at(t, mpp * nucleus_scale))
+            f = float(nucleus_scale)
+            return [self._tile_at(t, mpp, f, None if is_featureless(t) else self._block_maps_at(t, mpp * f))
                     for t in tiles]
         npp, hv, tp = self.predict_batch(np.stack(tiles))
         flat = [k for k, t in enumerate(tiles) if is_featureless(t)]
@@ -501,7 +505,7 @@ class LearnedSegmenter:
             if nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp):
                 f, maps = self._better_scale(tiles[k], mpp, foreground_certainty(npp[k]), self._block_maps_at)
                 if maps is not None:
-                    tables[k] = self._tile_at(tiles[k], mpp, f, maps)[table.columns]
+                    tables[k] = self._tile_at(tiles[k], mpp, f, maps)
         return tables
 
     def _tile_at(self, tile: np.ndarray, mpp: float, f: float, maps: tuple | None) -> pd.DataFrame:
@@ -511,7 +515,14 @@ class LearnedSegmenter:
         else:
             _, cells = self._instances(maps, tile.shape[:2], mpp, mpp * f)
         cells[OBS_NUCLEUS_SCALE] = np.float32(f)
-        return cells.drop(columns=["cell_id", "x_um", "y_um"])
+        return cells[self._tile_columns]  # in _post_one's order, whichever branch measured them
+
+    @property
+    def _tile_columns(self) -> list[str]:
+        """``_segment_batch``'s table columns: ``measure_instances``' order, then the factor."""
+        empty = measure_instances(np.zeros((1, 1), np.int32), 1.0, type_probs=np.zeros((len(self.type_names) + 1, 1, 1)),
+                                  type_names=self.type_names)
+        return [*empty.columns, OBS_NUCLEUS_SCALE]
 
     def segment_slide(self, slide: SlideLike, *, progress: ProgressCallback | None = None, tile_px: int = 1024,
                       overlap_px: int = 96, batch_size: int | None = None, device: str | None = None,
@@ -521,7 +532,9 @@ class LearnedSegmenter:
 
         ``overlap_px`` (working px; 96 px = 48 µm at 0.5 µm/px) must exceed the largest
         nucleus diameter for seams to be exact (see ``tiling.py``) and gives the network
-        context, so nuclei near a seam come out as in one pass. ``nucleus_scale`` (None:
+        context, so nuclei near a seam come out as in one pass (two neighbouring tiles the scale
+        check reads at different factors can cut a seam nucleus differently: the larger view is
+        kept). ``nucleus_scale`` (None:
         :attr:`nucleus_scale`): as in :meth:`segment_tile`, decided per tile (in the app, per
         block; adopted by the rule in docs/DECISIONS.md, session 13); column ``nucleus_scale``
         says which factor each cell was segmented at.

@@ -67,14 +67,16 @@ def nucleus_scale_note(adata) -> str | None:
     if not hasattr(adata, "obs") or K.OBS_NUCLEUS_SCALE not in adata.obs or not adata.n_obs:
         return None
     f = adata.obs[K.OBS_NUCLEUS_SCALE].to_numpy(np.float64)
-    moved = f != 1.0
+    moved = np.isfinite(f) & (f != 1.0)  # NaN: a cell from a result without the column (concatenated)
     if not moved.any():
         return None
     factors = ", ".join(f"{v:.2g}" for v in np.unique(np.round(f[moved], 3)))
+    share = moved.mean()
+    part = f"{share:.0%}" if share >= 0.005 else "Under 1%"
     g = adata.uns.get(K.UNS_GHIST, {}) if isinstance(adata.uns.get(K.UNS_GHIST), Mapping) else {}
     mpp = g.get("mpp")
     at = f" at {float(mpp):.3g} µm per pixel" if isinstance(mpp, (int, float)) else ""
-    return (f"{moved.mean():.0%} of the nuclei were segmented at {factors}× scale: in those regions the nuclei looked "
+    return (f"{part} of the nuclei were segmented at {factors}× scale: in those regions the nuclei looked "
             f"larger than the ones the segmenter was trained on, so it read the image shrunk (its scale check; "
             f"per cell in obs['{K.OBS_NUCLEUS_SCALE}']). Large tumour nuclei do this; so does a wrong resolution. "
             f"If this slide was not scanned{at}, correct its µm per pixel on Upload & predict and run it again.")

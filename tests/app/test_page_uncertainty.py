@@ -72,7 +72,7 @@ def test_upload_uncertainty_is_disabled_for_a_one_member_model(projects, tmp_pat
     assert box.proto.disabled and box.value is False
     assert "one member" in box.proto.help
     params = _run_the_waiting_slide(at)
-    assert params["pipeline"] == {"uncertainty": False} and len(spawned) == 1
+    assert params["pipeline"] == {"uncertainty": False, "nucleus_scale": "auto"} and len(spawned) == 1
 
 
 def test_upload_uncertainty_is_recorded_in_the_run_it_starts(projects, tmp_path, monkeypatch, spawned):
@@ -86,7 +86,7 @@ def test_upload_uncertainty_is_recorded_in_the_run_it_starts(projects, tmp_path,
     box.check().run()
     assert not at.exception
     params = _run_the_waiting_slide(at)
-    assert params["pipeline"] == {"uncertainty": True} and len(spawned) == 1
+    assert params["pipeline"] == {"uncertainty": True, "nucleus_scale": "auto"} and len(spawned) == 1
     assert PipelineConfig.from_params(params["pipeline"]).uncertainty  # what the worker's pipeline reads
     at.run()  # the run's line says it was asked for
     assert any("with per-cell uncertainty" in m.value for m in at.markdown)

@@ -125,3 +125,26 @@ def test_obs_columns_every_block_has_are_carried_and_others_dropped(tmp_path: Pa
     got = ad.read_h5ad(tmp_path / "m2.h5ad")
     assert unc not in got.obs and {"cell_id", "cell_type", "area_um2"} <= set(got.obs.columns)
     assert unc not in summary.grids[100.0].obs
+
+
+def test_the_rescaled_share_is_counted_only_when_every_block_has_the_column(tmp_path: Path):
+    """``obs["nucleus_scale"]``: counted over the blocks when all have it; a run whose older blocks
+    lack it merges without the column and without a share (None), never a share of part of it."""
+    from ghist_core.pipeline.blocks import nucleus_scale_record
+
+    rng = np.random.default_rng(4)
+    blocks = [_block(i, n, ["a", "b"], rng) for i, n in enumerate((30, 20))]
+    blocks[0].obs[K.OBS_NUCLEUS_SCALE] = np.where(np.arange(30) < 12, 2 / 3, 1.0).astype(np.float32)
+    blocks[1].obs[K.OBS_NUCLEUS_SCALE] = np.ones(20, np.float32)
+    paths = [tmp_path / f"block_{i:06d}.h5ad" for i in range(2)]
+    for b, p in zip(blocks, paths):
+        b.write_h5ad(p)
+    summary = summarise_blocks(paths, (100.0,))
+    assert summary.n_rescaled == 12
+    assert nucleus_scale_record("auto", summary)["cells_rescaled_fraction"] == pytest.approx(12 / 50, abs=1e-4)
+    del blocks[1].obs[K.OBS_NUCLEUS_SCALE]  # a block made before the column
+    blocks[1].write_h5ad(paths[1])
+    summary = summarise_blocks(paths, (100.0,))
+    assert summary.n_rescaled is None and K.OBS_NUCLEUS_SCALE not in summary.obs_keys
+    record = nucleus_scale_record("auto", summary)
+    assert "cells_rescaled_fraction" not in record and record["setting"] == "auto"

@@ -107,12 +107,12 @@ def test_submitted_run_records_the_setting_and_its_worker_uses_it(tmp_path, smal
     assert overview.wants_run(project, slide_id) and overview.wants_run(project, slide_id, uncertainty=True)
     run_id = worker.submit_run(project.folder, slide_id, model_id=str(ensemble), device="cpu",
                                segmenter_id="classical")
-    assert project.get_run(run_id).params["pipeline"] == {"uncertainty": False} and len(spawned) == 1
+    assert project.get_run(run_id).params["pipeline"] == {"uncertainty": False, "nucleus_scale": "auto"} and len(spawned) == 1
     project.fail_run(run_id, "stopped for the test")  # not active: the next submission records a new run
 
     run_id = worker.submit_run(project.folder, slide_id, model_id=str(ensemble), device="cpu",
                                segmenter_id="classical", uncertainty=True)
-    assert project.get_run(run_id).params["pipeline"] == {"uncertainty": True} and len(spawned) == 2
+    assert project.get_run(run_id).params["pipeline"] == {"uncertainty": True, "nucleus_scale": "auto"} and len(spawned) == 2
     # what the spawned worker does with it (in this process: its main() would take over stdout)
     args = argparse.Namespace(project=str(project.folder), slide_id=slide_id, run_id=run_id, device="cpu",
                               model=str(ensemble), segmenter="classical")

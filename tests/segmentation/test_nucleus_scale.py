@@ -176,16 +176,43 @@ def test_slide_bad_factor_and_blank_slide(seg, region):
         assert len(blank) == 0 and "x_um" in blank
 
 
-def test_pipeline_config_resumes_an_old_run_at_the_stated_scale():
-    """A run recorded before the setting resumes as its first blocks were made (factor 1); a new run
-    and a new run's recorded params keep the default."""
+def test_pipeline_config_resumes_an_old_run_at_the_stated_scale(tmp_path, monkeypatch):
+    """A run recorded before the setting (by predict_slide, by the app's queue, or with no pipeline
+    params at all) resumes as its first blocks were made (factor 1); what a new run records, the
+    app's queued runs included, keeps the default."""
     from dataclasses import asdict
 
+    from ghist_core.pipeline import worker
     from ghist_core.pipeline.blocks import PipelineConfig
+    from ghist_core.project import Project
+    from slide_factory import synthetic_he, write_png
 
     assert PipelineConfig().nucleus_scale == "auto"
-    assert PipelineConfig.from_params({"block_um": 512.0}).nucleus_scale == 1.0
-    assert PipelineConfig.from_params(None).nucleus_scale == "auto"
-    assert PipelineConfig.from_params({"uncertainty": True}).nucleus_scale == "auto"  # a queued run's params
+    for old in ({"block_um": 512.0}, {"uncertainty": True}, None, {}):
+        assert PipelineConfig.from_params(old).nucleus_scale == 1.0
     assert PipelineConfig.from_params(asdict(PipelineConfig())).nucleus_scale == "auto"
     assert PipelineConfig.from_params({"nucleus_scale": 1.0}).nucleus_scale == 1.0
+    monkeypatch.setattr(worker, "_spawn", lambda *args, **kwargs: 0)  # recorded, not started
+    project = Project.open_or_create(tmp_path / "p")
+    rec = project.add_slide(write_png(tmp_path / "s.png", synthetic_he((64, 64), seed=0)), patient_id="P", mpp=0.5)
+    run_id = worker.submit_run(project.folder, int(rec.slide_id))
+    params = Project.open(project.folder).get_run(run_id).params["pipeline"]
+    assert PipelineConfig.from_params(params).nucleus_scale == "auto" == params["nucleus_scale"]
+
+
+def test_slide_factor_above_one_is_tiled_and_columns_keep_their_order(seg, region):
+    """A factor above 1 enlarges each tile, so its maps are made tile by tile (not one huge pass);
+    whatever the factor, the table's columns come in the same order."""
+    rgb, _, mpp = region
+    small = np.ascontiguousarray(rgb[:200, :200])
+    calls = []
+    original = seg.predict_maps
+    seg.predict_maps = lambda image, **kw: calls.append(image.shape) or original(image, **kw)
+    try:
+        up = _slide_cells(seg, small, mpp, 4.0)
+    finally:
+        del seg.predict_maps
+    assert calls and max(calls[0][:2]) > max(small.shape[:2])  # the enlarged tile went through the tiled path
+    assert list(up.columns) == list(_slide_cells(seg, small, mpp, 1.0).columns) == \
+        list(_slide_cells(seg, small, mpp, 2 / 3).columns)
+    assert (up["nucleus_scale"] == 4.0).all() and up["x_um"].max() <= 200 * mpp
