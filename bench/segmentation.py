@@ -318,6 +318,24 @@ def _stain_shift_summary(res: dict) -> None:
 ZOOMS = (0.67, 1.5, 2.0)
 
 
+def zoom_sample(s, z: float):
+    """The sample with nuclei ``z`` x their size (instance ids, so types, kept): an enlarged image is
+    cropped to its centre (the same field), a shrunk one kept whole."""
+    from dataclasses import replace
+
+    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
+
+    if z == 1.0:
+        return s
+    h, w = s.inst.shape
+    hw = (int(round(h * z)), int(round(w * z)))
+    rgb, gt = resample_rgb(s.rgb, hw), resample_labels(s.inst, hw)
+    if z > 1:
+        y0, x0 = (hw[0] - h) // 2, (hw[1] - w) // 2
+        rgb, gt = rgb[y0:y0 + h, x0:x0 + w], gt[y0:y0 + h, x0:x0 + w]
+    return replace(s, rgb=np.ascontiguousarray(rgb), inst=np.ascontiguousarray(gt))
+
+
 def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path | None = None, zooms=ZOOMS) -> dict:
     """AJI when nuclei look smaller or larger than in training: each test image enlarged (or
     shrunk) by ``zoom`` and segmented at the *stated* 0.25 µm/px, so its nuclei appear ``zoom``
@@ -326,19 +344,6 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path |
     the stain shift; the goal mirrors it: the model >= classical + 0.10 at every zoom. With ``out``
     the ``"scale_shift"`` block is rewritten after each (dataset, zoom), so a killed run keeps
     what it has."""
-    from dataclasses import replace
-
-    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
-
-    def zoomed(s, z: float):  # the sample with nuclei z x their size (instance ids, so types, kept)
-        h, w = s.inst.shape
-        hw = (int(round(h * z)), int(round(w * z)))
-        rgb, gt = resample_rgb(s.rgb, hw), resample_labels(s.inst, hw)
-        if z > 1:
-            y0, x0 = (hw[0] - h) // 2, (hw[1] - w) // 2
-            rgb, gt = rgb[y0:y0 + h, x0:x0 + w], gt[y0:y0 + h, x0:x0 + w]
-        return replace(s, rgb=np.ascontiguousarray(rgb), inst=np.ascontiguousarray(gt))
-
     res: dict = {"protocol": {
         "what": "test images resampled by each zoom and segmented at the stated 0.25 µm/px, so nuclei appear "
                 "zoom x their size (enlarged images cropped to the original field, shrunk ones whole)",
@@ -353,7 +358,7 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path |
         block = res["datasets"][ds] = {"n_images": len(samples), "aji": rows, "summary": {}}
         for z in (1.0, *zooms):
             t = time.perf_counter()
-            cur = samples if z == 1.0 else [zoomed(s, z) for s in samples]
+            cur = samples if z == 1.0 else [zoom_sample(s, z) for s in samples]
             scored = {name: evaluate(seg, cur) for name, seg in methods.items()}
             rows[str(z)] = {name: r["aji"] for name, r in scored.items()}
             moved = {name: r["nucleus_scale_moved"] for name, r in scored.items() if "nucleus_scale_moved" in r}
@@ -620,6 +625,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--auto-scale", action="store_true",
                     help="also score each learned model as '<name>+auto-scale': segment_tile(..., nucleus_scale='auto') "
                          "(accuracy, stain and scale shift)")
+    ap.add_argument("--scale-gate", type=float, default=None,
+                    help="also score each learned model as '<name>+auto-scale-gate' : the scale check with this area "
+                         "gate (working px) instead of SCALE_MIN_AREA_PX (needs --auto-scale for the current rule's rows)")
     ap.add_argument("--post-variant", default=None,
                     help="also score each learned model as '<name>+post' with these watershed settings (a JSON object "
                          "of PostProcessConfig fields, e.g. from bench/results/segmentation_watershed_choice.json)")
@@ -641,6 +649,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale"] = v = copy.copy(seg)
             v.nucleus_scale = "auto"
+    if a.scale_gate is not None:
+        for name, seg in learned.items():
+            variants[f"{name}+auto-scale-gate"] = v = copy.copy(seg)
+            v.nucleus_scale, v.scale_min_area_px = "auto", float(a.scale_gate)
     if a.post_variant:
         from dataclasses import replace
 

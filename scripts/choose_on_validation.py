@@ -207,7 +207,83 @@ def run_watershed(seg, root: Path, out: Path, restained: int = 3, workers: int =
     return res
 
 
+# --- scale-gate ----------------------------------------------------------------------------
+GATES_PX = (60.0, 80.0, 100.0, 120.0, 160.0, 200.0)
+GATE_ZOOMS = (0.67, 1.0, 1.25, 1.5, 2.0)
+
+
+def gate_rows(seg, samples) -> list[dict]:
+    """Per image: both readings' AJI and foreground certainty and the factor-1 median nucleus area
+    (working px), so any gate can be scored without segmenting again."""
+    from ghist_core.segmentation.model import SCALE_FACTORS, foreground_certainty
+
+    rows = []
+    for s in samples:
+        hw = s.inst.shape
+        row = {}
+        for f in SCALE_FACTORS:
+            maps = seg._maps_at(s.rgb, DATA_MPP * f)
+            if maps is None:
+                break
+            inst, cells = seg._instances(maps, hw, DATA_MPP, DATA_MPP * f)
+            row[f] = (seg_counts(s.inst, inst).aji, foreground_certainty(maps[0]),
+                      float(cells["area_um2"].median()) / seg.mpp ** 2 if len(cells) else 0.0)
+        if len(row) == len(SCALE_FACTORS):
+            rows.append({"aji": [row[f][0] for f in SCALE_FACTORS], "cert": [row[f][1] for f in SCALE_FACTORS],
+                         "median_px": row[1.0][2]})
+    return rows
+
+
+def gate_aji(rows: list[dict], gate: float) -> float:
+    """Mean AJI of the check's choices with area gate ``gate`` (margin and factors as in the model)."""
+    from ghist_core.segmentation.model import SCALE_MARGIN
+
+    if not rows:
+        return float("nan")
+    out = []
+    for r in rows:
+        moved = r["median_px"] >= gate and r["cert"][1] > r["cert"][0] + SCALE_MARGIN
+        out.append(r["aji"][1] if moved else r["aji"][0])
+    return float(np.mean(out))
+
+
+def pick_gate(by_zoom: dict[float, list[dict]], gates=GATES_PX) -> tuple[float, dict]:
+    """The largest gate within 0.002 of the lowest's mean AJI overall and 0.005 at x1.5 and x2."""
+    every = [r for rows in by_zoom.values() for r in rows]
+    table = {g: {"all": gate_aji(every, g), **{str(z): gate_aji(rows, g) for z, rows in by_zoom.items()}} for g in gates}
+    base = table[gates[0]]
+    ok = [g for g in gates if table[g]["all"] >= base["all"] - 0.002
+          and all(table[g][str(z)] >= base[str(z)] - 0.005 for z in (1.5, 2.0) if str(z) in base)]
+    return max(ok), table
+
+
+def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "bench"))
+    import train_segmentation as training
+    from segmentation import zoom_sample
+
+    sets = training.restained_validation(validation_samples(root), restained)
+    by_zoom: dict[float, list[dict]] = {}
+    t = time.perf_counter()
+    for z in GATE_ZOOMS:
+        by_zoom[z] = [r for samples in sets.values() for r in gate_rows(seg, [zoom_sample(s, z) for s in samples])]
+        print(f"zoom {z}: {len(by_zoom[z])} images ({time.perf_counter() - t:.0f} s)", flush=True)
+    chosen, table = pick_gate(by_zoom)
+    x1 = by_zoom.get(1.0, [])
+    res = {"rule": "docs/DECISIONS.md, session 13 (scale-check area gate)", "model": seg.card.get("name"),
+           "weights_sha256": seg.card.get("sha256"), "copies": list(sets), "zooms": list(GATE_ZOOMS),
+           "mean_aji_by_gate": {str(g): {k: round(v, 4) for k, v in row.items()} for g, row in table.items()},
+           "x1_checked_share_by_gate": {str(g): round(float(np.mean([r["median_px"] >= g for r in x1])), 4) if x1 else None
+                                        for g in GATES_PX},
+           "chosen_gate_px": chosen}
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1), flush=True)
+    return res
+
+
 JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
+        "scale-gate": (run_scale_gate, "segmentation_scale_gate_choice.json"),
         "tta": (run_tta, "segmentation_tta_choice.json"),
         "watershed": (run_watershed, "segmentation_watershed_choice.json")}
 

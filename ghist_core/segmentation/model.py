@@ -64,10 +64,10 @@ def check_nucleus_scale(scale: object) -> float | str:
     return float(scale)
 
 
-def nucleus_scale_is_large(cells: pd.DataFrame, work_mpp: float) -> bool:
-    """True when the median nucleus (``area_um2``) is at least :data:`SCALE_MIN_AREA_PX` working px:
-    only then does the scale check try another factor."""
-    return bool(len(cells)) and float(cells["area_um2"].median()) / work_mpp ** 2 >= SCALE_MIN_AREA_PX
+def nucleus_scale_is_large(cells: pd.DataFrame, work_mpp: float, min_area_px: float = SCALE_MIN_AREA_PX) -> bool:
+    """True when the median nucleus (``area_um2``) is at least ``min_area_px`` working px: only then
+    does the scale check try another factor."""
+    return bool(len(cells)) and float(cells["area_um2"].median()) / work_mpp ** 2 >= min_area_px
 
 
 #: test-time views as (transpose, flip left-right, flip up-down); the first k are used for k copies
@@ -238,6 +238,8 @@ class LearnedSegmenter:
         #: copies ``segment_tile`` averages its maps over (:data:`TTA_VIEWS`; ``segment_slide`` always
         #: makes one pass, for speed)
         self.tta: int = 1
+        #: the scale check's area gate (working px; :data:`SCALE_MIN_AREA_PX`)
+        self.scale_min_area_px: float = SCALE_MIN_AREA_PX
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -379,7 +381,7 @@ class LearnedSegmenter:
             return self._empty(hw, mpp)
         inst, cells = self._instances(maps1, hw, mpp, mpp)
         cells.attrs["nucleus_scale"] = 1.0
-        if not nucleus_scale_is_large(cells, self.mpp):
+        if not nucleus_scale_is_large(cells, self.mpp, self.scale_min_area_px):
             return inst, cells
         best, best_maps = self._better_scale(rgb, mpp, foreground_certainty(maps1[0]), self._maps_at)
         if best_maps is None:
@@ -502,7 +504,7 @@ class LearnedSegmenter:
             tables = [self._post_one(it) for it in items]
         for k, table in enumerate(tables):
             table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
-            if nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp):
+            if nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp, self.scale_min_area_px):
                 f, maps = self._better_scale(tiles[k], mpp, foreground_certainty(npp[k]), self._block_maps_at)
                 if maps is not None:
                     tables[k] = self._tile_at(tiles[k], mpp, f, maps)

@@ -33,3 +33,19 @@ def test_type_weights_correct_an_under_called_class():
     best = choose.scores(images, weights)
     assert best["per_type_f1"]["other"] > 0.9 and best["mean_type_f1"] > plain["mean_type_f1"]
     assert best["f_d"] == plain["f_d"]  # detection does not move
+
+
+def test_scale_gate_scoring_and_pick():
+    """Stand-in rows: an image moves only when its factor-1 median passes the gate and the 2/3 reading
+    is surer by more than the margin; the pick is the largest gate that keeps the x2 gain."""
+    from ghist_core.segmentation.model import SCALE_MARGIN
+
+    sure = 0.7 + 2 * SCALE_MARGIN
+    x1 = [{"aji": [0.6, 0.5], "cert": [0.7, 0.7], "median_px": 90.0}]  # not surer at 2/3: never moves
+    x2 = [{"aji": [0.3, 0.5], "cert": [0.7, sure], "median_px": 70.0},  # pieces of large nuclei: small median
+          {"aji": [0.3, 0.5], "cert": [0.7, sure], "median_px": 300.0}]
+    assert choose.gate_aji(x2, 60.0) == 0.5 and choose.gate_aji(x2, 100.0) == 0.4 and choose.gate_aji(x1, 60.0) == 0.6
+    gate, table = choose.pick_gate({1.0: x1, 2.0: x2}, gates=(60.0, 100.0))
+    assert gate == 60.0 and table[100.0]["2.0"] < table[60.0]["2.0"]
+    x2_big = [{"aji": [0.3, 0.5], "cert": [0.7, sure], "median_px": 300.0}]
+    assert choose.pick_gate({1.0: x1, 2.0: x2_big}, gates=(60.0, 100.0))[0] == 100.0
