@@ -628,6 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-gate", type=float, default=None,
                     help="also score each learned model as '<name>+auto-scale-gate' : the scale check with this area "
                          "gate (working px) instead of SCALE_MIN_AREA_PX (needs --auto-scale for the current rule's rows)")
+    ap.add_argument("--scale-trigger", type=float, default=None,
+                    help="also score each learned model as '<name>+auto-scale-trigger': the scale check tried only "
+                         "where the factor-1 foreground certainty is below this")
     ap.add_argument("--post-variant", default=None,
                     help="also score each learned model as '<name>+post' with these watershed settings (a JSON object "
                          "of PostProcessConfig fields, e.g. from bench/results/segmentation_watershed_choice.json)")
@@ -653,6 +656,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale-gate"] = v = copy.copy(seg)
             v.nucleus_scale, v.scale_min_area_px = "auto", float(a.scale_gate)
+    if a.scale_trigger is not None:
+        for name, seg in learned.items():
+            variants[f"{name}+auto-scale-trigger"] = v = copy.copy(seg)
+            v.nucleus_scale, v.scale_max_certainty = "auto", float(a.scale_trigger)
     if a.post_variant:
         from dataclasses import replace
 

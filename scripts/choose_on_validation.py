@@ -234,15 +234,17 @@ def gate_rows(seg, samples) -> list[dict]:
     return rows
 
 
-def gate_aji(rows: list[dict], gate: float) -> float:
-    """Mean AJI of the check's choices with area gate ``gate`` (margin and factors as in the model)."""
+def gate_aji(rows: list[dict], gate: float, max_certainty: float = float("inf")) -> float:
+    """Mean AJI of the check's choices with area gate ``gate`` and, optionally, trying the 2/3 reading
+    only when the factor-1 certainty is below ``max_certainty`` (margin and factors as in the model)."""
     from ghist_core.segmentation.model import SCALE_MARGIN
 
     if not rows:
         return float("nan")
     out = []
     for r in rows:
-        moved = r["median_px"] >= gate and r["cert"][1] > r["cert"][0] + SCALE_MARGIN
+        tried = r["median_px"] >= gate and r["cert"][0] < max_certainty
+        moved = tried and r["cert"][1] > r["cert"][0] + SCALE_MARGIN
         out.append(r["aji"][1] if moved else r["aji"][0])
     return float(np.mean(out))
 
@@ -257,7 +259,25 @@ def pick_gate(by_zoom: dict[float, list[dict]], gates=GATES_PX) -> tuple[float, 
     return max(ok), table
 
 
-def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
+TRIGGERS = (0.80, 0.825, 0.85, 0.875, 0.90, 0.925, 0.95, float("inf"))
+
+
+def pick_trigger(by_zoom: dict[float, list[dict]], gate: float, triggers=TRIGGERS) -> tuple[float, dict]:
+    """The lowest certainty trigger within 0.002 of no trigger's mean AJI overall and 0.005 at x1.5 and
+    x2, with each trigger's share of x1 images that would be checked."""
+    every = [r for rows in by_zoom.values() for r in rows]
+    x1 = by_zoom.get(1.0, [])
+    table = {c: {"all": gate_aji(every, gate, c), **{str(z): gate_aji(rows, gate, c) for z, rows in by_zoom.items()},
+                 "x1_checked_share": float(np.mean([r["median_px"] >= gate and r["cert"][0] < c for r in x1])) if x1
+                 else float("nan")} for c in triggers}
+    base = table[float("inf")]
+    ok = [c for c in triggers if table[c]["all"] >= base["all"] - 0.002
+          and all(table[c][str(z)] >= base[str(z)] - 0.005 for z in (1.5, 2.0) if str(z) in base)]
+    return min(ok), table
+
+
+def _gate_data(seg, root: Path, restained: int) -> tuple[list[str], dict[float, list[dict]]]:
+    """``gate_rows`` of the validation images in every stain copy and zoom."""
     sys.path.insert(0, str(REPO_DIR / "scripts"))
     sys.path.insert(0, str(REPO_DIR / "bench"))
     import train_segmentation as training
@@ -269,10 +289,31 @@ def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
     for z in GATE_ZOOMS:
         by_zoom[z] = [r for samples in sets.values() for r in gate_rows(seg, [zoom_sample(s, z) for s in samples])]
         print(f"zoom {z}: {len(by_zoom[z])} images ({time.perf_counter() - t:.0f} s)", flush=True)
+    return list(sets), by_zoom
+
+
+def run_scale_trigger(seg, root: Path, out: Path, restained: int = 3) -> dict:
+    from ghist_core.segmentation.model import SCALE_MIN_AREA_PX
+
+    copies, by_zoom = _gate_data(seg, root, restained)
+    chosen, table = pick_trigger(by_zoom, SCALE_MIN_AREA_PX)
+    name = lambda c: "none" if c == float("inf") else str(c)
+    res = {"rule": "docs/DECISIONS.md, session 13 (certainty trigger)", "model": seg.card.get("name"),
+           "weights_sha256": seg.card.get("sha256"), "copies": copies, "zooms": list(GATE_ZOOMS),
+           "gate_px": SCALE_MIN_AREA_PX,
+           "by_trigger": {name(c): {k: round(v, 4) for k, v in row.items()} for c, row in table.items()},
+           "chosen_trigger": name(chosen)}
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1), flush=True)
+    return res
+
+
+def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
+    copies, by_zoom = _gate_data(seg, root, restained)
     chosen, table = pick_gate(by_zoom)
     x1 = by_zoom.get(1.0, [])
     res = {"rule": "docs/DECISIONS.md, session 13 (scale-check area gate)", "model": seg.card.get("name"),
-           "weights_sha256": seg.card.get("sha256"), "copies": list(sets), "zooms": list(GATE_ZOOMS),
+           "weights_sha256": seg.card.get("sha256"), "copies": copies, "zooms": list(GATE_ZOOMS),
            "mean_aji_by_gate": {str(g): {k: round(v, 4) for k, v in row.items()} for g, row in table.items()},
            "x1_checked_share_by_gate": {str(g): round(float(np.mean([r["median_px"] >= g for r in x1])), 4) if x1 else None
                                         for g in GATES_PX},
@@ -284,6 +325,7 @@ def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
 
 JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
         "scale-gate": (run_scale_gate, "segmentation_scale_gate_choice.json"),
+        "scale-trigger": (run_scale_trigger, "segmentation_scale_trigger_choice.json"),
         "tta": (run_tta, "segmentation_tta_choice.json"),
         "watershed": (run_watershed, "segmentation_watershed_choice.json")}
 

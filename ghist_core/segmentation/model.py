@@ -238,8 +238,10 @@ class LearnedSegmenter:
         #: copies ``segment_tile`` averages its maps over (:data:`TTA_VIEWS`; ``segment_slide`` always
         #: makes one pass, for speed)
         self.tta: int = 1
-        #: the scale check's area gate (working px; :data:`SCALE_MIN_AREA_PX`)
+        #: the scale check's area gate (working px; :data:`SCALE_MIN_AREA_PX`) and the factor-1 foreground
+        #: certainty at or above which no other factor is tried (inf: always tried)
         self.scale_min_area_px: float = SCALE_MIN_AREA_PX
+        self.scale_max_certainty: float = float("inf")
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -381,9 +383,10 @@ class LearnedSegmenter:
             return self._empty(hw, mpp)
         inst, cells = self._instances(maps1, hw, mpp, mpp)
         cells.attrs["nucleus_scale"] = 1.0
-        if not nucleus_scale_is_large(cells, self.mpp, self.scale_min_area_px):
+        cert1 = foreground_certainty(maps1[0])
+        if not nucleus_scale_is_large(cells, self.mpp, self.scale_min_area_px) or cert1 >= self.scale_max_certainty:
             return inst, cells
-        best, best_maps = self._better_scale(rgb, mpp, foreground_certainty(maps1[0]), self._maps_at)
+        best, best_maps = self._better_scale(rgb, mpp, cert1, self._maps_at)
         if best_maps is None:
             return inst, cells
         inst, cells = self._instances(best_maps, hw, mpp, mpp * best)
@@ -504,8 +507,9 @@ class LearnedSegmenter:
             tables = [self._post_one(it) for it in items]
         for k, table in enumerate(tables):
             table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
-            if nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp, self.scale_min_area_px):
-                f, maps = self._better_scale(tiles[k], mpp, foreground_certainty(npp[k]), self._block_maps_at)
+            if (nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp, self.scale_min_area_px)
+                    and (cert1 := foreground_certainty(npp[k])) < self.scale_max_certainty):
+                f, maps = self._better_scale(tiles[k], mpp, cert1, self._block_maps_at)
                 if maps is not None:
                     tables[k] = self._tile_at(tiles[k], mpp, f, maps)
         return tables
