@@ -216,3 +216,16 @@ def test_slide_factor_above_one_is_tiled_and_columns_keep_their_order(seg, regio
     assert list(up.columns) == list(_slide_cells(seg, small, mpp, 1.0).columns) == \
         list(_slide_cells(seg, small, mpp, 2 / 3).columns)
     assert (up["nucleus_scale"] == 4.0).all() and up["x_um"].max() <= 200 * mpp
+
+
+def test_a_certainty_trigger_can_switch_the_check_off(seg, region):
+    """``scale_max_certainty`` (an option, off by default): at 0 no other factor is ever tried, so the
+    enlarged tissue stays at the stated scale on both paths."""
+    import copy
+
+    _, big, mpp = region
+    assert seg.scale_max_certainty == float("inf")
+    off = copy.copy(seg)
+    off.scale_max_certainty = 0.0
+    assert off.segment_tile(big, mpp)[1].attrs["nucleus_scale"] == 1.0
+    assert (_slide_cells(off, big, mpp, "auto")["nucleus_scale"] == 1.0).all()

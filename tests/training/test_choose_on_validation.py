@@ -49,3 +49,15 @@ def test_scale_gate_scoring_and_pick():
     assert gate == 60.0 and table[100.0]["2.0"] < table[60.0]["2.0"]
     x2_big = [{"aji": [0.3, 0.5], "cert": [0.7, sure], "median_px": 300.0}]
     assert choose.pick_gate({1.0: x1, 2.0: x2_big}, gates=(60.0, 100.0))[0] == 100.0
+
+
+def test_certainty_trigger_pick():
+    """The lowest trigger that keeps the x1.5/x2 gains: unsure tiles (certainty 0.6) still move,
+    confident ones (0.95) are skipped."""
+    from ghist_core.segmentation.model import SCALE_MARGIN
+
+    x1 = [{"aji": [0.6, 0.5], "cert": [0.95, 0.95], "median_px": 90.0}]
+    x2 = [{"aji": [0.3, 0.5], "cert": [0.6, 0.6 + 2 * SCALE_MARGIN], "median_px": 90.0}]
+    c, table = choose.pick_trigger({1.0: x1, 2.0: x2}, 60.0, triggers=(0.5, 0.8, float("inf")))
+    assert c == 0.8 and table[0.8]["x1_checked_share"] == 0.0 and table[float("inf")]["x1_checked_share"] == 1.0
+    assert table[0.5]["2.0"] < table[0.8]["2.0"]
