@@ -10,6 +10,7 @@ watershed of ``postprocess.py``. Plain PyTorch, trained from random initialisati
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import os
@@ -383,8 +384,7 @@ class LearnedSegmenter:
             return self._empty(hw, mpp)
         inst, cells = self._instances(maps1, hw, mpp, mpp)
         cells.attrs["nucleus_scale"] = 1.0
-        cert1 = foreground_certainty(maps1[0])
-        if not nucleus_scale_is_large(cells, self.mpp, self.scale_min_area_px) or cert1 >= self.scale_max_certainty:
+        if (cert1 := self._certainty_if_trying(cells, maps1[0])) is None:
             return inst, cells
         best, best_maps = self._better_scale(rgb, mpp, cert1, self._maps_at)
         if best_maps is None:
@@ -392,6 +392,15 @@ class LearnedSegmenter:
         inst, cells = self._instances(best_maps, hw, mpp, mpp * best)
         cells.attrs["nucleus_scale"] = best
         return inst, cells
+
+    def _certainty_if_trying(self, cells: pd.DataFrame, np_prob_at_1: np.ndarray) -> float | None:
+        """The factor-1 foreground certainty when the scale check tries the other factors (the nuclei
+        found at factor 1 are not small and the network is not already sure enough,
+        :attr:`scale_max_certainty`); None when it does not."""
+        if not nucleus_scale_is_large(cells, self.mpp, self.scale_min_area_px):
+            return None
+        certainty = foreground_certainty(np_prob_at_1)
+        return certainty if certainty < self.scale_max_certainty else None
 
     @staticmethod
     def _better_scale(rgb: np.ndarray, mpp: float, certainty_at_1: float, maps_at) -> tuple[float, tuple | None]:
@@ -434,17 +443,14 @@ class LearnedSegmenter:
                                          align_corners=False)[0].numpy()
             npp, hv, tp = up(npp[None])[0], up(hv), up(tp)
             inst = hv_watershed(npp, hv, seg_mpp, self._post_at(seg_mpp))
-            cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
-                                 type_weights=self.post.type_weights)
+            cells = self._measure(inst, mpp, tp)
         else:
             inst_w = hv_watershed(npp, hv, self.mpp, self.post)
             if work_hw == hw:
                 inst = inst_w
-                cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
-                                 type_weights=self.post.type_weights)
+                cells = self._measure(inst, mpp, tp)
             else:  # coarser input: measure at the input's scale, types from the working map
-                work_cells = measure_instances(inst_w, self.mpp, type_probs=tp, type_names=self.type_names,
-                                 type_weights=self.post.type_weights)
+                work_cells = self._measure(inst_w, self.mpp, tp)
                 inst = resample_labels(inst_w, hw)
                 kept = np.unique(inst)
                 kept = kept[kept > 0]  # the ids that survive resampling (label 0 may be absent)
@@ -456,6 +462,11 @@ class LearnedSegmenter:
                 for c in prob_cols:
                     cells[c] = lookup[c].to_numpy()
         return inst, self._finish(cells, mpp)
+
+    def _measure(self, inst: np.ndarray, mpp: float, tp: np.ndarray) -> pd.DataFrame:
+        """``measure_instances`` with this model's type names and the card's type weights."""
+        return measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
+                                 type_weights=self.post.type_weights)
 
     def _empty(self, hw: tuple[int, int], mpp: float, factor: float = 1.0) -> tuple[np.ndarray, pd.DataFrame]:
         inst = np.zeros(hw, np.int32)
@@ -482,8 +493,7 @@ class LearnedSegmenter:
     def _post_one(self, maps: tuple[np.ndarray, np.ndarray, np.ndarray, float]) -> pd.DataFrame:
         npp, hv, tp, mpp = maps
         inst = hv_watershed(npp, hv, mpp, self.post)
-        return measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
-                                 type_weights=self.post.type_weights)
+        return self._measure(inst, mpp, tp)
 
     def _segment_batch(self, tiles: list[np.ndarray], mpp: float, nucleus_scale: float | str = 1.0
                        ) -> list[pd.DataFrame]:
@@ -507,23 +517,23 @@ class LearnedSegmenter:
             tables = [self._post_one(it) for it in items]
         for k, table in enumerate(tables):
             table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
-            if (nucleus_scale == "auto" and k not in flat and nucleus_scale_is_large(table, self.mpp, self.scale_min_area_px)
-                    and (cert1 := foreground_certainty(npp[k])) < self.scale_max_certainty):
+            if nucleus_scale == "auto" and k not in flat and (cert1 := self._certainty_if_trying(table, npp[k])) is not None:
                 f, maps = self._better_scale(tiles[k], mpp, cert1, self._block_maps_at)
                 if maps is not None:
                     tables[k] = self._tile_at(tiles[k], mpp, f, maps)
         return tables
 
     def _tile_at(self, tile: np.ndarray, mpp: float, f: float, maps: tuple | None) -> pd.DataFrame:
-        """The table of one working tile from its ``maps`` made at factor ``f`` (as ``_segment_batch``'s)."""
-        if maps is None or is_featureless(tile):
+        """The table of one working tile from its ``maps`` made at factor ``f`` (as ``_segment_batch``'s;
+        None: no maps, as for a featureless tile or one too small at ``f``)."""
+        if maps is None:
             _, cells = self._empty(tile.shape[:2], mpp, f)
         else:
             _, cells = self._instances(maps, tile.shape[:2], mpp, mpp * f)
         cells[OBS_NUCLEUS_SCALE] = np.float32(f)
         return cells[self._tile_columns]  # in _post_one's order, whichever branch measured them
 
-    @property
+    @functools.cached_property
     def _tile_columns(self) -> list[str]:
         """``_segment_batch``'s table columns: ``measure_instances``' order, then the factor."""
         empty = measure_instances(np.zeros((1, 1), np.int32), 1.0, type_probs=np.zeros((len(self.type_names) + 1, 1, 1)),
