@@ -401,19 +401,21 @@ def _whole_images(root: Path, ds: str) -> list[tuple[str, np.ndarray, np.ndarray
 
 
 def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 2.0), spots: int = 20,
-                out: Path | None = None, speed_px: int = 4096) -> dict:
+                out: Path | None = None, speed_px: int = 4096, probe: float = 0.0, repeats: int = 1) -> dict:
     """The nucleus-scale check on the slide path (``segment_slide``, which the app runs per block):
     whole test images enlarged or shrunk by each zoom (not cropped) and segmented at the stated
     0.25 µm/px with ``nucleus_scale=1.0`` and ``"auto"``. No instance map comes out of the slide
     path, so the scores are detection F1 (centroids within 6 µm of the true scale), the
     predicted/true count and the median area ratio. Then the HER2ST sections: nuclei per spot
     from 512 µm regions (an app block) through ``segment_slide`` both ways, rank-correlated with
-    the classical segmenter. Rule: docs/DECISIONS.md, session 13."""
+    the classical segmenter. Rule: docs/DECISIONS.md, session 13. ``probe`` > 0 adds a third setting,
+    ``auto_probe`` (the check gated by a probe window of that share of the tile side, session 14);
+    ``repeats``: speed runs per setting, interleaved, the median kept."""
     from ghist_core.segmentation.model import SCALE_RULE
     from ghist_core.segmentation.tiling import resample_labels, resample_rgb
     from ghist_core.training.segmentation_metrics import centroids, match_centroids
 
-    settings = {"as_stated": 1.0, "auto": "auto"}
+    settings = scale_settings(model, probe)
     res: dict = {"protocol": {
         "what": "segment_slide(ArraySlide(image, 0.25)) on whole test images resampled by each zoom (not cropped), "
                 "nucleus_scale 1.0 (as stated) vs 'auto' in the same run",
@@ -423,6 +425,8 @@ def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 
                   "n_pred / n_true, median predicted / true area, pooled over the images of a set",
         "rule": "docs/DECISIONS.md, session 13", "auto_scale_rule": SCALE_RULE},
         "weights_sha256": model.card.get("sha256"), "datasets": {}}
+    if probe:
+        res["protocol"]["scale_probe"] = probe
     for ds in ("consep", "monuseg"):
         images = _whole_images(root, ds)
         block = res["datasets"][ds] = {"n_images": len(images)}
@@ -430,13 +434,13 @@ def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 
             continue
         for z in zooms:
             row: dict = {}
-            for name, setting in settings.items():
+            for name, (seg, setting) in settings.items():
                 det, n_pred, n_true, area_ratio, moved, t = DetectionCounts(), 0, 0, [], [], time.perf_counter()
                 for _, rgb, inst in images:
                     if z != 1.0:
                         hw = (int(round(rgb.shape[0] * z)), int(round(rgb.shape[1] * z)))
                         rgb, inst = resample_rgb(rgb, hw), resample_labels(inst, hw)
-                    cells = model.segment_slide(ArraySlide(rgb, DATA_MPP), nucleus_scale=setting)
+                    cells = seg.segment_slide(ArraySlide(rgb, DATA_MPP), nucleus_scale=setting)
                     _, gc = centroids(inst)
                     pc = cells[["x_um", "y_um"]].to_numpy() / DATA_MPP
                     ia, _ = match_centroids(gc, pc, DET_RADIUS_UM * z / DATA_MPP)
@@ -452,27 +456,48 @@ def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 
                              "median_area_ratio": round(float(np.median(area_ratio)), 3) if area_ratio else None,
                              "cells_moved": round(float(np.mean(moved)), 4), "seconds": round(time.perf_counter() - t, 1)}
             row["f1_auto_minus_as_stated"] = round(row["auto"]["f1_detection"] - row["as_stated"]["f1_detection"], 4)
+            if "auto_probe" in row:
+                row["f1_probe_minus_auto"] = round(row["auto_probe"]["f1_detection"] - row["auto"]["f1_detection"], 4)
             block[str(z)] = row
             print(f"slide_scale {ds} zoom {z}: {row}", flush=True)
             if out is not None:
                 _update(out, "slide_scale", res)
     if (her2st_root / "images").is_dir():
-        res["her2st"] = _her2st_slide_counts(model, ClassicalSegmenter(), her2st_root, settings, spots)
+        res["her2st"] = _her2st_slide_counts(ClassicalSegmenter(), her2st_root, settings, spots)
         print(f"slide_scale her2st: {res['her2st']['pooled']}", flush=True)
         if out is not None:
             _update(out, "slide_scale", res)
     if speed_px and any((root / "consep").glob("*/*.inst.png")):
-        res["speed"] = slide_scale_speed(model, root, speed_px, settings)
+        res["speed"] = slide_scale_speed(root, speed_px, settings, repeats)
         print(f"slide_scale speed: {res['speed']}", flush=True)
         if out is not None:
             _update(out, "slide_scale", res)
     return res
 
 
-def slide_scale_speed(model, root: Path, side_px: int, settings: dict) -> dict:
+def scale_settings(model, probe: float = 0.0) -> dict[str, tuple]:
+    """``slide_scale``'s settings, name -> (segmenter, nucleus_scale): as stated, the full check and,
+    with ``probe`` > 0, the check gated by a probe window (a copy of ``model`` with ``scale_probe``)."""
+    settings = {"as_stated": (model, 1.0), "auto": (model, "auto")}
+    if probe:
+        gated = copy.copy(model)
+        gated.scale_probe = float(probe)
+        settings["auto_probe"] = (gated, "auto")
+    return settings
+
+
+def _median_run(rows: list[dict], key: str) -> dict:
+    """The row whose ``key`` is the median of ``rows`` (an odd count: a real run), with every run's value."""
+    order = sorted(rows, key=lambda r: r[key])
+    return {**order[len(order) // 2], f"{key}_runs": [r[key] for r in rows]} if len(rows) > 1 else rows[0]
+
+
+def slide_scale_speed(root: Path, side_px: int, settings: dict, repeats: int = 1) -> dict:
     """What the check costs: ``segment_slide`` throughput with each setting on a CoNSeP mosaic as it is
     (nothing moves) and enlarged 2x (the check moves most tiles: one more pass at 44 % of the pixels
-    and a second watershed), Mpx of input per second, same process, after a warm-up."""
+    and a second watershed), Mpx of input per second, same process, after a warm-up; with
+    ``repeats`` > 1 the settings take turns and each keeps its median run (this CPU's speed drifts
+    by 10 % between runs)."""
     from ghist_core.segmentation.tiling import resample_rgb
 
     import tempfile
@@ -481,17 +506,25 @@ def slide_scale_speed(model, root: Path, side_px: int, settings: dict) -> dict:
     out = {"what": f"segment_slide on a {side_px} px mosaic of CoNSeP patches at 0.25 um/px: as it is, and a "
                    f"{side_px // 2} px mosaic enlarged 2x (nuclei look twice their size); 'app': the app's whole run "
                    f"(predict_slide, as the speed block) on a {2 * side_px} px mosaic as it is, each setting"}
+    if repeats > 1:
+        out["repeats"] = repeats
     for label, rgb in (("x1", mosaic(root, side_px)), ("x2", resample_rgb(half, (side_px, side_px)))):
-        out[label] = {name: speed(model, rgb, nucleus_scale=setting) for name, setting in settings.items()}
+        runs = {name: [] for name in settings}
+        for _ in range(repeats):
+            for name, (seg, setting) in settings.items():
+                runs[name].append(speed(seg, rgb, nucleus_scale=setting))
+        out[label] = {name: _median_run(r, "mpx_per_s") for name, r in runs.items()}
     rgb = mosaic(root, 2 * side_px)
-    out["app"] = {}
-    for name, setting in settings.items():
-        with tempfile.TemporaryDirectory(prefix="ghist-speed-") as work:
-            out["app"][name] = app_speed({"model": model}, rgb, Path(work), nucleus_scale=setting)["model"]
+    runs = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, (seg, setting) in settings.items():
+            with tempfile.TemporaryDirectory(prefix="ghist-speed-") as work:
+                runs[name].append(app_speed({"model": seg}, rgb, Path(work), nucleus_scale=setting)["model"])
+    out["app"] = {name: _median_run(r, "whole_run_mpx_per_s") for name, r in runs.items()}
     return out
 
 
-def _her2st_slide_counts(model, classical, root: Path, settings: dict, spots: int,
+def _her2st_slide_counts(classical, root: Path, settings: dict, spots: int,
                          spot_radius_um: float = 50.0, region_um: float = 512.0) -> dict:
     """Nuclei per spot in an app-sized region around each of ``spots`` evenly spaced spots per
     HER2ST section, through ``segment_slide`` with each setting, vs the classical segmenter."""
@@ -501,11 +534,12 @@ def _her2st_slide_counts(model, classical, root: Path, settings: dict, spots: in
     from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
 
     Image.MAX_IMAGE_PIXELS = None
+    model = next(iter(settings.values()))[0]
     mpp = model.mpp
     size = int(round(region_um / mpp))
     centre = size * mpp / 2.0
     counts = {n: [] for n in (*settings, "classical")}
-    moved = []
+    moved = {name: [] for name, (_, setting) in settings.items() if setting == "auto"}
     for section in IMAGE_SECTIONS:
         _, table = load_section(root, section)
         table = table.sort_index()
@@ -513,13 +547,13 @@ def _her2st_slide_counts(model, classical, root: Path, settings: dict, spots: in
         img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
         for i in pick:
             rgb = extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
-            for name, setting in settings.items():  # as the app segments a block: one forward pass
-                cells = model.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=setting, overlap_px=0,
-                                            tile_px=-(-size // model.stride) * model.stride)
+            for name, (seg, setting) in settings.items():  # as the app segments a block: one forward pass
+                cells = seg.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=setting, overlap_px=0,
+                                          tile_px=-(-size // seg.stride) * seg.stride)
                 d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
                 counts[name].append(int((d <= spot_radius_um).sum()))
-                if setting == "auto":
-                    moved.append(float((cells["nucleus_scale"] != 1.0).mean()) if len(cells) else 0.0)
+                if name in moved:
+                    moved[name].append(float((cells["nucleus_scale"] != 1.0).mean()) if len(cells) else 0.0)
             cells = classical.segment_tile(rgb, mpp)[1]
             d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
             counts["classical"].append(int((d <= spot_radius_um).sum()))
@@ -529,8 +563,9 @@ def _her2st_slide_counts(model, classical, root: Path, settings: dict, spots: in
                         f"each through segment_slide in one pass (as the app's blocks); nuclei with centroid within {spot_radius_um} um of the spot "
                         "centre; Spearman with the classical segmenter's count (segment_tile), pooled",
             "n_spots": len(c), "pooled": {"spearman_with_classical": pooled,
-                                          "cells_moved_auto": round(float(np.mean(moved)), 4),
-                                          "regions_with_any_moved": round(float(np.mean(np.array(moved) > 0)), 4)}}
+                                          **{f"cells_moved_{name}": round(float(np.mean(m)), 4) for name, m in moved.items()},
+                                          **{f"regions_with_any_moved_{name}": round(float(np.mean(np.array(m) > 0)), 4)
+                                             for name, m in moved.items()}}}
 
 
 def her2st_counts(learned: dict, classical, root: Path, *, per_section: int = 40,
@@ -628,6 +663,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-gate", type=float, default=None,
                     help="also score each learned model as '<name>+auto-scale-gate' : the scale check with this area "
                          "gate (working px) instead of SCALE_MIN_AREA_PX (needs --auto-scale for the current rule's rows)")
+    ap.add_argument("--scale-probe", type=float, default=None,
+                    help="slide_scale: also run the check gated by a probe window of this share of the tile side "
+                         "('auto_probe'; docs/DECISIONS.md, session 14), speeds as medians of 3 interleaved runs")
     ap.add_argument("--scale-trigger", type=float, default=None,
                     help="also score each learned model as '<name>+auto-scale-trigger': the scale check tried only "
                          "where the factor-1 foreground certainty is below this")
@@ -738,7 +776,8 @@ def main(argv: list[str] | None = None) -> None:
         _update(out, "auto_scale_rule", SCALE_RULE)
 
     if "slide_scale" in blocks:
-        slide_scale(model, root, Path(a.her2st_root), out=out)
+        slide_scale(model, root, Path(a.her2st_root), out=out, probe=a.scale_probe or 0.0,
+                    repeats=3 if a.scale_probe else 1)
 
     if "her2st_counts" in blocks:
         her2st = Path(a.her2st_root)

@@ -44,6 +44,11 @@ SCALE_FACTORS = (1.0, 2.0 / 3.0)
 SCALE_MARGIN = 0.01
 SCALE_MIN_AREA_PX = 60.0
 #: the same rule as a record (a benchmark stamps it on the rows it ran with it)
+#: the scale probe (``LearnedSegmenter.scale_probe``): its window is at least this many working px a side,
+#: and is scored without this many working px at each edge (the window's own pass has no context there).
+#: Fixed before any accuracy number: docs/DECISIONS.md, session 14
+PROBE_MIN_PX = 256
+PROBE_EDGE_PX = 16
 SCALE_RULE = {"factors": list(SCALE_FACTORS), "margin": SCALE_MARGIN, "min_area_px": SCALE_MIN_AREA_PX,
               "statistic": "foreground_certainty"}
 
@@ -243,6 +248,10 @@ class LearnedSegmenter:
         #: certainty at or above which no other factor is tried (inf: always tried)
         self.scale_min_area_px: float = SCALE_MIN_AREA_PX
         self.scale_max_certainty: float = float("inf")
+        #: ``segment_slide`` only: before reading a whole tile at another factor, read a window of this
+        #: share of the tile's side (:meth:`_probe_moves`) and go on only if another factor wins there
+        #: (the full check then decides as before); 0: no probe
+        self.scale_probe: float = 0.0
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -518,10 +527,39 @@ class LearnedSegmenter:
         for k, table in enumerate(tables):
             table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
             if nucleus_scale == "auto" and k not in flat and (cert1 := self._certainty_if_trying(table, npp[k])) is not None:
+                if self.scale_probe and not self._probe_moves(tiles[k], npp[k], mpp):
+                    continue
                 f, maps = self._better_scale(tiles[k], mpp, cert1, self._block_maps_at)
                 if maps is not None:
                     tables[k] = self._tile_at(tiles[k], mpp, f, maps)
         return tables
+
+    def _probe_moves(self, tile: np.ndarray, np_prob_at_1: np.ndarray, mpp: float) -> bool:
+        """The scale check on a window only (:attr:`scale_probe` of the tile's side, at least
+        :data:`PROBE_MIN_PX`, placed on a 3 x 3 grid where the factor-1 map has the most nucleus
+        pixels): True when another factor wins there. Both readings are scored on the window's inner
+        part, away from the edge the window's own pass lacks context at, so the probe costs about
+        ``scale_probe`` squared of the full check."""
+        h, w = np_prob_at_1.shape
+        wh, ww = (min(n, max(PROBE_MIN_PX, int(round(n * self.scale_probe)))) for n in (h, w))
+        if wh >= h and ww >= w:  # the window would be the tile: the full check is the probe
+            return True
+        fg = np.pad((np_prob_at_1 > 0.5).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        ys = np.unique(np.linspace(0, h - wh, 3).round().astype(int))
+        xs = np.unique(np.linspace(0, w - ww, 3).round().astype(int))
+        Y, X = np.meshgrid(ys, xs, indexing="ij")
+        count = fg[Y + wh, X + ww] - fg[Y, X + ww] - fg[Y + wh, X] + fg[Y, X]
+        y0, x0 = int(Y.flat[count.argmax()]), int(X.flat[count.argmax()])
+        trim = lambda a, m: a[m:a.shape[0] - m, m:a.shape[1] - m] if min(a.shape) > 4 * m else a
+        m1 = PROBE_EDGE_PX
+        cert1 = foreground_certainty(trim(np_prob_at_1[y0:y0 + wh, x0:x0 + ww], m1))
+        window = tile[y0:y0 + wh, x0:x0 + ww]
+        for f in SCALE_FACTORS:
+            if f == 1.0 or (maps := self._block_maps_at(window, mpp * f)) is None:
+                continue
+            if foreground_certainty(trim(maps[0], max(1, int(round(m1 * f))))) > cert1 + SCALE_MARGIN:
+                return True
+        return False
 
     def _tile_at(self, tile: np.ndarray, mpp: float, f: float, maps: tuple | None) -> pd.DataFrame:
         """The table of one working tile from its ``maps`` made at factor ``f`` (as ``_segment_batch``'s;

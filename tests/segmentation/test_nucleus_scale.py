@@ -229,3 +229,63 @@ def test_a_certainty_trigger_can_switch_the_check_off(seg, region):
     off.scale_max_certainty = 0.0
     assert off.segment_tile(big, mpp)[1].attrs["nucleus_scale"] == 1.0
     assert (_slide_cells(off, big, mpp, "auto")["nucleus_scale"] == 1.0).all()
+
+
+def _probed(seg, share: float = 0.25):
+    import copy
+
+    probed = copy.copy(seg)
+    probed.scale_probe = share
+    return probed
+
+
+def test_a_probe_window_gates_the_slide_check_without_changing_its_choice(seg, region, monkeypatch):
+    """``scale_probe`` (docs/DECISIONS.md, session 14): on the enlarged tissue the window wins too, so
+    the full check runs and every cell comes out as without the probe; on the tissue as scanned
+    (area gate off, so that the full check is tried there) the window does not win, the full 2/3
+    reading of the tile is never made, and the cells are the same as the full check's."""
+    import copy
+
+    from ghist_core.segmentation.model import LearnedSegmenter
+
+    rgb, big, mpp = region
+    full_checks = []
+    real = LearnedSegmenter._better_scale
+    monkeypatch.setattr(LearnedSegmenter, "_better_scale",
+                        staticmethod(lambda *a: full_checks.append(1) or real(*a)))
+    ungated = copy.copy(seg)
+    ungated.scale_min_area_px = 0.0
+    for base, image, probed_checks in ((seg, big, 1), (ungated, rgb, 0)):
+        calls = []
+        for model in (_probed(base), base):
+            full_checks.clear()
+            calls.append((_slide_cells(model, image, mpp, "auto"), len(full_checks)))
+        (a, n_probed), (b, n_full) = calls
+        assert len(a) == len(b) > 50
+        assert np.allclose(a[["x_um", "y_um", "area_um2", "nucleus_scale"]].to_numpy(),
+                           b[["x_um", "y_um", "area_um2", "nucleus_scale"]].to_numpy())
+        assert (n_probed, n_full) == (probed_checks, 1)
+    assert np.allclose(a["nucleus_scale"], 1.0)
+    assert np.allclose(_slide_cells(_probed(seg), big, mpp, "auto")["nucleus_scale"], SCALE_FACTORS[1])
+
+
+def test_the_probe_window_sits_on_the_nuclei_and_small_tiles_skip_it(seg, region, monkeypatch):
+    """The window is placed where the factor-1 map has the most nucleus pixels (tissue in one corner of
+    white glass: the window is there) and is at least PROBE_MIN_PX a side: a tile that small is its
+    own window, so the probe defers to the full check without a pass of its own."""
+    from ghist_core.segmentation.model import PROBE_MIN_PX
+
+    rgb, _, mpp = region
+    tile = np.full((1024, 1024, 3), 240, np.uint8)
+    tile[-400:, -400:] = rgb
+    npp = seg.predict_maps(tile)[0]
+    seen = []
+    probed = _probed(seg)
+    monkeypatch.setattr(probed, "_block_maps_at", lambda window, seg_mpp: seen.append(window) or None)
+    assert probed._probe_moves(tile, npp, mpp) is False  # no maps at any factor: nothing wins
+    (window,) = seen
+    assert window.shape[:2] == (PROBE_MIN_PX, PROBE_MIN_PX)
+    assert window.mean() < 200  # tissue, not glass
+    seen.clear()
+    small = tile[-PROBE_MIN_PX:, -PROBE_MIN_PX:]
+    assert probed._probe_moves(small, npp[-PROBE_MIN_PX:, -PROBE_MIN_PX:], mpp) is True and not seen
