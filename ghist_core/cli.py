@@ -79,6 +79,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ghist_core.pipeline.worker import (identifying_strings, predict_slide_locked, redact, rescaled_share,
                                             uncertainty_note)
     from ghist_core.project.store import Project
+    from ghist_core.viz.figures import share_text
 
     mpp, patient = _check_predict_args(args)
     project = Project.open_or_create(args.project)
@@ -109,8 +110,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if share is not None:
                 line["nuclei_rescaled"] = share
                 if share > 0:  # nuclei looked larger than the segmenter's training nuclei
-                    part = f"{share:.0%}" if share >= 0.005 else "under 1%"
-                    print(f"note: slide {record.slide_id}: {part} of the nuclei looked large and were segmented "
+                    print(f"note: slide {record.slide_id}: {share_text(share)} of the nuclei looked large and were segmented "
                           f"at a smaller scale (obs 'nucleus_scale'); if {record.mpp:.4g} µm per pixel is not this "
                           "slide's resolution, correct it (--mpp, in a new project) and run it again", file=sys.stderr)
             print(json.dumps(line))

@@ -60,6 +60,11 @@ def expression_units(adata) -> str:
     return str(units) if units else "model output units"
 
 
+def share_text(share: float) -> str:
+    """A share of cells as people read it: "12%", or "under 1%" where rounding would say 0%."""
+    return f"{share:.0%}" if share >= 0.005 else "under 1%"
+
+
 def nucleus_scale_note(adata) -> str | None:
     """What the page says when the segmenter's scale check segmented some nuclei at another factor
     (``obs["nucleus_scale"]``): they looked larger than its training nuclei, the sign of large tumour
@@ -72,7 +77,7 @@ def nucleus_scale_note(adata) -> str | None:
         return None
     factors = ", ".join(f"{v:.2g}" for v in np.unique(np.round(f[moved], 3)))
     share = moved.mean()
-    part = f"{share:.0%}" if share >= 0.005 else "Under 1%"
+    part = share_text(share).capitalize()
     g = adata.uns.get(K.UNS_GHIST, {}) if isinstance(adata.uns.get(K.UNS_GHIST), Mapping) else {}
     mpp = g.get("mpp")
     at = f" at {float(mpp):.3g} µm per pixel" if isinstance(mpp, (int, float)) else ""
