@@ -151,3 +151,51 @@ def test_predict_says_when_nuclei_looked_large(tmp_path, small_slide_png, capsys
     line = json.loads(out.strip().splitlines()[-1])
     assert line["nuclei_rescaled"] > 0.5
     assert f"note: slide {line['slide_id']}: " in err and "0.499 µm per pixel" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["big", "0", "nan", "100"])
+def test_a_bad_nucleus_scale_is_refused_before_anything_is_written(tmp_path, small_slide_png, value, capsys):
+    from ghist_core.cli import EXIT_INPUT
+
+    project = tmp_path / "proj"
+    assert main(["predict", str(small_slide_png), "--project", str(project), "--nucleus-scale", value]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "--nucleus-scale" in err or "nucleus_scale" in err
+    assert "Traceback" not in err and not project.exists()
+
+
+def test_predict_nucleus_scale_turns_the_check_off_and_is_part_of_a_runs_settings(tmp_path, small_slide_png, capsys):
+    """``--nucleus-scale 1`` on the 2x-enlarged demo tissue: no nucleus is moved and the run records
+    1.0; asking again without the option reuses it; asking for "auto" does not (another setting):
+    a new run, in which most nuclei are segmented at the smaller scale."""
+    import json
+
+    import anndata as ad
+    from PIL import Image
+    from testkit import make_tiny_ghist
+
+    from ghist_core.cli import EXIT_OK
+
+    big = tmp_path / "enlarged.png"
+    with Image.open(small_slide_png) as im:
+        im.convert("RGB").resize((im.width * 2, im.height * 2), Image.Resampling.BILINEAR).save(big)
+    model = tmp_path / "typed_model"
+    make_tiny_ghist(model, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped"),
+                    tissue_skip=True)
+    argv = ["predict", str(big), "--project", str(tmp_path / "proj"), "--mpp", "0.499", "--model", str(model),
+            "--device", "cpu"]
+
+    def predict(*extra):
+        assert main(argv + list(extra)) == EXIT_OK
+        out, err = capsys.readouterr()
+        return json.loads(out.strip().splitlines()[-1]), err
+
+    off, err = predict("--nucleus-scale", "1")
+    assert off["action"] == "new" and off["nuclei_rescaled"] == 0 and "note:" not in err
+    uns = ad.read_h5ad(off["h5ad"]).uns["ghist"]["nucleus_scale"]
+    assert uns["setting"] == 1.0
+    again, _ = predict()
+    assert again["action"] == "existing" and again["run_id"] == off["run_id"]
+    auto, err = predict("--nucleus-scale", "auto")
+    assert auto["action"] == "new" and auto["run_id"] != off["run_id"]
+    assert auto["nuclei_rescaled"] > 0.5 and "0.499 µm per pixel" in err

@@ -124,17 +124,23 @@ class SlideRun:
 PRE_STAIN_DEFAULT_SEGMENTER = "nuclei-seg"
 
 
-def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertainty: bool = False) -> bool:
+def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertainty: bool = False,
+                   nucleus_scale: float | str | None = None) -> bool:
     """Whether ``run`` answers a request for this model, segmenter and uncertainty setting.
 
     A run with the uncertainty satisfies a request without it (its ``X`` is the same by design:
     member 0's prediction; the extra column costs nothing to keep), so it is reused or resumed;
-    a run without it never satisfies a request with it.
+    a run without it never satisfies a request with it. A ``nucleus_scale`` asked for explicitly
+    must be the run's (``PipelineConfig.from_params``: 1.0 for a run recorded before the setting);
+    None asks for none in particular.
     """
+    from ghist_core.pipeline.blocks import PipelineConfig
+
     same_auto = segmenter_id is not None or (  # "auto" means what it meant when the run was made
         run.params.get("default_segmenter", PRE_STAIN_DEFAULT_SEGMENTER) == DEFAULT_SEGMENTER)
+    same_scale = nucleus_scale is None or PipelineConfig.from_params(run.params.get("pipeline")).nucleus_scale == nucleus_scale
     return (run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
-            and same_auto and (run_uncertainty(run.params) or not uncertainty))
+            and same_auto and same_scale and (run_uncertainty(run.params) or not uncertainty))
 
 
 def _made_by_current_weights(project: Project, run, model_id: str | None, segmenter_id: str | None) -> bool:
@@ -207,7 +213,7 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
                          segmenter_id: str | None = None, device: str = "auto", progress=None,
                          new_run: bool = False, wait: bool = False,
                          on_wait: Callable[[int | None], None] | None = None,
-                         uncertainty: bool = False) -> SlideRun:
+                         uncertainty: bool = False, nucleus_scale: float | str | None = None) -> SlideRun:
     """Predict a slide already in the project, holding its lock; resume rather than redo.
 
     Under the lock: runs whose worker died become ``interrupted``; the slide's stale ``*.part``
@@ -221,7 +227,9 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     ``uncertainty`` asks for ``obs["expression_uncertainty"]`` (``PipelineConfig.uncertainty``): a
     latest run made without it is then not reused nor resumed (a new run starts), while a run made
     with it also answers a request without it (see :func:`_same_settings`). A resumed run keeps the
-    settings it was recorded with.
+    settings it was recorded with. ``nucleus_scale`` (None: ``PipelineConfig``'s default for a new
+    run, any for an existing one): the learned segmenter's scale setting; a run made at another is
+    neither reused nor resumed.
     """
     from ghist_core.pipeline.blocks import PipelineConfig
 
@@ -232,7 +240,7 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         if latest is not None and latest.status is RunStatus.RUNNING:  # alive, but not holding the lock
             raise SlideBusyError(f"Slide {slide_id} is being analysed by another process (run {latest.run_id}, "
                                  f"process {latest.worker_pid}); wait for it to finish.")
-        same = latest is not None and _same_settings(latest, model_id, segmenter_id, uncertainty)
+        same = latest is not None and _same_settings(latest, model_id, segmenter_id, uncertainty, nucleus_scale)
         if same and not new_run and latest.status is RunStatus.FINISHED and _made_by_current_weights(
                 project, latest, model_id, segmenter_id):
             h5ad = project.result_files(latest.run_id).get("h5ad")
@@ -241,7 +249,9 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
         resume = latest.run_id if same and not new_run and latest.is_resumable else None
         if resume is not None:
             (project.folder / "runs" / str(resume) / CANCEL_FILE).unlink(missing_ok=True)
-        result, resumed = _resume_or_start(project, slide_id, resume, PipelineConfig(uncertainty=bool(uncertainty)),
+        config = PipelineConfig(uncertainty=bool(uncertainty),
+                                **({} if nucleus_scale is None else {"nucleus_scale": nucleus_scale}))
+        result, resumed = _resume_or_start(project, slide_id, resume, config,
                                            model_id=model_id, segmenter_id=segmenter_id, device=device,
                                            progress=progress)
         return SlideRun(slide_id, result.run_id, result.n_cells, result.h5ad_path, "resumed" if resumed else "new")
