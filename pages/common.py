@@ -202,14 +202,15 @@ def segmenter_id() -> str | None:
     return None if choice in ("auto", None) else str(choice)
 
 
-def submit(project, slide_id: int, *, uncertainty: bool = False) -> int:
+def submit(project, slide_id: int, *, uncertainty: bool = False, nucleus_scale: float | str | None = None) -> int:
     """Start a run of a slide with the session's model, device and segmenter (one worker process);
-    ``uncertainty`` also records each cell's expression uncertainty (the model's members' spread)."""
+    ``uncertainty`` also records each cell's expression uncertainty (the model's members' spread);
+    ``nucleus_scale`` (None: the default scale check) the learned segmenter's scale setting."""
     from ghist_core.pipeline import worker as jobs
 
     run_id = jobs.submit_run(project.folder, int(slide_id), model_id=st.session_state[MODEL_ID],
                              device=st.session_state[DEVICE], segmenter_id=segmenter_id(),
-                             uncertainty=uncertainty)
+                             uncertainty=uncertainty, nucleus_scale=nucleus_scale)
     st.session_state[WATCHED_RUNS] = list({*st.session_state[WATCHED_RUNS], run_id})
     return run_id
 

@@ -14,7 +14,7 @@ import streamlit as st
 from ghist_core.errors import GhistError, MissingMppError, SlideError
 from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
-from ghist_core.project.runs import run_uncertainty
+from ghist_core.project.runs import run_nucleus_scale, run_uncertainty
 from ghist_core.weights.card import (chosen_card, is_expression_model, model_cell_inputs, model_members,
                                      is_stain_robust, run_segmenter, segmenter_card, segmenter_choices,
                                      trained_segmenter)
@@ -93,6 +93,14 @@ with st.expander("Model and device", expanded=False):
               "Not available for this model: it has one member. Per-cell uncertainty compares several copies of "
               "the model trained with different seeds, so it needs a model with ensemble members."))
     uncertainty = bool(uncertainty) and members > 1
+    # the learned segmenter's scale check (on by default): off reads every block at the stated µm/px
+    check_scale = st.checkbox(
+        "Check the nucleus scale (recommended)", value=True, key="upload_nucleus_scale",
+        help="Where nuclei look larger than the ones the segmenter was trained on (large tumour nuclei, or a "
+             "µm per pixel that is too large), it segments that region at 2/3 scale instead of cutting the "
+             "nuclei into pieces; Gene maps then says how many. Untick only when you trust the slides' µm per "
+             "pixel and want the speed (about 20% faster segmentation). The learned segmenters only.")
+    nucleus_scale = None if check_scale else 1.0  # None: the default, and any finished run counts
 
 # --- upload ------------------------------------------------------------------------------
 st.subheader("1 · Add slides")
@@ -146,9 +154,9 @@ def _remember_mpp(fid: str) -> None:
 def _start_run_if_wanted(slide_id: int, run_now: bool) -> None:
     """Start a run unless the slide already has a finished or active one (no redundant runs); with the
     uncertainty ticked, a finished run made without it does not count."""
-    if run_now and overview.wants_run(project, slide_id, uncertainty=uncertainty):
+    if run_now and overview.wants_run(project, slide_id, uncertainty=uncertainty, nucleus_scale=nucleus_scale):
         try:
-            c.submit(project, slide_id, uncertainty=uncertainty)
+            c.submit(project, slide_id, uncertainty=uncertainty, nucleus_scale=nucleus_scale)
         except GhistError as exc:
             st.error(plain(exc))
             st.stop()
@@ -272,7 +280,7 @@ for _, row in overview.slides_not_run(project).iterrows():
     cols[0].markdown(f"{plain(c.slide_label(row))} — not run yet")
     if cols[1].button("Run", key=f"run_{row['slide_id']}"):
         try:
-            c.submit(project, int(row["slide_id"]), uncertainty=uncertainty)
+            c.submit(project, int(row["slide_id"]), uncertainty=uncertainty, nucleus_scale=nucleus_scale)
         except GhistError as exc:
             st.error(plain(exc))
 
@@ -303,6 +311,7 @@ def live_runs() -> None:
         label = names.get(int(run["slide_id"]), f"slide {run['slide_id']}")
         with st.container(border=True, key=f"runbox_{rid}"):
             extra = " · with per-cell uncertainty" if run_uncertainty(run.get("params")) else ""
+            extra += "" if run_nucleus_scale(run.get("params")) == "auto" else " · nucleus scale check off"
             st.markdown(f"**{plain(label)}** · run {rid} · **{status}**{extra}")
             if status.is_active:
                 progress = float(run.get("progress") or 0.0)

@@ -33,6 +33,7 @@ from ghist_core.pipeline.merge import median_nucleus_area, summarise_blocks, wri
 from ghist_core.io.slide import Slide, open_slide
 from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
+from ghist_core.project.runs import PRE_CHECK_NUCLEUS_SCALE
 from ghist_core.io.tiles import TileGrid
 from ghist_core.imaging.tissue import boxes_tissue_fraction
 
@@ -69,7 +70,7 @@ class PipelineConfig:
         """The settings a run recorded (``params["pipeline"]``); one it does not hold predates it, so
         the run resumes as it began: the default, or ``nucleus_scale`` 1.0."""
         known = {k: v for k, v in (params or {}).items() if k in cls.__dataclass_fields__}
-        known.setdefault("nucleus_scale", 1.0)
+        known.setdefault("nucleus_scale", PRE_CHECK_NUCLEUS_SCALE)
         if "grid_sizes_um" in known:
             known["grid_sizes_um"] = tuple(float(v) for v in known["grid_sizes_um"])
         return cls(**known)

@@ -39,7 +39,7 @@ from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
 from ghist_core.project import runs as run_store
 from ghist_core.project.locks import lock_slide
-from ghist_core.project.runs import run_uncertainty
+from ghist_core.project.runs import run_nucleus_scale, run_uncertainty
 
 _log = logging.getLogger(__name__)
 
@@ -131,14 +131,12 @@ def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertai
     A run with the uncertainty satisfies a request without it (its ``X`` is the same by design:
     member 0's prediction; the extra column costs nothing to keep), so it is reused or resumed;
     a run without it never satisfies a request with it. A ``nucleus_scale`` asked for explicitly
-    must be the run's (``PipelineConfig.from_params``: 1.0 for a run recorded before the setting);
-    None asks for none in particular.
+    must be the run's (:func:`~ghist_core.project.runs.run_nucleus_scale`: 1.0 for a run recorded
+    before the setting); None asks for none in particular.
     """
-    from ghist_core.pipeline.blocks import PipelineConfig
-
     same_auto = segmenter_id is not None or (  # "auto" means what it meant when the run was made
         run.params.get("default_segmenter", PRE_STAIN_DEFAULT_SEGMENTER) == DEFAULT_SEGMENTER)
-    same_scale = nucleus_scale is None or PipelineConfig.from_params(run.params.get("pipeline")).nucleus_scale == nucleus_scale
+    same_scale = nucleus_scale is None or run_nucleus_scale(run.params) == nucleus_scale
     return (run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
             and same_auto and same_scale and (run_uncertainty(run.params) or not uncertainty))
 
@@ -293,13 +291,15 @@ def _spawn(project_folder: Path, run_id: int, slide_id: int, model_id: str | Non
 
 
 def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: str | None = None, device: str = "auto",
-               segmenter_id: str | None = None, uncertainty: bool = False) -> int:
+               segmenter_id: str | None = None, uncertainty: bool = False,
+               nucleus_scale: float | str | None = None) -> int:
     """Record a new run for ``slide_id`` and start its worker; returns the run id.
 
     A slide that already has an active run (a worker of the app, ``ghist predict`` or a cohort
     task) gets no second one: its run id is returned. ``uncertainty`` and the pipeline's
     ``nucleus_scale`` are recorded in the run's params (``{"pipeline": {...}}``), from which the
-    worker's pipeline takes its settings (so a resumed run keeps them).
+    worker's pipeline takes its settings (so a resumed run keeps them); ``nucleus_scale`` None: the
+    pipeline's default.
     """
     from ghist_core.pipeline.blocks import PipelineConfig
 
@@ -307,7 +307,8 @@ def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: st
     slide = project.get_slide(slide_id)
     project.mark_interrupted_runs()
     params = {"model_id": model_id, "segmenter_id": segmenter_id, "default_segmenter": DEFAULT_SEGMENTER,
-              "pipeline": {"uncertainty": bool(uncertainty), "nucleus_scale": PipelineConfig().nucleus_scale}}
+              "pipeline": {"uncertainty": bool(uncertainty),
+                           "nucleus_scale": PipelineConfig().nucleus_scale if nucleus_scale is None else nucleus_scale}}
     run_id, created = run_store.claim_run(
         project.db, slide.slide_id, model_id=model_id or "bundled", weights_sha256="", device=device,
         params=params, status=RunStatus.QUEUED)

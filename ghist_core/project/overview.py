@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ghist_core.project.runs import RunStatus, run_uncertainty
+from ghist_core.project.runs import RunStatus, run_nucleus_scale, run_uncertainty
 
 __all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active",
            "TimeLeft", "time_left", "record_time_left", "clear_time_left", "ETA_FILE",
@@ -77,18 +77,20 @@ def patient_table(project) -> pd.DataFrame:
     return df
 
 
-def wants_run(project, slide_id: int, *, uncertainty: bool = False) -> bool:
+def wants_run(project, slide_id: int, *, uncertainty: bool = False, nucleus_scale: float | str | None = None) -> bool:
     """True when starting a run of the slide does something: it has no finished and no active run.
 
     An upload of a file already in the project runs it only then (no redundant second run). With
     ``uncertainty`` (the per-cell expression uncertainty asked for), a finished run counts only
-    when it was made with it too (:func:`~ghist_core.project.runs.run_uncertainty`).
+    when it was made with it too (:func:`~ghist_core.project.runs.run_uncertainty`); with a
+    ``nucleus_scale`` (None: any), only when made at that setting.
     """
     for _, run in project.list_runs(slide_id).iterrows():
         status = RunStatus(run["status"])
         if status.is_active:
             return False
-        if status is RunStatus.FINISHED and (not uncertainty or run_uncertainty(run["params"])):
+        if status is RunStatus.FINISHED and (not uncertainty or run_uncertainty(run["params"])) and (
+                nucleus_scale is None or run_nucleus_scale(run["params"]) == nucleus_scale):
             return False
     return True
 

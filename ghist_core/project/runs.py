@@ -26,7 +26,7 @@ from ghist_core.errors import RunStateError, StoreError
 from ghist_core.project.db import ProjectDB, to_json, utc_now
 
 __all__ = ["RunStatus", "RunRecord", "TRANSITIONS", "check_transition", "is_resumable", "STALE_HEARTBEAT_S",
-           "claim_run", "pid_alive", "run_uncertainty"]
+           "claim_run", "pid_alive", "run_uncertainty", "run_nucleus_scale", "PRE_CHECK_NUCLEUS_SCALE"]
 
 #: A run on another machine whose heartbeat is older than this is considered dead.
 STALE_HEARTBEAT_S = 15 * 60
@@ -141,6 +141,20 @@ def run_uncertainty(params: Mapping[str, Any] | None) -> bool:
     recorded without the setting (before it existed, or not asked) reads as False."""
     pipeline = params.get("pipeline") if isinstance(params, Mapping) else None
     return isinstance(pipeline, Mapping) and pipeline.get("uncertainty") is True
+
+
+#: the nucleus scale of a run recorded before runs held the setting (session 13): its blocks were
+#: segmented as the slide's µm/px says
+PRE_CHECK_NUCLEUS_SCALE = 1.0
+
+
+def run_nucleus_scale(params: Mapping[str, Any] | None) -> float | str:
+    """The learned segmenter's ``nucleus_scale`` a run was made with (``{"pipeline": {"nucleus_scale":
+    ...}}``, ``PipelineConfig.nucleus_scale``): "auto" or a factor; :data:`PRE_CHECK_NUCLEUS_SCALE` for a
+    run recorded without it."""
+    pipeline = params.get("pipeline") if isinstance(params, Mapping) else None
+    value = pipeline.get("nucleus_scale") if isinstance(pipeline, Mapping) else None
+    return PRE_CHECK_NUCLEUS_SCALE if value is None else value if value == "auto" else float(value)
 
 
 _RUN_COLS = tuple(f.name for f in fields(RunRecord))

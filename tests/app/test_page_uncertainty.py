@@ -172,3 +172,42 @@ def test_gene_maps_adds_the_uncertainty_panel(projects, tmp_path, monkeypatch):
     at.select_slider[0].set_value("20×").run()
     assert not at.exception, [e.value for e in at.exception]
     assert len(at.get("deck_gl_json_chart")) == 3
+
+
+def test_upload_nucleus_scale_check_is_on_unless_unticked_and_recorded(projects, tmp_path, monkeypatch, spawned):
+    """The scale check box is ticked by default (the run records "auto"); unticked, the run records
+    1.0 (the stated µm/px), the worker's pipeline reads it, and the run's line says the check was off."""
+    from ghist_core.pipeline.blocks import PipelineConfig
+
+    _models(tmp_path, monkeypatch, members=1)
+    at = open_page("pages/upload.py")
+    box = at.checkbox(key="upload_nucleus_scale")
+    assert box.value is True and "2/3 scale" in box.proto.help
+    box.uncheck().run()
+    assert not at.exception
+    params = _run_the_waiting_slide(at)
+    assert params["pipeline"] == {"uncertainty": False, "nucleus_scale": 1.0} and len(spawned) == 1
+    assert PipelineConfig.from_params(params["pipeline"]).nucleus_scale == 1.0
+    at.run()
+    assert any("nucleus scale check off" in m.value for m in at.markdown)
+
+
+def test_wants_run_counts_a_finished_run_only_at_the_asked_scale(tmp_path):
+    """An upload asking for the stated scale (check off) is not answered by a finished run made with
+    the check, nor the other way round; asking for neither (the default) takes any finished run, and
+    a run recorded before the setting counts as made at the stated scale."""
+    from ghist_core.project import Project
+    from ghist_core.project.overview import wants_run
+
+    project = Project.open_or_create(tmp_path / "p")
+    cases = (({"pipeline": {"uncertainty": False, "nucleus_scale": "auto"}}, False, True),
+             ({"pipeline": {"uncertainty": False}}, True, False))
+    for k, (params, auto_wanted, stated_wanted) in enumerate(cases):
+        png = write_png(tmp_path / f"s{k}.png", synthetic_he((64, 64), seed=k))
+        sid = int(project.add_slide(png, patient_id="P1", mpp=0.5).slide_id)
+        assert wants_run(project, sid) and wants_run(project, sid, nucleus_scale=1.0)
+        run_id = project.start_run(sid, model_id="bundled", weights_sha256="", device="cpu", params=params)
+        project.finish_run(run_id, n_cells=0, timings={})
+        assert not wants_run(project, sid)
+        assert wants_run(project, sid, nucleus_scale="auto") is auto_wanted
+        assert wants_run(project, sid, nucleus_scale=1.0) is stated_wanted
