@@ -651,6 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     # 8192 px = 67 Mpx = 4.2 mm²: big enough that tile margins cost what they cost on a whole slide
     ap.add_argument("--mosaic-px", type=int, default=8192)
     ap.add_argument("--classical-mosaic-px", type=int, default=0)
+    ap.add_argument("--no-app", action="store_true",
+                    help="speed: skip the app's whole run (it needs the bundled expression model, which a GPU "
+                         "machine's carried tree may lack)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the segmenter's own per device")
     ap.add_argument("--out", default=None, help=f"default {RESULTS.name} ({CUDA_RESULTS.name} with --speed-only)")
     ap.add_argument("--consep-every", type=int, default=4, help="stain and scale shift: every k-th CoNSeP test patch")
@@ -721,13 +724,17 @@ def main(argv: list[str] | None = None) -> None:
         crgb = rgb[: a.classical_mosaic_px, : a.classical_mosaic_px] if a.classical_mosaic_px else rgb
         sp = {name: speed(seg, rgb, batch_size=a.batch_size) for name, seg in learned.items()}
         sp["classical"] = speed(classical, crgb)
+        first = next(iter(learned))
+        # what the scale check (segment_slide's default since session 13) costs on this device, same process
+        sp[f"{first}+auto-scale"] = speed(model, rgb, batch_size=a.batch_size, nucleus_scale="auto")
         if model.device.type == "cpu" and not a.batch_size:  # the baseline for the CPU's batch size: the GPU's
-            first = next(iter(learned))
             sp["batch_8_on_cpu"] = {first: speed(model, rgb, batch_size=8)}
         print(f"speed: {sp}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="ghist-speed-") as work:
-            app = app_speed(learned, rgb, Path(work))
-        print(f"app: {app}", flush=True)
+        app = None
+        if not a.no_app:
+            with tempfile.TemporaryDirectory(prefix="ghist-speed-") as work:
+                app = app_speed(learned, rgb, Path(work))
+            print(f"app: {app}", flush=True)
         key = "cuda" if model.device.type == "cuda" else "cpu"
         speed_block = {"device": device_name, **sp, "app": app, "input_mpp": DATA_MPP, "weights_sha256": shas,
                        "ratio_to_classical": {n: round(sp[n]["mpx_per_s"] / sp["classical"]["mpx_per_s"], 3)

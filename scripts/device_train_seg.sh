@@ -5,9 +5,11 @@
 # benchmark is chosen on validation only (docs/DECISIONS.md, session 14).
 #   data: the CoNSeP and MoNuSeg *train* splits copied to .gpu_data/nuclei (git-ignored, carried)
 #   run:  bash scripts/device_train_seg.sh BUDGET_S   (results under $OUT, or runs/ without it)
+# then, on the idle card, the segmenter's CUDA speed as stated and with the scale check
+# (segmentation_cuda.json: copy it to bench/results/ here). Files back: 3 per candidate + 1 (limit 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUDGET=${1:-300}
+BUDGET=${1:-270}
 OUTDIR=${OUT:-runs/device}
 mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -24,7 +26,9 @@ for v in stain wide; do
   tail -n 40 "$d.log"
   mkdir -p "$OUTDIR/$v"
   cp "$d.log" "$OUTDIR/$v/train.log"
-  cp "$d/result.json" "$d/final.safetensors" "$d/final.json" "$OUTDIR/$v/" 2>/dev/null \
+  cp "$d/final.safetensors" "$d/final.json" "$OUTDIR/$v/" 2>/dev/null \
     || cp "$d/best.safetensors" "$d/best.json" "$OUTDIR/$v/" 2>/dev/null
 done
+timeout 150 python3 bench/segmentation.py --speed-only --device cuda --models nuclei-seg-stain --no-app \
+  --data-root .gpu_data/nuclei --classical-mosaic-px 2048 --out "$OUTDIR/segmentation_cuda.json" 2>&1 | grep -v Warn | tail -5
 ls -la "$OUTDIR"/*
