@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Make the working tree fit a device call (64 MiB: the tracked weights alone are 56 MB), and undo it.
+#   bash scripts/device_carry.sh prepare   # training images -> .gpu_data/nuclei (git-ignored, carry it);
+#                                          # the two weights a training run does not read are un-tracked
+#   ... run: bash scripts/device_train_seg.sh 270, carry [".gpu_data"] ...
+#   bash scripts/device_carry.sh restore   # tracked again; nothing on disk was touched
+# Never commit between the two: the index then lacks those weights.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIG=(weights/ghist-her2st.safetensors weights/nuclei-seg.safetensors)
+case "${1:-}" in
+  prepare)
+    src=${GHIST_SHARED_DATA:-../shared/data}/nuclei
+    mkdir -p .gpu_data/nuclei/consep .gpu_data/nuclei/monuseg
+    cp -r "$src/consep/train" "$src/consep/types.json" .gpu_data/nuclei/consep/
+    cp -r "$src/monuseg/train" .gpu_data/nuclei/monuseg/
+    git rm --cached -q "${BIG[@]}"
+    for f in "${BIG[@]}"; do grep -qx "/$f" .git/info/exclude 2>/dev/null || echo "/$f" >> .git/info/exclude; done
+    echo "tracked: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes; .gpu_data: $(du -sb .gpu_data | cut -f1) bytes"
+    ;;
+  restore)
+    git reset -q -- "${BIG[@]}"
+    for f in "${BIG[@]}"; do sed -i "\#^/$f\$#d" .git/info/exclude; done
+    git status --short
+    ;;
+  *) echo "usage: $0 prepare|restore" >&2; exit 2 ;;
+esac
