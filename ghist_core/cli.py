@@ -52,7 +52,7 @@ def _tqdm_progress(desc: str):
 def _nucleus_scale_arg(value: str | None) -> float | str | None:
     """``--nucleus-scale``: None (not given), "auto" or a factor; anything else a ModelInputError (exit 3)."""
     from ghist_core.errors import ModelInputError
-    from ghist_core.segmentation.model import check_nucleus_scale
+    from ghist_core.pipeline.worker import checked_nucleus_scale
 
     if value is None or value == "auto":
         return value
@@ -60,7 +60,7 @@ def _nucleus_scale_arg(value: str | None) -> float | str | None:
         number = float(value)
     except ValueError:
         raise ModelInputError(f"--nucleus-scale must be 'auto' or a number between 0.1 and 10, not {value!r}.") from None
-    return check_nucleus_scale(number)
+    return checked_nucleus_scale(number)
 
 
 def _check_predict_args(args: argparse.Namespace) -> tuple[float | None, str | None]:
@@ -92,6 +92,7 @@ def _check_unchanged(record, patient: str | None, mpp: float | None) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ghist_core.pipeline.worker import (identifying_strings, predict_slide_locked, redact, rescaled_share,
                                             uncertainty_note)
+    from ghist_core.project.runs import run_nucleus_scale
     from ghist_core.project.store import Project
     from ghist_core.viz.figures import share_text
 
@@ -122,6 +123,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 line["uncertainty"] = note
                 if note.startswith("unavailable"):
                     print(f"note: slide {record.slide_id}: no expression uncertainty: {note}", file=sys.stderr)
+            run = project.get_run(done.run_id)
+            if run.params.get("segmenter_id") != "classical":
+                line["nucleus_scale"] = run_nucleus_scale(run.params)
             share = rescaled_share(done.h5ad_path)
             if share is not None:
                 line["nuclei_rescaled"] = share
@@ -225,11 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "several members (a one-member model runs without it, with a note) and costs about 3x the "
                         "expression step")
     p.add_argument("--nucleus-scale", default=None, metavar="auto|FACTOR",
-                   help="the learned segmenter's scale check: 'auto' (the default) segments regions whose nuclei look "
-                        "larger than its training nuclei at 2/3 scale (obs 'nucleus_scale'); 1 reads every region at "
-                        "the slide's µm per pixel (about 20%% faster where you trust it); another number reads the "
-                        "whole slide as that factor x the µm per pixel. A finished run made at another setting is "
-                        "not reused")
+                   help="the learned segmenter's scale check: 'auto' segments regions whose nuclei look larger than "
+                        "its training nuclei at 2/3 scale (obs 'nucleus_scale'); 1 reads every region at the slide's "
+                        "µm per pixel (about 20%% faster where you trust it); another number reads the whole slide as "
+                        "that factor x the µm per pixel. Given, a finished or interrupted run made at another setting "
+                        "is not reused; not given, a new run uses 'auto' and an existing run is reused whatever its "
+                        "setting (the JSON line's nucleus_scale says which)")
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("cohort", help="predict every slide of a manifest on a Dask cluster")

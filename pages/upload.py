@@ -99,8 +99,11 @@ with st.expander("Model and device", expanded=False):
         help="Where nuclei look larger than the ones the segmenter was trained on (large tumour nuclei, or a "
              "µm per pixel that is too large), it segments that region at 2/3 scale instead of cutting the "
              "nuclei into pieces; Gene maps then says how many. Untick only when you trust the slides' µm per "
-             "pixel and want the speed (about 20% faster segmentation). The learned segmenters only.")
-    nucleus_scale = None if check_scale else 1.0  # None: the default, and any finished run counts
+             "pixel and want the speed (about 20% faster segmentation). The learned segmenters only. A slide "
+             "that already has a finished run is not run again when ticked; unticked, only a run made without "
+             "the check counts.")
+    # None: the default for a new run, and any finished run counts (as for `ghist predict` without the option)
+    nucleus_scale = None if check_scale or st.session_state[c.SEGMENTER] == "classical" else 1.0
 
 # --- upload ------------------------------------------------------------------------------
 st.subheader("1 · Add slides")
@@ -153,7 +156,8 @@ def _remember_mpp(fid: str) -> None:
 
 def _start_run_if_wanted(slide_id: int, run_now: bool) -> None:
     """Start a run unless the slide already has a finished or active one (no redundant runs); with the
-    uncertainty ticked, a finished run made without it does not count."""
+    uncertainty ticked, a finished run made without it does not count, and with the scale check
+    unticked, one made with it does not."""
     if run_now and overview.wants_run(project, slide_id, uncertainty=uncertainty, nucleus_scale=nucleus_scale):
         try:
             c.submit(project, slide_id, uncertainty=uncertainty, nucleus_scale=nucleus_scale)

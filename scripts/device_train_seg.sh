@@ -6,7 +6,9 @@
 #   data: the CoNSeP and MoNuSeg *train* splits copied to .gpu_data/nuclei (git-ignored, carried)
 #   run:  bash scripts/device_train_seg.sh BUDGET_S   (results under $OUT, or runs/ without it)
 # then, on the idle card, the segmenter's CUDA speed as stated and with the scale check
-# (segmentation_cuda.json: copy it to bench/results/ here). Files back: 3 per candidate + 1 (limit 8).
+# (segmentation_cuda.json: copy it to bench/results/ here; its mosaic is of CoNSeP *train* patches, the
+# only ones carried, where the CPU mosaic draws from both splits). Files back: 3 per candidate + 1
+# (limit 8). Worst case about 600 s: call run with timeout_s 600; the speed part is the one cut.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-270}
@@ -29,6 +31,6 @@ for v in stain wide; do
   cp "$d/final.safetensors" "$d/final.json" "$OUTDIR/$v/" 2>/dev/null \
     || cp "$d/best.safetensors" "$d/best.json" "$OUTDIR/$v/" 2>/dev/null
 done
-timeout 150 python3 bench/segmentation.py --speed-only --device cuda --models nuclei-seg-stain --no-app \
+timeout 100 python3 bench/segmentation.py --speed-only --device cuda --models nuclei-seg-stain --no-app \
   --data-root .gpu_data/nuclei --classical-mosaic-px 2048 --out "$OUTDIR/segmentation_cuda.json" 2>&1 | grep -v Warn | tail -5
 ls -la "$OUTDIR"/*

@@ -191,11 +191,32 @@ def test_predict_nucleus_scale_turns_the_check_off_and_is_part_of_a_runs_setting
         return json.loads(out.strip().splitlines()[-1]), err
 
     off, err = predict("--nucleus-scale", "1")
-    assert off["action"] == "new" and off["nuclei_rescaled"] == 0 and "note:" not in err
+    assert off["action"] == "new" and off["nucleus_scale"] == 1.0 and "nuclei_rescaled" not in off
+    assert "note:" not in err
     uns = ad.read_h5ad(off["h5ad"]).uns["ghist"]["nucleus_scale"]
     assert uns["setting"] == 1.0
     again, _ = predict()
-    assert again["action"] == "existing" and again["run_id"] == off["run_id"]
+    assert again["action"] == "existing" and again["run_id"] == off["run_id"] and again["nucleus_scale"] == 1.0
     auto, err = predict("--nucleus-scale", "auto")
     assert auto["action"] == "new" and auto["run_id"] != off["run_id"]
-    assert auto["nuclei_rescaled"] > 0.5 and "0.499 µm per pixel" in err
+    assert auto["nucleus_scale"] == "auto" and auto["nuclei_rescaled"] > 0.5 and "0.499 µm per pixel" in err
+
+
+def test_a_fixed_factor_is_reported_as_set_not_as_the_checks_finding(tmp_path, small_slide_png, capsys):
+    """``--nucleus-scale 0.8``: every nucleus is segmented at 0.8, which the user asked for: the JSON
+    line gives the setting and no share of "looked large" nuclei, and no note suggests a wrong µm/px."""
+    import json
+
+    from testkit import make_tiny_ghist
+
+    from ghist_core.cli import EXIT_OK
+
+    model = tmp_path / "typed_model"
+    make_tiny_ghist(model, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped"),
+                    tissue_skip=True)
+    argv = ["predict", str(small_slide_png), "--project", str(tmp_path / "proj"), "--mpp", "0.499", "--model",
+            str(model), "--device", "cpu", "--nucleus-scale", "0.8"]
+    assert main(argv) == EXIT_OK
+    out, err = capsys.readouterr()
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["nucleus_scale"] == 0.8 and "nuclei_rescaled" not in line and "note:" not in err

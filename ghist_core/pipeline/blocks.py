@@ -70,7 +70,8 @@ class PipelineConfig:
         """The settings a run recorded (``params["pipeline"]``); one it does not hold predates it, so
         the run resumes as it began: the default, or ``nucleus_scale`` 1.0."""
         known = {k: v for k, v in (params or {}).items() if k in cls.__dataclass_fields__}
-        known.setdefault("nucleus_scale", PRE_CHECK_NUCLEUS_SCALE)
+        if known.get("nucleus_scale") is None:  # as runs.run_nucleus_scale reads it
+            known["nucleus_scale"] = PRE_CHECK_NUCLEUS_SCALE
         if "grid_sizes_um" in known:
             known["grid_sizes_um"] = tuple(float(v) for v in known["grid_sizes_um"])
         return cls(**known)

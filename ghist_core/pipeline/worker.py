@@ -124,6 +124,16 @@ class SlideRun:
 PRE_STAIN_DEFAULT_SEGMENTER = "nuclei-seg"
 
 
+def checked_nucleus_scale(value: object) -> float | str | None:
+    """A requested ``nucleus_scale``: None (no request), "auto" or a factor as a float; anything else
+    a ModelInputError before a run is recorded (``segmentation.model.check_nucleus_scale``)."""
+    if value is None:
+        return None
+    from ghist_core.segmentation.model import check_nucleus_scale
+
+    return check_nucleus_scale(value)
+
+
 def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertainty: bool = False,
                    nucleus_scale: float | str | None = None) -> bool:
     """Whether ``run`` answers a request for this model, segmenter and uncertainty setting.
@@ -136,7 +146,8 @@ def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertai
     """
     same_auto = segmenter_id is not None or (  # "auto" means what it meant when the run was made
         run.params.get("default_segmenter", PRE_STAIN_DEFAULT_SEGMENTER) == DEFAULT_SEGMENTER)
-    same_scale = nucleus_scale is None or run_nucleus_scale(run.params) == nucleus_scale
+    same_scale = (nucleus_scale is None or segmenter_id == "classical"  # the classical segmenter has no scale
+                  or run_nucleus_scale(run.params) == nucleus_scale)
     return (run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
             and same_auto and same_scale and (run_uncertainty(run.params) or not uncertainty))
 
@@ -185,10 +196,13 @@ def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
 def rescaled_share(h5ad_path: str | os.PathLike | None) -> float | None:
     """The share of a finished run's nuclei that the scale check segmented at another factor
     (``uns["ghist"]["nucleus_scale"]``); None when the run has no such record (classical segmenter,
-    or made before the check)."""
+    or made before the check) or did not run the check (a fixed factor, which moves every nucleus
+    because it was asked to)."""
     value = ghist_uns_entry(h5ad_path, K.GHIST_NUCLEUS_SCALE)
     try:
-        return float(value["cells_rescaled_fraction"]) if isinstance(value, dict) else None
+        if not isinstance(value, dict) or value.get("setting") != "auto":
+            return None
+        return float(value["cells_rescaled_fraction"])
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -231,6 +245,7 @@ def predict_slide_locked(project: Project, slide_id: int, *, model_id: str | Non
     """
     from ghist_core.pipeline.blocks import PipelineConfig
 
+    nucleus_scale = checked_nucleus_scale(nucleus_scale)
     with lock_slide(project.folder, slide_id, wait=wait, on_wait=on_wait):
         project.mark_interrupted_runs()
         sweep_slide_temporaries(project, slide_id)
@@ -303,6 +318,7 @@ def submit_run(project_folder: str | os.PathLike, slide_id: int, *, model_id: st
     """
     from ghist_core.pipeline.blocks import PipelineConfig
 
+    nucleus_scale = checked_nucleus_scale(nucleus_scale)
     project = Project.open(project_folder)
     slide = project.get_slide(slide_id)
     project.mark_interrupted_runs()

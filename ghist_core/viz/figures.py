@@ -79,6 +79,11 @@ def nucleus_scale_note(adata) -> str | None:
     share = moved.mean()
     part = share_text(share).capitalize()
     g = adata.uns.get(K.UNS_GHIST, {}) if isinstance(adata.uns.get(K.UNS_GHIST), Mapping) else {}
+    record = g.get(K.GHIST_NUCLEUS_SCALE)
+    setting = record.get("setting") if isinstance(record, Mapping) else None
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):  # a factor set for the run, no check
+        return (f"{part} of the nuclei were segmented at {factors}× scale, the factor set for this run "
+                f"(per cell in obs['{K.OBS_NUCLEUS_SCALE}']).")
     mpp = g.get("mpp")
     at = f" at {float(mpp):.3g} µm per pixel" if isinstance(mpp, (int, float)) else ""
     return (f"{part} of the nuclei were segmented at {factors}× scale: in those regions the nuclei looked "

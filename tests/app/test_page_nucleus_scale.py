@@ -45,3 +45,22 @@ def test_the_note_gives_the_share_the_factor_and_what_to_check(projects, tmp_pat
     (note,) = [m for m in _infos(at) if "scale" in m]
     assert note.startswith("25% of the nuclei were segmented at 0.67× scale")
     assert "1 µm per pixel" in note and "Upload & predict" in note
+
+
+def test_a_factor_set_for_the_run_is_said_as_such(projects, tmp_path):
+    """A run made at a fixed factor (``ghist predict --nucleus-scale 0.8``): every nucleus is at 0.8
+    because it was asked; the note says so and does not suggest a wrong resolution."""
+    from ghist_core.project import Project
+
+    project = Project.open_or_create(tmp_path / "cohort")
+    png = write_png(tmp_path / "s.png", synthetic_he((160, 128), seed=1))
+    rec = project.add_slide(png, patient_id="P1", mpp=1.0)
+    a = synthetic_prediction(n=400, seed=1)
+    a.obs[K.OBS_NUCLEUS_SCALE] = np.full(400, 0.8, np.float32)
+    a.uns["ghist"][K.GHIST_NUCLEUS_SCALE] = {"setting": 0.8, "cells_rescaled_fraction": 1.0}
+    register_prediction(project, int(rec.slide_id), a)
+    at = open_page_alone("pages/gene_maps.py", {"project_dir": str(project.folder)})
+    assert not at.exception, [e.value for e in at.exception]
+    (note,) = [m for m in _infos(at) if "scale" in m]
+    assert note.startswith("100% of the nuclei were segmented at 0.8× scale, the factor set for this run")
+    assert "resolution" not in note

@@ -175,7 +175,8 @@ def test_gene_maps_adds_the_uncertainty_panel(projects, tmp_path, monkeypatch):
 
 
 def test_upload_nucleus_scale_check_is_on_unless_unticked_and_recorded(projects, tmp_path, monkeypatch, spawned):
-    """The scale check box is ticked by default (the run records "auto"); unticked, the run records
+    """The scale check box is ticked by default (a run started so records "auto": the two tests above);
+    unticked, the run records
     1.0 (the stated µm/px), the worker's pipeline reads it, and the run's line says the check was off."""
     from ghist_core.pipeline.blocks import PipelineConfig
 
