@@ -30,6 +30,7 @@ from ghist_core.errors import ModelInputError, WeightsFormatError, WeightsNotFou
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
+from ghist_core.segmentation.type_refiner import TypeRefiner, nucleus_type_features
 from ghist_core._types import ProgressCallback, SlideLike
 from ghist_core.io.slide import check_mpp
 from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_labels, resample_rgb, run_tiled,
@@ -252,6 +253,9 @@ class LearnedSegmenter:
         #: share of the tile's side (:meth:`_probe_moves`) and go on only if another factor wins there
         #: (the full check then decides as before); 0: no probe
         self.scale_probe: float = 0.0
+        #: the card's nucleus-level type decision (``type_refiner``; docs/DECISIONS.md, session 14), or
+        #: None: ``type`` is the argmax of the weighted mean type probabilities
+        self.type_refiner: TypeRefiner | None = None
 
     #: the pipeline hands whole blocks (with their margin) to one forward pass
     one_tile_per_block = True
@@ -381,7 +385,7 @@ class LearnedSegmenter:
         maps = self._maps_at(rgb, mpp * f)
         if maps is None:
             return self._empty(hw, mpp, f)
-        inst, cells = self._instances(maps, hw, mpp, mpp * f)
+        inst, cells = self._instances(maps, hw, mpp, mpp * f, rgb)
         cells.attrs["nucleus_scale"] = f
         return inst, cells
 
@@ -391,14 +395,14 @@ class LearnedSegmenter:
         maps1 = self._maps_at(rgb, mpp)
         if maps1 is None:
             return self._empty(hw, mpp)
-        inst, cells = self._instances(maps1, hw, mpp, mpp)
+        inst, cells = self._instances(maps1, hw, mpp, mpp, rgb)
         cells.attrs["nucleus_scale"] = 1.0
         if (cert1 := self._certainty_if_trying(cells, maps1[0])) is None:
             return inst, cells
         best, best_maps = self._better_scale(rgb, mpp, cert1, self._maps_at)
         if best_maps is None:
             return inst, cells
-        inst, cells = self._instances(best_maps, hw, mpp, mpp * best)
+        inst, cells = self._instances(best_maps, hw, mpp, mpp * best, rgb)
         cells.attrs["nucleus_scale"] = best
         return inst, cells
 
@@ -442,9 +446,10 @@ class LearnedSegmenter:
         npp, hv, tp = self.predict_batch(resample_rgb(rgb, work_hw)[None])
         return npp[0], hv[0], tp[0]
 
-    def _instances(self, maps: tuple, hw: tuple[int, int], mpp: float, seg_mpp: float
+    def _instances(self, maps: tuple, hw: tuple[int, int], mpp: float, seg_mpp: float, rgb: np.ndarray | None = None
                    ) -> tuple[np.ndarray, pd.DataFrame]:
-        """Instances at the input's H x W from maps made at ``seg_mpp``; cells measured at ``mpp``."""
+        """Instances at the input's H x W from maps made at ``seg_mpp``; cells measured at ``mpp``
+        (``rgb``: the input, for the type refiner's stain features)."""
         npp, hv, tp = maps
         work_hw = npp.shape
         if work_hw != hw and seg_mpp < self.mpp:
@@ -452,14 +457,14 @@ class LearnedSegmenter:
                                          align_corners=False)[0].numpy()
             npp, hv, tp = up(npp[None])[0], up(hv), up(tp)
             inst = hv_watershed(npp, hv, seg_mpp, self._post_at(seg_mpp))
-            cells = self._measure(inst, mpp, tp)
+            cells = self._measure(inst, mpp, tp, rgb)
         else:
             inst_w = hv_watershed(npp, hv, self.mpp, self.post)
             if work_hw == hw:
                 inst = inst_w
-                cells = self._measure(inst, mpp, tp)
+                cells = self._measure(inst, mpp, tp, rgb)
             else:  # coarser input: measure at the input's scale, types from the working map
-                work_cells = self._measure(inst_w, self.mpp, tp)
+                work_cells = self._measure(inst_w, self.mpp, tp, None if rgb is None else resample_rgb(rgb, work_hw))
                 inst = resample_labels(inst_w, hw)
                 kept = np.unique(inst)
                 kept = kept[kept > 0]  # the ids that survive resampling (label 0 may be absent)
@@ -472,10 +477,16 @@ class LearnedSegmenter:
                     cells[c] = lookup[c].to_numpy()
         return inst, self._finish(cells, mpp)
 
-    def _measure(self, inst: np.ndarray, mpp: float, tp: np.ndarray) -> pd.DataFrame:
-        """``measure_instances`` with this model's type names and the card's type weights."""
-        return measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
-                                 type_weights=self.post.type_weights)
+    def _measure(self, inst: np.ndarray, mpp: float, tp: np.ndarray, rgb: np.ndarray | None = None) -> pd.DataFrame:
+        """``measure_instances`` with this model's type names and the card's type weights; with a
+        :attr:`type_refiner` and the image (``rgb``, same H x W as ``inst``), ``type`` is the
+        refiner's (the ``prob_<type>`` columns stay the network's)."""
+        cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
+                                  type_weights=self.post.type_weights)
+        if self.type_refiner is not None and rgb is not None and len(cells):
+            features = nucleus_type_features(rgb, inst, cells, mpp, self.type_names)
+            cells["type"] = np.asarray(self.type_names, dtype=object)[self.type_refiner.predict(features) - 1]
+        return cells
 
     def _empty(self, hw: tuple[int, int], mpp: float, factor: float = 1.0) -> tuple[np.ndarray, pd.DataFrame]:
         inst = np.zeros(hw, np.int32)
@@ -499,10 +510,10 @@ class LearnedSegmenter:
                 cells[f"prob_{name}"] = np.zeros(len(cells))
         return cells
 
-    def _post_one(self, maps: tuple[np.ndarray, np.ndarray, np.ndarray, float]) -> pd.DataFrame:
-        npp, hv, tp, mpp = maps
+    def _post_one(self, item: tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]) -> pd.DataFrame:
+        npp, hv, tp, mpp, tile = item
         inst = hv_watershed(npp, hv, mpp, self.post)
-        return self._measure(inst, mpp, tp)
+        return self._measure(inst, mpp, tp, tile)
 
     def _segment_batch(self, tiles: list[np.ndarray], mpp: float, nucleus_scale: float | str = 1.0
                        ) -> list[pd.DataFrame]:
@@ -517,7 +528,7 @@ class LearnedSegmenter:
         flat = [k for k, t in enumerate(tiles) if is_featureless(t)]
         if flat:  # a uniform tile (black, white, one colour) holds no nuclei whatever the network says
             npp[flat] = 0.0
-        items = [(npp[k], hv[k], tp[k], mpp) for k in range(len(tiles))]
+        items = [(npp[k], hv[k], tp[k], mpp, tiles[k]) for k in range(len(tiles))]
         if self.workers > 1 and len(items) > 1:  # scipy / skimage release the GIL in their C loops
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers)
@@ -567,7 +578,7 @@ class LearnedSegmenter:
         if maps is None:
             _, cells = self._empty(tile.shape[:2], mpp, f)
         else:
-            _, cells = self._instances(maps, tile.shape[:2], mpp, mpp * f)
+            _, cells = self._instances(maps, tile.shape[:2], mpp, mpp * f, tile)
         cells[OBS_NUCLEUS_SCALE] = np.float32(f)
         return cells[self._tile_columns]  # in _post_one's order, whichever branch measured them
 
@@ -630,6 +641,8 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
         model = SegNet(SegNetConfig.from_dict(card.get("architecture", {})))
         post_keys = PostProcessConfig.__dataclass_fields__
         post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
+        refiner = (TypeRefiner.from_dict(card["type_refiner"], model.cfg.type_names)
+                   if card.get("type_refiner") is not None else None)
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         raise WeightsFormatError(f"The card {card_path.name} describes no usable segmentation network "
                                  f"({str(exc)[:200]}).") from None
@@ -639,4 +652,6 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsFormatError(f"{path.name} does not fit the architecture in its card: {exc}") from exc
-    return LearnedSegmenter(model, post, device=device, card=card)
+    seg = LearnedSegmenter(model, post, device=device, card=card)
+    seg.type_refiner = refiner
+    return seg

@@ -112,7 +112,7 @@ def test_the_auto_rule_gate_and_margin(seg, region, monkeypatch, area_px, gain, 
         seen.append(f)
         return (np.full((8, 8), 0.7 if f == 1.0 else 0.7 + gain, np.float32), None, None)
 
-    def instances(maps, hw, true_mpp, seg_mpp):
+    def instances(maps, hw, true_mpp, seg_mpp, rgb=None):
         return np.zeros(hw, np.int32), pd.DataFrame({"area_um2": [area_px * s.mpp ** 2] * 3})
 
     monkeypatch.setattr(s, "_maps_at", maps_at)
