@@ -32,6 +32,7 @@ from ghist_core.segmentation.type_refiner import (STAIN_FEATURES, TypeRefiner, f
 from ghist_core.training.segmentation_data import (CONSEP_TYPES, DATA_MPP, VALIDATION_FRACTION,  # noqa: E402
                                                     load_split, split_by_tile)
 from ghist_core.training.segmentation_metrics import DetectionCounts, centroids, match_centroids  # noqa: E402
+from ghist_core.training.stain_bank import restain_samples, source_tile_stains  # noqa: E402
 
 HOVERNET_RADIUS_PX = 12  # at 0.25 µm/px, as bench/segmentation.py
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -90,35 +91,6 @@ def fit(images: list[dict], c: float, class_weight, names: list[str] = ALL_FEATU
                        lr.intercept_.tolist(), [int(v) for v in lr.classes_])
 
 
-def tile_stains(samples) -> dict:
-    """Each source tile's own stains (Macenko over all its patches, as the benchmark's protocol 2)."""
-    from collections import defaultdict
-
-    from ghist_core.imaging.stain import macenko_stains
-
-    tiles = defaultdict(list)
-    for s in samples:
-        tiles[s.source_tile].append(s.rgb)
-    own = {}
-    for tl, ims in tiles.items():
-        try:
-            own[tl] = macenko_stains(ims)
-        except ValueError:  # glass: left as it is
-            own[tl] = None
-    return own
-
-
-def restained(samples, targets: list, own: dict) -> list:
-    """``samples`` re-stained one to one to ``targets`` (stain-bank members; own stains per source tile,
-    residual kept)."""
-    from dataclasses import replace
-
-    from ghist_core.imaging.stain import macenko_restain
-
-    return [s if own[s.source_tile] is None else replace(s, rgb=macenko_restain(
-        s.rgb, m.matrix, m.max_c, source=own[s.source_tile], keep_residual=True)) for s, m in zip(samples, targets)]
-
-
 def design_two_data(seg, fit_s, val_s) -> tuple[list[dict], dict[str, list[dict]]]:
     """Fit rows: the fit images as they are and each re-stained to FIT_RESTAINS random training-role
     members (seed 0); validation: as they are and re-stained to the 3 training-role members farthest
@@ -129,11 +101,11 @@ def design_two_data(seg, fit_s, val_s) -> tuple[list[dict], dict[str, list[dict]
 
     bank = load_stain_bank().select("train")
     rng = np.random.default_rng(0)
-    own = tile_stains(fit_s)
+    own = source_tile_stains(fit_s)
     fit_images = image_rows(seg, fit_s)
     for _ in range(FIT_RESTAINS):
         picks = [bank[i] for i in rng.integers(len(bank), size=len(fit_s))]
-        fit_images += image_rows(seg, restained(fit_s, picks, own))
+        fit_images += image_rows(seg, restain_samples(fit_s, picks, own))
     val_sets = {name: image_rows(seg, samples) for name, samples in training.restained_validation(val_s, 3).items()}
     return fit_images, val_sets
 
@@ -167,10 +139,10 @@ def stress(seg, refiner: TypeRefiner, root: Path) -> dict:
     from ghist_core.training.stain_bank import load_stain_bank
 
     test = load_split(root, "consep", "test")
-    own = tile_stains(test)
+    own = source_tile_stains(test)
     out: dict = {"stain_shift": {}}
     for shift in load_stain_bank().select("benchmark"):
-        images = image_rows(seg, restained(test, [shift] * len(test), own))
+        images = image_rows(seg, restain_samples(test, [shift] * len(test), own))
         out["stain_shift"][shift.name] = {"current": scores(images), "refiner": scores(images, refiner.predict)}
         print(shift.name, {k: v["per_type_f1"]["other"] for k, v in out["stain_shift"][shift.name].items()}, flush=True)
     refined = copy.copy(seg)

@@ -200,6 +200,34 @@ def build_stain_bank(shared: Path) -> StainBank:
     return StainBank(members, params)
 
 
+def source_tile_stains(samples) -> dict:
+    """Each source tile's own stains (Macenko over all its images: a lab's stain belongs to the whole
+    slide, not to a 256 px patch), or None for glass. ``samples``: ``NucleiSample``-like
+    (``source_tile``, ``rgb``)."""
+    tiles: dict[str, list] = {}
+    for s in samples:
+        tiles.setdefault(s.source_tile, []).append(s.rgb)
+    own = {}
+    for tile, images in tiles.items():
+        try:
+            own[tile] = macenko_stains(images)
+        except ValueError:  # glass: left as it is
+            own[tile] = None
+    return own
+
+
+def restain_samples(samples, targets, own: dict) -> list:
+    """``samples`` re-stained one to one to ``targets`` (members), each from its source tile's own stains
+    (``own``, :func:`source_tile_stains`), the optical density the two stains do not explain kept
+    (the stain-shift benchmark's protocol 2); a glass tile is left as it is."""
+    from dataclasses import replace
+
+    from ghist_core.imaging.stain import macenko_restain
+
+    return [s if own.get(s.source_tile) is None else replace(s, rgb=macenko_restain(
+        s.rgb, m.matrix, m.max_c, source=own[s.source_tile], keep_residual=True)) for s, m in zip(samples, targets)]
+
+
 def stain_angle_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Angle in degrees between matching stain vectors of two (…, 2, 3) matrices."""
     cos = np.clip((_unit(a) * _unit(b)).sum(-1), -1, 1)
