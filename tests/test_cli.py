@@ -127,16 +127,11 @@ def test_predict_uncertainty_with_a_one_member_model_goes_on_with_a_note(tmp_pat
     assert plain["run_id"] == line["run_id"] and "uncertainty" not in plain and "note:" not in err
 
 
-def test_predict_says_when_nuclei_looked_large(tmp_path, small_slide_png, capsys):
-    """The demo tissue enlarged 2x but given at 0.499 µm/px (nuclei look twice their size): the learned
-    segmenter's scale check segments most of them at a smaller scale, the JSON line gives the share
-    and stderr says to check the µm per pixel."""
-    import json
-
+def _enlarged_predict_argv(tmp_path, small_slide_png) -> list[str]:
+    """``ghist predict`` of the demo tissue enlarged 2x but given at 0.499 µm/px (nuclei look twice their
+    size), with a tiny model that reads the learned segmenter's type probabilities."""
     from PIL import Image
     from testkit import make_tiny_ghist
-
-    from ghist_core.cli import EXIT_OK
 
     big = tmp_path / "enlarged.png"
     with Image.open(small_slide_png) as im:
@@ -144,8 +139,19 @@ def test_predict_says_when_nuclei_looked_large(tmp_path, small_slide_png, capsys
     model = tmp_path / "typed_model"
     make_tiny_ghist(model, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped"),
                     tissue_skip=True)
-    argv = ["predict", str(big), "--project", str(tmp_path / "proj"), "--mpp", "0.499", "--model", str(model),
+    return ["predict", str(big), "--project", str(tmp_path / "proj"), "--mpp", "0.499", "--model", str(model),
             "--device", "cpu"]
+
+
+def test_predict_says_when_nuclei_looked_large(tmp_path, small_slide_png, capsys):
+    """The demo tissue enlarged 2x but given at 0.499 µm/px (nuclei look twice their size): the learned
+    segmenter's scale check segments most of them at a smaller scale, the JSON line gives the share
+    and stderr says to check the µm per pixel."""
+    import json
+
+    from ghist_core.cli import EXIT_OK
+
+    argv = _enlarged_predict_argv(tmp_path, small_slide_png)
     assert main(argv) == EXIT_OK
     out, err = capsys.readouterr()
     line = json.loads(out.strip().splitlines()[-1])
@@ -171,19 +177,9 @@ def test_predict_nucleus_scale_turns_the_check_off_and_is_part_of_a_runs_setting
     import json
 
     import anndata as ad
-    from PIL import Image
-    from testkit import make_tiny_ghist
-
     from ghist_core.cli import EXIT_OK
 
-    big = tmp_path / "enlarged.png"
-    with Image.open(small_slide_png) as im:
-        im.convert("RGB").resize((im.width * 2, im.height * 2), Image.Resampling.BILINEAR).save(big)
-    model = tmp_path / "typed_model"
-    make_tiny_ghist(model, cell_inputs=("prob_other", "prob_inflammatory", "prob_epithelial", "prob_spindle-shaped"),
-                    tissue_skip=True)
-    argv = ["predict", str(big), "--project", str(tmp_path / "proj"), "--mpp", "0.499", "--model", str(model),
-            "--device", "cpu"]
+    argv = _enlarged_predict_argv(tmp_path, small_slide_png)
 
     def predict(*extra):
         assert main(argv + list(extra)) == EXIT_OK
