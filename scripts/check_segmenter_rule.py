@@ -3,6 +3,7 @@ sessions 10 and 11): reads one ``bench/segmentation.py`` result in which the inc
 candidate were scored in the same run.
 
     python scripts/check_segmenter_rule.py RESULT.json --current nuclei-seg-stain --candidate nuclei-seg-wide
+    python scripts/check_segmenter_rule.py RESULT.json --candidate CAND --stain-scale   # session 14: criterion 6
 
 Prints each criterion and ADOPT or KEEP; exit status 0 for ADOPT, 1 for KEEP, 2 when a block the
 rule needs is missing. Adoption of a segmenter also needs the #17 re-run on its pack
@@ -62,8 +63,20 @@ def worst_scale_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
     return per[worst], worst
 
 
-def check(res: dict, current: str, candidate: str) -> tuple[bool, list[str]]:
-    """(adopt?, one line per criterion)."""
+def worst_stain_scale_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
+    """The lowest AJI over the (stain, zoom) cells of the ``stain_scale`` block, with the scale check
+    (the model's ``+auto-scale`` rows: what ``segment_tile`` runs)."""
+    rows = _need(res, "stain_scale", "datasets", ds, "aji")
+    stains, zooms = _need(res, "stain_scale", "protocol", "stains"), _need(res, "stain_scale", "protocol", "zooms")
+    if set(stains) - set(rows) or any(set(map(str, zooms)) - set(rows[s]) for s in stains if s in rows):
+        raise RuleInputError(f"stain_scale/{ds} lacks cells: the run did not finish")
+    per = {f"{s} x{z}": _need(row, f"{model}+auto-scale") for s, by_zoom in rows.items() for z, row in by_zoom.items()}
+    worst = min(per, key=per.get)
+    return per[worst], worst
+
+
+def check(res: dict, current: str, candidate: str, stain_scale: bool = False) -> tuple[bool, list[str]]:
+    """(adopt?, one line per criterion); ``stain_scale``: also criterion 6 (session 14)."""
     lines, ok = [], True
 
     def verdict(name: str, passed: bool, detail: str) -> None:
@@ -88,6 +101,10 @@ def check(res: dict, current: str, candidate: str) -> tuple[bool, list[str]]:
     for ds in SETS:
         (w0, z0), (w1, z1) = worst_scale_aji(res, ds, current), worst_scale_aji(res, ds, candidate)
         verdict(f"5. {ds} worst scale-shift AJI", w1 >= w0, f"{w1:.4f} (zoom {z1}) vs current {w0:.4f} (zoom {z0})")
+    if stain_scale:
+        for ds in SETS:
+            (w0, c0), (w1, c1) = worst_stain_scale_aji(res, ds, current), worst_stain_scale_aji(res, ds, candidate)
+            verdict(f"6. {ds} worst stain+scale AJI (with the check)", w1 >= w0, f"{w1:.4f} ({c1}) vs current {w0:.4f} ({c0})")
     return ok, lines
 
 
@@ -96,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", type=Path, help="a bench/segmentation.py JSON with both models")
     ap.add_argument("--current", default="nuclei-seg-stain")
     ap.add_argument("--candidate", required=True, help="the candidate's name in the result (its file stem)")
+    ap.add_argument("--stain-scale", action="store_true",
+                    help="also criterion 6: the worst stain+scale AJI with the scale check not lower (session 14)")
     a = ap.parse_args(argv)
     try:
-        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate)
+        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate, a.stain_scale)
     except (RuleInputError, OSError, json.JSONDecodeError) as e:
         print(f"cannot judge: {e}", file=sys.stderr)
         return 2

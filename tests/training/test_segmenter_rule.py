@@ -95,3 +95,31 @@ def test_a_result_cut_short_cannot_be_judged(tmp_path):
     del short["stain_shift"]["datasets"]["consep"]["scores"]["synthetic-pink"]
     (tmp_path / "t.json").write_text(json.dumps(short))
     assert rule.main([str(tmp_path / "t.json"), "--candidate", "cand"]) == 2
+
+
+def test_criterion_six_reads_the_stain_scale_block_with_the_check():
+    """Session 14's criterion 6: the worst (stain, zoom) AJI of the '+auto-scale' rows; a candidate worse
+    in one cell fails it, and a block without every cell cannot be judged."""
+    res = json.loads(BENCH.read_text())
+    block = json.loads((RESULTS / "segmentation_stain_scale.json").read_text())["stain_scale"]
+    for ds in rule.SETS:
+        for by_zoom in block["datasets"][ds]["aji"].values():
+            for row in by_zoom.values():
+                row["cand+auto-scale"] = row["nuclei-seg-stain+auto-scale"]
+    res["stain_scale"] = block
+    worst, cell = rule.worst_stain_scale_aji(res, "consep", "nuclei-seg-stain")
+    assert worst == block["datasets"]["consep"]["summary"]["nuclei-seg-stain+auto-scale"]["worst_aji"]
+    assert cell == "{} x{}".format(*block["datasets"]["consep"]["summary"]["nuclei-seg-stain+auto-scale"]["worst"])
+    res = _as_candidate(res, "nuclei-seg-stain", "cand")
+    res["accuracy"]["cand"]["consep"]["per_type_f1"]["other"] += 0.01
+    assert rule.check(res, "nuclei-seg-stain", "cand", stain_scale=True)[0]
+    res["stain_scale"]["datasets"]["monuseg"]["aji"]["synthetic-pale"]["2.0"]["cand+auto-scale"] -= 0.3
+    ok, lines = rule.check(res, "nuclei-seg-stain", "cand", stain_scale=True)
+    assert not ok and lines[-1].startswith("FAIL  6. monuseg") and "synthetic-pale x2.0" in lines[-1]
+    del res["stain_scale"]["datasets"]["consep"]["aji"]["cmu1-svs"]
+    try:
+        rule.check(res, "nuclei-seg-stain", "cand", stain_scale=True)
+    except rule.RuleInputError as exc:
+        assert "did not finish" in str(exc)
+    else:
+        raise AssertionError("an unfinished block was judged")
