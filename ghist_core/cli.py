@@ -94,7 +94,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                             uncertainty_note)
     from ghist_core.project.runs import run_nucleus_scale
     from ghist_core.project.store import Project
-    from ghist_core.viz.figures import share_text
+    from ghist_core.project.overview import share_text
 
     mpp, patient = _check_predict_args(args)
     nucleus_scale = _nucleus_scale_arg(args.nucleus_scale)

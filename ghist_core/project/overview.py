@@ -77,6 +77,12 @@ def patient_table(project) -> pd.DataFrame:
     return df
 
 
+def share_text(share: float) -> str:
+    """A share of cells as people read it: "12%", or "under 1%" where rounding would say 0% (the CLI
+    and Gene maps say it the same way; here, because the CLI must not import the plotting extras)."""
+    return f"{share:.0%}" if share >= 0.005 else "under 1%"
+
+
 def wants_run(project, slide_id: int, *, uncertainty: bool = False, nucleus_scale: float | str | None = None) -> bool:
     """True when starting a run of the slide does something: it has no finished and no active run.
 

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydeck.bindings.json_tools import default_serialize
 
 from ghist_core import _keys as K
+from ghist_core.project.overview import share_text
 from ghist_core.safe_text import html_text
 from ghist_core.viz import palette
 from ghist_core.errors import UnknownGeneError
@@ -58,11 +59,6 @@ def expression_units(adata) -> str:
         card = g.get("model_card") if isinstance(g.get("model_card"), Mapping) else {}
         units = g.get("expression_units") or card.get("expression_units")
     return str(units) if units else "model output units"
-
-
-def share_text(share: float) -> str:
-    """A share of cells as people read it: "12%", or "under 1%" where rounding would say 0%."""
-    return f"{share:.0%}" if share >= 0.005 else "under 1%"
 
 
 def nucleus_scale_note(adata) -> str | None:
