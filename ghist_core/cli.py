@@ -155,6 +155,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
     from ghist_core.pipeline.cohort import read_manifest, run_cohort
 
     manifest = read_manifest(args.manifest)
+    nucleus_scale = _nucleus_scale_arg(args.nucleus_scale)  # refused (exit 3) before any worker starts
     summary = run_cohort(
         manifest,
         args.project,
@@ -163,6 +164,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
         model_id=args.model,
         segmenter_id=args.segmenter,
         device=args.device,
+        nucleus_scale=nucleus_scale,
         echo=lambda line: print(line, file=sys.stderr),
     )
     print(json.dumps(summary, indent=1))
@@ -203,6 +205,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+NUCLEUS_SCALE_HELP = (
+    "the learned segmenter's scale check: 'auto' segments regions whose nuclei look larger than its training "
+    "nuclei at 2/3 scale (obs 'nucleus_scale'); 1 reads every region at the slide's µm per pixel (about 20%% "
+    "faster where you trust it); another number reads the whole slide as that factor x the µm per pixel. Given, "
+    "a finished or interrupted run made at another setting is not reused; not given, a new run uses 'auto' and "
+    "an existing run is reused whatever its setting")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghist", description="GHIST Studio: gene expression and cell types from H&E slides.",
@@ -229,12 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "several members (a one-member model runs without it, with a note) and costs about 3x the "
                         "expression step")
     p.add_argument("--nucleus-scale", default=None, metavar="auto|FACTOR",
-                   help="the learned segmenter's scale check: 'auto' segments regions whose nuclei look larger than "
-                        "its training nuclei at 2/3 scale (obs 'nucleus_scale'); 1 reads every region at the slide's "
-                        "µm per pixel (about 20%% faster where you trust it); another number reads the whole slide as "
-                        "that factor x the µm per pixel. Given, a finished or interrupted run made at another setting "
-                        "is not reused; not given, a new run uses 'auto' and an existing run is reused whatever its "
-                        "setting (the JSON line's nucleus_scale says which)")
+                   help=NUCLEUS_SCALE_HELP + " (the JSON line's nucleus_scale says which)")
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("cohort", help="predict every slide of a manifest on a Dask cluster")
@@ -246,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     c.add_argument("--segmenter", default=None, help="nucleus segmenter: 'auto' (default: the one the model was trained on, else "
                         "nuclei-seg-stain), a bundled learned model (nuclei-seg-stain, nuclei-seg) or 'classical'")
+    c.add_argument("--nucleus-scale", default=None, metavar="auto|FACTOR", help=NUCLEUS_SCALE_HELP)
     c.set_defaults(func=cmd_cohort)
 
     w = sub.add_parser("weights", help="list, pull or verify model weights")

@@ -49,16 +49,17 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
 
 
 def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
-                segmenter_id: str | None = None) -> dict:
-    """One slide, start to finish (runs on a Dask worker); input errors come back as a failed row."""
+                segmenter_id: str | None = None, nucleus_scale: float | str | None = None) -> dict:
+    """One slide, start to finish (runs on a Dask worker); input errors come back as a failed row.
+    ``nucleus_scale``: as ``ghist predict --nucleus-scale`` (None: the default, any existing run)."""
     try:
-        return _predict_one(project_folder, row, model_id, device, segmenter_id)
+        return _predict_one(project_folder, row, model_id, device, segmenter_id, nucleus_scale)
     except GhistError as exc:  # bad input: retrying cannot help, so report instead of raising
         return {"slide": row.slide_path, "status": RunStatus.FAILED, "error": str(exc)}
 
 
 def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
-                 segmenter_id: str | None) -> dict:
+                 segmenter_id: str | None, nucleus_scale: float | str | None = None) -> dict:
     from ghist_core.pipeline.worker import predict_slide_locked
 
     project = Project.open_or_create(project_folder)
@@ -66,7 +67,7 @@ def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, de
     # the slide's lock: a duplicate row, a retried task or a `ghist predict` on the same slide waits, then
     # finds the finished run (or resumes the interrupted one) instead of computing it twice
     done = predict_slide_locked(project, record.slide_id, model_id=model_id, segmenter_id=segmenter_id,
-                                device=device, wait=True)
+                                device=device, wait=True, nucleus_scale=nucleus_scale)
     return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": done.run_id, "n_cells": done.n_cells,
             "status": RunStatus.FINISHED}
 
@@ -80,6 +81,7 @@ def run_cohort(
     model_id: str | None = None,
     segmenter_id: str | None = None,
     device: str = "auto",
+    nucleus_scale: float | str | None = None,
     retries: int = 2,
     echo: Callable[[str], None] = print,
 ) -> dict:
@@ -97,7 +99,8 @@ def run_cohort(
     results: list[dict] = []
     try:
         futures = {
-            client.submit(predict_one, str(project_folder), row, model_id, device, segmenter_id, retries=retries, pure=False,
+            client.submit(predict_one, str(project_folder), row, model_id, device, segmenter_id, nucleus_scale,
+                          retries=retries, pure=False,
                           key=f"ghist-slide-{i}-{Path(row.slide_path).name}"): row
             for i, row in enumerate(rows)
         }

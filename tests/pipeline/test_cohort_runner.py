@@ -66,3 +66,25 @@ def test_cohort_on_local_cluster_survives_a_killed_worker(tmp_path, cohort_slide
         if r["status"] == "finished":
             assert project.get_run(r["run_id"]).status == "finished" and r["n_cells"] > 0
     assert project.integrity_check() == "ok"
+
+
+def test_a_cohort_row_runs_at_the_asked_nucleus_scale(tmp_path, cohort_slides, tiny_ghist):
+    """``ghist cohort --nucleus-scale 1`` reaches each slide's run (what a Dask worker calls, here in
+    process): the run records 1.0; a second row for the same slide asking for "auto" is not answered
+    by it; a bad value is refused before any worker starts."""
+    from ghist_core.cli import EXIT_INPUT, main
+    from ghist_core.pipeline.cohort import predict_one
+    from ghist_core.project.runs import run_nucleus_scale
+
+    (good, _), _ = cohort_slides
+    folder = str(tmp_path / "proj")
+    row = ManifestRow(str(good), "P0", 0.499)
+    first = predict_one(folder, row, str(tiny_ghist), "cpu", "nuclei-seg-stain", 1.0)
+    second = predict_one(folder, row, str(tiny_ghist), "cpu", "nuclei-seg-stain", "auto")
+    project = Project.open(folder)
+    assert first["status"] == second["status"] == "finished" and first["run_id"] != second["run_id"]
+    assert [run_nucleus_scale(project.get_run(r["run_id"]).params) for r in (first, second)] == [1.0, "auto"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_path,patient_id\n{good},P0\n")
+    assert main(["cohort", str(manifest), "--project", str(tmp_path / "other"), "--nucleus-scale", "huge"]) == EXIT_INPUT
+    assert not (tmp_path / "other").exists()
