@@ -39,7 +39,7 @@ from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
 from ghist_core.project import runs as run_store
 from ghist_core.project.locks import lock_slide
-from ghist_core.project.runs import run_nucleus_scale, run_uncertainty
+from ghist_core.project.runs import run_answers_nucleus_scale, run_uncertainty
 
 _log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def _same_settings(run, model_id: str | None, segmenter_id: str | None, uncertai
     """
     same_auto = segmenter_id is not None or (  # "auto" means what it meant when the run was made
         run.params.get("default_segmenter", PRE_STAIN_DEFAULT_SEGMENTER) == DEFAULT_SEGMENTER)
-    same_scale = (nucleus_scale is None or segmenter_id == "classical"  # the classical segmenter has no scale
-                  or run_nucleus_scale(run.params) == nucleus_scale)
+    # the classical segmenter has no scale
+    same_scale = segmenter_id == "classical" or run_answers_nucleus_scale(run.params, nucleus_scale)
     return (run.params.get("model_id") == model_id and run.params.get("segmenter_id") == segmenter_id
             and same_auto and same_scale and (run_uncertainty(run.params) or not uncertainty))
 

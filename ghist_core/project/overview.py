@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ghist_core.project.runs import RunStatus, run_nucleus_scale, run_uncertainty
+from ghist_core.project.runs import RunStatus, run_answers_nucleus_scale, run_uncertainty
 
 __all__ = ["ProjectOverview", "summary", "finished_slides", "slides_not_run", "latest_runs", "any_active",
            "TimeLeft", "time_left", "record_time_left", "clear_time_left", "ETA_FILE",
@@ -95,8 +95,8 @@ def wants_run(project, slide_id: int, *, uncertainty: bool = False, nucleus_scal
         status = RunStatus(run["status"])
         if status.is_active:
             return False
-        if status is RunStatus.FINISHED and (not uncertainty or run_uncertainty(run["params"])) and (
-                nucleus_scale is None or run_nucleus_scale(run["params"]) == nucleus_scale):
+        if status is RunStatus.FINISHED and (not uncertainty or run_uncertainty(run["params"])) \
+                and run_answers_nucleus_scale(run["params"], nucleus_scale):
             return False
     return True
 

@@ -26,7 +26,8 @@ from ghist_core.errors import RunStateError, StoreError
 from ghist_core.project.db import ProjectDB, to_json, utc_now
 
 __all__ = ["RunStatus", "RunRecord", "TRANSITIONS", "check_transition", "is_resumable", "STALE_HEARTBEAT_S",
-           "claim_run", "pid_alive", "run_uncertainty", "run_nucleus_scale", "PRE_CHECK_NUCLEUS_SCALE"]
+           "claim_run", "pid_alive", "run_uncertainty", "run_nucleus_scale", "run_answers_nucleus_scale",
+           "PRE_CHECK_NUCLEUS_SCALE"]
 
 #: A run on another machine whose heartbeat is older than this is considered dead.
 STALE_HEARTBEAT_S = 15 * 60
@@ -155,6 +156,12 @@ def run_nucleus_scale(params: Mapping[str, Any] | None) -> float | str:
     pipeline = params.get("pipeline") if isinstance(params, Mapping) else None
     value = pipeline.get("nucleus_scale") if isinstance(pipeline, Mapping) else None
     return PRE_CHECK_NUCLEUS_SCALE if value is None else value if value == "auto" else float(value)
+
+
+def run_answers_nucleus_scale(params: Mapping[str, Any] | None, requested: float | str | None) -> bool:
+    """Whether a run made with ``params`` answers a request for ``requested`` (None: no setting asked
+    for, any run does; else the run's :func:`run_nucleus_scale` must be it)."""
+    return requested is None or run_nucleus_scale(params) == requested
 
 
 _RUN_COLS = tuple(f.name for f in fields(RunRecord))

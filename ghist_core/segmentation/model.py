@@ -44,12 +44,12 @@ from ghist_core.segmentation.tiling import (check_rgb, is_featureless, resample_
 SCALE_FACTORS = (1.0, 2.0 / 3.0)
 SCALE_MARGIN = 0.01
 SCALE_MIN_AREA_PX = 60.0
-#: the same rule as a record (a benchmark stamps it on the rows it ran with it)
 #: the scale probe (``LearnedSegmenter.scale_probe``): its window is at least this many working px a side,
 #: and is scored without this many working px at each edge (the window's own pass has no context there).
 #: Fixed before any accuracy number: docs/DECISIONS.md, session 14
 PROBE_MIN_PX = 256
 PROBE_EDGE_PX = 16
+#: the same rule as a record (a benchmark stamps it on the rows it ran with it)
 SCALE_RULE = {"factors": list(SCALE_FACTORS), "margin": SCALE_MARGIN, "min_area_px": SCALE_MIN_AREA_PX,
               "statistic": "foreground_certainty"}
 
@@ -464,7 +464,8 @@ class LearnedSegmenter:
                 inst = inst_w
                 cells = self._measure(inst, mpp, tp, rgb)
             else:  # coarser input: measure at the input's scale, types from the working map
-                work_cells = self._measure(inst_w, self.mpp, tp, None if rgb is None else resample_rgb(rgb, work_hw))
+                rgb_work = resample_rgb(rgb, work_hw) if self.type_refiner is not None and rgb is not None else None
+                work_cells = self._measure(inst_w, self.mpp, tp, rgb_work)
                 inst = resample_labels(inst_w, hw)
                 kept = np.unique(inst)
                 kept = kept[kept > 0]  # the ids that survive resampling (label 0 may be absent)
