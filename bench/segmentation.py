@@ -178,8 +178,9 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
     from collections import defaultdict
     from dataclasses import replace
 
-    from ghist_core.imaging.stain import macenko_restain, macenko_stains
-    from ghist_core.training.stain_bank import load_stain_bank, stain_angle_deg
+    from ghist_core.imaging.stain import macenko_restain
+    from ghist_core.training.stain_bank import image_stains as fit, load_stain_bank, restain_image as restain, \
+        stain_angle_deg
 
     bank = load_stain_bank()
     ref = bank.reference
@@ -213,16 +214,6 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
                             "angle_to_reference_deg": np.round(stain_angle_deg(m.matrix, ref.matrix), 1).tolist(),
                             "max_concentrations": m.max_concentrations} for m in shifts},
         "datasets": {}}
-
-    def fit(images):  # the stains of one source image; None for glass (left as it is, as v1 did)
-        try:
-            return macenko_stains(images)
-        except ValueError:
-            return None
-
-    def restain(im, target, src):
-        return im if src is None else macenko_restain(im, target.matrix, target.max_c, source=src,
-                                                      keep_residual=True)
 
     def score(samples, imgs) -> dict:
         cur = [replace(s, rgb=im) for s, im in zip(samples, imgs)]

@@ -200,32 +200,38 @@ def build_stain_bank(shared: Path) -> StainBank:
     return StainBank(members, params)
 
 
+def image_stains(images):
+    """The stains of one source image (Macenko over all its pieces: a lab's stain belongs to the whole
+    slide, not to a 256 px patch), or None for glass, which is then left as it is."""
+    try:
+        return macenko_stains(images)
+    except ValueError:
+        return None
+
+
+def restain_image(rgb: np.ndarray, target: StainMember, source) -> np.ndarray:
+    """``rgb`` re-stained to ``target`` from its source image's stains (:func:`image_stains`), the optical
+    density the two stains do not explain kept (the stain-shift benchmark's protocol 2); None: as it is."""
+    from ghist_core.imaging.stain import macenko_restain
+
+    return rgb if source is None else macenko_restain(rgb, target.matrix, target.max_c, source=source,
+                                                      keep_residual=True)
+
+
 def source_tile_stains(samples) -> dict:
-    """Each source tile's own stains (Macenko over all its images: a lab's stain belongs to the whole
-    slide, not to a 256 px patch), or None for glass. ``samples``: ``NucleiSample``-like
-    (``source_tile``, ``rgb``)."""
+    """:func:`image_stains` of each source tile. ``samples``: ``NucleiSample``-like (``source_tile``, ``rgb``)."""
     tiles: dict[str, list] = {}
     for s in samples:
         tiles.setdefault(s.source_tile, []).append(s.rgb)
-    own = {}
-    for tile, images in tiles.items():
-        try:
-            own[tile] = macenko_stains(images)
-        except ValueError:  # glass: left as it is
-            own[tile] = None
-    return own
+    return {tile: image_stains(images) for tile, images in tiles.items()}
 
 
 def restain_samples(samples, targets, own: dict) -> list:
-    """``samples`` re-stained one to one to ``targets`` (members), each from its source tile's own stains
-    (``own``, :func:`source_tile_stains`), the optical density the two stains do not explain kept
-    (the stain-shift benchmark's protocol 2); a glass tile is left as it is."""
+    """``samples`` re-stained one to one to ``targets`` (members) with :func:`restain_image`, each from its
+    source tile's own stains (``own``, :func:`source_tile_stains`)."""
     from dataclasses import replace
 
-    from ghist_core.imaging.stain import macenko_restain
-
-    return [s if own.get(s.source_tile) is None else replace(s, rgb=macenko_restain(
-        s.rgb, m.matrix, m.max_c, source=own[s.source_tile], keep_residual=True)) for s, m in zip(samples, targets)]
+    return [replace(s, rgb=restain_image(s.rgb, m, own.get(s.source_tile))) for s, m in zip(samples, targets)]
 
 
 def stain_angle_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
