@@ -562,39 +562,49 @@ def slide_scale_speed(root: Path, side_px: int, settings: dict, repeats: int = 1
     return out
 
 
+def _her2st_spot_regions(root: Path, per_section: int, mpp: float, size: int):
+    """(section, RGB region) for ``per_section`` evenly spaced spots (by array position) per imaged HER2ST
+    section: ``size`` px at ``mpp`` centred on the spot; each section decoded once."""
+    from PIL import Image
+
+    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
+
+    Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
+    for section in IMAGE_SECTIONS:
+        _, table = load_section(root, section)
+        table = table.sort_index()
+        pick = np.unique(np.linspace(0, len(table) - 1, min(per_section, len(table))).round().astype(int))
+        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
+        for i in pick:
+            yield section, extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
+
+
+def _nuclei_near(cells, centre_um: float, radius_um: float) -> int:
+    """Nuclei whose centroid lies within ``radius_um`` of (``centre_um``, ``centre_um``)."""
+    d = np.hypot(cells["x_um"].to_numpy() - centre_um, cells["y_um"].to_numpy() - centre_um)
+    return int((d <= radius_um).sum())
+
+
 def _her2st_slide_counts(classical, root: Path, settings: dict, spots: int,
                          spot_radius_um: float = 50.0, region_um: float = 512.0) -> dict:
     """Nuclei per spot in an app-sized region around each of ``spots`` evenly spaced spots per
     HER2ST section, through ``segment_slide`` with each setting, vs the classical segmenter."""
-    from PIL import Image
     from scipy.stats import spearmanr
 
-    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
-
-    Image.MAX_IMAGE_PIXELS = None
     model = next(iter(settings.values()))[0]
     mpp = model.mpp
     size = int(round(region_um / mpp))
     centre = size * mpp / 2.0
     counts = {n: [] for n in (*settings, "classical")}
     moved = {name: [] for name, (_, setting) in settings.items() if setting == "auto"}
-    for section in IMAGE_SECTIONS:
-        _, table = load_section(root, section)
-        table = table.sort_index()
-        pick = np.unique(np.linspace(0, len(table) - 1, min(spots, len(table))).round().astype(int))
-        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
-        for i in pick:
-            rgb = extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
-            for name, (seg, setting) in settings.items():  # as the app segments a block: one forward pass
-                cells = seg.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=setting, overlap_px=0,
-                                          tile_px=-(-size // seg.stride) * seg.stride)
-                d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
-                counts[name].append(int((d <= spot_radius_um).sum()))
-                if name in moved:
-                    moved[name].append(float((cells["nucleus_scale"] != 1.0).mean()) if len(cells) else 0.0)
-            cells = classical.segment_tile(rgb, mpp)[1]
-            d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
-            counts["classical"].append(int((d <= spot_radius_um).sum()))
+    for _, rgb in _her2st_spot_regions(root, spots, mpp, size):
+        for name, (seg, setting) in settings.items():  # as the app segments a block: one forward pass
+            cells = seg.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=setting, overlap_px=0,
+                                      tile_px=-(-size // seg.stride) * seg.stride)
+            counts[name].append(_nuclei_near(cells, centre, spot_radius_um))
+            if name in moved:
+                moved[name].append(float((cells["nucleus_scale"] != 1.0).mean()) if len(cells) else 0.0)
+        counts["classical"].append(_nuclei_near(classical.segment_tile(rgb, mpp)[1], centre, spot_radius_um))
     c = np.array(counts["classical"])
     pooled = {name: round(float(spearmanr(np.array(counts[name]), c)[0]), 3) for name in settings}
     return {"protocol": f"{spots} evenly spaced spots per section; a {region_um:g} um region at {mpp} um/px around "
@@ -611,30 +621,18 @@ def her2st_counts(learned: dict, classical, root: Path, *, per_section: int = 40
     """Nuclei per HER2ST spot, each learned model (``learned``, by name) vs classical, on
     ``per_section`` evenly spaced spots per section. Each section is decoded once and each patch
     segmented once per segmenter (the classical counts are shared by every model's comparison)."""
-    from PIL import Image
     from scipy.stats import pearsonr, spearmanr
 
-    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
+    from ghist_core.training.her2st import IMAGE_SECTIONS
 
-    Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
     mpp, size = DATA_MPP * 2, 256  # the segmenters' working 0.5 µm/px: a 128 µm patch around each spot
     centre = size * mpp / 2.0
     segs = {**learned, "classical": classical}
-    counts: dict[str, dict[str, np.ndarray]] = {name: {} for name in segs}
-    for section in IMAGE_SECTIONS:
-        _, spots = load_section(root, section)
-        spots = spots.sort_index()
-        pick = np.unique(np.linspace(0, len(spots) - 1, min(per_section, len(spots))).round().astype(int))
-        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
-        per = {name: [] for name in segs}
-        for i in pick:
-            rgb = extract_patch(img, spots["pixel_x"].iloc[i], spots["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
-            for name, seg in segs.items():
-                cells = seg.segment_tile(rgb, mpp)[1]
-                d = np.hypot(cells["x_um"].to_numpy() - centre, cells["y_um"].to_numpy() - centre)
-                per[name].append(int((d <= spot_radius_um).sum()))
-        for name in segs:
-            counts[name][section] = np.array(per[name])
+    per: dict[str, dict[str, list]] = {name: {s: [] for s in IMAGE_SECTIONS} for name in segs}
+    for section, rgb in _her2st_spot_regions(root, per_section, mpp, size):
+        for name, seg in segs.items():
+            per[name][section].append(_nuclei_near(seg.segment_tile(rgb, mpp)[1], centre, spot_radius_um))
+    counts = {name: {s: np.array(v) for s, v in by.items()} for name, by in per.items()}
     out = {}
     for name in learned:
         res: dict = {"protocol": {"spots": f"{per_section} evenly spaced spots per section (sorted by array position)",
@@ -710,6 +708,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-trigger", type=float, default=None,
                     help="also score each learned model as '<name>+auto-scale-trigger': the scale check tried only "
                          "where the factor-1 foreground certainty is below this")
+    ap.add_argument("--bn-adapt", type=float, default=None, metavar="MIX",
+                    help="also score each learned model as '<name>+bn': per-image BatchNorm adaptation with this mix "
+                         "(LearnedSegmenter.bn_adapt; with --auto-scale also '<name>+bn+auto-scale')")
     ap.add_argument("--post-variant", default=None,
                     help="also score each learned model as '<name>+post' with these watershed settings (a JSON object "
                          "of PostProcessConfig fields, e.g. from bench/results/segmentation_watershed_choice.json)")
@@ -725,6 +726,10 @@ def main(argv: list[str] | None = None) -> None:
         seg = load_segmenter(mid, device=a.device)
         seg.nucleus_scale = 1.0  # each model as stated; --auto-scale adds its scale-checked twin
         learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
+    if a.bn_adapt is not None:  # each network also with per-image BatchNorm adaptation, as a model of its own
+        for name, seg in list(learned.items()):
+            learned[f"{name}+bn"] = v = copy.copy(seg)
+            v.bn_adapt = float(a.bn_adapt)
     classical = ClassicalSegmenter()
     variants = {}  # the same network with the nucleus-scale check (segment_tile only: not the speed block)
     if a.auto_scale:

@@ -36,7 +36,6 @@ from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.weights.resolve import load_state_dict, resolve_file, save_weights  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-TIE = 0.001
 RESULT = REPO_DIR / "bench" / "results" / "segmentation_blend_choice.json"
 #: card fields that describe the base's own evaluation or seal, not the blend's
 _NOT_INHERITED = ("benchmark", "metrics", "sha256", "card_sha256", "integrity", "size", "files", "type_decision",
@@ -84,23 +83,8 @@ def write_blend(base_model: str, other_model: str, alpha: float, name: str, out_
     return Path(save_weights(blend_state(base, other, alpha), out_dir, name, card).weights_path)
 
 
-def check_score(seg, by_zoom_rows: dict) -> dict:
-    """Mean AJI of the scale check's choices, over every zoom and per zoom."""
-    from choose_on_validation import gate_aji
-
-    gate, trigger = seg.scale_min_area_px, seg.scale_max_certainty
-    every = [r for rows in by_zoom_rows.values() for r in rows]
-    return {"all": round(gate_aji(every, gate, trigger), 4),
-            **{str(z): round(gate_aji(rows, gate, trigger), 4) for z, rows in by_zoom_rows.items()}}
-
-
-def pick_alpha(scores: dict[float, float], tie: float = TIE) -> float:
-    best = max(scores.values())
-    return min(a for a, s in scores.items() if s >= best - tie)
-
-
 def choose(base_model: str, other_model: str, root: Path, out: Path, alphas=ALPHAS, restained: int = 3) -> dict:
-    from choose_on_validation import _gate_data
+    from choose_on_validation import TIE, _gate_data, check_aji, pick_smallest
 
     from ghist_core.segmentation import load_segmenter
 
@@ -110,9 +94,9 @@ def choose(base_model: str, other_model: str, root: Path, out: Path, alphas=ALPH
             path = write_blend(base_model, other_model, alpha, f"blend-{int(round(alpha * 100)):03d}", Path(tmp))
             seg = load_segmenter(str(path), device="cpu")
             copies, by_zoom = _gate_data(seg, root, restained)
-            rows[alpha] = {"weights_sha256": seg.weights_sha256, **check_score(seg, by_zoom)}
+            rows[alpha] = {"weights_sha256": seg.weights_sha256, **check_aji(seg, by_zoom)}
             print(f"alpha {alpha:g}: {rows[alpha]} ({time.perf_counter() - t:.0f} s)", flush=True)
-    chosen = pick_alpha({a: r["all"] for a, r in rows.items()})
+    chosen = pick_smallest({a: r["all"] for a, r in rows.items()})
     res = {"rule": "docs/DECISIONS.md, session 15 (weight-space blend)", "base": base_model, "other": other_model,
            "criterion": "mean per-image validation AJI with the scale check, every copy and zoom; smallest alpha "
                         f"within {TIE} of the best", "copies": copies, "zooms": sorted(float(z) for z in by_zoom),

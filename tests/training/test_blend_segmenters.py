@@ -80,9 +80,3 @@ def test_blend_refuses_two_different_networks(tmp_path):
     pb = _save(tmp_path / "b", "seg-b", _net(1, other), other)
     with pytest.raises(ValueError, match="different networks"):
         blend.write_blend(pa, pb, 0.5, "seg-mix", tmp_path / "out")
-
-
-def test_alpha_pick_is_the_smallest_within_the_tie():
-    assert blend.pick_alpha({0.0: 0.400, 0.25: 0.405, 0.5: 0.4095, 0.75: 0.4100, 1.0: 0.401}) == 0.5
-    assert blend.pick_alpha({0.0: 0.410, 0.25: 0.4095, 0.5: 0.40}) == 0.0
-    assert blend.pick_alpha({0.0: 0.39, 1.0: 0.41}) == 1.0

@@ -61,3 +61,11 @@ def test_certainty_trigger_pick():
     c, table = choose.pick_trigger({1.0: x1, 2.0: x2}, 60.0, triggers=(0.5, 0.8, float("inf")))
     assert c == 0.8 and table[0.8]["x1_checked_share"] == 0.0 and table[float("inf")]["x1_checked_share"] == 1.0
     assert table[0.5]["2.0"] < table[0.8]["2.0"]
+
+
+def test_smallest_setting_within_the_tie_wins():
+    """Blend alpha and BatchNorm mix: off (or the least change) unless something is better by more
+    than the tie."""
+    assert choose.pick_smallest({0.0: 0.400, 0.25: 0.405, 0.5: 0.4095, 0.75: 0.4100, 1.0: 0.401}) == 0.5
+    assert choose.pick_smallest({0.0: 0.410, 0.25: 0.4095, 0.5: 0.40}) == 0.0
+    assert choose.pick_smallest({0.0: 0.39, 1.0: 0.41}) == 1.0

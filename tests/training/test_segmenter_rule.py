@@ -123,3 +123,47 @@ def test_criterion_six_reads_the_stain_scale_block_with_the_check():
         assert "did not finish" in str(exc)
     else:
         raise AssertionError("an unfinished block was judged")
+
+
+def _option_result(delta: dict[str, float]) -> dict:
+    """A minimal result with ``base`` and ``base+bn`` rows (and their ``+auto-scale`` twins) in every block
+    the option rule reads; ``delta`` moves the option's rows of a block by that much."""
+    def rows(name: str, base: float) -> dict:
+        d = delta.get
+        up = name.startswith("base+bn")
+        return {"acc": base + (d("accuracy", 0) if up else 0), "stain": base - 0.1 + (d("stain", 0) if up else 0),
+                "scale": base - 0.2 + (d("scale", 0) if up else 0), "mix": base - 0.3 + (d("stain_scale", 0) if up else 0),
+                "f1": 0.5 + (d("type_f1", 0) if up else 0), "her2st": 0.7 + (d("her2st", 0) if up else 0)}
+    names = ("base", "base+bn", "base+auto-scale", "base+bn+auto-scale")
+    r = {n: rows(n, 0.5) for n in names}
+    shifts = ["s1", "s2"]
+    res = {"accuracy": {n: {ds: {"aji": r[n]["acc"], "per_type_f1": {"a": r[n]["f1"], "b": r[n]["f1"]}}
+                            for ds in rule.SETS} for n in names},
+           "her2st_counts": {n: {"pooled": {"spearman": r[n]["her2st"]}} for n in names},
+           "stain_shift": {"protocol": {"version": rule.STAIN_PROTOCOL}, "shifts": shifts,
+                           "datasets": {ds: {"scores": {s: {n: {"aji": r[n]["stain"]} for n in names}
+                                                        for s in ["original", *shifts]}} for ds in rule.SETS}},
+           "scale_shift": {"protocol": {"zooms": [1.0, 2.0]},
+                           "datasets": {ds: {"aji": {z: {n: r[n]["scale"] for n in names} for z in ("1.0", "2.0")}}
+                                        for ds in rule.SETS}},
+           "stain_scale": {"protocol": {"stains": shifts, "zooms": [1.5, 2.0]},
+                           "datasets": {ds: {"aji": {s: {z: {n: r[n]["mix"] for n in names} for z in ("1.5", "2.0")}
+                                                     for s in shifts}} for ds in rule.SETS}}}
+    return res
+
+
+def test_the_option_rule_needs_a_stain_gain_and_no_loss_elsewhere(tmp_path):
+    """Session 15 (bn_adapt): equal is not enough (the stain shifts must improve); a stain gain with small
+    losses within the margins passes; a loss beyond a margin, or in the stain+scale block, fails."""
+    ok, lines = rule.check_option(_option_result({}), "base", "base+bn")
+    assert not ok and [ln.split()[0] for ln in lines].count("FAIL") == 2  # criterion 2 on both sets
+    good = {"stain": 0.02, "accuracy": -0.004, "scale": -0.004, "type_f1": -0.009, "her2st": -0.09}
+    assert rule.check_option(_option_result(good), "base", "base+bn")[0]
+    for key, loss in (("accuracy", -0.006), ("scale", -0.006), ("stain_scale", -0.001), ("type_f1", -0.011),
+                      ("her2st", -0.11)):
+        ok, lines = rule.check_option(_option_result({**good, key: loss}), "base", "base+bn")
+        assert not ok, key
+    (tmp_path / "r.json").write_text(json.dumps(_option_result(good)))
+    assert rule.main([str(tmp_path / "r.json"), "--current", "base", "--candidate", "base+bn", "--option"]) == 0
+    (tmp_path / "r.json").write_text(json.dumps(_option_result({})))
+    assert rule.main([str(tmp_path / "r.json"), "--current", "base", "--candidate", "base+bn", "--option"]) == 1
