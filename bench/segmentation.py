@@ -708,9 +708,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-trigger", type=float, default=None,
                     help="also score each learned model as '<name>+auto-scale-trigger': the scale check tried only "
                          "where the factor-1 foreground certainty is below this")
-    ap.add_argument("--bn-adapt", type=float, default=None, metavar="MIX",
-                    help="also score each learned model as '<name>+bn': per-image BatchNorm adaptation with this mix "
-                         "(LearnedSegmenter.bn_adapt; with --auto-scale also '<name>+bn+auto-scale')")
     ap.add_argument("--post-variant", default=None,
                     help="also score each learned model as '<name>+post' with these watershed settings (a JSON object "
                          "of PostProcessConfig fields, e.g. from bench/results/segmentation_watershed_choice.json)")
@@ -726,10 +723,6 @@ def main(argv: list[str] | None = None) -> None:
         seg = load_segmenter(mid, device=a.device)
         seg.nucleus_scale = 1.0  # each model as stated; --auto-scale adds its scale-checked twin
         learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
-    if a.bn_adapt is not None:  # each network also with per-image BatchNorm adaptation, as a model of its own
-        for name, seg in list(learned.items()):
-            learned[f"{name}+bn"] = v = copy.copy(seg)
-            v.bn_adapt = float(a.bn_adapt)
     classical = ClassicalSegmenter()
     variants = {}  # the same network with the nucleus-scale check (segment_tile only: not the speed block)
     if a.auto_scale:

@@ -4,7 +4,6 @@ candidate were scored in the same run.
 
     python scripts/check_segmenter_rule.py RESULT.json --current nuclei-seg-stain --candidate nuclei-seg-wide
     python scripts/check_segmenter_rule.py RESULT.json --candidate CAND --stain-scale   # session 14: criterion 6
-    python scripts/check_segmenter_rule.py RESULT.json --candidate nuclei-seg-stain+bn --option  # session 15
 
 Prints each criterion and ADOPT or KEEP; exit status 0 for ADOPT, 1 for KEEP, 2 when a block the
 rule needs is missing. Adoption of a segmenter also needs the #17 re-run on its pack
@@ -109,46 +108,6 @@ def check(res: dict, current: str, candidate: str, stain_scale: bool = False) ->
     return ok, lines
 
 
-MAX_TYPE_F1_DROP = 0.01  # CoNSeP mean per-type F1 (session 15, inference options)
-
-
-def check_option(res: dict, base: str, option: str) -> tuple[bool, list[str]]:
-    """The session-15 rule for making an inference option of one network ``segment_tile``'s default
-    (``bn_adapt``): ``base`` and ``option`` are names whose ``+auto-scale`` rows are what
-    ``segment_tile`` runs; the HER2ST counts are the names' own rows."""
-    lines, ok = [], True
-
-    def verdict(name: str, passed: bool, detail: str) -> None:
-        nonlocal ok
-        ok &= passed
-        lines.append(f"{'PASS' if passed else 'FAIL'}  {name}: {detail}")
-
-    b, o = f"{base}+auto-scale", f"{option}+auto-scale"
-    for ds in SETS:
-        a0, a1 = _need(res, "accuracy", b, ds, "aji"), _need(res, "accuracy", o, ds, "aji")
-        verdict(f"1. {ds} test AJI", a1 >= a0 - MAX_ACCURACY_DROP,
-                f"{a1:.4f} (without {a0:.4f}, needs >= {a0 - MAX_ACCURACY_DROP:.4f})")
-    for ds in SETS:
-        (w0, s0), (w1, s1) = worst_stain_aji(res, ds, b), worst_stain_aji(res, ds, o)
-        verdict(f"2. {ds} worst stain-shift AJI higher", w1 > w0, f"{w1:.4f} ({s1}) vs without {w0:.4f} ({s0})")
-    for ds in SETS:
-        (w0, z0), (w1, z1) = worst_scale_aji(res, ds, b), worst_scale_aji(res, ds, o)
-        verdict(f"3. {ds} worst scale-shift AJI", w1 >= w0 - MAX_ACCURACY_DROP,
-                f"{w1:.4f} (zoom {z1}) vs without {w0:.4f} (zoom {z0})")
-    for ds in SETS:
-        (w0, c0), (w1, c1) = worst_stain_scale_aji(res, ds, base), worst_stain_scale_aji(res, ds, option)
-        verdict(f"4. {ds} worst stain+scale AJI", w1 >= w0, f"{w1:.4f} ({c1}) vs without {w0:.4f} ({c0})")
-    f0 = sum(v := _need(res, "accuracy", b, "consep", "per_type_f1").values()) / len(v)
-    f1 = sum(v := _need(res, "accuracy", o, "consep", "per_type_f1").values()) / len(v)
-    verdict("5a. CoNSeP mean per-type F1", f1 >= f0 - MAX_TYPE_F1_DROP,
-            f"{f1:.4f} (without {f0:.4f}, needs >= {f0 - MAX_TYPE_F1_DROP:.4f})")
-    r0 = _need(res, "her2st_counts", base, "pooled", "spearman")
-    r1 = _need(res, "her2st_counts", option, "pooled", "spearman")
-    verdict("5b. HER2ST count Spearman with classical", r1 >= r0 - MAX_SPEARMAN_DROP,
-            f"{r1:.3f} (without {r0:.3f}, needs >= {r0 - MAX_SPEARMAN_DROP:.3f})")
-    return ok, lines
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result", type=Path, help="a bench/segmentation.py JSON with both models")
@@ -156,21 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate", required=True, help="the candidate's name in the result (its file stem)")
     ap.add_argument("--stain-scale", action="store_true",
                     help="also criterion 6: the worst stain+scale AJI with the scale check not lower (session 14)")
-    ap.add_argument("--option", action="store_true",
-                    help="judge an inference option of the current network (session 15: bn_adapt), not a new network")
     a = ap.parse_args(argv)
     try:
-        res = json.loads(a.result.read_text())
-        ok, lines = (check_option(res, a.current, a.candidate) if a.option
-                     else check(res, a.current, a.candidate, a.stain_scale))
+        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate, a.stain_scale)
     except (RuleInputError, OSError, json.JSONDecodeError) as e:
         print(f"cannot judge: {e}", file=sys.stderr)
         return 2
     print("\n".join(lines))
-    if a.option:
-        print("MAKE IT THE DEFAULT of segment_tile" if ok else "KEEP it an option")
-    else:
-        print("ADOPT (the segmentation half; the #17 re-run decides the rest)" if ok else "KEEP")
+    print("ADOPT (the segmentation half; the #17 re-run decides the rest)" if ok else "KEEP")
     return 0 if ok else 1
 
 

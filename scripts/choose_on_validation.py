@@ -5,7 +5,6 @@ Rules: docs/DECISIONS.md, session 13.
     python scripts/choose_on_validation.py type-weights [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py tta [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py watershed [--model nuclei-seg-stain] [--out ...]
-    python scripts/choose_on_validation.py bn-adapt [--model nuclei-seg-stain] [--out ...]
 
 ``type-weights``: per-type decision weights for the nucleus type (the argmax of the mean type
 probabilities times a weight per type), a correction of the training set's class prior (CoNSeP's
@@ -16,10 +15,6 @@ Nuclei, probabilities and F_d do not move. Writes ``bench/results/segmentation_t
 ``tta``: test-time augmentation for ``segment_tile``: mean validation AJI with 1, 2, 4 and 8
 flipped/transposed copies, as stated, the card's thresholds; the pick is the highest mean or the
 cheapest within 0.002 of it. Writes ``bench/results/segmentation_tta_choice.json``.
-
-``bn-adapt``: per-image BatchNorm adaptation (``LearnedSegmenter.bn_adapt``), mix 0, 0.25, 0.5, 1, by
-the mean validation AJI with the scale check over the validation images as they are and re-stained,
-at zooms 0.67-2 (docs/DECISIONS.md, session 15). Writes ``bench/results/segmentation_bn_adapt_choice.json``.
 
 ``watershed``: the five watershed settings on a grid, on the training script's selection data
 (validation images as they are and re-stained), by the mean per-image AJI. Writes
@@ -328,7 +323,7 @@ def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
     return res
 
 
-# --- scores with the scale check over every copy and zoom (blend, bn-adapt) --------------------
+# --- scores with the scale check over every copy and zoom (scripts/blend_segmenters.py) ---------
 #: a setting within this of the best validation score counts as tied; the smallest setting wins
 TIE = 0.001
 
@@ -343,39 +338,16 @@ def check_aji(seg, by_zoom: dict[float, list[dict]]) -> dict:
 
 
 def pick_smallest(scores: dict[float, float], tie: float = TIE) -> float:
-    """The smallest setting whose score is within ``tie`` of the best (off, or least change, wins ties)."""
+    """The smallest setting whose score is within ``tie`` of the best (the least change wins ties)."""
     best = max(scores.values())
     return min(k for k, s in scores.items() if s >= best - tie)
-
-
-BN_MIXES = (0.0, 0.25, 0.5, 1.0)
-
-
-def run_bn_adapt(seg, root: Path, out: Path, restained: int = 3) -> dict:
-    rows, t = {}, time.perf_counter()
-    for mix in BN_MIXES:
-        seg.bn_adapt = mix
-        copies, by_zoom = _gate_data(seg, root, restained)
-        rows[mix] = check_aji(seg, by_zoom)
-        print(f"bn_adapt {mix:g}: {rows[mix]} ({time.perf_counter() - t:.0f} s)", flush=True)
-    chosen = pick_smallest({m: r["all"] for m, r in rows.items()})
-    res = {"rule": "docs/DECISIONS.md, session 15 (per-image BatchNorm adaptation)", "model": seg.card.get("name"),
-           "weights_sha256": seg.card.get("sha256"),
-           "criterion": f"mean per-image validation AJI with the scale check, every copy and zoom; smallest mix within "
-                        f"{TIE} of the best", "copies": copies, "zooms": list(GATE_ZOOMS),
-           "by_mix": {f"{m:g}": r for m, r in rows.items()}, "chosen_mix": chosen,
-           "decision": "stop (mix 0: no test image is scored)" if chosen == 0 else "score the chosen mix on the test sets"}
-    atomic_write_text(out, json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1), flush=True)
-    return res
 
 
 JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
         "scale-gate": (run_scale_gate, "segmentation_scale_gate_choice.json"),
         "scale-trigger": (run_scale_trigger, "segmentation_scale_trigger_choice.json"),
         "tta": (run_tta, "segmentation_tta_choice.json"),
-        "watershed": (run_watershed, "segmentation_watershed_choice.json"),
-        "bn-adapt": (run_bn_adapt, "segmentation_bn_adapt_choice.json")}
+        "watershed": (run_watershed, "segmentation_watershed_choice.json")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -216,41 +216,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-class ImageAdaptiveBatchNorm(nn.Module):
-    """A BatchNorm layer that normalises each image with statistics mixed from training and that image's
-    own features (AdaBN): ``mix`` 0 is the trained layer, 1 the image's own mean and variance. Why: a
-    slide stained or scanned unlike the training set shifts every layer's features; re-centring them on
-    the image undoes part of that without training. Stateless between calls (per image of a batch)."""
-
-    def __init__(self, bn: nn.BatchNorm2d, mix: float) -> None:
-        super().__init__()
-        for name, value in (("train_mean", bn.running_mean), ("train_var", bn.running_var),
-                            ("weight", bn.weight), ("bias", bn.bias)):
-            self.register_buffer(name, value.detach().float().clone().view(1, -1, 1, 1))
-        self.eps, self.mix = float(bn.eps), float(mix)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf, m = x.float(), self.mix
-        mean = (1.0 - m) * self.train_mean + m * xf.mean(dim=(2, 3), keepdim=True)
-        var = (1.0 - m) * self.train_var + m * xf.var(dim=(2, 3), unbiased=False, keepdim=True)
-        return ((xf - mean) * (self.weight * torch.rsqrt(var + self.eps)) + self.bias).to(x.dtype)
-
-
-def image_adaptive(model: nn.Module, mix: float) -> nn.Module:
-    """An eval-mode copy of an unfolded network with every BatchNorm2d an :class:`ImageAdaptiveBatchNorm`."""
-    out = copy.deepcopy(model).eval()
-
-    def swap(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, ImageAdaptiveBatchNorm(child, mix))
-            else:
-                swap(child)
-
-    swap(out)
-    return out
-
-
 class LearnedSegmenter:
     """HoVer-Net-style nucleus segmentation and typing with the common segmenter API.
 
@@ -267,8 +232,6 @@ class LearnedSegmenter:
         # inference only: BatchNorm folded into its convolution and NHWC layout (~2x on a CPU,
         # outputs equal to 1e-4); a copy, so a model still being trained is left as it is
         self.model = fold_batchnorm(copy.deepcopy(model).eval()).to(self.device).to(memory_format=torch.channels_last)
-        self._unfolded = copy.deepcopy(model).eval().cpu()  # what bn_adapt re-normalises
-        self._adapted: dict[float, nn.Module] = {}
         self.cfg = model.cfg
         self.post = post or PostProcessConfig()
         self.card = card or {}
@@ -290,10 +253,6 @@ class LearnedSegmenter:
         #: share of the tile's side (:meth:`_probe_moves`) and go on only if another factor wins there
         #: (the full check then decides as before); 0: no probe
         self.scale_probe: float = 0.0
-        #: per-image BatchNorm adaptation (:class:`ImageAdaptiveBatchNorm`): 0 (off) to 1, the share of
-        #: each layer's statistics taken from the image itself, in every ``predict_batch`` call
-        #: (docs/DECISIONS.md, session 15)
-        self.bn_adapt: float = 0.0
         #: the card's nucleus-level type decision (``type_refiner``; docs/DECISIONS.md, session 14), or
         #: None: ``type`` is the argmax of the weighted mean type probabilities
         self.type_refiner: TypeRefiner | None = None
@@ -330,18 +289,6 @@ class LearnedSegmenter:
         return f"<LearnedSegmenter {self.name!r} at {self.mpp} µm/px on {self.device}>"
 
     # --- network maps -------------------------------------------------------------------
-    def _network(self) -> nn.Module:
-        """The folded network, or with :attr:`bn_adapt` the image-adaptive copy (built once per value)."""
-        mix = self.bn_adapt
-        if isinstance(mix, bool) or not isinstance(mix, numbers.Real) or not 0.0 <= float(mix) <= 1.0:
-            raise ModelInputError(f"bn_adapt must be a number from 0 to 1, not {mix!r}.")
-        if mix == 0:
-            return self.model
-        if float(mix) not in self._adapted:
-            net = image_adaptive(self._unfolded, float(mix)).to(self.device).to(memory_format=torch.channels_last)
-            self._adapted[float(mix)] = net
-        return self._adapted[float(mix)]
-
     @torch.inference_mode()
     def predict_batch(self, tiles: np.ndarray, *, tta: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maps for a batch of same-size working tiles (B x H x W x 3 uint8).
@@ -352,7 +299,6 @@ class LearnedSegmenter:
         """
         if tta not in TTA_COPIES:
             raise ModelInputError(f"tta must be one of {TTA_COPIES}, not {tta!r}.")
-        net = self._network()
         b, h, w, _ = tiles.shape
         s = self.model.stride
         ph, pw = (-h) % s, (-w) % s
@@ -364,7 +310,7 @@ class LearnedSegmenter:
         np_sum = hv_sum = tp_sum = None
         for view in TTA_VIEWS[:tta]:
             with autocast_for(self.device):
-                np_logit, hv, tp = net(_view(x, view).contiguous(memory_format=torch.channels_last))
+                np_logit, hv, tp = self.model(_view(x, view).contiguous(memory_format=torch.channels_last))
             np_prob, hv, tp = _unview_maps(torch.sigmoid(np_logit.float()), hv.float(), torch.softmax(tp.float(), dim=1),
                                            view)
             np_sum = np_prob if np_sum is None else np_sum + np_prob

@@ -64,8 +64,7 @@ def test_certainty_trigger_pick():
 
 
 def test_smallest_setting_within_the_tie_wins():
-    """Blend alpha and BatchNorm mix: off (or the least change) unless something is better by more
-    than the tie."""
+    """The blend's alpha: the least change unless something is better by more than the tie."""
     assert choose.pick_smallest({0.0: 0.400, 0.25: 0.405, 0.5: 0.4095, 0.75: 0.4100, 1.0: 0.401}) == 0.5
     assert choose.pick_smallest({0.0: 0.410, 0.25: 0.4095, 0.5: 0.40}) == 0.0
     assert choose.pick_smallest({0.0: 0.39, 1.0: 0.41}) == 1.0
