@@ -38,7 +38,7 @@ __all__ = [
     "OBSM_SPATIAL", "OBSM_TYPE_PROBABILITIES", "OBSM_NEIGHBOURHOOD", "OBSM_NUCLEUS_RAYS",
     "UNS_GHIST", "UNS_SPATIAL", "UNS_OBSM_COLUMNS", "SPATIAL_IMAGE", "SCALEF_HIRES", "SPOT_DIAMETER",
     "GHIST_EXPRESSION_UNITS", "GHIST_SLIDE_SHA256", "GHIST_WEIGHTS_SHA256", "GHIST_MODEL_CARD",
-    "GHIST_PARAMS", "GHIST_TIMINGS", "GHIST_UNCERTAINTY", "GHIST_NUCLEUS_SCALE", "OBS_NUCLEUS_SCALE", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
+    "GHIST_PARAMS", "GHIST_TIMINGS", "GHIST_UNCERTAINTY", "GHIST_NUCLEUS_SCALE", "GHIST_STAIN_CHECK", "OBS_NUCLEUS_SCALE", "UNS_GRID", "GRID_COUNT_PREFIX", "LEGACY_PROB_PREFIX", "LEGACY_NBHD_PREFIX",
     "obs_names_for", "obsm_columns", "set_obsm_matrix", "type_probabilities", "neighbourhood_composition",
     "nucleus_rays", "set_spatial_image", "upgrade_layout",
 ]
@@ -78,6 +78,7 @@ GHIST_PARAMS = "params"
 GHIST_TIMINGS = "timings"
 GHIST_UNCERTAINTY = "uncertainty"  # what obs["expression_uncertainty"] holds, or why it is absent
 GHIST_NUCLEUS_SCALE = "nucleus_scale"  # the scale check's setting, rule and share of cells it moved
+GHIST_STAIN_CHECK = "stain_check"  # the slide's stain against the range the segmenter was tested on
 
 # grid summaries (pipeline.grid): one row per square
 UNS_GRID = "grid"                 # {"size_um": side of a square}

@@ -91,7 +91,7 @@ def _check_unchanged(record, patient: str | None, mpp: float | None) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ghist_core.pipeline.worker import (identifying_strings, predict_slide_locked, redact, rescaled_share,
-                                            uncertainty_note)
+                                            stain_check, uncertainty_note)
     from ghist_core.project.runs import run_nucleus_scale
     from ghist_core.project.store import Project
     from ghist_core.project.overview import share_text
@@ -126,6 +126,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             run = project.get_run(done.run_id)
             if run.params.get("segmenter_id") != "classical":
                 line["nucleus_scale"] = run_nucleus_scale(run.params)
+            stain = stain_check(done.h5ad_path)
+            if stain is not None and "within_tested_range" in stain:
+                line["stain_within_tested_range"] = bool(stain["within_tested_range"])
+                if stain.get("note"):
+                    print(f"note: slide {record.slide_id}: {stain['note']}", file=sys.stderr)
             share = rescaled_share(done.h5ad_path)
             if share is not None:
                 line["nuclei_rescaled"] = share

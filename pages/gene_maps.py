@@ -50,6 +50,8 @@ rel = Reliability.from_adata(adata)  # the card's held-out test per gene; unknow
 layers = figures.map_layers(adata)  # e.g. expression_uncertainty: drawn like a gene, but not a gene
 if (scale_note := figures.nucleus_scale_note(adata)) is not None:
     st.info(plain(scale_note), icon=":material/straighten:")
+if (stain_note := figures.stain_check_note(adata)) is not None:
+    st.warning(plain(stain_note), icon=":material/palette:")
 
 
 def _members_text(a) -> str:

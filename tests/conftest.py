@@ -8,12 +8,25 @@ and run in CI, where it is present.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from ghist_core.paths import DEMO_DIR
 from testkit import make_tiny_ghist, require_shared  # noqa: F401  (fixtures below use them)
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's AppTest makes the page script ``sys.modules["__main__"]`` and leaves it there; a later
+    Dask LocalCluster (spawned worker processes re-import ``__main__``) would then re-run that page in
+    each worker, which fails without a Streamlit session ("Nanny failed to start worker process").
+    Put the test runner's own ``__main__`` back after every test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 

@@ -60,7 +60,7 @@ def predict_one(project_folder: str, row: ManifestRow, model_id: str | None, dev
 
 def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, device: str,
                  segmenter_id: str | None, nucleus_scale: float | str | None = None) -> dict:
-    from ghist_core.pipeline.worker import predict_slide_locked
+    from ghist_core.pipeline.worker import predict_slide_locked, stain_check
 
     project = Project.open_or_create(project_folder)
     record = project.add_slide(row.slide_path, patient_id=row.patient_id, mpp=row.mpp)
@@ -68,8 +68,11 @@ def _predict_one(project_folder: str, row: ManifestRow, model_id: str | None, de
     # finds the finished run (or resumes the interrupted one) instead of computing it twice
     done = predict_slide_locked(project, record.slide_id, model_id=model_id, segmenter_id=segmenter_id,
                                 device=device, wait=True, nucleus_scale=nucleus_scale)
+    stain = stain_check(done.h5ad_path) or {}
     return {"slide": row.slide_path, "slide_id": record.slide_id, "run_id": done.run_id, "n_cells": done.n_cells,
-            "status": RunStatus.FINISHED}
+            "status": RunStatus.FINISHED,
+            **({"stain_within_tested_range": bool(stain["within_tested_range"]), "stain_note": stain.get("note", "")}
+               if "within_tested_range" in stain else {})}
 
 
 def run_cohort(
@@ -110,6 +113,8 @@ def run_cohort(
                 out = future.result()
                 if out["status"] == RunStatus.FINISHED:
                     echo(f"finished {row.slide_path}: {out['n_cells']} cells")
+                    if out.get("stain_note"):
+                        echo(f"note: {row.slide_path}: {out['stain_note']}")
                 else:
                     echo(f"failed {row.slide_path}: {out['error']}")
             except Exception as exc:  # a worker-side crash: report it, keep going
@@ -121,4 +126,6 @@ def run_cohort(
         if cluster is not None:
             cluster.close()
     finished = sum(r["status"] == RunStatus.FINISHED for r in results)
-    return {"slides": len(rows), "finished": finished, "failed": len(rows) - finished, "results": results}
+    untested = sum(r.get("stain_within_tested_range") is False for r in results)
+    return {"slides": len(rows), "finished": finished, "failed": len(rows) - finished,
+            "stains_outside_tested_range": untested, "results": results}

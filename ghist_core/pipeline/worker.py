@@ -193,6 +193,14 @@ def uncertainty_note(h5ad_path: str | os.PathLike | None) -> str | None:
     return str(value) if value is not None else None
 
 
+def stain_check(h5ad_path: str | os.PathLike | None) -> dict | None:
+    """``uns["ghist"]["stain_check"]`` of a finished run (the slide's stain against the range the
+    segmenter was tested on, :mod:`ghist_core.pipeline.stain_check`); None when the run has none
+    (classical segmenter, or made before session 15)."""
+    value = ghist_uns_entry(h5ad_path, K.GHIST_STAIN_CHECK)
+    return value if isinstance(value, dict) else None
+
+
 def rescaled_share(h5ad_path: str | os.PathLike | None) -> float | None:
     """The share of a finished run's nuclei that the scale check segmented at another factor
     (``uns["ghist"]["nucleus_scale"]``); None when the run has no such record (classical segmenter,

@@ -88,6 +88,15 @@ def nucleus_scale_note(adata) -> str | None:
             f"If this slide was not scanned{at}, correct its µm per pixel on Upload & predict and run it again.")
 
 
+def stain_check_note(adata) -> str | None:
+    """The run's stain note (``uns["ghist"]["stain_check"]["note"]``): set when the slide's stain lies
+    outside the range the nucleus segmenter was trained and tested on; None otherwise."""
+    g = adata.uns.get(K.UNS_GHIST) if hasattr(adata, "uns") else None
+    record = g.get(K.GHIST_STAIN_CHECK) if isinstance(g, Mapping) else None
+    note = record.get("note") if isinstance(record, Mapping) else None
+    return str(note) if note else None
+
+
 def units_label(units: str) -> str:
     """A short form of the units for axes and colour bars (the full sentence goes in captions)."""
     if len(units) <= 32:

@@ -58,6 +58,7 @@ def test_cohort_on_local_cluster_survives_a_killed_worker(tmp_path, cohort_slide
     assert not thread.is_alive()
     assert killed is not None, "no run was seen running, so no worker could be killed"
     assert out["slides"] == 3 and out["finished"] == 2 and out["failed"] == 1
+    assert out["stains_outside_tested_range"] == 0  # the classical segmenter: no stain check, none counted
     failed = [r for r in out["results"] if r["status"] == "failed"]
     assert failed[0]["slide"] == str(bad) and "slide" in failed[0]["error"].lower()
     slides = project.list_slides()
@@ -84,6 +85,8 @@ def test_a_cohort_row_runs_at_the_asked_nucleus_scale(tmp_path, cohort_slides, t
     project = Project.open(folder)
     assert first["status"] == second["status"] == "finished" and first["run_id"] != second["run_id"]
     assert [run_nucleus_scale(project.get_run(r["run_id"]).params) for r in (first, second)] == [1.0, "auto"]
+    # the learned segmenter's runs carry the stain check; the demo's stain is one it was tested on
+    assert first["stain_within_tested_range"] is True and first["stain_note"] == ""
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"slide_path,patient_id\n{good},P0\n")
     assert main(["cohort", str(manifest), "--project", str(tmp_path / "other"), "--nucleus-scale", "huge"]) == EXIT_INPUT
