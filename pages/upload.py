@@ -331,6 +331,9 @@ def live_runs() -> None:
             elif status is RunStatus.FINISHED:
                 n = run.get("n_cells")
                 st.progress(1.0, text=f"finished · {int(n):,} cells" if n == n and n is not None else "finished")
+                stain = jobs.stain_check(proj.result_files(rid).get("h5ad"))
+                if stain and stain.get("note"):  # the slide's stain is outside what the segmenter was tested on
+                    st.warning(plain(stain["note"]), icon=":material/palette:")
                 if st.button("Open gene map", key=f"open_{rid}", icon=":material/map:"):
                     # switch_page from inside a fragment leaves a blank page: hand over to a full run
                     st.session_state[c.SELECTED_SLIDE] = int(run["slide_id"])
