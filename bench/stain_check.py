@@ -9,7 +9,8 @@ Groups (each source image is one "slide": its patches pooled, as the pipeline po
    own sampling) and the TIAToolbox target image;
 2. the test tiles re-stained to each of the 8 stain-shift benchmark stains (tested: should stay quiet);
 3. the test tiles re-stained beyond the envelope: one stain vector turned past the widest tested angle,
-   or one stain's amount outside the tested span (should speak).
+   or one stain's amount outside the tested span (should speak);
+4. not H&E: the test tiles as greyscale, and re-stained to haematoxylin + DAB (immunohistochemistry).
 The baseline is saying nothing (flag rate 0 everywhere); the check's worth is group 3's rate at
 group 1's and 2's cost. The re-staining keeps the residual optical density (the stain-shift benchmark's
 protocol 2); group-3 targets are built from the training reference, seeded.
@@ -28,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ghist_core.imaging.stain import RUIFROK_RGB_FROM_HED  # noqa: E402
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.pipeline.stain_check import (ANGLE_SLACK_DEG, AMOUNT_SLACK, PATCH_MPP, PATCH_PX,  # noqa: E402
@@ -143,13 +145,25 @@ def main(argv: list[str] | None = None) -> None:
         groups[label] = rows
         print(f"{label}: {sum(r['flagged'] for r in rows.values())} of {len(rows)} flagged "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    # not H&E at all: a greyscale export, and an H-DAB (immunohistochemistry) stain
+    dab = StainMember("h-dab", "synthetic", "", "other", np.stack([bank.reference.matrix[0], RUIFROK_RGB_FROM_HED[2]
+                                                                   / np.linalg.norm(RUIFROK_RGB_FROM_HED[2])]).tolist(),
+                      bank.reference.max_c.tolist())
+    grey = lambda im: np.repeat(im.mean(axis=2, keepdims=True), 3, axis=2).round().astype(np.uint8)  # noqa: E731
+    rows = {}
+    for name, imgs in tests.items():
+        rows[f"greyscale | {name}"] = flag([grey(im) for im in imgs])
+        rows[f"h-dab | {name}"] = flag([restain_image(im, dab, own[name]) for im in imgs])
+    groups["not_h_and_e"] = rows
     summary = {g: {"slides": len(rows), "flagged": sum(r["flagged"] for r in rows.values()),
                    "flag_rate": round(float(np.mean([r["flagged"] for r in rows.values()])), 4) if rows else None}
                for g, rows in groups.items()}
-    per_target = {t.name: round(float(np.mean([r["flagged"] for k, r in groups["beyond_the_range"].items()
-                                               if k.startswith(f"{t.name} |")])), 4) for t in beyond_targets(bank)}
+    rate = lambda group, prefix: round(float(np.mean([r["flagged"] for k, r in groups[group].items()  # noqa: E731
+                                                      if k.startswith(f"{prefix} |")])), 4)
+    per_target = {t.name: rate("beyond_the_range", t.name) for t in beyond_targets(bank)}
+    per_target.update({kind: rate("not_h_and_e", kind) for kind in ("greyscale", "h-dab")})
     env = StainRange.from_bank(bank)
-    res = {"what": __doc__.split("\n\n")[0], "envelope": {"max_angle_deg": env.max_angle_deg, "amount_low": env.amount_low,
+    res = {"what": __doc__.split("\n\n")[0], "envelope": {"max_angle_deg": env.max_angle_deg, "min_separation_deg": env.min_separation_deg, "amount_low": env.amount_low,
                                                           "amount_high": env.amount_high,
                                                           "slack": {"angle_deg": ANGLE_SLACK_DEG, "amount_factor": AMOUNT_SLACK}},
            "baseline": "say nothing: flag rate 0 in every group", "summary": summary,

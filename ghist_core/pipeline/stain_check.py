@@ -49,6 +49,9 @@ class StainRange:
     max_angle_deg: tuple[float, float]
     amount_low: tuple[float, float]
     amount_high: tuple[float, float]
+    #: the smallest angle between a tested stain's own two vectors: below it (less the slack) the image's
+    #: colours barely separate into two dyes (a greyscale export, one dye)
+    min_separation_deg: float = 0.0
 
     @classmethod
     def from_bank(cls, bank: StainBank | None = None) -> "StainRange":
@@ -58,8 +61,15 @@ class StainRange:
         angles = stain_angle_deg(np.stack([m.matrix for m in members]), ref.matrix[None])
         amounts = np.stack([m.max_c for m in members]) / ref.max_c[None]
         as_floats = lambda a, d: tuple(float(v) for v in np.round(a, d))  # noqa: E731
+        separations = separation_deg(np.stack([m.matrix for m in members]))
         return cls(as_floats(angles.max(axis=0), 1), as_floats(amounts.min(axis=0), 2),
-                   as_floats(amounts.max(axis=0), 2))
+                   as_floats(amounts.max(axis=0), 2), round(float(separations.min()), 1))
+
+
+def separation_deg(matrix: np.ndarray) -> np.ndarray:
+    """The angle between the two stain vectors of each (…, 2, 3) stain matrix, in degrees."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return stain_angle_deg(m[..., :1, :], m[..., 1:, :])[..., 0]
 
 
 @dataclass(frozen=True)
@@ -70,11 +80,15 @@ class StainCheck:
     angle_deg: tuple[float, float]
     amount: tuple[float, float]
     tested: StainRange
+    separation_deg: float = 90.0  # between the slide's own two stain vectors
 
     @property
     def outside(self) -> list[str]:
         """Plain-language reasons the stain lies outside the tested range (empty: inside)."""
         out = []
+        if self.separation_deg < self.tested.min_separation_deg - ANGLE_SLACK_DEG:
+            out.append(f"its two stains are only {self.separation_deg:.0f}° apart in colour (tested from "
+                       f"{self.tested.min_separation_deg:.0f}°): is it an H&E colour image?")
         for i, stain in enumerate(STAINS):
             if self.angle_deg[i] > self.tested.max_angle_deg[i] + ANGLE_SLACK_DEG:
                 out.append(f"its {stain} colour is {self.angle_deg[i]:.0f}° from the training stain "
@@ -105,6 +119,8 @@ class StainCheck:
                 "tested_max_angle_deg": dict(zip(STAINS, map(float, self.tested.max_angle_deg))),
                 "tested_amount": {s: [float(self.tested.amount_low[i]), float(self.tested.amount_high[i])]
                                   for i, s in enumerate(STAINS)},
+                "separation_deg": float(self.separation_deg),
+                "tested_min_separation_deg": float(self.tested.min_separation_deg),
                 "slack": {"angle_deg": ANGLE_SLACK_DEG, "amount_factor": AMOUNT_SLACK},
                 "within_tested_range": self.within_tested_range, "note": self.note() or "",
                 "method": f"Macenko stain vectors of {SAMPLE_PATCHES} tissue patches pooled (pipeline), against "
@@ -123,7 +139,7 @@ def check_stain(images: np.ndarray | list[np.ndarray], bank: StainBank | None = 
     angle = stain_angle_deg(matrix, ref.matrix)
     amount = max_c / ref.max_c
     return StainCheck(tuple(float(v) for v in np.round(angle, 1)), tuple(float(v) for v in np.round(amount, 2)),
-                      StainRange.from_bank(bank))
+                      StainRange.from_bank(bank), round(float(separation_deg(matrix)), 1))
 
 
 def stain_check_record(images: list[np.ndarray], bank: StainBank | None = None) -> dict:

@@ -87,6 +87,15 @@ def test_a_stain_turned_beyond_the_envelope_is_flagged(demo_patches):
     assert not check.within_tested_range and any("its eosin is" in r and "strength" in r for r in check.outside)
 
 
+def test_a_greyscale_image_is_flagged_as_perhaps_not_h_and_e(demo_patches):
+    """Each stain vector of a greyscale export may sit inside the angle envelope, but the two coincide."""
+    grey = [np.repeat(p.mean(axis=2, keepdims=True), 3, axis=2).round().astype(np.uint8) for p in demo_patches]
+    check = check_stain(grey)
+    assert check.separation_deg < 1 and not check.within_tested_range
+    assert any("is it an H&E colour image?" in r for r in check.outside)
+    assert check_stain(demo_patches).separation_deg > StainRange.from_bank().min_separation_deg
+
+
 def test_blank_input_is_a_typed_error_and_an_unavailable_record():
     white = [np.full((64, 64, 3), 255, np.uint8)]
     with pytest.raises(StainEstimateError, match="could not be estimated"):
