@@ -562,23 +562,6 @@ def slide_scale_speed(root: Path, side_px: int, settings: dict, repeats: int = 1
     return out
 
 
-def _her2st_spot_regions(root: Path, per_section: int, mpp: float, size: int):
-    """(section, RGB region) for ``per_section`` evenly spaced spots (by array position) per imaged HER2ST
-    section: ``size`` px at ``mpp`` centred on the spot; each section decoded once."""
-    from PIL import Image
-
-    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
-
-    Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
-    for section in IMAGE_SECTIONS:
-        _, table = load_section(root, section)
-        table = table.sort_index()
-        pick = np.unique(np.linspace(0, len(table) - 1, min(per_section, len(table))).round().astype(int))
-        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
-        for i in pick:
-            yield section, extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
-
-
 def _nuclei_near(cells, centre_um: float, radius_um: float) -> int:
     """Nuclei whose centroid lies within ``radius_um`` of (``centre_um``, ``centre_um``)."""
     d = np.hypot(cells["x_um"].to_numpy() - centre_um, cells["y_um"].to_numpy() - centre_um)
@@ -591,13 +574,15 @@ def _her2st_slide_counts(classical, root: Path, settings: dict, spots: int,
     HER2ST section, through ``segment_slide`` with each setting, vs the classical segmenter."""
     from scipy.stats import spearmanr
 
+    from ghist_core.training.her2st import spot_regions
+
     model = next(iter(settings.values()))[0]
     mpp = model.mpp
     size = int(round(region_um / mpp))
     centre = size * mpp / 2.0
     counts = {n: [] for n in (*settings, "classical")}
     moved = {name: [] for name, (_, setting) in settings.items() if setting == "auto"}
-    for _, rgb in _her2st_spot_regions(root, spots, mpp, size):
+    for _, rgb in spot_regions(root, spots, mpp, size):
         for name, (seg, setting) in settings.items():  # as the app segments a block: one forward pass
             cells = seg.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=setting, overlap_px=0,
                                       tile_px=-(-size // seg.stride) * seg.stride)
@@ -623,13 +608,13 @@ def her2st_counts(learned: dict, classical, root: Path, *, per_section: int = 40
     segmented once per segmenter (the classical counts are shared by every model's comparison)."""
     from scipy.stats import pearsonr, spearmanr
 
-    from ghist_core.training.her2st import IMAGE_SECTIONS
+    from ghist_core.training.her2st import IMAGE_SECTIONS, spot_regions
 
     mpp, size = DATA_MPP * 2, 256  # the segmenters' working 0.5 µm/px: a 128 µm patch around each spot
     centre = size * mpp / 2.0
     segs = {**learned, "classical": classical}
     per: dict[str, dict[str, list]] = {name: {s: [] for s in IMAGE_SECTIONS} for name in segs}
-    for section, rgb in _her2st_spot_regions(root, per_section, mpp, size):
+    for section, rgb in spot_regions(root, per_section, mpp, size):
         for name, seg in segs.items():
             per[name][section].append(_nuclei_near(seg.segment_tile(rgb, mpp)[1], centre, spot_radius_um))
     counts = {name: {s: np.array(v) for s, v in by.items()} for name, by in per.items()}

@@ -72,31 +72,23 @@ def beyond_targets(bank, seed: int = 0) -> list[StainMember]:
 
 
 def test_slides(root: Path) -> dict[str, list[np.ndarray]]:
-    """CoNSeP (patches grouped by source tile) and MoNuSeg test images, at 0.25 µm/px as stored."""
+    """CoNSeP (patches grouped by source tile) and MoNuSeg test images, at the pipeline's 0.5 µm/px."""
     from ghist_core.training.segmentation_data import load_split
 
     slides: dict[str, list[np.ndarray]] = defaultdict(list)
     for ds in ("consep", "monuseg"):
-        for s in load_split(root, ds, "test"):
+        for s in load_split(root, ds, "test", mpp=PATCH_MPP):
             slides[f"{ds}/{s.source_tile}"].append(s.rgb)
     return dict(slides)
 
 
 def her2st_slides(root: Path, n: int = SAMPLE_PATCHES) -> dict[str, list[np.ndarray]]:
-    from PIL import Image
+    from ghist_core.training.her2st import spot_regions
 
-    from ghist_core.training.her2st import HER2ST_MPP, IMAGE_SECTIONS, extract_patch, load_section
-
-    Image.MAX_IMAGE_PIXELS = None
-    out = {}
-    for section in IMAGE_SECTIONS:
-        _, table = load_section(root, section)
-        table = table.sort_index()
-        pick = np.unique(np.linspace(0, len(table) - 1, min(n, len(table))).round().astype(int))
-        img = Image.open(root / "images" / f"{section}.jpg").convert("RGB")
-        out[f"her2st/{section}"] = [extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP,
-                                                  PATCH_MPP, PATCH_PX) for i in pick]
-    return out
+    out: dict[str, list[np.ndarray]] = defaultdict(list)
+    for section, rgb in spot_regions(root, n, PATCH_MPP, PATCH_PX):
+        out[f"her2st/{section}"].append(rgb)
+    return dict(out)
 
 
 def other_slides(slides_dir: Path) -> dict[str, list[np.ndarray]]:

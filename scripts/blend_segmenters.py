@@ -88,6 +88,8 @@ def choose(base_model: str, other_model: str, root: Path, out: Path, alphas=ALPH
 
     from ghist_core.segmentation import load_segmenter
 
+    if not alphas:
+        raise ValueError("no alpha to score")
     rows, t = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for alpha in alphas:

@@ -339,8 +339,11 @@ def check_aji(seg, by_zoom: dict[float, list[dict]]) -> dict:
 
 def pick_smallest(scores: dict[float, float], tie: float = TIE) -> float:
     """The smallest setting whose score is within ``tie`` of the best (the least change wins ties)."""
-    best = max(scores.values())
-    return min(k for k, s in scores.items() if s >= best - tie)
+    scored = {k: s for k, s in scores.items() if np.isfinite(s)}  # NaN: nothing was scored at that setting
+    if not scored:
+        raise ValueError("no setting has a score")
+    best = max(scored.values())
+    return min(k for k, s in scored.items() if s >= best - tie)
 
 
 JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),

@@ -24,7 +24,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ghist_core.io.slide import Slide
 
-__all__ = ["TileGrid", "GridTile"]
+__all__ = ["TileGrid", "GridTile", "evenly_spaced"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +165,11 @@ class TileGrid:
 
     def __iter__(self) -> Iterator[GridTile]:
         return self.iter()
+
+
+def evenly_spaced(n_items: int, k: int) -> np.ndarray:
+    """Indices of at most ``k`` of ``n_items`` things (tiles, blocks, spots) spread evenly from the first
+    to the last: a fixed-size sample of a slide, whatever its size."""
+    if n_items <= 0 or k <= 0:
+        return np.zeros(0, int)
+    return np.unique(np.linspace(0, n_items - 1, min(k, n_items)).round().astype(int))

@@ -30,7 +30,7 @@ from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, RunW
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, read_grid, write_grid
 from ghist_core.pipeline.merge import median_nucleus_area, summarise_blocks, write_merged_h5ad
-from ghist_core.pipeline.stain_check import stain_check_record, stain_patches
+from ghist_core.pipeline.stain_check import slide_stain_record
 from ghist_core.io.slide import Slide, open_slide
 from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
@@ -547,7 +547,7 @@ def predict_slide(
             ghist_uns[K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
             if hasattr(segmenter, "nucleus_scale"):  # the learned segmenter
                 ghist_uns[K.GHIST_NUCLEUS_SCALE] = nucleus_scale_record(config.nucleus_scale, summary)
-                ghist_uns[K.GHIST_STAIN_CHECK] = stain_check_record(stain_patches(slide, plan_blocks(slide, config)))
+                ghist_uns[K.GHIST_STAIN_CHECK] = slide_stain_record(slide, plan_blocks(slide, config))
             if config.uncertainty:  # the blocks' own uns["ghist"] is dropped: say here what the column holds
                 ghist_uns[K.GHIST_UNCERTAINTY] = _uncertainty_note(model, summary)
             uns = {K.UNS_SPATIAL: slide_image_uns(slide, library_id_for(slide_id), summary.median_area_um2),

@@ -17,6 +17,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
 from ghist_core.imaging.stain import haematoxylin_od
+from ghist_core.io.tiles import evenly_spaced
 from ghist_core.segmentation.features import measure_instances, relabel_sequential
 from ghist_core._types import ProgressCallback, SlideLike
 from ghist_core.io.slide import check_mpp
@@ -135,7 +136,7 @@ class ClassicalSegmenter:
         W, H = slide.dimensions
         ww, wh = working_shape((H, W), mpp, self.config.work_mpp)[::-1]
         specs = tile_grid(ww, wh, tile_px, overlap_px).tiles()
-        pick = np.unique(np.linspace(0, len(specs) - 1, min(n_sample, len(specs))).round().astype(int))
+        pick = evenly_spaced(len(specs), n_sample)
         values = []
         for i in pick:
             rgb = read_working_tile(slide, specs[i], self.config.work_mpp)

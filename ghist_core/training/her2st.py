@@ -40,6 +40,7 @@ __all__ = [
     "select_genes",
     "log_cp10k",
     "extract_patch",
+    "spot_regions",
     "SpotPack",
     "PackSegmenterError",
     "nucleus_type_inputs",
@@ -140,6 +141,25 @@ def extract_patch(image, x_px: float, y_px: float, src_mpp: float, mpp: float = 
     box = (x_px - half, y_px - half, x_px + half, y_px + half)
     return np.asarray(image.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)))
 
+
+
+def spot_regions(root: str | Path, per_section: int, mpp: float = 0.5, size: int = 256):
+    """(section, RGB region) for ``per_section`` evenly spaced spots (by array position) of each imaged
+    section: ``size`` px at ``mpp`` centred on the spot; each section decoded once (a checking sample of
+    the H&E for benchmarks, not a training set)."""
+    from PIL import Image
+
+    from ghist_core.io.tiles import evenly_spaced
+
+    root = Path(root)
+    Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
+    for section in IMAGE_SECTIONS:
+        _, table = load_section(root, section)
+        table = table.sort_index()
+        with Image.open(root / "images" / f"{section}.jpg") as im:
+            img = im.convert("RGB")
+        for i in evenly_spaced(len(table), per_section):
+            yield section, extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     from PIL import Image
