@@ -136,3 +136,45 @@ def test_a_run_records_it_and_the_cli_says_it(tmp_path, small_slide_png, capsys)
     assert f"note: slide {line['slide_id']}: This slide's stain lies outside" in err and "colour is" in err
     record = ad.read_h5ad(line["h5ad"]).uns["ghist"][K.GHIST_STAIN_CHECK]
     assert not record["within_tested_range"] and max(record["angle_deg"].values()) > 28
+
+
+def test_the_slide_record_never_fails_a_run(demo_slide):
+    """No tissue blocks, or a slide that cannot be read at that point: the record says why, no exception."""
+    from ghist_core.pipeline.stain_check import slide_stain_record
+
+    with open_slide(demo_slide) as s:
+        blocks = plan_blocks(s, PipelineConfig())
+        assert "unavailable" in slide_stain_record(s, [])
+
+        class Broken:
+            dimensions, mpp = s.dimensions, s.mpp
+
+            def read_region_mpp(self, *a, **k):
+                raise OSError("disk gone")
+
+        record = slide_stain_record(Broken(), blocks)
+        assert record["note"] == "" and "disk gone" in record["unavailable"]
+        assert slide_stain_record(s, blocks)["within_tested_range"] is True
+
+
+def test_a_coarse_slide_is_read_at_its_own_resolution(demo_slide, tmp_path):
+    """A slide coarser than 0.5 µm/px is not enlarged for the estimate: each patch covers 256 of its own
+    pixels (twice the area a 0.5 µm/px patch would), and the demo's stain is still inside."""
+    from PIL import Image
+
+    with open_slide(demo_slide) as s:
+        Image.fromarray(s.read_region_mpp((0, 0), (1000, 1000), 1.0)).save(tmp_path / "coarse.png")
+    asked = []
+
+    class Recording:  # the real slide, noting the resolution each read asks for
+        def __init__(self, slide):
+            self.slide, self.dimensions, self.mpp = slide, slide.dimensions, slide.mpp
+
+        def read_region_mpp(self, loc, size, mpp):
+            asked.append(mpp)
+            return self.slide.read_region_mpp(loc, size, mpp)
+
+    with open_slide(tmp_path / "coarse.png", mpp=1.0) as coarse:
+        patches = stain_patches(Recording(coarse), plan_blocks(coarse, PipelineConfig()))
+    assert patches and set(asked) == {1.0} and all(p.shape == (256, 256, 3) for p in patches)
+    assert check_stain(patches).within_tested_range
