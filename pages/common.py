@@ -147,6 +147,27 @@ def thumbnail_data_url(path: str, mtime: float, max_px: int = 96) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+
+def stain_note(h5ad) -> str:
+    """A finished run's stain note ("" when its slide's stain is inside the tested range, or the run has
+    no stain check), read once per result file: pages redraw every run's row on each poll."""
+    if not h5ad:
+        return ""
+    path = Path(h5ad)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return ""
+    return _stain_note_of(str(path), stamp)
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _stain_note_of(path: str, mtime_ns: int) -> str:  # mtime: a rewritten file is read again
+    from ghist_core.pipeline.worker import stain_check
+
+    record = stain_check(path)
+    return str(record.get("note") or "") if record else ""
+
 @st.cache_data(show_spinner=False)
 def cached_clinical(path: str, mtime: float) -> pd.DataFrame:
     return pd.read_csv(path)

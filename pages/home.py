@@ -99,8 +99,12 @@ else:
     paths = [project.folder / p if not Path(p).is_absolute() else Path(p) for p in view["path"].astype(str)]
     view.insert(0, "thumbnail", [c.thumbnail_data_url(str(p), p.stat().st_mtime if p.exists() else 0.0) for p in paths])
     view["patient_id"] = view["patient"]
+    view["stain"] = [  # the latest finished run's stain check (Upload & predict and Gene maps give the note)
+        "outside the tested range" if s == RunStatus.FINISHED.value and c.stain_note(
+            project.result_files(int(r)).get("h5ad")) else ""
+        for s, r in zip(view["status"], view["run_id"])]
     shown = [col for col in ["thumbnail", "slide_id", "patient_id", "original_name", "width", "height", "mpp",
-                             "prediction", "cells", "added_at"] if col in view.columns]
+                             "prediction", "cells", "stain", "added_at"] if col in view.columns]
     st.dataframe(
         view[shown], hide_index=True, width="stretch", key="home_slides",
         column_config={
@@ -113,9 +117,16 @@ else:
             "mpp": st.column_config.NumberColumn("µm per px", format="%.3f"),
             "prediction": "Prediction",
             "cells": "Cells",
+            "stain": st.column_config.TextColumn(
+                "Stain", help="Set when the slide's stain lies outside the range the nucleus segmenter was trained "
+                              "and tested on: check its nuclei in the Gene maps close-up before trusting counts."),
             "added_at": st.column_config.DatetimeColumn("Added (UTC)", format="YYYY-MM-DD HH:mm"),
         },
     )
+    if any(view["stain"]):
+        st.warning(f"{sum(map(bool, view['stain']))} slide(s) have a stain outside the range the nucleus segmenter "
+                   "was tested on (column Stain): check their nuclei before comparing them with the others.",
+                   icon=":material/palette:")
 
 st.subheader("Patients")
 if len(patients):

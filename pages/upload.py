@@ -294,27 +294,6 @@ for _, row in overview.slides_not_run(project).iterrows():
 _active = overview.any_active(project.list_runs())
 
 
-def _stain_note(h5ad) -> str:
-    """A finished run's stain note ("" when none), read once per result file: the runs' fragment redraws
-    every finished run's box on each poll while another run is active."""
-    if not h5ad:
-        return ""
-    path = Path(h5ad)
-    try:
-        stamp = path.stat().st_mtime_ns
-    except OSError:
-        return ""
-    return _stain_note_of(str(path), stamp)
-
-
-@st.cache_data(show_spinner=False, max_entries=1024)
-def _stain_note_of(path: str, mtime_ns: int) -> str:  # mtime: a rewritten file is read again
-    from ghist_core.pipeline.worker import stain_check
-
-    record = stain_check(path)
-    return str(record.get("note") or "") if record else ""
-
-
 @st.fragment(run_every=c.POLL_S if _active else None)
 def live_runs() -> None:
     """Poll the store for every run of this project; only this fragment reruns."""
@@ -352,7 +331,7 @@ def live_runs() -> None:
             elif status is RunStatus.FINISHED:
                 n = run.get("n_cells")
                 st.progress(1.0, text=f"finished · {int(n):,} cells" if n == n and n is not None else "finished")
-                if note := _stain_note(proj.result_files(rid).get("h5ad")):  # stain outside what was tested
+                if note := c.stain_note(proj.result_files(rid).get("h5ad")):  # stain outside what was tested
                     st.warning(plain(note), icon=":material/palette:")
                 if st.button("Open gene map", key=f"open_{rid}", icon=":material/map:"):
                     # switch_page from inside a fragment leaves a blank page: hand over to a full run
