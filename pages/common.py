@@ -147,7 +147,6 @@ def thumbnail_data_url(path: str, mtime: float, max_px: int = 96) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-
 def stain_note(h5ad) -> str:
     """A finished run's stain note ("" when its slide's stain is inside the tested range, or the run has
     no stain check), read once per result file: pages redraw every run's row on each poll."""
@@ -167,6 +166,7 @@ def _stain_note_of(path: str, mtime_ns: int) -> str:  # mtime: a rewritten file 
 
     record = stain_check(path)
     return str(record.get("note") or "") if record else ""
+
 
 @st.cache_data(show_spinner=False)
 def cached_clinical(path: str, mtime: float) -> pd.DataFrame:

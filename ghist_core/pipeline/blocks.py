@@ -345,6 +345,7 @@ def _prefetch(slide: Slide, blocks: list[Block], mpp: float, margin_um: float) -
 
 def run_blocks(
     slide: Slide,
+    blocks: list[Block],
     segmenter,
     model,
     run_dir: Path,
@@ -355,17 +356,17 @@ def run_blocks(
     slide_sha256: str = "",
     make_eta: EtaFactory | None = None,
 ) -> tuple[list[Path], dict]:
-    """Segment and predict every tissue block not yet checkpointed in ``run_dir``.
+    """Segment and predict every one of ``blocks`` (:func:`plan_blocks`) not yet checkpointed in ``run_dir``.
 
     Per block only the block's own pixels are read: the slide's sha256 comes from the
     caller (the store hashed the file once when it was added) instead of being recomputed
-    by every ``predict``, and the tissue mask is computed once, in :func:`plan_blocks`.
+    by every ``predict``, and the tissue mask is computed once, in :func:`plan_blocks`, by the
+    caller (which also hands the blocks to the stain check).
     ``progress(fraction, message)`` follows the blocks; ``make_eta(blocks, done)`` (optional) gives
     the time-left estimator, told about each finished block before ``progress`` is called.
     """
     report = progress or (lambda fraction, message="": None)
     timings = {"read_s": 0.0, "segment_s": 0.0, "predict_s": 0.0}
-    blocks = plan_blocks(slide, config)
     paths = [_block_path(run_dir, b) for b in blocks]
     remove_temporaries(run_dir / "blocks")  # a killed earlier attempt's; this process now owns the run
     done = [p.exists() for p in paths]
@@ -517,7 +518,8 @@ def predict_slide(
             report("tissue", 0.0, "finding tissue")
             run_dir = project.run_dir(run_id)
             stamp_made_by(run_dir, stamp)
-            paths, block_timings = run_blocks(slide, segmenter, model, run_dir, config,
+            blocks = plan_blocks(slide, config)
+            paths, block_timings = run_blocks(slide, blocks, segmenter, model, run_dir, config,
                                               report.stage("segment+predict"), cancel,
                                               slide_sha256=record.sha256, make_eta=report.make_eta)
             timings.update(block_timings)
@@ -547,7 +549,7 @@ def predict_slide(
             ghist_uns[K.GHIST_TIMINGS] = {k: float(v) for k, v in timings.items()}
             if hasattr(segmenter, "nucleus_scale"):  # the learned segmenter
                 ghist_uns[K.GHIST_NUCLEUS_SCALE] = nucleus_scale_record(config.nucleus_scale, summary)
-                ghist_uns[K.GHIST_STAIN_CHECK] = slide_stain_record(slide, plan_blocks(slide, config))
+                ghist_uns[K.GHIST_STAIN_CHECK] = slide_stain_record(slide, blocks)
             if config.uncertainty:  # the blocks' own uns["ghist"] is dropped: say here what the column holds
                 ghist_uns[K.GHIST_UNCERTAINTY] = _uncertainty_note(model, summary)
             uns = {K.UNS_SPATIAL: slide_image_uns(slide, library_id_for(slide_id), summary.median_area_um2),

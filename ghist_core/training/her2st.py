@@ -142,7 +142,6 @@ def extract_patch(image, x_px: float, y_px: float, src_mpp: float, mpp: float = 
     return np.asarray(image.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)))
 
 
-
 def spot_regions(root: str | Path, per_section: int, mpp: float = 0.5, size: int = 256):
     """(section, RGB region) for ``per_section`` evenly spaced spots (by array position) of each imaged
     section: ``size`` px at ``mpp`` centred on the spot; each section decoded once (a checking sample of
@@ -160,6 +159,7 @@ def spot_regions(root: str | Path, per_section: int, mpp: float = 0.5, size: int
             img = im.convert("RGB")
         for i in evenly_spaced(len(table), per_section):
             yield section, extract_patch(img, table["pixel_x"].iloc[i], table["pixel_y"].iloc[i], HER2ST_MPP, mpp, size)
+
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     from PIL import Image
