@@ -109,8 +109,8 @@ def other_slides(slides_dir: Path) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def flag(images: list[np.ndarray]) -> dict:
-    c = check_stain(images)
+def flag(images: list[np.ndarray], bank) -> dict:
+    c = check_stain(images, bank)
     return {"flagged": not c.within_tested_range, "angle_deg": list(c.angle_deg), "amount": list(c.amount),
             "reasons": c.outside}
 
@@ -124,16 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     bank = load_stain_bank()
+    beyond = beyond_targets(bank)
     tests = test_slides(a.data_root)
     real = {**tests, **(her2st_slides(a.her2st_root) if (a.her2st_root / "images").is_dir() else {}),
             **other_slides(a.slides)}
-    groups: dict[str, dict] = {"as_they_are": {name: flag(imgs) for name, imgs in real.items()}}
+    groups: dict[str, dict] = {"as_they_are": {name: flag(imgs, bank) for name, imgs in real.items()}}
     own = {name: image_stains(imgs) for name, imgs in tests.items()}
-    for label, targets in (("benchmark_stains", bank.select("benchmark")), ("beyond_the_range", beyond_targets(bank))):
+    for label, targets in (("benchmark_stains", bank.select("benchmark")), ("beyond_the_range", beyond)):
         rows = {}
         for target in targets:
             for name, imgs in tests.items():
-                rows[f"{target.name} | {name}"] = flag([restain_image(im, target, own[name]) for im in imgs])
+                rows[f"{target.name} | {name}"] = flag([restain_image(im, target, own[name]) for im in imgs], bank)
         groups[label] = rows
         print(f"{label}: {sum(r['flagged'] for r in rows.values())} of {len(rows)} flagged "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -144,15 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     grey = lambda im: np.repeat(im.mean(axis=2, keepdims=True), 3, axis=2).round().astype(np.uint8)  # noqa: E731
     rows = {}
     for name, imgs in tests.items():
-        rows[f"greyscale | {name}"] = flag([grey(im) for im in imgs])
-        rows[f"h-dab | {name}"] = flag([restain_image(im, dab, own[name]) for im in imgs])
+        rows[f"greyscale | {name}"] = flag([grey(im) for im in imgs], bank)
+        rows[f"h-dab | {name}"] = flag([restain_image(im, dab, own[name]) for im in imgs], bank)
     groups["not_h_and_e"] = rows
     summary = {g: {"slides": len(rows), "flagged": sum(r["flagged"] for r in rows.values()),
                    "flag_rate": round(float(np.mean([r["flagged"] for r in rows.values()])), 4) if rows else None}
                for g, rows in groups.items()}
     rate = lambda group, prefix: round(float(np.mean([r["flagged"] for k, r in groups[group].items()  # noqa: E731
                                                       if k.startswith(f"{prefix} |")])), 4)
-    per_target = {t.name: rate("beyond_the_range", t.name) for t in beyond_targets(bank)}
+    per_target = {t.name: rate("beyond_the_range", t.name) for t in beyond}
     per_target.update({kind: rate("not_h_and_e", kind) for kind in ("greyscale", "h-dab")})
     env = StainRange.from_bank(bank)
     res = {"what": __doc__.split("\n\n")[0], "envelope": {"max_angle_deg": env.max_angle_deg, "min_separation_deg": env.min_separation_deg, "amount_low": env.amount_low,
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
            "baseline": "say nothing: flag rate 0 in every group", "summary": summary,
            "beyond_the_range_flag_rate_per_target": per_target,
            "target_angles_deg": {t.name: [round(float(v), 1) for v in stain_angle_deg(t.matrix, bank.reference.matrix)]
-                                 for t in beyond_targets(bank)},
+                                 for t in beyond},
            "groups": groups, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(a.out, json.dumps(res, indent=1))
     print(json.dumps({"summary": summary, "per_target": per_target}, indent=1))
