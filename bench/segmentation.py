@@ -22,6 +22,12 @@ Scale shift (block ``"scale_shift"``): the same test subsets enlarged or shrunk 
 and segmented at the stated µm/px, so nuclei look smaller or larger than in training, as large
 tumour nuclei or a mis-stated µm/px make them look.
 
+20x scans (block ``"scan_20x"``): whole test images, as they are and in each benchmark stain, segmented
+at 0.25 µm/px and after a 2x antialiased downsampling stated at 0.5 µm/px (truth downsampled too).
+
+Beyond the stain check's range (block ``"beyond_range"``): the shift subsets re-stained to stains just
+outside the envelope the app's stain check tests against: what its note means for the nuclei.
+
 HER2ST sanity check (block ``"her2st_counts"``, needs ``../shared/data/her2st``): nuclei per
 spot (centroids within the 50 µm spot radius) from the model and from the classical segmenter
 on evenly spaced spots of the six HER2ST sections with H&E, a stain and lab neither saw in
@@ -56,13 +62,14 @@ DET_RADIUS_UM = 6.0
 HOVERNET_RADIUS_PX = 12  # at 0.25 µm/px
 
 
-def evaluate(seg, samples) -> dict:
-    """Scores of one segmenter on one split (per-image mean and pooled)."""
+def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
+    """Scores of one segmenter on one split (per-image mean and pooled), the images at ``mpp``
+    (detection radii scaled to it)."""
     per, pooled, scales = [], SegCounts(), []
     det6, det_hn = DetectionCounts(), DetectionCounts()
     name_to_int = {n: i + 1 for i, n in enumerate(CONSEP_TYPES)}
     for s in samples:
-        inst, cells = seg.segment_tile(s.rgb, DATA_MPP)
+        inst, cells = seg.segment_tile(s.rgb, mpp)
         scales.append(cells.attrs.get("nucleus_scale", 1.0))
         c = seg_counts(s.inst, inst)
         per.append(c)
@@ -70,8 +77,8 @@ def evaluate(seg, samples) -> dict:
         pred_types = np.zeros(int(inst.max()) + 1, int)
         if len(cells):
             pred_types[cells["id"].to_numpy()] = [name_to_int.get(t, 0) for t in cells["type"]]
-        det6 = det6 + detection_counts(s.inst, inst, DET_RADIUS_UM / DATA_MPP)
-        det_hn = det_hn + detection_counts(s.inst, inst, HOVERNET_RADIUS_PX, s.types, pred_types)
+        det6 = det6 + detection_counts(s.inst, inst, DET_RADIUS_UM / mpp)
+        det_hn = det_hn + detection_counts(s.inst, inst, HOVERNET_RADIUS_PX * DATA_MPP / mpp, s.types, pred_types)
     mean = {k: float(np.mean([c.scores()[k] for c in per])) for k in ("aji", "pq", "dq", "sq", "dice")}
     out = {**{k: round(v, 4) for k, v in mean.items()},
            "f1_detection": round(det6.f1, 4), "f_d": round(det_hn.f1, 4),
@@ -366,6 +373,59 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path |
     return res
 
 
+def _subset_and_stains(root: Path, ds: str, every: int) -> tuple[list, dict]:
+    """Every ``every``-th test image and the own stains of its source tiles (stain_shift protocol 2:
+    fitted over each whole source tile, all its patches, not only the chosen ones)."""
+    from ghist_core.training.stain_bank import source_tile_stains
+
+    everything = load_split(root, ds, "test")
+    samples = everything[::every]
+    chosen = {s.source_tile for s in samples}
+    return samples, source_tile_stains([s for s in everything if s.source_tile in chosen])
+
+
+def beyond_range(methods: dict, root: Path, *, every: dict[str, int], out: Path | None = None) -> dict:
+    """What the stain check's note ("outside the tested range") means for the nuclei: the stain-shift
+    subsets re-stained (protocol 2) to stains just beyond the tested envelope
+    (``pipeline.stain_check.beyond_range_stains``: a stain vector turned 5° or 15° past the widest tested
+    angle, an amount below or above the tested span), segmented at the stated 0.25 µm/px. AJI per stain
+    for each method, against the same images as they are. With ``out`` the ``"beyond_range"`` block is
+    rewritten after each (dataset, stain)."""
+    from ghist_core.pipeline.stain_check import beyond_range_stains
+    from ghist_core.training.stain_bank import restain_samples
+
+    targets = beyond_range_stains()
+    res: dict = {"protocol": {
+        "what": "test images re-stained (stain_shift protocol 2) to stains beyond the stain check's tested envelope, "
+                "segmented at the stated 0.25 um/px",
+        "why": "the app's stain check flags such slides; this says how far the nuclei can then be trusted, and "
+               "whether the classical segmenter would be the better choice there",
+        "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
+        "scores": "AJI, mean over images", "stains": [t.name for t in targets]},
+        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "datasets": {}}
+    for ds, k in every.items():
+        samples, own = _subset_and_stains(root, ds, k)
+        rows: dict = {"original": {name: round(evaluate(seg, samples)["aji"], 4) for name, seg in methods.items()}}
+        block = res["datasets"][ds] = {"n_images": len(samples), "aji": rows}
+        for target in targets:
+            t = time.perf_counter()
+            shifted = restain_samples(samples, [target] * len(samples), own)
+            rows[target.name] = {name: round(evaluate(seg, shifted)["aji"], 4) for name, seg in methods.items()}
+            print(f"beyond_range {ds} {target.name}: {rows[target.name]} ({time.perf_counter() - t:.0f} s)", flush=True)
+            shifted_rows = {st: r for st, r in rows.items() if st != "original"}
+            block["summary"] = {
+                m: {"worst": min(shifted_rows, key=lambda st: shifted_rows[st][m]),
+                    "worst_aji": min(r[m] for r in shifted_rows.values()),
+                    "drop_vs_original": {st: round(rows["original"][m] - r[m], 4) for st, r in shifted_rows.items()},
+                    "minus_classical": {st: round(r[m] - r["classical"], 4) for st, r in shifted_rows.items()},
+                    "below_classical": sorted(st for st, r in shifted_rows.items() if r[m] < r["classical"])}
+                for m in methods if m != "classical"}
+            if out is not None:
+                _update(out, "beyond_range", res)
+    return res
+
+
 def stain_scale(methods: dict, root: Path, *, every: dict[str, int], out: Path | None = None,
                 zooms=(1.5, 2.0)) -> dict:
     """The external breast set's conditions at once (issue #16: another lab's stain *and* 40x tumour
@@ -374,7 +434,7 @@ def stain_scale(methods: dict, root: Path, *, every: dict[str, int], out: Path |
     each zoom and cropped to its field (``zoom_sample``), segmented at the stated 0.25 µm/px. AJI per
     (stain, zoom) for each method, and the external must as a proxy: model >= classical + 0.10
     everywhere. With ``out`` the ``"stain_scale"`` block is rewritten after each (dataset, stain)."""
-    from ghist_core.training.stain_bank import load_stain_bank, restain_samples, source_tile_stains
+    from ghist_core.training.stain_bank import load_stain_bank, restain_samples
 
     shifts = load_stain_bank().select("benchmark")
     res: dict = {"protocol": {
@@ -388,10 +448,7 @@ def stain_scale(methods: dict, root: Path, *, every: dict[str, int], out: Path |
         "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
         "datasets": {}}
     for ds, k in every.items():
-        everything = load_split(root, ds, "test")
-        samples = everything[::k]
-        chosen = {s.source_tile for s in samples}
-        own = source_tile_stains([s for s in everything if s.source_tile in chosen])
+        samples, own = _subset_and_stains(root, ds, k)
         rows: dict = {}
         block = res["datasets"][ds] = {"n_images": len(samples), "aji": rows}
         for shift in shifts:
@@ -413,11 +470,71 @@ def stain_scale(methods: dict, root: Path, *, every: dict[str, int], out: Path |
     return res
 
 
-def _whole_images(root: Path, ds: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+SCAN_MPP = 0.5  # a 20x scan
+
+
+def scan_20x(methods: dict, root: Path, *, out: Path | None = None, mpp: float = SCAN_MPP,
+             datasets: tuple[str, ...] = ("consep", "monuseg")) -> dict:
+    """Slides scanned at 20x (issue #16's external TCGA set is 20x and 40x; many clinical scanners
+    give 0.5 µm/px): each whole test image (``_whole_images``) as it is and re-stained to each
+    benchmark stain (protocol 2), segmented at 0.25 µm/px and again after an antialiased 2x
+    downsampling, stated at 0.5 µm/px, as ``segment_tile(rgb, mpp)`` is called on a 20x tile. The
+    truth is downsampled with nearest neighbours, so both are scored at the image's own
+    resolution, as the external sets are. AJI per (stain, µm/px); the external TCGA must as a
+    proxy: model >= classical + 0.05 at 0.5 µm/px in every stain. With ``out`` the ``"scan_20x"``
+    block is rewritten after each (dataset, stain)."""
+    from types import SimpleNamespace
+
+    from ghist_core.segmentation.tiling import resample_labels, resample_rgb
+    from ghist_core.training.stain_bank import load_stain_bank, restain_samples, source_tile_stains
+
+    shifts = load_stain_bank().select("benchmark")
+    res: dict = {"protocol": {
+        "what": f"whole test images (CoNSeP: 16 patches put back 4 x 4) as they are and re-stained to each benchmark "
+                f"stain (stain_shift protocol 2), segmented at {DATA_MPP} um/px and after a 2x antialiased "
+                f"downsampling stated at {mpp} um/px (truth downsampled by nearest neighbour); AJI at each image's own "
+                f"resolution",
+        "why": "a proxy for the external TCGA set of issue #16 (20x and 40x tiles scored at their own um/px)",
+        "scores": "AJI, mean over images", "goal": f"model AJI >= classical + 0.05 at {mpp} um/px in every stain",
+        "mpp": [DATA_MPP, mpp], "stains": ["original", *[m.name for m in shifts]]},
+        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "datasets": {}}
+    for ds in datasets:
+        samples = load_split(root, ds, "test")
+        own = source_tile_stains(samples)
+        rows: dict = {}
+        block = res["datasets"][ds] = {"n_images": len({s.source_tile for s in samples}), "aji": rows}
+        for shift in (None, *shifts):
+            t = time.perf_counter()
+            stained = samples if shift is None else restain_samples(samples, [shift] * len(samples), own)
+            images = [SimpleNamespace(rgb=rgb, inst=inst, types=None) for _, rgb, inst in _whole_images(root, ds, stained)]
+            name = "original" if shift is None else shift.name
+            rows[name] = {str(DATA_MPP): {m: round(evaluate(seg, images)["aji"], 4) for m, seg in methods.items()}}
+            half = []
+            for im in images:
+                hw = (im.inst.shape[0] // 2, im.inst.shape[1] // 2)
+                half.append(SimpleNamespace(rgb=resample_rgb(im.rgb, hw), inst=resample_labels(im.inst, hw), types=None))
+            rows[name][str(mpp)] = {m: round(evaluate(seg, half, mpp)["aji"], 4) for m, seg in methods.items()}
+            print(f"scan_20x {ds} {name}: {rows[name]} ({time.perf_counter() - t:.0f} s)", flush=True)
+            at = [(st, r[str(mpp)]) for st, r in rows.items()]
+            block["summary"] = {
+                m: {"worst_stain": min(at, key=lambda c: c[1][m])[0], "worst_aji": min(c[1][m] for c in at),
+                    "min_minus_classical": round(min(c[1][m] - c[1]["classical"] for c in at), 4),
+                    "mean_drop_from_40x": round(float(np.mean([r[str(DATA_MPP)][m] - r[str(mpp)][m]
+                                                                for r in rows.values()])), 4),
+                    "ge_classical_plus_0.05_everywhere": all(c[1][m] - c[1]["classical"] >= 0.05 for c in at)}
+                for m in methods if m != "classical"}
+            if out is not None:
+                _update(out, "scan_20x", res)
+    return res
+
+
+def _whole_images(root: Path, ds: str, samples: list | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, rgb, instances) of each whole test image: a MoNuSeg tile, or a CoNSeP source tile's
     16 patches put back 4 x 4 (the patches are not a contiguous grid, so the mosaic has seams;
-    the truth is stitched the same way, ids offset per patch)."""
-    samples = load_split(root, ds, "test")
+    the truth is stitched the same way, ids offset per patch). ``samples``: the test split as
+    loaded, or re-stained."""
+    samples = load_split(root, ds, "test") if samples is None else samples
     if ds != "consep":
         return [(s.name, s.rgb, s.inst) for s in samples]
     out = []
@@ -648,7 +765,7 @@ def _update(out: Path, block: str, value: dict) -> None:
     atomic_write_text(out, json.dumps(prev, indent=1))
 
 
-BLOCKS = ("accuracy", "speed", "stain_shift", "scale_shift", "her2st_counts", "slide_scale", "stain_scale")
+BLOCKS = ("accuracy", "speed", "stain_shift", "scale_shift", "her2st_counts", "slide_scale", "stain_scale", "scan_20x", "beyond_range")
 SPEED_NOTE = ("megapixels of 0.25 µm/px input per second on a mosaic of real CoNSeP patches. Per model: "
               "segment_slide (the API) at the segmenter's own batch size per device; 'app': the app's "
               "whole pipeline (predict_slide on the mosaic as a tiled TIFF: blocks, segmentation, "
@@ -800,6 +917,10 @@ def main(argv: list[str] | None = None) -> None:
         scale_shift(methods, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every}, out=out)
     if "stain_scale" in blocks:
         stain_scale(methods, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every}, out=out)
+    if "scan_20x" in blocks:
+        scan_20x(methods, root, out=out)
+    if "beyond_range" in blocks:
+        beyond_range(methods, root, every={"consep": a.consep_every, "monuseg": a.monuseg_every}, out=out)
     if variants:  # which scale-check rule the '+auto-scale' rows ran (the rule lives in code, not weights)
         from ghist_core.segmentation.model import SCALE_RULE
 

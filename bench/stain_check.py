@@ -33,42 +33,11 @@ from ghist_core.imaging.stain import RUIFROK_RGB_FROM_HED  # noqa: E402
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.pipeline.stain_check import (ANGLE_SLACK_DEG, AMOUNT_SLACK, PATCH_MPP, PATCH_PX,  # noqa: E402
-                                             SAMPLE_PATCHES, StainRange, check_stain)
+                                             SAMPLE_PATCHES, StainRange, beyond_range_stains, check_stain)
 from ghist_core.training.stain_bank import (StainMember, image_stains, load_stain_bank, restain_image,  # noqa: E402
                                             stain_angle_deg)
 
 RESULTS = REPO_DIR / "bench" / "results" / "stain_check.json"
-
-
-def turned(vector: np.ndarray, deg: float, rng: np.random.Generator) -> np.ndarray:
-    """A unit OD vector ``deg`` degrees from ``vector`` towards a seeded random perpendicular direction,
-    kept in the positive octant (tries directions until one stays positive)."""
-    v = vector / np.linalg.norm(vector)
-    for _ in range(1000):
-        d = rng.normal(size=3)
-        d -= (d @ v) * v
-        d /= np.linalg.norm(d)
-        out = np.cos(np.radians(deg)) * v + np.sin(np.radians(deg)) * d
-        if (out > 0.02).all():
-            return out / np.linalg.norm(out)
-    raise ValueError(f"no positive OD vector {deg}° from {vector}")
-
-
-def beyond_targets(bank, seed: int = 0) -> list[StainMember]:
-    """Stains outside the tested envelope (plus the check's slack): each stain vector turned 5° and 15° past
-    the widest tested angle, and each stain's amount at 0.6x the lowest and 1.5x the highest tested."""
-    rng, ref, env = np.random.default_rng(seed), bank.reference, StainRange.from_bank(bank)
-    out = []
-    for i, stain in enumerate(("haematoxylin", "eosin")):
-        for extra in (5.0, 15.0):
-            m = ref.matrix.copy()
-            m[i] = turned(m[i], env.max_angle_deg[i] + ANGLE_SLACK_DEG + extra, rng)
-            out.append(StainMember(f"{stain}+{extra:g}deg", "synthetic", "", "beyond", m.tolist(), ref.max_c.tolist()))
-        for name, factor in (("weak", 0.6 * env.amount_low[i] / AMOUNT_SLACK), ("strong", 1.5 * env.amount_high[i] * AMOUNT_SLACK)):
-            c = ref.max_c.copy()
-            c[i] *= factor
-            out.append(StainMember(f"{stain}-{name}", "synthetic", "", "beyond", ref.matrix.tolist(), c.tolist()))
-    return out
 
 
 def test_slides(root: Path) -> dict[str, list[np.ndarray]]:
@@ -124,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     bank = load_stain_bank()
-    beyond = beyond_targets(bank)
+    beyond = beyond_range_stains(bank)
     tests = test_slides(a.data_root)
     real = {**tests, **(her2st_slides(a.her2st_root) if (a.her2st_root / "images").is_dir() else {}),
             **other_slides(a.slides)}

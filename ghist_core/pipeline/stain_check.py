@@ -25,7 +25,7 @@ import numpy as np
 from ghist_core.errors import ModelInputError
 from ghist_core.io.tiles import evenly_spaced
 from ghist_core.imaging.stain import macenko_stains
-from ghist_core.training.stain_bank import StainBank, load_stain_bank, stain_angle_deg
+from ghist_core.training.stain_bank import StainBank, StainMember, load_stain_bank, stain_angle_deg
 
 if TYPE_CHECKING:
     from ghist_core.io.slide import Slide
@@ -182,3 +182,37 @@ def slide_stain_record(slide: "Slide", blocks: list) -> dict:
         return stain_check_record(stain_patches(slide, blocks))
     except Exception as exc:  # noqa: BLE001 - a quality note, not the result: report and go on
         return {"note": "", "unavailable": f"the stain check could not run ({type(exc).__name__}: {exc})"}
+
+
+def _turned(vector: np.ndarray, deg: float, rng: np.random.Generator) -> np.ndarray:
+    """A unit OD vector ``deg`` degrees from ``vector`` towards a seeded random perpendicular direction,
+    kept in the positive octant (tries directions until one stays positive)."""
+    v = vector / np.linalg.norm(vector)
+    for _ in range(1000):
+        d = rng.normal(size=3)
+        d -= (d @ v) * v
+        d /= np.linalg.norm(d)
+        out = np.cos(np.radians(deg)) * v + np.sin(np.radians(deg)) * d
+        if (out > 0.02).all():
+            return out / np.linalg.norm(out)
+    raise ValueError(f"no positive OD vector {deg}° from {vector}")
+
+
+def beyond_range_stains(bank: StainBank | None = None, seed: int = 0) -> list[StainMember]:
+    """Stains outside the tested envelope (plus the check's slack): each stain vector turned 5° and 15° past
+    the widest tested angle, and each stain's amount at 0.6x the lowest and 1.5x the highest tested (slack
+    included). Why here: the benchmarks that ask what the flag catches (``bench/stain_check.py``) and what
+    it means for the nuclei (``bench/segmentation.py``, block ``beyond_range``) score the same stains."""
+    bank = bank or load_stain_bank()
+    rng, ref, env = np.random.default_rng(seed), bank.reference, StainRange.from_bank(bank)
+    out = []
+    for i, stain in enumerate(("haematoxylin", "eosin")):
+        for extra in (5.0, 15.0):
+            m = ref.matrix.copy()
+            m[i] = _turned(m[i], env.max_angle_deg[i] + ANGLE_SLACK_DEG + extra, rng)
+            out.append(StainMember(f"{stain}+{extra:g}deg", "synthetic", "", "beyond", m.tolist(), ref.max_c.tolist()))
+        for name, factor in (("weak", 0.6 * env.amount_low[i] / AMOUNT_SLACK), ("strong", 1.5 * env.amount_high[i] * AMOUNT_SLACK)):
+            c = ref.max_c.copy()
+            c[i] *= factor
+            out.append(StainMember(f"{stain}-{name}", "synthetic", "", "beyond", ref.matrix.tolist(), c.tolist()))
+    return out

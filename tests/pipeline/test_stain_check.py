@@ -13,8 +13,9 @@ from ghist_core import _keys as K
 from ghist_core.imaging.stain import macenko_restain, macenko_stains
 from ghist_core.io.slide import open_slide
 from ghist_core.pipeline.blocks import PipelineConfig, plan_blocks
-from ghist_core.pipeline.stain_check import (ANGLE_SLACK_DEG, SAMPLE_PATCHES, StainEstimateError, StainRange,
-                                             check_stain, stain_check_record, stain_patches)
+from ghist_core.pipeline.stain_check import (AMOUNT_SLACK, ANGLE_SLACK_DEG, SAMPLE_PATCHES, StainEstimateError,
+                                             StainRange, beyond_range_stains, check_stain, stain_check_record,
+                                             stain_patches)
 from ghist_core.training.stain_bank import load_stain_bank, stain_angle_deg
 
 
@@ -45,6 +46,26 @@ def test_every_stain_the_envelope_was_made_from_is_inside_it():
             assert (angle <= np.array(rng.max_angle_deg) + 0.05).all(), m.name
             assert (np.array(rng.amount_low) - 0.005 <= amount).all() and (amount <= np.array(rng.amount_high) + 0.005).all()
     assert max(rng.max_angle_deg) > 15 and rng.amount_low[0] < 0.6 and rng.amount_high[1] > 2  # it is not a point
+
+
+def test_the_benchmarks_beyond_range_stains_are_outside_the_envelope_in_one_way_each():
+    """Each of them differs from the training reference in one stain and one property (angle or amount),
+    by more than the check's slack; the same seed gives the same stains (both benchmarks score them)."""
+    bank = load_stain_bank()
+    env, ref = StainRange.from_bank(bank), bank.reference
+    stains = beyond_range_stains(bank)
+    assert len(stains) == 8 and len({m.name for m in stains}) == 8
+    for m in stains:
+        i = 0 if m.name.startswith("haematoxylin") else 1
+        angle, amount = stain_angle_deg(m.matrix, ref.matrix), m.max_c / ref.max_c
+        assert angle[1 - i] < 1e-3 and abs(amount[1 - i] - 1) < 1e-9, m.name  # the other stain untouched
+        if "deg" in m.name:
+            assert angle[i] > env.max_angle_deg[i] + ANGLE_SLACK_DEG + 4, m.name
+            assert (m.matrix > 0).all() and np.allclose(np.linalg.norm(m.matrix, axis=1), 1)
+        else:
+            assert amount[i] < env.amount_low[i] / AMOUNT_SLACK or amount[i] > env.amount_high[i] * AMOUNT_SLACK, m.name
+    again = beyond_range_stains(bank)
+    assert all(np.array_equal(a.matrix, b.matrix) for a, b in zip(stains, again))
 
 
 def test_patches_are_few_and_bounded_whatever_the_slide(demo_slide, demo_patches):

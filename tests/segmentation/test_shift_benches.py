@@ -163,3 +163,64 @@ def test_stain_scale_restains_then_enlarges_with_the_truth_aligned(demo_slide, t
     summary = res["datasets"]["monuseg"]["summary"]["nuclei-seg-stain"]
     assert summary["worst"][0] in rows and summary["worst_aji"] == min(r["2.0"]["nuclei-seg-stain"] for r in rows.values())
     assert json.loads(out.read_text())["stain_scale"] == json.loads(json.dumps(res))
+
+
+def _classical_truth_split(demo_slide, tmp_path, side: int = 384):
+    """A one-tile MoNuSeg-like split from the demo slide whose truth is the classical segmenter's own nuclei."""
+    import numpy as np
+    from PIL import Image
+
+    from ghist_core.segmentation import ClassicalSegmenter
+
+    classical = ClassicalSegmenter()
+    folder = tmp_path / "monuseg" / "test"
+    folder.mkdir(parents=True)
+    with open_slide(demo_slide) as s:
+        rgb = np.ascontiguousarray(s.read_region((600, 900), 0, (side, side))[..., :3])
+    Image.fromarray(rgb).save(folder / "demo.png")
+    Image.fromarray(classical.segment_tile(rgb, 0.25)[0].astype(np.uint16)).save(folder / "demo.inst.png")
+    return classical
+
+
+def test_scan_20x_scores_each_stain_at_both_resolutions_with_the_truth_downsampled(demo_slide, tmp_path):
+    """The 20x proxy: as it is the classical segmenter finds its own truth (AJI 1 at 0.25 µm/px). It works
+    at 0.5 µm/px itself, so with the image and the truth both halved it finds the same nuclei again
+    (a truth misaligned with the halved image would score far lower); every benchmark stain is scored
+    at both resolutions; the block is written as it goes."""
+    import json
+
+    from ghist_core.training.stain_bank import load_stain_bank
+
+    classical = _classical_truth_split(demo_slide, tmp_path)
+    seg = load_segmenter("nuclei-seg-stain", device="cpu")
+    out = tmp_path / "seg.json"
+    res = bench.scan_20x({"nuclei-seg-stain": seg, "classical": classical}, tmp_path, out=out, datasets=("monuseg",))
+    rows = res["datasets"]["monuseg"]["aji"]
+    assert list(rows) == ["original", *[m.name for m in load_stain_bank().select("benchmark")]]
+    assert all(set(r) == {"0.25", "0.5"} for r in rows.values())
+    assert rows["original"]["0.25"]["classical"] == 1.0 and rows["original"]["0.5"]["classical"] > 0.95
+    summary = res["datasets"]["monuseg"]["summary"]["nuclei-seg-stain"]
+    assert summary["worst_aji"] == min(r["0.5"]["nuclei-seg-stain"] for r in rows.values())
+    assert json.loads(out.read_text())["scan_20x"] == json.loads(json.dumps(res))
+
+
+def test_beyond_range_scores_the_stain_checks_outside_stains_against_the_original(demo_slide, tmp_path):
+    """What the stain check's note means for the nuclei: the original row first (classical finds its own
+    truth), then each beyond-the-range stain; the summary says where the model falls below classical."""
+    import json
+
+    from ghist_core.pipeline.stain_check import beyond_range_stains
+
+    classical = _classical_truth_split(demo_slide, tmp_path)
+    seg = load_segmenter("nuclei-seg-stain", device="cpu")
+    out = tmp_path / "seg.json"
+    res = bench.beyond_range({"nuclei-seg-stain": seg, "classical": classical}, tmp_path, every={"monuseg": 1}, out=out)
+    rows = res["datasets"]["monuseg"]["aji"]
+    assert list(rows) == ["original", *[m.name for m in beyond_range_stains()]]
+    assert rows["original"]["classical"] == 1.0
+    assert min(r["classical"] for name, r in rows.items() if name != "original") < 1.0  # the stains change the image
+    summary = res["datasets"]["monuseg"]["summary"]["nuclei-seg-stain"]
+    assert set(summary["drop_vs_original"]) == set(rows) - {"original"}
+    assert summary["below_classical"] == sorted(st for st, r in rows.items()
+                                                if st != "original" and r["nuclei-seg-stain"] < r["classical"])
+    assert json.loads(out.read_text())["beyond_range"] == json.loads(json.dumps(res))
