@@ -34,11 +34,12 @@ from ghist_core.weights.card import SEGMENTATION_KIND, seal_card  # noqa: E402
 _FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("steps_per_epoch", "--steps-per-epoch"),
           ("max_epochs", "--max-epochs"), ("time_budget_s", "--time-budget"), ("device", "--device"),
           ("workers", "--workers"), ("augment", "--augment"), ("val_restain", "--val-restain"),
-          ("max_steps", "--max-steps"), ("type_weights", "--type-weights")]
+          ("max_steps", "--max-steps"), ("type_weights", "--type-weights"), ("teacher", "--teacher"),
+          ("distill_weight", "--distill-weight")]
 _STAIN_WORDS = "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
 #: the card's words for the training.augment presets (the other --augment kinds are named as they are)
 _AUGMENT_WORDS = {"stain": _STAIN_WORDS, "wide": _STAIN_WORDS + ", sampled stains and nuclei 0.67-2x their size"}
-_OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights")  # left out when 0 / "" (default: off)
+_OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights", "teacher", "distill_weight")  # left out when 0 / "" (default: off)
 
 
 def run_command(cfg: dict, out: str, init: str) -> str:

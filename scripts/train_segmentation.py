@@ -70,6 +70,10 @@ class TrainConfig:
                                    # bank members farthest from the reference; "best" = mean AJI over all copies
     type_weights: str = ""         # "": plain type cross-entropy; "balanced": each nucleus type weighted by
                                    # 1/sqrt of its share of the training nucleus pixels (rare "other" counts more)
+    teacher: str = ""              # distil from these weights (safetensors, card beside when its architecture
+                                   # differs): each crop's maps before colour and zoom changes, warped with the
+                                   # crop's zoom, are soft targets for the student on the changed crop
+    distill_weight: float = 0.0    # weight of that loss next to the supervised one (0 = off)
 
 
 # --- data on the device ---------------------------------------------------------------
@@ -109,8 +113,9 @@ class DeviceData:
                      for _, _, t, _ in self.groups)  # per type id, over the training images
         return balanced_type_weights(pixels[:n_classes].numpy()).to(self.device)
 
-    def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` random crops; gathers and the 8 flips/rotations run per group, not per sample."""
+    def batch(self, n: int, rng: np.random.Generator, teacher: torch.nn.Module | None = None):
+        """``n`` random crops; gathers and the 8 flips/rotations run per group, not per sample.
+        ``(x, inst, types)``, plus ``soft`` (teacher maps, :func:`teacher_targets`) with a ``teacher``."""
         c = self.crop
         imgs, insts, types = [], [], []
         counts = np.bincount(rng.choice(len(self.groups), size=n, p=self.p), minlength=len(self.groups))
@@ -157,10 +162,53 @@ class DeviceData:
                 lst.append(x)
         x = torch.cat(out[0]).float() / 255.0
         inst_b, types_b = torch.cat(out[1]).contiguous(), torch.cat(out[2]).long()
+        if teacher is not None:
+            return self._distil_batch(x, inst_b, types_b, rng, teacher)
         if self.augment is not None:
             x, inst_b, types_b = self.augment(x, inst_b, types_b, rng)
             return x, inst_b.contiguous(), types_b.long()
         return hed_jitter(x, rng), inst_b, types_b
+
+    def _distil_batch(self, x: torch.Tensor, inst: torch.Tensor, types: torch.Tensor, rng: np.random.Generator,
+                      teacher: torch.nn.Module):
+        """The teacher reads each crop as sampled (its own stains, nuclei at their size: where it is
+        good); its maps ride through the zoom with the image as extra channels (bilinear, as the image),
+        so they stay aligned with the zoomed crop and the masks; only the image then gets the colour
+        changes. HV maps are offsets normalised per nucleus, so a zoom leaves their values valid. A
+        last all-zero channel comes out 1 where the zoom fell outside the crop (the image's white
+        fill): those pixels get no soft target."""
+        soft = teacher_targets(teacher, x)
+        if self.augment is None:
+            return hed_jitter(x, rng), inst, types, soft
+        stacked = torch.cat([x, soft[:, :-1], torch.zeros_like(x[:, :1])], dim=1)
+        stacked, inst, types = self.augment.geometric(stacked, inst, types, rng)
+        x = self.augment.colour(stacked[:, :3], rng)
+        soft = torch.cat([stacked[:, 3:-1], (stacked[:, -1:] < 0.5).float()], dim=1)
+        return x, inst.contiguous(), types.long(), soft
+
+
+@torch.no_grad()
+def teacher_targets(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """B x (1 + 2 + K + 1) soft targets of the teacher on ``x``: nucleus probability, HV, type
+    probabilities (background included) and a validity channel (all 1 here)."""
+    np_logit, hv, tp = (o.float() for o in teacher(x))
+    return torch.cat([torch.sigmoid(np_logit), hv, torch.softmax(tp, dim=1), torch.ones_like(np_logit)], dim=1)
+
+
+def distill_losses(out, soft: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The student's maps against the teacher's (``soft``: :func:`teacher_targets`, zoomed with the
+    crop): nucleus BCE to the teacher's probability everywhere valid; HV squared error and type
+    KL divergence weighted by the teacher's nucleus probability (they only mean something in nuclei)."""
+    np_logit, hv, tp = (o.float() for o in out)
+    p_t, hv_t, tp_t, valid = soft[:, :1], soft[:, 1:3], soft[:, 3:-1], soft[:, -1:]
+    n_valid = valid.sum().clamp_min(1)
+    bce = (F.binary_cross_entropy_with_logits(np_logit, p_t.clamp(0, 1), reduction="none") * valid).sum() / n_valid
+    w = p_t * valid
+    n_w = w.sum().clamp_min(1)
+    hv_se = (((hv - hv_t) ** 2).sum(1, keepdim=True) * w).sum() / n_w
+    tp_t = tp_t.clamp_min(1e-6)
+    kl = ((tp_t * (tp_t.log() - torch.log_softmax(tp, dim=1))).sum(1, keepdim=True) * w).sum() / n_w
+    return {"kd_np": bce, "kd_hv": hv_se, "kd_tp": kl}
 
 
 def hed_jitter(x: torch.Tensor, rng: np.random.Generator, sigma: float = 0.08, bias: float = 0.02) -> torch.Tensor:
@@ -312,6 +360,25 @@ def load_state(model: SegNet, path: Path) -> None:
     model.load_state_dict(load_file(str(path)))
 
 
+def load_teacher(path: str, arch: SegNetConfig, device: torch.device) -> SegNet:
+    """A frozen network to distil from: the architecture of its card when one lies beside it (a
+    bigger teacher), else the student's. It must work at the student's µm/px (the maps are compared
+    pixel for pixel)."""
+    from safetensors.torch import load_file
+
+    card = Path(path).with_suffix(".json")
+    t_arch = SegNetConfig.from_dict(json.loads(card.read_text())["architecture"]) if card.exists() else arch
+    if abs(t_arch.mpp - arch.mpp) > 1e-9 or t_arch.n_types != arch.n_types:
+        raise ValueError(f"the teacher works at {t_arch.mpp} µm/px with {t_arch.n_types} classes; the student at "
+                         f"{arch.mpp} µm/px with {arch.n_types}: distillation compares their maps pixel for pixel")
+    teacher = SegNet(t_arch).to(device)
+    teacher.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
+    teacher.eval()
+    for prm in teacher.parameters():
+        prm.requires_grad_(False)
+    return teacher
+
+
 def write_final(model: SegNet, out: Path, result: dict) -> Path:
     """``final.safetensors`` (fp16, small enough to ship) + ``final.json`` card the loader reads."""
     from safetensors.torch import save_file
@@ -379,6 +446,9 @@ def train(cfg: TrainConfig) -> dict:
         load_state(model, last)
         state = json.loads(last.with_suffix(".json").read_text())["state"]
         print(f"resumed at epoch {state['epoch']} step {state['step']}", flush=True)
+    teacher = load_teacher(cfg.teacher, arch, device) if cfg.teacher and cfg.distill_weight > 0 else None
+    if teacher is not None:
+        print(f"distilling from {cfg.teacher} (weight {cfg.distill_weight})", flush=True)
     log_path = out / "log.jsonl"
     budget = cfg.time_budget_s or float("inf")
     elapsed0 = state["elapsed_s"]
@@ -394,12 +464,16 @@ def train(cfg: TrainConfig) -> dict:
             warm = min(1.0, (state["step"] + 1) / 200)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
-            x, inst, types = data.batch(cfg.batch_size, rng)
+            x, inst, types, *soft = data.batch(cfg.batch_size, rng, teacher)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
                 outs = model(x)
             ls = losses(outs, inst, types, type_w)
+            if soft:
+                kd = distill_losses(outs, soft[0])
+                ls["total"] = ls["total"] + cfg.distill_weight * (kd["kd_np"] + kd["kd_hv"] + kd["kd_tp"])
+                ls.update(kd)
             opt.zero_grad(set_to_none=True)
             ls["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -484,13 +558,19 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                     help="also validate on k re-stained copies of the validation images (training-role stains)")
     ap.add_argument("--type-weights", choices=("", "balanced"), default=d.type_weights,
                     help="weight the type cross-entropy: 'balanced' = 1/sqrt of each type's share of nucleus pixels")
+    ap.add_argument("--teacher", default=d.teacher,
+                    help="distil from these weights (safetensors): soft targets from each crop before its colour "
+                         "and zoom changes, warped with the zoom (needs --distill-weight > 0)")
+    ap.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                    help="weight of the distillation loss next to the supervised one (0 = off)")
     ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
     a = ap.parse_args(argv)
     cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
                       steps_per_epoch=a.steps_per_epoch, max_epochs=a.max_epochs, max_steps=a.max_steps,
                       time_budget_s=a.time_budget, device=a.device, workers=a.workers,
                       tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
-                      augment=a.augment, val_restain=a.val_restain, type_weights=a.type_weights)
+                      augment=a.augment, val_restain=a.val_restain, type_weights=a.type_weights,
+                      teacher=a.teacher, distill_weight=a.distill_weight)
     return cfg
 
 

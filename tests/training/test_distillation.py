@@ -1,0 +1,139 @@
+"""scripts/train_segmentation.py ``--teacher``: a frozen network's maps on each crop, before its colour
+and zoom changes, ride through the zoom with the image and become the student's soft targets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ghist_core.io.slide import open_slide
+from ghist_core.paths import REPO_DIR
+from testkit import load_repo_script
+
+train_seg = load_repo_script("scripts/train_segmentation.py")
+TEACHER = REPO_DIR / "weights" / "nuclei-seg-stain.safetensors"
+
+
+class ColourTeacher(torch.nn.Module):
+    """A 'teacher' whose maps are functions of the pixel colours it reads (HV = the green and blue
+    channels): where the soft targets come from is then visible in them."""
+
+    def forward(self, x):
+        return 4.0 * (0.6 - x[:, :1]), x[:, 1:3], torch.stack([x[:, 0], 1 - x[:, 0], x[:, 1], x[:, 2], x[:, 0]], 1)
+
+
+def _samples(demo_slide, n_tiles: int = 2, side: int = 256):
+    from ghist_core.segmentation import ClassicalSegmenter
+    from ghist_core.training.segmentation_data import NucleiSample
+
+    classical, out = ClassicalSegmenter(), []
+    with open_slide(demo_slide) as s:
+        for k in range(n_tiles):
+            rgb = np.ascontiguousarray(s.read_region((600 + 300 * k, 900), 0, (side, side))[..., :3])
+            inst = classical.segment_tile(rgb, 0.5)[0].astype(np.int32)
+            types = np.zeros(int(inst.max()) + 1, np.int64)
+            types[1:] = 1 + np.arange(int(inst.max())) % 4
+            out.append(NucleiSample(f"train_{k}_000", "consep", f"train_{k}", rgb, inst, types))
+    return out
+
+
+def _data(demo_slide, augment: str = "wide"):
+    from dataclasses import replace
+
+    cfg = replace(train_seg.TrainConfig(), augment=augment, crop_um=64.0, mpp=0.5)
+    return train_seg.DeviceData(_samples(demo_slide), cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("zoom", [0.67, 2.0])
+def test_soft_targets_ride_through_the_zoom_with_the_image(demo_slide, zoom):
+    """With colour changes off, the warped HV targets of a colour-reading teacher equal the zoomed
+    image's own green and blue wherever the zoom stayed inside the crop: the targets line up with
+    the image the student reads (bilinear on both, so exactly). Zoomed out, part of the crop is
+    outside: no target there; zoomed in, none is."""
+    from ghist_core.training.augment import AugmentConfig, SegAugment
+
+    data = _data(demo_slide)
+    data.augment = SegAugment(AugmentConfig.off(p_scale=1.0, scale_range=(zoom, zoom)))
+    x, inst, types, soft = data.batch(6, np.random.default_rng(0), ColourTeacher())
+    assert soft.shape == (6, 1 + 2 + 5 + 1) + x.shape[-2:]
+    valid = soft[:, -1:] > 0.5
+    assert torch.allclose(soft[:, 1:3] * valid, x[:, 1:3] * valid, atol=1e-5)
+    if zoom < 1:
+        assert 0.05 < float((~valid).float().mean()) < 0.95
+        assert bool((x.permute(1, 0, 2, 3)[:, ~valid[:, 0]] == 1.0).all())  # where the image got its white fill
+    else:
+        assert bool(valid.all())
+    assert inst.shape == x.shape[:1] + x.shape[-2:] and types.shape == inst.shape
+
+
+def test_colour_changes_reach_the_student_not_the_targets(demo_slide):
+    """Only the image is recoloured: with the stain and colour changes on and no zoom, the targets
+    are the teacher's maps on the crop as sampled, which the recoloured image no longer gives."""
+    from ghist_core.training.augment import AugmentConfig, SegAugment
+
+    data = _data(demo_slide)
+    data.augment = SegAugment(AugmentConfig.off(p_colour=1.0, hue=0.1, contrast=0.3, brightness=0.2))
+    x, _, _, soft = data.batch(8, np.random.default_rng(1), ColourTeacher())
+    assert float((soft[:, 1:3] - x[:, 1:3]).abs().mean()) > 0.01
+    assert bool((soft[:, -1] == 1).all())
+
+
+def test_distillation_loss_is_least_where_the_student_matches_the_teacher():
+    torch.manual_seed(0)
+    np_logit, hv, tp = torch.randn(2, 1, 16, 16), torch.randn(2, 2, 16, 16) * 0.5, torch.randn(2, 5, 16, 16)
+    soft = torch.cat([torch.sigmoid(np_logit), hv, torch.softmax(tp, 1), torch.ones_like(np_logit)], 1)
+    same = train_seg.distill_losses((np_logit, hv, tp), soft)
+    assert float(same["kd_hv"]) == 0.0 and abs(float(same["kd_tp"])) < 1e-5
+    other = train_seg.distill_losses((np_logit + 1, hv + 0.3, tp.flip(1)), soft)
+    for k in ("kd_np", "kd_hv", "kd_tp"):
+        assert float(other[k]) > float(same[k]) + 1e-3, k
+    masked = soft.clone()
+    masked[:, -1] = 0  # nothing valid: nothing to learn
+    assert all(float(v) == 0.0 for v in train_seg.distill_losses((np_logit + 1, hv, tp), masked).values())
+
+
+def test_a_teacher_of_another_resolution_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from ghist_core.segmentation.model import SegNet, SegNetConfig
+
+    arch = SegNetConfig(widths=(4, 8, 8, 8, 8), blocks=(1, 1, 1, 1, 1), head_width=4, mpp=0.25)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in SegNet(arch).state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"architecture": arch.to_dict()}))
+    with pytest.raises(ValueError, match="pixel for pixel"):
+        train_seg.load_teacher(str(path), replace(arch, mpp=0.5), torch.device("cpu"))
+    t = train_seg.load_teacher(str(path), arch, torch.device("cpu"))
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+
+
+def test_a_short_run_with_a_teacher_logs_the_distillation_terms(demo_slide, tmp_path):
+    """Two steps from the bundled weights, distilling from them, on a tiny split cut from the demo
+    slide: the run finishes, its log has the three distillation terms, the config records the teacher."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    root = tmp_path / "nuclei"
+    for ds, n in (("consep", 4), ("monuseg", 2)):
+        folder = root / ds / "train"
+        folder.mkdir(parents=True)
+        for s in _samples(demo_slide, n_tiles=n):
+            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
+            Image.fromarray(s.rgb).save(folder / f"{name}.png")
+            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
+            if ds == "consep":
+                (folder / f"{name}.type.json").write_text(json.dumps({str(i): int(s.types[i])
+                                                                       for i in range(1, len(s.types))}))
+    cfg = replace(train_seg.TrainConfig(), data_root=str(root), out=str(tmp_path / "run"), batch_size=4,
+                  steps_per_epoch=2, max_epochs=1, device="cpu", workers=1, tune_postprocess=False,
+                  init=str(TEACHER), teacher=str(TEACHER), distill_weight=1.0, augment="wide", mpp=0.5)
+    result = train_seg.train(cfg)
+    rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"kd_np", "kd_hv", "kd_tp"} <= set(rec) and all(np.isfinite(rec[k]) for k in ("kd_np", "kd_hv", "kd_tp"))
+    assert result["train_config"]["teacher"] == str(TEACHER) and result["train_config"]["distill_weight"] == 1.0
