@@ -167,6 +167,16 @@ def app_speed(learned: dict, rgb: np.ndarray, work: Path, mpp: float = DATA_MPP,
     return out
 
 
+def _subsets(every: dict[str, int]) -> dict[str, str]:
+    """How each block's test subset was taken (``protocol.subset``)."""
+    return {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()}
+
+
+def _shas(methods: dict) -> dict[str, str]:
+    """The weights' sha256 of the learned methods a block scored (``weights_sha256``)."""
+    return {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")}
+
+
 def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, ttn: bool = True) -> dict:
     """AJI / PQ per stain shift for each learned model and the classical baseline (``methods``,
     by name; ``"classical"`` is the baseline), each also with test-time normalisation.
@@ -206,7 +216,7 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
         "ttn": "test-time normalisation: each image re-stained to the bank's training reference "
                "(median of the CoNSeP + MoNuSeg train members), its stains estimated over its whole "
                "(shifted) source image, before segmentation",
-        "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
+        "subset": _subsets(every),
         "scores": "mean over images (HoVer-Net protocol), as in segmentation.json",
         "goal": "a model's worst-case AJI drop <= 0.03 and its AJI >= classical + 0.10 on every shift",
         "drops": "against the un-normalised original images of the same method (for *_ttn rows too)",
@@ -214,7 +224,7 @@ def stain_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path, 
                     "per-patch estimate (residual dropped); excluded from drops and worst cases",
         "caveat": "the shifts are Macenko re-stainings, which Macenko test-time normalisation can undo almost "
                   "exactly; real lab/scanner differences are not only a 2-stain change, so *_ttn rows flatter TTN"},
-        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "weights_sha256": _shas(methods),
         "reference": {"stain_matrix": ref.stain_matrix,
                       "max_concentrations": ref.max_concentrations},
         "shifts": {m.name: {"source": m.source, "licence": m.licence,
@@ -345,10 +355,10 @@ def scale_shift(methods: dict, root: Path, *, every: dict[str, int], out: Path |
     res: dict = {"protocol": {
         "what": "test images resampled by each zoom and segmented at the stated 0.25 µm/px, so nuclei appear "
                 "zoom x their size (enlarged images cropped to the original field, shrunk ones whole)",
-        "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
+        "subset": _subsets(every),
         "scores": "AJI, mean over images", "goal": "model AJI >= classical + 0.10 at every zoom",
         "zooms": [1.0, *zooms]},
-        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "weights_sha256": _shas(methods),
         "datasets": {}}
     for ds, k in every.items():
         samples = load_split(root, ds, "test")[::k]
@@ -400,9 +410,9 @@ def beyond_range(methods: dict, root: Path, *, every: dict[str, int], out: Path 
                 "segmented at the stated 0.25 um/px",
         "why": "the app's stain check flags such slides; this says how far the nuclei can then be trusted, and "
                "whether the classical segmenter would be the better choice there",
-        "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
+        "subset": _subsets(every),
         "scores": "AJI, mean over images", "stains": [t.name for t in targets]},
-        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "weights_sha256": _shas(methods),
         "datasets": {}}
     for ds, k in every.items():
         samples, own = _subset_and_stains(root, ds, k)
@@ -442,10 +452,10 @@ def stain_scale(methods: dict, root: Path, *, every: dict[str, int], out: Path |
                 "zoom and cropped to the original field, segmented at the stated 0.25 um/px",
         "why": "a proxy for the external breast-cancer set of issue #16 (another lab, 40x, large tumour nuclei), "
                "which stays outside this repository",
-        "subset": {ds: f"every {k}-th image of the sorted test split (start 0)" for ds, k in every.items()},
+        "subset": _subsets(every),
         "scores": "AJI, mean over images", "goal": "model AJI >= classical + 0.10 in every (stain, zoom)",
         "zooms": list(zooms), "stains": [m.name for m in shifts]},
-        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "weights_sha256": _shas(methods),
         "datasets": {}}
     for ds, k in every.items():
         samples, own = _subset_and_stains(root, ds, k)
@@ -497,7 +507,7 @@ def scan_20x(methods: dict, root: Path, *, out: Path | None = None, mpp: float =
         "why": "a proxy for the external TCGA set of issue #16 (20x and 40x tiles scored at their own um/px)",
         "scores": "AJI, mean over images", "goal": f"model AJI >= classical + 0.05 at {mpp} um/px in every stain",
         "mpp": [DATA_MPP, mpp], "stains": ["original", *[m.name for m in shifts]]},
-        "weights_sha256": {n: m.card.get("sha256") for n, m in methods.items() if hasattr(m, "card")},
+        "weights_sha256": _shas(methods),
         "datasets": {}}
     for ds in datasets:
         samples = load_split(root, ds, "test")
