@@ -176,7 +176,12 @@ class DeviceData:
         so they stay aligned with the zoomed crop and the masks; only the image then gets the colour
         changes. HV maps are offsets normalised per nucleus, so a zoom leaves their values valid. A
         last all-zero channel comes out 1 where the zoom fell outside the crop (the image's white
-        fill): those pixels get no soft target."""
+        fill): those pixels get no soft target. (Zoomed in, a nucleus cut by the window keeps the
+        teacher's HV of the whole nucleus while the supervised HV is recomputed on its visible part:
+        the two disagree along the window's edge, a few pixels.)"""
+        if self.augment is not None and self.augment.config.symmetries:
+            raise ValueError("distillation needs the augmentation's own symmetries off (the batch applies them before "
+                             "the teacher reads it): a flip or turn would move the HV channels without swapping them")
         soft = teacher_targets(teacher, x)
         if self.augment is None:
             return hed_jitter(x, rng), inst, types, soft
@@ -197,8 +202,9 @@ def teacher_targets(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def distill_losses(out, soft: torch.Tensor) -> dict[str, torch.Tensor]:
     """The student's maps against the teacher's (``soft``: :func:`teacher_targets`, zoomed with the
-    crop): nucleus BCE to the teacher's probability everywhere valid; HV squared error and type
-    KL divergence weighted by the teacher's nucleus probability (they only mean something in nuclei)."""
+    crop): nucleus BCE to the teacher's probability everywhere valid (its floor is the teacher's own
+    entropy, not 0); HV squared error (summed over the two channels) and type KL divergence weighted
+    by the teacher's nucleus probability (they only mean something in nuclei)."""
     np_logit, hv, tp = (o.float() for o in out)
     p_t, hv_t, tp_t, valid = soft[:, :1], soft[:, 1:3], soft[:, 3:-1], soft[:, -1:]
     n_valid = valid.sum().clamp_min(1)
@@ -367,10 +373,16 @@ def load_teacher(path: str, arch: SegNetConfig, device: torch.device) -> SegNet:
     from safetensors.torch import load_file
 
     card = Path(path).with_suffix(".json")
-    t_arch = SegNetConfig.from_dict(json.loads(card.read_text())["architecture"]) if card.exists() else arch
-    if abs(t_arch.mpp - arch.mpp) > 1e-9 or t_arch.n_types != arch.n_types:
-        raise ValueError(f"the teacher works at {t_arch.mpp} µm/px with {t_arch.n_types} classes; the student at "
-                         f"{arch.mpp} µm/px with {arch.n_types}: distillation compares their maps pixel for pixel")
+    if card.exists():
+        t_arch = SegNetConfig.from_dict(json.loads(card.read_text())["architecture"])
+    else:
+        print(f"no card beside {path}: the teacher is assumed to have the student's architecture", flush=True)
+        t_arch = arch
+    if (abs(t_arch.mpp - arch.mpp) > 1e-9 or tuple(t_arch.type_names) != tuple(arch.type_names)
+            or t_arch.n_types != arch.n_types):
+        raise ValueError(f"the teacher works at {t_arch.mpp} µm/px with types {list(t_arch.type_names)}; the student "
+                         f"at {arch.mpp} µm/px with {list(arch.type_names)}: distillation compares their maps pixel "
+                         "for pixel and type for type")
     teacher = SegNet(t_arch).to(device)
     teacher.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
     teacher.eval()

@@ -116,9 +116,7 @@ class StainCheck:
         return ("This slide's stain lies outside the range the nucleus segmenter was trained and tested on: "
                 + "; ".join(self.outside) + ". Its nuclei may be missed or mis-drawn without any error: "
                 "look at the nuclei over the image in a few regions before relying on cell counts, types or "
-                "expression. (On test images re-stained beyond this range the segmenter lost up to 40 % of "
-                "its accuracy (AJI) but stayed well ahead of the classical segmenter, so switching to it is not "
-                "the remedy.)")
+                "expression.")
 
     def to_dict(self) -> dict:
         """``uns["ghist"]["stain_check"]`` (JSON types only)."""

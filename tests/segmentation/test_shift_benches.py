@@ -211,16 +211,27 @@ def test_beyond_range_scores_the_stain_checks_outside_stains_against_the_origina
 
     from ghist_core.pipeline.stain_check import beyond_range_stains
 
+    import numpy as np
+    import pandas as pd
+
+    class Blank:  # finds nothing: below classical under every stain
+        card = {"sha256": "none"}
+
+        def segment_tile(self, rgb, mpp):
+            return np.zeros(rgb.shape[:2], np.int32), pd.DataFrame({"id": pd.Series([], dtype=int), "type": []})
+
     classical = _classical_truth_split(demo_slide, tmp_path)
     seg = load_segmenter("nuclei-seg-stain", device="cpu")
     out = tmp_path / "seg.json"
-    res = bench.beyond_range({"nuclei-seg-stain": seg, "classical": classical}, tmp_path, every={"monuseg": 1}, out=out)
+    res = bench.beyond_range({"nuclei-seg-stain": seg, "blank": Blank(), "classical": classical}, tmp_path,
+                             every={"monuseg": 1}, out=out)
+    assert res["datasets"]["monuseg"]["summary"]["blank"]["below_classical"] == sorted(
+        m.name for m in beyond_range_stains())
     rows = res["datasets"]["monuseg"]["aji"]
-    assert list(rows) == ["original", *[m.name for m in beyond_range_stains()]]
+    assert list(rows) == ["original", "training-reference", *[m.name for m in beyond_range_stains()]]
     assert rows["original"]["classical"] == 1.0
     assert min(r["classical"] for name, r in rows.items() if name != "original") < 1.0  # the stains change the image
     summary = res["datasets"]["monuseg"]["summary"]["nuclei-seg-stain"]
-    assert set(summary["drop_vs_original"]) == set(rows) - {"original"}
-    assert summary["below_classical"] == sorted(st for st, r in rows.items()
-                                                if st != "original" and r["nuclei-seg-stain"] < r["classical"])
+    assert set(summary["drop_vs_original"]) == set(summary["drop_vs_control"]) == set(rows) - {"original",
+                                                                                             "training-reference"}
     assert json.loads(out.read_text())["beyond_range"] == json.loads(json.dumps(res))

@@ -25,14 +25,14 @@ class ColourTeacher(torch.nn.Module):
         return 4.0 * (0.6 - x[:, :1]), x[:, 1:3], torch.stack([x[:, 0], 1 - x[:, 0], x[:, 1], x[:, 2], x[:, 0]], 1)
 
 
-def _samples(demo_slide, n_tiles: int = 2, side: int = 256):
+def _samples(demo_slide, n_tiles: int = 2, side: int = 256, origin: tuple[int, int] = (600, 900)):
     from ghist_core.segmentation import ClassicalSegmenter
     from ghist_core.training.segmentation_data import NucleiSample
 
     classical, out = ClassicalSegmenter(), []
     with open_slide(demo_slide) as s:
         for k in range(n_tiles):
-            rgb = np.ascontiguousarray(s.read_region((600 + 300 * k, 900), 0, (side, side))[..., :3])
+            rgb = np.ascontiguousarray(s.read_region((origin[0] + 300 * k, origin[1]), 0, (side, side))[..., :3])
             inst = classical.segment_tile(rgb, 0.5)[0].astype(np.int32)
             types = np.zeros(int(inst.max()) + 1, np.int64)
             types[1:] = 1 + np.arange(int(inst.max())) % 4
@@ -79,6 +79,37 @@ def test_colour_changes_reach_the_student_not_the_targets(demo_slide):
     x, _, _, soft = data.batch(8, np.random.default_rng(1), ColourTeacher())
     assert float((soft[:, 1:3] - x[:, 1:3]).abs().mean()) > 0.01
     assert bool((soft[:, -1] == 1).all())
+
+
+def test_hv_targets_survive_the_zoom_that_carries_them(demo_slide):
+    """Why the teacher's HV maps may ride through the zoom as plain channels: HV values are offsets
+    normalised per nucleus, so the zoomed maps of a crop are (up to interpolation and the nuclei the
+    window cuts) the maps of the zoomed crop."""
+    from ghist_core.training.augment import AugmentConfig, SegAugment
+    from ghist_core.training.segmentation_data import hv_targets
+
+    s = _samples(demo_slide, n_tiles=1, origin=(900, 1500))[0]  # a crowded region (about 100 nuclei)
+    inst = torch.from_numpy(s.inst[None].astype(np.int64))
+    x = torch.cat([torch.from_numpy(s.rgb).permute(2, 0, 1)[None].float() / 255, hv_targets(inst),
+                   torch.zeros(1, 1, *inst.shape[-2:])], 1)
+    aug = SegAugment(AugmentConfig.off(p_scale=1.0, scale_range=(2.0, 2.0)))
+    moved, inst_z, _ = aug.geometric(x, inst, None, np.random.default_rng(0))
+    direct = hv_targets(inst_z)
+    ids, cut = inst_z[0].unique(), set(inst_z[0, 0].tolist() + inst_z[0, -1].tolist() + inst_z[0, :, 0].tolist()
+                                      + inst_z[0, :, -1].tolist())
+    whole = torch.isin(inst_z[0], torch.tensor([i for i in ids.tolist() if i and i not in cut]))
+    err = (moved[0, 3:5] - direct[0]).abs()[:, whole]
+    assert int(whole.sum()) > 500 and float(err.mean()) < 0.1, float(err.mean())
+
+
+def test_the_augmentations_own_symmetries_are_refused(demo_slide):
+    """They would turn the HV channels as plain images (without swapping or negating them)."""
+    from ghist_core.training.augment import AugmentConfig, SegAugment
+
+    data = _data(demo_slide)
+    data.augment = SegAugment(AugmentConfig.off(symmetries=True))
+    with pytest.raises(ValueError, match="symmetries"):
+        data.batch(4, np.random.default_rng(0), ColourTeacher())
 
 
 def test_distillation_loss_is_least_where_the_student_matches_the_teacher():
