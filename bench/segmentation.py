@@ -502,7 +502,7 @@ def scan_20x(methods: dict, root: Path, *, out: Path | None = None, mpp: float =
     from types import SimpleNamespace
 
     from ghist_core.segmentation.tiling import resample_labels, resample_rgb
-    from ghist_core.training.stain_bank import load_stain_bank, restain_samples, source_tile_stains
+    from ghist_core.training.stain_bank import load_stain_bank, restain_samples
 
     shifts = load_stain_bank().select("benchmark")
     res: dict = {"protocol": {
@@ -516,8 +516,7 @@ def scan_20x(methods: dict, root: Path, *, out: Path | None = None, mpp: float =
         "weights_sha256": _shas(methods),
         "datasets": {}}
     for ds in datasets:
-        samples = load_split(root, ds, "test")
-        own = source_tile_stains(samples)
+        samples, own = _subset_and_stains(root, ds, 1)
         rows: dict = {}
         block = res["datasets"][ds] = {"n_images": len({s.source_tile for s in samples}), "aji": rows}
         for shift in (None, *shifts):

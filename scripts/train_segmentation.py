@@ -115,7 +115,7 @@ class DeviceData:
 
     def batch(self, n: int, rng: np.random.Generator, teacher: torch.nn.Module | None = None):
         """``n`` random crops; gathers and the 8 flips/rotations run per group, not per sample.
-        ``(x, inst, types)``, plus ``soft`` (teacher maps, :func:`teacher_targets`) with a ``teacher``."""
+        ``(x, inst, types)``, plus ``soft`` (:func:`teacher_targets` and a validity channel) with a ``teacher``."""
         c = self.crop
         imgs, insts, types = [], [], []
         counts = np.bincount(rng.choice(len(self.groups), size=n, p=self.p), minlength=len(self.groups))
@@ -182,10 +182,10 @@ class DeviceData:
         if self.augment is not None and self.augment.config.symmetries:
             raise ValueError("distillation needs the augmentation's own symmetries off (the batch applies them before "
                              "the teacher reads it): a flip or turn would move the HV channels without swapping them")
-        soft = teacher_targets(teacher, x)
+        maps = teacher_targets(teacher, x)
         if self.augment is None:
-            return hed_jitter(x, rng), inst, types, soft
-        stacked = torch.cat([x, soft[:, :-1], torch.zeros_like(x[:, :1])], dim=1)
+            return hed_jitter(x, rng), inst, types, torch.cat([maps, torch.ones_like(maps[:, :1])], dim=1)
+        stacked = torch.cat([x, maps, torch.zeros_like(x[:, :1])], dim=1)
         stacked, inst, types = self.augment.geometric(stacked, inst, types, rng)
         x = self.augment.colour(stacked[:, :3], rng)
         soft = torch.cat([stacked[:, 3:-1], (stacked[:, -1:] < 0.5).float()], dim=1)
@@ -194,15 +194,16 @@ class DeviceData:
 
 @torch.no_grad()
 def teacher_targets(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """B x (1 + 2 + K + 1) soft targets of the teacher on ``x``: nucleus probability, HV, type
-    probabilities (background included) and a validity channel (all 1 here)."""
+    """B x (1 + 2 + K) maps of the teacher on ``x``: nucleus probability, HV, type probabilities
+    (background included). The batch appends a validity channel: the soft targets of
+    :func:`distill_losses`."""
     np_logit, hv, tp = (o.float() for o in teacher(x))
-    return torch.cat([torch.sigmoid(np_logit), hv, torch.softmax(tp, dim=1), torch.ones_like(np_logit)], dim=1)
+    return torch.cat([torch.sigmoid(np_logit), hv, torch.softmax(tp, dim=1)], dim=1)
 
 
 def distill_losses(out, soft: torch.Tensor) -> dict[str, torch.Tensor]:
     """The student's maps against the teacher's (``soft``: :func:`teacher_targets`, zoomed with the
-    crop): nucleus BCE to the teacher's probability everywhere valid (its floor is the teacher's own
+    crop, plus the validity channel): nucleus BCE to the teacher's probability everywhere valid (its floor is the teacher's own
     entropy, not 0); HV squared error (summed over the two channels) and type KL divergence weighted
     by the teacher's nucleus probability (they only mean something in nuclei)."""
     np_logit, hv, tp = (o.float() for o in out)
@@ -360,18 +361,18 @@ def save_state(model: SegNet, path: Path, meta: dict) -> None:
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
 
 
-def load_state(model: SegNet, path: Path) -> None:
+def load_state(model: SegNet, path: Path | str) -> None:
+    """Weights from a safetensors file into ``model`` (a checkpoint, ``--init`` or a teacher; a bundled
+    model's fp16 tensors are widened to float)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
 
 
 def load_teacher(path: str, arch: SegNetConfig, device: torch.device) -> SegNet:
     """A frozen network to distil from: the architecture of its card when one lies beside it (a
     bigger teacher), else the student's. It must work at the student's µm/px (the maps are compared
     pixel for pixel)."""
-    from safetensors.torch import load_file
-
     card = Path(path).with_suffix(".json")
     if card.exists():
         t_arch = SegNetConfig.from_dict(json.loads(card.read_text())["architecture"])
@@ -384,7 +385,7 @@ def load_teacher(path: str, arch: SegNetConfig, device: torch.device) -> SegNet:
                          f"at {arch.mpp} µm/px with {list(arch.type_names)}: distillation compares their maps pixel "
                          "for pixel and type for type")
     teacher = SegNet(t_arch).to(device)
-    teacher.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
+    load_state(teacher, path)
     teacher.eval()
     for prm in teacher.parameters():
         prm.requires_grad_(False)
@@ -449,9 +450,7 @@ def train(cfg: TrainConfig) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best_aji": -1.0, "elapsed_s": 0.0, "log": []}
     if cfg.init:
-        from safetensors.torch import load_file
-
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(cfg.init).items()})
+        load_state(model, cfg.init)
         print(f"initialised from {cfg.init}", flush=True)
     last = out / "last.safetensors"
     if last.exists():  # resume

@@ -206,7 +206,7 @@ def beyond_range_stains(bank: StainBank | None = None, seed: int = 0) -> list[St
     bank = bank or load_stain_bank()
     rng, ref, env = np.random.default_rng(seed), bank.reference, StainRange.from_bank(bank)
     out = []
-    for i, stain in enumerate(("haematoxylin", "eosin")):
+    for i, stain in enumerate(STAINS):
         for extra in (5.0, 15.0):
             m = ref.matrix.copy()
             m[i] = _turned(m[i], env.max_angle_deg[i] + ANGLE_SLACK_DEG + extra, rng)
