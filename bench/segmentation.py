@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, load_segmenter  # noqa: E402
+from ghist_core.segmentation.features import decide_types  # noqa: E402
 from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split  # noqa: E402
 from ghist_core.training.segmentation_metrics import DetectionCounts, SegCounts, detection_counts, seg_counts  # noqa: E402
 
@@ -66,19 +67,34 @@ def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
     """Scores of one segmenter on one split (per-image mean and pooled), the images at ``mpp``
     (detection radii scaled to it)."""
     per, pooled, scales = [], SegCounts(), []
-    det6, det_hn = DetectionCounts(), DetectionCounts()
+    det6, det_hn, det_merged = DetectionCounts(), DetectionCounts(), DetectionCounts()
+    post = getattr(seg, "post", None)
+    merge = (getattr(post, "type_merge", None) or {}) if getattr(seg, "type_names", ()) else {}
     name_to_int = {n: i + 1 for i, n in enumerate(CONSEP_TYPES)}
+    truth_merged = np.arange(len(CONSEP_TYPES) + 1)  # type int -> its merged type int
+    for src, dst in merge.items():
+        truth_merged[CONSEP_TYPES.index(src) + 1] = CONSEP_TYPES.index(dst) + 1
     for s in samples:
         inst, cells = seg.segment_tile(s.rgb, mpp)
         scales.append(cells.attrs.get("nucleus_scale", 1.0))
         c = seg_counts(s.inst, inst)
         per.append(c)
         pooled = pooled + c
-        pred_types = np.zeros(int(inst.max()) + 1, int)
-        if len(cells):
-            pred_types[cells["id"].to_numpy()] = [name_to_int.get(t, 0) for t in cells["type"]]
         det6 = det6 + detection_counts(s.inst, inst, DET_RADIUS_UM / mpp)
-        det_hn = det_hn + detection_counts(s.inst, inst, HOVERNET_RADIUS_PX * DATA_MPP / mpp, s.types, pred_types)
+        radius = HOVERNET_RADIUS_PX * DATA_MPP / mpp
+        if s.types is None or not getattr(seg, "type_names", ()):
+            det_hn = det_hn + detection_counts(s.inst, inst, radius)
+            continue
+        # the network's weighted decision over the four classes (as HoVer-Net is scored), and the
+        # ``type`` column a user gets, with the card's merge (docs/DECISIONS.md, session 17), truth merged alike
+        probs = cells[[f"prob_{n}" for n in CONSEP_TYPES]].to_numpy(np.float64)
+        four, merged = np.zeros((2, int(inst.max()) + 1), int)
+        four[cells["id"].to_numpy()] = decide_types(probs, CONSEP_TYPES, getattr(post, "type_weights", None)) + 1
+        merged[cells["id"].to_numpy()] = [name_to_int.get(t, 0) for t in cells["type"]]
+        if getattr(seg, "type_refiner", None) is not None and not merge:
+            four = merged  # a card's refiner decides the four-class type itself
+        det_hn = det_hn + detection_counts(s.inst, inst, radius, s.types, four)
+        det_merged = det_merged + detection_counts(s.inst, inst, radius, truth_merged[s.types], merged)
     mean = {k: float(np.mean([c.scores()[k] for c in per])) for k in ("aji", "pq", "dq", "sq", "dice")}
     out = {**{k: round(v, 4) for k, v in mean.items()},
            "f1_detection": round(det6.f1, 4), "f_d": round(det_hn.f1, 4),
@@ -90,6 +106,10 @@ def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
         out["per_type_f1"] = None  # the classical baseline has no classifier
     if samples and samples[0].types is not None and getattr(seg, "type_names", ()):
         out["per_type_f1"] = {n: round(det_hn.type_f1(i + 1), 4) for i, n in enumerate(CONSEP_TYPES)}
+        if merge:
+            out["type_merge"] = dict(merge)
+            out["per_type_f1_merged"] = {n: round(det_merged.type_f1(i + 1), 4) for i, n in enumerate(CONSEP_TYPES)
+                                         if n not in merge}
     return out
 
 

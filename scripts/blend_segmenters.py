@@ -38,7 +38,7 @@ from ghist_core.weights.resolve import load_state_dict, resolve_file, save_weigh
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RESULT = REPO_DIR / "bench" / "results" / "segmentation_blend_choice.json"
 #: card fields that describe the base's own evaluation or seal, not the blend's
-_NOT_INHERITED = ("benchmark", "metrics", "sha256", "card_sha256", "integrity", "size", "files", "type_decision",
+_NOT_INHERITED = ("benchmark", "metrics", "sha256", "card_sha256", "integrity", "size", "files", "type_decision", "type_merge",
                   "command", "training")
 
 

@@ -3,6 +3,7 @@ script's held-out source tiles, ``validation_samples``); the test images are sco
 Rules: docs/DECISIONS.md, session 13.
 
     python scripts/choose_on_validation.py type-weights [--model nuclei-seg-stain] [--out ...]
+    python scripts/choose_on_validation.py type-merge [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py tta [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py watershed [--model nuclei-seg-stain] [--out ...]
 
@@ -11,6 +12,12 @@ probabilities times a weight per type), a correction of the training set's class
 "other" is 1.9 % of the training nuclei, 6.4 % of the test nuclei); coordinate ascent on the mean
 per-type F1 of the validation patches, then the test patches scored once, unweighted and weighted.
 Nuclei, probabilities and F_d do not move. Writes ``bench/results/segmentation_type_weights.json``.
+
+``type-merge``: the lineage CoNSeP's "other" (a remainder class) joins in the nucleus type, chosen on
+the validation patches by the mean per-type F1 of the three merged classes; the test patches scored
+once, merged and not (rule: docs/DECISIONS.md, session 17). Writes
+``bench/results/segmentation_type_merge.json``; ``scripts/package_segmentation.py --type-merge``
+puts an adopted merge into the card.
 
 ``tta``: test-time augmentation for ``segment_tile``: mean validation AJI with 1, 2, 4 and 8
 flipped/transposed copies, as stated, the card's thresholds; the pick is the highest mean or the
@@ -36,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import load_segmenter  # noqa: E402
+from ghist_core.segmentation.features import decide_types  # noqa: E402
 from ghist_core.segmentation.model import TTA_COPIES  # noqa: E402
 from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split, validation_samples  # noqa: E402
 from ghist_core.training.segmentation_metrics import (DetectionCounts, centroids, match_centroids,  # noqa: E402
@@ -68,13 +76,18 @@ def matched(seg, samples) -> list[tuple]:
     return out
 
 
-def scores(images: list[tuple], weights: np.ndarray) -> dict:
-    """HoVer-Net per-type F1 and their mean with types = argmax(probabilities x weights)."""
+def scores(images: list[tuple], weights: np.ndarray, merge: dict[str, str] | None = None) -> dict:
+    """HoVer-Net per-type F1 and their mean with types = ``decide_types`` (argmax of probabilities x
+    weights; a type in ``merge`` joins its target, in the truth too, and is not scored)."""
+    merge = merge or {}
+    truth = np.arange(len(CONSEP_TYPES) + 1)  # type int -> type int, 0 kept
+    for src, dst in merge.items():
+        truth[CONSEP_TYPES.index(src) + 1] = CONSEP_TYPES.index(dst) + 1
     det = DetectionCounts()
     for gt_m, gt_u, p_m, p_u in images:
-        det = det + DetectionCounts(gt_m, (p_m * weights).argmax(1) + 1 if len(p_m) else np.zeros(0, int),
-                                    gt_u, (p_u * weights).argmax(1) + 1 if len(p_u) else np.zeros(0, int))
-    f1 = {n: round(det.type_f1(i + 1), 4) for i, n in enumerate(CONSEP_TYPES)}
+        det = det + DetectionCounts(truth[gt_m], decide_types(p_m, CONSEP_TYPES, weights, merge) + 1,
+                                    truth[gt_u], decide_types(p_u, CONSEP_TYPES, weights, merge) + 1)
+    f1 = {n: round(det.type_f1(i + 1), 4) for i, n in enumerate(CONSEP_TYPES) if n not in merge}
     return {"per_type_f1": f1, "mean_type_f1": round(float(np.mean(list(f1.values()))), 4), "f_d": round(det.f1, 4)}
 
 
@@ -125,6 +138,45 @@ def run_type_weights(seg, root: Path, out: Path) -> dict:
     res["verdict"]["adopt"] = all(res["verdict"].values())
     atomic_write_text(out, json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ("chosen_weights", "test", "verdict")}, indent=1))
+    return res
+
+
+# --- type-merge -----------------------------------------------------------------------------
+MERGED = "other"
+LINEAGES = tuple(n for n in CONSEP_TYPES if n != MERGED)
+MERGE_TIE = "epithelial"  # the rule's tie-break
+MERGE_VETO = 0.02
+
+
+def run_type_merge(seg, root: Path, out: Path) -> dict:
+    """The lineage CoNSeP's "other" joins, chosen on the validation patches by the mean per-type F1
+    of the three merged classes (the card's type weights kept); the test patches scored once."""
+    weights = np.asarray(seg.post.type_weights if seg.post.type_weights is not None else np.ones(len(CONSEP_TYPES)))
+    val = validation_samples(root, ("consep",))
+    test = load_split(root, "consep", "test")
+    t = time.perf_counter()
+    val_images = matched(seg, val)
+    candidates = {dst: scores(val_images, weights, {MERGED: dst}) for dst in LINEAGES}
+    chosen = max(LINEAGES, key=lambda d: (candidates[d]["mean_type_f1"], d == MERGE_TIE))
+    print(f"validation {({d: c['mean_type_f1'] for d, c in candidates.items()})}: {MERGED} -> {chosen} "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    test_images = matched(seg, test)
+    unmerged, merged = scores(test_images, weights), scores(test_images, weights, {MERGED: chosen})
+    kept_lineages = [n for n in LINEAGES if n != chosen]
+    res = {
+        "rule": "docs/DECISIONS.md, session 17 (merge CoNSeP's 'other' into a lineage)",
+        "model": seg.card.get("name"), "weights_sha256": seg.card.get("sha256"), "type_weights": weights.tolist(),
+        "validation": {"images": len(val), "tiles": sorted({s.source_tile for s in val}),
+                       "true_other_nuclei": int(sum((s.types[1:] == 1).sum() for s in val)),
+                       "unmerged": scores(val_images, weights), "candidates": candidates},
+        "chosen": {MERGED: chosen},
+        "test": {"images": len(test), "unmerged": unmerged, "merged": merged},
+        "verdict": {f"{n}_f1_within_{MERGE_VETO}": merged["per_type_f1"][n] >= unmerged["per_type_f1"][n] - MERGE_VETO
+                    for n in kept_lineages},
+    }
+    res["verdict"]["adopt"] = all(res["verdict"].values())
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(json.dumps({k: res[k] for k in ("chosen", "test", "verdict")}, indent=1))
     return res
 
 
@@ -347,6 +399,7 @@ def pick_smallest(scores: dict[float, float], tie: float = TIE) -> float:
 
 
 JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
+        "type-merge": (run_type_merge, "segmentation_type_merge.json"),
         "scale-gate": (run_scale_gate, "segmentation_scale_gate_choice.json"),
         "scale-trigger": (run_scale_trigger, "segmentation_scale_trigger_choice.json"),
         "tta": (run_tta, "segmentation_tta_choice.json"),

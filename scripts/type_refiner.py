@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"segmentation_type_refiner{'' if a.design == 1 else '_v2'}.json")
     seg = load_segmenter(a.model, device="cpu")
     seg.type_refiner = None  # the current decision is the baseline, whatever the card holds
+    seg.post.type_merge = None  # both decisions over the four CoNSeP classes (a merge is decided after)
     root = Path(a.data_root)
     if a.write_card:
         return write_card(json.loads(Path(a.out).read_text()), a.model)

@@ -7,7 +7,7 @@ so a tile with thousands of nuclei is measured in milliseconds.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -120,14 +120,40 @@ def label_type_probabilities(labels: np.ndarray, type_probs: np.ndarray, n_label
     return sums / np.maximum(sums.sum(axis=1, keepdims=True), 1e-12)
 
 
+def check_type_merge(merge: Mapping[str, str] | None, type_names: Sequence[str]) -> dict[str, str]:
+    """``merge`` ({merged type: the type it joins}) checked against ``type_names`` (ValueError)."""
+    merge = dict(merge or {})
+    names = list(type_names)
+    for src, dst in merge.items():
+        if src not in names or dst not in names or dst in merge or src == dst:
+            raise ValueError(f"type_merge {src!r} -> {dst!r} does not fit the types {names} "
+                             "(both must be types, and a target cannot itself be merged)")
+    return merge
+
+
+def decide_types(probs: np.ndarray, type_names: Sequence[str], weights: Sequence[float] | None = None,
+                 merge: Mapping[str, str] | None = None) -> np.ndarray:
+    """Index into ``type_names`` of each row's type: the argmax of ``probs`` (n x types) times
+    ``weights``. A type in ``merge`` is never chosen: its weighted probability joins its target's
+    first (CoNSeP's "other" is a remainder, not a lineage: docs/DECISIONS.md, session 17)."""
+    decide = np.asarray(probs, np.float64) * (np.asarray(weights, np.float64) if weights is not None else 1.0)
+    names = list(type_names)
+    for src, dst in check_type_merge(merge, names).items():
+        i, j = names.index(src), names.index(dst)
+        decide[:, j] = decide[:, j] + decide[:, i]
+        decide[:, i] = -np.inf
+    return decide.argmax(axis=1) if len(decide) else np.zeros(0, np.int64)
+
+
 def measure_instances(instances: np.ndarray, mpp: float, *, type_probs: np.ndarray | None = None,
-                      type_names: Sequence[str] = (), type_weights: Sequence[float] | None = None) -> pd.DataFrame:
+                      type_names: Sequence[str] = (), type_weights: Sequence[float] | None = None,
+                      type_merge: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per instance of ``instances`` (int labels, 0 = background).
 
     Columns: ``id``, ``x_px``, ``y_px``, ``area_um2``, ``perimeter_um``, ``eccentricity``,
     ``solidity``, ``type``, ``prob_<type>`` (when ``type_probs`` of shape C x H x W with
-    background at index 0 is given; ``type`` is the argmax of the probabilities times
-    ``type_weights`` when given) and ``ray_00`` .. ``ray_15`` in µm.
+    background at index 0 is given; ``type`` by :func:`decide_types` with ``type_weights`` and
+    ``type_merge``) and ``ray_00`` .. ``ray_15`` in µm.
 
     Perimeter is the Crofton-style estimate (pixel-edge count x π/4); solidity is the area of
     the 16-ray star polygon over the area of its convex hull.
@@ -202,8 +228,7 @@ def measure_instances(instances: np.ndarray, mpp: float, *, type_probs: np.ndarr
     frame = pd.DataFrame(cols)
     if type_probs is not None and len(type_names):
         probs = label_type_probabilities(flat, type_probs, n_max + 1)[labels]
-        decide = probs * np.asarray(type_weights, np.float64) if type_weights is not None else probs
-        frame["type"] = np.asarray(type_names, dtype=object)[decide.argmax(axis=1)]
+        frame["type"] = np.asarray(type_names, dtype=object)[decide_types(probs, type_names, type_weights, type_merge)]
         for k, name in enumerate(type_names):
             frame[f"prob_{name}"] = probs[:, k]
     else:

@@ -10,6 +10,7 @@ watershed of ``postprocess.py``. Plain PyTorch, trained from random initialisati
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import numbers
@@ -28,7 +29,7 @@ from ghist_core._keys import OBS_NUCLEUS_SCALE
 from ghist_core.device import autocast_for, pick_device
 from ghist_core.errors import ModelInputError, WeightsFormatError, WeightsNotFoundError
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
-from ghist_core.segmentation.features import measure_instances, relabel_sequential
+from ghist_core.segmentation.features import check_type_merge, measure_instances, relabel_sequential
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
 from ghist_core.segmentation.type_refiner import TypeRefiner, nucleus_type_features
 from ghist_core._types import ProgressCallback, SlideLike
@@ -483,10 +484,11 @@ class LearnedSegmenter:
         :attr:`type_refiner` and the image (``rgb``, same H x W as ``inst``), ``type`` is the
         refiner's (the ``prob_<type>`` columns stay the network's)."""
         cells = measure_instances(inst, mpp, type_probs=tp, type_names=self.type_names,
-                                  type_weights=self.post.type_weights)
+                                  type_weights=self.post.type_weights, type_merge=self.post.type_merge)
         if self.type_refiner is not None and rgb is not None and len(cells):
             features = nucleus_type_features(rgb, inst, cells, mpp, self.type_names)
-            cells["type"] = np.asarray(self.type_names, dtype=object)[self.type_refiner.predict(features) - 1]
+            names = np.asarray(self.type_names, dtype=object)[self.type_refiner.predict(features) - 1]
+            cells["type"] = pd.Series(names).replace(self.post.type_merge or {}).to_numpy(dtype=object)
         return cells
 
     def _empty(self, hw: tuple[int, int], mpp: float, factor: float = 1.0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -499,8 +501,7 @@ class LearnedSegmenter:
         """Thresholds for maps upsampled to ``mpp``: gradients shrink with the scale, sigma grows."""
         f = self.mpp / mpp
         p = self.post
-        return PostProcessConfig(p.np_threshold, p.marker_threshold / f, p.sigma_px * f, p.min_area_um2, p.min_marker_um2,
-                                 p.type_weights)
+        return dataclasses.replace(p, marker_threshold=p.marker_threshold / f, sigma_px=p.sigma_px * f)
 
     def _finish(self, cells: pd.DataFrame, mpp: float, empty: bool = False) -> pd.DataFrame:
         cells.insert(1, "cell_id", cells["id"].to_numpy())
@@ -642,6 +643,8 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
         model = SegNet(SegNetConfig.from_dict(card.get("architecture", {})))
         post_keys = PostProcessConfig.__dataclass_fields__
         post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
+        merge = (card.get("type_merge") or {}).get("merge")  # docs/DECISIONS.md, session 17
+        post.type_merge = check_type_merge(merge, model.cfg.type_names) or None
         refiner = (TypeRefiner.from_dict(card["type_refiner"], model.cfg.type_names)
                    if card.get("type_refiner") is not None else None)
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:

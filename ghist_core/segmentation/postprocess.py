@@ -33,6 +33,9 @@ class PostProcessConfig:
     #: type; None: unweighted), a class-prior correction chosen on the validation split
     #: (scripts/choose_on_validation.py type-weights); the probabilities themselves are not changed
     type_weights: tuple[float, ...] | None = None
+    #: {type: the type it joins}: a merged type is never a nucleus' ``type`` (its probability joins
+    #: its target's; its ``prob_<type>`` column stays), e.g. CoNSeP's "other" (docs/DECISIONS.md, session 17)
+    type_merge: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

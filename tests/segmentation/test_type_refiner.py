@@ -84,20 +84,22 @@ def tissue(demo_slide):
 
 
 def test_the_refiner_sets_the_type_label_only_on_both_paths(tissue):
-    """A refiner that calls every nucleus "other": ``type`` says so on segment_tile and segment_slide,
-    while the nuclei and the network's ``prob_<type>`` columns (which the expression model reads)
-    are exactly as without it."""
+    """A refiner that calls every nucleus "inflammatory": ``type`` says so on segment_tile and
+    segment_slide, while the nuclei and the network's ``prob_<type>`` columns (which the expression
+    model reads) are exactly as without it. The card's merge applies to a refiner's calls too."""
     rgb, mpp = tissue
     seg = load_segmenter("nuclei-seg-stain", device="cpu")
     refined = copy.copy(seg)
-    refined.type_refiner = _constant_refiner(1)
+    refined.type_refiner = _constant_refiner(2)
     probs = [f"prob_{t}" for t in TYPES]
     for run in (lambda s: s.segment_tile(rgb, mpp, nucleus_scale=1.0)[1],
                 lambda s: s.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=1.0)):
         plain, other = run(seg), run(refined)
         assert len(plain) == len(other) > 50
-        assert (other["type"] == "other").all() and (plain["type"] != "other").mean() > 0.5
+        assert (other["type"] == "inflammatory").all() and (plain["type"] != "inflammatory").mean() > 0.5
         assert np.allclose(plain[probs + ["area_um2", "x_um"]].to_numpy(), other[probs + ["area_um2", "x_um"]].to_numpy())
+    refined.type_refiner = _constant_refiner(1)  # "other", which the card merges into "epithelial"
+    assert (refined.segment_tile(rgb, mpp, nucleus_scale=1.0)[1]["type"] == "epithelial").all()
 
 
 def test_a_coarser_input_takes_the_refiners_types_too(tissue):

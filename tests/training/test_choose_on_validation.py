@@ -68,3 +68,17 @@ def test_smallest_setting_within_the_tie_wins():
     assert choose.pick_smallest({0.0: 0.400, 0.25: 0.405, 0.5: 0.4095, 0.75: 0.4100, 1.0: 0.401}) == 0.5
     assert choose.pick_smallest({0.0: 0.410, 0.25: 0.4095, 0.5: 0.40}) == 0.0
     assert choose.pick_smallest({0.0: 0.39, 1.0: 0.41}) == 1.0
+
+
+def test_type_merge_scores_relabel_the_truth_and_leave_the_merged_class_out():
+    """Stand-in nuclei: true "other" ones that the network calls epithelial count for "epithelial"
+    once merged there, and against it when merged elsewhere; the merged class is not scored."""
+    true = np.array([1, 1, 1, 3, 3, 2, 4])
+    probs = np.array([[0.2, 0.1, 0.6, 0.1]] * 5 + [[0.1, 0.8, 0.05, 0.05], [0.1, 0.05, 0.05, 0.8]])
+    images = [(true, np.zeros(0, int), probs, np.zeros((0, 4)))]
+    into_epi = choose.scores(images, np.ones(4), {"other": "epithelial"})
+    into_spindle = choose.scores(images, np.ones(4), {"other": "spindle-shaped"})
+    assert set(into_epi["per_type_f1"]) == {"inflammatory", "epithelial", "spindle-shaped"}
+    assert into_epi["per_type_f1"]["epithelial"] == 1.0
+    assert into_spindle["per_type_f1"]["epithelial"] < 1.0 and into_spindle["per_type_f1"]["spindle-shaped"] < 1.0
+    assert choose.scores(images, np.ones(4))["per_type_f1"]["other"] == 0.0  # unmerged: never called

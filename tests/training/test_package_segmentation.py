@@ -114,3 +114,35 @@ def test_refresh_bench_renews_only_the_rows_of_a_bundled_card(tmp_path):
         package.main(["--refresh-bench", str(card_path), "--bench", str(tmp_path / "bench.json")])
     with pytest.raises(SystemExit):
         package.main(["--refresh-bench", str(card_path)])  # --bench is required
+
+
+def test_type_merge_goes_into_the_card_only_as_adopted_for_these_weights(tmp_path):
+    """``--type-merge``: the adopted merge and its record land in a re-sealed card; a result for other
+    weights or one its rule did not adopt is refused, and the card is left as it was."""
+    import shutil
+
+    from ghist_core.io.hashing import sha256_file
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+    from ghist_core.weights.card import check_seal
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(BUNDLED_WEIGHTS_DIR / f"nuclei-seg-stain{suffix}", tmp_path / f"nuclei-seg-stain{suffix}")
+    card_path = tmp_path / "nuclei-seg-stain.json"
+    sha = sha256_file(tmp_path / "nuclei-seg-stain.safetensors")
+    result = {"rule": "docs/DECISIONS.md, session 17 (x)", "weights_sha256": sha, "chosen": {"other": "inflammatory"},
+              "validation": {"images": 3, "tiles": ["t1"]}, "verdict": {"adopt": True},
+              "test": {"unmerged": {"per_type_f1": {"other": 0.1}}, "merged": {"per_type_f1": {"inflammatory": 0.5}}}}
+    before = card_path.read_text()
+    for bad in ({**result, "weights_sha256": "0" * 64}, {**result, "verdict": {"adopt": False}}):
+        (tmp_path / "r.json").write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            package.main(["--type-merge", str(card_path), str(tmp_path / "r.json")])
+        assert card_path.read_text() == before
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    package.main(["--type-merge", str(card_path), str(tmp_path / "r.json")])
+    card = json.loads(card_path.read_text())
+    check_seal(card, card_path.name)
+    assert card["type_merge"]["merge"] == {"other": "inflammatory"} and card["sha256"] == sha
+    from ghist_core.segmentation import load_segmenter
+    assert load_segmenter(str(tmp_path / "nuclei-seg-stain.safetensors"), device="cpu").post.type_merge == \
+        {"other": "inflammatory"}
