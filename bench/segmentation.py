@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import ArraySlide, ClassicalSegmenter, load_segmenter  # noqa: E402
-from ghist_core.segmentation.features import decide_types  # noqa: E402
+from ghist_core.segmentation.features import decide_types, merged_type_ids  # noqa: E402
 from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split  # noqa: E402
 from ghist_core.training.segmentation_metrics import DetectionCounts, SegCounts, detection_counts, seg_counts  # noqa: E402
 
@@ -65,15 +65,18 @@ HOVERNET_RADIUS_PX = 12  # at 0.25 µm/px
 
 def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
     """Scores of one segmenter on one split (per-image mean and pooled), the images at ``mpp``
-    (detection radii scaled to it)."""
+    (detection radii scaled to it). With CoNSeP types: ``per_type_f1``, HoVer-Net's per-type F1 of
+    the network's weighted decision over the four classes (how HoVer-Net is scored, and what
+    ``check_segmenter_rule.py`` compares), and, for a card that merges a type
+    (docs/DECISIONS.md, session 17), ``per_type_f1_merged``: the ``type`` column a user gets
+    against the truth merged alike."""
     per, pooled, scales = [], SegCounts(), []
     det6, det_hn, det_merged = DetectionCounts(), DetectionCounts(), DetectionCounts()
     post = getattr(seg, "post", None)
-    merge = (getattr(post, "type_merge", None) or {}) if getattr(seg, "type_names", ()) else {}
+    typed = tuple(getattr(seg, "type_names", ())) == CONSEP_TYPES
+    merge = (getattr(post, "type_merge", None) or {}) if typed else {}
     name_to_int = {n: i + 1 for i, n in enumerate(CONSEP_TYPES)}
-    truth_merged = np.arange(len(CONSEP_TYPES) + 1)  # type int -> its merged type int
-    for src, dst in merge.items():
-        truth_merged[CONSEP_TYPES.index(src) + 1] = CONSEP_TYPES.index(dst) + 1
+    truth_merged = merged_type_ids(CONSEP_TYPES, merge)
     for s in samples:
         inst, cells = seg.segment_tile(s.rgb, mpp)
         scales.append(cells.attrs.get("nucleus_scale", 1.0))
@@ -82,17 +85,13 @@ def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
         pooled = pooled + c
         det6 = det6 + detection_counts(s.inst, inst, DET_RADIUS_UM / mpp)
         radius = HOVERNET_RADIUS_PX * DATA_MPP / mpp
-        if s.types is None or not getattr(seg, "type_names", ()):
+        if s.types is None or not typed:
             det_hn = det_hn + detection_counts(s.inst, inst, radius)
             continue
-        # the network's weighted decision over the four classes (as HoVer-Net is scored), and the
-        # ``type`` column a user gets, with the card's merge (docs/DECISIONS.md, session 17), truth merged alike
         probs = cells[[f"prob_{n}" for n in CONSEP_TYPES]].to_numpy(np.float64)
         four, merged = np.zeros((2, int(inst.max()) + 1), int)
         four[cells["id"].to_numpy()] = decide_types(probs, CONSEP_TYPES, getattr(post, "type_weights", None)) + 1
         merged[cells["id"].to_numpy()] = [name_to_int.get(t, 0) for t in cells["type"]]
-        if getattr(seg, "type_refiner", None) is not None and not merge:
-            four = merged  # a card's refiner decides the four-class type itself
         det_hn = det_hn + detection_counts(s.inst, inst, radius, s.types, four)
         det_merged = det_merged + detection_counts(s.inst, inst, radius, truth_merged[s.types], merged)
     mean = {k: float(np.mean([c.scores()[k] for c in per])) for k in ("aji", "pq", "dq", "sq", "dice")}
@@ -104,7 +103,7 @@ def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
         out["nucleus_scale_moved"] = round(float(np.mean([f != 1.0 for f in scales])) if scales else 0.0, 4)
     if samples and samples[0].types is not None:
         out["per_type_f1"] = None  # the classical baseline has no classifier
-    if samples and samples[0].types is not None and getattr(seg, "type_names", ()):
+    if samples and samples[0].types is not None and typed:
         out["per_type_f1"] = {n: round(det_hn.type_f1(i + 1), 4) for i, n in enumerate(CONSEP_TYPES)}
         if merge:
             out["type_merge"] = dict(merge)

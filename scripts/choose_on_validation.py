@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ghist_core.io.atomic import atomic_write_text  # noqa: E402
 from ghist_core.paths import REPO_DIR, shared_data_dir  # noqa: E402
 from ghist_core.segmentation import load_segmenter  # noqa: E402
-from ghist_core.segmentation.features import decide_types  # noqa: E402
+from ghist_core.segmentation.features import decide_types, merged_type_ids  # noqa: E402
 from ghist_core.segmentation.model import TTA_COPIES  # noqa: E402
 from ghist_core.training.segmentation_data import CONSEP_TYPES, DATA_MPP, load_split, validation_samples  # noqa: E402
 from ghist_core.training.segmentation_metrics import (DetectionCounts, centroids, match_centroids,  # noqa: E402
@@ -80,9 +80,7 @@ def scores(images: list[tuple], weights: np.ndarray, merge: dict[str, str] | Non
     """HoVer-Net per-type F1 and their mean with types = ``decide_types`` (argmax of probabilities x
     weights; a type in ``merge`` joins its target, in the truth too, and is not scored)."""
     merge = merge or {}
-    truth = np.arange(len(CONSEP_TYPES) + 1)  # type int -> type int, 0 kept
-    for src, dst in merge.items():
-        truth[CONSEP_TYPES.index(src) + 1] = CONSEP_TYPES.index(dst) + 1
+    truth = merged_type_ids(CONSEP_TYPES, merge)
     det = DetectionCounts()
     for gt_m, gt_u, p_m, p_u in images:
         det = det + DetectionCounts(truth[gt_m], decide_types(p_m, CONSEP_TYPES, weights, merge) + 1,
@@ -146,6 +144,21 @@ MERGED = "other"
 LINEAGES = tuple(n for n in CONSEP_TYPES if n != MERGED)
 MERGE_TIE = "epithelial"  # the rule's tie-break
 MERGE_VETO = 0.02
+MERGE_REASON = ("CoNSeP's 'other' (miscellaneous) is a remainder (necrotic, mitotic and uncategorised nuclei), "
+                "2.4 % of the 18,216 training nuclei (two thirds in 3 of 27 source tiles); 79 % of its test nuclei "
+                "lie in one source tile, so its F1 is one image's")
+
+
+def pick_merge_target(candidates: dict[str, dict]) -> str:
+    """The lineage whose merged classes have the highest mean per-type F1; ties to :data:`MERGE_TIE`."""
+    return max(candidates, key=lambda d: (candidates[d]["mean_type_f1"], d == MERGE_TIE))
+
+
+def merge_verdict(unmerged: dict, merged: dict, target: str) -> dict:
+    """The rule's veto: every lineage the merge leaves alone keeps its test F1 within :data:`MERGE_VETO`."""
+    verdict = {f"{n}_f1_within_{MERGE_VETO}": merged["per_type_f1"][n] >= unmerged["per_type_f1"][n] - MERGE_VETO
+               for n in LINEAGES if n != target}
+    return {**verdict, "adopt": all(verdict.values())}
 
 
 def run_type_merge(seg, root: Path, out: Path) -> dict:
@@ -157,24 +170,21 @@ def run_type_merge(seg, root: Path, out: Path) -> dict:
     t = time.perf_counter()
     val_images = matched(seg, val)
     candidates = {dst: scores(val_images, weights, {MERGED: dst}) for dst in LINEAGES}
-    chosen = max(LINEAGES, key=lambda d: (candidates[d]["mean_type_f1"], d == MERGE_TIE))
+    chosen = pick_merge_target(candidates)
     print(f"validation {({d: c['mean_type_f1'] for d, c in candidates.items()})}: {MERGED} -> {chosen} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
     test_images = matched(seg, test)
     unmerged, merged = scores(test_images, weights), scores(test_images, weights, {MERGED: chosen})
-    kept_lineages = [n for n in LINEAGES if n != chosen]
     res = {
         "rule": "docs/DECISIONS.md, session 17 (merge CoNSeP's 'other' into a lineage)",
         "model": seg.card.get("name"), "weights_sha256": seg.card.get("sha256"), "type_weights": weights.tolist(),
         "validation": {"images": len(val), "tiles": sorted({s.source_tile for s in val}),
                        "true_other_nuclei": int(sum((s.types[1:] == 1).sum() for s in val)),
                        "unmerged": scores(val_images, weights), "candidates": candidates},
-        "chosen": {MERGED: chosen},
+        "chosen": {MERGED: chosen}, "reason": MERGE_REASON,
         "test": {"images": len(test), "unmerged": unmerged, "merged": merged},
-        "verdict": {f"{n}_f1_within_{MERGE_VETO}": merged["per_type_f1"][n] >= unmerged["per_type_f1"][n] - MERGE_VETO
-                    for n in kept_lineages},
+        "verdict": merge_verdict(unmerged, merged, chosen),
     }
-    res["verdict"]["adopt"] = all(res["verdict"].values())
     atomic_write_text(out, json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ("chosen", "test", "verdict")}, indent=1))
     return res

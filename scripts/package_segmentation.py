@@ -206,8 +206,7 @@ def with_type_merge(card: dict, result: dict, result_path: str, sha: str) -> dic
     record = {"what": "the nucleus type never says " + ", ".join(repr(k) for k in merge) + ": its probability joins "
                       + ", ".join(repr(v) for v in merge.values()) + " before the argmax (the prob_<type> columns are "
                       "unchanged)",
-              "reason": "CoNSeP's 'other' (miscellaneous) is a remainder (necrotic, mitotic, uncategorised), 2.4 % of "
-                        "the training nuclei, mostly from 3 of 27 tiles; 79 % of its test nuclei in one tile",
+              "reason": result["reason"],
               "chosen_on": f"the {result['validation']['images']} CoNSeP validation patches "
                            f"({', '.join(result['validation']['tiles'])}), mean per-type F1 of the merged classes",
               "command": "python scripts/choose_on_validation.py type-merge",

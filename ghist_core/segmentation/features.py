@@ -122,6 +122,8 @@ def label_type_probabilities(labels: np.ndarray, type_probs: np.ndarray, n_label
 
 def check_type_merge(merge: Mapping[str, str] | None, type_names: Sequence[str]) -> dict[str, str]:
     """``merge`` ({merged type: the type it joins}) checked against ``type_names`` (ValueError)."""
+    if merge is not None and not isinstance(merge, Mapping):
+        raise ValueError(f"type_merge must map a type to the type it joins, not {type(merge).__name__}")
     merge = dict(merge or {})
     names = list(type_names)
     for src, dst in merge.items():
@@ -129,6 +131,23 @@ def check_type_merge(merge: Mapping[str, str] | None, type_names: Sequence[str])
             raise ValueError(f"type_merge {src!r} -> {dst!r} does not fit the types {names} "
                              "(both must be types, and a target cannot itself be merged)")
     return merge
+
+
+def merged_type_ids(type_names: Sequence[str], merge: Mapping[str, str] | None) -> np.ndarray:
+    """Lookup table type id -> its id after ``merge`` (ids 1..K index ``type_names``; 0, no type,
+    stays 0), so a truth map can be merged the way :func:`decide_types` merges the calls."""
+    names = list(type_names)
+    table = np.arange(len(names) + 1)
+    for src, dst in check_type_merge(merge, names).items():
+        table[names.index(src) + 1] = names.index(dst) + 1
+    return table
+
+
+def merge_type_names(types: Sequence[str], merge: Mapping[str, str] | None) -> np.ndarray:
+    """Type labels with every merged type replaced by the type it joins (for labels decided
+    elsewhere, e.g. a type refiner's)."""
+    merge = dict(merge or {})
+    return np.asarray([merge.get(t, t) for t in types], dtype=object)
 
 
 def decide_types(probs: np.ndarray, type_names: Sequence[str], weights: Sequence[float] | None = None,

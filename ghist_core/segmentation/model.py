@@ -29,7 +29,8 @@ from ghist_core._keys import OBS_NUCLEUS_SCALE
 from ghist_core.device import autocast_for, pick_device
 from ghist_core.errors import ModelInputError, WeightsFormatError, WeightsNotFoundError
 from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
-from ghist_core.segmentation.features import check_type_merge, measure_instances, relabel_sequential
+from ghist_core.segmentation.features import (check_type_merge, measure_instances, merge_type_names,
+                                              relabel_sequential)
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
 from ghist_core.segmentation.type_refiner import TypeRefiner, nucleus_type_features
 from ghist_core._types import ProgressCallback, SlideLike
@@ -488,7 +489,7 @@ class LearnedSegmenter:
         if self.type_refiner is not None and rgb is not None and len(cells):
             features = nucleus_type_features(rgb, inst, cells, mpp, self.type_names)
             names = np.asarray(self.type_names, dtype=object)[self.type_refiner.predict(features) - 1]
-            cells["type"] = pd.Series(names).replace(self.post.type_merge or {}).to_numpy(dtype=object)
+            cells["type"] = merge_type_names(names, self.post.type_merge)
         return cells
 
     def _empty(self, hw: tuple[int, int], mpp: float, factor: float = 1.0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -641,10 +642,12 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
     card = resolved.card
     try:
         model = SegNet(SegNetConfig.from_dict(card.get("architecture", {})))
-        post_keys = PostProcessConfig.__dataclass_fields__
+        post_keys = set(PostProcessConfig.__dataclass_fields__) - {"type_merge"}  # from its own record only
         post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
-        merge = (card.get("type_merge") or {}).get("merge")  # docs/DECISIONS.md, session 17
-        post.type_merge = check_type_merge(merge, model.cfg.type_names) or None
+        record = card.get("type_merge") or {}  # docs/DECISIONS.md, session 17
+        if not isinstance(record, dict):
+            raise ValueError("type_merge must be a record with a 'merge' mapping")
+        post.type_merge = check_type_merge(record.get("merge"), model.cfg.type_names) or None
         refiner = (TypeRefiner.from_dict(card["type_refiner"], model.cfg.type_names)
                    if card.get("type_refiner") is not None else None)
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:

@@ -34,11 +34,15 @@ class PostProcessConfig:
     #: (scripts/choose_on_validation.py type-weights); the probabilities themselves are not changed
     type_weights: tuple[float, ...] | None = None
     #: {type: the type it joins}: a merged type is never a nucleus' ``type`` (its probability joins
-    #: its target's; its ``prob_<type>`` column stays), e.g. CoNSeP's "other" (docs/DECISIONS.md, session 17)
+    #: its target's; its ``prob_<type>`` column stays), e.g. CoNSeP's "other" (docs/DECISIONS.md,
+    #: session 17). Read from the card's own ``type_merge`` record, not from its ``postprocess``
     type_merge: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The card's ``postprocess`` (the merge is recorded apart, with its reason)."""
+        out = asdict(self)
+        out.pop("type_merge")
+        return out
 
 
 def _remove_small(labels: np.ndarray, min_px: int) -> np.ndarray:

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from ghist_core.segmentation.features import check_type_merge, decide_types, measure_instances
+from ghist_core.segmentation.features import (check_type_merge, decide_types, measure_instances, merge_type_names,
+                                              merged_type_ids)
 
 NAMES = ("other", "inflammatory", "epithelial", "spindle-shaped")
 
@@ -21,14 +22,21 @@ def test_merged_type_is_never_chosen_and_its_probability_joins_the_target():
     assert [NAMES[i] for i in decide_types(probs, NAMES)] == ["other", "inflammatory", "spindle-shaped"]
     merged = [NAMES[i] for i in decide_types(probs, NAMES, merge={"other": "epithelial"})]
     assert merged == ["epithelial", "epithelial", "spindle-shaped"]
-    # weights act before the merge: a heavy inflammatory weight keeps row 2 inflammatory
-    heavy = decide_types(probs, NAMES, weights=(1, 3, 1, 1), merge={"other": "epithelial"})
-    assert [NAMES[i] for i in heavy] == ["epithelial", "inflammatory", "spindle-shaped"]
+    # weights act before the merge: "other" down-weighted adds little to epithelial, so row 2 stays
+    # inflammatory (weighting after the merge would have left 0.50 against 0.35)
+    light = decide_types(probs, NAMES, weights=(0.1, 1, 1, 1), merge={"other": "epithelial"})
+    assert [NAMES[i] for i in light] == ["epithelial", "inflammatory", "spindle-shaped"]
     assert decide_types(np.zeros((0, 4)), NAMES, merge={"other": "epithelial"}).shape == (0,)
 
 
+def test_truth_ids_and_labels_merge_like_the_decision():
+    assert merged_type_ids(NAMES, {"other": "spindle-shaped"}).tolist() == [0, 4, 2, 3, 4]
+    assert merged_type_ids(NAMES, None).tolist() == [0, 1, 2, 3, 4]
+    assert merge_type_names(["other", "epithelial"], {"other": "inflammatory"}).tolist() == ["inflammatory", "epithelial"]
+
+
 @pytest.mark.parametrize("merge", [{"misc": "epithelial"}, {"other": "tumour"}, {"other": "other"},
-                                   {"other": "epithelial", "epithelial": "spindle-shaped"}])
+                                   {"other": "epithelial", "epithelial": "spindle-shaped"}, ["other", "epithelial"]])
 def test_a_merge_that_does_not_fit_the_types_is_refused(merge):
     with pytest.raises(ValueError, match="type_merge"):
         check_type_merge(merge, NAMES)

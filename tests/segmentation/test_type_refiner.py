@@ -100,6 +100,7 @@ def test_the_refiner_sets_the_type_label_only_on_both_paths(tissue):
         assert np.allclose(plain[probs + ["area_um2", "x_um"]].to_numpy(), other[probs + ["area_um2", "x_um"]].to_numpy())
     refined.type_refiner = _constant_refiner(1)  # "other", which the card merges into "epithelial"
     assert (refined.segment_tile(rgb, mpp, nucleus_scale=1.0)[1]["type"] == "epithelial").all()
+    assert (refined.segment_slide(ArraySlide(rgb, mpp), nucleus_scale=1.0)["type"] == "epithelial").all()
 
 
 def test_a_coarser_input_takes_the_refiners_types_too(tissue):
@@ -113,4 +114,7 @@ def test_a_coarser_input_takes_the_refiners_types_too(tissue):
     small = resample_rgb(rgb, (200, 200))
     _, cells = refined.segment_tile(small, mpp * 2, nucleus_scale=1.0)
     assert len(cells) and (cells["type"] == "spindle-shaped").all()
+    refined.type_refiner = _constant_refiner(1)  # "other": merged there as on the input's own scale
+    _, cells = refined.segment_tile(small, mpp * 2, nucleus_scale=1.0)
+    assert len(cells) and (cells["type"] == "epithelial").all()
 

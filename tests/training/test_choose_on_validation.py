@@ -82,3 +82,16 @@ def test_type_merge_scores_relabel_the_truth_and_leave_the_merged_class_out():
     assert into_epi["per_type_f1"]["epithelial"] == 1.0
     assert into_spindle["per_type_f1"]["epithelial"] < 1.0 and into_spindle["per_type_f1"]["spindle-shaped"] < 1.0
     assert choose.scores(images, np.ones(4))["per_type_f1"]["other"] == 0.0  # unmerged: never called
+
+
+def test_merge_target_ties_to_epithelial_and_the_veto_fires_past_its_margin():
+    tie = {"inflammatory": {"mean_type_f1": 0.5}, "epithelial": {"mean_type_f1": 0.5},
+           "spindle-shaped": {"mean_type_f1": 0.4}}
+    assert choose.pick_merge_target(tie) == "epithelial"
+    assert choose.pick_merge_target({**tie, "spindle-shaped": {"mean_type_f1": 0.51}}) == "spindle-shaped"
+    unmerged = {"per_type_f1": {"other": 0.1, "inflammatory": 0.6, "epithelial": 0.6, "spindle-shaped": 0.5}}
+    ok = {"per_type_f1": {"inflammatory": 0.585, "epithelial": 0.7, "spindle-shaped": 0.49}}
+    assert choose.merge_verdict(unmerged, ok, "epithelial")["adopt"]
+    bad = {"per_type_f1": {**ok["per_type_f1"], "spindle-shaped": 0.47}}
+    verdict = choose.merge_verdict(unmerged, bad, "epithelial")
+    assert not verdict["adopt"] and not verdict["spindle-shaped_f1_within_0.02"] and "epithelial_f1_within_0.02" not in verdict

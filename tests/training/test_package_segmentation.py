@@ -130,6 +130,7 @@ def test_type_merge_goes_into_the_card_only_as_adopted_for_these_weights(tmp_pat
     card_path = tmp_path / "nuclei-seg-stain.json"
     sha = sha256_file(tmp_path / "nuclei-seg-stain.safetensors")
     result = {"rule": "docs/DECISIONS.md, session 17 (x)", "weights_sha256": sha, "chosen": {"other": "inflammatory"},
+              "reason": "a remainder class",
               "validation": {"images": 3, "tiles": ["t1"]}, "verdict": {"adopt": True},
               "test": {"unmerged": {"per_type_f1": {"other": 0.1}}, "merged": {"per_type_f1": {"inflammatory": 0.5}}}}
     before = card_path.read_text()
@@ -143,6 +144,7 @@ def test_type_merge_goes_into_the_card_only_as_adopted_for_these_weights(tmp_pat
     card = json.loads(card_path.read_text())
     check_seal(card, card_path.name)
     assert card["type_merge"]["merge"] == {"other": "inflammatory"} and card["sha256"] == sha
+    assert card["type_merge"]["reason"] == "a remainder class" and "type_merge" not in card["postprocess"]
     from ghist_core.segmentation import load_segmenter
     assert load_segmenter(str(tmp_path / "nuclei-seg-stain.safetensors"), device="cpu").post.type_merge == \
         {"other": "inflammatory"}
