@@ -39,11 +39,13 @@ _FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("st
           ("max_epochs", "--max-epochs"), ("time_budget_s", "--time-budget"), ("device", "--device"),
           ("workers", "--workers"), ("augment", "--augment"), ("val_restain", "--val-restain"),
           ("max_steps", "--max-steps"), ("type_weights", "--type-weights"), ("teacher", "--teacher"),
-          ("distill_weight", "--distill-weight")]
+          ("distill_weight", "--distill-weight"), ("unlabelled_her2st", "--unlabelled-her2st"),
+          ("unlabelled_weight", "--unlabelled-weight"), ("unlabelled_batch", "--unlabelled-batch")]
 _STAIN_WORDS = "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
 #: the card's words for the training.augment presets (the other --augment kinds are named as they are)
 _AUGMENT_WORDS = {"stain": _STAIN_WORDS, "wide": _STAIN_WORDS + ", sampled stains and nuclei 0.67-2x their size"}
-_OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights", "teacher", "distill_weight")  # left out when 0 / "" (default: off)
+_OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights", "teacher", "distill_weight",
+             "unlabelled_her2st", "unlabelled_batch")  # left out when 0 / "" (default: off)
 
 
 def run_command(cfg: dict, out: str, init: str) -> str:
@@ -51,7 +53,11 @@ def run_command(cfg: dict, out: str, init: str) -> str:
     parts = ["python scripts/train_segmentation.py", f"--out {out}", "--data-root <nuclei>"]
     for key, flag in _FLAGS:
         value = cfg.get(key)
+        if value is None and key not in cfg:  # a run from before the option: its default applies
+            continue
         if value in (None, 0, 0.0, "") and key in _OPTIONAL:
+            continue
+        if key == "unlabelled_weight" and not cfg.get("unlabelled_her2st"):
             continue
         parts.append(f"{flag} {value!r}" if isinstance(value, float) else f"{flag} {value}")
     if cfg.get("arch"):

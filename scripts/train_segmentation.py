@@ -74,6 +74,13 @@ class TrainConfig:
                                    # differs): each crop's maps before colour and zoom changes, warped with the
                                    # crop's zoom, are soft targets for the student on the changed crop
     distill_weight: float = 0.0    # weight of that loss next to the supervised one (0 = off)
+    unlabelled_her2st: int = 0     # spots per HER2ST section (the her2st folder beside data_root) of a
+                                   # training-role stain (C2-C5) read as unlabelled
+                                   # breast crops: the student on each crop, recoloured and zoomed, matches the
+                                   # teacher's maps of it as sampled (consistency in the users' domain; needs
+                                   # --teacher); 0 = off
+    unlabelled_weight: float = 1.0  # weight of that consistency loss
+    unlabelled_batch: int = 0      # unlabelled crops per step (0: half the batch)
 
 
 # --- data on the device ---------------------------------------------------------------
@@ -457,9 +464,22 @@ def train(cfg: TrainConfig) -> dict:
         load_state(model, last)
         state = json.loads(last.with_suffix(".json").read_text())["state"]
         print(f"resumed at epoch {state['epoch']} step {state['step']}", flush=True)
-    teacher = load_teacher(cfg.teacher, arch, device) if cfg.teacher and cfg.distill_weight > 0 else None
-    if teacher is not None:
+    unlabelled = None
+    if cfg.unlabelled_her2st > 0:
+        if not cfg.teacher:
+            raise ValueError("--unlabelled-her2st needs --teacher: the unlabelled crops' targets are its maps")
+        from ghist_core.training.segmentation_data import her2st_unlabelled
+
+        u_samples = her2st_unlabelled(Path(cfg.data_root).parent / "her2st", cfg.unlabelled_her2st, cfg.mpp)
+        unlabelled = DeviceData(u_samples, cfg, device)
+        print(f"unlabelled HER2ST crops from {len(u_samples)} regions of {sorted({u.source_tile for u in u_samples})} "
+              f"(weight {cfg.unlabelled_weight})", flush=True)
+    needs_teacher = cfg.teacher and (cfg.distill_weight > 0 or unlabelled is not None)
+    teacher = load_teacher(cfg.teacher, arch, device) if needs_teacher else None
+    labelled_teacher = teacher if cfg.distill_weight > 0 else None
+    if labelled_teacher is not None:
         print(f"distilling from {cfg.teacher} (weight {cfg.distill_weight})", flush=True)
+    n_unlabelled = cfg.unlabelled_batch or max(1, cfg.batch_size // 2)
     log_path = out / "log.jsonl"
     budget = cfg.time_budget_s or float("inf")
     elapsed0 = state["elapsed_s"]
@@ -475,16 +495,25 @@ def train(cfg: TrainConfig) -> dict:
             warm = min(1.0, (state["step"] + 1) / 200)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
-            x, inst, types, *soft = data.batch(cfg.batch_size, rng, teacher)
+            x, inst, types, *soft = data.batch(cfg.batch_size, rng, labelled_teacher)
+            n_lab = len(x)
+            if unlabelled is not None:  # one forward pass over both (BatchNorm sees both domains)
+                x_u, _, _, soft_u = unlabelled.batch(n_unlabelled, rng, teacher)
+                x = torch.cat([x, x_u])
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(device) if cfg.amp else torch.autocast(device.type, enabled=False):
-                outs = model(x)
+                outs_all = model(x)
+            outs = tuple(o[:n_lab] for o in outs_all)
             ls = losses(outs, inst, types, type_w)
             if soft:
                 kd = distill_losses(outs, soft[0])
                 ls["total"] = ls["total"] + cfg.distill_weight * (kd["kd_np"] + kd["kd_hv"] + kd["kd_tp"])
                 ls.update(kd)
+            if unlabelled is not None:
+                ku = distill_losses(tuple(o[n_lab:] for o in outs_all), soft_u)
+                ls["total"] = ls["total"] + cfg.unlabelled_weight * (ku["kd_np"] + ku["kd_hv"] + ku["kd_tp"])
+                ls.update({f"u_{k}": v for k, v in ku.items()})
             opt.zero_grad(set_to_none=True)
             ls["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -574,6 +603,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                          "and zoom changes, warped with the zoom (needs --distill-weight > 0)")
     ap.add_argument("--distill-weight", type=float, default=d.distill_weight,
                     help="weight of the distillation loss next to the supervised one (0 = off)")
+    ap.add_argument("--unlabelled-her2st", type=int, default=d.unlabelled_her2st, metavar="SPOTS",
+                    help="spots per HER2ST section of a training-role stain read as unlabelled crops, matched to "
+                         "--teacher's maps under the augmentation (0 = off)")
+    ap.add_argument("--unlabelled-weight", type=float, default=d.unlabelled_weight)
+    ap.add_argument("--unlabelled-batch", type=int, default=d.unlabelled_batch,
+                    help="unlabelled crops per step (0: half the batch)")
     ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
     a = ap.parse_args(argv)
     cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
@@ -581,7 +616,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                       time_budget_s=a.time_budget, device=a.device, workers=a.workers,
                       tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
                       augment=a.augment, val_restain=a.val_restain, type_weights=a.type_weights,
-                      teacher=a.teacher, distill_weight=a.distill_weight)
+                      teacher=a.teacher, distill_weight=a.distill_weight, unlabelled_her2st=a.unlabelled_her2st,
+                      unlabelled_weight=a.unlabelled_weight, unlabelled_batch=a.unlabelled_batch)
     return cfg
 
 

@@ -142,17 +142,17 @@ def extract_patch(image, x_px: float, y_px: float, src_mpp: float, mpp: float = 
     return np.asarray(image.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)))
 
 
-def spot_regions(root: str | Path, per_section: int, mpp: float = 0.5, size: int = 256):
+def spot_regions(root: str | Path, per_section: int, mpp: float = 0.5, size: int = 256,
+                 sections: tuple[str, ...] = IMAGE_SECTIONS):
     """(section, RGB region) for ``per_section`` evenly spaced spots (by array position) of each imaged
-    section: ``size`` px at ``mpp`` centred on the spot; each section decoded once (a checking sample of
-    the H&E for benchmarks, not a training set)."""
+    section (of ``sections``): ``size`` px at ``mpp`` centred on the spot; each section decoded once."""
     from PIL import Image
 
     from ghist_core.io.tiles import evenly_spaced
 
     root = Path(root)
     Image.MAX_IMAGE_PIXELS = None  # the sections are large, trusted research images
-    for section in IMAGE_SECTIONS:
+    for section in sections:
         _, table = load_section(root, section)
         table = table.sort_index()
         with Image.open(root / "images" / f"{section}.jpg") as im:

@@ -84,6 +84,20 @@ def validation_samples(root: str | Path, datasets: tuple[str, ...] = ("consep", 
     return out
 
 
+def her2st_unlabelled(root: str | Path, per_section: int, mpp: float, size: int = 256) -> list[NucleiSample]:
+    """Breast H&E without nucleus labels for consistency training: ``per_section`` spot-centred regions
+    of each HER2ST section whose stain is a *training* member of the stain bank (the benchmark's
+    sections, B4 and C6, stay unseen), ``size`` px at ``mpp``; ``inst`` empty, ``types`` None."""
+    from ghist_core.training.her2st import spot_regions
+    from ghist_core.training.stain_bank import load_stain_bank
+
+    sections = tuple(sorted(m.name.removeprefix("her2st-") for m in load_stain_bank().select("train")
+                            if m.name.startswith("her2st-")))
+    empty = np.zeros((size, size), np.int32)
+    return [NucleiSample(f"{section}_{i:03d}", "her2st", section, rgb, empty, None)
+            for i, (section, rgb) in enumerate(spot_regions(root, per_section, mpp, size, sections))]
+
+
 def split_by_tile(samples: list[NucleiSample], val_fraction: float, seed: int = 0
                   ) -> tuple[list[NucleiSample], list[NucleiSample]]:
     """(train, validation), whole source tiles to one side, chosen by a seeded shuffle."""

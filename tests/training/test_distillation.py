@@ -168,3 +168,42 @@ def test_a_short_run_with_a_teacher_logs_the_distillation_terms(demo_slide, tmp_
     rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"kd_np", "kd_hv", "kd_tp"} <= set(rec) and all(np.isfinite(rec[k]) for k in ("kd_np", "kd_hv", "kd_tp"))
     assert result["train_config"]["teacher"] == str(TEACHER) and result["train_config"]["distill_weight"] == 1.0
+
+
+def test_unlabelled_breast_regions_come_only_from_training_role_stains(shared_path):
+    """The consistency crops are HER2ST sections whose stains the bank trains on: the benchmark's
+    B4 and C6 stay unseen; the regions are at the working µm/px and carry no nuclei."""
+    from ghist_core.training.segmentation_data import her2st_unlabelled
+
+    regions = her2st_unlabelled(shared_path("her2st"), 2, 0.5)
+    assert sorted({r.source_tile for r in regions}) == ["C2", "C3", "C4", "C5"] and len(regions) == 8
+    assert all(r.rgb.shape == (256, 256, 3) and r.inst.max() == 0 and r.types is None for r in regions)
+    assert all(r.rgb.std() > 5 for r in regions)  # spot-centred: tissue, not glass
+
+
+def test_a_short_run_with_unlabelled_breast_crops_logs_their_consistency(demo_slide, tmp_path, shared_path):
+    """Two steps with unlabelled HER2ST crops and no labelled distillation: the run logs the
+    consistency terms (u_kd_*), not the labelled ones; without a teacher it is refused."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    shared_path("her2st")
+    root = tmp_path / "data" / "nuclei"
+    for ds, n in (("consep", 4), ("monuseg", 2)):
+        folder = root / ds / "train"
+        folder.mkdir(parents=True)
+        for s in _samples(demo_slide, n_tiles=n):
+            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
+            Image.fromarray(s.rgb).save(folder / f"{name}.png")
+            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
+    (root.parent / "her2st").symlink_to(shared_path("her2st"))
+    cfg = replace(train_seg.TrainConfig(), data_root=str(root), out=str(tmp_path / "run"), batch_size=4,
+                  steps_per_epoch=2, max_epochs=1, device="cpu", workers=1, tune_postprocess=False,
+                  init=str(TEACHER), teacher=str(TEACHER), augment="stain", mpp=0.5, unlabelled_her2st=2)
+    train_seg.train(cfg)
+    rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"u_kd_np", "u_kd_hv", "u_kd_tp"} <= set(rec) and "kd_np" not in rec
+    assert all(np.isfinite(rec[k]) for k in ("u_kd_np", "u_kd_hv", "u_kd_tp"))
+    with pytest.raises(ValueError, match="needs --teacher"):
+        train_seg.train(replace(cfg, teacher="", out=str(tmp_path / "run2")))

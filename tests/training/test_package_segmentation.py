@@ -22,7 +22,9 @@ package = load_repo_script("scripts/package_segmentation.py")
     {"max_steps": 7, "tune_postprocess": False, "arch": {"widths": [8, 16, 32, 64, 128]}, "mpp": 0.25},
     {"augment": "wide", "val_restain": 3, "init": "weights/nuclei-seg-stain.safetensors"},
     {"augment": "wide", "teacher": "weights/nuclei-seg-stain.safetensors", "distill_weight": 1.0},
-], ids=["defaults", "stain fine-tune", "smoke", "wide", "distilled"])
+    {"augment": "stain", "teacher": "weights/nuclei-seg-stain.safetensors", "unlabelled_her2st": 100,
+     "unlabelled_weight": 0.5, "unlabelled_batch": 4},
+], ids=["defaults", "stain fine-tune", "smoke", "wide", "distilled", "unlabelled her2st"])
 def test_card_command_rebuilds_the_run_config(overrides):
     cfg = replace(train_seg.TrainConfig(), **overrides)
     cmd = package.run_command(asdict(cfg), "runs/x", "weights/nuclei-seg.safetensors")
