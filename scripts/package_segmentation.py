@@ -112,7 +112,11 @@ def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weight
         "type_names": final_card["type_names"],
         "architecture": final_card["architecture"],
         "postprocess": final_card["postprocess"],
-        "data": {**base["data"], "selection": _selection(last_cfg)},
+        "data": {**base["data"], "selection": _selection(last_cfg),
+                 **({"unlabelled": f"{last_cfg['unlabelled_her2st']} spot-centred regions of each HER2ST section "
+                                   "whose stain is a training member of the stain bank (C2-C5; no labels read; the "
+                                   "data's own README for its licence), for consistency with the teacher"}
+                    if last_cfg.get("unlabelled_her2st") else {})},
         "base_model": {"name": base["name"], "sha256": base["sha256"]},
         "command": commands,
         "training": {"base": base.get("training"), "fine_tune": stages},

@@ -419,6 +419,19 @@ def write_final(model: SegNet, out: Path, result: dict) -> Path:
     return path
 
 
+#: settings a resumed run may change: how long it runs and on what, not what it learns
+RESUMABLE_CHANGES = ("max_epochs", "time_budget_s", "max_steps", "workers", "device", "out", "data_root")
+
+
+def config_changes(saved: dict | None, cfg: TrainConfig) -> list[str]:
+    """The settings in which ``cfg`` differs from a checkpoint's ``train_config`` (a setting the
+    checkpoint predates counts as its default), leaving out :data:`RESUMABLE_CHANGES`."""
+    if saved is None:
+        return []
+    now, default = asdict(cfg), asdict(TrainConfig())
+    return sorted(k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k, default[k]) != v)
+
+
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     # fork the post-processing workers before CUDA starts (they only run numpy/scipy)
@@ -461,8 +474,13 @@ def train(cfg: TrainConfig) -> dict:
         print(f"initialised from {cfg.init}", flush=True)
     last = out / "last.safetensors"
     if last.exists():  # resume
+        saved = json.loads(last.with_suffix(".json").read_text())
+        changed = config_changes(saved.get("train_config"), cfg)
+        if changed:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}): resume it with its own "
+                             f"command (its last.json has them), or give --out a new folder")
         load_state(model, last)
-        state = json.loads(last.with_suffix(".json").read_text())["state"]
+        state = saved["state"]
         print(f"resumed at epoch {state['epoch']} step {state['step']}", flush=True)
     unlabelled = None
     if cfg.unlabelled_her2st > 0:
@@ -600,7 +618,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                     help="weight the type cross-entropy: 'balanced' = 1/sqrt of each type's share of nucleus pixels")
     ap.add_argument("--teacher", default=d.teacher,
                     help="distil from these weights (safetensors): soft targets from each crop before its colour "
-                         "and zoom changes, warped with the zoom (needs --distill-weight > 0)")
+                         "and zoom changes, warped with the zoom (for the labelled crops with --distill-weight > 0; "
+                         "for the unlabelled ones with --unlabelled-her2st)")
     ap.add_argument("--distill-weight", type=float, default=d.distill_weight,
                     help="weight of the distillation loss next to the supervised one (0 = off)")
     ap.add_argument("--unlabelled-her2st", type=int, default=d.unlabelled_her2st, metavar="SPOTS",

@@ -150,3 +150,16 @@ def test_type_merge_goes_into_the_card_only_as_adopted_for_these_weights(tmp_pat
     from ghist_core.segmentation import load_segmenter
     assert load_segmenter(str(tmp_path / "nuclei-seg-stain.safetensors"), device="cpu").post.type_merge == \
         {"other": "inflammatory"}
+
+
+def test_a_run_resumes_only_with_its_own_settings():
+    """Resuming with another augmentation or loss is refused (the checkpoint would continue as a
+    different run); how long it runs may change; a setting the checkpoint predates counts as its default."""
+    cfg = replace(train_seg.TrainConfig(), augment="stain", teacher="w.safetensors", unlabelled_her2st=100)
+    saved = asdict(cfg)
+    assert train_seg.config_changes(saved, replace(cfg, max_epochs=60, time_budget_s=10.0, workers=2)) == []
+    assert train_seg.config_changes(saved, replace(cfg, unlabelled_her2st=0, lr=0.1)) == ["lr", "unlabelled_her2st"]
+    old = {k: v for k, v in asdict(train_seg.TrainConfig()).items() if not k.startswith("unlabelled")}
+    assert train_seg.config_changes(old, train_seg.TrainConfig()) == []
+    assert train_seg.config_changes(old, replace(train_seg.TrainConfig(), unlabelled_her2st=5)) == ["unlabelled_her2st"]
+    assert package.run_command(old, "runs/x", "").count("unlabelled") == 0  # an old run's command stays as it was
