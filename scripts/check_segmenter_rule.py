@@ -4,6 +4,7 @@ candidate were scored in the same run.
 
     python scripts/check_segmenter_rule.py RESULT.json --current nuclei-seg-stain --candidate nuclei-seg-wide
     python scripts/check_segmenter_rule.py RESULT.json --candidate CAND --stain-scale   # session 14: criterion 6
+    python scripts/check_segmenter_rule.py RESULT.json --candidate CAND --stain-scale --her2st-sections B4,C6  # session 17
 
 Prints each criterion and ADOPT or KEEP; exit status 0 for ADOPT, 1 for KEEP, 2 when a block the
 rule needs is missing. Adoption of a segmenter also needs the #17 re-run on its pack
@@ -75,8 +76,19 @@ def worst_stain_scale_aji(res: dict, ds: str, model: str) -> tuple[float, str]:
     return per[worst], worst
 
 
-def check(res: dict, current: str, candidate: str, stain_scale: bool = False) -> tuple[bool, list[str]]:
-    """(adopt?, one line per criterion); ``stain_scale``: also criterion 6 (session 14)."""
+def her2st_spearman(res: dict, model: str, sections: tuple[str, ...] = ()) -> float:
+    """The HER2ST count agreement with the classical segmenter: pooled over every spot, or with
+    ``sections`` the mean of those sections' own Spearman (sections a candidate was trained on,
+    unlabelled, are then left out: docs/DECISIONS.md, session 17)."""
+    if not sections:
+        return _need(res, "her2st_counts", model, "pooled", "spearman")
+    return sum(_need(res, "her2st_counts", model, "sections", s, "spearman") for s in sections) / len(sections)
+
+
+def check(res: dict, current: str, candidate: str, stain_scale: bool = False,
+          her2st_sections: tuple[str, ...] = ()) -> tuple[bool, list[str]]:
+    """(adopt?, one line per criterion); ``stain_scale``: also criterion 6 (session 14);
+    ``her2st_sections``: criterion 4 read on those sections only (:func:`her2st_spearman`)."""
     lines, ok = [], True
 
     def verdict(name: str, passed: bool, detail: str) -> None:
@@ -94,9 +106,9 @@ def check(res: dict, current: str, candidate: str, stain_scale: bool = False) ->
     f0 = _need(res, "accuracy", current, "consep", "per_type_f1", "other")
     f1 = _need(res, "accuracy", candidate, "consep", "per_type_f1", "other")
     verdict("3. CoNSeP 'other' F1 higher", f1 > f0, f"{f1:.4f} vs current {f0:.4f}")
-    r0 = _need(res, "her2st_counts", current, "pooled", "spearman")
-    r1 = _need(res, "her2st_counts", candidate, "pooled", "spearman")
-    verdict("4. HER2ST count Spearman with classical", r1 >= r0 - MAX_SPEARMAN_DROP,
+    r0, r1 = her2st_spearman(res, current, her2st_sections), her2st_spearman(res, candidate, her2st_sections)
+    where = f" (mean over {', '.join(her2st_sections)})" if her2st_sections else ""
+    verdict(f"4. HER2ST count Spearman with classical{where}", r1 >= r0 - MAX_SPEARMAN_DROP,
             f"{r1:.3f} (current {r0:.3f}, needs >= {r0 - MAX_SPEARMAN_DROP:.3f})")
     for ds in SETS:
         (w0, z0), (w1, z1) = worst_scale_aji(res, ds, current), worst_scale_aji(res, ds, candidate)
@@ -115,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate", required=True, help="the candidate's name in the result (its file stem)")
     ap.add_argument("--stain-scale", action="store_true",
                     help="also criterion 6: the worst stain+scale AJI with the scale check not lower (session 14)")
+    ap.add_argument("--her2st-sections", default="",
+                    help="criterion 4 on these sections only, e.g. B4,C6 (session 17: the others seen in training)")
     a = ap.parse_args(argv)
+    sections = tuple(x for x in a.her2st_sections.split(",") if x)
     try:
-        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate, a.stain_scale)
+        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate, a.stain_scale, sections)
     except (RuleInputError, OSError, json.JSONDecodeError) as e:
         print(f"cannot judge: {e}", file=sys.stderr)
         return 2

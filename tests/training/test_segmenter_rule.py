@@ -123,3 +123,21 @@ def test_criterion_six_reads_the_stain_scale_block_with_the_check():
         assert "did not finish" in str(exc)
     else:
         raise AssertionError("an unfinished block was judged")
+
+
+def test_criterion_four_can_be_read_on_held_out_sections_only(tmp_path):
+    """Session 17: a candidate that saw C2-C5 (unlabelled) is judged on B4 and C6 alone; a drop on
+    those sections fails it even when the pooled agreement would pass, and the seen ones are ignored."""
+    better = _as_candidate(json.loads(BENCH.read_text()), "nuclei-seg-stain", "cand")
+    better["accuracy"]["cand"]["consep"]["per_type_f1"]["other"] += 0.01
+    seen = copy.deepcopy(better)
+    for s in ("C2", "C3", "C4", "C5"):
+        seen["her2st_counts"]["cand"]["sections"][s]["spearman"] -= 0.5  # ignored when read on B4/C6
+    assert rule.check(seen, "nuclei-seg-stain", "cand", her2st_sections=("B4", "C6"))[0]
+    held = copy.deepcopy(better)
+    held["her2st_counts"]["cand"]["sections"]["C6"]["spearman"] -= 0.3  # mean over B4, C6 drops 0.15
+    ok, lines = rule.check(held, "nuclei-seg-stain", "cand", her2st_sections=("B4", "C6"))
+    assert not ok and any(ln.startswith("FAIL  4.") and "B4, C6" in ln for ln in lines)
+    assert rule.check(held, "nuclei-seg-stain", "cand")[0]  # pooled: unchanged, passes
+    (tmp_path / "held.json").write_text(json.dumps(held))
+    assert rule.main([str(tmp_path / "held.json"), "--candidate", "cand", "--her2st-sections", "B4,C6"]) == 1
