@@ -127,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate", required=True, help="the candidate's name in the result (its file stem)")
     ap.add_argument("--stain-scale", action="store_true",
                     help="also criterion 6: the worst stain+scale AJI with the scale check not lower (session 14)")
-    ap.add_argument("--her2st-sections", default="",
+    ap.add_argument("--her2st-sections", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                     help="criterion 4 on these sections only, e.g. B4,C6 (session 17: the others seen in training)")
     a = ap.parse_args(argv)
-    sections = tuple(x for x in a.her2st_sections.split(",") if x)
     try:
-        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate, a.stain_scale, sections)
+        ok, lines = check(json.loads(a.result.read_text()), a.current, a.candidate, a.stain_scale, a.her2st_sections)
     except (RuleInputError, OSError, json.JSONDecodeError) as e:
         print(f"cannot judge: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,24 @@ def _samples(demo_slide, n_tiles: int = 2, side: int = 256, origin: tuple[int, i
     return out
 
 
+def _tiny_split(demo_slide, root):
+    """A nuclei folder (CoNSeP 4 patches with types, MoNuSeg 2 tiles) cut from the demo slide, truth
+    from the classical segmenter: enough for a two-step training run."""
+    from PIL import Image
+
+    for ds, n in (("consep", 4), ("monuseg", 2)):
+        folder = root / ds / "train"
+        folder.mkdir(parents=True)
+        for s in _samples(demo_slide, n_tiles=n):
+            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
+            Image.fromarray(s.rgb).save(folder / f"{name}.png")
+            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
+            if ds == "consep":
+                (folder / f"{name}.type.json").write_text(json.dumps({str(i): int(s.types[i])
+                                                                       for i in range(1, len(s.types))}))
+    return root
+
+
 def _data(demo_slide, augment: str = "wide"):
     from dataclasses import replace
 
@@ -148,19 +166,7 @@ def test_a_short_run_with_a_teacher_logs_the_distillation_terms(demo_slide, tmp_
     slide: the run finishes, its log has the three distillation terms, the config records the teacher."""
     from dataclasses import replace
 
-    from PIL import Image
-
-    root = tmp_path / "nuclei"
-    for ds, n in (("consep", 4), ("monuseg", 2)):
-        folder = root / ds / "train"
-        folder.mkdir(parents=True)
-        for s in _samples(demo_slide, n_tiles=n):
-            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
-            Image.fromarray(s.rgb).save(folder / f"{name}.png")
-            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
-            if ds == "consep":
-                (folder / f"{name}.type.json").write_text(json.dumps({str(i): int(s.types[i])
-                                                                       for i in range(1, len(s.types))}))
+    root = _tiny_split(demo_slide, tmp_path / "nuclei")
     cfg = replace(train_seg.TrainConfig(), data_root=str(root), out=str(tmp_path / "run"), batch_size=4,
                   steps_per_epoch=2, max_epochs=1, device="cpu", workers=1, tune_postprocess=False,
                   init=str(TEACHER), teacher=str(TEACHER), distill_weight=1.0, augment="wide", mpp=0.5)
@@ -186,17 +192,8 @@ def test_a_short_run_with_unlabelled_breast_crops_logs_their_consistency(demo_sl
     consistency terms (u_kd_*), not the labelled ones; without a teacher it is refused."""
     from dataclasses import replace
 
-    from PIL import Image
-
     shared_path("her2st")
-    root = tmp_path / "data" / "nuclei"
-    for ds, n in (("consep", 4), ("monuseg", 2)):
-        folder = root / ds / "train"
-        folder.mkdir(parents=True)
-        for s in _samples(demo_slide, n_tiles=n):
-            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
-            Image.fromarray(s.rgb).save(folder / f"{name}.png")
-            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
+    root = _tiny_split(demo_slide, tmp_path / "data" / "nuclei")
     (root.parent / "her2st").symlink_to(shared_path("her2st"))
     cfg = replace(train_seg.TrainConfig(), data_root=str(root), out=str(tmp_path / "run"), batch_size=4,
                   steps_per_epoch=2, max_epochs=1, device="cpu", workers=1, tune_postprocess=False,
