@@ -93,7 +93,8 @@ def evaluate(seg, samples, mpp: float = DATA_MPP) -> dict:
         four[cells["id"].to_numpy()] = decide_types(probs, CONSEP_TYPES, getattr(post, "type_weights", None)) + 1
         merged[cells["id"].to_numpy()] = [name_to_int.get(t, 0) for t in cells["type"]]
         det_hn = det_hn + detection_counts(s.inst, inst, radius, s.types, four)
-        det_merged = det_merged + detection_counts(s.inst, inst, radius, truth_merged[s.types], merged)
+        if merge:  # without a merge the type column is the four-class decision: nothing more to match
+            det_merged = det_merged + detection_counts(s.inst, inst, radius, truth_merged[s.types], merged)
     mean = {k: float(np.mean([c.scores()[k] for c in per])) for k in ("aji", "pq", "dq", "sq", "dice")}
     out = {**{k: round(v, 4) for k, v in mean.items()},
            "f1_detection": round(det6.f1, 4), "f_d": round(det_hn.f1, 4),

@@ -225,6 +225,14 @@ def distill_losses(out, soft: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"kd_np": bce, "kd_hv": hv_se, "kd_tp": kl}
 
 
+def add_distillation(ls: dict[str, torch.Tensor], out, soft: torch.Tensor, weight: float, prefix: str = "") -> None:
+    """:func:`distill_losses` of ``out`` against ``soft`` into the step's losses ``ls``: their sum times
+    ``weight`` onto ``total``, each term logged under ``prefix`` (labelled crops "", unlabelled "u_")."""
+    kd = distill_losses(out, soft)
+    ls["total"] = ls["total"] + weight * (kd["kd_np"] + kd["kd_hv"] + kd["kd_tp"])
+    ls.update({prefix + k: v for k, v in kd.items()})
+
+
 def hed_jitter(x: torch.Tensor, rng: np.random.Generator, sigma: float = 0.08, bias: float = 0.02) -> torch.Tensor:
     """Stain augmentation (Tellez et al. 2018): scale/shift each HED channel, then brightness/contrast."""
     b = x.shape[0]
@@ -525,13 +533,9 @@ def train(cfg: TrainConfig) -> dict:
             outs = tuple(o[:n_lab] for o in outs_all)
             ls = losses(outs, inst, types, type_w)
             if soft:
-                kd = distill_losses(outs, soft[0])
-                ls["total"] = ls["total"] + cfg.distill_weight * (kd["kd_np"] + kd["kd_hv"] + kd["kd_tp"])
-                ls.update(kd)
+                add_distillation(ls, outs, soft[0], cfg.distill_weight)
             if unlabelled is not None:
-                ku = distill_losses(tuple(o[n_lab:] for o in outs_all), soft_u)
-                ls["total"] = ls["total"] + cfg.unlabelled_weight * (ku["kd_np"] + ku["kd_hv"] + ku["kd_tp"])
-                ls.update({f"u_{k}": v for k, v in ku.items()})
+                add_distillation(ls, tuple(o[n_lab:] for o in outs_all), soft_u, cfg.unlabelled_weight, prefix="u_")
             opt.zero_grad(set_to_none=True)
             ls["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
