@@ -1,8 +1,9 @@
 """Train the HoVer-Net-style nucleus model on the CoNSeP + MoNuSeg *train* splits.
 
 The validation part is held out of train by source tile; test splits are never read here.
-Checkpoints every epoch (``last.safetensors`` + ``last.json`` with step, epoch, best score
-and log; no optimizer pickles, so a resume restarts the optimizer from the saved weights),
+Checkpoints every epoch (``last.safetensors`` + ``last.json`` with step, epoch, best score, log and
+the random generators' states; ``last.optim.safetensors`` with AdamW's moments, no pickles), so a
+resumed run continues as the unbroken run would have (same batches, same optimizer state);
 ``best.safetensors`` by validation AJI, a JSON-lines log of losses and validation scores.
 After training, the watershed thresholds are tuned on the validation split.
 
@@ -155,12 +156,15 @@ class DeviceData:
         im, la, ty = torch.cat(imgs), torch.cat(insts), torch.cat(types)
         perm = torch.from_numpy(rng.permutation(n)).to(self.device)
         im, la, ty = im[perm], la[perm], ty[perm]
-        # the 8 symmetries of the square, each on one slice of the batch
+        # the 8 symmetries of the square, each on one slice of the batch; a batch that is not a
+        # multiple of 8 starts at a random one (else a batch of 4 would only ever be rotated)
         parts = np.array_split(np.arange(n), 8)
+        first = int(rng.integers(8)) if n % 8 else 0
         out = [[], [], []]
-        for t, sl in enumerate(parts):
+        for k, sl in enumerate(parts):
             if len(sl) == 0:
                 continue
+            t = (k + first) % 8
             a, b_, d = im[sl[0]:sl[-1] + 1], la[sl[0]:sl[-1] + 1], ty[sl[0]:sl[-1] + 1]
             a, b_, d = (torch.rot90(x, t % 4, dims=(-2, -1)) for x in (a, b_, d))
             if t >= 4:
@@ -366,14 +370,59 @@ def evaluate(maps, seg: LearnedSegmenter, post: PostProcessConfig, pool) -> dict
 
 
 # --- checkpoints ----------------------------------------------------------------------
-def save_state(model: SegNet, path: Path, meta: dict) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, step: int) -> None:
+    """One safetensors file, written whole or not at all, tagged with the training step it holds."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
     os.replace(tmp, path)
+
+
+def _saved_step(path: Path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        step = (fh.metadata() or {}).get("step")
+    return int(step) if step is not None else None
+
+
+def save_state(model: SegNet, path: Path, meta: dict) -> None:
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    _save_tensors(state, path, meta["state"]["step"])
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+
+
+def optimizer_path(last: Path) -> Path:
+    return last.with_name(last.stem + ".optim.safetensors")
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> None:
+    """AdamW's per-parameter moments and step counts, plus torch's generator state, as tensors
+    (written before the weights and ``last.json``, which says which step is whole)."""
+    tensors = {"torch_rng": torch.get_rng_state()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    _save_tensors(tensors, path, step)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> bool:
+    """Restore what :func:`save_optimizer` wrote, if it holds ``step``; False (the optimizer starts
+    afresh from the saved weights, as before this file existed) when it is missing or of another step."""
+    from safetensors.torch import load_file
+
+    if not path.exists() or _saved_step(path) != step:
+        return False
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v  # load_state_dict moves the moments to each parameter's device
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    return True
 
 
 def load_state(model: SegNet, path: Path | str) -> None:
@@ -489,7 +538,13 @@ def train(cfg: TrainConfig) -> dict:
                              f"command (its last.json has them), or give --out a new folder")
         load_state(model, last)
         state = saved["state"]
-        print(f"resumed at epoch {state['epoch']} step {state['step']}", flush=True)
+        exact = _saved_step(last) in (None, state["step"]) and load_optimizer(opt, optimizer_path(last), state["step"])
+        if exact and "rng" in saved:
+            rng.bit_generator.state = saved["rng"]
+        exact = exact and "rng" in saved
+        print(f"resumed at epoch {state['epoch']} step {state['step']}"
+              + ("" if exact else " (optimizer restarted from the saved weights: this checkpoint predates saved "
+                                  "optimizer and generator states, or was cut between its files)"), flush=True)
     unlabelled = None
     if cfg.unlabelled_her2st > 0:
         if not cfg.teacher:
@@ -561,10 +616,12 @@ def train(cfg: TrainConfig) -> dict:
         with open(log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
-        meta = {"state": state, "train_config": asdict(cfg), "architecture": arch.to_dict()}
+        meta = {"state": state, "train_config": asdict(cfg), "architecture": arch.to_dict(),
+                "rng": rng.bit_generator.state}
         if scores["aji"] > state["best_aji"]:
             state["best_aji"] = scores["aji"]
             save_state(model, out / "best.safetensors", meta)
+        save_optimizer(opt, optimizer_path(last), state["step"])
         save_state(model, last, meta)
 
     # tune the watershed on the validation split with the best weights

@@ -68,3 +68,44 @@ def make_tiny_ghist(folder: Path, seed: int = 0, members: int = 1, **config) -> 
         torch.manual_seed(seed + k)
         others.append(GhistNet(cfg))
     return save_ghist(net, folder, {"training": {"data": "none: random weights for tests"}}, members=others)
+
+
+def nuclei_samples_from_slide(demo_slide, n_tiles: int = 2, side: int = 256, origin: tuple[int, int] = (600, 900)):
+    """Labelled training samples cut from the demo slide (truth: the classical segmenter; types cycle
+    through 1-4), named like CoNSeP patches."""
+    import numpy as np
+
+    from ghist_core.io.slide import open_slide
+    from ghist_core.segmentation import ClassicalSegmenter
+    from ghist_core.training.segmentation_data import NucleiSample
+
+    classical, out = ClassicalSegmenter(), []
+    with open_slide(demo_slide) as s:
+        for k in range(n_tiles):
+            rgb = np.ascontiguousarray(s.read_region((origin[0] + 300 * k, origin[1]), 0, (side, side))[..., :3])
+            inst = classical.segment_tile(rgb, 0.5)[0].astype(np.int32)
+            types = np.zeros(int(inst.max()) + 1, np.int64)
+            types[1:] = 1 + np.arange(int(inst.max())) % 4
+            out.append(NucleiSample(f"train_{k}_000", "consep", f"train_{k}", rgb, inst, types))
+    return out
+
+
+def tiny_nuclei_split(demo_slide, root):
+    """A nuclei folder (CoNSeP 4 patches with types, MoNuSeg 2 tiles) cut from the demo slide, truth
+    from the classical segmenter: enough for a two-step training run."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    for ds, n in (("consep", 4), ("monuseg", 2)):
+        folder = root / ds / "train"
+        folder.mkdir(parents=True)
+        for s in nuclei_samples_from_slide(demo_slide, n_tiles=n):
+            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
+            Image.fromarray(s.rgb).save(folder / f"{name}.png")
+            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
+            if ds == "consep":
+                (folder / f"{name}.type.json").write_text(json.dumps({str(i): int(s.types[i])
+                                                                       for i in range(1, len(s.types))}))
+    return root

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ghist_core.io.slide import open_slide
 from ghist_core.paths import REPO_DIR
-from testkit import load_repo_script
+from testkit import load_repo_script, nuclei_samples_from_slide, tiny_nuclei_split
 
 train_seg = load_repo_script("scripts/train_segmentation.py")
 TEACHER = REPO_DIR / "weights" / "nuclei-seg-stain.safetensors"
@@ -25,44 +24,11 @@ class ColourTeacher(torch.nn.Module):
         return 4.0 * (0.6 - x[:, :1]), x[:, 1:3], torch.stack([x[:, 0], 1 - x[:, 0], x[:, 1], x[:, 2], x[:, 0]], 1)
 
 
-def _samples(demo_slide, n_tiles: int = 2, side: int = 256, origin: tuple[int, int] = (600, 900)):
-    from ghist_core.segmentation import ClassicalSegmenter
-    from ghist_core.training.segmentation_data import NucleiSample
-
-    classical, out = ClassicalSegmenter(), []
-    with open_slide(demo_slide) as s:
-        for k in range(n_tiles):
-            rgb = np.ascontiguousarray(s.read_region((origin[0] + 300 * k, origin[1]), 0, (side, side))[..., :3])
-            inst = classical.segment_tile(rgb, 0.5)[0].astype(np.int32)
-            types = np.zeros(int(inst.max()) + 1, np.int64)
-            types[1:] = 1 + np.arange(int(inst.max())) % 4
-            out.append(NucleiSample(f"train_{k}_000", "consep", f"train_{k}", rgb, inst, types))
-    return out
-
-
-def _tiny_split(demo_slide, root):
-    """A nuclei folder (CoNSeP 4 patches with types, MoNuSeg 2 tiles) cut from the demo slide, truth
-    from the classical segmenter: enough for a two-step training run."""
-    from PIL import Image
-
-    for ds, n in (("consep", 4), ("monuseg", 2)):
-        folder = root / ds / "train"
-        folder.mkdir(parents=True)
-        for s in _samples(demo_slide, n_tiles=n):
-            name = s.name if ds == "consep" else f"TCGA-{s.source_tile}"
-            Image.fromarray(s.rgb).save(folder / f"{name}.png")
-            Image.fromarray(s.inst.astype(np.uint16)).save(folder / f"{name}.inst.png")
-            if ds == "consep":
-                (folder / f"{name}.type.json").write_text(json.dumps({str(i): int(s.types[i])
-                                                                       for i in range(1, len(s.types))}))
-    return root
-
-
 def _data(demo_slide, augment: str = "wide"):
     from dataclasses import replace
 
     cfg = replace(train_seg.TrainConfig(), augment=augment, crop_um=64.0, mpp=0.5)
-    return train_seg.DeviceData(_samples(demo_slide), cfg, torch.device("cpu"))
+    return train_seg.DeviceData(nuclei_samples_from_slide(demo_slide), cfg, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("zoom", [0.67, 2.0])
@@ -106,7 +72,7 @@ def test_hv_targets_survive_the_zoom_that_carries_them(demo_slide):
     from ghist_core.training.augment import AugmentConfig, SegAugment
     from ghist_core.training.segmentation_data import hv_targets
 
-    s = _samples(demo_slide, n_tiles=1, origin=(900, 1500))[0]  # a crowded region (about 100 nuclei)
+    s = nuclei_samples_from_slide(demo_slide, n_tiles=1, origin=(900, 1500))[0]  # a crowded region (about 100 nuclei)
     inst = torch.from_numpy(s.inst[None].astype(np.int64))
     x = torch.cat([torch.from_numpy(s.rgb).permute(2, 0, 1)[None].float() / 255, hv_targets(inst),
                    torch.zeros(1, 1, *inst.shape[-2:])], 1)
@@ -166,7 +132,7 @@ def test_a_short_run_with_a_teacher_logs_the_distillation_terms(demo_slide, tmp_
     slide: the run finishes, its log has the three distillation terms, the config records the teacher."""
     from dataclasses import replace
 
-    root = _tiny_split(demo_slide, tmp_path / "nuclei")
+    root = tiny_nuclei_split(demo_slide, tmp_path / "nuclei")
     cfg = replace(train_seg.TrainConfig(), data_root=str(root), out=str(tmp_path / "run"), batch_size=4,
                   steps_per_epoch=2, max_epochs=1, device="cpu", workers=1, tune_postprocess=False,
                   init=str(TEACHER), teacher=str(TEACHER), distill_weight=1.0, augment="wide", mpp=0.5)
@@ -193,7 +159,7 @@ def test_a_short_run_with_unlabelled_breast_crops_logs_their_consistency(demo_sl
     from dataclasses import replace
 
     shared_path("her2st")
-    root = _tiny_split(demo_slide, tmp_path / "data" / "nuclei")
+    root = tiny_nuclei_split(demo_slide, tmp_path / "data" / "nuclei")
     (root.parent / "her2st").symlink_to(shared_path("her2st"))
     cfg = replace(train_seg.TrainConfig(), data_root=str(root), out=str(tmp_path / "run"), batch_size=4,
                   steps_per_epoch=2, max_epochs=1, device="cpu", workers=1, tune_postprocess=False,
