@@ -3,7 +3,8 @@
 The validation part is held out of train by source tile; test splits are never read here.
 Checkpoints every epoch (``last.safetensors`` + ``last.json`` with step, epoch, best score, log and
 the random generators' states; ``last.optim.safetensors`` with AdamW's moments, no pickles), so a
-resumed run continues as the unbroken run would have (same batches, same optimizer state);
+run stopped at an epoch's end and resumed continues as the unbroken run would have (same batches,
+same optimizer state; a resume says why when it cannot, see ``resume_notes``);
 ``best.safetensors`` by validation AJI, a JSON-lines log of losses and validation scores.
 After training, the watershed thresholds are tuned on the validation split.
 
@@ -398,31 +399,63 @@ def optimizer_path(last: Path) -> Path:
 
 
 def save_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> None:
-    """AdamW's per-parameter moments and step counts, plus torch's generator state, as tensors
-    (written before the weights and ``last.json``, which says which step is whole)."""
+    """AdamW's per-parameter moments and step counts, plus torch's generator states (CPU and each
+    CUDA device), as tensors (written before the weights and ``last.json``, which says which step is whole)."""
     tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_rng.{i}": g for i, g in enumerate(torch.cuda.get_rng_state_all())})
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
     _save_tensors(tensors, path, step)
 
 
-def load_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> bool:
-    """Restore what :func:`save_optimizer` wrote, if it holds ``step``; False (the optimizer starts
-    afresh from the saved weights, as before this file existed) when it is missing or of another step."""
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> dict[str, torch.Tensor] | None:
+    """Restore AdamW's state that :func:`save_optimizer` wrote, if it holds ``step``, and return the
+    saved generator states (for :func:`restore_generators`); None (the optimizer starts afresh from
+    the saved weights, as before this file existed) when it is missing or of another step."""
     from safetensors.torch import load_file
 
     if not path.exists() or _saved_step(path) != step:
-        return False
+        return None
     tensors = load_file(str(path))
-    torch.set_rng_state(tensors.pop("torch_rng"))
+    generators = {k: tensors.pop(k) for k in list(tensors) if k == "torch_rng" or k.startswith("cuda_rng.")}
     sd = opt.state_dict()
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v  # load_state_dict moves the moments to each parameter's device
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    return True
+    return generators
+
+
+def restore_generators(generators: dict[str, torch.Tensor]) -> None:
+    """torch's generators as :func:`save_optimizer` saved them (just before the training loop, after
+    anything that draws while setting up, such as a teacher's construction)."""
+    torch.set_rng_state(generators["torch_rng"])
+    cuda = [generators[k] for k in sorted((k for k in generators if k.startswith("cuda_rng.")),
+                                          key=lambda k: int(k.split(".")[1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def resume_notes(cfg: TrainConfig, state: dict, weights_step: int | None, has_rng: bool, optimizer_restored: bool
+                 ) -> list[str]:
+    """Why a resumed run will not retrace the unbroken run step for step (empty when it will)."""
+    notes = []
+    if weights_step is not None and weights_step != state["step"]:
+        notes.append(f"last.safetensors holds step {weights_step} but last.json step {state['step']} (stopped "
+                     "between writing them): the next epoch is trained again from the later weights")
+    if not optimizer_restored:
+        notes.append("AdamW restarts from the saved weights (no optimizer state of this step: a checkpoint "
+                     "from before optimizer states were saved, or cut between its files)")
+    if not has_rng:
+        notes.append("the batches differ from an unbroken run's (a checkpoint from before generator states were saved)")
+    if state["step"] != state["epoch"] * cfg.steps_per_epoch:
+        notes.append("the run stopped inside an epoch (--max-steps or --time-budget), which counted as a whole one")
+    if cfg.time_budget_s:
+        notes.append("with --time-budget the learning rate follows wall-clock time")
+    return notes
 
 
 def load_state(model: SegNet, path: Path | str) -> None:
@@ -526,6 +559,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"validation also re-stained to {list(val_sets)[1:]}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best_aji": -1.0, "elapsed_s": 0.0, "log": []}
+    generators = None
     if cfg.init:
         load_state(model, cfg.init)
         print(f"initialised from {cfg.init}", flush=True)
@@ -538,13 +572,12 @@ def train(cfg: TrainConfig) -> dict:
                              f"command (its last.json has them), or give --out a new folder")
         load_state(model, last)
         state = saved["state"]
-        exact = _saved_step(last) in (None, state["step"]) and load_optimizer(opt, optimizer_path(last), state["step"])
-        if exact and "rng" in saved:
+        generators = load_optimizer(opt, optimizer_path(last), state["step"])
+        if "rng" in saved:
             rng.bit_generator.state = saved["rng"]
-        exact = exact and "rng" in saved
+        notes = resume_notes(cfg, state, _saved_step(last), "rng" in saved, generators is not None)
         print(f"resumed at epoch {state['epoch']} step {state['step']}"
-              + ("" if exact else " (optimizer restarted from the saved weights: this checkpoint predates saved "
-                                  "optimizer and generator states, or was cut between its files)"), flush=True)
+              + "".join(f"\n  not exact: {n}" for n in notes), flush=True)
     unlabelled = None
     if cfg.unlabelled_her2st > 0:
         if not cfg.teacher:
@@ -563,6 +596,8 @@ def train(cfg: TrainConfig) -> dict:
     n_unlabelled = cfg.unlabelled_batch or max(1, cfg.batch_size // 2)
     log_path = out / "log.jsonl"
     budget = cfg.time_budget_s or float("inf")
+    if generators:
+        restore_generators(generators)
     elapsed0 = state["elapsed_s"]
     t0 = time.time()
     stop = False

@@ -37,6 +37,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def runs(demo_slide, tmp_path_factory):
     """An unbroken two-epoch run, the same run stopped after epoch 1 and resumed, and the stopped run
     resumed without its optimizer file (the old behaviour)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("resume")
     root = tiny_nuclei_split(demo_slide, tmp / "nuclei")
@@ -51,7 +52,8 @@ def runs(demo_slide, tmp_path_factory):
     (tmp / "no_optim" / "last.optim.safetensors").unlink()
     train_seg.train(_cfg(root, tmp / "split"))
     train_seg.train(_cfg(root, tmp / "no_optim"))
-    return tmp, stopped, json_1
+    yield tmp, stopped, json_1
+    torch.set_num_threads(threads)
 
 
 def test_a_resumed_run_ends_where_the_unbroken_run_does(runs):
@@ -66,11 +68,31 @@ def test_a_resumed_run_ends_where_the_unbroken_run_does(runs):
         assert {k: v for k, v in a.items() if k != "elapsed_s"} == {k: v for k, v in b.items() if k != "elapsed_s"}
 
 
-def test_without_its_optimizer_file_a_resume_still_runs_but_not_exactly(runs, capsys):
+def test_without_its_optimizer_file_a_resume_still_runs_but_not_exactly(runs):
+    """Same batches (numpy's generator is in last.json), fresh AdamW moments: another path."""
     tmp, _, _ = runs
     whole, no_optim = _weights(tmp / "whole"), _weights(tmp / "no_optim")
     assert all(np.isfinite(v.float().numpy()).all() for v in no_optim.values())
-    assert _max_diff(no_optim, whole) > 1e-6  # fresh AdamW moments: another path
+    assert _max_diff(no_optim, whole) > 1e-6
+
+
+def test_a_resume_says_why_it_will_not_be_exact():
+    cfg = replace(train_seg.TrainConfig(), steps_per_epoch=2)
+    on_boundary = {"epoch": 1, "step": 2}
+    assert train_seg.resume_notes(cfg, on_boundary, 2, True, True) == []
+    assert train_seg.resume_notes(cfg, on_boundary, None, True, True) == []  # weights from before the step tag
+    notes = {
+        "weights": train_seg.resume_notes(cfg, on_boundary, 4, True, True),
+        "optimizer": train_seg.resume_notes(cfg, on_boundary, 2, True, False),
+        "generator": train_seg.resume_notes(cfg, on_boundary, 2, False, True),
+        "inside an epoch": train_seg.resume_notes(cfg, {"epoch": 1, "step": 1}, 1, True, True),
+        "wall-clock": train_seg.resume_notes(replace(cfg, time_budget_s=60.0), on_boundary, 2, True, True),
+    }
+    for word, got in notes.items():
+        assert len(got) == 1, (word, got)
+    assert "step 4" in notes["weights"][0] and "AdamW" in notes["optimizer"][0]
+    assert "batches" in notes["generator"][0] and "inside an epoch" in notes["inside an epoch"][0]
+    assert "wall-clock" in notes["wall-clock"][0]
 
 
 def test_an_optimizer_file_of_another_step_is_not_used(runs):
