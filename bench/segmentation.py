@@ -845,6 +845,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-trigger", type=float, default=None,
                     help="also score each learned model as '<name>+auto-scale-trigger': the scale check tried only "
                          "where the factor-1 foreground certainty is below this")
+    ap.add_argument("--scale-picker", default=None,
+                    help="also score each learned model as '<name>+auto-scale-picker': the scale check decided by "
+                         "this learned picker (a file holding it: scripts/choose_on_validation.py scale-picker's "
+                         "result, or a card with a 'scale_picker'); with the speed block, its speed and the app's")
     ap.add_argument("--post-variant", default=None,
                     help="also score each learned model as '<name>+post' with these watershed settings (a JSON object "
                          "of PostProcessConfig fields, e.g. from bench/results/segmentation_watershed_choice.json)")
@@ -874,6 +878,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale-trigger"] = v = copy.copy(seg)
             v.nucleus_scale, v.scale_max_certainty = "auto", float(a.scale_trigger)
+    if a.scale_picker:
+        from ghist_core.segmentation.scale_picker import ScalePicker
+
+        held = json.loads(Path(a.scale_picker).read_text())
+        picker = ScalePicker.from_dict(held.get("picker") or held.get("scale_picker") or held)
+        for name, seg in learned.items():
+            variants[f"{name}+auto-scale-picker"] = v = copy.copy(seg)
+            v.nucleus_scale, v.scale_picker = "auto", picker
     if a.post_variant:
         from dataclasses import replace
 
@@ -900,13 +912,16 @@ def main(argv: list[str] | None = None) -> None:
         first = next(iter(learned))
         # what the scale check (segment_slide's default since session 13) costs on this device, same process
         sp[f"{first}+auto-scale"] = speed(model, rgb, batch_size=a.batch_size, nucleus_scale="auto")
+        picked = {n: v for n, v in variants.items() if n.endswith("+auto-scale-picker")}
+        for name, v in picked.items():
+            sp[name] = speed(v, rgb, batch_size=a.batch_size)
         if model.device.type == "cpu" and not a.batch_size:  # the baseline for the CPU's batch size: the GPU's
             sp["batch_8_on_cpu"] = {first: speed(model, rgb, batch_size=8)}
         print(f"speed: {sp}", flush=True)
         app = None
         if not a.no_app:
             with tempfile.TemporaryDirectory(prefix="ghist-speed-") as work:
-                app = app_speed(learned, rgb, Path(work))
+                app = app_speed({**learned, **picked}, rgb, Path(work))
             print(f"app: {app}", flush=True)
         key = "cuda" if model.device.type == "cuda" else "cpu"
         speed_block = {"device": device_name, **sp, "app": app, "input_mpp": DATA_MPP, "weights_sha256": shas,
@@ -959,7 +974,11 @@ def main(argv: list[str] | None = None) -> None:
     if variants:  # which scale-check rule the '+auto-scale' rows ran (the rule lives in code, not weights)
         from ghist_core.segmentation.model import SCALE_RULE
 
-        _update(out, "auto_scale_rule", SCALE_RULE)
+        rule = dict(SCALE_RULE)
+        if a.scale_picker:
+            rule["picker"] = {"file": a.scale_picker, "margin": picker.margin, "factor": picker.factor,
+                              "trees": len(picker.trees), "rows": "'+auto-scale-picker'"}
+        _update(out, "auto_scale_rule", rule)
 
     if "slide_scale" in blocks:
         slide_scale(model, root, Path(a.her2st_root), out=out, probe=a.scale_probe or 0.0,

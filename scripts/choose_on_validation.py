@@ -6,6 +6,7 @@ Rules: docs/DECISIONS.md, session 13.
     python scripts/choose_on_validation.py type-merge [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py tta [--model nuclei-seg-stain] [--out ...]
     python scripts/choose_on_validation.py watershed [--model nuclei-seg-stain] [--out ...]
+    python scripts/choose_on_validation.py scale-picker [--model nuclei-seg-stain] [--out ...]
 
 ``type-weights``: per-type decision weights for the nucleus type (the argmax of the mean type
 probabilities times a weight per type), a correction of the training set's class prior (CoNSeP's
@@ -22,6 +23,12 @@ puts an adopted merge into the card.
 ``tta``: test-time augmentation for ``segment_tile``: mean validation AJI with 1, 2, 4 and 8
 flipped/transposed copies, as stated, the card's thresholds; the pick is the highest mean or the
 cheapest within 0.002 of it. Writes ``bench/results/segmentation_tta_choice.json``.
+
+``scale-picker``: a learned decision for the nucleus-scale check (a small tree ensemble over both
+readings' certainty, median nucleus area and density), chosen among the candidates of
+docs/DECISIONS.md, session 18 by leave-one-source-tile-out AJI on the validation images in 4 stain
+copies at zooms 0.67-2, then refitted on all of them. Writes
+``bench/results/segmentation_scale_picker_choice.json`` (its ``picker`` is what a card carries).
 
 ``watershed``: the five watershed settings on a grid, on the training script's selection data
 (validation images as they are and re-stained), by the mean per-image AJI. Writes
@@ -385,6 +392,147 @@ def run_scale_gate(seg, root: Path, out: Path, restained: int = 3) -> dict:
     return res
 
 
+# --- scale-picker (docs/DECISIONS.md, session 18) ------------------------------------------------
+PICKER_ZOOMS = (0.67, 1.0, 1.5, 2.0)
+PICKER_MARGINS = (0.0, 0.01, 0.02, 0.03)
+#: (kind, trees, learning rate, depth, min leaf): the candidates the rule names
+PICKER_CANDIDATES = ([("boosted", n, lr, 2, 1) for n, lr in ((50, 0.05), (100, 0.05), (200, 0.05), (20, 0.1), (30, 0.1))]
+                     + [("tree", 1, 1.0, d, leaf) for d in (2, 3, 4) for leaf in (10, 20, 40)])
+
+
+def picker_rows(seg, samples, zoom: float, copy: str) -> list[dict]:
+    """Per image: AJI at factor 1 and at the picker's factor (2/3) and the picker's features."""
+    from ghist_core.segmentation.model import SCALE_FACTORS, foreground_certainty
+    from ghist_core.segmentation.scale_picker import picker_features, reading_stats
+
+    f = min(SCALE_FACTORS)
+    rows = []
+    for s in samples:
+        hw = s.inst.shape
+        area = hw[0] * hw[1] * DATA_MPP ** 2
+        readings = []
+        for factor in (1.0, f):
+            maps = seg._maps_at(s.rgb, DATA_MPP * factor)
+            if maps is None:
+                break
+            inst, cells = seg._instances(maps, hw, DATA_MPP, DATA_MPP * factor)
+            readings.append((seg_counts(s.inst, inst).aji,
+                             reading_stats(foreground_certainty(maps[0]), cells["area_um2"].to_numpy(), seg.mpp, area)))
+        if len(readings) == 2:
+            rows.append({"name": s.name, "dataset": s.dataset, "tile": s.source_tile, "zoom": zoom, "copy": copy,
+                         "aji": [readings[0][0], readings[1][0]],
+                         "x": picker_features(readings[0][1], readings[1][1])[0].tolist()})
+    return rows
+
+
+def _picker_model(kind: str, n: int, lr: float, depth: int, leaf: int):
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.tree import DecisionTreeRegressor
+
+    if kind == "boosted":
+        return GradientBoostingRegressor(n_estimators=n, max_depth=depth, learning_rate=lr, subsample=0.8, random_state=0)
+    return DecisionTreeRegressor(max_depth=depth, min_samples_leaf=leaf, random_state=0)
+
+
+def picker_cross_validation(rows: list[dict], candidate: tuple, margin: float) -> dict:
+    """Leave-one-source-tile-out: each tile's rows decided by a picker fitted on the other tiles.
+    The mean AJI over all rows, per (dataset, zoom), and the per-dataset change against factor 1 at
+    x1 and x0.67 (the rule's guard)."""
+    tiles = np.array([r["tile"] for r in rows])
+    x = np.array([r["x"] for r in rows])
+    aji = np.array([r["aji"] for r in rows])
+    moved = np.zeros(len(rows), bool)
+    for t in np.unique(tiles):
+        held = tiles == t
+        model = _picker_model(*candidate).fit(x[~held], aji[~held, 1] - aji[~held, 0])
+        moved[held] = model.predict(x[held]) > margin
+    return _score_choice(rows, moved)
+
+
+def hand_rule_cv(rows: list[dict]) -> dict:
+    """The hand rule's choices on the same rows (area gate, certainty margin), scored as
+    :func:`picker_cross_validation` scores a picker (nothing is fitted, so no folds)."""
+    from ghist_core.segmentation.model import SCALE_MARGIN, SCALE_MIN_AREA_PX
+    from ghist_core.segmentation.scale_picker import FEATURES
+
+    cert1, certf, area1 = (FEATURES.index(k) for k in ("cert_1", "cert_f", "log_median_area_1"))
+    x = np.array([r["x"] for r in rows])
+    moved = (np.expm1(x[:, area1]) >= SCALE_MIN_AREA_PX) & (x[:, certf] > x[:, cert1] + SCALE_MARGIN)
+    return _score_choice(rows, moved)
+
+
+def _score_choice(rows: list[dict], moved: np.ndarray) -> dict:
+    aji = np.array([r["aji"] for r in rows])
+    chosen = np.where(moved, aji[:, 1], aji[:, 0])
+    cells: dict[str, dict] = {}
+    guard = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        for z in PICKER_ZOOMS:
+            sel = np.array([r["dataset"] == ds and r["zoom"] == z for r in rows])
+            if sel.any():
+                cells.setdefault(ds, {})[str(z)] = round(float(chosen[sel].mean()), 4)
+                if z in (0.67, 1.0):
+                    guard.append(float((chosen[sel] - aji[sel, 0]).mean()))
+    return {"mean_aji": round(float(chosen.mean()), 4), "by_dataset_zoom": cells,
+            "worst_change_x1_x067": round(min(guard), 4), "moved_share": round(float(moved.mean()), 4)}
+
+
+def pick_picker(table: list[dict], tie: float = 0.001, guard: float = -0.005) -> dict | None:
+    """The rule's choice: the highest cross-validated mean AJI among candidates whose guard holds;
+    within ``tie`` of it, the fewest trees, then the shallowest, then the largest margin. None when
+    no candidate keeps the guard (the rule then keeps the hand rule)."""
+    ok = [r for r in table if r["cv"]["worst_change_x1_x067"] >= guard]
+    if not ok:
+        return None
+    best = max(r["cv"]["mean_aji"] for r in ok)
+    near = [r for r in ok if r["cv"]["mean_aji"] >= best - tie]
+    return min(near, key=lambda r: (r["trees"], r["depth"], -r["margin"]))
+
+
+def run_scale_picker(seg, root: Path, out: Path, restained: int = 3) -> dict:
+    from ghist_core.segmentation.model import SCALE_FACTORS
+    from ghist_core.segmentation.scale_picker import ScalePicker
+
+    sys.path.insert(0, str(REPO_DIR / "scripts"))
+    sys.path.insert(0, str(REPO_DIR / "bench"))
+    import train_segmentation as training
+    from segmentation import zoom_sample
+
+    sets = training.restained_validation(validation_samples(root), restained)
+    rows, t = [], time.perf_counter()
+    for z in PICKER_ZOOMS:
+        for copy, samples in sets.items():
+            rows += picker_rows(seg, [zoom_sample(s, z) for s in samples], z, copy)
+        print(f"zoom {z}: {len(rows)} rows ({time.perf_counter() - t:.0f} s)", flush=True)
+    table = []
+    for cand in PICKER_CANDIDATES:
+        for margin in PICKER_MARGINS:
+            kind, n, lr, depth, leaf = cand
+            table.append({"kind": kind, "trees": n, "learning_rate": lr, "depth": depth, "min_leaf": leaf,
+                          "margin": margin, "cv": picker_cross_validation(rows, cand, margin)})
+    chosen = pick_picker(table)
+    aji = np.array([r["aji"] for r in rows])
+    data = (f"{len(rows)} rows: the {len(sets['original'])} validation images (source tiles "
+            f"{sorted({r['tile'] for r in rows})}) as they are and re-stained to {list(sets)[1:]}, at zooms "
+            f"{list(PICKER_ZOOMS)}; no test image")
+    picker = None
+    if chosen is not None:
+        cand = (chosen["kind"], chosen["trees"], chosen["learning_rate"], chosen["depth"], chosen["min_leaf"])
+        model = _picker_model(*cand).fit(np.array([r["x"] for r in rows]), aji[:, 1] - aji[:, 0])
+        picker = ScalePicker.from_sklearn(model, min(SCALE_FACTORS), chosen["margin"], provenance={
+            "rule": "docs/DECISIONS.md, session 18", "data": data,
+            "candidate": {k: v for k, v in chosen.items() if k != "cv"},
+            "cross_validation": chosen["cv"], "segmenter_sha256": seg.card.get("sha256")}).to_dict()
+    hand = {"factor_1": _score_choice(rows, np.zeros(len(rows), bool)), "best_of_two": _score_choice(rows, aji[:, 1] > aji[:, 0]),
+            "hand_rule": hand_rule_cv(rows)}
+    res = {"rule": "docs/DECISIONS.md, session 18 (scale picker)", "model": seg.card.get("name"),
+           "weights_sha256": seg.card.get("sha256"), "data": data, "reference": hand, "candidates": table,
+           "chosen": chosen, "picker": picker}
+    atomic_write_text(out, json.dumps(res, indent=1))
+    print(json.dumps({k: res[k] for k in ("reference", "chosen")}, indent=1), flush=True)
+    return res
+
+
 # --- scores with the scale check over every copy and zoom (scripts/blend_segmenters.py) ---------
 #: a setting within this of the best validation score counts as tied; the smallest setting wins
 TIE = 0.001
@@ -412,6 +560,7 @@ JOBS = {"type-weights": (run_type_weights, "segmentation_type_weights.json"),
         "type-merge": (run_type_merge, "segmentation_type_merge.json"),
         "scale-gate": (run_scale_gate, "segmentation_scale_gate_choice.json"),
         "scale-trigger": (run_scale_trigger, "segmentation_scale_trigger_choice.json"),
+        "scale-picker": (run_scale_picker, "segmentation_scale_picker_choice.json"),
         "tta": (run_tta, "segmentation_tta_choice.json"),
         "watershed": (run_watershed, "segmentation_watershed_choice.json")}
 

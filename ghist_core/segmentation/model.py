@@ -32,6 +32,7 @@ from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 from ghist_core.segmentation.features import (check_type_merge, measure_instances, merge_type_names,
                                               relabel_sequential)
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
+from ghist_core.segmentation.scale_picker import ScalePicker, picker_features, reading_stats
 from ghist_core.segmentation.type_refiner import TypeRefiner, nucleus_type_features
 from ghist_core._types import ProgressCallback, SlideLike
 from ghist_core.io.slide import check_mpp
@@ -255,6 +256,9 @@ class LearnedSegmenter:
         #: share of the tile's side (:meth:`_probe_moves`) and go on only if another factor wins there
         #: (the full check then decides as before); 0: no probe
         self.scale_probe: float = 0.0
+        #: the card's learned scale-check decision (``scale_picker``; docs/DECISIONS.md, session 18), or
+        #: None: the hand rule (area gate, certainty margin; sessions 12-13)
+        self.scale_picker: ScalePicker | None = None
         #: the card's nucleus-level type decision (``type_refiner``; docs/DECISIONS.md, session 14), or
         #: None: ``type`` is the argmax of the weighted mean type probabilities
         self.type_refiner: TypeRefiner | None = None
@@ -399,6 +403,15 @@ class LearnedSegmenter:
             return self._empty(hw, mpp)
         inst, cells = self._instances(maps1, hw, mpp, mpp, rgb)
         cells.attrs["nucleus_scale"] = 1.0
+        if self.scale_picker is not None:
+            f = self.scale_picker.factor
+            if (maps_f := self._maps_at(rgb, mpp * f)) is None:
+                return inst, cells
+            inst_f, cells_f = self._instances(maps_f, hw, mpp, mpp * f, rgb)
+            if not self._picker_moves(maps1[0], cells, maps_f[0], cells_f, hw, mpp):
+                return inst, cells
+            cells_f.attrs["nucleus_scale"] = f
+            return inst_f, cells_f
         if (cert1 := self._certainty_if_trying(cells, maps1[0])) is None:
             return inst, cells
         best, best_maps = self._better_scale(rgb, mpp, cert1, self._maps_at)
@@ -407,6 +420,14 @@ class LearnedSegmenter:
         inst, cells = self._instances(best_maps, hw, mpp, mpp * best, rgb)
         cells.attrs["nucleus_scale"] = best
         return inst, cells
+
+    def _picker_moves(self, np_at_1: np.ndarray, cells_at_1: pd.DataFrame, np_at_f: np.ndarray,
+                      cells_at_f: pd.DataFrame, hw: tuple[int, int], mpp: float) -> bool:
+        """The :attr:`scale_picker`'s decision for a tile of ``hw`` px at ``mpp`` read both ways."""
+        area = hw[0] * hw[1] * mpp * mpp
+        stats = [reading_stats(foreground_certainty(npp), cells["area_um2"].to_numpy(), self.mpp, area)
+                 for npp, cells in ((np_at_1, cells_at_1), (np_at_f, cells_at_f))]
+        return self.scale_picker.moves(picker_features(*stats))
 
     def _certainty_if_trying(self, cells: pd.DataFrame, np_prob_at_1: np.ndarray) -> float | None:
         """The factor-1 foreground certainty when the scale check tries the other factors (the nuclei
@@ -540,6 +561,13 @@ class LearnedSegmenter:
             tables = [self._post_one(it) for it in items]
         for k, table in enumerate(tables):
             table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
+            if nucleus_scale == "auto" and k not in flat and self.scale_picker is not None:
+                f = self.scale_picker.factor
+                if (maps := self._block_maps_at(tiles[k], mpp * f)) is not None:
+                    table_f = self._tile_at(tiles[k], mpp, f, maps)
+                    if self._picker_moves(npp[k], table, maps[0], table_f, tiles[k].shape[:2], mpp):
+                        tables[k] = table_f
+                continue
             if nucleus_scale == "auto" and k not in flat and (cert1 := self._certainty_if_trying(table, npp[k])) is not None:
                 if self.scale_probe and not self._probe_moves(tiles[k], npp[k], mpp):
                     continue
@@ -650,6 +678,7 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
         post.type_merge = check_type_merge(record.get("merge"), model.cfg.type_names) or None
         refiner = (TypeRefiner.from_dict(card["type_refiner"], model.cfg.type_names)
                    if card.get("type_refiner") is not None else None)
+        picker = ScalePicker.from_dict(card["scale_picker"]) if card.get("scale_picker") is not None else None
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         raise WeightsFormatError(f"The card {card_path.name} describes no usable segmentation network "
                                  f"({str(exc)[:200]}).") from None
@@ -661,4 +690,5 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
         raise WeightsFormatError(f"{path.name} does not fit the architecture in its card: {exc}") from exc
     seg = LearnedSegmenter(model, post, device=device, card=card)
     seg.type_refiner = refiner
+    seg.scale_picker = picker
     return seg

@@ -1,0 +1,146 @@
+"""A learned decision for the nucleus-scale check (docs/DECISIONS.md, session 18).
+
+The check reads a tile twice, as stated (factor 1) and as if its pixels were larger (factor 2/3:
+nuclei reach the network smaller), and keeps one reading. Under a stain shift the hand rule
+(area gate, then a certainty margin) rarely moves, because enlarged nuclei read at factor 1
+come out as fragments as small as normal nuclei. This picker looks at both readings together
+(foreground certainty, median nucleus area, nucleus density, and how each changes between the
+readings) and predicts how much AJI the second reading gains; it moves when that exceeds a margin.
+
+The model is a small ensemble of regression trees whose arrays live in the segmenter's JSON card
+(``scale_picker``): no pickled model, no scikit-learn at prediction time.
+
+    stats_1, stats_f = reading_stats(np1, cells1, mpp, area_um2), reading_stats(npf, cellsf, mpp, area_um2)
+    moved = ScalePicker.from_dict(card["scale_picker"]).moves(picker_features(stats_1, stats_f))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: the columns of :func:`picker_features`, in order (recorded in the card)
+FEATURES = ("cert_1", "cert_f", "d_cert", "log_median_area_1", "log_median_area_f", "d_log_median_area",
+            "log_density_1", "log_density_f", "d_log_density")
+
+
+@dataclass(frozen=True)
+class ReadingStats:
+    """What the picker needs of one reading of a tile: the network's foreground certainty, the
+    median nucleus area in the model's working px, nuclei per 10,000 µm² of the tile."""
+
+    certainty: float
+    median_area_px: float
+    density: float
+
+
+def reading_stats(certainty: float, areas_um2: np.ndarray, work_mpp: float, tile_area_um2: float) -> ReadingStats:
+    """:class:`ReadingStats` from a reading's certainty and its nuclei's areas (µm², the true
+    µm/px): density, not count, so tiles of any size compare."""
+    areas = np.asarray(areas_um2, np.float64)
+    median = float(np.median(areas)) / work_mpp ** 2 if len(areas) else 0.0
+    return ReadingStats(float(certainty), median, len(areas) / max(tile_area_um2, 1e-9) * 1e4)
+
+
+def picker_features(at_1: ReadingStats, at_f: ReadingStats) -> np.ndarray:
+    """One row of :data:`FEATURES` (1 x 9) from the two readings."""
+    lm1, lmf = np.log1p(at_1.median_area_px), np.log1p(at_f.median_area_px)
+    ld1, ldf = np.log1p(at_1.density), np.log1p(at_f.density)
+    return np.array([[at_1.certainty, at_f.certainty, at_f.certainty - at_1.certainty,
+                      lm1, lmf, lmf - lm1, ld1, ldf, ldf - ld1]], np.float64)
+
+
+@dataclass(frozen=True)
+class Tree:
+    """One regression tree as flat arrays (scikit-learn's layout): node ``i`` splits on
+    ``feature[i] <= threshold[i]`` into ``left[i]`` / ``right[i]``; a leaf has ``left[i] == -1``."""
+
+    feature: tuple[int, ...]
+    threshold: tuple[float, ...]
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+    value: tuple[float, ...]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Leaf values for the rows of ``x``, all rows descending together (depth steps, not rows)."""
+        feat, thr = np.asarray(self.feature), np.asarray(self.threshold)
+        left, right, value = np.asarray(self.left), np.asarray(self.right), np.asarray(self.value)
+        node = np.zeros(len(x), np.int64)
+        rows = np.arange(len(x))
+        for _ in range(len(feat)):
+            inner = left[node] >= 0
+            if not inner.any():
+                break
+            go_left = x[rows, np.where(inner, feat[node], 0)] <= thr[node]
+            node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+        return value[node]
+
+
+@dataclass(frozen=True)
+class ScalePicker:
+    """``base + learning_rate * sum(tree predictions)``: the predicted AJI gain of reading the tile at
+    ``factor`` instead of 1; :meth:`moves` when it exceeds ``margin``."""
+
+    factor: float
+    margin: float
+    base: float
+    learning_rate: float
+    trees: tuple[Tree, ...]
+    features: tuple[str, ...] = FEATURES
+    #: how it was chosen (cross-validation table, data): carried, not used
+    provenance: dict = field(default_factory=dict, compare=False)
+
+    def predict_gain(self, x: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(x, np.float64))
+        return self.base + self.learning_rate * sum((t.predict(x) for t in self.trees), np.zeros(len(x)))
+
+    def moves(self, x: np.ndarray) -> bool:
+        """True when the second reading is predicted to gain more than ``margin`` (one row)."""
+        return bool(self.predict_gain(x)[0] > self.margin)
+
+    def to_dict(self) -> dict:
+        return {"factor": self.factor, "margin": self.margin, "base": self.base, "learning_rate": self.learning_rate,
+                "features": list(self.features), "provenance": self.provenance,
+                "trees": [{k: list(getattr(t, k)) for k in ("feature", "threshold", "left", "right", "value")}
+                          for t in self.trees]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScalePicker":
+        """From a card's ``scale_picker``; a ValueError when it does not describe a picker of these
+        features (wrong feature list, arrays of unequal length, a child or feature out of range,
+        a non-finite number, a factor outside (0, 1))."""
+        if list(d.get("features", [])) != list(FEATURES):
+            raise ValueError(f"scale_picker: its features must be {list(FEATURES)}")
+        trees = []
+        for t in d["trees"]:
+            tree = Tree(*(tuple(t[k]) for k in ("feature", "threshold", "left", "right", "value")))
+            n = len(tree.feature)
+            if n == 0 or any(len(a) != n for a in (tree.threshold, tree.left, tree.right, tree.value)):
+                raise ValueError("scale_picker: a tree's arrays differ in length")
+            left, right = np.asarray(tree.left), np.asarray(tree.right)
+            inner = left >= 0
+            if (np.any(inner & ((left >= n) | (right < 0) | (right >= n)))
+                    or np.any(inner & ((np.asarray(tree.feature) < 0) | (np.asarray(tree.feature) >= len(FEATURES))))
+                    or not np.all(np.isfinite(np.asarray(tree.value, np.float64)))
+                    or not np.all(np.isfinite(np.asarray(tree.threshold, np.float64)[inner]))):
+                raise ValueError("scale_picker: a tree points outside itself or holds a non-finite number")
+            trees.append(tree)
+        numbers = [float(d[k]) for k in ("factor", "margin", "base", "learning_rate")]
+        if not all(np.isfinite(numbers)) or not 0.0 < numbers[0] < 1.0:
+            raise ValueError("scale_picker: factor must lie in (0, 1) and every number be finite")
+        return cls(*numbers, trees=tuple(trees), provenance=dict(d.get("provenance") or {}))
+
+    @classmethod
+    def from_sklearn(cls, model, factor: float, margin: float, provenance: dict | None = None) -> "ScalePicker":
+        """From a fitted ``GradientBoostingRegressor`` (squared error) or ``DecisionTreeRegressor``."""
+        if hasattr(model, "estimators_"):
+            base = float(np.ravel(model.init_.constant_)[0]) if hasattr(model.init_, "constant_") else \
+                float(model.init_.predict(np.zeros((1, model.n_features_in_)))[0])
+            estimators, rate = [e[0] for e in model.estimators_], float(model.learning_rate)
+        else:
+            base, estimators, rate = 0.0, [model], 1.0
+        trees = tuple(Tree(tuple(int(v) for v in e.tree_.feature), tuple(float(v) for v in e.tree_.threshold),
+                           tuple(int(v) for v in e.tree_.children_left), tuple(int(v) for v in e.tree_.children_right),
+                           tuple(float(v) for v in e.tree_.value[:, 0, 0])) for e in estimators)
+        return cls(float(factor), float(margin), base, rate, trees, provenance=dict(provenance or {}))
