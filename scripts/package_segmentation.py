@@ -40,12 +40,12 @@ _FLAGS = [("mpp", "--mpp"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("st
           ("workers", "--workers"), ("augment", "--augment"), ("val_restain", "--val-restain"),
           ("max_steps", "--max-steps"), ("type_weights", "--type-weights"), ("teacher", "--teacher"),
           ("distill_weight", "--distill-weight"), ("unlabelled_her2st", "--unlabelled-her2st"),
-          ("unlabelled_weight", "--unlabelled-weight"), ("unlabelled_batch", "--unlabelled-batch")]
+          ("unlabelled_weight", "--unlabelled-weight"), ("unlabelled_batch", "--unlabelled-batch"), ("ema", "--ema")]
 _STAIN_WORDS = "stain-bank augmentation (training/augment.py) for slides from other labs and scanners"
 #: the card's words for the training.augment presets (the other --augment kinds are named as they are)
 _AUGMENT_WORDS = {"stain": _STAIN_WORDS, "wide": _STAIN_WORDS + ", sampled stains and nuclei 0.67-2x their size"}
 _OPTIONAL = ("time_budget_s", "val_restain", "max_steps", "type_weights", "teacher", "distill_weight",
-             "unlabelled_her2st", "unlabelled_batch")  # left out when 0 / "" (default: off)
+             "unlabelled_her2st", "unlabelled_batch", "ema")  # left out when 0 / "" (default: off)
 
 
 def run_command(cfg: dict, out: str, init: str) -> str:

@@ -14,6 +14,7 @@ After training, the watershed thresholds are tuned on the validation split.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -83,6 +84,9 @@ class TrainConfig:
                                    # --teacher); 0 = off
     unlabelled_weight: float = 1.0  # weight of that consistency loss
     unlabelled_batch: int = 0      # unlabelled crops per step (0: half the batch)
+    ema: float = 0.0               # decay of an exponential moving average of the weights (BatchNorm statistics
+                                   # included), updated every step; validation, "best" and final are the average's
+                                   # (0 = off: the weights as trained)
 
 
 # --- data on the device ---------------------------------------------------------------
@@ -439,10 +443,58 @@ def restore_generators(generators: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def resume_notes(cfg: TrainConfig, state: dict, weights_step: int | None, has_rng: bool, optimizer_restored: bool
-                 ) -> list[str]:
+class WeightAverage:
+    """An exponential moving average of a network's whole state (weights and BatchNorm statistics),
+    updated after every optimizer step (``--ema``): averaging the late iterates of a fine-tune is a
+    cheap way to a flatter solution, which tends to hold better off the training stains."""
+
+    def __init__(self, model: SegNet, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: SegNet) -> None:
+        for k, v in model.state_dict().items():
+            avg = self.state[k]
+            if avg.is_floating_point():
+                avg.lerp_(v.detach(), 1.0 - self.decay)
+            else:
+                avg.copy_(v)
+
+    def network(self, like: SegNet) -> SegNet:
+        """A copy of ``like`` holding the average (for validation and checkpoints)."""
+        net = copy.deepcopy(like)
+        net.load_state_dict(self.state)
+        return net
+
+    def save(self, path: Path, step: int) -> None:
+        _save_tensors({k: v.detach().cpu().contiguous() for k, v in self.state.items()}, path, step)
+
+    def load(self, path: Path, step: int) -> bool:
+        """The average a checkpoint of ``step`` saved; False (it restarts from the current weights) otherwise."""
+        from safetensors.torch import load_file
+
+        if not path.exists() or _saved_step(path) != step:
+            return False
+        saved = load_file(str(path))
+        with torch.no_grad():
+            for k, v in self.state.items():
+                v.copy_(saved[k])
+        return True
+
+
+def average_path(last: Path) -> Path:
+    return last.with_name(last.stem + ".ema.safetensors")
+
+
+def resume_notes(cfg: TrainConfig, state: dict, weights_step: int | None, has_rng: bool, optimizer_restored: bool,
+                 average_restored: bool = True) -> list[str]:
     """Why a resumed run will not retrace the unbroken run step for step (empty when it will)."""
     notes = []
+    if not average_restored:
+        notes.append("the weight average (--ema) restarts from the saved weights (no average of this step)")
     if weights_step is not None and weights_step != state["step"]:
         notes.append(f"last.safetensors holds step {weights_step} but last.json step {state['step']} (stopped "
                      "between writing them): the next epoch is trained again from the later weights")
@@ -575,9 +627,15 @@ def train(cfg: TrainConfig) -> dict:
         generators = load_optimizer(opt, optimizer_path(last), state["step"])
         if "rng" in saved:
             rng.bit_generator.state = saved["rng"]
-        notes = resume_notes(cfg, state, _saved_step(last), "rng" in saved, generators is not None)
+        average = WeightAverage(model, cfg.ema) if cfg.ema else None
+        averaged = average is None or average.load(average_path(last), state["step"])
+        notes = resume_notes(cfg, state, _saved_step(last), "rng" in saved, generators is not None, averaged)
         print(f"resumed at epoch {state['epoch']} step {state['step']}"
               + "".join(f"\n  not exact: {n}" for n in notes), flush=True)
+    else:
+        average = WeightAverage(model, cfg.ema) if cfg.ema else None
+    if average is not None:
+        print(f"validating and keeping a moving average of the weights (decay {cfg.ema} per step)", flush=True)
     unlabelled = None
     if cfg.unlabelled_her2st > 0:
         if not cfg.teacher:
@@ -630,6 +688,8 @@ def train(cfg: TrainConfig) -> dict:
             ls["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
+            if average is not None:
+                average.update(model)
             state["step"] += 1
             n += 1
             for k, v in ls.items():
@@ -639,10 +699,11 @@ def train(cfg: TrainConfig) -> dict:
                 break
         state["epoch"] += 1
         model.eval()
+        net = average.network(model) if average is not None else model  # what is validated, kept and shipped
         # LearnedSegmenter folds BatchNorm into a *copy* of the network, so it must be made
         # from the current weights at each validation (one made before training kept scoring
         # the initial weights, and "best" never moved past epoch 1)
-        seg = LearnedSegmenter(model, device=str(device))
+        seg = LearnedSegmenter(net, device=str(device))
         scores = evaluate_sets(set_maps(seg, val_sets), seg, PostProcessConfig(), pool)
         state["elapsed_s"] = elapsed0 + time.time() - t0
         rec = {"epoch": state["epoch"], "step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
@@ -655,9 +716,11 @@ def train(cfg: TrainConfig) -> dict:
                 "rng": rng.bit_generator.state}
         if scores["aji"] > state["best_aji"]:
             state["best_aji"] = scores["aji"]
-            save_state(model, out / "best.safetensors", meta)
+            save_state(net, out / "best.safetensors", meta)
         save_optimizer(opt, optimizer_path(last), state["step"])
-        save_state(model, last, meta)
+        if average is not None:
+            average.save(average_path(last), state["step"])
+        save_state(model, last, meta)  # the weights as trained: a resume continues from them
 
     # tune the watershed on the validation split with the best weights
     load_state(model, out / "best.safetensors")
@@ -724,6 +787,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--unlabelled-weight", type=float, default=d.unlabelled_weight)
     ap.add_argument("--unlabelled-batch", type=int, default=d.unlabelled_batch,
                     help="unlabelled crops per step (0: half the batch)")
+    ap.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
+                    help="validate, keep and ship a moving average of the weights with this decay per step "
+                         "(e.g. 0.999; 0 = off)")
     ap.add_argument("--arch", default="{}", help="JSON overrides of SegNetConfig, e.g. '{\"widths\": [8,16,32,64,128]}'")
     a = ap.parse_args(argv)
     cfg = TrainConfig(data_root=a.data_root, out=a.out, mpp=a.mpp, batch_size=a.batch_size, lr=a.lr,
@@ -732,7 +798,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                       tune_postprocess=not a.no_tune, arch=json.loads(a.arch), init=a.init,
                       augment=a.augment, val_restain=a.val_restain, type_weights=a.type_weights,
                       teacher=a.teacher, distill_weight=a.distill_weight, unlabelled_her2st=a.unlabelled_her2st,
-                      unlabelled_weight=a.unlabelled_weight, unlabelled_batch=a.unlabelled_batch)
+                      unlabelled_weight=a.unlabelled_weight, unlabelled_batch=a.unlabelled_batch, ema=a.ema)
     return cfg
 
 

@@ -24,7 +24,9 @@ package = load_repo_script("scripts/package_segmentation.py")
     {"augment": "wide", "teacher": "weights/nuclei-seg-stain.safetensors", "distill_weight": 1.0},
     {"augment": "stain", "teacher": "weights/nuclei-seg-stain.safetensors", "unlabelled_her2st": 100,
      "unlabelled_weight": 0.5, "unlabelled_batch": 4},
-], ids=["defaults", "stain fine-tune", "smoke", "wide", "distilled", "unlabelled her2st"])
+    {"augment": "stain", "teacher": "weights/nuclei-seg-stain.safetensors", "unlabelled_her2st": 100,
+     "unlabelled_batch": 4, "ema": 0.999},
+], ids=["defaults", "stain fine-tune", "smoke", "wide", "distilled", "unlabelled her2st", "weight average"])
 def test_card_command_rebuilds_the_run_config(overrides):
     cfg = replace(train_seg.TrainConfig(), **overrides)
     cmd = package.run_command(asdict(cfg), "runs/x", "weights/nuclei-seg.safetensors")

@@ -20,9 +20,10 @@ INIT = REPO_DIR / "weights" / "nuclei-seg-stain.safetensors"
 
 
 def _cfg(root, out, **kw):
+    """Two epochs of two steps, with a weight average (its state must survive the resume too)."""
     return replace(train_seg.TrainConfig(), data_root=str(root), out=str(out), batch_size=4, steps_per_epoch=2,
                    max_epochs=2, device="cpu", workers=1, tune_postprocess=False, init=str(INIT), augment="stain",
-                   mpp=0.5, lr=1e-3, **kw)
+                   mpp=0.5, lr=1e-3, ema=0.5, **kw)
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
@@ -45,8 +46,8 @@ def runs(demo_slide, tmp_path_factory):
     train_seg.train(_cfg(root, tmp / "split", max_steps=2))  # stops after epoch 1 (a resumable setting)
     stopped = _weights(tmp / "split")
     json_1 = json.loads((tmp / "split" / "last.json").read_text())
-    for name in ("last.safetensors", "last.json", "last.optim.safetensors", "best.safetensors", "best.json",
-                 "log.jsonl"):
+    for name in ("last.safetensors", "last.json", "last.optim.safetensors", "last.ema.safetensors",
+                 "best.safetensors", "best.json", "log.jsonl"):
         (tmp / "no_optim").mkdir(exist_ok=True)
         (tmp / "no_optim" / name).write_bytes((tmp / "split" / name).read_bytes())
     (tmp / "no_optim" / "last.optim.safetensors").unlink()
@@ -59,6 +60,8 @@ def runs(demo_slide, tmp_path_factory):
 def test_a_resumed_run_ends_where_the_unbroken_run_does(runs):
     tmp, stopped, json_1 = runs
     whole, split = _weights(tmp / "whole"), _weights(tmp / "split")
+    averages = [load_file(str(tmp / run / "last.ema.safetensors")) for run in ("whole", "split")]
+    assert _max_diff(*averages) == 0.0 and _max_diff(averages[0], whole) > 1e-6  # the average is not the weights
     assert json_1["state"]["epoch"] == 1 and json_1["state"]["step"] == 2 and "rng" in json_1
     assert _max_diff(stopped, whole) > 1e-4  # epoch 2 moved the weights: the comparison can fail
     assert _max_diff(split, whole) == 0.0
@@ -81,6 +84,7 @@ def test_a_resume_says_why_it_will_not_be_exact():
     on_boundary = {"epoch": 1, "step": 2}
     assert train_seg.resume_notes(cfg, on_boundary, 2, True, True) == []
     assert train_seg.resume_notes(cfg, on_boundary, None, True, True) == []  # weights from before the step tag
+    assert "average" in train_seg.resume_notes(cfg, on_boundary, 2, True, True, average_restored=False)[0]
     notes = {
         "weights": train_seg.resume_notes(cfg, on_boundary, 4, True, True),
         "optimizer": train_seg.resume_notes(cfg, on_boundary, 2, True, False),
@@ -123,3 +127,18 @@ def test_batches_smaller_than_eight_get_flips_too(demo_slide):
         for m in inst:
             seen |= {k for k, v in views.items() if torch.equal(m, v)}
     assert seen == set(range(8))
+
+
+def test_the_weight_average_is_what_is_validated_and_kept(runs):
+    """With --ema, best.safetensors (what is packaged) is the average of a validated epoch, not the
+    weights as trained; a decay outside (0, 1) is refused."""
+    tmp, _, _ = runs
+    best, avg = load_file(str(tmp / "whole" / "best.safetensors")), load_file(str(tmp / "whole" / "last.ema.safetensors"))
+    log = [json.loads(line) for line in (tmp / "whole" / "log.jsonl").read_text().splitlines()]
+    best_epoch = 1 + int(np.argmax([r["val_aji"] for r in log]))
+    if best_epoch == 2:
+        assert _max_diff(best, avg) == 0.0
+    assert _max_diff(best, _weights(tmp / "whole")) > 1e-6
+    net = train_seg.SegNet(train_seg.SegNetConfig.from_dict({"mpp": 0.5}))
+    with pytest.raises(ValueError, match="--ema"):
+        train_seg.WeightAverage(net, 1.0)
