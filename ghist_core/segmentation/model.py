@@ -670,8 +670,7 @@ def load_learned_segmenter(model_id: str | None = None, device: str = "auto") ->
     card = resolved.card
     try:
         model = SegNet(SegNetConfig.from_dict(card.get("architecture", {})))
-        post_keys = set(PostProcessConfig.__dataclass_fields__) - {"type_merge"}  # from its own record only
-        post = PostProcessConfig(**{k: v for k, v in card.get("postprocess", {}).items() if k in post_keys})
+        post = PostProcessConfig.from_card(card.get("postprocess", {}))  # the merge from its own record only
         record = card.get("type_merge") or {}  # docs/DECISIONS.md, session 17
         if not isinstance(record, dict):
             raise ValueError("type_merge must be a record with a 'merge' mapping")

@@ -38,11 +38,17 @@ class PostProcessConfig:
     #: session 17). Read from the card's own ``type_merge`` record, not from its ``postprocess``
     type_merge: dict[str, str] | None = None
 
+    #: the settings a card's ``postprocess`` holds (the merge is recorded apart, with its reason)
+    CARD_FIELDS = ("np_threshold", "marker_threshold", "sigma_px", "min_area_um2", "min_marker_um2", "type_weights")
+
     def to_dict(self) -> dict:
-        """The card's ``postprocess`` (the merge is recorded apart, with its reason)."""
-        out = asdict(self)
-        out.pop("type_merge")
-        return out
+        """The card's ``postprocess``."""
+        return {k: v for k, v in asdict(self).items() if k in self.CARD_FIELDS}
+
+    @classmethod
+    def from_card(cls, postprocess: dict) -> "PostProcessConfig":
+        """From a card's ``postprocess`` (keys it does not hold, such as a merge, are not read from it)."""
+        return cls(**{k: v for k, v in postprocess.items() if k in cls.CARD_FIELDS})
 
 
 def _remove_small(labels: np.ndarray, min_px: int) -> np.ndarray:

@@ -200,3 +200,18 @@ def test_test_time_augmentation_maps_each_view_back(seg, demo_region):
     assert seg.tta == 1
     with pytest.raises(ModelInputError):
         seg.predict_batch(tile[None], tta=3)
+
+
+def test_a_cards_postprocess_holds_every_setting_but_the_merge():
+    """One list says what a card's ``postprocess`` holds: every watershed and type setting, never the
+    merge (its own ``type_merge`` record carries it, with its reason); both directions use it."""
+    import dataclasses
+
+    from ghist_core.segmentation.postprocess import PostProcessConfig
+
+    names = {f.name for f in dataclasses.fields(PostProcessConfig)}
+    assert set(PostProcessConfig.CARD_FIELDS) == names - {"type_merge"}
+    post = PostProcessConfig(np_threshold=0.6, type_merge={"other": "epithelial"})
+    assert set(post.to_dict()) == set(PostProcessConfig.CARD_FIELDS)
+    back = PostProcessConfig.from_card({**post.to_dict(), "type_merge": {"other": "spindle-shaped"}})
+    assert back.np_threshold == 0.6 and back.type_merge is None
