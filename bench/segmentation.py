@@ -866,23 +866,27 @@ def main(argv: list[str] | None = None) -> None:
         learned[Path(mid).stem if mid.endswith(".safetensors") else mid] = seg
     classical = ClassicalSegmenter()
     variants = {}  # the same network with the nucleus-scale check (segment_tile only: not the speed block)
+    # the hand rule's rows ('+auto-scale', '-gate', '-trigger') run the hand rule even for a card with a picker
     if a.auto_scale:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale"] = v = copy.copy(seg)
-            v.nucleus_scale = "auto"
+            v.nucleus_scale, v.scale_picker = "auto", None
     if a.scale_gate is not None:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale-gate"] = v = copy.copy(seg)
-            v.nucleus_scale, v.scale_min_area_px = "auto", float(a.scale_gate)
+            v.nucleus_scale, v.scale_min_area_px, v.scale_picker = "auto", float(a.scale_gate), None
     if a.scale_trigger is not None:
         for name, seg in learned.items():
             variants[f"{name}+auto-scale-trigger"] = v = copy.copy(seg)
-            v.nucleus_scale, v.scale_max_certainty = "auto", float(a.scale_trigger)
+            v.nucleus_scale, v.scale_max_certainty, v.scale_picker = "auto", float(a.scale_trigger), None
     if a.scale_picker:
         from ghist_core.segmentation.scale_picker import ScalePicker
 
         held = json.loads(Path(a.scale_picker).read_text())
-        picker = ScalePicker.from_dict(held.get("picker") or held.get("scale_picker") or held)
+        record = held.get("picker", held.get("scale_picker", held)) if isinstance(held, dict) else held
+        if record is None:
+            ap.error(f"{a.scale_picker} holds no picker (its rule chose none)")
+        picker = ScalePicker.from_dict(record)
         for name, seg in learned.items():
             variants[f"{name}+auto-scale-picker"] = v = copy.copy(seg)
             v.nucleus_scale, v.scale_picker = "auto", picker
@@ -911,7 +915,9 @@ def main(argv: list[str] | None = None) -> None:
         sp["classical"] = speed(classical, crgb)
         first = next(iter(learned))
         # what the scale check (segment_slide's default since session 13) costs on this device, same process
-        sp[f"{first}+auto-scale"] = speed(model, rgb, batch_size=a.batch_size, nucleus_scale="auto")
+        hand = copy.copy(model)
+        hand.scale_picker = None  # the hand rule's cost, whatever the card carries
+        sp[f"{first}+auto-scale"] = speed(hand, rgb, batch_size=a.batch_size, nucleus_scale="auto")
         picked = {n: v for n, v in variants.items() if n.endswith("+auto-scale-picker")}
         for name, v in picked.items():
             sp[name] = speed(v, rgb, batch_size=a.batch_size)

@@ -402,26 +402,25 @@ PICKER_CANDIDATES = ([("boosted", n, lr, 2, 1) for n, lr in ((50, 0.05), (100, 0
 
 def picker_rows(seg, samples, zoom: float, copy: str) -> list[dict]:
     """Per image: AJI at factor 1 and at the picker's factor (2/3) and the picker's features."""
-    from ghist_core.segmentation.model import SCALE_FACTORS, foreground_certainty
-    from ghist_core.segmentation.scale_picker import picker_features, reading_stats
+    from ghist_core.segmentation.model import SCALE_FACTORS
+    from ghist_core.segmentation.scale_picker import scale_picker_features
 
     f = min(SCALE_FACTORS)
     rows = []
     for s in samples:
         hw = s.inst.shape
-        area = hw[0] * hw[1] * DATA_MPP ** 2
-        readings = []
+        aji, readings = [], []
         for factor in (1.0, f):
             maps = seg._maps_at(s.rgb, DATA_MPP * factor)
             if maps is None:
                 break
-            inst, cells = seg._instances(maps, hw, DATA_MPP, DATA_MPP * factor)
-            readings.append((seg_counts(s.inst, inst).aji,
-                             reading_stats(foreground_certainty(maps[0]), cells["area_um2"].to_numpy(), seg.mpp, area)))
-        if len(readings) == 2:
+            inst, cells = seg._instances(maps, hw, DATA_MPP, DATA_MPP * factor, s.rgb)
+            aji.append(seg_counts(s.inst, inst).aji)
+            readings.append((maps[0], cells))
+        # a tile with no nucleus at factor 1 stays there whatever the picker says (as segment_tile does)
+        if len(readings) == 2 and len(readings[0][1]):
             rows.append({"name": s.name, "dataset": s.dataset, "tile": s.source_tile, "zoom": zoom, "copy": copy,
-                         "aji": [readings[0][0], readings[1][0]],
-                         "x": picker_features(readings[0][1], readings[1][1])[0].tolist()})
+                         "aji": aji, "x": scale_picker_features(s.rgb, DATA_MPP, seg.mpp, readings)[0].tolist()})
     return rows
 
 

@@ -80,7 +80,9 @@ def _selection(cfg: dict) -> str:
     k = int(cfg.get("val_restain") or 0)
     copies = (f"the validation images as they are and re-stained to the {k} training-role stain-bank members "
               f"farthest from the reference (--val-restain {k})") if k else "the validation images"
-    return f"best epoch by the mean validation AJI over {copies}; post-processing thresholds tuned the same way; no test image"
+    what = (f"the moving average of the weights (--ema {cfg['ema']}) at the best epoch" if cfg.get("ema")
+            else "best epoch")
+    return f"{what} by the mean validation AJI over {copies}; post-processing thresholds tuned the same way; no test image"
 
 
 def build_card(name: str, base: dict, runs: list[Path], final_card: dict, weights_sha: str) -> dict:

@@ -32,7 +32,7 @@ from ghist_core.paths import BUNDLED_WEIGHTS_DIR, DEFAULT_SEGMENTER
 from ghist_core.segmentation.features import (check_type_merge, measure_instances, merge_type_names,
                                               relabel_sequential)
 from ghist_core.segmentation.postprocess import PostProcessConfig, hv_watershed
-from ghist_core.segmentation.scale_picker import ScalePicker, picker_features, reading_stats
+from ghist_core.segmentation.scale_picker import ScalePicker, foreground_certainty, scale_picker_features
 from ghist_core.segmentation.type_refiner import TypeRefiner, nucleus_type_features
 from ghist_core._types import ProgressCallback, SlideLike
 from ghist_core.io.slide import check_mpp
@@ -55,14 +55,6 @@ PROBE_EDGE_PX = 16
 #: the same rule as a record (a benchmark stamps it on the rows it ran with it)
 SCALE_RULE = {"factors": list(SCALE_FACTORS), "margin": SCALE_MARGIN, "min_area_px": SCALE_MIN_AREA_PX,
               "statistic": "foreground_certainty"}
-
-
-def foreground_certainty(np_prob: np.ndarray) -> float:
-    """Mean nuclear-pixel probability over the pixels called nucleus (p > 0.5); 0 when none.
-    Higher when nuclei reach the network at the size it was trained on."""
-    p = np.asarray(np_prob, np.float32)
-    fg = p > 0.5
-    return float(p[fg].mean()) if fg.any() else 0.0
 
 
 def check_nucleus_scale(scale: object) -> float | str:
@@ -405,10 +397,10 @@ class LearnedSegmenter:
         cells.attrs["nucleus_scale"] = 1.0
         if self.scale_picker is not None:
             f = self.scale_picker.factor
-            if (maps_f := self._maps_at(rgb, mpp * f)) is None:
+            if len(cells) == 0 or (maps_f := self._maps_at(rgb, mpp * f)) is None:  # nothing found: as stated
                 return inst, cells
             inst_f, cells_f = self._instances(maps_f, hw, mpp, mpp * f, rgb)
-            if not self._picker_moves(maps1[0], cells, maps_f[0], cells_f, hw, mpp):
+            if not self._picker_moves(rgb, mpp, (maps1[0], cells), (maps_f[0], cells_f)):
                 return inst, cells
             cells_f.attrs["nucleus_scale"] = f
             return inst_f, cells_f
@@ -421,13 +413,10 @@ class LearnedSegmenter:
         cells.attrs["nucleus_scale"] = best
         return inst, cells
 
-    def _picker_moves(self, np_at_1: np.ndarray, cells_at_1: pd.DataFrame, np_at_f: np.ndarray,
-                      cells_at_f: pd.DataFrame, hw: tuple[int, int], mpp: float) -> bool:
-        """The :attr:`scale_picker`'s decision for a tile of ``hw`` px at ``mpp`` read both ways."""
-        area = hw[0] * hw[1] * mpp * mpp
-        stats = [reading_stats(foreground_certainty(npp), cells["area_um2"].to_numpy(), self.mpp, area)
-                 for npp, cells in ((np_at_1, cells_at_1), (np_at_f, cells_at_f))]
-        return self.scale_picker.moves(picker_features(*stats))
+    def _picker_moves(self, rgb: np.ndarray, mpp: float, *readings: tuple[np.ndarray, pd.DataFrame]) -> bool:
+        """The :attr:`scale_picker`'s decision for a tile ``rgb`` at ``mpp`` from its two readings,
+        each ``(nuclear probability map, cells)``: factor 1's, then the picker's factor's."""
+        return self.scale_picker.moves(scale_picker_features(rgb, mpp, self.mpp, readings))
 
     def _certainty_if_trying(self, cells: pd.DataFrame, np_prob_at_1: np.ndarray) -> float | None:
         """The factor-1 foreground certainty when the scale check tries the other factors (the nuclei
@@ -563,9 +552,9 @@ class LearnedSegmenter:
             table[OBS_NUCLEUS_SCALE] = np.float32(1.0)
             if nucleus_scale == "auto" and k not in flat and self.scale_picker is not None:
                 f = self.scale_picker.factor
-                if (maps := self._block_maps_at(tiles[k], mpp * f)) is not None:
+                if len(table) and (maps := self._block_maps_at(tiles[k], mpp * f)) is not None:
                     table_f = self._tile_at(tiles[k], mpp, f, maps)
-                    if self._picker_moves(npp[k], table, maps[0], table_f, tiles[k].shape[:2], mpp):
+                    if self._picker_moves(tiles[k], mpp, (npp[k], table), (maps[0], table_f)):
                         tables[k] = table_f
                 continue
             if nucleus_scale == "auto" and k not in flat and (cert1 := self._certainty_if_trying(table, npp[k])) is not None:

@@ -10,8 +10,8 @@ readings) and predicts how much AJI the second reading gains; it moves when that
 The model is a small ensemble of regression trees whose arrays live in the segmenter's JSON card
 (``scale_picker``): no pickled model, no scikit-learn at prediction time.
 
-    stats_1, stats_f = reading_stats(np1, cells1, mpp, area_um2), reading_stats(npf, cellsf, mpp, area_um2)
-    moved = ScalePicker.from_dict(card["scale_picker"]).moves(picker_features(stats_1, stats_f))
+    x = scale_picker_features(rgb, mpp, work_mpp, ((np_prob_1, cells_1), (np_prob_f, cells_f)))
+    moved = ScalePicker.from_dict(card["scale_picker"]).moves(x)
 """
 
 from __future__ import annotations
@@ -35,12 +35,20 @@ class ReadingStats:
     density: float
 
 
-def reading_stats(certainty: float, areas_um2: np.ndarray, work_mpp: float, tile_area_um2: float) -> ReadingStats:
+def tissue_area_um2(rgb: np.ndarray, mpp: float) -> float:
+    """The tile's area not near-white (µm²): glass, and the white padding of an edge tile, left out."""
+    from ghist_core.segmentation.tiling import non_white_fraction
+
+    return rgb.shape[0] * rgb.shape[1] * mpp * mpp * non_white_fraction(rgb)
+
+
+def reading_stats(certainty: float, areas_um2: np.ndarray, work_mpp: float, tissue_um2: float) -> ReadingStats:
     """:class:`ReadingStats` from a reading's certainty and its nuclei's areas (µm², the true
-    µm/px): density, not count, so tiles of any size compare."""
+    µm/px); density per tissue area (:func:`tissue_area_um2`), not count, so tiles of any size and
+    tissue share compare."""
     areas = np.asarray(areas_um2, np.float64)
     median = float(np.median(areas)) / work_mpp ** 2 if len(areas) else 0.0
-    return ReadingStats(float(certainty), median, len(areas) / max(tile_area_um2, 1e-9) * 1e4)
+    return ReadingStats(float(certainty), median, len(areas) / max(tissue_um2, 1e-9) * 1e4)
 
 
 def picker_features(at_1: ReadingStats, at_f: ReadingStats) -> np.ndarray:
@@ -49,6 +57,25 @@ def picker_features(at_1: ReadingStats, at_f: ReadingStats) -> np.ndarray:
     ld1, ldf = np.log1p(at_1.density), np.log1p(at_f.density)
     return np.array([[at_1.certainty, at_f.certainty, at_f.certainty - at_1.certainty,
                       lm1, lmf, lmf - lm1, ld1, ldf, ldf - ld1]], np.float64)
+
+
+def scale_picker_features(rgb: np.ndarray, mpp: float, work_mpp: float, readings) -> np.ndarray:
+    """The picker's row for a tile ``rgb`` (at ``mpp``) read twice by a model working at ``work_mpp``:
+    ``readings`` = ((np_prob, cells) at factor 1, (np_prob, cells) at the picker's factor), cells with
+    ``area_um2``. The one place both the segmenter and the choice job (scripts/choose_on_validation.py)
+    make it, so what the picker was chosen on is what it reads."""
+    tissue = tissue_area_um2(rgb, mpp)
+    stats = [reading_stats(foreground_certainty(npp), cells["area_um2"].to_numpy(), work_mpp, tissue)
+             for npp, cells in readings]
+    return picker_features(*stats)
+
+
+def foreground_certainty(np_prob: np.ndarray) -> float:
+    """Mean nuclear-pixel probability over the pixels called nucleus (p > 0.5); 0 when none.
+    Higher when nuclei reach the network at the size it was trained on."""
+    p = np.asarray(np_prob, np.float32)
+    fg = p > 0.5
+    return float(p[fg].mean()) if fg.any() else 0.0
 
 
 @dataclass(frozen=True)
@@ -64,17 +91,47 @@ class Tree:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Leaf values for the rows of ``x``, all rows descending together (depth steps, not rows)."""
+        x = np.asarray(x, np.float32).astype(np.float64)  # scikit-learn compares float32 inputs
         feat, thr = np.asarray(self.feature), np.asarray(self.threshold)
         left, right, value = np.asarray(self.left), np.asarray(self.right), np.asarray(self.value)
         node = np.zeros(len(x), np.int64)
         rows = np.arange(len(x))
-        for _ in range(len(feat)):
+        for _ in range(len(feat)):  # children have larger indices (checked on loading): a leaf within len steps
             inner = left[node] >= 0
             if not inner.any():
                 break
             go_left = x[rows, np.where(inner, feat[node], 0)] <= thr[node]
             node = np.where(inner, np.where(go_left, left[node], right[node]), node)
         return value[node]
+
+
+def _ints(values) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError("scale_picker: a tree's feature and child indices must be whole numbers")
+    return tuple(values)
+
+
+def _checked_tree(t: dict) -> Tree:
+    """A tree record made safe to walk: equal lengths, whole-number indices, finite numbers, each
+    inner node's children after it (scikit-learn's order, so every walk ends at a leaf)."""
+    try:
+        tree = Tree(_ints(t["feature"]), tuple(float(v) for v in t["threshold"]), _ints(t["left"]), _ints(t["right"]),
+                    tuple(float(v) for v in t["value"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"scale_picker: a tree record is incomplete ({exc})") from None
+    n = len(tree.feature)
+    if n == 0 or any(len(a) != n for a in (tree.threshold, tree.left, tree.right, tree.value)):
+        raise ValueError("scale_picker: a tree's arrays differ in length")
+    idx = np.arange(n)
+    left, right, feat = np.asarray(tree.left), np.asarray(tree.right), np.asarray(tree.feature)
+    inner = left >= 0
+    if (np.any(inner & ((left <= idx) | (left >= n) | (right <= idx) | (right >= n)))
+            or np.any(~inner & ((left != -1) | (right != -1)))
+            or np.any(inner & ((feat < 0) | (feat >= len(FEATURES))))
+            or not np.all(np.isfinite(np.asarray(tree.value)))
+            or not np.all(np.isfinite(np.asarray(tree.threshold)[inner]))):
+        raise ValueError("scale_picker: a tree points outside itself, loops, or holds a non-finite number")
+    return tree
 
 
 @dataclass(frozen=True)
@@ -110,22 +167,13 @@ class ScalePicker:
         """From a card's ``scale_picker``; a ValueError when it does not describe a picker of these
         features (wrong feature list, arrays of unequal length, a child or feature out of range,
         a non-finite number, a factor outside (0, 1))."""
+        if not isinstance(d, dict):
+            raise ValueError("scale_picker must be a record (a JSON object)")
         if list(d.get("features", [])) != list(FEATURES):
             raise ValueError(f"scale_picker: its features must be {list(FEATURES)}")
-        trees = []
-        for t in d["trees"]:
-            tree = Tree(*(tuple(t[k]) for k in ("feature", "threshold", "left", "right", "value")))
-            n = len(tree.feature)
-            if n == 0 or any(len(a) != n for a in (tree.threshold, tree.left, tree.right, tree.value)):
-                raise ValueError("scale_picker: a tree's arrays differ in length")
-            left, right = np.asarray(tree.left), np.asarray(tree.right)
-            inner = left >= 0
-            if (np.any(inner & ((left >= n) | (right < 0) | (right >= n)))
-                    or np.any(inner & ((np.asarray(tree.feature) < 0) | (np.asarray(tree.feature) >= len(FEATURES))))
-                    or not np.all(np.isfinite(np.asarray(tree.value, np.float64)))
-                    or not np.all(np.isfinite(np.asarray(tree.threshold, np.float64)[inner]))):
-                raise ValueError("scale_picker: a tree points outside itself or holds a non-finite number")
-            trees.append(tree)
+        if not isinstance(d.get("trees"), list) or not d["trees"] or not all(isinstance(t, dict) for t in d["trees"]):
+            raise ValueError("scale_picker: trees must be a non-empty list of records")
+        trees = [_checked_tree(t) for t in d["trees"]]
         numbers = [float(d[k]) for k in ("factor", "margin", "base", "learning_rate")]
         if not all(np.isfinite(numbers)) or not 0.0 < numbers[0] < 1.0:
             raise ValueError("scale_picker: factor must lie in (0, 1) and every number be finite")

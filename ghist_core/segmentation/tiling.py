@@ -77,10 +77,14 @@ def working_shape(hw: tuple[int, int], mpp: float, work_mpp: float) -> tuple[int
     return max(1, int(round(hw[0] * s))), max(1, int(round(hw[1] * s)))
 
 
+def non_white_fraction(rgb: np.ndarray, *, white: int = 215) -> float:
+    """The share of pixels darker than near-white in some channel (tissue, not glass or white padding)."""
+    return float((rgb.min(axis=2) < white).mean()) if rgb.size else 0.0
+
+
 def is_background(rgb: np.ndarray, *, white: int = 215, min_fraction: float = 0.01) -> bool:
     """True when (almost) no pixel is darker than near-white in any channel: glass or blank."""
-    dark = rgb.min(axis=2) < white
-    return float(dark.mean()) < min_fraction
+    return non_white_fraction(rgb, white=white) < min_fraction
 
 
 def is_featureless(rgb: np.ndarray, min_range: int = 12) -> bool:

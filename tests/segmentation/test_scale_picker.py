@@ -54,12 +54,61 @@ def test_the_card_record_predicts_what_scikit_learn_did(fitted):
     (lambda d: d["trees"][0]["value"].__setitem__(0, float("nan")), "non-finite"),
     (lambda d: d["trees"][0]["threshold"].pop(), "length"),
     (lambda d: d.update(factor=1.5), "factor"),
+    (lambda d: d["trees"][0]["feature"].__setitem__(0, 0.5), "whole numbers"),
+    (lambda d: d["trees"][0]["left"].__setitem__(0, 0), "loops"),
+    (lambda d: d.update(trees=[]), "non-empty"),
+    (lambda d: d["trees"][0].pop("value"), "incomplete"),
 ])
 def test_a_bad_record_is_refused(fitted, spoil, word):
     d = ScalePicker.from_sklearn(fitted[1][1], F, 0.01).to_dict()
     spoil(d)
     with pytest.raises(ValueError, match=word if word != "length" else "differ in length"):
         ScalePicker.from_dict(d)
+
+
+@pytest.mark.parametrize("record", [[], 0, "x", {"features": list(FEATURES), "trees": [[1, 2]]}])
+def test_a_record_of_another_shape_is_refused(record):
+    with pytest.raises(ValueError, match="scale_picker"):
+        ScalePicker.from_dict(record)
+
+
+def test_glass_and_white_padding_do_not_dilute_the_density(region, seg):
+    """The same tissue with half a tile of white beside it (an edge tile's padding, a block at the
+    tissue's edge) gives the picker the same row."""
+    from ghist_core.segmentation.scale_picker import scale_picker_features
+
+    rgb, mpp = region
+    tissue = rgb[:, :150]
+    padded = np.concatenate([tissue, np.full_like(tissue, 255)], axis=1)
+    _, cells = seg.segment_tile(tissue, mpp, nucleus_scale=1.0)
+    np_map = np.ones(tissue.shape[:2], np.float32)
+    rows = [scale_picker_features(im, mpp, seg.mpp, ((np_map, cells), (np_map, cells))) for im in (tissue, padded)]
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-12)
+
+
+class _Recording(ScalePicker):
+    """A picker that never moves and keeps the rows it was asked about."""
+
+    def moves(self, x):
+        self.provenance.setdefault("rows", []).append(np.asarray(x)[0].tolist())
+        return False
+
+
+def test_the_choice_job_and_segment_tile_give_the_picker_the_same_row(seg, region):
+    """What the picker was chosen on (scripts/choose_on_validation.py picker_rows) is what it reads
+    at run time: same readings, same units, same tissue area."""
+    from ghist_core.training.segmentation_data import DATA_MPP, NucleiSample
+    from testkit import load_repo_script
+
+    choose = load_repo_script("scripts/choose_on_validation.py")
+    rgb, _ = region
+    sample = NucleiSample("train_1_000", "consep", "train_1", rgb, np.zeros(rgb.shape[:2], np.int32), None)
+    job = choose.picker_rows(seg, [sample], 1.0, "original")[0]["x"]
+    recording = _Recording(F, 0.0, 0.0, 1.0, _constant(0.0).trees, provenance={})
+    picked = copy.copy(seg)
+    picked.scale_picker = recording
+    picked.segment_tile(rgb, DATA_MPP)
+    np.testing.assert_allclose(recording.provenance["rows"][0], job, rtol=1e-9)
 
 
 def test_density_and_median_area_do_not_depend_on_the_tile_size():

@@ -23,7 +23,7 @@ def _cfg(root, out, **kw):
     """Two epochs of two steps, with a weight average (its state must survive the resume too)."""
     return replace(train_seg.TrainConfig(), data_root=str(root), out=str(out), batch_size=4, steps_per_epoch=2,
                    max_epochs=2, device="cpu", workers=1, tune_postprocess=False, init=str(INIT), augment="stain",
-                   mpp=0.5, lr=1e-3, ema=0.5, **kw)
+                   mpp=0.5, lr=1e-3, **{"ema": 0.5, **kw})
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
@@ -45,7 +45,10 @@ def runs(demo_slide, tmp_path_factory):
     train_seg.train(_cfg(root, tmp / "whole"))
     train_seg.train(_cfg(root, tmp / "split", max_steps=2))  # stops after epoch 1 (a resumable setting)
     stopped = _weights(tmp / "split")
+    (tmp / "epoch1.ema.safetensors").write_bytes((tmp / "split" / "last.ema.safetensors").read_bytes())
     json_1 = json.loads((tmp / "split" / "last.json").read_text())
+    for run, kw in (("plain_whole", {}), ("plain_split", {"max_steps": 2}), ("plain_split", {})):
+        train_seg.train(_cfg(root, tmp / run, ema=0.0, **kw))  # without an average, as runs were before
     for name in ("last.safetensors", "last.json", "last.optim.safetensors", "last.ema.safetensors",
                  "best.safetensors", "best.json", "log.jsonl"):
         (tmp / "no_optim").mkdir(exist_ok=True)
@@ -69,6 +72,8 @@ def test_a_resumed_run_ends_where_the_unbroken_run_does(runs):
     assert [r["epoch"] for r in logs[1]] == [1, 2]
     for a, b in zip(*logs):  # same losses, same validation scores, epoch by epoch
         assert {k: v for k, v in a.items() if k != "elapsed_s"} == {k: v for k, v in b.items() if k != "elapsed_s"}
+    assert _max_diff(_weights(tmp / "plain_split"), _weights(tmp / "plain_whole")) == 0.0  # and without --ema
+    assert not (tmp / "plain_whole" / "last.ema.safetensors").exists()
 
 
 def test_without_its_optimizer_file_a_resume_still_runs_but_not_exactly(runs):
@@ -132,13 +137,14 @@ def test_batches_smaller_than_eight_get_flips_too(demo_slide):
 def test_the_weight_average_is_what_is_validated_and_kept(runs):
     """With --ema, best.safetensors (what is packaged) is the average of a validated epoch, not the
     weights as trained; a decay outside (0, 1) is refused."""
-    tmp, _, _ = runs
-    best, avg = load_file(str(tmp / "whole" / "best.safetensors")), load_file(str(tmp / "whole" / "last.ema.safetensors"))
+    tmp, stopped, _ = runs
+    best = load_file(str(tmp / "whole" / "best.safetensors"))
+    averages = {1: load_file(str(tmp / "epoch1.ema.safetensors")), 2: load_file(str(tmp / "whole" / "last.ema.safetensors"))}
+    trained = {1: stopped, 2: _weights(tmp / "whole")}
     log = [json.loads(line) for line in (tmp / "whole" / "log.jsonl").read_text().splitlines()]
-    best_epoch = 1 + int(np.argmax([r["val_aji"] for r in log]))
-    if best_epoch == 2:
-        assert _max_diff(best, avg) == 0.0
-    assert _max_diff(best, _weights(tmp / "whole")) > 1e-6
+    best_epoch = 1 + int(np.argmax([r["val_aji"] for r in log]))  # the first of equal scores, as train keeps it
+    assert _max_diff(best, averages[best_epoch]) == 0.0
+    assert _max_diff(best, trained[best_epoch]) > 1e-6
     net = train_seg.SegNet(train_seg.SegNetConfig.from_dict({"mpp": 0.5}))
     with pytest.raises(ValueError, match="--ema"):
         train_seg.WeightAverage(net, 1.0)
