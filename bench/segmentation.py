@@ -667,10 +667,13 @@ def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 
 
 def scale_settings(model, probe: float = 0.0) -> dict[str, tuple]:
     """``slide_scale``'s settings, name -> (segmenter, nucleus_scale): as stated, the full check and,
-    with ``probe`` > 0, the check gated by a probe window (a copy of ``model`` with ``scale_probe``)."""
-    settings = {"as_stated": (model, 1.0), "auto": (model, "auto")}
+    with ``probe`` > 0, the check gated by a probe window (a copy of ``model`` with ``scale_probe``).
+    Both checks are the hand rule (a card's ``scale_picker`` left out), as the block records."""
+    hand = copy.copy(model)
+    hand.scale_picker = None
+    settings = {"as_stated": (model, 1.0), "auto": (hand, "auto")}
     if probe:
-        gated = copy.copy(model)
+        gated = copy.copy(hand)
         gated.scale_probe = float(probe)
         settings["auto_probe"] = (gated, "auto")
     return settings

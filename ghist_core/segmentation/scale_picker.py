@@ -28,7 +28,7 @@ FEATURES = ("cert_1", "cert_f", "d_cert", "log_median_area_1", "log_median_area_
 @dataclass(frozen=True)
 class ReadingStats:
     """What the picker needs of one reading of a tile: the network's foreground certainty, the
-    median nucleus area in the model's working px, nuclei per 10,000 µm² of the tile."""
+    median nucleus area in the model's working px, nuclei per 10,000 µm² of tissue."""
 
     certainty: float
     median_area_px: float
@@ -36,10 +36,11 @@ class ReadingStats:
 
 
 def tissue_area_um2(rgb: np.ndarray, mpp: float) -> float:
-    """The tile's area not near-white (µm²): glass, and the white padding of an edge tile, left out."""
+    """The tile's area not near-white (µm²): glass, and the white padding of an edge tile, left out
+    (at least 1 % of the tile, the share below which a tile counts as background)."""
     from ghist_core.segmentation.tiling import non_white_fraction
 
-    return rgb.shape[0] * rgb.shape[1] * mpp * mpp * non_white_fraction(rgb)
+    return rgb.shape[0] * rgb.shape[1] * mpp * mpp * max(non_white_fraction(rgb), 0.01)
 
 
 def reading_stats(certainty: float, areas_um2: np.ndarray, work_mpp: float, tissue_um2: float) -> ReadingStats:
@@ -108,15 +109,23 @@ class Tree:
 def _ints(values) -> tuple[int, ...]:
     if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError("scale_picker: a tree's feature and child indices must be whole numbers")
-    return tuple(values)
+    try:
+        return tuple(int(v) for v in np.asarray(values, np.int64))
+    except OverflowError:
+        raise ValueError("scale_picker: a tree's index is out of range") from None
+
+
+def _reals(values) -> tuple[float, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError("scale_picker: a tree's thresholds and values must be numbers")
+    return tuple(float(v) for v in values)
 
 
 def _checked_tree(t: dict) -> Tree:
     """A tree record made safe to walk: equal lengths, whole-number indices, finite numbers, each
     inner node's children after it (scikit-learn's order, so every walk ends at a leaf)."""
     try:
-        tree = Tree(_ints(t["feature"]), tuple(float(v) for v in t["threshold"]), _ints(t["left"]), _ints(t["right"]),
-                    tuple(float(v) for v in t["value"]))
+        tree = Tree(_ints(t["feature"]), _reals(t["threshold"]), _ints(t["left"]), _ints(t["right"]), _reals(t["value"]))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"scale_picker: a tree record is incomplete ({exc})") from None
     n = len(tree.feature)
@@ -127,7 +136,7 @@ def _checked_tree(t: dict) -> Tree:
     inner = left >= 0
     if (np.any(inner & ((left <= idx) | (left >= n) | (right <= idx) | (right >= n)))
             or np.any(~inner & ((left != -1) | (right != -1)))
-            or np.any(inner & ((feat < 0) | (feat >= len(FEATURES))))
+            or np.any(inner & ((feat < 0) | (feat >= len(FEATURES)))) or np.any(feat < -2) or np.any(feat >= len(FEATURES))
             or not np.all(np.isfinite(np.asarray(tree.value)))
             or not np.all(np.isfinite(np.asarray(tree.threshold)[inner]))):
         raise ValueError("scale_picker: a tree points outside itself, loops, or holds a non-finite number")

@@ -58,12 +58,27 @@ def test_the_card_record_predicts_what_scikit_learn_did(fitted):
     (lambda d: d["trees"][0]["left"].__setitem__(0, 0), "loops"),
     (lambda d: d.update(trees=[]), "non-empty"),
     (lambda d: d["trees"][0].pop("value"), "incomplete"),
+    (lambda d: d["trees"][0]["feature"].__setitem__(-1, 2 ** 70), "out of range"),
+    (lambda d: d["trees"][0].update(threshold="123"), "numbers"),
 ])
 def test_a_bad_record_is_refused(fitted, spoil, word):
     d = ScalePicker.from_sklearn(fitted[1][1], F, 0.01).to_dict()
     spoil(d)
     with pytest.raises(ValueError, match=word if word != "length" else "differ in length"):
         ScalePicker.from_dict(d)
+
+
+def test_a_feature_on_a_threshold_goes_where_scikit_learn_sends_it():
+    """scikit-learn compares float32 inputs: a value a hair above a threshold that rounds onto it in
+    float32 goes left there, and must here too."""
+    from sklearn.tree import DecisionTreeRegressor
+
+    x = np.zeros((2, len(FEATURES)))
+    x[1, 0] = 1.0
+    model = DecisionTreeRegressor(max_depth=1).fit(x, [0.0, 1.0])
+    probe = np.zeros((1, len(FEATURES)))
+    probe[0, 0] = float(model.tree_.threshold[0]) + 1e-10
+    assert ScalePicker.from_sklearn(model, F, 0.0).predict_gain(probe)[0] == model.predict(probe)[0] == 0.0
 
 
 @pytest.mark.parametrize("record", [[], 0, "x", {"features": list(FEATURES), "trees": [[1, 2]]}])
