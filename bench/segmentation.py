@@ -665,17 +665,24 @@ def slide_scale(model, root: Path, her2st_root: Path, *, zooms=(0.67, 1.0, 1.5, 
     return res
 
 
+def hand_rule(seg, **settings):
+    """A copy of ``seg`` running the hand-written scale check (``nucleus_scale="auto"``, a card's
+    ``scale_picker`` left out) with ``settings`` (e.g. ``scale_probe``) changed: what the scale-check
+    rows and the recorded ``SCALE_RULE`` describe, whatever the card carries."""
+    v = copy.copy(seg)
+    v.nucleus_scale, v.scale_picker = "auto", None
+    for k, val in settings.items():
+        setattr(v, k, val)
+    return v
+
+
 def scale_settings(model, probe: float = 0.0) -> dict[str, tuple]:
     """``slide_scale``'s settings, name -> (segmenter, nucleus_scale): as stated, the full check and,
     with ``probe`` > 0, the check gated by a probe window (a copy of ``model`` with ``scale_probe``).
-    Both checks are the hand rule (a card's ``scale_picker`` left out), as the block records."""
-    hand = copy.copy(model)
-    hand.scale_picker = None
-    settings = {"as_stated": (model, 1.0), "auto": (hand, "auto")}
+    Both checks are the hand rule (:func:`hand_rule`), as the block records."""
+    settings = {"as_stated": (model, 1.0), "auto": (hand_rule(model), "auto")}
     if probe:
-        gated = copy.copy(hand)
-        gated.scale_probe = float(probe)
-        settings["auto_probe"] = (gated, "auto")
+        settings["auto_probe"] = (hand_rule(model, scale_probe=float(probe)), "auto")
     return settings
 
 
@@ -872,16 +879,13 @@ def main(argv: list[str] | None = None) -> None:
     # the hand rule's rows ('+auto-scale', '-gate', '-trigger') run the hand rule even for a card with a picker
     if a.auto_scale:
         for name, seg in learned.items():
-            variants[f"{name}+auto-scale"] = v = copy.copy(seg)
-            v.nucleus_scale, v.scale_picker = "auto", None
+            variants[f"{name}+auto-scale"] = hand_rule(seg)
     if a.scale_gate is not None:
         for name, seg in learned.items():
-            variants[f"{name}+auto-scale-gate"] = v = copy.copy(seg)
-            v.nucleus_scale, v.scale_min_area_px, v.scale_picker = "auto", float(a.scale_gate), None
+            variants[f"{name}+auto-scale-gate"] = hand_rule(seg, scale_min_area_px=float(a.scale_gate))
     if a.scale_trigger is not None:
         for name, seg in learned.items():
-            variants[f"{name}+auto-scale-trigger"] = v = copy.copy(seg)
-            v.nucleus_scale, v.scale_max_certainty, v.scale_picker = "auto", float(a.scale_trigger), None
+            variants[f"{name}+auto-scale-trigger"] = hand_rule(seg, scale_max_certainty=float(a.scale_trigger))
     if a.scale_picker:
         from ghist_core.segmentation.scale_picker import ScalePicker
 
@@ -918,9 +922,7 @@ def main(argv: list[str] | None = None) -> None:
         sp["classical"] = speed(classical, crgb)
         first = next(iter(learned))
         # what the scale check (segment_slide's default since session 13) costs on this device, same process
-        hand = copy.copy(model)
-        hand.scale_picker = None  # the hand rule's cost, whatever the card carries
-        sp[f"{first}+auto-scale"] = speed(hand, rgb, batch_size=a.batch_size, nucleus_scale="auto")
+        sp[f"{first}+auto-scale"] = speed(hand_rule(model), rgb, batch_size=a.batch_size)
         picked = {n: v for n, v in variants.items() if n.endswith("+auto-scale-picker")}
         for name, v in picked.items():
             sp[name] = speed(v, rgb, batch_size=a.batch_size)

@@ -57,6 +57,8 @@ from ghist_core.training.segmentation_metrics import (DetectionCounts, centroids
                                                       seg_counts)
 
 RESULTS = REPO_DIR / "bench" / "results"
+#: a setting within this of the best validation score counts as tied; the simplest setting wins
+TIE = 0.001
 
 
 # --- type-weights ---------------------------------------------------------------------------
@@ -345,20 +347,28 @@ def pick_trigger(by_zoom: dict[float, list[dict]], gate: float, triggers=TRIGGER
     return min(ok), table
 
 
-def _gate_data(seg, root: Path, restained: int) -> tuple[list[str], dict[float, list[dict]]]:
-    """``gate_rows`` of the validation images in every stain copy and zoom."""
+def _zoomed_validation(root: Path, restained: int, zooms) -> tuple[list[str], object]:
+    """The names of the validation copies (as they are and re-stained: the training script's
+    selection data) and a generator of ``(zoom, {copy: its samples zoomed})`` over ``zooms``."""
     sys.path.insert(0, str(REPO_DIR / "scripts"))
     sys.path.insert(0, str(REPO_DIR / "bench"))
     import train_segmentation as training
     from segmentation import zoom_sample
 
     sets = training.restained_validation(validation_samples(root), restained)
+    return list(sets), ((z, {copy: [zoom_sample(s, z) for s in samples] for copy, samples in sets.items()})
+                        for z in zooms)
+
+
+def _gate_data(seg, root: Path, restained: int) -> tuple[list[str], dict[float, list[dict]]]:
+    """``gate_rows`` of the validation images in every stain copy and zoom."""
+    copies, zoomed = _zoomed_validation(root, restained, GATE_ZOOMS)
     by_zoom: dict[float, list[dict]] = {}
     t = time.perf_counter()
-    for z in GATE_ZOOMS:
-        by_zoom[z] = [r for samples in sets.values() for r in gate_rows(seg, [zoom_sample(s, z) for s in samples])]
+    for z, sets in zoomed:
+        by_zoom[z] = [r for samples in sets.values() for r in gate_rows(seg, samples)]
         print(f"zoom {z}: {len(by_zoom[z])} images ({time.perf_counter() - t:.0f} s)", flush=True)
-    return list(sets), by_zoom
+    return copies, by_zoom
 
 
 def run_scale_trigger(seg, root: Path, out: Path, restained: int = 3) -> dict:
@@ -476,7 +486,7 @@ def _score_choice(rows: list[dict], moved: np.ndarray) -> dict:
             "worst_change_x1_x067": round(min(guard), 4), "moved_share": round(float(moved.mean()), 4)}
 
 
-def pick_picker(table: list[dict], tie: float = 0.001, guard: float = -0.005) -> dict | None:
+def pick_picker(table: list[dict], tie: float = TIE, guard: float = -0.005) -> dict | None:
     """The rule's choice: the highest cross-validated mean AJI among candidates whose guard holds;
     within ``tie`` of it, the fewest trees, then the shallowest, then the largest margin. None when
     no candidate keeps the guard (the rule then keeps the hand rule)."""
@@ -492,16 +502,12 @@ def run_scale_picker(seg, root: Path, out: Path, restained: int = 3) -> dict:
     from ghist_core.segmentation.model import SCALE_FACTORS
     from ghist_core.segmentation.scale_picker import ScalePicker
 
-    sys.path.insert(0, str(REPO_DIR / "scripts"))
-    sys.path.insert(0, str(REPO_DIR / "bench"))
-    import train_segmentation as training
-    from segmentation import zoom_sample
-
-    sets = training.restained_validation(validation_samples(root), restained)
+    copies, zoomed = _zoomed_validation(root, restained, PICKER_ZOOMS)
     rows, t = [], time.perf_counter()
-    for z in PICKER_ZOOMS:
+    for z, sets in zoomed:
+        n_images = len(sets["original"])
         for copy, samples in sets.items():
-            rows += picker_rows(seg, [zoom_sample(s, z) for s in samples], z, copy)
+            rows += picker_rows(seg, samples, z, copy)
         print(f"zoom {z}: {len(rows)} rows ({time.perf_counter() - t:.0f} s)", flush=True)
     table = []
     for cand in PICKER_CANDIDATES:
@@ -511,8 +517,8 @@ def run_scale_picker(seg, root: Path, out: Path, restained: int = 3) -> dict:
                           "margin": margin, "cv": picker_cross_validation(rows, cand, margin)})
     chosen = pick_picker(table)
     aji = np.array([r["aji"] for r in rows])
-    data = (f"{len(rows)} rows: the {len(sets['original'])} validation images (source tiles "
-            f"{sorted({r['tile'] for r in rows})}) as they are and re-stained to {list(sets)[1:]}, at zooms "
+    data = (f"{len(rows)} rows: the {n_images} validation images (source tiles "
+            f"{sorted({r['tile'] for r in rows})}) as they are and re-stained to {copies[1:]}, at zooms "
             f"{list(PICKER_ZOOMS)}; no test image")
     picker = None
     if chosen is not None:
@@ -533,8 +539,6 @@ def run_scale_picker(seg, root: Path, out: Path, restained: int = 3) -> dict:
 
 
 # --- scores with the scale check over every copy and zoom (scripts/blend_segmenters.py) ---------
-#: a setting within this of the best validation score counts as tied; the smallest setting wins
-TIE = 0.001
 
 
 def check_aji(seg, by_zoom: dict[float, list[dict]]) -> dict:

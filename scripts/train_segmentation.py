@@ -392,6 +392,16 @@ def _saved_step(path: Path) -> int | None:
     return int(step) if step is not None else None
 
 
+def _tensors_of_step(path: Path, step: int) -> dict[str, torch.Tensor] | None:
+    """What :func:`_save_tensors` wrote at ``path``, if it holds ``step``; None when it is missing or of
+    another step (a checkpoint cut between its files, or one from before the file existed)."""
+    from safetensors.torch import load_file
+
+    if not path.exists() or _saved_step(path) != step:
+        return None
+    return load_file(str(path))
+
+
 def save_state(model: SegNet, path: Path, meta: dict) -> None:
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     _save_tensors(state, path, meta["state"]["step"])
@@ -418,11 +428,8 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> dict[st
     """Restore AdamW's state that :func:`save_optimizer` wrote, if it holds ``step``, and return the
     saved generator states (for :func:`restore_generators`); None (the optimizer starts afresh from
     the saved weights, as before this file existed) when it is missing or of another step."""
-    from safetensors.torch import load_file
-
-    if not path.exists() or _saved_step(path) != step:
+    if (tensors := _tensors_of_step(path, step)) is None:
         return None
-    tensors = load_file(str(path))
     generators = {k: tensors.pop(k) for k in list(tensors) if k == "torch_rng" or k.startswith("cuda_rng.")}
     sd = opt.state_dict()
     state: dict[int, dict] = {}
@@ -474,11 +481,8 @@ class WeightAverage:
 
     def load(self, path: Path, step: int) -> bool:
         """The average a checkpoint of ``step`` saved; False (it restarts from the current weights) otherwise."""
-        from safetensors.torch import load_file
-
-        if not path.exists() or _saved_step(path) != step:
+        if (saved := _tensors_of_step(path, step)) is None:
             return False
-        saved = load_file(str(path))
         with torch.no_grad():
             for k, v in self.state.items():
                 v.copy_(saved[k])
