@@ -26,7 +26,8 @@ from ghist_core import _keys as K
 from ghist_core._types import ProgressCallback, ProgressEvent, ProgressEventCallback
 from ghist_core.io.atomic import atomic_write_text, remove_temporaries
 from ghist_core.io.safe_h5 import check_free_space, estimate_h5ad_bytes, write_h5_isolated
-from ghist_core.errors import GhistError, NoTissueError, RunCancelledError, RunWeightsChangedError, StoreError
+from ghist_core.errors import (GhistError, InvalidMppError, NoTissueError, RunCancelledError, RunWeightsChangedError,
+                               StoreError)
 from ghist_core.pipeline.eta import BlockEta, EtaPrior, prior_for
 from ghist_core.pipeline.grid import DEFAULT_GRID_SIZES_UM, read_grid, write_grid
 from ghist_core.pipeline.merge import median_nucleus_area, summarise_blocks, write_merged_h5ad
@@ -491,9 +492,15 @@ def predict_slide(
                 segmenter = load_segmenter(name, device=str(dev))
     check_segmenter_fits(model, segmenter)
     check_block_plan(record.width, record.height, record.mpp, config)  # before the run is recorded
-    with open_slide(project.slide_path(slide_id), mpp=record.mpp) as s:  # an implausible enlargement too
-        s.check_upsampling(min([float(m) for m in (getattr(segmenter, "mpp", None), getattr(model, "mpp", None)) if m]
-                               or [s.mpp]))
+    try:
+        with open_slide(project.slide_path(slide_id), mpp=record.mpp) as s:  # an implausible enlargement too
+            s.check_upsampling(min([float(m) for m in (getattr(segmenter, "mpp", None), getattr(model, "mpp", None))
+                                    if m] or [s.mpp]))
+    except InvalidMppError as exc:
+        raise type(exc)(f"{_user_named(exc, project, record)} In the app: Home, Edit or delete, "
+                        "sets a slide's µm per pixel.") from None
+    except GhistError as exc:
+        raise _user_named(exc, project, record) from None
     weights_sha = getattr(model, "weights_sha256", "") or ""
     segmenter_name = str(getattr(segmenter, "name", "") or "classical")
     params = {"pipeline": _jsonable(asdict(config)), "model_id": model_id,
@@ -538,7 +545,7 @@ def predict_slide(
                     "slide_id": int(slide_id),
                     "run_id": int(run_id),
                     "mpp": float(slide.mpp),
-                    "params": params,
+                    "params": {**params, **_model_radii(model)},
                     "device": str(dev),
                 }
             )
@@ -574,8 +581,11 @@ def predict_slide(
         raise
     except GhistError as exc:
         _discard_unrecorded(project, run_id, slide_id)
-        project.fail_run(run_id, str(exc))
-        raise
+        named = _user_named(exc, project, record)
+        project.fail_run(run_id, str(named))
+        if named is exc:
+            raise
+        raise named from exc
     except OSError as exc:
         _discard_unrecorded(project, run_id, slide_id)
         message = f"Could not write results ({exc.strerror or exc}). Check free disk space and permissions."
@@ -589,6 +599,21 @@ def predict_slide(
         _discard_unrecorded(project, run_id, slide_id)
         project.fail_run(run_id, f"Unexpected error: {type(exc).__name__}: {exc}")
         raise
+
+
+def _model_radii(model) -> dict[str, float]:
+    """The model's neighbourhood radii (µm) for ``uns["ghist"]["params"]``: the blocks' own records
+    are dropped in the merge, and the neighbourhood plots name the radius their numbers are for."""
+    cfg = getattr(getattr(model, "net", None), "cfg", None)
+    return {k: float(getattr(cfg, k)) for k in ("nbhd_radius_um", "context_radius_um") if hasattr(cfg, k)}
+
+
+def _user_named(exc: GhistError, project: Project, record) -> GhistError:
+    """``exc`` naming the slide as the user uploaded it, not as the project stores it
+    (``<hash>_<name>``): run messages are read by the person who chose the file."""
+    from ghist_core.project.slides import renamed_error
+
+    return renamed_error(exc, project.slide_path(record.slide_id), record.name)
 
 
 def nucleus_scale_record(setting: float | str, summary) -> dict:

@@ -347,7 +347,17 @@ def update_slide_rows(db: ProjectDB, edit: SlideEdit) -> tuple[SlideEdit, str | 
             if edit.new_patient_id is not None:
                 _ensure_patient(c, edit.new_patient_id)
             c.execute("UPDATE slides SET patient_id = ? WHERE slide_id = ?", (edit.new_patient_id, sid))
+            if edit.old_patient_id is not None:
+                _drop_if_empty(c, edit.old_patient_id)
     return edit, token
+
+
+def _drop_if_empty(c: sqlite3.Connection, pid: str) -> None:
+    """Remove a patient left with no slide and no attributes: a slide moved to another patient id
+    (usually a typo fixed) should not leave a patient that counts but holds nothing. One with
+    attributes (clinical data someone entered) stays."""
+    c.execute("DELETE FROM patients WHERE patient_id = ? AND attrs = ? AND NOT EXISTS "
+              "(SELECT 1 FROM slides WHERE patient_id = ?)", (pid, to_json({}), pid))
 
 
 def update_slide(db: ProjectDB, slide_id: int, *, mpp: Any = KEEP, patient_id: Any = KEEP) -> SlideEdit:

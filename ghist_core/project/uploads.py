@@ -85,13 +85,17 @@ def inspect_upload(path: Path, mpp: float | None = None, *, thumbnail_px: int = 
                    name: str | None = None) -> dict[str, Any]:
     """A staged slide's info dict plus a small ``thumbnail`` (raises ``SlideError`` subclasses).
 
+    A µm/px too coarse for the default analysis (more than ``MAX_UPSAMPLE_FACTOR`` x its working
+    µm/px, e.g. 5 typed for a 0.5 µm/px scan) is refused here, as its run would fail at the first read.
     With ``name`` (the user's file name) error messages say it instead of the staged file's.
     """
     from ghist_core.errors import GhistError
     from ghist_core.io.slide import open_slide
+    from ghist_core.segmentation.model import default_working_mpp
 
     try:
         with open_slide(path, mpp=mpp) as slide:
+            slide.check_upsampling(default_working_mpp())
             info = dict(slide.info)
             info["thumbnail"] = slide.thumbnail(thumbnail_px)
             if name is not None:

@@ -645,6 +645,16 @@ def segmenter_weights_path(model_id: str | None) -> Path:
     return BUNDLED_WEIGHTS_DIR / f"{model_id}.safetensors"
 
 
+@functools.lru_cache(maxsize=None)
+def default_working_mpp() -> float:
+    """The µm/px the default segmenter reads slides at, from its card (no weights loaded): the
+    finest scale the default analysis reads, so the coarsest slide it can take is
+    ``MAX_UPSAMPLE_FACTOR`` x this (checked when a slide is uploaded, not only when it runs)."""
+    from ghist_core.weights.card import read_card
+
+    return float(read_card(segmenter_weights_path(None).with_suffix(".json"))["mpp"])
+
+
 def load_learned_segmenter(model_id: str | None = None, device: str = "auto") -> LearnedSegmenter:
     """Build the model from ``<name>.safetensors`` + ``<name>.json`` (sealed card with config and sha256)."""
     from ghist_core.weights.resolve import load_state_dict, resolve_file

@@ -85,7 +85,8 @@ def nucleus_scale_note(adata) -> str | None:
     return (f"{part} of the nuclei were segmented at {factors}× scale: in those regions the nuclei looked "
             f"larger than the ones the segmenter was trained on, so it read the image shrunk (its scale check; "
             f"per cell in obs['{K.OBS_NUCLEUS_SCALE}']). Large tumour nuclei do this; so does a wrong resolution. "
-            f"If this slide was not scanned{at}, correct its µm per pixel on Upload & predict and run it again.")
+            f"If this slide was not scanned{at}, correct its µm per pixel on the Home page (Edit or delete) "
+            "and run it again.")
 
 
 def stain_check_note(adata) -> str | None:

@@ -219,3 +219,21 @@ def test_predict_slide_refuses_the_plan_before_recording_a_run(tmp_path, small_s
                              device="cpu", config=PipelineConfig(block_um=64.0))
     assert project.latest_run(record.slide_id) is None
     assert not (project.folder / "runs").exists() or not any((project.folder / "runs").iterdir())
+
+
+def test_a_run_refused_for_its_mpp_names_the_users_file_and_where_to_fix_it(tmp_path, small_slide_png, tiny_ghist):
+    """The project stores ``<hash>_<name>``; a run's message names the file as uploaded and says where
+    a slide's µm/px is corrected, and no run is recorded."""
+    from ghist_core.errors import InvalidMppError
+    import ghist_core.pipeline.blocks as blocks
+    from ghist_core.project.store import Project
+
+    project = Project.create(tmp_path / "proj")
+    record = project.add_slide(small_slide_png, patient_id="P-001", mpp=5.0, original_name="tumour 7.png")
+    stored = project.slide_path(record.slide_id).name
+    assert stored != "tumour 7.png"
+    with pytest.raises(InvalidMppError) as info:
+        blocks.predict_slide(record.slide_id, project, model_id=str(tiny_ghist), segmenter_id=None, device="cpu")
+    assert "'tumour 7.png' is 5 µm per pixel" in str(info.value) and stored not in str(info.value)
+    assert "Home, Edit or delete" in str(info.value)
+    assert project.latest_run(record.slide_id) is None

@@ -289,3 +289,17 @@ def test_cancel_stops_the_worker_keeps_blocks_and_resume_finishes(tmp_path: Path
     assert run.status == "finished", (run.status, run.error)
     assert project.result_files(run_id)["h5ad"].is_file()
     assert check_results(project) == []
+
+
+def test_a_run_records_the_models_neighbourhood_radius(tmp_path: Path, demo_slide: Path, tiny_ghist: Path) -> None:
+    """The predicted-neighbourhood plot names the radius its numbers are for: the merged result keeps
+    the model's (the blocks' own records are dropped in the merge)."""
+    from ghist_core.analysis.neighbourhoods import model_radius_um
+    from ghist_core.model import load_ghist
+
+    project = Project.create(tmp_path / "proj")
+    record = project.add_slide(make_kill_slide(tmp_path, demo_slide, 200), mpp=0.499)
+    res = predict_slide(record.slide_id, project, model_id=str(tiny_ghist), segmenter_id="classical",
+                        device="cpu", config=KILL_CONFIG)
+    expected = load_ghist(str(tiny_ghist), device="cpu").net.cfg.nbhd_radius_um
+    assert model_radius_um(ad.read_h5ad(res.h5ad_path, backed="r")) == float(expected)

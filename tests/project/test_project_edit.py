@@ -76,9 +76,10 @@ def test_patient_change_keeps_runs(project: Project, slide) -> None:
     assert edit.patient_changed and not edit.mpp_changed and not edit.invalidates_runs
     assert project.get_slide(slide.slide_id).patient_id == "P2"
     assert project.list_runs()["run_id"].tolist() == [rid] and all(p.exists() for p in files)
-    assert set(project.list_patients()["patient_id"]) == {"P1", "P2"}
+    assert set(project.list_patients()["patient_id"]) == {"P2"}  # P1 held nothing more: not left behind
     project.update_slide(slide.slide_id, patient_id=None)
     assert project.get_slide(slide.slide_id).patient_id is None
+    assert len(project.list_patients()) == 0
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), 1e6])
@@ -271,3 +272,33 @@ def test_a_slide_being_computed_cannot_be_deleted_or_rescaled(project: Project, 
         project.update_slide(slide.slide_id, patient_id="P2")  # no scale change: no lock needed
     project.delete_slide(slide.slide_id)
     assert project.list_slides().empty
+
+
+def test_a_mpp_too_coarse_to_analyse_is_refused_at_upload(project: Project, make_png, tmp_path: Path) -> None:
+    """5 µm/px typed for an ordinary scan would make every run fail at its first read (a 10x
+    enlargement for the 0.5 µm/px segmenter): the upload card says so, naming the user's file."""
+    from ghist_core.io.slide import MAX_UPSAMPLE_FACTOR
+    from ghist_core.segmentation.model import default_working_mpp
+
+    data = make_png(tmp_path / "scan.png").read_bytes()
+    staged = uploads.stage_upload("my scan.png", data, uploads.staging_dir(project.folder))
+    coarsest = MAX_UPSAMPLE_FACTOR * default_working_mpp()
+    assert uploads.inspect_upload(staged.path, mpp=coarsest, name="my scan.png")["mpp"] == pytest.approx(coarsest)
+    with pytest.raises(InvalidMppError, match="enlarge the image 10 times") as info:
+        uploads.inspect_upload(staged.path, mpp=5.0, name="my scan.png")
+    assert "my scan.png" in str(info.value) and staged.path.name not in str(info.value)
+
+
+def test_moving_a_slide_to_another_patient_leaves_no_empty_patient(project: Project, make_png, tmp_path: Path) -> None:
+    """A patient id fixed on the slide's only patient leaves no patient that counts but holds nothing;
+    one that still has a slide, or attributes someone entered, stays."""
+    a = project.add_slide(make_png(tmp_path / "a.png", seed=1), patient_id="P-002", mpp=0.5)
+    project.update_slide(a.slide_id, patient_id="P-003")
+    assert list(project.list_patients()["patient_id"]) == ["P-003"]
+    b = project.add_slide(make_png(tmp_path / "b.png", seed=2), patient_id="P-003", mpp=0.5)
+    project.update_slide(a.slide_id, patient_id="P-004")  # P-003 keeps slide b
+    assert list(project.list_patients()["patient_id"]) == ["P-003", "P-004"]
+    slides.add_patient(project.db, "P-004", stage="II")
+    project.update_slide(a.slide_id, patient_id="P-005")  # P-004 has clinical attributes: kept
+    assert list(project.list_patients()["patient_id"]) == ["P-003", "P-004", "P-005"]
+    assert overview.summary(project).n_patients == 3
