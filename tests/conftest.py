@@ -8,13 +8,21 @@ and run in CI, where it is present.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from ghist_core.paths import DEMO_DIR
 from testkit import make_tiny_ghist, require_shared  # noqa: F401  (fixtures below use them)
+
+
+# The app's workers share a cap per machine (ghist_core.project.locks.take_worker_slot); this test
+# session's workers (and the servers it starts) get their own slots, so two suites running side by
+# side on one machine never wait for each other's workers.
+os.environ["GHIST_WORKER_SLOTS_DIR"] = tempfile.mkdtemp(prefix="ghist-test-worker-slots-")
 
 
 @pytest.fixture(autouse=True)

@@ -38,7 +38,7 @@ from ghist_core.io.atomic import remove_temporaries
 from ghist_core.paths import DEFAULT_SEGMENTER
 from ghist_core.project import Project, RunStatus
 from ghist_core.project import runs as run_store
-from ghist_core.project.locks import lock_slide
+from ghist_core.project.locks import lock_slide, max_workers, take_worker_slot
 from ghist_core.project.runs import run_answers_nucleus_scale, run_uncertainty
 
 _log = logging.getLogger(__name__)
@@ -421,9 +421,17 @@ def _work(project: Project, args: argparse.Namespace) -> int:
             if run.status is RunStatus.RUNNING:  # a live process that does not hold the lock has it
                 print(f"run {args.run_id} is run by process {run.worker_pid}; nothing to do", file=sys.stderr)
                 return WORKER_EXIT_BUSY
-            sweep_slide_temporaries(project, args.slide_id)
-            _resume_or_start(project, args.slide_id, args.run_id, PipelineConfig.from_params(run.params.get("pipeline")),
-                             model_id=args.model, segmenter_id=args.segmenter, device=args.device, cancel=cancel)
+            slot = take_worker_slot(stop=cancel.is_set, on_wait=lambda: project.update_run(
+                args.run_id, message=_QUEUE_MESSAGE.format(n=max_workers())))
+            if slot is None:  # cancelled while queued
+                project.cancel_run(args.run_id)
+                print(f"run {args.run_id} cancelled while queued", file=sys.stderr)
+                return 1
+            with slot:
+                sweep_slide_temporaries(project, args.slide_id)
+                _resume_or_start(project, args.slide_id, args.run_id,
+                                 PipelineConfig.from_params(run.params.get("pipeline")),
+                                 model_id=args.model, segmenter_id=args.segmenter, device=args.device, cancel=cancel)
     except GhistError as exc:
         print(f"run {args.run_id} stopped: {exc}", file=sys.stderr)
         _fail_if_pending(project, args.run_id, str(exc))
@@ -431,6 +439,10 @@ def _work(project: Project, args: argparse.Namespace) -> int:
     finally:
         cancel.set()
     return 0
+
+
+_QUEUE_MESSAGE = ("Queued: {n} run(s) at a time compute on this machine (each uses every core); this one starts "
+                  "when one ends. GHIST_MAX_WORKERS raises the limit.")
 
 
 def _fail_if_pending(project: Project, run_id: int, message: str) -> None:
