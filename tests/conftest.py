@@ -21,8 +21,14 @@ from testkit import make_tiny_ghist, require_shared  # noqa: F401  (fixtures bel
 
 # The app's workers share a cap per machine (ghist_core.project.locks.take_worker_slot); this test
 # session's workers (and the servers it starts) get their own slots, so two suites running side by
-# side on one machine never wait for each other's workers.
+# side on one machine never wait for each other's workers, and each test its own (below), so a
+# worker an earlier test left running never holds up a later test's.
 os.environ["GHIST_WORKER_SLOTS_DIR"] = tempfile.mkdtemp(prefix="ghist-test-worker-slots-")
+
+
+@pytest.fixture(autouse=True)
+def _own_worker_slots(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("GHIST_WORKER_SLOTS_DIR", str(tmp_path_factory.mktemp("worker_slots")))
 
 
 @pytest.fixture(autouse=True)
