@@ -246,7 +246,10 @@ if source == SOURCE_UPLOAD:
             st.warning(f"Could not save to the project: {plain(exc)}")
 
 # --- 3. predicted features ------------------------------------------------------------------
+# every clinical patient stays in the table (features empty without a slide): clinical groupings
+# count them all, groups from predicted features leave them out by their missing values
 features = None
+feature_scope = ""
 if slides:
     st.caption(f"{len(slides)} predicted slide(s) in this project. {POOLING_RULE}")
     a, b = st.columns(2)
@@ -256,11 +259,12 @@ if slides:
                                        key="cohort_signature", placeholder="e.g. KRT8, KRT18"))
     try:
         feats = load_features(tuple(slides), genes, signature)
-        joined = join_clinical(feats, table, "patient_id")
+        joined = join_clinical(feats, table, "patient_id", keep_all_clinical=True)
         for m in joined.messages:
             st.caption(plain(m))
         if joined.n:
             features = feature_columns(feats)
+            feature_scope = joined.feature_scope
             table = joined.table
     except GhistError as exc:
         st.warning(plain(exc))
@@ -327,7 +331,7 @@ elif mode == GROUP_SPLIT:
         rule = Threshold(feat, thr)
     else:
         rule = SplitAtQuantiles(feat, how)
-    st.caption(POOLING_RULE)
+    st.caption(f"{feature_scope} {POOLING_RULE}")
 else:
     a, b, d = st.columns([3, 1, 1])
     feats_k = a.multiselect("Features", features, default=[f for f in features
@@ -335,7 +339,7 @@ else:
     k = b.number_input("k", 2, 8, 2, key="cohort_k")
     seed = d.number_input("seed", 0, 10_000, 0, key="cohort_seed")
     rule = KMeansClusters(int(k), tuple(feats_k), int(seed))
-    st.caption(POOLING_RULE)
+    st.caption(f"{feature_scope} {POOLING_RULE}")
 
 try:
     group_col = (rule.column if isinstance(rule, ByVariable) else

@@ -138,12 +138,13 @@ def compare_features(table: pd.DataFrame, group_col: str, features: Sequence[str
                      alpha: float = 0.05) -> GroupTests:
     """Does each feature differ between groups? Rank tests (no normality assumption):
     Mann–Whitney U for 2 groups, Kruskal–Wallis H for more; BH over the features tested.
-    Patients without a group are left out; an empty group or a constant feature is not
-    tested (said in ``test``). ``.warnings`` says when the groups are too small for any
+    Patients without a group, or without any of the features (no predicted slide), are left
+    out, so group sizes count only patients compared; an empty group or a constant feature is
+    not tested (said in ``test``). ``.warnings`` says when the groups are too small for any
     feature to reach q < ``alpha`` (:func:`min_attainable_p`)."""
     if group_col not in table.columns:
         raise SurvivalAnalysisError(f"Column {group_col!r} is not in the table.")
-    df = table[table[group_col].notna()]
+    df = table[table[group_col].notna() & table[list(features)].notna().any(axis=1)]
     s = df[group_col]
     levels = _levels(s)
     if len(levels) < 2:

@@ -296,8 +296,9 @@ def tcga_patient_id(slide_or_sample_id: str) -> str:
 class JoinResult:
     """Clinical rows joined to patient features.
 
-    Attributes: ``table`` (one row per patient with both), ``clinical_without_slides`` and
-    ``slides_without_clinical`` (patient ids), ``messages`` (plain-language report).
+    Attributes: ``table`` (one row per patient with both; with ``keep_all_clinical`` one row
+    per clinical patient, features empty for those without slides), ``clinical_without_slides``
+    and ``slides_without_clinical`` (patient ids), ``messages`` (plain-language report).
     """
 
     table: pd.DataFrame
@@ -309,7 +310,18 @@ class JoinResult:
 
     @property
     def n(self) -> int:
-        return len(self.table)
+        """Patients with both clinical data and predicted slides."""
+        return self.n_clinical - len(self.clinical_without_slides)
+
+    @property
+    def feature_scope(self) -> str:
+        """Who groups and tests from predicted features can use, for the page to say under
+        such a grouping (clinical groupings keep every clinical patient)."""
+        if not self.clinical_without_slides:
+            return f"All {self.n} patients have predicted slides."
+        return (f"Groups from predicted features use only the {self.n} of {self.n_clinical} "
+                f"patients with predicted slides ({len(self.clinical_without_slides)} without a "
+                "slide left out; clinical groupings keep every patient).")
 
 
 def join_clinical(
@@ -318,9 +330,13 @@ def join_clinical(
     id_col: str = "patient_id",
     *,
     id_transform: Callable[[str], str] | None = None,
+    keep_all_clinical: bool = False,
 ) -> JoinResult:
-    """Inner-join patient features (indexed by patient id) to a clinical table.
+    """Join patient features (indexed by patient id) to a clinical table: patients with both,
+    or with ``keep_all_clinical`` every clinical patient (features empty without a slide).
 
+    Why keep them: groupings by a clinical variable must count every clinical patient, while
+    groups from predicted features leave out, by their missing values, those without slides.
     Ids are compared after stripping spaces (and ``id_transform``, e.g.
     :func:`tcga_patient_id`, on both sides). Nobody is dropped silently: the result lists
     clinical patients without slides and slide patients without clinical data.
@@ -343,20 +359,23 @@ def join_clinical(
             + ". Validate it first (duplicates are resolved there).")
     clash = [c for c in feat.columns if c in cl.columns]
     feat = feat.rename(columns={c: f"{c}_slide" for c in clash})
-    table = cl.merge(feat, left_on="_pid", right_index=True, how="inner")
+    table = cl.merge(feat, left_on="_pid", right_index=True,
+                     how="left" if keep_all_clinical else "inner")
     table[id_col] = table["_pid"]
     table = table.drop(columns="_pid").reset_index(drop=True)
     no_slide = sorted(set(cl["_pid"]) - set(feat.index))
     no_clin = sorted(set(feat.index) - set(cl["_pid"]))
-    msgs = [f"{len(table)} patients have both clinical data and predicted slides "
+    n_both = len(cl) - len(no_slide)
+    msgs = [f"{n_both} patients have both clinical data and predicted slides "
             f"({len(cl)} in the clinical table, {len(feat)} with slides)."]
     if no_slide:
-        msgs.append(f"{len(no_slide)} clinical patient(s) have no predicted slide and are not in "
-                    f"composition-based analyses (e.g. {', '.join(no_slide[:3])}).")
+        kept = "are kept for clinical groupings but are " if keep_all_clinical else "are "
+        msgs.append(f"{len(no_slide)} clinical patient(s) have no predicted slide and {kept}not "
+                    f"in composition-based analyses (e.g. {', '.join(no_slide[:3])}).")
     if no_clin:
         msgs.append(f"{len(no_clin)} patient(s) with slides are not in the clinical table "
                     f"(e.g. {', '.join(no_clin[:3])}); check the ids match.")
-    if table.empty:
+    if not n_both:
         msgs.append("No patient matched: check that the patient id column holds the same ids "
                     "as the slides' patient ids.")
     return JoinResult(table=table, clinical_without_slides=no_slide,

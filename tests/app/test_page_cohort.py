@@ -1,5 +1,6 @@
 """AppTest for the Cohort & survival page: demo on first start, HER2 and stage groupings,
-the upload path (via the session key the uploader fills), feature groups without slides."""
+the upload path (via the session key the uploader fills), feature groups without slides,
+clinical groups that keep the patients without a predicted slide."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from apptest_kit import open_page_alone
+from apptest_kit import open_page_alone, register_prediction
 from ghist_core.analysis.clinical import guess_mapping, load_demo_clinical, read_clinical_table, validate_survival
 from ghist_core.analysis.groups import ByVariable, make_risk_groups
 from ghist_core.analysis.survival import compare_groups
 from ghist_core.paths import REPO_DIR
+from prediction_factory import synthetic_prediction
+from slide_factory import synthetic_he, write_png
 
 PAGE = str(REPO_DIR / "pages" / "cohort.py")
 
@@ -276,6 +279,40 @@ def test_both_pages_pool_a_patients_slides_the_same_way(tmp_path, monkeypatch):
     assert mean_pos == pytest.approx(3.0) and median_pos == pytest.approx(mean_pos)
 
 
+def test_clinical_groups_keep_patients_without_slides(tmp_path, monkeypatch):
+    """QA: once one clinical patient had a predicted slide, a clinical grouping counted only the
+    patients with slides (stage I, whose patient has none, disappeared). Clinical groupings use
+    every clinical patient; groups from predicted features only those with slides, and say so."""
+    from ghist_core.project.store import Project
+
+    monkeypatch.setenv("GHIST_PROJECTS_DIR", str(tmp_path / "projects"))
+    project = Project.open_or_create(tmp_path / "study")
+    for i, pid in enumerate(["P-001", "P-003"]):  # P-002 has no slide
+        png = write_png(tmp_path / f"s{i}.png", synthetic_he((160, 128), seed=i))
+        rec = project.add_slide(png, patient_id=pid, mpp=1.0)
+        register_prediction(project, int(rec.slide_id), synthetic_prediction(n=200, seed=i),
+                            grid_sizes_um=None)
+    csv = b"patient,months,dead,stage\nP-001,10,1,Stage II\nP-002,20,1,Stage I\nP-003,5,1,Stage III\n"
+    at = open_page_alone("pages/cohort.py", {"project_dir": str(project.folder),
+                                             "cohort_upload": ("three.csv", csv)}, timeout=60)
+    at.radio(key="cohort_source").set_value("My clinical table").run()
+    assert not at.exception, [e.value for e in at.exception]
+    text = " ".join(_shown(at.markdown)) + " ".join(_shown(at.caption))
+    assert "1 of 3 patients have no predicted slide" in text
+    assert "2 patients have both clinical data and predicted slides" in text
+    assert at.selectbox(key="cohort_group_var").value == "stage"
+    assert at.multiselect(key="cohort_levels").options == [
+        "Stage I (n=1)", "Stage II (n=1)", "Stage III (n=1)"]
+    assert _metrics(at)["Patients"] == "3"
+    shown = [d.value for d in at.dataframe if "events" in d.value.columns][0]
+    assert shown.set_index("group")["n"].to_dict() == {"Stage I": 1, "Stage II": 1, "Stage III": 1}
+    # a grouping from predicted features: only the two patients with slides, said on the page
+    at.radio(key="cohort_group_mode").set_value("Predicted feature: split").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert _metrics(at)["Patients"] == "2"
+    assert any("only the 2 of 3 patients with predicted slides" in cp for cp in _shown(at.caption))
+
+
 # --------------------------------------------------------------------------- real browser
 @pytest.mark.browser
 @pytest.mark.slow
@@ -318,3 +355,4 @@ def test_browser_upload_group_and_plot(tmp_path):
         assert sorted(legend) == ["G1 (n=30)", "G3 (n=30)"]
         page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
         browser.close()
+
