@@ -6,6 +6,7 @@ patient features, risk groups, survival, feature tests), every figure from ``ghi
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import tempfile
 from pathlib import Path
@@ -176,6 +177,13 @@ st.caption(f"{plain(name)}: {len(raw)} rows × {raw.shape[1]} columns"
               if raw.attrs.get("delimiter") else ""))
 
 # --- 2. column mapping ---------------------------------------------------------------------
+# Another table starts from its own guesses: keyed widgets keep their value across reruns, so the
+# demo's "days" stayed selected for a table in months (its times were then read as days).
+_table_id = (source, name, hashlib.sha256(data).hexdigest() if data is not None else "demo")
+if st.session_state.get("cohort_table_id") != _table_id:
+    for _k in ("cohort_pid", "cohort_endpoint", "cohort_time", "cohort_event", "cohort_unit_in"):
+        st.session_state.pop(_k, None)
+    st.session_state["cohort_table_id"] = _table_id
 guess = guess_mapping(raw)
 if source == SOURCE_SAVED and saved_mapping:  # the mapping saved with the table wins
     guess = ColumnMapping(**{**guess.to_dict(), **{k: v for k, v in saved_mapping.items()

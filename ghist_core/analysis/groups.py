@@ -140,6 +140,11 @@ def make_risk_groups(table: pd.DataFrame, rule: Rule, *, key_added: str = "risk_
         if k < 2:
             raise SurvivalAnalysisError("A quantile split needs at least 2 groups.")
         labels = {2: ["low", "high"], 3: ["low", "mid", "high"]}.get(k, [f"Q{i + 1}" for i in range(k)])
+        n_values = int(x.notna().sum())
+        if n_values < k:  # not a question of ties: a threshold cannot help either
+            raise SurvivalAnalysisError(
+                f"Only {n_values} patient(s) have a value of {rule.column!r}; splitting into {k} groups "
+                f"needs at least {k} (patients with predicted slides and clinical data).")
         try:
             groups, bins = pd.qcut(x, k, labels=labels, retbins=True)
         except ValueError:

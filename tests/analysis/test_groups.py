@@ -37,3 +37,12 @@ def test_rules_record_themselves():
         make_risk_groups(pd.DataFrame({"x": [1, 1, 1, 1, 2]}), SplitAtQuantiles("x", 3))
     with pytest.raises(SurvivalAnalysisError, match="k-means needs"):
         make_risk_groups(t, KMeansClusters(k=20, features=("x",)))
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 2), (2, 3)])
+def test_a_split_of_too_few_patients_says_so_not_ties(n: int, k: int) -> None:
+    """One patient with a predicted slide: the message names the count, not 'tied values' (a
+    threshold would not help either)."""
+    table = pd.DataFrame({"prop_B": [0.2 * (i + 1) for i in range(n)] + [np.nan] * 3})
+    with pytest.raises(SurvivalAnalysisError, match=f"Only {n} patient.*needs at least {k}"):
+        make_risk_groups(table, SplitAtQuantiles("prop_B", k))

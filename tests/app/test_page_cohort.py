@@ -356,3 +356,20 @@ def test_browser_upload_group_and_plot(tmp_path):
         page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
         browser.close()
 
+
+
+def test_another_table_starts_from_its_own_column_guesses(app):
+    """The demo's time unit (days) must not stay selected for an uploaded table in months: its times
+    would be read as days (keyed widgets keep their value across reruns)."""
+    at = app
+    assert at.selectbox(key="cohort_unit_in").value == "days"  # the demo: TCGA times in days
+    rows = "".join(f"P{i:02d},{3 + i},{i % 2}\n" for i in range(20))
+    at.radio(key="cohort_source").set_value("My clinical table")
+    at.session_state["cohort_upload"] = ("months.csv", ("case,os_months,dead\n" + rows).encode())
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="cohort_unit_in").value == "months"
+    assert at.selectbox(key="cohort_pid").value == "case"
+    at.selectbox(key="cohort_unit_in").set_value("weeks").run()  # the user's own choice stays
+    at.run()
+    assert at.selectbox(key="cohort_unit_in").value == "weeks"
