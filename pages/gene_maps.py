@@ -230,9 +230,12 @@ if mag:
     view_args = (cx, cy, mag)
     win = read_window(str(project.folder), slide_id, cx, cy, mag)
     shared_over = cell_index(*key_args).query(win.bounds_um)
-    st.caption(f"{mag}× close-up: {win.bounds_um[2] - win.bounds_um[0]:.0f} × {win.bounds_um[3] - win.bounds_um[1]:.0f} µm "
-               f"around x {win.centre_um[0]:.0f}, y {win.centre_um[1]:.0f} µm, read from the slide at "
-               f"{win.mpp:.3g} µm per pixel. Every panel shows the same place.")
+    panel_h_um = (520 if len(panels) == 1 else 420) * viewer.um_per_screen_px(mag)
+    st.caption(f"{mag}× close-up around x {win.centre_um[0]:.0f}, y {win.centre_um[1]:.0f} µm: each panel shows "
+               f"about {panel_h_um:.0f} µm top to bottom; the {win.bounds_um[2] - win.bounds_um[0]:.0f} × "
+               f"{win.bounds_um[3] - win.bounds_um[1]:.0f} µm around it are loaded (pan to see them; counts "
+               f"below are for that area), read from the slide at {win.mpp:.3g} µm per pixel. Every panel "
+               "shows the same place.")
 else:
     view_args, shared_over = None, None
 vrange = None  # the genes' range; a map layer (other units) always keeps its own
@@ -255,7 +258,7 @@ for row in rows:
         gm = draw(*args)
         maps.append(gm)
         with col:
-            what = {"cells": f"{gm.n_objects:,} cells", "outlines": f"{gm.n_objects:,} nuclei outlined"}.get(
+            what = {"cells": f"{gm.n_objects:,} cells", "outlines": f"{gm.n_objects:,} nuclei outlined in the loaded area"}.get(
                 gm.mode, f"{gm.n_objects:,} squares of {gm.grid_size_um or 0:g} µm (mean of their cells)")
             st.markdown(f"**{plain(figures.value_name(gene))}** · {what}")
             if is_layer:
