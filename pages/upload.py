@@ -14,6 +14,7 @@ import streamlit as st
 from ghist_core.errors import GhistError, MissingMppError, SlideError
 from ghist_core.project import RunStatus, overview, slides, uploads
 from ghist_core.safe_text import plain
+from ghist_core.export.downloads import human_size
 from ghist_core.project.runs import run_nucleus_scale, run_uncertainty
 from ghist_core.weights.card import (chosen_card, is_expression_model, model_cell_inputs, model_members,
                                      is_stain_robust, run_segmenter, segmenter_card, segmenter_choices,
@@ -214,7 +215,7 @@ for fid, name in list(file_names.items()):
     existing = project.get_slide(known[fid]) if known[fid] is not None else None
     with st.container(border=True):
         head = st.columns([5, 1])
-        head[0].markdown(f"**{plain(name)}** · {s.size_bytes / 1e6:,.1f} MB")
+        head[0].markdown(f"**{plain(name)}** · {human_size(s.size_bytes)}")
         head[1].button("Remove", key=f"remove_{fid}", on_click=_forget, args=(fid,),
                        help="Take this file back out without adding it (its uploaded copy is deleted).")
         if existing is not None:

@@ -94,7 +94,7 @@ class StainCheck:
         out = []
         if self.separation_deg < self.tested.min_separation_deg - ANGLE_SLACK_DEG:
             out.append(f"its two stains are only {self.separation_deg:.0f}° apart in colour (tested from "
-                       f"{self.tested.min_separation_deg:.0f}°): is it an H&E colour image?")
+                       f"{self.tested.min_separation_deg:.0f}°), as in a grey or single-stain image")
         for i, stain in enumerate(STAINS):
             if self.angle_deg[i] > self.tested.max_angle_deg[i] + ANGLE_SLACK_DEG:
                 out.append(f"its {stain} colour is {self.angle_deg[i]:.0f}° from the training stain "
