@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ghist_core.errors import ExportError
-from ghist_core.export.slides import FORMATS, export_file_name, export_slide, finished_slides
+from ghist_core.export.slides import (FORMATS, MANIFEST_NAME, export_file_name, export_manifest, export_slide,
+                                      finished_slides)
 from ghist_core.io.atomic import atomic_path
 from ghist_core.project import Project
 
@@ -138,7 +139,8 @@ def prepare_slide_download(project: Project, slide_id: int, fmt: str, *, genes: 
 
 def write_project_zip(project: Project, fmt: str, out: str | os.PathLike, *, genes: Iterable[str] | None = None,
                       progress: Callable[[int, int, int], None] | None = None) -> Path:
-    """Every slide with a finished run, one ``slide_<id>.<ext>`` per slide, into the zip ``out``.
+    """Every slide with a finished run, one ``slide_<id>.<ext>`` per slide, into the zip ``out``, with
+    ``manifest.csv`` (:func:`~ghist_core.export.slides.export_manifest`: which file is which slide and patient).
 
     Each slide is exported to a temporary file beside ``out``, added to the zip and deleted
     before the next, so the disk holds the zip plus one slide's file and memory holds
@@ -162,6 +164,7 @@ def write_project_zip(project: Project, fmt: str, out: str | os.PathLike, *, gen
                     part.unlink(missing_ok=True)
                 if progress is not None:
                     progress(i + 1, len(slides), sid)
+            zf.writestr(MANIFEST_NAME, export_manifest(project, slides, fmt).to_csv(index=False))
     return out
 
 

@@ -150,7 +150,11 @@ def test_home_zips_every_finished_slide(project, tmp_path):
     label, data = _download(at, "home_export_download")
     assert label.endswith(".zip (" + label.rsplit("(", 1)[1])
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        assert sorted(zf.namelist()) == sorted(f"slide_{s}.csv" for s in finished)
+        assert sorted(zf.namelist()) == sorted([*(f"slide_{s}.csv" for s in finished), "manifest.csv"])
+        manifest = pd.read_csv(zf.open("manifest.csv"))  # which file is which slide and patient
+        assert list(manifest["file"]) == [f"slide_{s}.csv" for s in finished]
+        assert list(manifest["patient_id"]) == ["P1", "P2"] and list(manifest["slide_file"]) == ["s0.png", "s1.png"]
+        assert list(manifest["n_cells"]) == [N_CELLS, N_CELLS]
         for s in finished:
             t = pd.read_csv(zf.open(f"slide_{s}.csv"))
             assert len(t) == N_CELLS and "ESR1" in t.columns and "ERBB2" not in t.columns

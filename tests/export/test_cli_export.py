@@ -36,7 +36,9 @@ def test_export_all_finished_slides_into_a_folder(predicted_project, tmp_path, s
         assert project.add_slide(other, patient_id="P-002", mpp=0.25).slide_id != slide_id
     r = _ghist("--project", str(folder), "--all", "--format", "geojson", "--out", str(tmp_path / "qupath"))
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "qupath").iterdir()) == [f"slide_{slide_id}.geojson"]
+    assert sorted(p.name for p in (tmp_path / "qupath").iterdir()) == ["manifest.csv", f"slide_{slide_id}.geojson"]
+    manifest = pd.read_csv(tmp_path / "qupath" / "manifest.csv")  # which file is which slide and patient
+    assert manifest[["file", "slide_id"]].values.tolist() == [[f"slide_{slide_id}.geojson", slide_id]]
     doc = json.loads((tmp_path / "qupath" / f"slide_{slide_id}.geojson").read_text())
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) > 20
 
