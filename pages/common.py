@@ -9,6 +9,7 @@ run statuses are ``ghist_core.project.RunStatus``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ import streamlit as st
 from ghist_core.errors import GhistError
 from ghist_core.paths import DEFAULT_SEGMENTER, DEMO_DIR, default_project_dir
 from ghist_core.project import Project, overview
+from ghist_core.project.store import project_folder_for
 from ghist_core.project.uploads import inspect_upload
 from ghist_core.safe_text import plain
 
@@ -32,6 +34,8 @@ MODEL_ID = "model_id"
 SELECTED_GENES = "selected_genes"
 SEGMENTER = "segmenter"
 WATCHED_RUNS = "watched_run_ids"
+#: The URL's query parameter naming the open project (``?project=study1``): a reload or a link keeps it.
+PROJECT_PARAM = "project"
 
 #: File types the uploader accepts (``ome.tif`` is covered by ``tif``).
 UPLOAD_TYPES = ["svs", "ndpi", "tif", "tiff", "png", "jpg", "jpeg"]
@@ -46,9 +50,13 @@ def demo_project_dir() -> Path:
 
 
 def init_session() -> None:
-    """Fill missing session keys with their defaults (safe to call on every rerun)."""
+    """Fill missing session keys with their defaults (safe to call on every rerun).
+
+    A new session (a page reload, a link) opens the project its URL names, else the demo; every run
+    then puts the open project back in the URL, which Streamlit clears when the user changes page."""
+    if PROJECT_DIR not in st.session_state:
+        st.session_state[PROJECT_DIR] = str(_project_named_in_url() or demo_project_dir())
     defaults = {
-        PROJECT_DIR: str(demo_project_dir()),
         SELECTED_SLIDE: None,
         DEVICE: "auto",
         MODEL_ID: None,
@@ -59,6 +67,51 @@ def init_session() -> None:
     for key, value in defaults.items():
         if key not in st.session_state:
             st.session_state[key] = value
+    _name_project_in_url(url_name(st.session_state[PROJECT_DIR]))
+
+
+def url_name(folder: str | os.PathLike) -> str | None:
+    """The name a project has in the URL: a project in the projects folder has its folder's name; the demo
+    (the bare address) and a project opened by a path elsewhere have none (a URL never holds a path)."""
+    folder = Path(folder)
+    if folder.parent != default_project_dir() or folder == demo_project_dir():
+        return None
+    return folder.name
+
+
+def _name_project_in_url(name: str | None) -> None:
+    if st.query_params.get(PROJECT_PARAM) == name:
+        return
+    if name is None:
+        del st.query_params[PROJECT_PARAM]
+    else:
+        st.query_params[PROJECT_PARAM] = name
+
+
+def _project_named_in_url() -> Path | None:
+    """The project a new session's URL names, read as the sidebar reads a typed name
+    (:func:`project_folder_for`) but only a plain name of a project already in the projects folder:
+    a URL anyone can send must not open a path on the server nor create a project."""
+    name = st.query_params.get(PROJECT_PARAM)
+    if not name or name.strip() == demo_project_dir().name:
+        return None
+    try:
+        folder = project_folder_for(name)
+        if url_name(folder) == name.strip():  # a plain name, not a path
+            Project.open(folder).close()  # an existing project, else ProjectNotFoundError
+            return folder
+    except (GhistError, OSError):
+        pass
+    st.info(f"Project “{plain(name)}” not found in the projects folder {plain(default_project_dir())}: "
+            "showing the demo project. Open or create a project in the sidebar.", icon=":material/info:")
+    return None
+
+
+def project_key(folder: str | os.PathLike) -> str:
+    """A short tag of a project for the keys of widgets that show its data: Streamlit keeps a keyed widget's
+    value across reruns and ignores a new ``value=``, so a key holding only a slide id would show one
+    project's values for the same slide id in the next (and a Save would write them there)."""
+    return hashlib.sha1(str(folder).encode()).hexdigest()[:8]
 
 
 def project_dir() -> Path:

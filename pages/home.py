@@ -27,6 +27,15 @@ st.caption("Single-cell gene expression, cell types and neighbourhoods predicted
            "(GHIST, Fu et al., Nature Methods 2025).")
 
 # --- project chooser ------------------------------------------------------------------
+def _switch_to(folder: Path) -> None:
+    """Open another project: nothing chosen or asked in the last one carries over (the next page run
+    puts the project in the URL)."""
+    st.session_state[c.PROJECT_DIR] = str(folder)
+    st.session_state[c.SELECTED_SLIDE] = None
+    st.session_state.pop(CONFIRM, None)
+    st.rerun()
+
+
 with st.sidebar:
     st.subheader("Project")
     folder_in = st.text_input("Project folder", value=st.session_state[c.PROJECT_DIR], key="home_project_folder",
@@ -40,14 +49,14 @@ with st.sidebar:
         except (GhistError, OSError) as exc:
             st.error(plain(exc))
         else:
-            st.session_state[c.PROJECT_DIR] = str(target)
-            st.session_state[c.SELECTED_SLIDE] = None
-            st.session_state.pop(CONFIRM, None)
-            st.rerun()
+            _switch_to(target)
     if cols[1].button("Demo project", key="home_demo_project", width="stretch"):
-        st.session_state[c.PROJECT_DIR] = str(c.demo_project_dir())
         c.ensure_demo_project(str(c.demo_project_dir()))
-        st.rerun()
+        _switch_to(c.demo_project_dir())
+    opened = Path(st.session_state[c.PROJECT_DIR])
+    if opened != c.demo_project_dir() and c.url_name(opened) is None:
+        st.caption("Opened by its path, outside the projects folder: the page address cannot name it, so a page "
+                   "reload or a new tab shows the demo project. Type the path again to come back.")
 
 project = c.open_project_or_stop()
 
@@ -231,17 +240,18 @@ if len(slides) or len(patients):
             st.session_state.pop(CONFIRM, None)
             st.rerun()
 
+    in_project = c.project_key(project.folder)  # in every key below: their values are this project's
     tab_slide, tab_patient = st.tabs(["Slide", "Patient"])
     with tab_slide:
         if len(slides):
             labels = {int(r["slide_id"]): f"{r['slide_id']} · {c.slide_label(r)}" for _, r in slides.iterrows()}
-            sid = st.selectbox("Slide", list(labels), format_func=lambda i: labels[i], key="home_edit_slide")
+            sid = st.selectbox("Slide", list(labels), format_func=lambda i: labels[i], key=f"home_edit_slide_{in_project}")
             row = slides[slides["slide_id"] == sid].iloc[0]
             e = st.columns(2)
             new_mpp = e[0].number_input("µm per pixel", min_value=0.01, max_value=50.0, value=float(row["mpp"]),
-                                        step=0.01, format="%.4f", key=f"home_mpp_{sid}",
+                                        step=0.01, format="%.4f", key=f"home_mpp_{in_project}_{sid}",
                                         help="A new value deletes the slide's runs: they were computed at the old one.")
-            new_pid = e[1].text_input("Patient id", value=row["patient_id"] if isinstance(row["patient_id"], str) else "", key=f"home_patient_{sid}")
+            new_pid = e[1].text_input("Patient id", value=row["patient_id"] if isinstance(row["patient_id"], str) else "", key=f"home_patient_{in_project}_{sid}")
             b = st.columns(2)
             if b[0].button("Save changes", key="home_save_slide", icon=":material/save:"):
                 try:
@@ -271,7 +281,7 @@ if len(slides) or len(patients):
                 r = st.columns([3, 1])
                 run_labels = dict(zip(runs["run_id"].astype(int), runs["label"]))
                 rid = r[0].selectbox("Run of this slide", list(run_labels), format_func=lambda i: run_labels[i],
-                                     key=f"home_run_{sid}")
+                                     key=f"home_run_{in_project}_{sid}")
                 if r[1].button("Delete run…", key="home_delete_run", icon=":material/delete:"):
                     _ask("delete_run", run_id=int(rid), yes=f"Delete run {rid}",
                          text=f"Delete {run_labels[rid]} with its results and checkpoints? This cannot be undone.")
@@ -279,10 +289,10 @@ if len(slides) or len(patients):
             st.caption("No slides.")
     with tab_patient:
         if len(patients):
-            pid = st.selectbox("Patient", patients["patient_id"].tolist(), key="home_edit_patient")
+            pid = st.selectbox("Patient", patients["patient_id"].tolist(), key=f"home_edit_patient_{in_project}")
             n_sl = int(patients.loc[patients["patient_id"] == pid, "n_slides"].iloc[0])
             with_slides = st.checkbox(f"Also delete their {n_sl} slide{'s' if n_sl != 1 else ''} and runs",
-                                      value=True, key="home_patient_with_slides", disabled=n_sl == 0)
+                                      value=True, key=f"home_patient_with_slides_{in_project}", disabled=n_sl == 0)
             if st.button("Delete patient…", key="home_delete_patient", icon=":material/delete:"):
                 what = (f"and their {n_sl} slide{'s' if n_sl != 1 else ''} with every run and result"
                         if with_slides and n_sl else "(their slides are kept, without a patient)" if n_sl else "")

@@ -73,6 +73,11 @@ def button(at: AppTest, label: str):
     return [b for b in at.button if b.label == label][0]
 
 
+def field(at: AppTest, kind: str, label: str):
+    """The one widget of ``kind`` labelled ``label`` (keys are the page's business)."""
+    return [w for w in at.get(kind) if w.label == label][0]
+
+
 # --- Home --------------------------------------------------------------------------------------
 
 def test_plain_project_name_goes_under_the_projects_folder(projects, tmp_path):
@@ -103,8 +108,8 @@ def test_home_table_says_not_run_yet_instead_of_none(projects, proj):
 def test_edit_mpp_asks_then_deletes_the_runs_and_says_so(projects, proj):
     sid = int(proj.list_slides()["slide_id"].iloc[0])
     at = open_page("pages/home.py", proj.folder)
-    at.selectbox(key="home_edit_slide").set_value(sid).run()
-    at.number_input(key=f"home_mpp_{sid}").set_value(0.25).run()
+    field(at, "selectbox", "Slide").set_value(sid).run()
+    field(at, "number_input", "µm per pixel").set_value(0.25).run()
     at.button(key="home_save_slide").click().run()
     assert not at.exception
     # a question first, naming the consequence; nothing changed yet
@@ -121,8 +126,8 @@ def test_edit_mpp_asks_then_deletes_the_runs_and_says_so(projects, proj):
 def test_edit_patient_only_needs_no_confirmation(projects, proj):
     sid = int(proj.list_slides()["slide_id"].iloc[0])
     at = open_page("pages/home.py", proj.folder)
-    at.selectbox(key="home_edit_slide").set_value(sid).run()
-    at.text_input(key=f"home_patient_{sid}").set_value("P7").run()
+    field(at, "selectbox", "Slide").set_value(sid).run()
+    field(at, "text_input", "Patient id").set_value("P7").run()
     at.button(key="home_save_slide").click().run()
     assert not at.exception
     assert proj.get_slide(sid).patient_id == "P7" and len(proj.list_runs(sid)) == 1
@@ -134,7 +139,7 @@ def test_delete_slide_run_and_patient_with_confirmation(projects, proj):
     s1, s2 = (int(x) for x in slides["slide_id"])
     at = open_page("pages/home.py", proj.folder)
     # delete slide 2: Cancel keeps it, the confirm button deletes it
-    at.selectbox(key="home_edit_slide").set_value(s2).run()
+    field(at, "selectbox", "Slide").set_value(s2).run()
     at.button(key="home_delete_slide").click().run()
     assert any(f"Delete slide {s2}" in w for w in said(at, 'warning'))
     at.button(key="home_confirm_no").click().run()
@@ -146,19 +151,68 @@ def test_delete_slide_run_and_patient_with_confirmation(projects, proj):
     assert any(f"Slide {s2} deleted" in s for s in said(at, 'success'))
     # delete the run of slide 1
     rid = int(proj.list_runs(s1)["run_id"].iloc[0])
-    at.selectbox(key="home_edit_slide").set_value(s1).run()
+    field(at, "selectbox", "Slide").set_value(s1).run()
     at.button(key="home_delete_run").click().run()
     assert any(f"run {rid}" in w for w in said(at, 'warning'))
     at.button(key="home_confirm_yes").click().run()
     assert proj.list_runs().empty and not (proj.folder / "results" / f"slide_{s1}").exists()
     # delete patient P1 with their slide
-    at.selectbox(key="home_edit_patient").set_value("P1").run()
+    field(at, "selectbox", "Patient").set_value("P1").run()
     at.button(key="home_delete_patient").click().run()
     assert any("Delete patient P1" in w and "1 slide" in w for w in said(at, 'warning'))
     at.button(key="home_confirm_yes").click().run()
     assert not at.exception
     assert proj.list_slides().empty and "P1" not in proj.list_patients()["patient_id"].tolist()
     assert not list((proj.folder / "slides").iterdir())
+
+
+def study_with_slide_1(projects: Path, tmp_path: Path) -> Project:
+    """Project ``study1`` whose slide 1 (patient P-001, 0.5 µm/px, one finished run) shares its id with
+    the demo's slide 1 (DEMO-01, 0.499 µm/px)."""
+    study = Project.open_or_create(projects / "study1")
+    src = tmp_path / "tiatoolbox_target_image.png"
+    src.write_bytes(png_bytes(3))
+    rec = study.add_slide(src, patient_id="P-001", mpp=0.5)
+    finished_run(study, rec.slide_id)
+    return study
+
+
+def test_edit_form_shows_the_open_projects_slide_not_the_last_ones_with_that_id(projects, tmp_path):
+    """Keys holding only the slide id kept the demo's slide 1 values in study1's slide 1 form, and an
+    untouched Save offered to write them over study1's slide (deleting its run)."""
+    study = study_with_slide_1(projects, tmp_path)
+    at = kit.open_page("pages/home.py")  # the demo: its slide 1 in the form
+    assert field(at, "number_input", "µm per pixel").value == pytest.approx(0.499, abs=1e-3)
+    assert field(at, "text_input", "Patient id").value == "DEMO-01"
+    at.text_input(key="home_project_folder").set_value("study1")
+    at.button(key="home_open_project").click().run()
+    assert not at.exception
+    assert at.session_state["project_dir"] == str(projects / "study1")
+    assert field(at, "selectbox", "Slide").value == 1
+    assert field(at, "number_input", "µm per pixel").value == pytest.approx(0.5)
+    assert field(at, "text_input", "Patient id").value == "P-001"
+    button(at, "Save changes").click().run()
+    assert not at.exception
+    assert "Nothing to change." in said(at, "info")
+    assert not any("deleted" in w for w in said(at, "warning"))
+    assert study.get_slide(1).mpp == 0.5 and study.get_slide(1).patient_id == "P-001"
+    assert len(study.list_runs(1)) == 1
+
+
+def test_switching_project_drops_a_pending_question(projects, tmp_path):
+    """A question asked in one project ("update slide 1 and delete its runs?") is never answered in the next."""
+    study_with_slide_1(projects, tmp_path)
+    at = open_page("pages/home.py", projects / "study1")
+    field(at, "number_input", "µm per pixel").set_value(0.25).run()
+    button(at, "Save changes").click().run()
+    assert at.button(key="home_confirm_yes").label == "Update slide 1 and delete its runs"
+    at.button(key="home_demo_project").click().run()
+    assert not at.exception
+    assert at.session_state["project_dir"] == str(projects / "demo")
+    assert not [b for b in at.button if b.key == "home_confirm_yes"]
+    assert not any("delete its runs" in w for w in said(at, "warning"))
+    demo = Project.open(projects / "demo")
+    assert demo.get_slide(1).mpp == pytest.approx(0.499, abs=1e-3)
 
 
 # --- Upload ------------------------------------------------------------------------------------
