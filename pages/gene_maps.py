@@ -4,7 +4,6 @@ with a per-cell expression uncertainty can add it as one more panel."""
 
 from __future__ import annotations
 
-import hashlib
 from functools import partial
 
 import streamlit as st
@@ -36,7 +35,7 @@ slide_id = st.selectbox("Slide", ids, index=ids.index(sel) if sel in ids else 0,
 st.session_state[c.SELECTED_SLIDE] = slide_id
 
 # every choice tied to a slide (type filter, zoom, centre) is kept per project and slide
-slide_key = f"{hashlib.sha1(str(project.folder).encode()).hexdigest()[:8]}_{slide_id}"
+slide_key = f"{c.project_key(project.folder)}_{slide_id}"
 TYPES_BY_SLIDE, TYPES_FOR = "gm_types_by_slide", "gm_types_for"
 ZOOMS = ["Whole slide", *[f"{m}×" for m in viewer.MAGNIFICATIONS]]
 _, bounds = c.cached_overview(str(project.folder), slide_id)

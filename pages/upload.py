@@ -29,8 +29,11 @@ if st.session_state.pop("upload_goto_map", False):
 st.title("Upload & predict")
 project = c.open_project_or_stop()
 st.caption(f"Project: {plain(project.folder)}")
-if "upload_swept" not in st.session_state:  # once per session: copies a closed tab left behind
-    st.session_state["upload_swept"] = uploads.sweep_staged_uploads(project.folder)
+# Every upload state below belongs to this project (its files are staged in its folder): kept per
+# project, so a question asked in one ("update slide 1?") is never shown, or answered, in another.
+_ns = c.project_key(project.folder)
+if f"upload_swept_{_ns}" not in st.session_state:  # once per session: copies a closed tab left behind
+    st.session_state[f"upload_swept_{_ns}"] = uploads.sweep_staged_uploads(project.folder)
 
 # --- model and device -----------------------------------------------------------------
 with st.expander("Model and device", expanded=False):
@@ -116,12 +119,12 @@ files = st.file_uploader(
     "Whole-slide images or H&E images (SVS, NDPI, TIFF, OME-TIFF, PNG, JPEG)",
     type=c.UPLOAD_TYPES, accept_multiple_files=True, key=f"upload_files_{generation}",
 )
-staged: dict = st.session_state.setdefault("upload_staged", {})  # file id -> StagedUpload (on disk)
-file_names: dict = st.session_state.setdefault("upload_names", {})  # file id -> the user's file name, in upload order
-added: dict = st.session_state.setdefault("upload_added", {})  # file id -> (slide id, patient, state, note)
-mpp_answers: dict = st.session_state.setdefault("upload_mpp", {})  # file id -> µm/px the user typed
-known: dict = st.session_state.setdefault("upload_known", {})  # file id -> slide id already holding the file
-pending: dict = st.session_state.setdefault("upload_pending", {})  # file id -> re-upload waiting for "update?"
+staged: dict = st.session_state.setdefault(f"upload_staged_{_ns}", {})  # file id -> StagedUpload (on disk)
+file_names: dict = st.session_state.setdefault(f"upload_names_{_ns}", {})  # file id -> the user's file name, in upload order
+added: dict = st.session_state.setdefault(f"upload_added_{_ns}", {})  # file id -> (slide id, patient, state, note)
+mpp_answers: dict = st.session_state.setdefault(f"upload_mpp_{_ns}", {})  # file id -> µm/px the user typed
+known: dict = st.session_state.setdefault(f"upload_known_{_ns}", {})  # file id -> slide id already holding the file
+pending: dict = st.session_state.setdefault(f"upload_pending_{_ns}", {})  # file id -> re-upload waiting for "update?"
 if files:
     for f in files:
         fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"

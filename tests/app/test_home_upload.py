@@ -308,3 +308,30 @@ def test_upload_is_staged_and_the_uploader_emptied_then_remove_deletes_it(projec
     # the next upload works in the new uploader
     upload_png(at, "scan 9.png", png_bytes(9))
     assert "scan 9.png" in texts(at) and len(list(staging_dir(tmp_path / "up").glob("upload_*"))) == 1
+
+
+def test_an_upload_question_stays_with_its_project(projects, tmp_path):
+    """"Update slide 1?" asked in study1 is not shown in another project (its slide 1 is another slide:
+    answering there changed the demo's slide and deleted its run); back in study1 it is still asked."""
+    data = png_bytes(21)
+    study = Project.open_or_create(projects / "study1")
+    src = tmp_path / "slide.png"
+    src.write_bytes(data)
+    rec = study.add_slide(src, patient_id="P1", mpp=0.5, original_name="slide.png")
+    finished_run(study, rec.slide_id)
+    at = open_page("pages/upload.py", projects / "study1")
+    upload_png(at, "slide.png", data)
+    [n for n in at.number_input if "µm per pixel" in n.label][0].set_value(0.25).run()
+    [cb for cb in at.checkbox if cb.label.startswith("Run the prediction")][0].set_value(False)
+    button(at, "Add to project").click().run()
+    assert [b for b in at.button if b.label == f"Update slide {rec.slide_id}"]
+    at.session_state["project_dir"] = str(projects / "demo")  # the sidebar's project switch
+    at.run()
+    assert not at.exception
+    assert not [b for b in at.button if b.label.startswith("Update slide")]
+    assert not any("already in the project" in w for w in said(at, "warning"))
+    assert Project.open(projects / "demo").get_slide(1).mpp == pytest.approx(0.499, abs=1e-3)
+    at.session_state["project_dir"] = str(projects / "study1")
+    at.run()
+    assert [b for b in at.button if b.label == f"Update slide {rec.slide_id}"]
+    assert study.get_slide(rec.slide_id).mpp == 0.5
