@@ -125,6 +125,7 @@ added: dict = st.session_state.setdefault(f"upload_added_{_ns}", {})  # file id 
 mpp_answers: dict = st.session_state.setdefault(f"upload_mpp_{_ns}", {})  # file id -> µm/px the user typed
 known: dict = st.session_state.setdefault(f"upload_known_{_ns}", {})  # file id -> slide id already holding the file
 pending: dict = st.session_state.setdefault(f"upload_pending_{_ns}", {})  # file id -> re-upload waiting for "update?"
+prefilled: set = st.session_state.setdefault(f"upload_prefilled_{_ns}", set())  # file ids given the project's µm/px
 if files:
     for f in files:
         fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
@@ -149,6 +150,7 @@ def _forget(fid: str) -> None:
         uploads.discard_staged(staged.pop(fid))
     for store in (mpp_answers, known, pending, added, file_names):
         store.pop(fid, None)
+    prefilled.discard(fid)
 
 
 def _remember_mpp(fid: str) -> None:
@@ -228,6 +230,10 @@ for fid, name in list(file_names.items()):
         try:
             info = uploads.inspect_upload(s.path, mpp=mpp_given, name=name)
         except MissingMppError as exc:
+            if existing is not None and fid not in prefilled:  # the project knows this file's µm/px:
+                prefilled.add(fid)                                 # not asked again (once: "Change" asks)
+                mpp_answers[fid] = float(existing.mpp)
+                st.rerun()
             st.warning(plain(exc))
             st.number_input("µm per pixel at full resolution", min_value=0.01, max_value=50.0, value=None,
                             step=0.01, format="%.4f", key=f"mpp_{fid}", on_change=_remember_mpp, args=(fid,),

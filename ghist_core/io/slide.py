@@ -446,8 +446,8 @@ class Slide:
             self.close()
             raise MissingMppError(
                 f"'{self.path.name}' does not record how many micrometres one pixel spans "
-                f"(µm/px){wrong_file_scale}, so cell sizes and positions cannot be measured. Enter the scan "
-                "resolution (e.g. 0.25 µm/px for 40x, 0.5 µm/px for 20x) and open it again."
+                f"(µm/px){wrong_file_scale}, so cell sizes and positions cannot be measured. Give the scan's "
+                "resolution (e.g. 0.25 µm/px for 40x, 0.5 µm/px for 20x)."
             )
         self.mpp = float(self.mpp_xy[0])
         w0, h0 = self.level_dimensions[0]

@@ -318,10 +318,28 @@ def plan_slide_edit(db: ProjectDB, slide_id: int, *, mpp: Any = KEEP, patient_id
 
     rec = get_slide(db, slide_id)
     new_mpp = rec.mpp if mpp is KEEP or mpp is None else check_mpp(mpp)
+    if new_mpp != rec.mpp:
+        _check_analysable(new_mpp)
     new_pid = rec.patient_id if patient_id is KEEP else (check_patient_id(patient_id) if patient_id is not None else None)
     run_ids = tuple(r[0] for r in db.conn().execute(
         "SELECT run_id FROM runs WHERE slide_id = ? ORDER BY run_id", (rec.slide_id,)))
     return SlideEdit(rec.slide_id, rec.mpp, new_mpp, rec.patient_id, new_pid, run_ids)
+
+
+def _check_analysable(mpp: float) -> None:
+    """A µm/px no run could use is refused when it is entered, not when a run fails on it: the
+    default analysis reads at :func:`~ghist_core.segmentation.model.default_working_mpp` and enlarges
+    a slide at most ``MAX_UPSAMPLE_FACTOR`` times (the upload card checks the same)."""
+    from ghist_core.errors import InvalidMppError
+    from ghist_core.io.slide import MAX_UPSAMPLE_FACTOR
+    from ghist_core.segmentation.model import default_working_mpp
+
+    coarsest = MAX_UPSAMPLE_FACTOR * default_working_mpp()
+    if mpp > coarsest * (1 + 1e-9):
+        raise InvalidMppError(
+            f"{mpp:.4g} µm per pixel is coarser than the analysis can use (at most {coarsest:.4g}: it reads "
+            f"slides at {default_working_mpp():.4g} µm per pixel and enlarges them at most "
+            f"{MAX_UPSAMPLE_FACTOR:g}x). Scans are usually about 0.25 (40x) or 0.5 (20x) µm per pixel.")
 
 
 def update_slide_rows(db: ProjectDB, edit: SlideEdit) -> tuple[SlideEdit, str | None]:

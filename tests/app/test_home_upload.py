@@ -250,6 +250,10 @@ def upload_again(tmp_path: Path, name: str, *, seed: int):
     finished_run(project, rec.slide_id)
     at = open_page("pages/upload.py", tmp_path / "up")
     upload_png(at, name, data)
+    # the project knows this PNG's µm/px: shown, not asked again; "Change" brings the question back
+    assert not [n for n in at.number_input if "µm per pixel" in n.label]
+    assert "0.5000 µm per px (given)" in texts(at)
+    button(at, "Change µm per pixel").click().run()
     return project, rec, at
 
 
@@ -321,6 +325,7 @@ def test_an_upload_question_stays_with_its_project(projects, tmp_path):
     finished_run(study, rec.slide_id)
     at = open_page("pages/upload.py", projects / "study1")
     upload_png(at, "slide.png", data)
+    button(at, "Change µm per pixel").click().run()
     [n for n in at.number_input if "µm per pixel" in n.label][0].set_value(0.25).run()
     [cb for cb in at.checkbox if cb.label.startswith("Run the prediction")][0].set_value(False)
     button(at, "Add to project").click().run()

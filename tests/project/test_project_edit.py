@@ -302,3 +302,14 @@ def test_moving_a_slide_to_another_patient_leaves_no_empty_patient(project: Proj
     project.update_slide(a.slide_id, patient_id="P-005")  # P-004 has clinical attributes: kept
     assert list(project.list_patients()["patient_id"]) == ["P-003", "P-004", "P-005"]
     assert overview.summary(project).n_patients == 3
+
+
+def test_an_edit_to_a_mpp_no_run_could_use_is_refused(project: Project, slide) -> None:
+    """5 µm/px entered on Home would only fail at the next run (after deleting the slide's runs)."""
+    rid, files = finished_run(project, slide.slide_id)
+    with pytest.raises(InvalidMppError, match="coarser than the analysis can use"):
+        project.plan_slide_edit(slide.slide_id, mpp=5.0)
+    with pytest.raises(InvalidMppError):
+        project.update_slide(slide.slide_id, mpp=5.0)
+    assert project.get_slide(slide.slide_id).mpp == 0.5 and all(p.exists() for p in files)
+    assert project.plan_slide_edit(slide.slide_id, mpp=2.0).new_mpp == 2.0  # the coarsest usable
