@@ -350,7 +350,10 @@ def live_runs() -> None:
                     st.rerun(scope="app")
             elif status.is_resumable:
                 why = run.get("error") or run.get("message")
-                if why:
+                if status is RunStatus.CANCELLED:  # its last progress line alone read like a warning
+                    st.warning("Cancelled. Its finished blocks are kept: Resume continues after the last one"
+                               + (f" (it had reached {plain(why)})." if why else "."))
+                elif why:
                     (st.error if status is RunStatus.FAILED else st.warning)(plain(why))
                 if st.button("Resume", key=f"resume_{rid}", icon=":material/replay:",
                              help="Continue from the last finished block."):

@@ -340,3 +340,15 @@ def test_an_upload_question_stays_with_its_project(projects, tmp_path):
     at.run()
     assert [b for b in at.button if b.label == f"Update slide {rec.slide_id}"]
     assert study.get_slide(rec.slide_id).mpp == 0.5
+
+
+def test_a_cancelled_run_says_it_was_cancelled_and_what_resume_does(projects, proj):
+    sid = int(proj.list_slides()["slide_id"].iloc[1])  # P2's slide: never run
+    rid = proj.start_run(sid, model_id="m", weights_sha256="", device="cpu")
+    proj.update_run(rid, stage="segment+predict", progress=0.5, message="block 3 of 6: 256 cells")
+    proj.cancel_run(rid)
+    at = open_page("pages/upload.py", proj.folder)
+    assert not at.exception
+    box = [w for w in said(at, "warning") if "Cancelled" in w]
+    assert box and "block 3 of 6: 256 cells" in box[0] and "Resume continues" in box[0]
+    assert [b for b in at.button if b.label == "Resume"]
