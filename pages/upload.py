@@ -253,6 +253,8 @@ for fid, name in list(file_names.items()):
             f"- **Resolution:** {info['mpp']:.4f} µm per px ({info.get('mpp_source') or 'given'})\n"
             f"- **Format:** {plain(info['format'])} {plain(info.get('vendor') or '')}"
         )
+        if note := uploads.small_image_note(info):
+            cols[1].warning(plain(note), icon=":material/photo_size_select_small:")
         if mpp_given is not None and cols[1].button("Change µm per pixel", key=f"mppchange_{fid}"):
             mpp_answers.pop(fid, None)
             st.rerun()

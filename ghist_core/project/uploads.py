@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Mapping
 
 from ghist_core.project import slides
 from ghist_core.project.runs import pid_alive
@@ -106,6 +106,21 @@ def inspect_upload(path: Path, mpp: float | None = None, *, thumbnail_px: int = 
             raise
         raise new from None
     return info
+
+
+#: Below this side (µm) an image holds a handful of cells: it runs, but its numbers mean little.
+SMALL_IMAGE_UM = 100.0
+
+
+def small_image_note(info: Mapping[str, Any]) -> str | None:
+    """What the upload card says about an image too small for compositions and maps (None otherwise).
+    Why: a 40 x 40 px crop "finished" with 3 cells and nothing said that the result is anecdotal."""
+    side = min(float(info.get("width_um") or 0.0), float(info.get("height_um") or 0.0))
+    if side >= SMALL_IMAGE_UM:
+        return None
+    return (f"This image covers only {float(info['width_um']):.0f} × {float(info['height_um']):.0f} µm, room for a "
+            f"few cells: it will run, but cell-type compositions, neighbourhoods and gene maps need a region of "
+            f"at least a few hundred µm (whole slides or large crops).")
 
 
 def add_staged_upload(project, staged: StagedUpload, *, patient_id: str | None,

@@ -231,7 +231,8 @@ def test_mpp_prompt_goes_once_answered_and_no_temp_names(projects, tmp_path):
     mpp.set_value(0.5).run()
     assert not at.exception
     assert not [n for n in at.number_input if "µm per pixel" in n.label]  # the prompt is gone
-    assert not any("µm" in w for w in said(at, 'warning'))
+    assert not any("µm/px" in w for w in said(at, 'warning'))  # the question is gone
+    assert any("room for a few cells" in w for w in said(at, 'warning'))  # 96 px at 0.5 µm/px: 48 µm
     assert "0.5000 µm per px (given)" in texts(at)
     assert not STAGED_NAME.search(texts(at))
     # the answer can be changed: the prompt comes back

@@ -313,3 +313,13 @@ def test_an_edit_to_a_mpp_no_run_could_use_is_refused(project: Project, slide) -
         project.update_slide(slide.slide_id, mpp=5.0)
     assert project.get_slide(slide.slide_id).mpp == 0.5 and all(p.exists() for p in files)
     assert project.plan_slide_edit(slide.slide_id, mpp=2.0).new_mpp == 2.0  # the coarsest usable
+
+
+def test_a_tiny_image_gets_a_note_on_the_upload_card(project: Project, make_png, tmp_path: Path) -> None:
+    staged = uploads.stage_upload("crop.png", make_png(tmp_path / "crop.png", size=40).read_bytes(),
+                                  uploads.staging_dir(project.folder))
+    note = uploads.small_image_note(uploads.inspect_upload(staged.path, mpp=0.5))
+    assert note is not None and "20 × 20 µm" in note
+    big = uploads.stage_upload("big.png", make_png(tmp_path / "big.png", size=400).read_bytes(),
+                               uploads.staging_dir(project.folder))
+    assert uploads.small_image_note(uploads.inspect_upload(big.path, mpp=0.5)) is None  # 200 µm
