@@ -44,7 +44,7 @@ def test_the_note_gives_the_share_the_factor_and_what_to_check(projects, tmp_pat
     assert not at.exception, [e.value for e in at.exception]
     (note,) = [m for m in _infos(at) if "scale" in m]
     assert note.startswith("25% of the nuclei were segmented at 0.67× scale")
-    assert "1 µm per pixel" in note and "Upload & predict" in note
+    assert "1 µm per pixel" in note and "Home page (Edit or delete)" in note
 
 
 def test_a_factor_set_for_the_run_is_said_as_such(projects, tmp_path):
