@@ -227,8 +227,24 @@ def _commit_of(snapshot_file: Path) -> str | None:
     return None
 
 
-def _translate_hub_error(exc: BaseException, model_id: str, name: str, s: _HubSettings) -> WeightsError:
-    """Turn a huggingface_hub / network exception into a plain-language WeightsError."""
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """A failed connection as the installed huggingface_hub raises it: through ``requests`` (before 1.0)
+    an ``OSError``, through ``httpx`` or its fork ``httpx2`` (1.0 on) a ``TransportError``, which is not
+    one; an offline pull then ended in a traceback."""
+    import importlib
+
+    out: list[type[BaseException]] = [OSError]
+    for module in ("httpx", "httpx2"):
+        try:
+            out.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+def _translate_hub_error(exc: BaseException, model_id: str, name: str | None, s: _HubSettings) -> WeightsError:
+    """Turn a huggingface_hub / network exception into a plain-language WeightsError (``name`` None: a
+    whole-repository pull)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -239,7 +255,9 @@ def _translate_hub_error(exc: BaseException, model_id: str, name: str, s: _HubSe
         RevisionNotFoundError,
     )
 
-    hint = _fallback_hint(name, bundled_weights_dir())
+    hint = (_fallback_hint(name, bundled_weights_dir()) if name is not None else
+            f"The bundled models in {bundled_weights_dir()} and any cached ones still work (`ghist weights list`).")
+    what = f"Model '{name}' from '{model_id}'" if name is not None else f"'{model_id}'"
     if isinstance(exc, RevisionNotFoundError):
         msg = f"The revision in '{model_id}' does not exist on the Hub. Check the branch, tag or commit."
     elif isinstance(exc, GatedRepoError):
@@ -250,19 +268,18 @@ def _translate_hub_error(exc: BaseException, model_id: str, name: str, s: _HubSe
             "can read it)."
         )
     elif isinstance(exc, RemoteEntryNotFoundError):
-        msg = f"The Hub repository '{model_id}' has no model '{name}'."
+        msg = (f"The Hub repository '{model_id}' has no model '{name}'." if name is not None else
+               f"The Hub repository '{model_id}' lacks a file it lists.")
     elif isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) and s.offline:
         msg = (
-            f"Model '{name}' from '{model_id}' is not in the local Hugging Face cache and offline mode is on "
+            f"{what} is not in the local Hugging Face cache and offline mode is on "
             "(HF_HUB_OFFLINE=1), so it cannot be downloaded."
         )
-    elif isinstance(exc, (LocalEntryNotFoundError, OSError, HfHubHTTPError)):
-        msg = (
-            f"Model '{name}' from '{model_id}' is not in the local Hugging Face cache and the Hub could not be "
-            f"reached ({exc.__class__.__name__})."
-        )
+    elif isinstance(exc, (LocalEntryNotFoundError, HfHubHTTPError, *_network_errors())):
+        cached = " is not in the local Hugging Face cache and" if name is not None else ":"
+        msg = f"{what}{cached} the Hub ({s.endpoint or 'huggingface.co'}) could not be reached ({exc.__class__.__name__})."
     else:
-        msg = f"Model '{name}' from '{model_id}' could not be fetched ({exc.__class__.__name__})."
+        msg = f"{what} could not be fetched ({exc.__class__.__name__})."
     return WeightsNotFoundError(f"{msg} {hint}")
 
 
@@ -290,7 +307,7 @@ def _resolve_hub(model_id: str, name: str, kind: str | None) -> ResolvedWeights:
             raise _translate_hub_error(cache_miss, shown_id, name, s) from None
         try:  # 2) the Hub
             card_path, weights_path, commit = fetch(False)
-        except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
+        except (HfHubHTTPError, EntryNotFoundError, ValueError, *_network_errors()) as exc:
             raise _translate_hub_error(exc, shown_id, name, s) from None
         source = "hub"
 
@@ -533,8 +550,8 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
             for f in api.list_repo_tree(repo_id, revision=commit, recursive=False)
             if getattr(f, "size", None) is not None
         )
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise _translate_hub_error(exc, shown_id, "*", s) from None
+    except (HfHubHTTPError, ValueError, *_network_errors()) as exc:
+        raise _translate_hub_error(exc, shown_id, None, s) from None
     names = sorted(
         f[: -len(CARD_SUFFIX)]
         for f in files
@@ -554,8 +571,8 @@ def pull(model_id: str | None = None, progress: Progress | None = None) -> list[
                 raise WeightsNotFoundError(f"'{shown_id}' changed on the Hub during the pull; run it again.")
             if progress is not None:
                 progress(i / len(wanted), f"{fname} ({i} of {len(wanted)} files)")
-    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as exc:
-        raise _translate_hub_error(exc, shown_id, "*", s) from None
+    except (HfHubHTTPError, EntryNotFoundError, ValueError, *_network_errors()) as exc:
+        raise _translate_hub_error(exc, shown_id, None, s) from None
     resolved = []
     for n in names:
         r = _resolve_hub(f"{repo_id}@{commit}", n, None)  # cached now; re-downloads once if damaged

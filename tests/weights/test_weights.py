@@ -236,6 +236,30 @@ def test_offline_empty_cache_names_the_bundled_fallback(tmp_path: Path) -> None:
     assert out["error"] == "WeightsNotFoundError" and paths.DEFAULT_MODEL_REPO in out["message"]
 
 
+def _closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released): a Hub that cannot be reached."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_hub_is_a_plain_message_not_a_traceback(tmp_path: Path) -> None:
+    """Online mode, no network: newer huggingface_hub raises httpx errors, which are not OSErrors, so a
+    pull ended in a traceback (CLI) or the generic error box (Models page)."""
+    env = _env(tmp_path, None, HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    out = _run(f'emit(attempt(lambda: W.pull("{REPO}")))', env)
+    assert out["error"] == "WeightsNotFoundError", out
+    assert "could not be reached" in out["message"] and "'*'" not in out["message"]
+    assert "ghist weights list" in out["message"]
+    out = _run(f'emit(attempt(lambda: W.resolve_weights("{REPO}", name="tiny-ghist")))', env)
+    assert out["error"] == "WeightsNotFoundError" and "could not be reached" in out["message"]
+    cli = subprocess.run([sys.executable, "-m", "ghist_core.cli", "weights", "pull", REPO], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 3 and "Traceback" not in cli.stderr and "could not be reached" in cli.stderr
+
+
 def test_corrupted_download_is_fetched_again_once(tmp_path: Path, hub: HubServer) -> None:
     env = _env(tmp_path, hub)
     hub.corrupt(REPO, "tiny-ghist.safetensors", times=1)  # a transient glitch
