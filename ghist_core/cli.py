@@ -199,12 +199,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ghist_core.export import export_project, export_slide
     from ghist_core.project.store import Project
 
+    from ghist_core.errors import ExportError
+
     genes = [g for g in args.genes.split(",") if g.strip()] if args.genes else None
+    if not args.all and Path(args.out).is_dir():
+        raise ExportError(f"{args.out} is a folder: give a file name for one slide, or --all to write every "
+                          "finished slide into a folder.")
     with Project.open(args.project) as project:
-        if args.all:
-            paths = export_project(project, args.format, args.out, genes=genes)
-        else:
-            paths = [export_slide(project, args.slide, args.format, args.out, genes=genes)]
+        try:
+            if args.all:
+                paths = export_project(project, args.format, args.out, genes=genes)
+            else:
+                paths = [export_slide(project, args.slide, args.format, args.out, genes=genes)]
+        except OSError as exc:  # a read-only or full disk, a missing parent: said, not a traceback
+            raise ExportError(f"Could not write {args.out} ({exc.strerror or exc}). Check that the folder "
+                              "exists, is writable and has free space.") from None
     for path in paths:
         print(json.dumps({"format": args.format, "path": str(path)}))
     return EXIT_OK

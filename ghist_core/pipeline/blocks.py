@@ -662,9 +662,11 @@ def _jsonable(obj):
 
 
 def latest_finished_run(project: Project, slide_id: int):
+    project.get_slide(slide_id)  # a slide id not in the project says so (StoreError)
     run = project.latest_run(slide_id, status=RunStatus.FINISHED)
     if run is None:
-        raise StoreError("This slide has no finished prediction yet. Run it from the Upload & predict page.")
+        raise StoreError(f"Slide {int(slide_id)} has no finished prediction yet: run it first (Upload & predict "
+                         "in the app, `ghist predict` on the command line).")
     return run
 
 

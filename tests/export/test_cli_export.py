@@ -45,7 +45,7 @@ def test_export_all_finished_slides_into_a_folder(predicted_project, tmp_path, s
 
 @pytest.mark.parametrize("args, code, message", [
     (["--slide", "1", "--format", "csv", "--out", "x.csv", "--genes", "NOT_A_GENE"], 3, "NOT_A_GENE"),
-    (["--slide", "999", "--format", "csv", "--out", "x.csv"], 3, "error:"),
+    (["--slide", "999", "--format", "csv", "--out", "x.csv"], 3, "There is no slide 999 in this project"),
     (["--slide", "1", "--format", "xlsx", "--out", "x.xlsx"], 2, "invalid choice"),
     (["--format", "csv", "--out", "x.csv"], 2, "--slide"),
 ])
@@ -54,6 +54,16 @@ def test_export_exit_codes(predicted_project, tmp_path, args, code, message):
     r = _ghist("--project", str(folder), *args)
     assert r.returncode == code and message in r.stderr, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
+
+
+def test_an_output_that_cannot_be_written_is_a_plain_error(predicted_project, tmp_path):
+    """A folder given for one slide's file, or a "folder" that is a file: exit 3 and a sentence, no traceback."""
+    folder, slide_id = predicted_project
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "notes.txt" / "x.csv", "Could not write")):
+        r = _ghist("--project", str(folder), "--slide", str(slide_id), "--format", "csv", "--out", str(out))
+        assert r.returncode == 3 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.glob(".*.part"))
 
 
 def test_export_from_a_folder_that_is_not_a_project(tmp_path):
