@@ -48,15 +48,18 @@ else:
         card = m.get("card") or {}
         with st.expander(f"{plain(m['name'])} — {plain(m.get('kind') or 'model')} ({plain(m['source'])})"):
             genes = card.get("genes") or card.get("gene_names") or []
-            types = card.get("cell_types") or []
+            types = card.get("cell_types") or card.get("type_names") or []  # segmenters call them type_names
             cc = st.columns(3)
             cc[0].metric("Genes", len(genes))
             cc[1].metric("Cell types", len(types))
             cc[2].metric("Size", f"{(m.get('size') or 0) / 1e6:.1f} MB")
             if card.get("description"):
                 st.markdown(plain(card["description"]))
-            for key, title in (("training_data", "Training data"), ("metrics", "Metrics"), ("license", "Licence")):
-                if card.get(key):
+            # the cards' own keys (an expression model: training, licence_note; a segmenter: data, training)
+            for keys, title in ((("training_data", "data", "training"), "Training data"), (("metrics",), "Metrics"),
+                                (("license", "licence", "licence_note"), "Licence")):
+                key = next((k for k in keys if card.get(k)), None)
+                if key is not None:
                     st.markdown(f"**{title}**")
                     if isinstance(card[key], (dict, list)):
                         st.json(card[key], expanded=False)

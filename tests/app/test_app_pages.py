@@ -438,3 +438,21 @@ def test_upload_page_offers_each_bundled_segmenter_and_says_what_auto_runs(proje
     assert note and "less well on slides from other labs" in note[0]  # nuclei-seg is not the stain-robust one
     at.radio(key="upload_segmenter").set_value("nuclei-seg-stain").run()
     assert not [i for i in at.info if "trained on the nucleus types" in i.value]
+
+
+def test_models_page_shows_the_bundled_cards_own_fields(projects, tmp_path, monkeypatch):
+    """The bundled cards name their data, licence and a segmenter's nucleus types under their own keys
+    (data / training, licence_note, type_names): the page showed 'Cell types 0' and no training data."""
+    from ghist_core.paths import BUNDLED_WEIGHTS_DIR
+
+    monkeypatch.setenv("GHIST_WEIGHTS_DIR", str(BUNDLED_WEIGHTS_DIR))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    at = open_page("pages/models.py")
+    assert not at.exception
+    shown = {m.label: [] for m in at.metric}
+    for m in at.metric:
+        shown[m.label].append(m.value)
+    seg_types = len(json.loads((BUNDLED_WEIGHTS_DIR / "nuclei-seg-stain.json").read_text())["type_names"])
+    assert str(seg_types) in shown["Cell types"] and "0" not in shown["Cell types"]
+    bold = [m.value for m in at.markdown]
+    assert bold.count("**Training data**") == 3 and "**Licence**" in bold
