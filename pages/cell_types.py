@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from ghist_core.analysis.clinical import load_demo_clinical, read_clinical_table
+from ghist_core.analysis.clinical import load_demo_clinical, read_clinical_table, safe_csv_bytes
 from ghist_core.analysis.compare import compare_expression
 from ghist_core.analysis.features import (
     POOLING_RULE,
@@ -158,6 +158,7 @@ def region_section() -> None:
         st.error(plain(exc))
         return
     st.markdown(plain(res.describe()))
+    c.show_messages(notes=res.regions.notes)  # e.g. detections in the file, ignored
     table = res.counts_table()
     st.plotly_chart(composition_figure(table, st.session_state.get("ct_percent", True),
                                        f"Inside the region vs the whole slide ({label_of[sid].split(' · ')[0]})"),
@@ -256,6 +257,7 @@ def differential_tab() -> None:
         c.show_messages(res.warnings, res.notes)
         fc = st.slider("Minimum |log2 fold change| to highlight", 0.0, 3.0, 0.5, 0.1, key="ct_fc")
         st.plotly_chart(plots.volcano_plot(res, min_abs_log2fc=fc), key="ct_volcano")
+        st.caption(plain(res.log2fc_rule()))
         significant = res.significant(0.05, fc)["feature"].astype(str).tolist()
         rel = model_reliability()
         reliable = (f", **{len(rel.reliable_genes(significant))}** of them reliable (held-out prediction better "
@@ -267,14 +269,16 @@ def differential_tab() -> None:
             "feature": st.column_config.TextColumn("gene"),
             "mean_a": st.column_config.NumberColumn(f"mean {ga}", format="%.3f"),
             "mean_b": st.column_config.NumberColumn(f"mean {gb}", format="%.3f"),
-            "log2fc": st.column_config.NumberColumn("log2 FC", format="%.2f"),
+            "log2fc": st.column_config.NumberColumn(f"log2 FC, {ga} vs {gb}", format="%.2f"),
             "p_value": st.column_config.NumberColumn("p", format="%.2e"),
             "q_value": st.column_config.NumberColumn("q (BH)", format="%.2e"),
             "reliability": st.column_config.TextColumn(
                 "reliability", help="reliable: the model's held-out prediction of this gene beat cell density "
                                     "alone; not reliable: it did not; unknown: the model card does not say."),
         })
-        st.download_button("Results (CSV)", data=table.to_csv(index=False).encode(), file_name="differential.csv",
+        # the file names the groups and the grouping itself: away from this screen, mean_a and log2fc say nothing
+        labelled = rel.annotate(res.labelled_table(), gene_col="feature")
+        st.download_button("Results (CSV)", data=lambda: safe_csv_bytes(labelled), file_name="differential.csv",
                            mime="text/csv", key="ct_de_csv", on_click="ignore")
 
 

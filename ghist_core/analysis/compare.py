@@ -53,6 +53,9 @@ class GroupTests:
         (:func:`min_attainable_p`; 0 for Welch's t, which has no floor).
     warnings : caveats the reader must see, e.g. groups too small for any feature to
         reach q < alpha whatever the data.
+    grouping : the variable the groups are values of (e.g. the clinical column ``er_status``;
+        ``""`` when unknown).
+    pseudocount : added to both means before their log2 ratio (``None``: no fold change).
     """
 
     table: pd.DataFrame
@@ -64,6 +67,8 @@ class GroupTests:
     notes: list[str] = field(default_factory=list)
     min_p: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    grouping: str = ""
+    pseudocount: float | None = None
 
     def significant(self, alpha: float = 0.05, min_abs_log2fc: float = 0.0) -> pd.DataFrame:
         """Rows with q < ``alpha`` (and |log2FC| ≥ ``min_abs_log2fc`` where there is a fold change)."""
@@ -72,6 +77,31 @@ class GroupTests:
         if "log2fc" in t:
             keep &= t["log2fc"].abs() >= min_abs_log2fc
         return t[keep]
+
+    def labelled_table(self) -> pd.DataFrame:
+        """:attr:`table` with the comparison written into every row (``grouping``, ``group_a``,
+        ``group_b`` and ``log2fc_pseudocount``): a downloaded CSV has no screen around it to say
+        whether ``mean_a`` and ``log2fc`` are of one group or the other."""
+        t = self.table.copy()
+        if "mean_a" not in t:  # feature tests: the medians are already named after their groups
+            t.insert(t.columns.get_loc("q_value") + 1, "grouping", self.grouping)
+            return t
+        at = t.columns.get_loc("mean_a")
+        labels = {"grouping": self.grouping, "group_a": self.groups[0], "group_b": self.groups[1]}
+        for offset, (name, value) in enumerate(labels.items()):
+            t.insert(at + offset, name, value)
+        t.insert(t.columns.get_loc("log2fc") + 1, "log2fc_pseudocount", self.pseudocount)
+        return t
+
+    def log2fc_rule(self) -> str:
+        """How ``log2fc`` is computed, in words: which group is over which, and its pseudocount."""
+        if self.pseudocount is None:
+            return ""
+        a, b, pc = self.groups[0], self.groups[1], f"{self.pseudocount:g}"
+        return (f"log2 FC = log2((mean in {a} + {pc}) / (mean in {b} + {pc})) of the patients' predicted "
+                f"expression: above 0 is higher in {a}, below 0 higher in {b}. The {pc} added to both means "
+                "(a pseudocount) keeps a gene predicted near 0 in one group finite, and pulls fold changes of "
+                "genes near 0 towards 0.")
 
     def plot(self, top: int = 6):
         """Box plot per group of the ``top`` features by q-value
@@ -173,7 +203,7 @@ def compare_features(table: pd.DataFrame, group_col: str, features: Sequence[str
     floor = min_attainable_p(method, list(n.values()))
     return GroupTests(table=out, group_col=group_col, groups=levels, n=n, method=method,
                       data=df[[group_col, *features]].copy(), min_p=floor,
-                      warnings=_floor_warning(method, n, floor, alpha, "feature"))
+                      warnings=_floor_warning(method, n, floor, alpha, "feature"), grouping=str(group_col))
 
 
 def pseudobulk(X: np.ndarray | sparse.spmatrix, groups: Sequence, genes: Sequence[str]) -> pd.DataFrame:
@@ -203,7 +233,9 @@ def differential_expression(
 
     ``values`` is patients × genes (e.g. :func:`ghist_core.analysis.features.patient_expression`);
     ``labels`` is aligned to its rows (a Series indexed like ``values`` or a plain sequence).
-    Samples with other labels are ignored. Two-sided Mann–Whitney U or Welch's t-test,
+    Samples with other labels are ignored; a named Series gives ``.grouping`` its name.
+    ``log2fc`` is log2 ((mean_a + ``pseudocount``) / (mean_b + ``pseudocount``)), stated
+    by ``.log2fc_rule()``. Two-sided Mann–Whitney U or Welch's t-test,
     vectorised over genes, then BH over genes; a gene constant everywhere gets p = 1.
     ``.min_p`` is the smallest p the test can give with these group sizes and ``.warnings``
     says when it is ≥ ``alpha`` (e.g. 2 vs 2 patients: Mann–Whitney p ≥ 0.33), so that no
@@ -252,9 +284,11 @@ def differential_expression(
                                            categories=[str(group_a), str(group_b)]))
     n = {str(group_a): n_a, str(group_b): n_b}
     floor = min_attainable_p(method, [n_a, n_b])
+    grouping = str(labels.name) if isinstance(labels, pd.Series) and labels.name is not None else ""
     return GroupTests(table=table, group_col="group", groups=[str(group_a), str(group_b)],
                       n=n, method=_TEST_NAMES[method], data=data, min_p=floor,
-                      warnings=_floor_warning(_TEST_NAMES[method], n, floor, alpha, "gene"))
+                      warnings=_floor_warning(_TEST_NAMES[method], n, floor, alpha, "gene"),
+                      grouping=grouping, pseudocount=float(pseudocount))
 
 
 def compare_expression(
@@ -289,7 +323,7 @@ def compare_expression(
         raise ClinicalTableError(
             f"Patient(s) {', '.join(map(str, clash[:5]))} have more than one {group_col!r} value "
             "in the clinical table; correct the table so each patient has one group.")
-    labels = lab.set_index("pid")["group"]
+    labels = lab.set_index("pid")["group"].rename(group_col)  # names .grouping of the result
     ids = expression.index.astype(str)
     matched = ids.intersection(labels.index)
     notes = [f"{len(expression)} patients with predictions, {len(matched)} of them in the clinical table."]

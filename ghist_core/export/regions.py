@@ -4,6 +4,8 @@ A researcher outlines tumour, stroma or an invasive margin in QuPath and exports
 annotations (File ▸ Export objects ▸ GeoJSON). :func:`read_regions` reads them (Polygon and
 MultiPolygon, holes kept, level-0 pixels); :func:`cells_in_regions` gives a boolean mask over
 the prediction's cells, so compositions or expression can be restricted to a region.
+Detections (nuclei, cells, tiles, e.g. the app's own GeoJSON export) are never regions: they
+are skipped, and a file holding only detections is refused with a plain message.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ghist_core import _keys as K
 from ghist_core.errors import RegionFileError
 from ghist_core.export._common import slide_mpp
 
-__all__ = ["Region", "read_regions", "cells_in_regions", "region_mask", "MAX_REGION_BYTES", "MAX_REGION_VERTICES"]
+__all__ = ["Region", "Regions", "read_regions", "cells_in_regions", "region_mask", "MAX_REGION_BYTES", "MAX_REGION_VERTICES"]
 
 #: largest region file read (bytes): annotation files are kilobytes to a few megabytes; a
 #: file of detections for a whole slide is not an annotation file and would only fill memory
@@ -29,6 +31,9 @@ MAX_REGION_BYTES = 64 * 1024 * 1024
 #: most vertices over all regions of a file
 MAX_REGION_VERTICES = 2_000_000
 _POLYGONAL = ("Polygon", "MultiPolygon")
+#: QuPath's detection kinds: ``properties.objectType`` since QuPath 0.3, the feature's ``id``
+#: before; cells and tiles are detections too. Thousands of nucleus outlines are not a region.
+_DETECTION_TYPES = frozenset({"detection", "cell", "tile", "PathDetectionObject", "PathCellObject", "PathTileObject"})
 
 
 @dataclass
@@ -42,6 +47,23 @@ class Region:
     def __repr__(self) -> str:
         n_vertices = sum(len(r) for p in self.polygons for r in p)
         return f"<Region {self.name or '(unnamed)'} [{self.classification or 'no class'}]: {len(self.polygons)} polygon(s), {n_vertices} vertices>"
+
+
+class Regions(list):
+    """The regions of a file (a list of :class:`Region`) and, in ``notes``, what was left out of
+    it in words, so the reader learns that a mixed file's detections were ignored."""
+
+    def __init__(self, regions: Iterable[Region] = (), *, notes: Sequence[str] = (), n_detections_ignored: int = 0):
+        super().__init__(regions)
+        self.notes = list(notes)
+        self.n_detections_ignored = int(n_detections_ignored)
+
+
+def _is_detection(feat: dict) -> bool:
+    props = feat.get("properties")
+    kind = props.get("objectType") if isinstance(props, dict) else None
+    legacy_id = feat.get("id")
+    return any(isinstance(v, str) and v in _DETECTION_TYPES for v in (kind, legacy_id))
 
 
 def _ring(raw: Any, where: str) -> np.ndarray:
@@ -93,12 +115,14 @@ def _features(doc: Any) -> list[dict]:
 
 
 def read_regions(source: str | os.PathLike | bytes, *, classification: str | Sequence[str] | None = None,
-                 max_bytes: int = MAX_REGION_BYTES) -> list[Region]:
+                 max_bytes: int = MAX_REGION_BYTES) -> Regions:
     """Polygonal annotations of a QuPath GeoJSON file (or its bytes), in level-0 pixels.
 
     ``classification`` keeps only regions of those classes (e.g. ``"Tumor"``). Point and
-    line annotations are skipped. Raises ``RegionFileError`` for a file over ``max_bytes``,
-    text that is not GeoJSON, malformed polygons, or no polygon at all.
+    line annotations are skipped, and so are detections (QuPath ``objectType`` detection,
+    cell or tile: nucleus outlines are not regions); ``.notes`` says how many detections were
+    ignored. Raises ``RegionFileError`` for a file over ``max_bytes``, text that is not
+    GeoJSON, malformed polygons, a file of detections only, or no polygon at all.
     """
     if isinstance(source, (bytes, bytearray)):
         size, data = len(source), bytes(source)
@@ -119,8 +143,11 @@ def read_regions(source: str | os.PathLike | bytes, *, classification: str | Seq
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RegionFileError(f"The region file is not valid JSON ({type(exc).__name__}). Export it from QuPath as GeoJSON.") from exc
     wanted = {classification} if isinstance(classification, str) else (set(classification) if classification else None)
-    regions, n_vertices = [], 0
+    regions, n_vertices, n_detections = [], 0, 0
     for i, feat in enumerate(_features(doc)):
+        if _is_detection(feat):
+            n_detections += 1
+            continue
         geometry = feat.get("geometry")
         if not isinstance(geometry, dict) or geometry.get("type") not in (*_POLYGONAL, "GeometryCollection"):
             continue
@@ -135,10 +162,18 @@ def read_regions(source: str | os.PathLike | bytes, *, classification: str | Seq
             raise RegionFileError(f"The region file has more than {MAX_REGION_VERTICES:,} vertices; simplify the annotations in QuPath.")
         if region.polygons:
             regions.append(region)
+    which = f" of class {', '.join(sorted(wanted))}" if wanted else ""
+    if not regions and n_detections:
+        raise RegionFileError(
+            f"This file holds {n_detections:,} detection(s) (nucleus or cell outlines) and no Polygon annotation"
+            f"{which}: detections are not regions. Export annotations from QuPath instead: select them "
+            "(Objects ▸ Select ▸ Select annotations), then File ▸ Export objects ▸ GeoJSON with the selected "
+            "objects only.")
     if not regions:
-        which = f" of class {', '.join(sorted(wanted))}" if wanted else ""
         raise RegionFileError(f"The file has no Polygon or MultiPolygon annotation{which}.")
-    return regions
+    notes = [f"{n_detections:,} detection(s) (nucleus or cell outlines) in the file were ignored: only "
+             "annotations are regions."] if n_detections else []
+    return Regions(regions, notes=notes, n_detections_ignored=n_detections)
 
 
 def cells_in_regions(xy_px: np.ndarray, regions: Iterable[Region]) -> np.ndarray:

@@ -169,7 +169,8 @@ def volcano_plot(result: GroupTests, *, alpha: float = 0.05, min_abs_log2fc: flo
             fig.add_vline(x=xv, line_dash="dot", line_color="#555555")
     fig.update_layout(
         height=460, legend_title_text="",
-        xaxis_title=f"log2 fold change, {group_a} vs {group_b} (log2 ratio of mean predicted expression)",
+        xaxis_title=(f"log2 fold change, {group_a} vs {group_b} (log2 ratio of mean predicted expression"
+                     + (f", + {result.pseudocount:g} each" if result.pseudocount else "") + ")"),
         yaxis_title="−log10 q (Benjamini–Hochberg)", margin=dict(l=10, r=10, t=10, b=10),
     )
     return fig

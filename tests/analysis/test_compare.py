@@ -149,3 +149,29 @@ def test_two_vs_two_warns_that_nothing_can_be_significant():
     t = pd.DataFrame({"g": ["a", "a", "b", "b"], "x": [1.0, 2.0, 3.0, 4.0]})
     fc = compare_features(t, "g", ["x"])
     assert fc.min_p == pytest.approx(1 / 3) and "no feature can reach" in fc.warnings[0]
+
+
+def test_the_labelled_table_says_which_group_is_over_which():
+    """A downloaded result named neither its groups nor its grouping: log2fc of high over low or of low over
+    high could not be told apart once the file left the screen."""
+    vals, labels = _data(n=12, g=5)
+    clin = pd.DataFrame({"pid": labels.index, "grade": labels.map({"ER+": "high", "ER-": "low"})})
+    res = compare_expression(vals, clin, id_col="pid", group_col="grade", group_a="low", group_b="high")
+    t = res.labelled_table()
+    assert list(t.columns) == ["feature", "test", "statistic", "p_value", "q_value", "grouping", "group_a", "group_b",
+                               "mean_a", "mean_b", "log2fc", "log2fc_pseudocount", "neg_log10_q"]
+    assert set(t["grouping"]) == {"grade"} and set(t["group_a"]) == {"low"} and set(t["group_b"]) == {"high"}
+    pd.testing.assert_frame_equal(t[res.table.columns], res.table)  # the same numbers, labelled
+    # every row carries what recomputes its log2fc from its own means, and in which direction
+    low, high = vals[labels == "ER-"].mean(), vals[labels == "ER+"].mean()
+    row = t.set_index("feature").loc["G3"]
+    assert row["mean_a"] == pytest.approx(low["G3"]) and row["mean_b"] == pytest.approx(high["G3"])
+    pc = row["log2fc_pseudocount"]
+    assert pc == 0.01 and row["log2fc"] == pytest.approx(np.log2((row["mean_a"] + pc) / (row["mean_b"] + pc)))
+    assert row["log2fc"] < 0  # G3 is higher in ER+ = high, here group B
+    assert res.log2fc_rule().startswith("log2 FC = log2((mean in low + 0.01) / (mean in high + 0.01))")
+    assert "above 0 is higher in low" in res.log2fc_rule() and "pseudocount" in res.log2fc_rule()
+    # feature tests name their medians after the groups already; the grouping is written in too
+    feats = compare_features(clin.assign(x=np.arange(12.0)), "grade", ["x"])
+    assert {"grouping", "median_high", "median_low"} <= set(feats.labelled_table().columns)
+    assert feats.log2fc_rule() == ""

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from ghist_core.export import cells_in_regions, read_regions
+from ghist_core.export import cells_in_regions, read_regions, write_geojson
 from ghist_core.paths import REPO_DIR
 from ghist_core.viz import palette
 from apptest_kit import download, record_deferred_downloads, register_prediction
@@ -199,6 +199,32 @@ def test_region_upload_restricts_the_composition(project):
     assert "T cells" in [t["name"] for t in comp["data"]]
     heat = next(f for f in figs if "inside the region" in (f["layout"].get("title") or {}).get("text", ""))
     assert "T cells" in heat["data"][0]["y"]
+
+
+def test_the_apps_own_detections_export_is_not_taken_as_a_region(project, tmp_path):
+    """The slide's nuclei exported for QuPath (one outline per cell, objectType "detection") used to
+    count as regions: 100 % of the cells 'inside'. Refused alone; ignored, and said, beside an annotation."""
+    project, _, adatas = project
+    at = _open("cell_types.py", project)
+    sid = at.selectbox(key="ct_region_slide").value
+    detections = write_geojson(adatas[sid], tmp_path / "cells.geojson", mpp=1.0).read_bytes()
+    at.get("file_uploader")[0].upload("cells.geojson", detections, "application/geo+json").run()
+    assert not at.exception
+    errors = [e.value.replace("\\", "") for e in at.error]
+    assert any(f"{N_CELLS} detection(s)" in e and "not regions" in e and "Export annotations from QuPath" in e
+               for e in errors), errors
+    assert not any("Inside the region" in (f["layout"].get("title") or {}).get("text", "") for f in _plotly(at))
+
+    square = _annotation([[0, 0], [500, 0], [500, 400], [0, 400], [0, 0]])
+    mixed = json.loads(detections)
+    mixed["features"] += json.loads(square)["features"]
+    at.get("file_uploader")[0].upload("mixed.geojson", json.dumps(mixed).encode(), "application/geo+json").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    inside = cells_in_regions(np.asarray(adatas[sid].obsm["spatial"]), read_regions(square))
+    shown = [m.value.replace("\\", "") for m in at.markdown]
+    assert any(f"{int(inside.sum()):,} of the slide's {N_CELLS:,} cells" in t and "1 region(s)" in t for t in shown), shown
+    captions = [c.value.replace("\\", "") for c in at.caption]
+    assert f"{N_CELLS} detection(s) (nucleus or cell outlines) in the file were ignored" in " ".join(captions), captions
 
 
 @pytest.mark.parametrize("data, words", [

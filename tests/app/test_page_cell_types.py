@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from ghist_core.analysis.neighbourhoods import observed_neighbourhood_by_type, predicted_neighbourhood_by_type
 from ghist_core.paths import REPO_DIR
 from ghist_core.viz import palette
-from apptest_kit import register_prediction
+from apptest_kit import download, record_deferred_downloads, register_prediction
 from prediction_factory import synthetic_prediction
 
 PAGE = str(REPO_DIR / "pages" / "cell_types.py")
@@ -122,3 +122,28 @@ def test_two_vs_two_differential_expression_warns(project):
                and "q < 0.05" in w for w in warnings), warnings
     button = at.get("download_button")[0]
     assert button.key == "ct_de_csv" and button.proto.ignore_rerun
+
+
+def test_differential_csv_names_its_groups_and_the_direction(project, monkeypatch):
+    """The downloaded CSV had mean_a, mean_b and log2fc but no group: once away from the screen nobody could
+    tell Positive over Negative from Negative over Positive. It now carries both groups and the grouping."""
+    record_deferred_downloads(monkeypatch)
+    proj, _, clin = project
+    at = _open(proj)
+    at.session_state["ct_tab"] = "Differential expression"
+    at.run()
+    at.get("file_uploader")[0].upload("clinical.csv", clin, "text/csv").run()
+    at.selectbox(key="ct_ga").set_value("Negative").run()  # A and B the other way round from the default
+    at.selectbox(key="ct_gb").set_value("Positive").run()
+    assert not at.exception
+    shown = next(d.value for d in at.dataframe if "log2fc" in d.value.columns)
+    _, data = download(at, "ct_de_csv")
+    csv = pd.read_csv(io.BytesIO(data))
+    assert {"grouping", "group_a", "group_b", "log2fc_pseudocount", "reliability"} <= set(csv.columns)
+    assert set(csv["grouping"]) == {"er_status"}
+    assert set(csv["group_a"]) == {"Negative"} and set(csv["group_b"]) == {"Positive"}
+    pd.testing.assert_frame_equal(csv[list(shown.columns)], shown, check_dtype=False)  # the screen's numbers
+    pc = csv["log2fc_pseudocount"].iloc[0]
+    np.testing.assert_allclose(csv["log2fc"], np.log2((csv["mean_a"] + pc) / (csv["mean_b"] + pc)), rtol=1e-6)
+    captions = " ".join(re.sub(r"\\(.)", r"\1", c.value) for c in at.caption)
+    assert f"log2 FC = log2((mean in Negative + {pc:g}) / (mean in Positive + {pc:g}))" in captions, captions

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from ghist_core.errors import RegionFileError
-from ghist_core.export import cells_in_regions, read_regions, region_mask
+from ghist_core.export import cells_in_regions, read_regions, region_composition, region_mask, write_geojson
 from ghist_core.export.regions import MAX_REGION_BYTES
+from prediction_factory import synthetic_prediction
 
 SQUARE = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
 HOLE = [[40, 40], [60, 40], [60, 60], [40, 60], [40, 40]]
@@ -95,3 +96,54 @@ def test_region_files_over_the_limit_are_refused_before_reading(tmp_path, region
         read_regions(region_file, classification="Tumour")
     with pytest.raises(RegionFileError, match="Cannot read"):
         read_regions(tmp_path / "missing.geojson")
+
+
+@pytest.fixture()
+def detections_file(tmp_path):
+    """The app's own QuPath export of a prediction (40 nucleus outlines, objectType "detection"), 1 µm per px."""
+    a = synthetic_prediction(n=40, seed=3)
+    return a, write_geojson(a, tmp_path / "cells.geojson", mpp=1.0)
+
+
+def test_a_file_of_detections_is_refused_as_regions(detections_file):
+    """Nucleus outlines are not regions: each would 'contain' its own cell, so 100 % of the cells fell inside."""
+    a, path = detections_file
+    with pytest.raises(RegionFileError, match=r"40 detection\(s\) \(nucleus or cell outlines\).*not regions.*"
+                                              r"Export annotations from QuPath"):
+        read_regions(path)
+    with pytest.raises(RegionFileError, match="detection"):
+        region_composition(a, path.read_bytes(), mpp=1.0)
+
+
+@pytest.mark.parametrize("kind", ["cell", "tile"])
+def test_qupath_cells_and_tiles_are_detections_too(detections_file, kind):
+    _, path = detections_file
+    doc = json.loads(path.read_text())
+    for feat in doc["features"]:
+        feat["properties"]["objectType"] = kind
+    with pytest.raises(RegionFileError, match="not regions"):
+        read_regions(json.dumps(doc).encode())
+    # before QuPath 0.3 the kind was the feature's id
+    for feat in doc["features"]:
+        del feat["properties"]["objectType"]
+        feat["id"] = "PathCellObject"
+    with pytest.raises(RegionFileError, match="not regions"):
+        read_regions(json.dumps(doc).encode())
+
+
+def test_annotations_among_detections_are_read_and_the_detections_counted(detections_file):
+    a, path = detections_file
+    doc = json.loads(path.read_text())
+    square = [[0, 0], [500, 0], [500, 400], [0, 400], [0, 0]]
+    doc["features"].append(_annotation({"type": "Polygon", "coordinates": [square]}, "Tumor", "core"))
+    regions = read_regions(json.dumps(doc).encode())
+    assert [(r.name, r.classification) for r in regions] == [("core", "Tumor")]
+    assert regions.n_detections_ignored == 40
+    assert regions.notes == ["40 detection(s) (nucleus or cell outlines) in the file were ignored: "
+                             "only annotations are regions."]
+    xy = np.asarray(a.obsm["spatial"])
+    want = (xy[:, 0] < 500) & (xy[:, 1] < 400)
+    res = region_composition(a, json.dumps(doc).encode(), mpp=1.0)
+    assert res.n_inside == int(want.sum()) < a.n_obs and res.regions.notes == regions.notes
+    annotation_only = json.dumps(_collection(doc["features"][-1])).encode()
+    assert read_regions(annotation_only).notes == []  # no detection: nothing to say
