@@ -185,20 +185,24 @@ def neighbourhood_tab() -> None:
         help="Observed composition: the other cells whose centre lies within this distance of a "
              f"cell's centre. Default {model_r or DEFAULT_RADIUS_UM:g} µm"
              + (", the radius of the model's neighbourhood head." if model_r else "."))
+    obs = observed_nbhd(folder, sid, run_of[sid], float(radius))
+    pred = predicted_nbhd(folder, sid, run_of[sid])
+    shown = [m for m in (obs, pred) if not isinstance(m, str)]
+    zmax = plots.shared_percent_max(*shown) if shown else None
+    if len(shown) == 2:
+        st.caption(f"Both maps share one colour scale (0–{zmax:.0f} %), so their contrasts compare.")
     left, right = st.columns(2)
     with left:
-        obs = observed_nbhd(folder, sid, run_of[sid], float(radius))
         if isinstance(obs, str):
             st.info(plain(obs))
         else:
-            st.plotly_chart(plots.neighbourhood_heatmap(obs), key="ct_nbhd_observed")
+            st.plotly_chart(plots.neighbourhood_heatmap(obs, zmax=zmax), key="ct_nbhd_observed")
             st.caption(plain(obs.describe()))
     with right:
-        pred = predicted_nbhd(folder, sid, run_of[sid])
         if isinstance(pred, str):
             st.info(plain(pred))
         else:
-            st.plotly_chart(plots.neighbourhood_heatmap(pred), key="ct_nbhd")
+            st.plotly_chart(plots.neighbourhood_heatmap(pred, zmax=zmax), key="ct_nbhd")
             st.caption(plain(pred.describe()))
             if pred.radius_um and abs(pred.radius_um - float(radius)) > 1e-9:
                 st.caption(f"The two maps use different radii ({float(radius):g} µm observed, "

@@ -81,13 +81,22 @@ def composition_bars(counts: pd.DataFrame, *, percent: bool = True, title: str |
     return fig
 
 
+def shared_percent_max(*matrices: pd.DataFrame | NeighbourhoodMatrix) -> float:
+    """One colour-scale top (%) for heatmaps shown side by side. Why: each on its own scale, a nearly
+    flat predicted composition (8-14 %) looked as structured as the observed one (0-80 %)."""
+    values = [np.nanmax((m if isinstance(m, pd.DataFrame) else m.matrix).to_numpy(dtype=float), initial=0.0)
+              for m in matrices]
+    return float(max(values, default=0.0)) or 100.0
+
+
 def neighbourhood_heatmap(matrix: pd.DataFrame | NeighbourhoodMatrix, *, colour_map: str = "viridis",
-                          title: str | None = None) -> go.Figure:
+                          title: str | None = None, zmax: float | None = None) -> go.Figure:
     """Heatmap of a neighbourhood composition per cell type (types in palette order).
 
     ``matrix`` is a :class:`~ghist_core.analysis.neighbourhoods.NeighbourhoodMatrix` (its
     title says observed or predicted, and the radius, unless ``title`` is given) or a bare
-    centre × neighbour table of % (then only ``title`` labels it)."""
+    centre × neighbour table of % (then only ``title`` labels it). ``zmax``: the colour scale's top
+    (% , :func:`shared_percent_max` for maps compared side by side); None: this matrix's own."""
     kind = None
     if not isinstance(matrix, pd.DataFrame):
         kind, title = matrix.kind, title or matrix.title
@@ -97,7 +106,7 @@ def neighbourhood_heatmap(matrix: pd.DataFrame | NeighbourhoodMatrix, *, colour_
     fig = go.Figure(go.Heatmap(
         z=matrix.to_numpy(), x=[palette.cell_type_label(c) for c in matrix.columns],
         y=[palette.cell_type_label(r) for r in matrix.index],
-        colorscale=palette.plotly_colorscale(colour_map), zmin=0,
+        colorscale=palette.plotly_colorscale(colour_map), zmin=0, zmax=zmax,
         colorbar=dict(title=f"mean % of<br>neighbours{'<br>(' + kind + ')' if kind else ''}"),
         hovertemplate=f"centre %{{y}}, neighbour %{{x}}: %{{z:.1f}} % ({what}mean)<extra></extra>",
     ))

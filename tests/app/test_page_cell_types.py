@@ -100,6 +100,8 @@ def test_observed_and_predicted_neighbourhoods_side_by_side(project):
     want_pred = predicted_neighbourhood_by_type(a).matrix.loc[order, order].to_numpy()
     np.testing.assert_allclose(_z(pred), want_pred, atol=1e-4)
     assert not np.allclose(_z(obs), _z(pred), atol=1.0)  # two different things, both labelled
+    top = max(np.nanmax(want), np.nanmax(want_pred))  # one colour scale, so their contrasts compare
+    assert obs["data"][0]["zmax"] == pytest.approx(top, abs=1e-3) == pred["data"][0]["zmax"]
     captions = " ".join(re.sub(r"\\(.)", r"\1", c.value) for c in at.caption)
     assert "itself excluded" in captions and "not a count of the neighbouring cell calls" in captions
     # the user changes the radius: the observed map is recomputed for it

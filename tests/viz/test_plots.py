@@ -88,3 +88,16 @@ def test_neighbourhood_heatmaps_say_observed_or_predicted():
     order = palette.ordered_types(obs.matrix.index)
     np.testing.assert_allclose(np.asarray(fo.data[0].z), obs.matrix.loc[order, order].to_numpy())
     assert list(fo.data[0].y) == [palette.cell_type_label(t) for t in order]
+
+
+def test_heatmaps_side_by_side_share_one_colour_scale():
+    """A nearly flat predicted composition must not look as structured as the observed one."""
+    from ghist_core.analysis.neighbourhoods import observed_neighbourhood_by_type, predicted_neighbourhood_by_type
+
+    a = synthetic_prediction(n=600)
+    obs, pred = observed_neighbourhood_by_type(a, 30.0), predicted_neighbourhood_by_type(a)
+    top = plots.shared_percent_max(obs, pred)
+    assert top == pytest.approx(max(np.nanmax(obs.matrix.to_numpy()), np.nanmax(pred.matrix.to_numpy())))
+    fo, fp = (plots.neighbourhood_heatmap(m, zmax=top) for m in (obs, pred))
+    assert fo.data[0].zmax == fp.data[0].zmax == top and fo.data[0].zmin == fp.data[0].zmin == 0
+    assert plots.neighbourhood_heatmap(pred).data[0].zmax is None  # alone: its own range
