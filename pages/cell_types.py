@@ -191,22 +191,16 @@ def neighbourhood_tab() -> None:
     zmax = plots.shared_percent_max(*shown) if shown else None
     if len(shown) == 2:
         st.caption(f"Both maps share one colour scale (0–{zmax:.0f} %), so their contrasts compare.")
-    left, right = st.columns(2)
-    with left:
-        if isinstance(obs, str):
-            st.info(plain(obs))
-        else:
-            st.plotly_chart(plots.neighbourhood_heatmap(obs, zmax=zmax), key="ct_nbhd_observed")
-            st.caption(plain(obs.describe()))
-    with right:
-        if isinstance(pred, str):
-            st.info(plain(pred))
-        else:
-            st.plotly_chart(plots.neighbourhood_heatmap(pred, zmax=zmax), key="ct_nbhd")
-            st.caption(plain(pred.describe()))
-            if pred.radius_um and abs(pred.radius_um - float(radius)) > 1e-9:
-                st.caption(f"The two maps use different radii ({float(radius):g} µm observed, "
-                           f"{pred.radius_um:g} µm predicted).")
+    for column, matrix, key in zip(st.columns(2), (obs, pred), ("ct_nbhd_observed", "ct_nbhd")):
+        with column:
+            if isinstance(matrix, str):  # why there is no map
+                st.info(plain(matrix))
+                continue
+            st.plotly_chart(plots.neighbourhood_heatmap(matrix, zmax=zmax), key=key)
+            st.caption(plain(matrix.describe()))
+    if not isinstance(pred, str) and pred.radius_um and abs(pred.radius_um - float(radius)) > 1e-9:
+        st.caption(f"The two maps use different radii ({float(radius):g} µm observed, "
+                   f"{pred.radius_um:g} µm predicted).")
 
 
 def morphology_tab() -> None:
