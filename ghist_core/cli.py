@@ -196,10 +196,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ghist_core.errors import ExportError
     from ghist_core.export import export_project, export_slide
     from ghist_core.project.store import Project
-
-    from ghist_core.errors import ExportError
 
     genes = [g for g in args.genes.split(",") if g.strip()] if args.genes else None
     if not args.all and Path(args.out).is_dir():

@@ -78,6 +78,7 @@ __all__ = [
     "MAX_SLIDE_EXTENT_UM",
     "MAX_TIFF_PAGES",
     "MAX_UPSAMPLE_FACTOR",
+    "enlargement_over_limit",
     "PREVIEW_MEMORY_BYTES",
     "PREVIEW_TIMEOUT_S",
     "PLAUSIBLE_MPP_RANGE",
@@ -386,7 +387,16 @@ def _region_size(size_wh: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
+def enlargement_over_limit(mpp: float, target_mpp: float) -> float | None:
+    """How many times reading a slide of ``mpp`` at ``target_mpp`` µm/px enlarges it, when that is
+    over :data:`MAX_UPSAMPLE_FACTOR` (the analysis would run on invented pixels); None within it.
+    One rule for :meth:`Slide.check_upsampling` and for a µm/px typed before any slide is read."""
+    factor = float(mpp) / float(target_mpp)
+    return factor if factor > MAX_UPSAMPLE_FACTOR * (1 + 1e-9) else None
+
+
 # --------------------------------------------------------------------------- Slide
+
 class Slide:
     """A whole-slide (or plain) image with a known µm/px.
 
@@ -627,8 +637,8 @@ class Slide:
         :data:`MAX_UPSAMPLE_FACTOR` (e.g. a file claiming 40 µm/px analysed at 0.5 µm/px is
         80x): the analysis would run on invented pixels. Called by every analysis read."""
         t = float(target_mpp)
-        factor = min(self.mpp_xy) / t
-        if factor > MAX_UPSAMPLE_FACTOR * (1 + 1e-9):
+        factor = enlargement_over_limit(min(self.mpp_xy), t)
+        if factor is not None:
             raise InvalidMppError(
                 f"'{self.path.name}' is {min(self.mpp_xy):.4g} µm per pixel ({self.mpp_source} value); the "
                 f"analysis works at {t:.4g} µm per pixel, which would enlarge the image {factor:.3g} times "

@@ -331,11 +331,11 @@ def _check_analysable(mpp: float) -> None:
     default analysis reads at :func:`~ghist_core.segmentation.model.default_working_mpp` and enlarges
     a slide at most ``MAX_UPSAMPLE_FACTOR`` times (the upload card checks the same)."""
     from ghist_core.errors import InvalidMppError
-    from ghist_core.io.slide import MAX_UPSAMPLE_FACTOR
+    from ghist_core.io.slide import MAX_UPSAMPLE_FACTOR, enlargement_over_limit
     from ghist_core.segmentation.model import default_working_mpp
 
-    coarsest = MAX_UPSAMPLE_FACTOR * default_working_mpp()
-    if mpp > coarsest * (1 + 1e-9):
+    if enlargement_over_limit(mpp, default_working_mpp()) is not None:
+        coarsest = MAX_UPSAMPLE_FACTOR * default_working_mpp()
         raise InvalidMppError(
             f"{mpp:.4g} µm per pixel is coarser than the analysis can use (at most {coarsest:.4g}: it reads "
             f"slides at {default_working_mpp():.4g} µm per pixel and enlarges them at most "
